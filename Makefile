@@ -1,0 +1,35 @@
+# privfed: `make demo` runs the main job, `make test` runs the suite.
+# Both create .venv and install the pinned stack on first use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel by default. A GPU site sets e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>".
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.privfed-installed
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, on its own, so no dependency resolution can pull a CUDA build.
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/privfed simulate vae-digits $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m simulations.bench_dp
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,109 @@
+"""The Flower ClientApp run at each partner site.
+
+Per round a site: enforces its own epsilon budget (a site does not trust the server to
+do it), trains locally with DP-SGD, and sends back
+
+* the *update* (local - global weights, a delta), and
+* its accountant inputs (n, q, sigma, C, steps, delta, accountant) so the server can
+  write the ledger. Raw data, labels and per-example values never leave the site.
+
+The site keeps its own accounting history in the node's persistent ``context.state``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+from flwr.client import Client, ClientApp, NumPyClient
+
+from common.accounting import RoundPlan, epsilon
+from common.config import RunConfig
+from common.dp import plan_round
+from common.protocol import Status, fit_metrics
+from common.runtime import cached_task, config_from, resolve_device, round_seed
+from common.tasks.base import get_state, set_state
+from common.training import run_local_round
+
+STATE_KEY = "privfed.accounting"
+
+
+class SiteClient(NumPyClient):
+    def __init__(self, cfg: RunConfig, site_index: int, site_id: str, context: Context) -> None:
+        self.cfg, self.site_index, self.site_id, self.ctx = cfg, site_index, site_id, context
+        self.task = cached_task(cfg)
+        self.train_data, self.val_data = self.task.site_data(site_index)
+        self.device = resolve_device(cfg.federation.device)
+
+    # ------------------------------------------------------------ accounting state
+    def _history(self) -> list[tuple[float, float, int]]:
+        rec = self.ctx.state.config_records.get(STATE_KEY)
+        if rec is None:
+            return []
+        return list(zip(rec["sigma"], rec["q"], rec["steps"]))  # type: ignore[arg-type]
+
+    def _remember(self, plan: RoundPlan, steps: int) -> None:
+        hist = self._history() + [(plan.noise_multiplier, plan.sample_rate, steps)]
+        self.ctx.state.config_records[STATE_KEY] = ConfigRecord(
+            {"sigma": [h[0] for h in hist], "q": [h[1] for h in hist], "steps": [h[2] for h in hist]}
+        )
+
+    # ------------------------------------------------------------------- Flower
+    def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
+        server_round = int(config.get("server-round", 0))
+        plan = plan_round(self.cfg, len(self.train_data))
+        budget = self.cfg.dp.epsilon_budget
+        model = self.task.build_model()
+        keys = self.task.shared_keys(model)
+        set_state(model, keys, parameters)
+
+        spent = epsilon(self._history(), plan.delta, plan.accountant)
+        if self.cfg.dp.enabled:
+            projected = epsilon(self._history() + [plan.mechanism], plan.delta, plan.accountant)
+            if projected > budget:
+                # Say so, send a zero update with zero weight: nothing of the data leaves.
+                zeros = [np.zeros_like(p) for p in parameters]
+                metrics = fit_metrics(
+                    self.site_id, self.task.unit_of_privacy, plan, 0, budget, Status.BUDGET_EXHAUSTED,
+                    eps_spent=spent, note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
+                )
+                return zeros, 0, metrics
+
+        t0 = time.perf_counter()
+        seed = round_seed(self.cfg, self.site_index, server_round)
+        outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
+        self._remember(plan, outcome.steps_taken)
+        local = get_state(model, keys)
+        update = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
+        metrics = fit_metrics(
+            self.site_id, self.task.unit_of_privacy, plan, outcome.steps_taken, budget, Status.TRAINED,
+            eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
+            train_seconds=time.perf_counter() - t0,
+            **outcome.metrics,
+        )
+        return update, len(self.train_data), metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
+        model = self.task.build_model().to(self.device)
+        set_state(model, self.task.shared_keys(model), parameters)
+        metrics = self.task.evaluate(model, self.val_data)
+        return float(metrics[self.task.primary_metric]), len(self.val_data), {"site_id": self.site_id, **metrics}
+
+
+def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config."""
+    base = dict(defaults or {})
+
+    def client_fn(context: Context) -> Client:
+        cfg = config_from(base, context.run_config)
+        site_index = int(context.node_config.get("partition-id", 0))
+        # Deployment: the operator names the site pseudonymously; simulation: site-<i>.
+        site_id = str(context.node_config.get("site-id", f"site-{site_index}"))
+        return SiteClient(cfg, site_index, site_id, context).to_client()
+
+    return ClientApp(client_fn=client_fn)
+
+
+app = build_client_app()

@@ -1,0 +1,85 @@
+"""Privacy accounting: thin, exact wrappers around Opacus accountants.
+
+Sample-level DP-SGD at one site is a composition of subsampled Gaussian mechanisms.
+Its full description is a history of ``(noise_multiplier, sample_rate, steps)`` triples,
+one per round in which the site trained. Opacus accountants take exactly that history
+(``IAccountant.history``), so epsilon here is *by construction* what the named Opacus
+accountant returns for the inputs the ledger records, and anyone holding a ledger can
+recompute it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+# Accountant name recorded for non-private training (sigma = 0): epsilon is infinite.
+NO_DP = "none"
+
+Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+
+def epsilon(history: Iterable[Mechanism], delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of the composition of ``history`` under an Opacus accountant.
+
+    Rounds with zero steps contribute nothing; any step with sigma = 0 makes it infinite.
+    """
+    hist = [(float(s), float(q), int(k)) for s, q, k in history if int(k) > 0]
+    if accountant == NO_DP or any(s == 0 for s, _, _ in hist):
+        return math.inf if hist else 0.0
+    if not hist:
+        return 0.0
+    merged = _merge(hist)
+    if accountant == "gdp" and len(merged) > 1:
+        # Opacus's GDP accountant reads only the last history entry.
+        raise ValueError("the gdp accountant cannot compose different (sigma, q) pairs; use rdp or prv")
+    acc = create_accountant(mechanism=accountant)
+    acc.history = merged
+    return float(acc.get_epsilon(delta=delta))
+
+
+def _merge(hist: Sequence[Mechanism]) -> list[Mechanism]:
+    """Merge equal (sigma, q) pairs: identical result for RDP/PRV/GDP, fewer terms to sum."""
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, k in hist:
+        merged[(s, q)] = merged.get((s, q), 0) + k
+    return [(s, q, k) for (s, q), k in merged.items()]
+
+
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Smallest noise multiplier (Opacus's binary search) reaching ``target_epsilon`` after ``steps``."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def auto_delta(n: int) -> float:
+    """Default delta for a site with ``n`` records: below 1/n, and at most 1e-5."""
+    return min(1e-5, 1.0 / (10 * n))
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one site's local DP training does in one round: every accountant input."""
+
+    dataset_size: int
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return (self.noise_multiplier, self.sample_rate, self.steps)

@@ -1,0 +1,305 @@
+"""Run configuration: one typed schema, one flat key space, one-line errors.
+
+Every setting has a flat key such as ``rounds`` or ``dp.noise-multiplier``. The same
+keys are used by scenario TOML files (as nested tables), by ``privfed simulate``
+overrides (``dp.noise-multiplier=1.2``), by Flower's ``[tool.flwr.app.config]`` and by
+``flwr run --run-config``. Both the ServerApp and the ClientApp parse their
+``context.run_config`` through :func:`RunConfig.from_flat`, so a run is configured
+identically on every side.
+
+Task-specific settings live in a table named after the task (``[vae]``); the task
+plug-in supplies the dataclass that validates them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from common.errors import ConfigError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _key(name: str) -> str:
+    """Python field name -> config key segment (``noise_multiplier`` -> ``noise-multiplier``)."""
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Top-level keys: who takes part, for how long, and where artifacts go."""
+
+    scenario: str = "custom"
+    task: str = "vae"
+    seed: int = 0
+    num_sites: int = 8
+    rounds: int = 10
+    # Fraction of sites sampled for training each round (Flower's fraction_fit).
+    fraction_fit: float = 1.0
+    # A round with fewer usable updates than this is not aggregated.
+    min_fit_sites: int = 1
+    device: str = "auto"
+    # Empty: runs/<timestamp>-<scenario> under the working directory.
+    run_dir: str = ""
+    # Write a sample grid every this many rounds (and always at the end); 0 = only at the end.
+    sample_every: int = 5
+    # Server-side evaluation on the held-out test split (simulation only).
+    central_eval: bool = True
+    # Simulation only: CPU cores and GPU fraction reserved for each virtual site.
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.num_sites >= 1, "num-sites", f"must be >= 1, got {self.num_sites}")
+        _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        _require(
+            0.0 < self.fraction_fit <= 1.0,
+            "fraction-fit",
+            f"must be in (0, 1], got {self.fraction_fit}",
+        )
+        _require(self.min_fit_sites >= 1, "min-fit-sites", f"must be >= 1, got {self.min_fit_sites}")
+        _require(
+            self.min_fit_sites <= self.num_sites,
+            "min-fit-sites",
+            f"is {self.min_fit_sites} but only {self.num_sites} sites exist (num-sites)",
+        )
+        _require(self.client_cpus >= 1, "client-cpus", f"must be >= 1, got {self.client_cpus}")
+        _require(0.0 <= self.client_gpus <= 1.0, "client-gpus", f"must be in [0, 1], got {self.client_gpus}")
+        _require(self.sample_every >= 0, "sample-every", f"must be >= 0, got {self.sample_every}")
+        _require(
+            self.device in DEVICE_CHOICES or self.device.startswith("cuda:"),
+            "device",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        if self.device.startswith("cuda:"):
+            _require(self.device[5:].isdigit(), "device", f"must be cuda:N with N an integer, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where site data comes from and how it is split across sites."""
+
+    # Which sources are valid depends on the task (image tasks: digits, npz).
+    source: str = "digits"
+    path: str = ""
+    partition: str = "dirichlet"  # dirichlet | iid
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    val_fraction: float = 0.15
+    # Every site must keep at least this many training examples after its validation split.
+    min_site_size: int = 10
+
+    def validate(self) -> None:
+        _require(self.partition in ("dirichlet", "iid"), "data.partition", f"must be dirichlet or iid, got {self.partition!r}")
+        _require(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 < self.test_fraction < 1.0, "data.test-fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _require(0.0 < self.val_fraction < 1.0, "data.val-fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _require(self.min_site_size >= 2, "data.min-site-size", f"must be >= 2, got {self.min_site_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site, per round."""
+
+    local_epochs: float = 1.0
+    batch_size: int = 32
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+
+    def validate(self) -> None:
+        _require(self.local_epochs > 0, "train.local-epochs", f"must be > 0, got {self.local_epochs}")
+        _require(self.batch_size >= 1, "train.batch-size", f"must be >= 1, got {self.batch_size}")
+        _require(self.optimizer in ("adam", "sgd"), "train.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP-SGD at each site (unit of privacy: one training example)."""
+
+    enabled: bool = True
+    # fast: privfed's fused per-sample clipping (one backward pass); opacus: Opacus hooks.
+    engine: str = "fast"
+    noise_multiplier: float = 1.0
+    # > 0: derive the noise multiplier so that the whole planned run (rounds x local steps)
+    # spends exactly this epsilon; dp.noise-multiplier is then ignored.
+    target_epsilon: float = 0.0
+    max_grad_norm: float = 1.0
+    # 0: auto, min(1e-5, 1/(10 n)) for a site with n training examples.
+    delta: float = 0.0
+    accountant: str = "rdp"  # an Opacus accountant: rdp | prv | gdp
+    # Cumulative epsilon a site may spend; a site whose next round would exceed it stops training.
+    epsilon_budget: float = 10.0
+    # Opacus secure_mode noise (robust to floating-point attacks; slower).
+    secure_rng: bool = False
+
+    def validate(self) -> None:
+        _require(self.engine in ("fast", "opacus"), "dp.engine", f"must be fast or opacus, got {self.engine!r}")
+        _require(self.noise_multiplier >= 0, "dp.noise-multiplier", f"must be >= 0 (negative noise), got {self.noise_multiplier}")
+        _require(self.target_epsilon >= 0, "dp.target-epsilon", f"must be >= 0 (negative epsilon), got {self.target_epsilon}")
+        _require(self.max_grad_norm > 0, "dp.max-grad-norm", f"must be > 0, got {self.max_grad_norm}")
+        _require(
+            self.delta == 0 or 0 < self.delta < 1,
+            "dp.delta",
+            f"must be in (0, 1), or 0 for auto, got {self.delta}",
+        )
+        _require(self.accountant in ("rdp", "prv", "gdp"), "dp.accountant", f"must be rdp, prv or gdp, got {self.accountant!r}")
+        _require(self.epsilon_budget > 0, "dp.epsilon-budget", f"must be > 0 (negative epsilon), got {self.epsilon_budget}")
+        if self.enabled and self.target_epsilon == 0:
+            _require(
+                self.noise_multiplier > 0,
+                "dp.noise-multiplier",
+                "must be > 0 when dp.enabled (zero noise gives no privacy; set dp.enabled=false for a non-private run)",
+            )
+        if self.enabled and self.target_epsilon > 0 and math.isfinite(self.epsilon_budget):
+            _require(
+                self.target_epsilon <= self.epsilon_budget,
+                "dp.target-epsilon",
+                f"is {self.target_epsilon} but dp.epsilon-budget is {self.epsilon_budget}: the run could never finish",
+            )
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "dp": DPConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole, validated configuration of a run."""
+
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    # The task plug-in's own dataclass (e.g. VAEConfig), under the task's name.
+    task_params: Any = None
+
+    # Convenience accessors for the keys everything reads.
+    @property
+    def task(self) -> str:
+        return self.federation.task
+
+    @property
+    def scenario(self) -> str:
+        return self.federation.scenario
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
+        """Parse and validate a flat ``{key: value}`` mapping; unknown keys are errors."""
+        from common.tasks import get_task  # tasks import config; import lazily
+
+        flat = dict(flat)
+        task_name = flat.get("task", FederationConfig.task)
+        task_cls = get_task(str(task_name))  # ConfigError naming 'task' if unknown
+        sections: dict[str, type] = {"": FederationConfig, **SECTIONS, task_cls.name: task_cls.config_cls}
+
+        buckets: dict[str, dict[str, Any]] = {name: {} for name in sections}
+        for key, value in flat.items():
+            section, _, leaf = key.rpartition(".")
+            if section not in sections:
+                raise ConfigError(key, f"unknown key{_suggest(key, sections)}")
+            known = {_key(f.name): f for f in fields(sections[section])}
+            if leaf not in known:
+                raise ConfigError(key, f"unknown key{_suggest(key, sections)}")
+            buckets[section][known[leaf].name] = _coerce(key, value, known[leaf])
+
+        built = {name: sections[name](**values) for name, values in buckets.items()}
+        cfg = cls(
+            federation=built[""],
+            data=built["data"],
+            train=built["train"],
+            dp=built["dp"],
+            task_params=built[task_cls.name],
+        )
+        for part in (cfg.federation, cfg.data, cfg.train, cfg.dp, cfg.task_params):
+            part.validate()
+        _require(
+            cfg.data.source in task_cls.data_sources,
+            "data.source",
+            f"must be one of {', '.join(task_cls.data_sources)} for task {task_cls.name!r}, got {cfg.data.source!r}",
+        )
+        return cfg
+
+    def to_flat(self) -> dict[str, Any]:
+        """All keys, defaults included: the form Flower's run_config and the run dir store."""
+        out: dict[str, Any] = {}
+        parts = [("", self.federation), ("data", self.data), ("train", self.train), ("dp", self.dp)]
+        if self.task_params is not None:
+            parts.append((self.task, self.task_params))
+        for prefix, obj in parts:
+            for f in fields(obj):
+                key = _key(f.name) if not prefix else f"{prefix}.{_key(f.name)}"
+                out[key] = getattr(obj, f.name)
+        return out
+
+    def to_nested(self) -> dict[str, Any]:
+        """The flat keys regrouped into TOML tables (for the resolved config file)."""
+        nested: dict[str, Any] = {}
+        for key, value in self.to_flat().items():
+            section, _, leaf = key.rpartition(".")
+            (nested.setdefault(section, {}) if section else nested)[leaf] = value
+        return nested
+
+    def replace(self, **federation_changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, federation=dataclasses.replace(self.federation, **federation_changes))
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"dp": {"delta": 1e-5}}`` -> ``{"dp.delta": 1e-5}`` (how Flower flattens run config tables)."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` command-line override; the value is read as a TOML literal."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(text, "override must look like key=value")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as dp.engine=opacus
+    return key, value
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Check a value against the field's declared type; ints widen to floats."""
+    expected = f.type if isinstance(f.type, str) else f.type.__name__
+    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, float),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(expected, True)
+    if not ok:
+        raise ConfigError(key, f"must be {expected}, got {value!r} ({type(value).__name__})")
+    if expected == "float" and math.isnan(value):
+        raise ConfigError(key, "must be a number, got nan")
+    return value
+
+
+def _suggest(key: str, sections: Mapping[str, type]) -> str:
+    known = [
+        (f"{s}.{_key(f.name)}" if s else _key(f.name)) for s, cls in sections.items() for f in fields(cls)
+    ]
+    close = [k for k in known if k.startswith(key)] or difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)

@@ -1,0 +1,238 @@
+"""DP-SGD step engines and the per-round DP plan of a site.
+
+Exact DP-SGD semantics, whichever engine runs:
+  1. the batch is a Poisson sample (each example independently with rate q; Opacus's
+     ``UniformWithReplacementSampler``, see :mod:`common.training`);
+  2. each example's gradient is clipped to L2 norm ``C`` (over all parameters jointly);
+  3. the clipped gradients are summed, Gaussian noise N(0, (sigma*C)^2 I) is added
+     (Opacus's ``DPOptimizer`` noise code), and the sum is divided by the expected
+     batch size q*n before the optimiser step.
+
+Engines:
+  * ``fast`` (default): privfed's fused clipping for ``nn.Linear`` models. During the one
+    ordinary backward pass it keeps each layer's input ``a`` and output gradient ``g``
+    instead of computing the weight gradient. A per-example gradient of a linear layer
+    is the outer product ``g_i a_i^T``, so its squared norm is ``|g_i|^2 |a_i|^2`` (plus
+    ``|g_i|^2`` for the bias) and the clipped sum is one matmul ``(c * g)^T a``. That is
+    one forward and one backward pass, where Opacus's ghost clipping needs two backward
+    passes and its hooks mode materialises every per-example gradient. Opacus has no
+    single-pass mode, hence this code; noise, scaling and the optimiser step are Opacus's.
+  * ``opacus``: Opacus's ``GradSampleModule`` (hooks) + ``DPOptimizer``; the reference
+    implementation, and the fallback for layers the fast engine does not support.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from abc import ABC, abstractmethod
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+from torch import nn
+
+from common.accounting import NO_DP, RoundPlan, auto_delta, noise_for_target
+from common.config import RunConfig
+from common.errors import ConfigError
+
+
+def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
+    """A site's accountant inputs for one round, from the config and its dataset size.
+
+    q = batch_size / n (Poisson rate), steps = ceil(local_epochs / q). With a target
+    epsilon, sigma is chosen so that ``rounds * steps`` such steps spend exactly the target.
+    """
+    n = dataset_size
+    q = min(1.0, cfg.train.batch_size / n)
+    steps = max(1, math.ceil(cfg.train.local_epochs / q))
+    dp = cfg.dp
+    if not dp.enabled:
+        return RoundPlan(n, q, steps, 0.0, 0.0, 0.0, NO_DP)
+    delta = dp.delta or auto_delta(n)
+    if delta >= 1.0 / n:
+        raise ConfigError("dp.delta", f"is {delta:g} but must be < 1/n = {1.0 / n:.3g} for a site with n={n} examples")
+    if dp.target_epsilon > 0:
+        sigma = _cached_noise(dp.target_epsilon, delta, q, steps * cfg.federation.rounds, dp.accountant)
+    else:
+        sigma = dp.noise_multiplier
+    return RoundPlan(n, q, steps, sigma, dp.max_grad_norm, delta, dp.accountant)
+
+
+@lru_cache(maxsize=256)
+def _cached_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return noise_for_target(target, delta, q, steps, accountant)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class StepEngine(ABC):
+    """One optimiser step from a vector of per-example losses."""
+
+    @abstractmethod
+    def step(self, per_sample_loss: torch.Tensor) -> None: ...
+
+    def close(self) -> None:
+        """Undo any changes made to the model (hooks, patched forwards)."""
+
+
+class NonPrivateStep(StepEngine):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if per_sample_loss.numel():
+            per_sample_loss.mean().backward()
+            self.optimizer.step()
+
+
+class _CaptureLinear(torch.autograd.Function):
+    """``F.linear`` whose backward records (input, grad_output) instead of weight grads."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slot):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.slot = slot
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        ctx.slot.append((x, grad_out))
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+class FastDPStep(StepEngine):
+    """Single-backward per-example clipping for models whose trainable layers are ``nn.Linear``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: RoundPlan,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+    ) -> None:
+        self.layers: list[tuple[nn.Linear, list]] = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not isinstance(module, nn.Linear):
+                raise ConfigError(
+                    "dp.engine",
+                    f"fast engine supports nn.Linear only; {name or 'model'} is {type(module).__name__} "
+                    "(use dp.engine=opacus)",
+                )
+            slot: list = []
+            module.forward = types.MethodType(_captured_forward(slot), module)
+            self.layers.append((module, slot))
+        self.max_grad_norm = plan.max_grad_norm
+        self.optimizer = DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.sample_rate * plan.dataset_size,
+            loss_reduction="mean",
+            generator=generator,
+            secure_mode=secure_mode,
+        )
+
+    def clipped_grad_sum(self, per_sample_loss: torch.Tensor) -> None:
+        """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``."""
+        for _, slot in self.layers:
+            slot.clear()
+        per_sample_loss.sum().backward()
+        sq_norms = None
+        for module, slot in self.layers:
+            if len(slot) != 1:
+                raise RuntimeError(
+                    f"fast DP engine: a Linear layer ran {len(slot)} times in one step; "
+                    "weight sharing needs dp.engine=opacus"
+                )
+            a, g = slot[0]
+            s = g.pow(2).sum(1) * (a.pow(2).sum(1) + (1.0 if module.bias is not None else 0.0))
+            sq_norms = s if sq_norms is None else sq_norms + s
+        scale = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
+        for module, slot in self.layers:
+            a, g = slot.pop()
+            gc = g * scale.unsqueeze(1)
+            module.weight.grad = gc.t() @ a
+            if module.bias is not None:
+                module.bias.grad = gc.sum(0)
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clipped_grad_sum(per_sample_loss)
+        self.optimizer.step()
+
+    def close(self) -> None:
+        for module, _ in self.layers:
+            del module.forward  # back to nn.Linear.forward
+
+
+def _captured_forward(slot: list):
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.training):
+            return F.linear(x, self.weight, self.bias)
+        if x.dim() != 2:
+            raise RuntimeError(f"fast DP engine needs (batch, features) inputs to Linear, got {tuple(x.shape)}")
+        return _CaptureLinear.apply(x, self.weight, self.bias, slot)
+
+    return forward
+
+
+class OpacusDPStep(StepEngine):
+    """Opacus's hooks-based per-sample gradients and ``DPOptimizer`` (the reference)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: RoundPlan,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+    ) -> None:
+        # loss_reduction="sum": we backward the summed per-example losses, so the
+        # captured per-sample gradients need no rescaling.
+        self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.sample_rate * plan.dataset_size,
+            loss_reduction="mean",
+            generator=generator,
+            secure_mode=secure_mode,
+        )
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        per_sample_loss.sum().backward()
+        self.optimizer.step()
+
+    def close(self) -> None:
+        self.gsm._close()
+
+
+ENGINES: dict[str, type[StepEngine]] = {"fast": FastDPStep, "opacus": OpacusDPStep}
+
+
+def make_engine(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: RoundPlan,
+    generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+) -> StepEngine:
+    """The step engine for a round: non-private when the plan has no noise."""
+    if plan.accountant == NO_DP:
+        return NonPrivateStep(model, optimizer)
+    return ENGINES[name](model, optimizer, plan, generator=generator, secure_mode=secure_mode)

@@ -1,0 +1,130 @@
+"""The site -> server message contract, in one place for both sides.
+
+A fit reply carries the update arrays plus these scalar metrics. The server accepts
+only what it can validate; anything else is rejected with a reason (never a crash).
+What the server sees from a site per round: the update (a delta of the shared
+weights), the example count, the accountant inputs, the site's own epsilon and a
+training loss. Nothing per-example.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping
+
+from common.accounting import RoundPlan
+
+
+class Status(str, Enum):
+    TRAINED = "trained"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+# Metric key -> (type, field of RoundPlan or None).
+_PLAN_KEYS: dict[str, type] = {
+    "dataset_size": int,
+    "sample_rate": float,
+    "steps_planned": int,
+    "noise_multiplier": float,
+    "max_grad_norm": float,
+    "delta": float,
+    "accountant": str,
+}
+
+
+def fit_metrics(
+    site_id: str,
+    unit: str,
+    plan: RoundPlan,
+    steps_taken: int,
+    eps_budget: float,
+    status: Status,
+    *,
+    eps_spent: float,
+    note: str = "",
+    **extra: float,
+) -> dict[str, Any]:
+    """Build the scalar metrics a site attaches to its fit reply."""
+    return {
+        "site_id": site_id,
+        "unit": unit,
+        "status": status.value,
+        "dataset_size": plan.dataset_size,
+        "sample_rate": plan.sample_rate,
+        "steps_planned": plan.steps,
+        "steps": steps_taken,
+        "noise_multiplier": plan.noise_multiplier,
+        "max_grad_norm": plan.max_grad_norm,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "eps_budget": eps_budget,
+        "eps_spent": eps_spent,
+        "note": note,
+        **{k: float(v) for k, v in extra.items()},
+    }
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    site_id: str
+    unit: str
+    status: Status
+    plan: RoundPlan
+    steps_taken: int
+    eps_budget: float
+    eps_spent: float
+    note: str
+    extra: dict[str, float]
+
+
+class MalformedReport(ValueError):
+    """A fit reply the server cannot use; the message is the reason it is rejected."""
+
+
+def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
+    def get(key: str, typ: type) -> Any:
+        if key not in m:
+            raise MalformedReport(f"missing metric {key!r}")
+        v = m[key]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise MalformedReport(f"metric {key!r} must be {typ.__name__}, got {type(v).__name__}")
+        return v
+
+    site_id = get("site_id", str)
+    try:
+        status = Status(get("status", str))
+    except ValueError:
+        raise MalformedReport(f"unknown status {m.get('status')!r}") from None
+    vals = {k: get(k, t) for k, t in _PLAN_KEYS.items()}
+    steps = get("steps", int)
+    if vals["dataset_size"] < 1 or not (0 < vals["sample_rate"] <= 1) or vals["noise_multiplier"] < 0:
+        raise MalformedReport("accountant inputs out of range (n, q or sigma)")
+    if not (0 <= steps <= vals["steps_planned"]):
+        raise MalformedReport(f"steps={steps} outside [0, {vals['steps_planned']}]")
+    plan = RoundPlan(
+        dataset_size=vals["dataset_size"],
+        sample_rate=vals["sample_rate"],
+        steps=vals["steps_planned"],
+        noise_multiplier=vals["noise_multiplier"],
+        max_grad_norm=vals["max_grad_norm"],
+        delta=vals["delta"],
+        accountant=vals["accountant"],
+    )
+    known = set(_PLAN_KEYS) | {"site_id", "unit", "status", "steps", "eps_budget", "eps_spent", "note"}
+    extra = {k: float(v) for k, v in m.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    eps_spent = get("eps_spent", float)
+    return SiteReport(
+        site_id=site_id,
+        unit=get("unit", str),
+        status=status,
+        plan=plan,
+        steps_taken=steps,
+        eps_budget=get("eps_budget", float),
+        eps_spent=eps_spent if not math.isnan(eps_spent) else math.inf,
+        note=str(m.get("note", "")),
+        extra=extra,
+    )

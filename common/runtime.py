@@ -1,0 +1,48 @@
+"""Small helpers both apps need: device choice, per-process task cache, seeds."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping
+
+import torch
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.tasks import Task, get_task
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available, else cpu; an explicit cuda device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"is {name!r} but no CUDA device is available (use auto or cpu)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError("device", f"is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device(name)
+
+
+def config_from(defaults: Mapping[str, Any], run_config: Mapping[str, Any]) -> RunConfig:
+    """Flower's run_config over the launcher's values (run_simulation passes none)."""
+    return _cached_config(tuple(sorted({**defaults, **run_config}.items())))
+
+
+@lru_cache(maxsize=8)
+def _cached_config(items: tuple) -> RunConfig:
+    return RunConfig.from_flat(dict(items))
+
+
+@lru_cache(maxsize=8)
+def cached_task(cfg: RunConfig) -> Task:
+    """One task (and so one loaded data split) per process and config."""
+    return get_task(cfg.task)(cfg)
+
+
+def round_seed(cfg: RunConfig, site_index: int, server_round: int) -> int | None:
+    """Reproducible sampling/noise seed, or None for OS randomness (dp.secure-rng)."""
+    if cfg.dp.secure_rng:
+        return None
+    return (cfg.federation.seed * 1_000_003 + site_index * 10_007 + server_round) % (2**31)

@@ -1,0 +1,107 @@
+"""The task interface: everything that differs between the VAE, the GAN and the recommender.
+
+The client and the server only talk to a task through this class. A task decides
+what a site's data is, what the model is, what one example's loss is, how to evaluate
+and which artifacts (sample grids) it can draw. DP, accounting, aggregation and the
+ledger are the same for every task and live elsewhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+    from common.data import ArrayData
+    from common.training import LocalSession
+
+
+class Task(ABC):
+    """One kind of model a federation can train. Subclass, then ``@register_task("name")``."""
+
+    name: ClassVar[str] = ""
+    # What one DP "record" is for this task; written to every ledger row.
+    unit_of_privacy: ClassVar[str] = "example"
+    # The dataclass for the task's own ``[<name>]`` config table.
+    config_cls: ClassVar[type]
+    data_sources: ClassVar[tuple[str, ...]] = ()
+    # The evaluation metric that is "the" utility (lower is better), e.g. "neg_elbo".
+    primary_metric: ClassVar[str] = "loss"
+
+    def __init__(self, cfg: "RunConfig") -> None:
+        self.cfg = cfg
+        self.params = cfg.task_params
+
+    # ----------------------------------------------------------------- data
+    @abstractmethod
+    def site_data(self, site_index: int) -> tuple["ArrayData", "ArrayData"]:
+        """(train, validation) for one site of the simulated federation."""
+
+    @abstractmethod
+    def server_test_data(self) -> "ArrayData | None":
+        """The server-held test split (simulation only), or None."""
+
+    def site_sizes(self) -> list[int]:
+        """Training-set size of every site; used to validate delta before a run starts."""
+        return [len(self.site_data(i)[0]) for i in range(self.cfg.federation.num_sites)]
+
+    # ---------------------------------------------------------------- model
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (seeded by the caller)."""
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """state_dict keys that are federated; the rest stay at the site (e.g. user embeddings)."""
+        return list(model.state_dict().keys())
+
+    # ------------------------------------------------------------- training
+    @abstractmethod
+    def per_sample_loss(self, model: nn.Module, batch: "ArrayData") -> torch.Tensor:
+        """Loss of each example in the batch, shape (B,). DP clips the gradient of each entry."""
+
+    def train(self, model: nn.Module, session: "LocalSession") -> dict[str, float]:
+        """One round of local training. Tasks with several networks (GAN) override this."""
+        total, count = 0.0, 0
+        for batch in session.batches():
+            losses = self.per_sample_loss(model, batch)
+            session.step(losses)
+            total += float(losses.detach().sum())
+            count += len(batch)
+        return {"train_loss": total / max(count, 1)}
+
+    # ----------------------------------------------------------- evaluation
+    @abstractmethod
+    def evaluate(self, model: nn.Module, data: "ArrayData") -> dict[str, float]:
+        """Metrics on held-out data; must include :attr:`primary_metric`."""
+
+    def save_samples(self, model: nn.Module, path: Path) -> Path | None:
+        """Draw a sample grid PNG if the task generates data; None otherwise."""
+        return None
+
+
+def get_state(model: nn.Module, keys: list[str]) -> list[np.ndarray]:
+    """Selected state_dict entries as numpy arrays, in ``keys`` order (the wire format)."""
+    state = model.state_dict()
+    return [state[k].detach().cpu().numpy().copy() for k in keys]
+
+
+def set_state(model: nn.Module, keys: list[str], arrays: list[np.ndarray]) -> None:
+    state = model.state_dict()
+    if len(arrays) != len(keys):
+        raise ValueError(f"expected {len(keys)} arrays, got {len(arrays)}")
+    for k, a in zip(keys, arrays):
+        if tuple(a.shape) != tuple(state[k].shape):
+            raise ValueError(f"array for {k!r} has shape {tuple(a.shape)}, expected {tuple(state[k].shape)}")
+        state[k].copy_(torch.as_tensor(a))
+
+
+def to_device(batch: "ArrayData", device: torch.device) -> "ArrayData":
+    from common.data import ArrayData
+
+    return ArrayData(batch.x.to(device), None if batch.y is None else batch.y.to(device))

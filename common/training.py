@@ -1,0 +1,108 @@
+"""One round of local training at a site, with the sampling that the accounting assumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+
+from common.accounting import NO_DP, RoundPlan
+from common.data import ArrayData
+from common.dp import StepEngine, make_engine
+from common.tasks.base import Task, to_device
+
+
+class LocalSession:
+    """Hands a task its batches and takes exactly one optimiser step per batch.
+
+    Under DP the batches are Poisson samples with rate ``plan.sample_rate`` (Opacus's
+    sampler), and there are ``plan.steps`` of them. The session counts the noisy steps
+    actually taken; that count, not the plan, is what the ledger records. Taking two
+    steps on one sampled batch would break the accounting, so it raises.
+    """
+
+    def __init__(
+        self,
+        data: ArrayData,
+        plan: RoundPlan,
+        batch_size: int,
+        engine: StepEngine,
+        device: torch.device,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.data, self.plan, self.batch_size = data, plan, batch_size
+        self.engine, self.device, self.generator = engine, device, generator
+        self.steps_taken = 0
+        self._batch_pending = False
+
+    def batches(self) -> Iterator[ArrayData]:
+        n = len(self.data)
+        if self.plan.accountant != NO_DP:
+            sampler = UniformWithReplacementSampler(
+                num_samples=n, sample_rate=self.plan.sample_rate, generator=self.generator, steps=self.plan.steps
+            )
+            index_batches: Iterator = (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
+        else:
+            index_batches = self._shuffled()
+        for idx in index_batches:
+            self._batch_pending = True
+            yield to_device(ArrayData(self.data.x[idx], None if self.data.y is None else self.data.y[idx]), self.device)
+
+    def _shuffled(self) -> Iterator[torch.Tensor]:
+        """Non-private baseline: plain shuffled minibatches, the same number of steps."""
+        n, done = len(self.data), 0
+        while True:
+            perm = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, self.batch_size):
+                if done == self.plan.steps:
+                    return
+                done += 1
+                yield perm[start : start + self.batch_size]
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        if not self._batch_pending:
+            raise RuntimeError("LocalSession.step: one optimiser step per sampled batch (DP accounting)")
+        self._batch_pending = False
+        self.engine.step(per_sample_loss)
+        self.steps_taken += 1
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    metrics: dict[str, float]
+    steps_taken: int
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+
+
+def run_local_round(
+    task: Task,
+    model: nn.Module,
+    data: ArrayData,
+    plan: RoundPlan,
+    device: torch.device,
+    seed: int | None,
+) -> RoundOutcome:
+    """Train ``model`` in place for one round; ``seed=None`` draws sampling and noise from
+    the OS (Opacus secure mode), otherwise a seeded generator makes runs reproducible."""
+    cfg = task.cfg
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg.train.optimizer, cfg.train.lr)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    engine = make_engine(cfg.dp.engine, model, optimizer, plan, generator=generator, secure_mode=seed is None)
+    # The sampler draws on CPU; keep its generator there.
+    sample_gen = None if seed is None else torch.Generator().manual_seed(seed + 1)
+    session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen)
+    try:
+        metrics = task.train(model, session)
+    finally:
+        engine.close()
+    return RoundOutcome(metrics=metrics, steps_taken=session.steps_taken)

@@ -1,0 +1,101 @@
+"""The Flower ServerApp: workflow API (LegacyContext + a flwr.server.strategy strategy).
+
+That shape is deliberate: Flower 1.41's SecAgg+ (``SecAggPlusWorkflow``) runs only
+through the workflow API, so secure aggregation is a different *fit workflow* passed
+to :class:`server.workflow.RoundLoop`, not a different server.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from rich.console import Console
+
+from common.config import RunConfig
+from common.preflight import preflight
+from common.runtime import config_from, resolve_device
+from common.tasks.base import get_state, set_state
+from server.recorder import RunRecorder, default_run_dir
+from server.report import Summary, write_summary
+from server.strategy import DeltaFedAvg
+from server.workflow import RoundLoop
+
+
+def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Console | None = None) -> Summary:
+    """Drive one run to the end and write its summary."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    task = preflight(cfg)  # bad data / delta stop here, before the run dir exists
+    random.seed(cfg.federation.seed)  # Flower samples clients with the global RNG
+    torch.manual_seed(cfg.federation.seed)
+    model = task.build_model()
+    keys = task.shared_keys(model)
+    run_dir = Path(cfg.federation.run_dir) if cfg.federation.run_dir else default_run_dir(
+        cfg, datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
+    recorder = RunRecorder(cfg, task, run_dir, console)
+
+    central_eval = None
+    test = task.server_test_data() if cfg.federation.central_eval else None
+    if test is not None:
+        device = resolve_device(cfg.federation.device)
+        eval_model = task.build_model().to(device)
+
+        def central_eval(rnd: int, arrays: list[np.ndarray]) -> dict[str, float]:
+            set_state(eval_model, keys, arrays)
+            return task.evaluate(eval_model, test)
+
+    n = cfg.federation.num_sites
+    strategy = DeltaFedAvg(
+        initial_arrays=get_state(model, keys),
+        ledger=recorder.ledger,
+        num_sites=n,
+        min_fit_sites=cfg.federation.min_fit_sites,
+        primary_metric=task.primary_metric,
+        central_eval=central_eval,
+        fraction_fit=cfg.federation.fraction_fit,
+        fraction_evaluate=1.0,
+        min_fit_clients=1,
+        min_evaluate_clients=1,
+        min_available_clients=n,
+        on_fit_config_fn=lambda rnd: {"server-round": rnd},
+        fit_metrics_aggregation_fn=lambda _: {},
+        evaluate_metrics_aggregation_fn=lambda _: {},
+        accept_failures=True,
+    )
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
+    loop = RoundLoop(on_round_end=lambda rnd, secs: recorder.end_round(rnd, secs, strategy))
+    try:
+        loop(grid, legacy)
+    finally:
+        stop_reason = "budgets exhausted" if strategy.should_stop() else ""
+        if strategy.records and max(strategy.records) >= 1:
+            recorder.task.save_samples(recorder.model, run_dir / "samples" / "final.png")
+        summary = write_summary(run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason)
+        recorder.ledger.close()
+    return summary
+
+
+def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:
+    """A ServerApp whose config is ``defaults`` overlaid by Flower's run_config."""
+    base = dict(defaults or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config_from(base, context.run_config)
+        out = console or Console(highlight=False, soft_wrap=True)
+        summary = run_federation(grid, context, cfg, out)
+        for line in summary.headline():
+            out.print(line)
+
+    return app
+
+
+app = build_server_app()

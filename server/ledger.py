@@ -1,0 +1,251 @@
+"""The privacy ledger: an append-only, hash-chained SQLite table, one row per (round, site).
+
+Each row holds every input an accountant needs (q, sigma, steps, delta, accountant)
+and the epsilon the ledger computed from them with that accountant
+(:func:`common.accounting.epsilon`), so the numbers can be recomputed independently.
+
+Tamper evidence: ``row_hash = SHA-256(prev_hash || canonical JSON of the row)``.
+Any edit, insertion or deletion breaks the chain from that row on. SQLite triggers
+refuse UPDATE and DELETE so that honest code cannot rewrite history by accident.
+Someone with write access who also recomputes every later hash is *not* detected
+by the chain alone; each round's head hash is therefore also written to
+``metrics.jsonl``, a second place to compare against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from common.accounting import RoundPlan, epsilon
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq              INTEGER PRIMARY KEY,
+    round            INTEGER NOT NULL,
+    site_id          TEXT    NOT NULL,
+    unit             TEXT    NOT NULL,
+    dataset_size     INTEGER NOT NULL,
+    sample_rate      REAL    NOT NULL,
+    noise_multiplier REAL    NOT NULL,
+    max_grad_norm    REAL    NOT NULL,
+    steps            INTEGER NOT NULL,
+    delta            REAL    NOT NULL,
+    accountant       TEXT    NOT NULL,
+    eps_round        REAL    NOT NULL,
+    eps_total        REAL    NOT NULL,
+    eps_budget       REAL    NOT NULL,
+    used             INTEGER NOT NULL,
+    status           TEXT    NOT NULL,
+    recorded_at      TEXT    NOT NULL,
+    prev_hash        TEXT    NOT NULL,
+    row_hash         TEXT    NOT NULL,
+    UNIQUE (round, site_id)
+);
+CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class SiteSpend:
+    """What the server learned from one site this round (its reported accountant inputs)."""
+
+    site_id: str
+    unit: str
+    plan: RoundPlan
+    steps_taken: int  # noisy steps actually taken; 0 if the site did not train
+    eps_budget: float
+    used: bool  # whether the update entered the aggregate
+    status: str  # trained | budget_exhausted | ...
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    seq: int
+    round: int
+    site_id: str
+    unit: str
+    dataset_size: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    steps: int
+    delta: float
+    accountant: str
+    eps_round: float
+    eps_total: float
+    eps_budget: float
+    used: bool
+    status: str
+    recorded_at: str
+    prev_hash: str
+    row_hash: str
+
+    def mechanism(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+HASHED_FIELDS = [f.name for f in fields(LedgerRow) if f.name not in ("prev_hash", "row_hash")]
+
+
+def row_digest(prev_hash: str, values: dict) -> str:
+    """SHA-256 over the previous hash and a canonical JSON encoding of the row."""
+    canon = json.dumps({k: values[k] for k in HASHED_FIELDS}, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256((prev_hash + "\n" + canon).encode()).hexdigest()
+
+
+def genesis_hash(run_id: str) -> str:
+    return hashlib.sha256(f"privfed-ledger-v1:{run_id}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    rows: int
+    first_bad_seq: int | None = None
+    reason: str = ""
+
+
+class Ledger:
+    """Open (or create) the ledger of one run."""
+
+    def __init__(self, path: str | Path, run_id: str | None = None) -> None:
+        self.path = Path(path)
+        self.conn = sqlite3.connect(self.path)
+        with self.conn:
+            self.conn.executescript(SCHEMA)
+        stored = self._meta("run_id")
+        if stored is None:
+            if run_id is None:
+                raise ValueError(f"{self.path} is not a privfed ledger (no run_id)")
+            with self.conn:
+                self.conn.execute("INSERT INTO meta VALUES ('run_id', ?)", (run_id,))
+                self.conn.execute("INSERT INTO meta VALUES ('schema', 'privfed-ledger-v1')")
+            stored = run_id
+        elif run_id is not None and stored != run_id:
+            raise ValueError(f"{self.path} belongs to run {stored!r}, not {run_id!r}")
+        self.run_id = stored
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    # ------------------------------------------------------------------ reads
+    def rows(self) -> list[LedgerRow]:
+        cur = self.conn.execute(f"SELECT {', '.join(f.name for f in fields(LedgerRow))} FROM ledger ORDER BY seq")
+        return [_row(r) for r in cur.fetchall()]
+
+    def head(self) -> str:
+        r = self.conn.execute("SELECT row_hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        return genesis_hash(self.run_id) if r is None else r[0]
+
+    def history(self, site_id: str) -> list[tuple[float, float, int]]:
+        cur = self.conn.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM ledger WHERE site_id = ? AND steps > 0 ORDER BY seq",
+            (site_id,),
+        )
+        return [tuple(r) for r in cur.fetchall()]
+
+    def spent(self) -> dict[str, float]:
+        """Latest cumulative epsilon per site."""
+        out: dict[str, float] = {}
+        for row in self.rows():
+            out[row.site_id] = row.eps_total
+        return out
+
+    # ----------------------------------------------------------------- writes
+    def record_round(self, rnd: int, spends: Iterable[SiteSpend]) -> list[LedgerRow]:
+        """Append one row per site for round ``rnd``, in one transaction (all or nothing)."""
+        spends = sorted(spends, key=lambda s: s.site_id)
+        written: list[LedgerRow] = []
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self.conn:  # BEGIN ... COMMIT, or ROLLBACK on any exception
+            prev = self.head()
+            seq = (self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]) + 1
+            for s in spends:
+                p = s.plan
+                mech = (p.noise_multiplier, p.sample_rate, s.steps_taken)
+                history = self.history(s.site_id) + [mech]
+                values = dict(
+                    seq=seq,
+                    round=rnd,
+                    site_id=s.site_id,
+                    unit=s.unit,
+                    dataset_size=p.dataset_size,
+                    sample_rate=p.sample_rate,
+                    noise_multiplier=p.noise_multiplier,
+                    max_grad_norm=p.max_grad_norm,
+                    steps=s.steps_taken,
+                    delta=p.delta,
+                    accountant=p.accountant,
+                    eps_round=epsilon([mech], p.delta, p.accountant),
+                    eps_total=epsilon(history, p.delta, p.accountant),
+                    eps_budget=s.eps_budget,
+                    used=bool(s.used),
+                    status=s.status,
+                    recorded_at=now,
+                )
+                row = LedgerRow(**values, prev_hash=prev, row_hash=row_digest(prev, values))
+                self.conn.execute(
+                    f"INSERT INTO ledger VALUES ({', '.join('?' * len(fields(LedgerRow)))})",
+                    [_sql(v) for v in asdict(row).values()],
+                )
+                written.append(row)
+                prev, seq = row.row_hash, seq + 1
+        return written
+
+    # ----------------------------------------------------------------- verify
+    def verify(self, recompute: bool = True) -> Verification:
+        """Check the hash chain and (optionally) that every epsilon recomputes exactly."""
+        prev = genesis_hash(self.run_id)
+        histories: dict[str, list[tuple[float, float, int]]] = {}
+        rows = self.rows()
+        for row in rows:
+            values = {k: getattr(row, k) for k in HASHED_FIELDS}
+            if row.prev_hash != prev:
+                return Verification(False, len(rows), row.seq, "prev_hash does not match the previous row")
+            if row_digest(prev, values) != row.row_hash:
+                return Verification(False, len(rows), row.seq, "row content does not match its hash")
+            hist = histories.setdefault(row.site_id, [])
+            if row.steps > 0:
+                hist.append(row.mechanism())
+            if recompute:
+                checks = {
+                    "eps_round": epsilon([row.mechanism()], row.delta, row.accountant),
+                    "eps_total": epsilon(hist, row.delta, row.accountant),
+                }
+                for name, expected in checks.items():
+                    got = getattr(row, name)
+                    if not _same(got, expected):
+                        return Verification(
+                            False, len(rows), row.seq, f"{name} = {got!r} but {row.accountant} gives {expected!r}"
+                        )
+            prev = row.row_hash
+        return Verification(True, len(rows))
+
+
+def _sql(v: object) -> object:
+    return int(v) if isinstance(v, bool) else v
+
+
+def _row(r: Sequence) -> LedgerRow:
+    d = dict(zip([f.name for f in fields(LedgerRow)], r))
+    d["used"] = bool(d["used"])
+    return LedgerRow(**d)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isinf(a) and math.isinf(b)) or a == b

@@ -1,0 +1,142 @@
+"""The run directory and everything written to it, round by round.
+
+    runs/<timestamp>-<scenario>/
+        config.toml      resolved config (every key, defaults included)
+        ledger.sqlite    privacy ledger (server.ledger)
+        metrics.jsonl    one line per round
+        checkpoint.pt    global model + round + ledger position (atomic replace each round)
+        samples/         sample grids (generative tasks)
+        summary.md, eps.png, utility.png   written at the end (server.report)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+import torch
+from rich.console import Console
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.tasks import Task
+from common.tasks.base import set_state
+from server.ledger import Ledger
+from server.strategy import DeltaFedAvg
+
+
+def default_run_dir(cfg: RunConfig, now: str) -> Path:
+    return Path("runs") / f"{now}-{cfg.scenario}"
+
+
+class RunRecorder:
+    def __init__(self, cfg: RunConfig, task: Task, run_dir: Path, console: Console | None = None) -> None:
+        self.cfg, self.task, self.dir = cfg, task, run_dir
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_nested()))
+        self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.model = task.build_model()
+        self.keys = task.shared_keys(self.model)
+
+    # ------------------------------------------------------------------ rounds
+    def end_round(self, rnd: int, seconds: float, strategy: DeltaFedAvg) -> bool:
+        """Persist round ``rnd``; return False when the run should stop."""
+        rec = strategy.record(rnd)
+        set_state(self.model, self.keys, strategy.global_arrays)
+        eps = {r.site_id: r.eps_total for r in rec.ledger_rows}
+        line: dict[str, Any] = {
+            "round": rnd,
+            "seconds": round(seconds, 3),
+            "sites_sampled": rec.sampled,
+            "sites_trained": sorted(rec.trained),
+            "sites_used": sorted(rec.used),
+            "sites_budget_exhausted": sorted(rec.exhausted),
+            "rejected": rec.rejected,
+            "failures": rec.failures,
+            "aggregated": rec.aggregated,
+            "train_loss": rec.train_loss,
+            "test": rec.test,
+            "site_val": rec.site_val,
+            "eps": eps,
+            "eps_max": max(eps.values(), default=0.0),
+            "delta": {r.site_id: r.delta for r in rec.ledger_rows},
+            "ledger_head": self.ledger.head(),
+        }
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(_json_safe(line)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        every = self.cfg.federation.sample_every
+        if every and rnd % every == 0:
+            self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png")
+        self.save_checkpoint(rnd)
+        self.console.print(self._progress_line(rnd, line))
+        if strategy.should_stop():
+            self.console.print(
+                f"[yellow]stopping after round {rnd}: no site can train another round within its ε budget "
+                f"(dp.epsilon-budget={self.cfg.dp.epsilon_budget:g})[/]"
+            )
+            return False
+        return True
+
+    def save_checkpoint(self, rnd: int) -> None:
+        """Atomic: write a temp file in the same directory, fsync, then rename over."""
+        payload = {
+            "round": rnd,
+            "task": self.cfg.task,
+            "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ledger_rows": len(self.ledger.rows()),
+            "ledger_head": self.ledger.head(),
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / "checkpoint.pt")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _progress_line(self, rnd: int, line: dict[str, Any]) -> str:
+        total = self.cfg.federation.rounds
+        parts = [f"[bold]round {rnd:>3}/{total}[/]", f"{len(line['sites_trained'])}/{line['sites_sampled']} sites trained"]
+        if line["rejected"]:
+            parts.append(f"[red]{len(line['rejected'])} rejected[/]")
+        if line["sites_budget_exhausted"]:
+            parts.append(f"[yellow]{len(line['sites_budget_exhausted'])} out of budget[/]")
+        primary = self.task.primary_metric
+        if primary in line["test"]:
+            parts.append(f"test {primary} {line['test'][primary]:.3f}")
+        vals = [v[primary] for v in line["site_val"].values() if primary in v]
+        if vals:
+            parts.append(f"site val {primary} {np.mean(vals):.3f}")
+        if self.cfg.dp.enabled:
+            deltas = line["delta"].values()
+            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.0e})")
+        else:
+            parts.append("no DP (ε=∞)")
+        parts.append(f"{line['seconds']:.1f}s")
+        return " │ ".join(parts)
+
+
+def _json_safe(obj: Any) -> Any:
+    """JSON with infinities as the strings "inf"/"-inf" (json.dumps would write bare Infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -1,0 +1,141 @@
+"""End-of-run summary: summary.md with the headline numbers and two plots.
+
+Every epsilon shown states its delta, its accountant and its unit of privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.plots import line_plot
+from server.ledger import Ledger, LedgerRow
+
+
+@dataclass(frozen=True)
+class Summary:
+    run_dir: Path
+    rounds_completed: int
+    final_test: dict[str, float]
+    eps_by_site: dict[str, LedgerRow]  # last row of each site
+    steps_by_site: dict[str, int]  # noisy steps over the whole run
+    ledger_ok: bool
+    ledger_rows: int
+    stop_reason: str
+    primary: str
+
+    def headline(self) -> list[str]:
+        primary = self.primary
+        lines = [f"artifacts: {self.run_dir.resolve()}"]
+        lines.append(f"rounds completed: {self.rounds_completed}{' (' + self.stop_reason + ')' if self.stop_reason else ''}")
+        if primary in self.final_test:
+            extras = ", ".join(f"{k} {v:.4f}" for k, v in self.final_test.items() if k != primary)
+            lines.append(f"final test {primary}: {self.final_test[primary]:.4f}" + (f" ({extras})" if extras else ""))
+        rows = list(self.eps_by_site.values())
+        if rows:
+            eps = [r.eps_total for r in rows]
+            r0 = rows[0]
+            if math.isinf(max(eps)):
+                lines.append("privacy: non-private run (ε = ∞)")
+            else:
+                lines.append(
+                    f"privacy: ε per site {min(eps):.3f} to {max(eps):.3f} at δ ≤ {max(r.delta for r in rows):.0e} "
+                    f"({r0.accountant.upper()} accountant, unit of privacy: one {r0.unit}, sample-level DP-SGD)"
+                )
+        lines.append(f"ledger: {self.ledger_rows} rows, hash chain and ε {'verified' if self.ledger_ok else 'FAILED verification'}")
+        return lines
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_summary(run_dir: Path, ledger: Ledger, primary: str, scenario: str, stop_reason: str = "") -> Summary:
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    rows = ledger.rows()
+    check = ledger.verify()
+    last: dict[str, LedgerRow] = {}
+    steps: dict[str, int] = {}
+    for r in rows:
+        last[r.site_id] = r
+        steps[r.site_id] = steps.get(r.site_id, 0) + r.steps
+    summary = Summary(
+        run_dir=run_dir,
+        rounds_completed=len(metrics),
+        final_test=metrics[-1]["test"] if metrics else {},
+        eps_by_site=last,
+        steps_by_site=steps,
+        ledger_ok=check.ok,
+        ledger_rows=check.rows,
+        stop_reason=stop_reason,
+        primary=primary,
+    )
+    _plot_eps(run_dir / "eps.png", rows)
+    _plot_utility(run_dir / "utility.png", metrics, primary)
+    (run_dir / "summary.md").write_text(_markdown(summary, metrics, primary, scenario, run_dir))
+    return summary
+
+
+def _plot_eps(path: Path, rows: list[LedgerRow]) -> None:
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for r in rows:
+        if math.isfinite(r.eps_total):
+            xs, ys = series.setdefault(r.site_id, ([], []))
+            xs.append(r.round)
+            ys.append(r.eps_total)
+    if not series:
+        return
+    budget = rows[-1].eps_budget
+    line_plot(
+        series,
+        path,
+        title=f"Cumulative ε per site (δ ≤ {max(r.delta for r in rows):.0e}, {rows[0].accountant.upper()}, per {rows[0].unit})",
+        xlabel="round",
+        ylabel="ε",
+        hlines={f"budget ε={budget:g}": budget},
+    )
+
+
+def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str) -> None:
+    xs = [m["round"] for m in metrics if primary in m.get("test", {})]
+    if not xs:
+        return
+    series = {"server test": (xs, [m["test"][primary] for m in metrics if primary in m.get("test", {})])}
+    val = [(m["round"], [v[primary] for v in m["site_val"].values() if primary in v]) for m in metrics]
+    val = [(r, sum(v) / len(v)) for r, v in val if v]
+    if val:
+        series["site validation (mean)"] = ([r for r, _ in val], [v for _, v in val])
+    line_plot(series, path, title=f"Utility: {primary} (lower is better)", xlabel="round", ylabel=primary)
+
+
+def _markdown(s: Summary, metrics: list[dict[str, Any]], primary: str, scenario: str, run_dir: Path) -> str:
+    out = [f"# privfed run `{run_dir.name}` (scenario `{scenario}`)", ""]
+    out += [f"- {line}" for line in s.headline()[1:]]
+    out += ["", "## Final test metrics (server-held split)", "", "| metric | value |", "|---|---|"]
+    out += [f"| {k} | {v:.4f} |" for k, v in s.final_test.items()]
+    out += [
+        "",
+        "## Privacy spent per site",
+        "",
+        "Sample-level DP-SGD: the unit of privacy is one training example at a site. "
+        "ε is cumulative over the rounds the site trained, from the named Opacus accountant, "
+        "at the δ shown. It says nothing about user-level or site-level privacy.",
+        "",
+        "| site | unit | n | q | σ | C | steps (total) | δ | accountant | ε | budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for site, r in sorted(s.eps_by_site.items()):
+        out.append(
+            f"| {site} | {r.unit} | {r.dataset_size} | {r.sample_rate:.4f} | {r.noise_multiplier:.4f} | "
+            f"{r.max_grad_norm:g} | {s.steps_by_site[site]} | {r.delta:.1e} | {r.accountant} | {r.eps_total:.4f} | {r.eps_budget:g} |"
+        )
+    out += ["", "![epsilon per site](eps.png)", "", "![utility](utility.png)", ""]
+    if (run_dir / "samples" / "final.png").exists():
+        out += ["## Samples from the final global model", "", "![samples](samples/final.png)", ""]
+    return "\n".join(out)
+

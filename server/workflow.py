@@ -1,0 +1,60 @@
+"""The round loop: Flower's DefaultWorkflow, plus an end-of-round hook and a clean stop.
+
+Flower's ``DefaultWorkflow`` runs a fixed number of rounds and has no hook after a
+round. We reuse its building blocks unchanged (parameter init, the fit workflow,
+centralised and federated evaluation) and add two things: ``on_round_end`` (ledger
+head, metrics line, checkpoint, progress) and stopping when no site can train within
+its budget. The fit step is pluggable: Flower's default or ``SecAggPlusWorkflow``.
+"""
+
+from __future__ import annotations
+
+import timeit
+from typing import Callable
+
+from flwr.app import ConfigRecord, Context
+from flwr.compat.server.typing import Workflow
+from flwr.server import Grid, LegacyContext
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.default_workflows import (
+    default_centralized_evaluation_workflow,
+    default_evaluate_workflow,
+    default_fit_workflow,
+    default_init_params_workflow,
+)
+
+
+class RoundLoop:
+    def __init__(
+        self,
+        on_round_end: Callable[[int, float], bool],
+        fit_workflow: Workflow | None = None,
+        first_round: int = 1,
+    ) -> None:
+        """``on_round_end(round, seconds) -> keep_going``."""
+        self.fit_workflow = fit_workflow or default_fit_workflow
+        self.on_round_end = on_round_end
+        self.first_round = first_round
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        if not isinstance(context, LegacyContext):
+            raise TypeError(f"expected a LegacyContext, got {type(context).__name__}")
+        thread, stop_flag, registered = start_update_client_manager_thread(grid, context.client_manager)
+        try:
+            registered.wait()
+            default_init_params_workflow(grid, context)
+            cfg = ConfigRecord()
+            cfg[Key.START_TIME] = timeit.default_timer()
+            context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+            for rnd in range(self.first_round, context.config.num_rounds + 1):
+                t0 = timeit.default_timer()
+                cfg[Key.CURRENT_ROUND] = rnd
+                self.fit_workflow(grid, context)
+                default_centralized_evaluation_workflow(grid, context)
+                default_evaluate_workflow(grid, context)
+                if not self.on_round_end(rnd, timeit.default_timer() - t0):
+                    break
+        finally:
+            stop_flag.set()
+            thread.join()

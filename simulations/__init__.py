@@ -1,0 +1,1 @@
+"""Named scenarios, the simulation launcher (`privfed simulate`) and benchmarks."""

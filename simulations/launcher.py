@@ -1,0 +1,125 @@
+"""Run a named scenario as an in-process Flower simulation (``privfed simulate``).
+
+A scenario is a TOML file in ``simulations/scenarios/``: an optional ``description``,
+an optional ``extends = "<other scenario>"``, top-level run keys under
+``[federation]`` and one table per section (``[data]``, ``[train]``, ``[dp]``, ``[vae]``).
+Command-line overrides (``rounds=3 dp.noise-multiplier=1.5``) win over the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+
+from common.config import RunConfig, flatten, parse_override
+from common.errors import ConfigError, DataError
+from common.preflight import preflight
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+_META_KEYS = ("description", "extends")
+
+
+def scenario_names() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def load_scenario(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The scenario's flat keys (``extends`` resolved), with ``scenario`` set to its name."""
+    path = SCENARIO_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError("scenario", f"unknown scenario {name!r} (known: {', '.join(scenario_names())})")
+    if name in _seen:
+        raise ConfigError("extends", f"scenario {name!r} extends itself via {' -> '.join(_seen)}")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise DataError(path, f"invalid TOML ({exc})") from None
+    base = load_scenario(doc["extends"], _seen + (name,)) if "extends" in doc else {}
+    body = {k: v for k, v in doc.items() if k not in _META_KEYS}
+    flat = flatten(body.pop("federation", {}))
+    flat.update(flatten(body))
+    return {**base, **flat, "scenario": name}
+
+
+def describe(name: str) -> str:
+    doc = tomllib.loads((SCENARIO_DIR / f"{name}.toml").read_text())
+    return str(doc.get("description", ""))
+
+
+def resolve(scenario: str, overrides: Iterable[str] = ()) -> RunConfig:
+    flat = load_scenario(scenario)
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = value
+    return RunConfig.from_flat(flat)
+
+
+def simulate(
+    scenario: str,
+    overrides: Iterable[str] = (),
+    *,
+    console: Console | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Validate everything, then run the federation; returns the run directory."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    cfg = resolve(scenario, overrides)
+    preflight(cfg)  # data and delta checks: fail before Ray or a run dir exists
+    if not cfg.federation.run_dir:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg = cfg.replace(run_dir=str(Path("runs") / f"{stamp}-{cfg.scenario}"))
+    run_dir = Path(cfg.federation.run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
+
+    _quiet_flower(verbose)
+    from flwr.simulation import run_simulation  # heavy import (Ray): only when running
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    flat = cfg.to_flat()
+    dp = cfg.dp
+    privacy = (
+        f"DP-SGD σ={dp.noise_multiplier:g}" if dp.enabled and not dp.target_epsilon
+        else f"DP-SGD target ε={dp.target_epsilon:g}" if dp.enabled else "no DP"
+    )
+    console.print(
+        f"[bold]privfed[/] scenario [cyan]{cfg.scenario}[/]: task {cfg.task}, {cfg.federation.num_sites} sites, "
+        f"{cfg.federation.rounds} rounds, {privacy}, C={dp.max_grad_norm:g}, budget ε={dp.epsilon_budget:g}"
+    )
+    console.print(f"run dir: {run_dir}")
+    run_simulation(
+        server_app=build_server_app(flat, console),
+        client_app=build_client_app(flat),
+        num_supernodes=cfg.federation.num_sites,
+        backend_config={
+            "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": verbose, "include_dashboard": False},
+        },
+        verbose_logging=verbose,
+    )
+    return run_dir
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower logs every message exchange at INFO; our per-round line replaces that."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:
+        os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
+        # run_simulation resets the console handler's level, so filter on the logger itself.
+        flwr_logger = logging.getLogger("flwr")
+        if not any(isinstance(f, _WarningsOnly) for f in flwr_logger.filters):
+            flwr_logger.addFilter(_WarningsOnly())
+
+
+class _WarningsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
