@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from abc import ABC, abstractmethod
 from functools import lru_cache
 
@@ -214,7 +215,10 @@ class OpacusDPStep(StepEngine):
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        per_sample_loss.sum().backward()
+        with warnings.catch_warnings():
+            # Inputs (data) never require grad; Opacus's hooks are correct regardless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            per_sample_loss.sum().backward()
         self.optimizer.step()
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ class DeltaFedAvg(FedAvg):
             return f"expected {len(self.global_arrays)} arrays, got {len(arrays)}"
         for i, (a, g) in enumerate(zip(arrays, self.global_arrays)):
             if a.shape != g.shape or a.dtype != g.dtype:
-                return f"array {i}: got {a.dtype}{list(a.shape)}, expected {g.dtype}{list(g.shape)}"
+                return f"array {i} has dtype/shape {a.dtype}{list(a.shape)}, expected {g.dtype}{list(g.shape)}"
             if not np.isfinite(a).all():
                 return f"array {i} contains NaN or Inf"
         if num_examples != report.plan.dataset_size:

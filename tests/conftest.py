@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from common.config import RunConfig  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_cfg(**flat) -> RunConfig:
+    """A RunConfig from flat keys (tests spell keys as in TOML: 'dp.noise-multiplier')."""
+    return RunConfig.from_flat(flat)
+
+
+def simulation_processes() -> list[str]:
+    """Ray/Flower processes of this user (a test must leave none behind)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    pattern = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "flwr-simulation")
+    return [line for line in out.splitlines() if any(p in line for p in pattern)]

@@ -1,0 +1,148 @@
+"""The ledger: exact epsilons, a hash chain that detects edits, atomic appends."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from common.accounting import RoundPlan, epsilon
+from server.ledger import Ledger, SiteSpend
+
+
+def _spend(site, sigma=1.1, q=0.05, steps=20, n=400, used=True, status="trained", accountant="rdp"):
+    plan = RoundPlan(n, q, steps, sigma, 1.0, 1e-5, accountant)
+    return SiteSpend(site, "image", plan, steps if status == "trained" else 0, 10.0, used, status)
+
+
+def test_epsilon_matches_an_opacus_accountant_stepped_by_hand(tmp_path):
+    """Known inputs: 3 rounds x 20 steps at (sigma=1.1, q=0.05), delta=1e-5."""
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    rows = [led.record_round(r, [_spend("a")])[0] for r in (1, 2, 3)]
+    acc = RDPAccountant()
+    for rnd, row in enumerate(rows, start=1):
+        for _ in range(20):
+            acc.step(noise_multiplier=1.1, sample_rate=0.05)
+        assert row.eps_total == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+        single = RDPAccountant()
+        single.history = [(1.1, 0.05, 20)]
+        assert row.eps_round == single.get_epsilon(delta=1e-5)
+    assert rows[0].eps_total == rows[0].eps_round
+    assert rows[0].eps_total < rows[1].eps_total < rows[2].eps_total
+    # Regression anchor (Opacus 1.6 RDP): 60 steps at sigma 1.1, q 0.05, delta 1e-5.
+    assert rows[2].eps_total == pytest.approx(2.7425, abs=1e-3)
+
+
+def test_prv_accountant_is_recorded_and_recomputed(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    row = led.record_round(1, [_spend("a", accountant="prv")])[0]
+    acc = PRVAccountant()
+    acc.history = [(1.1, 0.05, 20)]
+    assert row.accountant == "prv"
+    assert row.eps_total == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+    assert led.verify().ok
+
+
+def test_rows_hold_every_accountant_input(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    row = led.record_round(1, [_spend("a", sigma=0.9, q=0.1, steps=7, n=70)])[0]
+    assert (row.noise_multiplier, row.sample_rate, row.steps, row.delta, row.accountant) == (0.9, 0.1, 7, 1e-5, "rdp")
+    assert (row.site_id, row.round, row.unit, row.dataset_size, row.used) == ("a", 1, "image", 70, True)
+    assert row.eps_total == epsilon([(0.9, 0.1, 7)], 1e-5, "rdp")
+
+
+def test_skipped_round_spends_nothing(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    first = led.record_round(1, [_spend("a")])[0]
+    skipped = led.record_round(2, [_spend("a", used=False, status="budget_exhausted")])[0]
+    assert skipped.steps == 0 and skipped.eps_round == 0.0
+    assert skipped.eps_total == first.eps_total and not skipped.used
+
+
+def test_chain_verifies_and_detects_an_edit(tmp_path):
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path, run_id="r")
+    for r in (1, 2, 3):
+        led.record_round(r, [_spend("a"), _spend("b", sigma=2.0)])
+    assert led.verify().ok and led.verify().rows == 6
+    led.close()
+
+    conn = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE ledger SET eps_total = 0.1 WHERE seq = 3")
+    # A determined editor drops the guard; the chain still catches the change.
+    conn.execute("DROP TRIGGER ledger_no_update")
+    conn.execute("UPDATE ledger SET eps_total = 0.1 WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    result = Ledger(path).verify()
+    assert not result.ok and result.first_bad_seq == 3 and "hash" in result.reason
+
+
+def test_recomputation_catches_a_consistent_forgery(tmp_path):
+    """Rewrite a row *and* its hash (and all later hashes): the epsilon check still fails."""
+    from server.ledger import HASHED_FIELDS, row_digest
+
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path, run_id="r")
+    for r in (1, 2):
+        led.record_round(r, [_spend("a")])
+    rows = led.rows()
+    led.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER ledger_no_update")
+    prev = rows[0].prev_hash
+    for row in rows:
+        values = {k: getattr(row, k) for k in HASHED_FIELDS}
+        if row.seq == 1:
+            values["eps_total"] = values["eps_round"] = 0.01
+        new_hash = row_digest(prev, values)
+        conn.execute(
+            "UPDATE ledger SET eps_total=?, eps_round=?, prev_hash=?, row_hash=? WHERE seq=?",
+            (values["eps_total"], values["eps_round"], prev, new_hash, row.seq),
+        )
+        prev = new_hash
+    conn.commit()
+    conn.close()
+    result = Ledger(path).verify()
+    assert not result.ok and result.first_bad_seq == 1 and "eps_round" in result.reason
+
+
+def test_deleted_row_breaks_the_chain(tmp_path):
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path, run_id="r")
+    for r in (1, 2, 3):
+        led.record_round(r, [_spend("a")])
+    led.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER ledger_no_delete")
+    conn.execute("DELETE FROM ledger WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    result = Ledger(path).verify()
+    assert not result.ok and result.first_bad_seq == 3
+
+
+def test_round_is_written_atomically(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    led.record_round(1, [_spend("a")])
+    bad = SiteSpend("b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained")
+    with pytest.raises(Exception):
+        led.record_round(2, [_spend("a"), bad])  # site "a" sorts first and is written, then "b" fails
+    assert [r.round for r in led.rows()] == [1]
+    assert led.verify().ok
+
+
+def test_non_private_rows_record_infinite_epsilon(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    plan = RoundPlan(100, 0.32, 4, 0.0, 0.0, 0.0, "none")
+    row = led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained")])[0]
+    assert math.isinf(row.eps_total) and led.verify().ok
+
+
+def test_ledger_refuses_another_runs_file(tmp_path):
+    Ledger(tmp_path / "l.sqlite", run_id="one").close()
+    with pytest.raises(ValueError, match="belongs to run 'one'"):
+        Ledger(tmp_path / "l.sqlite", run_id="two")
