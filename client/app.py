@@ -77,11 +77,14 @@ class SiteClient(NumPyClient):
         self._remember(plan, outcome.steps_taken)
         local = get_state(model, keys)
         update = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
+        # Under DP the training loss stays at the site: it is computed from the private
+        # examples without noise, so sending it would fall outside the epsilon we claim.
+        private_extras = {} if self.cfg.dp.enabled else outcome.metrics
         metrics = fit_metrics(
             self.site_id, self.task.unit_of_privacy, plan, outcome.steps_taken, budget, Status.TRAINED,
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
             train_seconds=time.perf_counter() - t0,
-            **outcome.metrics,
+            **private_extras,
         )
         return update, len(self.train_data), metrics
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Sequence
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 # Accountant name recorded for non-private training (sigma = 0): epsilon is infinite.
@@ -34,6 +37,8 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str) -> floa
     if not hist:
         return 0.0
     merged = _merge(hist)
+    if accountant == "rdp":
+        return _rdp_epsilon(merged, delta)
     if accountant == "gdp" and len(merged) > 1:
         # Opacus's GDP accountant reads only the last history entry.
         raise ValueError("the gdp accountant cannot compose different (sigma, q) pairs; use rdp or prv")
@@ -48,6 +53,26 @@ def _merge(hist: Sequence[Mechanism]) -> list[Mechanism]:
     for s, q, k in hist:
         merged[(s, q)] = merged.get((s, q), 0) + k
     return [(s, q, k) for (s, q), k in merged.items()]
+
+
+def _rdp_epsilon(history: list[Mechanism], delta: float) -> float:
+    """``RDPAccountant.get_epsilon`` with the per-step RDP curve of each (q, sigma) cached.
+
+    Opacus computes ``compute_rdp(q, sigma, steps, orders) = rdp_one_step * steps`` and sums
+    over the history; we do the same operations in the same order on a cached
+    ``rdp_one_step``, so the result is bit-identical (tests assert equality) but a ledger
+    row costs microseconds instead of ~70 ms.
+    """
+    rdp = sum([_rdp_one_step(q, s) * k for s, q, k in history])
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=4096)
+def _rdp_one_step(q: float, sigma: float) -> np.ndarray:
+    curve = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    curve.setflags(write=False)  # shared by the cache: never modified in place
+    return curve
 
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:

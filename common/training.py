@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -89,20 +90,33 @@ def run_local_round(
     device: torch.device,
     seed: int | None,
 ) -> RoundOutcome:
-    """Train ``model`` in place for one round; ``seed=None`` draws sampling and noise from
-    the OS (Opacus secure mode), otherwise a seeded generator makes runs reproducible."""
+    """Train ``model`` in place for one round.
+
+    ``seed`` makes sampling, noise and the task's own randomness repeat exactly
+    (simulation). ``seed=None`` (``dp.secure-rng``) seeds every generator from 63 bits of
+    OS entropy and turns on Opacus's ``secure_mode`` noise (robust to floating-point
+    attacks). That is unpredictable, but it is torch's Mersenne Twister seeded securely,
+    not a cryptographic stream: Opacus's CSPRNG needs ``torchcsprng``, which has no build
+    for current torch.
+    """
     cfg = task.cfg
     model.to(device).train()
     optimizer = make_optimizer(model, cfg.train.optimizer, cfg.train.lr)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    engine = make_engine(cfg.dp.engine, model, optimizer, plan, generator=generator, secure_mode=seed is None)
+    secure = seed is None
+    if secure:
+        seed = secrets.randbits(63) - 3  # room for the +1/+2 offsets below
+    noise_gen = torch.Generator(device=device).manual_seed(seed)
+    engine = make_engine(cfg.dp.engine, model, optimizer, plan, generator=noise_gen, secure_mode=secure)
     # The sampler draws on CPU; keep its generator there.
-    sample_gen = None if seed is None else torch.Generator().manual_seed(seed + 1)
+    sample_gen = torch.Generator().manual_seed(seed + 1)
     session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen)
+    # Tasks draw their own randomness (VAE reparameterisation, GAN latents) from torch's
+    # global RNG; seed it inside a forked RNG state so the caller's state is untouched.
+    devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        metrics = task.train(model, session)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + 2)
+            metrics = task.train(model, session)
     finally:
         engine.close()
     return RoundOutcome(metrics=metrics, steps_taken=session.steps_taken)

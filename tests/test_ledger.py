@@ -146,3 +146,21 @@ def test_ledger_refuses_another_runs_file(tmp_path):
     Ledger(tmp_path / "l.sqlite", run_id="one").close()
     with pytest.raises(ValueError, match="belongs to run 'one'"):
         Ledger(tmp_path / "l.sqlite", run_id="two")
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.1, 0.05, 20)],
+        [(1.1, 0.05, 20), (1.1, 0.05, 20), (1.1, 0.05, 7)],
+        [(0.8, 0.3, 3), (2.5, 0.01, 400), (0.8, 0.3, 5)],
+        [(3.05, 0.5926, 2)] * 30,
+    ],
+)
+def test_cached_rdp_is_bit_identical_to_opacus(history):
+    from common.accounting import _merge
+
+    acc = RDPAccountant()
+    acc.history = _merge(history)
+    for delta in (1e-5, 1e-3):
+        assert epsilon(history, delta, "rdp") == acc.get_epsilon(delta=delta)

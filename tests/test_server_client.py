@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
@@ -127,3 +128,29 @@ def test_site_trains_until_its_budget_then_stops():
     assert statuses[-1] == "budget_exhausted" and statuses.count("trained") >= 1
     assert max(spent) <= 3.0  # never over budget
     assert spent == sorted(spent)
+
+
+def test_training_loss_stays_at_the_site_under_dp():
+    site = _site(budget=50.0)
+    model = site.task.build_model()
+    _, _, metrics = site.fit(get_state(model, site.task.shared_keys(model)), {"server-round": 1})
+    assert metrics["status"] == "trained" and "train_loss" not in metrics
+
+    nodp = _site(budget=50.0, **{"dp.enabled": False})
+    _, _, metrics = nodp.fit(get_state(model, nodp.task.shared_keys(model)), {"server-round": 1})
+    assert "train_loss" in metrics and metrics["noise_multiplier"] == 0.0
+
+
+def test_secure_rng_noise_is_not_reproducible():
+    """dp.secure-rng: OS randomness, so two runs of the same round differ; seeded runs repeat."""
+    results = {}
+    for secure in (False, True):
+        updates = []
+        for _ in range(2):
+            site = _site(budget=50.0, **{"dp.secure-rng": secure})
+            torch.manual_seed(0)  # same initial global model for both runs
+            model = site.task.build_model()
+            update, _, _ = site.fit(get_state(model, site.task.shared_keys(model)), {"server-round": 1})
+            updates.append(np.concatenate([u.ravel() for u in update]))
+        results[secure] = np.array_equal(updates[0], updates[1])
+    assert results == {False: True, True: False}
