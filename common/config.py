@@ -50,6 +50,8 @@ class FederationConfig:
     sample_every: int = 5
     # Server-side evaluation on the held-out test split (simulation only).
     central_eval: bool = True
+    # How long the server waits for all num-sites sites to connect before it gives up.
+    site_wait_seconds: float = 300.0
     # Simulation only: CPU cores and GPU fraction reserved for each virtual site.
     client_cpus: int = 1
     client_gpus: float = 0.0
@@ -68,6 +70,7 @@ class FederationConfig:
             "min-fit-sites",
             f"is {self.min_fit_sites} but only {self.num_sites} sites exist (num-sites)",
         )
+        _require(self.site_wait_seconds > 0, "site-wait-seconds", f"must be > 0, got {self.site_wait_seconds}")
         _require(self.client_cpus >= 1, "client-cpus", f"must be >= 1, got {self.client_cpus}")
         _require(0.0 <= self.client_gpus <= 1.0, "client-gpus", f"must be in [0, 1], got {self.client_gpus}")
         _require(self.sample_every >= 0, "sample-every", f"must be >= 0, got {self.sample_every}")

@@ -39,10 +39,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     run_dir = Path(cfg.federation.run_dir) if cfg.federation.run_dir else default_run_dir(
         cfg, datetime.now().strftime("%Y%m%d-%H%M%S")
     )
-    recorder = RunRecorder(cfg, task, run_dir, console)
-
-    central_eval = None
     test = task.server_test_data() if cfg.federation.central_eval else None
+    central_eval = None
     if test is not None:
         device = resolve_device(cfg.federation.device)
         eval_model = task.build_model().to(device)
@@ -54,7 +52,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     n = cfg.federation.num_sites
     strategy = DeltaFedAvg(
         initial_arrays=get_state(model, keys),
-        ledger=recorder.ledger,
+        ledger=None,
         num_sites=n,
         min_fit_sites=cfg.federation.min_fit_sites,
         primary_metric=task.primary_metric,
@@ -69,16 +67,31 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         evaluate_metrics_aggregation_fn=lambda _: {},
         accept_failures=True,
     )
+    recorder: RunRecorder | None = None
+
+    def start() -> None:
+        # The run dir is created only once every site is there: a run that cannot
+        # start leaves nothing behind.
+        nonlocal recorder
+        recorder = RunRecorder(cfg, task, run_dir, console)
+        strategy.ledger = recorder.ledger
+
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
-    loop = RoundLoop(on_round_end=lambda rnd, secs: recorder.end_round(rnd, secs, strategy))
+    loop = RoundLoop(
+        on_round_end=lambda rnd, secs: recorder.end_round(rnd, secs, strategy),
+        num_sites=n,
+        site_wait_seconds=cfg.federation.site_wait_seconds,
+        on_start=start,
+    )
     try:
         loop(grid, legacy)
     finally:
-        stop_reason = "budgets exhausted" if strategy.should_stop() else ""
-        if strategy.records and max(strategy.records) >= 1:
-            recorder.task.save_samples(recorder.model, run_dir / "samples" / "final.png")
-        summary = write_summary(run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason)
-        recorder.ledger.close()
+        if recorder is not None:
+            if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
+                task.save_samples(recorder.model, run_dir / "samples" / "final.png")
+            stop_reason = "budgets exhausted" if strategy.should_stop() else ""
+            summary = write_summary(run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason)
+            recorder.ledger.close()
     return summary
 
 

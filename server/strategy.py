@@ -56,7 +56,7 @@ class DeltaFedAvg(FedAvg):
         self,
         *,
         initial_arrays: list[np.ndarray],
-        ledger: Ledger,
+        ledger: Ledger | None,
         num_sites: int,
         min_fit_sites: int,
         primary_metric: str,
@@ -65,7 +65,7 @@ class DeltaFedAvg(FedAvg):
     ) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(initial_arrays), **fedavg_kwargs)
         self.global_arrays = [a.copy() for a in initial_arrays]
-        self.ledger = ledger
+        self.ledger = ledger  # may be attached later, before the first round
         self.num_sites = num_sites
         self.min_fit_sites = min_fit_sites
         self.primary_metric = primary_metric

@@ -24,17 +24,26 @@ from flwr.server.workflow.default_workflows import (
     default_init_params_workflow,
 )
 
+from common.errors import PrivfedError
+
 
 class RoundLoop:
     def __init__(
         self,
         on_round_end: Callable[[int, float], bool],
+        *,
+        num_sites: int,
+        site_wait_seconds: float,
+        on_start: Callable[[], None] = lambda: None,
         fit_workflow: Workflow | None = None,
         first_round: int = 1,
     ) -> None:
-        """``on_round_end(round, seconds) -> keep_going``."""
+        """``on_start()`` runs once every site has connected; ``on_round_end(round, seconds) -> keep_going``."""
         self.fit_workflow = fit_workflow or default_fit_workflow
         self.on_round_end = on_round_end
+        self.on_start = on_start
+        self.num_sites = num_sites
+        self.site_wait_seconds = site_wait_seconds
         self.first_round = first_round
 
     def __call__(self, grid: Grid, context: Context) -> None:
@@ -43,6 +52,13 @@ class RoundLoop:
         thread, stop_flag, registered = start_update_client_manager_thread(grid, context.client_manager)
         try:
             registered.wait()
+            # Flower's own sampling would wait a whole day for missing sites; fail clearly instead.
+            if not context.client_manager.wait_for(self.num_sites, timeout=int(self.site_wait_seconds)):
+                raise PrivfedError(
+                    f"only {context.client_manager.num_available()} of num-sites={self.num_sites} sites connected "
+                    f"within {self.site_wait_seconds:g} s (site-wait-seconds); check num-sites and the SuperNodes"
+                )
+            self.on_start()
             default_init_params_workflow(grid, context)
             cfg = ConfigRecord()
             cfg[Key.START_TIME] = timeit.default_timer()

@@ -87,3 +87,22 @@ def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
     assert exhausted and all(r.steps == 0 and r.eps_round == 0 and not r.used for r in exhausted)
     assert "budgets exhausted" in (run_dir / "summary.md").read_text()
     assert simulation_processes() == []
+
+
+def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
+    """Fewer SuperNodes than num-sites: a one-line error after site-wait-seconds, not a day-long hang."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from common.errors import PrivfedError
+    from server.app import build_server_app
+
+    run_dir = tmp_path / "run"
+    flat = resolve("vae-digits", SMALL + ["rounds=1", "site-wait-seconds=3", f"run-dir={run_dir}"]).to_flat()
+    with pytest.raises(PrivfedError) as info:
+        run_simulation(build_server_app(flat), build_client_app(flat), num_supernodes=2,
+                       backend_config={"client_resources": {"num_cpus": 1}})
+    assert isinstance(info.value, PrivfedError)
+    assert "only 2 of num-sites=3 sites connected" in str(info.value)
+    assert not run_dir.exists()
+    assert simulation_processes() == []
