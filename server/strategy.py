@@ -91,13 +91,16 @@ class DeltaFedAvg(FedAvg):
         rec = self.record(server_round)
         rec.failures = [_describe_failure(f) for f in failures]
         spends: list[SiteSpend] = []
-        usable: list[tuple[list[np.ndarray], int]] = []
+        usable: dict[str, tuple[list[np.ndarray], int]] = {}
         for proxy, res in results:
             try:
                 report = parse_fit_metrics(res.metrics)
             except MalformedReport as exc:
                 # Without valid accountant inputs there is nothing to ledger; the update is dropped.
                 rec.rejected[f"node-{proxy.node_id}"] = str(exc)
+                continue
+            if any(sp.site_id == report.site_id for sp in spends):
+                rec.rejected[f"node-{proxy.node_id}"] = f"second reply for site_id {report.site_id!r} this round"
                 continue
             used, reason = False, ""
             if report.status is Status.TRAINED:
@@ -109,7 +112,7 @@ class DeltaFedAvg(FedAvg):
                 if reason:
                     rec.rejected[report.site_id] = reason
                 else:
-                    usable.append((arrays, res.num_examples))
+                    usable[report.site_id] = (arrays, res.num_examples)
                     used = True
             elif report.status is Status.BUDGET_EXHAUSTED:
                 rec.exhausted.append(report.site_id)
@@ -125,7 +128,8 @@ class DeltaFedAvg(FedAvg):
         if len(usable) < self.min_fit_sites:
             return None, {}
         rec.used = [s.site_id for s in spends if s.used]
-        avg = aggregate(usable)
+        # Sum in site order, not arrival order, so a seeded run repeats bit for bit.
+        avg = aggregate([usable[site] for site in sorted(usable)])
         self.global_arrays = [(g + d).astype(g.dtype, copy=False) for g, d in zip(self.global_arrays, avg)]
         rec.aggregated = True
         return ndarrays_to_parameters(self.global_arrays), {"sites_used": len(usable)}

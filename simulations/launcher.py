@@ -122,4 +122,8 @@ def _quiet_flower(verbose: bool) -> None:
 
 class _WarningsOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        # run_simulation is deprecated in favour of `flwr run`, but it is the documented
+        # way to run in-process and leave no SuperLink behind; we use it on purpose.
+        if "`run_simulation` function is deprecated" in record.getMessage():
+            return False
         return record.levelno >= logging.WARNING

@@ -17,6 +17,16 @@ def _spend(site, sigma=1.1, q=0.05, steps=20, n=400, used=True, status="trained"
     return SiteSpend(site, "image", plan, steps if status == "trained" else 0, 10.0, used, status)
 
 
+def _written(path, rounds, sites=("a",)):
+    """A ledger file with ``rounds`` rounds for ``sites``, closed, and its rows."""
+    led = Ledger(path, run_id="r")
+    for r in range(1, rounds + 1):
+        led.record_round(r, [_spend(s) for s in sites])
+    rows = led.rows()
+    led.close()
+    return rows
+
+
 def test_epsilon_matches_an_opacus_accountant_stepped_by_hand(tmp_path):
     """Known inputs: 3 rounds x 20 steps at (sigma=1.1, q=0.05), delta=1e-5."""
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
@@ -86,11 +96,7 @@ def test_recomputation_catches_a_consistent_forgery(tmp_path):
     from server.ledger import HASHED_FIELDS, row_digest
 
     path = tmp_path / "l.sqlite"
-    led = Ledger(path, run_id="r")
-    for r in (1, 2):
-        led.record_round(r, [_spend("a")])
-    rows = led.rows()
-    led.close()
+    rows = _written(path, 2)
     conn = sqlite3.connect(path)
     conn.execute("DROP TRIGGER ledger_no_update")
     prev = rows[0].prev_hash
@@ -112,10 +118,7 @@ def test_recomputation_catches_a_consistent_forgery(tmp_path):
 
 def test_deleted_row_breaks_the_chain(tmp_path):
     path = tmp_path / "l.sqlite"
-    led = Ledger(path, run_id="r")
-    for r in (1, 2, 3):
-        led.record_round(r, [_spend("a")])
-    led.close()
+    _written(path, 3)
     conn = sqlite3.connect(path)
     conn.execute("DROP TRIGGER ledger_no_delete")
     conn.execute("DELETE FROM ledger WHERE seq = 2")

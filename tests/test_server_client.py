@@ -154,3 +154,11 @@ def test_secure_rng_noise_is_not_reproducible():
             updates.append(np.concatenate([u.ravel() for u in update]))
         results[secure] = np.array_equal(updates[0], updates[1])
     assert results == {False: True, True: False}
+
+
+def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
+    s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
+    params, _ = s.aggregate_fit(1, [_reply("a", [np.ones(3, np.float32)], node=1), _reply("a", [np.full(3, 9.0, np.float32)], node=2)], [])
+    assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
+    assert "second reply" in s.records[1].rejected["node-2"]
+    assert len(s.ledger.rows()) == 1
