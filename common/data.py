@@ -168,8 +168,14 @@ def federate(data: ArrayData, cfg: DataConfig, num_sites: int, seed: int) -> Fed
     for i, part in enumerate(parts):
         site = pool.subset(part)
         tr, va = split_indices(len(site), cfg.val_fraction, seed + 1 + i)
-        if len(va) == 0:
-            va = tr[-1:]  # tiny site: share one example rather than evaluate on nothing
+        # Validation examples must never be training examples (they are reported
+        # without noise), and DP needs a real training set.
+        if len(va) == 0 or len(tr) < cfg.min_site_size:
+            raise ConfigError(
+                "data.val-fraction",
+                f"site {i} has {len(site)} examples: {len(tr)} train / {len(va)} validation; "
+                f"need >= {cfg.min_site_size} train (data.min-site-size) and >= 1 validation",
+            )
         sites.append((site.subset(tr), site.subset(va)))
     return FederatedSplit(test=data.subset(test_idx), sites=tuple(sites))
 

@@ -32,6 +32,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from torch import nn
@@ -65,7 +66,12 @@ def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
 
 @lru_cache(maxsize=256)
 def _cached_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return noise_for_target(target, delta, q, steps, accountant)
+    try:
+        return noise_for_target(target, delta, q, steps, accountant)
+    except ValueError as exc:  # Opacus: "The privacy budget is too low."
+        raise ConfigError(
+            "dp.target-epsilon", f"{target:g} is not reachable with q={q:.3g} over {steps} steps ({exc})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- engines
@@ -120,17 +126,23 @@ class FastDPStep(StepEngine):
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
     ) -> None:
+        validate_private_model(model)
         self.layers: list[tuple[nn.Linear, list]] = []
+        seen: set[int] = set()
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if not isinstance(module, nn.Linear):
+            # Exactly nn.Linear: a subclass may compute something else in its forward.
+            if type(module) is not nn.Linear or not module.weight.requires_grad:
                 raise ConfigError(
                     "dp.engine",
-                    f"fast engine supports nn.Linear only; {name or 'model'} is {type(module).__name__} "
-                    "(use dp.engine=opacus)",
+                    f"fast engine supports plain nn.Linear with a trainable weight only; {name or 'model'} is "
+                    f"{type(module).__name__} (use dp.engine=opacus)",
                 )
+            if any(id(p) in seen for p in own):
+                raise ConfigError("dp.engine", f"fast engine: {name} shares a parameter with another layer (use dp.engine=opacus)")
+            seen.update(id(p) for p in own)
             slot: list = []
             module.forward = types.MethodType(_captured_forward(slot), module)
             self.layers.append((module, slot))
@@ -149,8 +161,9 @@ class FastDPStep(StepEngine):
         """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``."""
         for _, slot in self.layers:
             slot.clear()
+        batch = per_sample_loss.shape[0]
         per_sample_loss.sum().backward()
-        sq_norms = None
+        sq_norms = torch.zeros(batch, device=per_sample_loss.device, dtype=per_sample_loss.dtype)
         for module, slot in self.layers:
             if len(slot) != 1:
                 raise RuntimeError(
@@ -158,14 +171,20 @@ class FastDPStep(StepEngine):
                     "weight sharing needs dp.engine=opacus"
                 )
             a, g = slot[0]
-            s = g.pow(2).sum(1) * (a.pow(2).sum(1) + (1.0 if module.bias is not None else 0.0))
-            sq_norms = s if sq_norms is None else sq_norms + s
+            # One row per example, or the norms below would be per row, not per example.
+            if a.shape[0] != batch or g.shape[0] != batch:
+                raise RuntimeError(
+                    f"fast DP engine: a Linear layer saw {a.shape[0]} rows for {batch} examples; "
+                    "models that reshape the batch need dp.engine=opacus"
+                )
+            bias_term = 1.0 if _trainable_bias(module) else 0.0
+            sq_norms = sq_norms + g.pow(2).sum(1) * (a.pow(2).sum(1) + bias_term)
         scale = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         for module, slot in self.layers:
             a, g = slot.pop()
             gc = g * scale.unsqueeze(1)
             module.weight.grad = gc.t() @ a
-            if module.bias is not None:
+            if _trainable_bias(module):
                 module.bias.grad = gc.sum(0)
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
@@ -176,6 +195,25 @@ class FastDPStep(StepEngine):
     def close(self) -> None:
         for module, _ in self.layers:
             del module.forward  # back to nn.Linear.forward
+
+
+def _trainable_bias(module: nn.Linear) -> bool:
+    return module.bias is not None and module.bias.requires_grad
+
+
+def validate_private_model(model: nn.Module) -> None:
+    """Refuse models whose training would let un-noised information about examples out.
+
+    Opacus's ModuleValidator flags layers that mix examples within a batch (BatchNorm)
+    and other unsupported modules. Buffers are refused too: they are part of the state a
+    site sends, and nothing noises them.
+    """
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError("dp.engine", f"model is not DP-compatible: {errors[0]}")
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise ConfigError("dp.engine", f"model has buffers ({', '.join(buffers[:3])}), which DP-SGD does not noise")
 
 
 class _FreshGradOptimizer(DPOptimizerFastGradientClipping):
@@ -217,6 +255,7 @@ class OpacusDPStep(StepEngine):
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
     ) -> None:
+        validate_private_model(model)
         # loss_reduction="sum": we backward the summed per-example losses, so the
         # captured per-sample gradients need no rescaling.
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from common.config import RunConfig
@@ -42,7 +43,11 @@ def cached_task(cfg: RunConfig) -> Task:
 
 
 def round_seed(cfg: RunConfig, site_index: int, server_round: int) -> int | None:
-    """Reproducible sampling/noise seed, or None for OS randomness (dp.secure-rng)."""
+    """Reproducible seed for one site's round, or None for OS randomness (dp.secure-rng).
+
+    SeedSequence mixes (seed, site, round) so that no two rounds or sites share a stream.
+    """
     if cfg.dp.secure_rng:
         return None
-    return (cfg.federation.seed * 1_000_003 + site_index * 10_007 + server_round) % (2**31)
+    state = np.random.SeedSequence([cfg.federation.seed, site_index, server_round]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> 1)

@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
@@ -66,6 +67,8 @@ class LocalSession:
     def step(self, per_sample_loss: torch.Tensor) -> None:
         if not self._batch_pending:
             raise RuntimeError("LocalSession.step: one optimiser step per sampled batch (DP accounting)")
+        if self.steps_taken >= self.plan.steps:
+            raise RuntimeError(f"LocalSession.step: the round's plan allows {self.plan.steps} steps (DP accounting)")
         self._batch_pending = False
         self.engine.step(per_sample_loss)
         self.steps_taken += 1
@@ -93,7 +96,7 @@ def run_local_round(
     """Train ``model`` in place for one round.
 
     ``seed`` makes sampling, noise and the task's own randomness repeat exactly
-    (simulation). ``seed=None`` (``dp.secure-rng``) seeds every generator from 63 bits of
+    (simulation). ``seed=None`` (``dp.secure-rng``) seeds every generator from 128 bits of
     OS entropy and turns on Opacus's ``secure_mode`` noise (robust to floating-point
     attacks). That is unpredictable, but it is torch's Mersenne Twister seeded securely,
     not a cryptographic stream: Opacus's CSPRNG needs ``torchcsprng``, which has no build
@@ -103,19 +106,22 @@ def run_local_round(
     model.to(device).train()
     optimizer = make_optimizer(model, cfg.train.optimizer, cfg.train.lr)
     secure = seed is None
-    if secure:
-        seed = secrets.randbits(63) - 3  # room for the +1/+2 offsets below
-    noise_gen = torch.Generator(device=device).manual_seed(seed)
+    # Three independent streams (noise, Poisson sampling, the task's own randomness).
+    entropy = secrets.randbits(128) if secure else seed
+    noise_seed, sample_seed, task_seed = (
+        int(s >> 1) for s in np.random.SeedSequence(entropy).generate_state(3, dtype=np.uint64)
+    )
+    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
     engine = make_engine(cfg.dp.engine, model, optimizer, plan, generator=noise_gen, secure_mode=secure)
     # The sampler draws on CPU; keep its generator there.
-    sample_gen = torch.Generator().manual_seed(seed + 1)
+    sample_gen = torch.Generator().manual_seed(sample_seed)
     session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen)
     # Tasks draw their own randomness (VAE reparameterisation, GAN latents) from torch's
     # global RNG; seed it inside a forked RNG state so the caller's state is untouched.
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed + 2)
+            torch.manual_seed(task_seed)
             metrics = task.train(model, session)
     finally:
         engine.close()

@@ -31,7 +31,7 @@ def _grads_after_step(engine_cls, model, loss_fn, plan):
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     eng = engine_cls(m, opt, plan)
     eng.step(loss_fn(m))
-    grads = [p.grad.detach().clone() for p in m.parameters()]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in m.parameters()]
     eng.close()
     return grads
 
@@ -163,3 +163,83 @@ def test_fast_engine_on_cuda_matches_cpu():
 
     for a, b in zip(grads("cpu"), grads("cuda")):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _RowsModel(nn.Module):
+    """Feeds (B*T, F) rows to a Linear layer: per-row norms are not per-example norms."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: (B, T, 4)
+        b = x.shape[0]
+        return self.lin(x.reshape(-1, 4)).reshape(b, -1)
+
+
+def test_fast_engine_refuses_per_row_inputs():
+    model = _RowsModel()
+    eng = FastDPStep(model, torch.optim.SGD(model.parameters(), lr=0.1), _plan())
+    x = torch.randn(3, 5, 4)
+    with pytest.raises(RuntimeError, match="rows for 3 examples"):
+        eng.step((model(x) ** 2).sum(1))
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 10 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: nn.Sequential(_ScaledLinear(4, 4)), "plain nn.Linear"),
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False)), "not DP-compatible|buffers"),
+        (lambda: _tied(), "shares a parameter"),
+    ],
+)
+def test_fast_engine_refuses_models_it_would_get_wrong(build, match):
+    model = build()
+    with pytest.raises(ConfigError, match=match):
+        FastDPStep(model, torch.optim.SGD(model.parameters(), lr=0.1), _plan())
+
+
+def _tied():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    return nn.Sequential(a, b)
+
+
+def test_opacus_engine_refuses_batchnorm():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ConfigError, match="not DP-compatible"):
+        OpacusDPStep(model, torch.optim.SGD(model.parameters(), lr=0.1), _plan())
+
+
+def test_frozen_bias_is_not_clipped_or_updated():
+    model = _mlp()
+    model[0].bias.requires_grad_(False)
+    x, y = torch.randn(16, 10), torch.randn(16, 3)
+
+    def loss(m):
+        return ((m(x) - y) ** 2).sum(1)
+
+    fast = _grads_after_step(FastDPStep, model, loss, _plan(C=0.2))
+    ref = _grads_after_step(OpacusDPStep, model, loss, _plan(C=0.2))
+    assert fast[1] is None and ref[1] is None  # the frozen bias gets no gradient
+    for a, b in zip(fast, ref):
+        if b is not None:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_no_more_steps_than_planned():
+    plan = RoundPlan(200, 0.1, 2, 1.0, 1.0, 1e-5, "rdp")
+    session, model = _session(plan)
+    for _ in range(2):  # a task that loops over the batches twice
+        for batch in session.batches():
+            if session.steps_taken == plan.steps:
+                with pytest.raises(RuntimeError, match="allows 2 steps"):
+                    session.step(model(batch.x).sum(1))
+                break
+            session.step(model(batch.x).sum(1))
+    assert session.steps_taken == 2
