@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Mapping
 
-from common.accounting import RoundPlan
+from common.accounting import NO_DP, RoundPlan
+
+KNOWN_ACCOUNTANTS = ("rdp", "prv", NO_DP)
 
 
 class Status(str, Enum):
@@ -101,10 +103,21 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         raise MalformedReport(f"unknown status {m.get('status')!r}") from None
     vals = {k: get(k, t) for k, t in _PLAN_KEYS.items()}
     steps = get("steps", int)
-    if vals["dataset_size"] < 1 or not (0 < vals["sample_rate"] <= 1) or vals["noise_multiplier"] < 0:
-        raise MalformedReport("accountant inputs out of range (n, q or sigma)")
+    for key in ("sample_rate", "noise_multiplier", "max_grad_norm", "delta"):
+        if not math.isfinite(vals[key]):
+            raise MalformedReport(f"metric {key!r} must be finite, got {vals[key]}")
+    n, q, sigma = vals["dataset_size"], vals["sample_rate"], vals["noise_multiplier"]
+    if n < 1 or not (0 < q <= 1) or sigma < 0 or vals["steps_planned"] < 1:
+        raise MalformedReport(f"accountant inputs out of range (n={n}, q={q}, sigma={sigma})")
     if not (0 <= steps <= vals["steps_planned"]):
         raise MalformedReport(f"steps={steps} outside [0, {vals['steps_planned']}]")
+    if vals["accountant"] not in KNOWN_ACCOUNTANTS:
+        raise MalformedReport(f"unknown accountant {vals['accountant']!r}")
+    if vals["accountant"] != NO_DP:
+        if not (sigma > 0 and vals["max_grad_norm"] > 0 and 0 < vals["delta"] < 1.0 / n):
+            raise MalformedReport(
+                f"DP inputs out of range (sigma={sigma}, C={vals['max_grad_norm']}, delta={vals['delta']}, n={n})"
+            )
     plan = RoundPlan(
         dataset_size=vals["dataset_size"],
         sample_rate=vals["sample_rate"],
@@ -117,13 +130,16 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
     known = set(_PLAN_KEYS) | {"site_id", "unit", "status", "steps", "eps_budget", "eps_spent", "note"}
     extra = {k: float(v) for k, v in m.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)}
     eps_spent = get("eps_spent", float)
+    eps_budget = get("eps_budget", float)
+    if math.isnan(eps_budget) or eps_budget <= 0:
+        raise MalformedReport(f"metric 'eps_budget' must be > 0, got {eps_budget}")
     return SiteReport(
         site_id=site_id,
         unit=get("unit", str),
         status=status,
         plan=plan,
         steps_taken=steps,
-        eps_budget=get("eps_budget", float),
+        eps_budget=eps_budget,
         eps_spent=eps_spent if not math.isnan(eps_spent) else math.inf,
         note=str(m.get("note", "")),
         extra=extra,

@@ -18,6 +18,7 @@ from flwr.app import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from rich.console import Console
 
+from common.accounting import NO_DP
 from common.config import RunConfig
 from common.preflight import preflight
 from common.runtime import config_from, resolve_device
@@ -56,12 +57,15 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         num_sites=n,
         min_fit_sites=cfg.federation.min_fit_sites,
         primary_metric=task.primary_metric,
+        accountant=cfg.dp.accountant if cfg.dp.enabled else NO_DP,
         central_eval=central_eval,
         fraction_fit=cfg.federation.fraction_fit,
         fraction_evaluate=1.0,
         min_fit_clients=1,
         min_evaluate_clients=1,
-        min_available_clients=n,
+        # All sites are awaited once at the start (RoundLoop); after that a site that
+        # drops out must not make Flower's sampler wait for it.
+        min_available_clients=1,
         on_fit_config_fn=lambda rnd: {"server-round": rnd},
         fit_metrics_aggregation_fn=lambda _: {},
         evaluate_metrics_aggregation_fn=lambda _: {},

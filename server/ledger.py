@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sqlite3
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -120,11 +119,21 @@ class Ledger:
     """Open (or create) the ledger of one run."""
 
     def __init__(self, path: str | Path, run_id: str | None = None) -> None:
+        """With ``run_id``: open or create the run's ledger for writing. Without: open an
+        existing ledger read-only (auditing must not modify what it audits)."""
         self.path = Path(path)
-        self.conn = sqlite3.connect(self.path)
-        with self.conn:
-            self.conn.executescript(SCHEMA)
-        stored = self._meta("run_id")
+        if run_id is None:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{self.path}: no such ledger")
+            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        else:
+            self.conn = sqlite3.connect(self.path)
+            with self.conn:
+                self.conn.executescript(SCHEMA)
+        try:
+            stored = self._meta("run_id")
+        except sqlite3.DatabaseError:
+            raise ValueError(f"{self.path} is not a privfed ledger") from None
         if stored is None:
             if run_id is None:
                 raise ValueError(f"{self.path} is not a privfed ledger (no run_id)")
@@ -158,6 +167,10 @@ class Ledger:
             (site_id,),
         )
         return [tuple(r) for r in cur.fetchall()]
+
+    def projected_total(self, site_id: str, mechanism: tuple[float, float, int], delta: float, accountant: str) -> float:
+        """Cumulative epsilon the site would have after one more round with ``mechanism``."""
+        return epsilon(self.history(site_id) + [mechanism], delta, accountant)
 
     def spent(self) -> dict[str, float]:
         """Latest cumulative epsilon per site."""
@@ -198,6 +211,7 @@ class Ledger:
                     status=s.status,
                     recorded_at=now,
                 )
+                values = {k: _canonical(v) for k, v in values.items()}
                 row = LedgerRow(**values, prev_hash=prev, row_hash=row_digest(prev, values))
                 self.conn.execute(
                     f"INSERT INTO ledger VALUES ({', '.join('?' * len(fields(LedgerRow)))})",
@@ -208,12 +222,16 @@ class Ledger:
         return written
 
     # ----------------------------------------------------------------- verify
-    def verify(self, recompute: bool = True) -> Verification:
-        """Check the hash chain and (optionally) that every epsilon recomputes exactly."""
+    def verify(self, recompute: bool = True, expected_head: str | None = None) -> Verification:
+        """Check the hash chain, that seq has no gaps, and (optionally) that every epsilon
+        recomputes exactly. ``expected_head`` (e.g. the last head hash in metrics.jsonl)
+        also catches rows cut from the end, which a chain alone cannot."""
         prev = genesis_hash(self.run_id)
         histories: dict[str, list[tuple[float, float, int]]] = {}
         rows = self.rows()
-        for row in rows:
+        for expected_seq, row in enumerate(rows, start=1):
+            if row.seq != expected_seq:
+                return Verification(False, len(rows), row.seq, f"seq {row.seq} follows {expected_seq - 1}: rows missing")
             values = {k: getattr(row, k) for k in HASHED_FIELDS}
             if row.prev_hash != prev:
                 return Verification(False, len(rows), row.seq, "prev_hash does not match the previous row")
@@ -234,7 +252,14 @@ class Ledger:
                             False, len(rows), row.seq, f"{name} = {got!r} but {row.accountant} gives {expected!r}"
                         )
             prev = row.row_hash
+        if expected_head is not None and prev != expected_head:
+            return Verification(False, len(rows), None, "ledger head differs from the recorded head hash (rows cut or added at the end)")
         return Verification(True, len(rows))
+
+
+def _canonical(v: object) -> object:
+    """-0.0 -> 0.0: SQLite stores REAL -0.0 as 0.0, which would change the hash on read-back."""
+    return v + 0.0 if isinstance(v, float) else v
 
 
 def _sql(v: object) -> object:
@@ -248,4 +273,4 @@ def _row(r: Sequence) -> LedgerRow:
 
 
 def _same(a: float, b: float) -> bool:
-    return (math.isinf(a) and math.isinf(b)) or a == b
+    return a == b  # inf == inf, and -inf != inf

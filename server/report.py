@@ -58,7 +58,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def write_summary(run_dir: Path, ledger: Ledger, primary: str, scenario: str, stop_reason: str = "") -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
-    check = ledger.verify()
+    check = ledger.verify(expected_head=metrics[-1]["ledger_head"] if metrics else None)
     last: dict[str, LedgerRow] = {}
     steps: dict[str, int] = {}
     for r in rows:

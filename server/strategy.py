@@ -29,6 +29,7 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore import log
 
+from common.accounting import NO_DP
 from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics
 from server.ledger import Ledger, LedgerRow, SiteSpend
 
@@ -60,6 +61,7 @@ class DeltaFedAvg(FedAvg):
         num_sites: int,
         min_fit_sites: int,
         primary_metric: str,
+        accountant: str = NO_DP,
         central_eval: Any = None,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -69,6 +71,7 @@ class DeltaFedAvg(FedAvg):
         self.num_sites = num_sites
         self.min_fit_sites = min_fit_sites
         self.primary_metric = primary_metric
+        self.accountant = accountant  # the run's; a DP run refuses non-private updates
         self.central_eval = central_eval  # callable(round, arrays) -> metrics dict, or None
         self.records: dict[int, RoundRecord] = {}
         self.exhausted_sites: set[str] = set()
@@ -145,6 +148,14 @@ class DeltaFedAvg(FedAvg):
                 return f"array {i} contains NaN or Inf"
         if num_examples != report.plan.dataset_size:
             return f"num_examples={num_examples} but dataset_size={report.plan.dataset_size}"
+        plan = report.plan
+        if self.accountant != NO_DP:
+            if plan.accountant != self.accountant:
+                return f"accountant {plan.accountant!r} in a run accounted with {self.accountant!r}"
+            mech = (plan.noise_multiplier, plan.sample_rate, report.steps_taken)
+            total = self.ledger.projected_total(report.site_id, mech, plan.delta, plan.accountant)
+            if total > report.eps_budget:
+                return f"update would take the site to eps={total:.4g}, over its budget {report.eps_budget:g}"
         return ""
 
     # ----------------------------------------------------------- evaluate

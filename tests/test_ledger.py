@@ -167,3 +167,43 @@ def test_cached_rdp_is_bit_identical_to_opacus(history):
     acc.history = _merge(history)
     for delta in (1e-5, 1e-3):
         assert epsilon(history, delta, "rdp") == acc.get_epsilon(delta=delta)
+
+
+def test_negative_zero_does_not_break_the_chain(tmp_path):
+    """SQLite reads REAL -0.0 back as 0.0; hashing must not depend on the sign of zero."""
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    plan = RoundPlan(100, 0.32, 4, -0.0, -0.0, -0.0, "none")
+    led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained")])
+    led.close()
+    assert Ledger(tmp_path / "l.sqlite").verify().ok
+
+
+def test_cutting_the_tail_is_caught_against_the_recorded_head(tmp_path):
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path, run_id="r")
+    for r in (1, 2, 3):
+        led.record_round(r, [_spend("a")])
+    head = led.head()
+    led.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER ledger_no_delete")
+    conn.execute("DELETE FROM ledger WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    assert Ledger(path).verify().ok  # the chain alone cannot see a cut tail
+    result = Ledger(path).verify(expected_head=head)
+    assert not result.ok and "head" in result.reason
+
+
+def test_opening_for_audit_is_read_only(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Ledger(tmp_path / "missing.sqlite")
+    assert not (tmp_path / "missing.sqlite").exists()
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match="not a privfed ledger"):
+        Ledger(junk)
+    _written(tmp_path / "l.sqlite", 1)
+    led = Ledger(tmp_path / "l.sqlite")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        led.record_round(2, [_spend("a")])

@@ -22,19 +22,21 @@ from tests.conftest import make_cfg
 PLAN = RoundPlan(10, 0.5, 4, 1.2, 1.0, 1e-5, "rdp")
 
 
-def _strategy(tmp_path, init, num_sites=3, min_fit_sites=1):
+def _strategy(tmp_path, init, num_sites=3, min_fit_sites=1, accountant="none"):
     ledger = Ledger(tmp_path / "ledger.sqlite", run_id="t")
     return DeltaFedAvg(
-        initial_arrays=init, ledger=ledger, num_sites=num_sites, min_fit_sites=min_fit_sites, primary_metric="loss"
+        initial_arrays=init, ledger=ledger, num_sites=num_sites, min_fit_sites=min_fit_sites, primary_metric="loss",
+        accountant=accountant,
     )
 
 
-def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=1, drop=None):
+def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=1, drop=None, **override):
     plan = RoundPlan(n, PLAN.sample_rate, PLAN.steps, PLAN.noise_multiplier, 1.0, 1e-5, "rdp")
     steps = plan.steps if status is SiteStatus.TRAINED else 0
     metrics = fit_metrics(site, "image", plan, steps, 10.0, status, eps_spent=1.0, train_loss=0.5)
     if drop:
         metrics.pop(drop)
+    metrics.update(override)
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n if status is SiteStatus.TRAINED else 0, metrics)
     return SimpleNamespace(node_id=node), res
 
@@ -162,3 +164,34 @@ def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
     assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
     assert "second reply" in s.records[1].rejected["node-2"]
     assert len(s.ledger.rows()) == 1
+
+
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ({"noise_multiplier": float("nan")}, "must be finite"),  # used to hang Opacus forever
+        ({"delta": 2.0}, "DP inputs out of range"),
+        ({"delta": 0.0}, "DP inputs out of range"),
+        ({"max_grad_norm": -1.0}, "DP inputs out of range"),
+        ({"accountant": "moments"}, "unknown accountant"),
+        ({"eps_budget": float("nan")}, "eps_budget"),
+    ],
+)
+def test_bad_accountant_inputs_are_rejected_not_fatal(tmp_path, override, reason):
+    s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)], accountant="rdp")
+    params, _ = s.aggregate_fit(1, [_reply("good", [np.ones(3, np.float32)]), _reply("bad", [np.ones(3, np.float32)], node=9, **override)], [])
+    assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
+    assert reason in s.records[1].rejected["node-9"]
+    assert s.ledger.verify().ok
+
+
+def test_dp_run_refuses_non_private_and_over_budget_updates(tmp_path):
+    s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)], accountant="rdp")
+    nodp = _reply("nodp", [np.ones(3, np.float32)], node=2, accountant="none", noise_multiplier=0.0)
+    greedy = _reply("greedy", [np.ones(3, np.float32)], node=3, eps_budget=0.01)
+    params, _ = s.aggregate_fit(1, [_reply("good", [np.full(3, 2.0, np.float32)]), nodp, greedy], [])
+    assert np.allclose(parameters_to_ndarrays(params)[0], 2.0)
+    rec = s.records[1]
+    assert "accountant 'none'" in rec.rejected["nodp"] and "over its budget" in rec.rejected["greedy"]
+    rows = {r.site_id: r for r in s.ledger.rows()}
+    assert not rows["nodp"].used and not rows["greedy"].used and rows["good"].used
