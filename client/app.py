@@ -1,7 +1,8 @@
 """The Flower ClientApp run at each partner site.
 
-Per round a site: enforces its own epsilon budget (a site does not trust the server to
-do it), trains locally with DP-SGD, and sends back
+Per round a site: checks its own epsilon budget against its own accounting history
+(kept in the node's state, not taken from the server), trains locally with DP-SGD,
+and sends back
 
 * the *update* (local - global weights, a delta), and
 * its accountant inputs (n, q, sigma, C, steps, delta, accountant) so the server can
@@ -22,6 +23,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from common.accounting import RoundPlan, epsilon
 from common.config import RunConfig
 from common.dp import plan_round
+from common.errors import PrivfedError
 from common.protocol import Status, fit_metrics
 from common.runtime import cached_task, config_from, resolve_device, round_seed
 from common.tasks.base import get_state, set_state
@@ -95,15 +97,24 @@ class SiteClient(NumPyClient):
         return float(metrics[self.task.primary_metric]), len(self.val_data), {"site_id": self.site_id, **metrics}
 
 
+def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, str]:
+    """(partition index, pseudonymous site id) from the SuperNode's node config."""
+    if "partition-id" not in node_config:
+        raise PrivfedError("this SuperNode has no 'partition-id' in its node config: start it with --node-config 'partition-id=<i>'")
+    index = node_config["partition-id"]
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < cfg.federation.num_sites:
+        raise PrivfedError(f"partition-id={index!r} must be an integer in [0, num-sites={cfg.federation.num_sites})")
+    # Deployment: the operator names the site pseudonymously; simulation: site-<i>.
+    return index, str(node_config.get("site-id", f"site-{index}"))
+
+
 def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config."""
     base = dict(defaults or {})
 
     def client_fn(context: Context) -> Client:
         cfg = config_from(base, context.run_config)
-        site_index = int(context.node_config.get("partition-id", 0))
-        # Deployment: the operator names the site pseudonymously; simulation: site-<i>.
-        site_id = str(context.node_config.get("site-id", f"site-{site_index}"))
+        site_index, site_id = site_identity(cfg, context.node_config)
         return SiteClient(cfg, site_index, site_id, context).to_client()
 
     return ClientApp(client_fn=client_fn)

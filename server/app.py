@@ -94,7 +94,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
                 task.save_samples(recorder.model, run_dir / "samples" / "final.png")
             stop_reason = "budgets exhausted" if strategy.should_stop() else ""
-            summary = write_summary(run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason)
+            summary = write_summary(
+                run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng
+            )
             recorder.ledger.close()
     return summary
 

@@ -26,6 +26,7 @@ class Summary:
     ledger_rows: int
     stop_reason: str
     primary: str
+    seeded_noise: bool
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -45,6 +46,11 @@ class Summary:
                     f"privacy: ε per site {min(eps):.3f} to {max(eps):.3f} at δ ≤ {max(r.delta for r in rows):.0e} "
                     f"({r0.accountant.upper()} accountant, unit of privacy: one {r0.unit}, sample-level DP-SGD)"
                 )
+        if self.seeded_noise and rows and not math.isinf(max(r.eps_total for r in rows)):
+            lines.append(
+                "noise: seeded for reproducibility (dp.secure-rng=false): private only against "
+                "those who do not know the seed; deployments set dp.secure-rng=true"
+            )
         lines.append(f"ledger: {self.ledger_rows} rows, hash chain and ε {'verified' if self.ledger_ok else 'FAILED verification'}")
         return lines
 
@@ -55,7 +61,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_summary(run_dir: Path, ledger: Ledger, primary: str, scenario: str, stop_reason: str = "") -> Summary:
+def write_summary(
+    run_dir: Path, ledger: Ledger, primary: str, scenario: str, stop_reason: str = "", seeded_noise: bool = True
+) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
     check = ledger.verify(expected_head=metrics[-1]["ledger_head"] if metrics else None)
@@ -74,6 +82,7 @@ def write_summary(run_dir: Path, ledger: Ledger, primary: str, scenario: str, st
         ledger_rows=check.rows,
         stop_reason=stop_reason,
         primary=primary,
+        seeded_noise=seeded_noise,
     )
     _plot_eps(run_dir / "eps.png", rows)
     _plot_utility(run_dir / "utility.png", metrics, primary)

@@ -77,6 +77,14 @@ def simulate(
     run_dir = Path(cfg.federation.run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
+    cores = os.cpu_count() or 1
+    if cfg.federation.client_cpus > cores:
+        raise ConfigError("client-cpus", f"is {cfg.federation.client_cpus} but this machine has {cores} cores")
+    if cfg.federation.client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("client-gpus", f"is {cfg.federation.client_gpus:g} but no CUDA device is available")
 
     _quiet_flower(verbose)
     from flwr.simulation import run_simulation  # heavy import (Ray): only when running

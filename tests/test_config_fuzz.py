@@ -27,3 +27,22 @@ def test_config_never_fails_with_anything_but_a_one_line_config_error(flat):
         assert "\n" not in msg and exc.key in msg
     else:
         assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+DATA_KEYS = ["num-sites", "data.alpha", "data.test-fraction", "data.val-fraction", "data.min-site-size",
+             "train.batch-size", "train.local-epochs", "dp.delta", "dp.target-epsilon", "rounds", "data.partition"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.sampled_from(DATA_KEYS), st.one_of(
+    st.integers(min_value=-5, max_value=400), st.floats(min_value=-1, max_value=50), st.sampled_from(["iid", "dirichlet"])
+), max_size=3))
+def test_preflight_fails_only_with_one_line_privfed_errors(flat):
+    """Everything checked before a run starts (data split, delta vs 1/n, target epsilon)."""
+    from common.errors import PrivfedError
+    from common.preflight import preflight
+
+    try:
+        preflight(RunConfig.from_flat(flat))
+    except PrivfedError as exc:
+        assert "\n" not in str(exc)

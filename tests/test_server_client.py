@@ -195,3 +195,14 @@ def test_dp_run_refuses_non_private_and_over_budget_updates(tmp_path):
     assert "accountant 'none'" in rec.rejected["nodp"] and "over its budget" in rec.rejected["greedy"]
     rows = {r.site_id: r for r in s.ledger.rows()}
     assert not rows["nodp"].used and not rows["greedy"].used and rows["good"].used
+
+
+@pytest.mark.parametrize("node_config, match", [({}, "no 'partition-id'"), ({"partition-id": 3}, "in \\[0, num-sites=3\\)"), ({"partition-id": -1}, "num-sites")])
+def test_site_identity_needs_a_valid_partition(node_config, match):
+    from client.app import site_identity
+    from common.errors import PrivfedError
+
+    with pytest.raises(PrivfedError, match=match):
+        site_identity(make_cfg(**{"num-sites": 3}), node_config)
+    assert site_identity(make_cfg(**{"num-sites": 3}), {"partition-id": 2}) == (2, "site-2")
+    assert site_identity(make_cfg(**{"num-sites": 3}), {"partition-id": 0, "site-id": "org-7f3a"}) == (0, "org-7f3a")
