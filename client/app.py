@@ -94,7 +94,8 @@ class SiteClient(NumPyClient):
         model = self.task.build_model().to(self.device)
         set_state(model, self.task.shared_keys(model), parameters)
         metrics = self.task.evaluate(model, self.val_data)
-        return float(metrics[self.task.primary_metric]), len(self.val_data), {"site_id": self.site_id, **metrics}
+        loss = float(metrics[self.task.site_metric_name()])
+        return loss, len(self.val_data), {"site_id": self.site_id, **metrics}
 
 
 def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, str]:

@@ -104,7 +104,8 @@ def run_local_round(
     """
     cfg = task.cfg
     model.to(device).train()
-    optimizer = make_optimizer(model, cfg.train.optimizer, cfg.train.lr)
+    private = task.private_module(model)  # e.g. only the GAN's discriminator
+    optimizer = make_optimizer(private, cfg.train.optimizer, cfg.train.lr)
     secure = seed is None
     # Three independent streams (noise, Poisson sampling, the task's own randomness).
     entropy = secrets.randbits(128) if secure else seed
@@ -112,7 +113,7 @@ def run_local_round(
         int(s >> 1) for s in np.random.SeedSequence(entropy).generate_state(3, dtype=np.uint64)
     )
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
-    engine = make_engine(cfg.dp.engine, model, optimizer, plan, generator=noise_gen, secure_mode=secure)
+    engine = make_engine(cfg.dp.engine, private, optimizer, plan, generator=noise_gen, secure_mode=secure)
     # The sampler draws on CPU; keep its generator there.
     sample_gen = torch.Generator().manual_seed(sample_seed)
     session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen)

@@ -42,6 +42,7 @@ class RunRecorder:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
         run_dir.mkdir(parents=True, exist_ok=True)
+        task.server_setup(run_dir)
         (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_nested()))
         self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -116,12 +117,12 @@ class RunRecorder:
             parts.append(f"[red]{len(line['rejected'])} rejected[/]")
         if line["sites_budget_exhausted"]:
             parts.append(f"[yellow]{len(line['sites_budget_exhausted'])} out of budget[/]")
-        primary = self.task.primary_metric
+        primary, site_metric = self.task.primary_metric, self.task.site_metric_name()
         if primary in line["test"]:
             parts.append(f"test {primary} {line['test'][primary]:.3f}")
-        vals = [v[primary] for v in line["site_val"].values() if primary in v]
+        vals = [v[site_metric] for v in line["site_val"].values() if site_metric in v]
         if vals:
-            parts.append(f"site val {primary} {np.mean(vals):.3f}")
+            parts.append(f"site val {site_metric} {np.mean(vals):.3f}")
         if self.cfg.dp.enabled:
             deltas = line["delta"].values()
             parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.0e})")

@@ -32,7 +32,7 @@ def register_task(name: str) -> Callable[[_T], _T]:
 
 def _discover() -> None:
     for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
+        if mod.name not in ("base", "images"):
             importlib.import_module(f"{__name__}.{mod.name}")
 
 

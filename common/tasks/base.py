@@ -31,12 +31,21 @@ class Task(ABC):
     # The dataclass for the task's own ``[<name>]`` config table.
     config_cls: ClassVar[type]
     data_sources: ClassVar[tuple[str, ...]] = ()
-    # The evaluation metric that is "the" utility (lower is better), e.g. "neg_elbo".
+    # The central (server-side) evaluation metric that is "the" utility, lower is better.
     primary_metric: ClassVar[str] = "loss"
+    # The metric sites report in federated evaluation (lower is better); default: the same.
+    site_metric: ClassVar[str] = ""
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg
         self.params = cfg.task_params
+
+    @classmethod
+    def site_metric_name(cls) -> str:
+        return cls.site_metric or cls.primary_metric
+
+    def server_setup(self, run_dir: Path) -> None:
+        """Prepare server-side evaluation (e.g. train and cache an evaluation model)."""
 
     # ----------------------------------------------------------------- data
     @abstractmethod
@@ -55,6 +64,10 @@ class Task(ABC):
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A freshly initialised model (seeded by the caller)."""
+
+    def private_module(self, model: nn.Module) -> nn.Module:
+        """The part of the model trained with DP-SGD on the site's data (default: all of it)."""
+        return model
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """state_dict keys that are federated; the rest stay at the site (e.g. user embeddings)."""

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import RunConfig
-from common.data import ArrayData, cached_federated_split
+from common.data import ArrayData
 from common.errors import ConfigError
 from common.tasks import register_task
-from common.tasks.base import Task
+from common.tasks.images import ImageTask
 
 
 @dataclass(frozen=True)
@@ -88,27 +87,12 @@ def negative_elbo_terms(
 
 
 @register_task("vae")
-class VAETask(Task):
-    unit_of_privacy = "image"
+class VAETask(ImageTask):
     config_cls = VAEConfig
-    data_sources = ("digits", "npz")
     primary_metric = "neg_elbo"
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        self._split = cached_federated_split(cfg.data, cfg.federation.num_sites, cfg.federation.seed)
-
-    def site_data(self, site_index: int) -> tuple[ArrayData, ArrayData]:
-        return self._split.sites[site_index]
-
-    def server_test_data(self) -> ArrayData:
-        return self._split.test
-
-    def site_sizes(self) -> list[int]:
-        return self._split.site_sizes()
-
     def build_model(self) -> VAE:
-        return VAE(int(self._split.test.x.shape[1]), self.params.hidden_dim, self.params.latent_dim)
+        return VAE(self.input_dim, self.params.hidden_dim, self.params.latent_dim)
 
     def per_sample_loss(self, model: nn.Module, batch: ArrayData) -> torch.Tensor:
         recon, kl = negative_elbo_terms(model, batch.x)
