@@ -157,6 +157,9 @@ class Ledger:
         cur = self.conn.execute(f"SELECT {', '.join(f.name for f in fields(LedgerRow))} FROM ledger ORDER BY seq")
         return [_row(r) for r in cur.fetchall()]
 
+    def count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
     def head(self) -> str:
         r = self.conn.execute("SELECT row_hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
         return genesis_hash(self.run_id) if r is None else r[0]

@@ -96,7 +96,7 @@ class RunRecorder:
             "round": rnd,
             "task": self.cfg.task,
             "state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "ledger_rows": len(self.ledger.rows()),
+            "ledger_rows": self.ledger.count(),
             "ledger_head": self.ledger.head(),
         }
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint-", suffix=".tmp")
