@@ -3,6 +3,8 @@
     privfed simulate <scenario> [key=value ...]   run a simulated federation
     privfed scenarios                             list the named scenarios
     privfed config <scenario> [key=value ...]     print the resolved config (TOML)
+    privfed audit RUN_DIR [--verify] [--format table|csv|json]
+                                                  epsilon per round and site; verify the ledger
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("scenario")
     show.add_argument("overrides", nargs="*", metavar="key=value")
 
+    aud = sub.add_parser("audit", help="show (and verify) a run's privacy ledger")
+    aud.add_argument("run_dir", help="a run directory (runs/<timestamp>-<scenario>)")
+    aud.add_argument("--verify", action="store_true", help="check the hash chain and recompute every epsilon")
+    aud.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
     args = parser.parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -49,13 +56,51 @@ def main(argv: list[str] | None = None) -> int:
             from simulations.launcher import resolve
 
             sys.stdout.write(tomli_w.dumps(resolve(args.scenario, args.overrides).to_nested()))
+        elif args.command == "audit":
+            return _audit(args, console, err)
     except PrivfedError as exc:
         err.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except BrokenPipeError:  # e.g. `privfed audit ... | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
+
+
+def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
+    """0: shown (and verified); 1: verification failed; 2: could not read the run."""
+    from server.audit import audit_rows, describe_units, open_ledger, render, table, verify_run
+
+    ledger = open_ledger(args.run_dir)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True, width=120)  # whole table in logs and pipes
+    try:
+        rows = ledger.rows()
+        data = audit_rows(rows)
+        if args.format == "table":
+            console.print(table(data, title=f"privacy ledger: {args.run_dir}"))
+            if rows:
+                console.print(describe_units(rows))
+        else:
+            sys.stdout.write(render(data, args.format))
+            if args.format == "json":
+                sys.stdout.write("\n")
+        if not args.verify:
+            return 0
+        result = verify_run(args.run_dir, ledger)
+    finally:
+        ledger.close()
+    if result.ok:
+        err.print(f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, head matches metrics.jsonl")
+        return 0
+    where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
+    err.print(f"[red]verification FAILED at {where}:[/] {result.reason}")
+    return 1
 
 
 if __name__ == "__main__":

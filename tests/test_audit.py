@@ -1,0 +1,98 @@
+"""`privfed audit`: what a privacy officer sees, exports and verifies."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+
+import pytest
+
+from common.accounting import RoundPlan
+from server.ledger import Ledger, SiteSpend
+from simulations.cli import main as cli
+
+
+def _run_dir(tmp_path, rounds=3):
+    """A run dir as the server writes it: ledger + metrics.jsonl with each round's head hash."""
+    run = tmp_path / "run"
+    run.mkdir()
+    led = Ledger(run / "ledger.sqlite", run_id="run")
+    with (run / "metrics.jsonl").open("w") as fh:
+        for r in range(1, rounds + 1):
+            spends = [
+                SiteSpend(site, "image", RoundPlan(200, 0.1, 10, sigma, 1.0, 1e-5, "rdp"), 10, 5.0, True, "trained")
+                for site, sigma in (("site-0", 1.0), ("site-1", 2.0))
+            ]
+            led.record_round(r, spends)
+            fh.write(json.dumps({"round": r, "ledger_head": led.head()}) + "\n")
+    led.close()
+    return run
+
+
+def test_json_export_has_every_round_and_site_with_budget_left(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert cli(["audit", str(run), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["round"], r["site_id"]) for r in rows] == [(r, s) for r in (1, 2, 3) for s in ("site-0", "site-1")]
+    for r in rows:
+        assert r["budget_left"] == pytest.approx(5.0 - r["eps_total"])
+        assert r["unit"] == "image" and r["accountant"] == "rdp" and r["delta"] == 1e-5
+    # more noise, less epsilon; cumulative epsilon grows
+    last = {r["site_id"]: r for r in rows if r["round"] == 3}
+    assert last["site-1"]["eps_total"] < last["site-0"]["eps_total"]
+    assert rows[0]["eps_total"] < last["site-0"]["eps_total"]
+
+
+def test_csv_export(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=1)
+    assert cli(["audit", str(run), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 2 and {"eps_round", "eps_total", "delta", "unit", "accountant", "budget_left"} <= set(rows[0])
+
+
+def test_table_states_unit_accountant_and_delta(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=1)
+    assert cli(["audit", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "site-1" in out and "one image" in out and "rdp" in out and "1.0e-05" in out
+
+
+def test_verify_passes_on_an_untouched_run(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 0
+    assert "verified: 6 rows" in capsys.readouterr().err
+
+
+def test_verify_names_the_first_edited_row(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    conn = sqlite3.connect(run / "ledger.sqlite")
+    conn.execute("DROP TRIGGER ledger_no_update")
+    conn.execute("UPDATE ledger SET eps_total = eps_total / 2 WHERE seq = 4")
+    conn.commit()
+    conn.close()
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at row seq 4" in err
+
+
+def test_verify_catches_a_cut_tail(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    conn = sqlite3.connect(run / "ledger.sqlite")
+    conn.execute("DROP TRIGGER ledger_no_delete")
+    conn.execute("DELETE FROM ledger WHERE seq >= 5")
+    conn.commit()
+    conn.close()
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    assert "FAILED at ledger end" in capsys.readouterr().err
+
+
+def test_missing_run_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
+    assert cli(["audit", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not found" in err
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "empty").mkdir()
+    assert cli(["audit", str(tmp_path / "empty")]) == 2
+    assert not (tmp_path / "empty" / "ledger.sqlite").exists()
