@@ -172,7 +172,20 @@ class DPConfig:
             )
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "dp": DPConfig}
+@dataclass(frozen=True)
+class AuditConfig:
+    """Empirical privacy checks the server runs in simulation (it needs the sites' data)."""
+
+    # Loss-threshold membership inference at the end of the run.
+    mia: bool = True
+    # Also every this many rounds (0: only at the end).
+    mia_every: int = 0
+
+    def validate(self) -> None:
+        _require(self.mia_every >= 0, "audit.mia-every", f"must be >= 0, got {self.mia_every}")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "dp": DPConfig, "audit": AuditConfig}
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     # The task plug-in's own dataclass (e.g. VAEConfig), under the task's name.
     task_params: Any = None
 
@@ -221,9 +235,10 @@ class RunConfig:
             data=built["data"],
             train=built["train"],
             dp=built["dp"],
+            audit=built["audit"],
             task_params=built[task_cls.name],
         )
-        for part in (cfg.federation, cfg.data, cfg.train, cfg.dp, cfg.task_params):
+        for part in (cfg.federation, cfg.data, cfg.train, cfg.dp, cfg.audit, cfg.task_params):
             part.validate()
         _require(
             cfg.data.source in task_cls.data_sources,
@@ -235,7 +250,7 @@ class RunConfig:
     def to_flat(self) -> dict[str, Any]:
         """All keys, defaults included: the form Flower's run_config and the run dir store."""
         out: dict[str, Any] = {}
-        parts = [("", self.federation), ("data", self.data), ("train", self.train), ("dp", self.dp)]
+        parts = [("", self.federation), ("data", self.data), ("train", self.train), ("dp", self.dp), ("audit", self.audit)]
         if self.task_params is not None:
             parts.append((self.task, self.task_params))
         for prefix, obj in parts:

@@ -24,6 +24,7 @@ from common.preflight import preflight
 from common.runtime import config_from, resolve_device
 from common.tasks.base import get_state, set_state
 from server.recorder import RunRecorder, default_run_dir
+from server.privacy_audit import mia_for_run
 from server.report import Summary, write_summary
 from server.strategy import DeltaFedAvg
 from server.workflow import RoundLoop
@@ -94,8 +95,11 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
                 task.save_samples(recorder.model, run_dir / "samples" / "final.png")
             stop_reason = "budgets exhausted" if strategy.should_stop() else ""
+            mia = None
+            if cfg.audit.mia and test is not None and any(rec.aggregated for rec in strategy.records.values()):
+                mia = mia_for_run(task, recorder.model, recorder.ledger.rows(), cfg.federation.seed)
             summary = write_summary(
-                run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng
+                run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng, mia
             )
             recorder.ledger.close()
     return summary

@@ -28,6 +28,7 @@ from common.errors import ConfigError
 from common.tasks import Task
 from common.tasks.base import set_state
 from server.ledger import Ledger
+from server.privacy_audit import mia_for_run
 from server.strategy import DeltaFedAvg
 
 
@@ -58,6 +59,7 @@ class RunRecorder:
         line: dict[str, Any] = {
             "round": rnd,
             "seconds": round(seconds, 3),
+            "primary_metric": self.task.primary_metric,
             "sites_sampled": rec.sampled,
             "sites_trained": sorted(rec.trained),
             "sites_used": sorted(rec.used),
@@ -73,6 +75,9 @@ class RunRecorder:
             "delta": {r.site_id: r.delta for r in rec.ledger_rows},
             "ledger_head": self.ledger.head(),
         }
+        every = self.cfg.audit.mia_every
+        if self.cfg.audit.mia and every and rnd % every == 0 and self.task.server_test_data() is not None:
+            line["mia"] = mia_for_run(self.task, self.model, self.ledger.rows(), self.cfg.federation.seed)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(_json_safe(line)) + "\n")
             fh.flush()

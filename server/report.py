@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from common.plots import line_plot
 from server.ledger import Ledger, LedgerRow
+from server.privacy_audit import TOLERANCE, cross_check
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class Summary:
     stop_reason: str
     primary: str
     seeded_noise: bool
+    mia: dict[str, float] | None = None
+    cross_checks: tuple = ()
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -52,6 +55,24 @@ class Summary:
                 "those who do not know the seed; deployments set dp.secure-rng=true"
             )
         lines.append(f"ledger: {self.ledger_rows} rows, hash chain and ε {'verified' if self.ledger_ok else 'FAILED verification'}")
+        if self.cross_checks:
+            worst = max(self.cross_checks, key=lambda c: c.rel_diff)
+            bad = [c.site_id for c in self.cross_checks if not c.ok]
+            verdict = f"DISAGREES for {', '.join(bad)}" if bad else "agrees"
+            lines.append(
+                f"cross-check: ε recomputed with {worst.method} for {len(self.cross_checks)} sites {verdict} "
+                f"(max relative difference {worst.rel_diff:.2%})"
+            )
+        if self.mia:
+            m = self.mia
+            bound = "no bound (non-private)" if math.isinf(m["mia_eps"]) else (
+                f"DP bound at ε={m['mia_eps']:.2f}, δ={m['mia_delta']:.0e}: {m['mia_advantage_bound']:.3f}"
+            )
+            lines.append(
+                f"membership inference (loss threshold, {int(m['mia_examples'])} examples): "
+                f"AUC {m['mia_auc']:.3f}, advantage {m['mia_advantage']:.3f} "
+                f"(chance level {m['mia_chance_advantage']:.3f}; {bound})"
+            )
         return lines
 
 
@@ -62,7 +83,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def write_summary(
-    run_dir: Path, ledger: Ledger, primary: str, scenario: str, stop_reason: str = "", seeded_noise: bool = True
+    run_dir: Path,
+    ledger: Ledger,
+    primary: str,
+    scenario: str,
+    stop_reason: str = "",
+    seeded_noise: bool = True,
+    mia: dict[str, float] | None = None,
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
@@ -83,6 +110,21 @@ def write_summary(
         stop_reason=stop_reason,
         primary=primary,
         seeded_noise=seeded_noise,
+        mia=mia,
+        cross_checks=tuple(cross_check(rows)),
+    )
+    (run_dir / "privacy-audit.json").write_text(
+        json.dumps(
+            {
+                "membership_inference": mia,
+                "cross_check": [
+                    {**asdict(c), "rel_diff": c.rel_diff, "ok": c.ok, "tolerance": TOLERANCE.get(c.accountant)}
+                    for c in summary.cross_checks
+                ],
+            },
+            indent=2,
+            default=str,
+        )
     )
     _plot_eps(run_dir / "eps.png", rows)
     _plot_utility(run_dir / "utility.png", metrics, primary)
@@ -143,6 +185,34 @@ def _markdown(s: Summary, metrics: list[dict[str, Any]], primary: str, scenario:
             f"| {site} | {r.unit} | {r.dataset_size} | {r.sample_rate:.4f} | {r.noise_multiplier:.4f} | "
             f"{r.max_grad_norm:g} | {s.steps_by_site[site]} | {r.delta:.1e} | {r.accountant} | {r.eps_total:.4f} | {r.eps_budget:g} |"
         )
+    if s.cross_checks:
+        out += [
+            "",
+            "### Independent cross-check (Google's dp-accounting, from the ledger's recorded inputs)",
+            "",
+            "| site | accountant | ε recorded | ε independent | method | relative diff | ok |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {c.site_id} | {c.accountant} | {c.eps_recorded:.4f} | {c.eps_independent:.4f} | {c.method} | "
+            f"{c.rel_diff:.3%} | {'yes' if c.ok else '**NO**'} |"
+            for c in s.cross_checks
+        ]
+    if s.mia:
+        m = s.mia
+        out += [
+            "",
+            "## Empirical privacy check: membership inference",
+            "",
+            "Loss-threshold attack on the final global model: members are the sites' training examples,",
+            "non-members the server-held test split (equal numbers). (ε, δ)-DP bounds any attack's",
+            "advantage TPR − FPR by (e^ε − 1 + 2δ)/(e^ε + 1); staying under it is necessary, not sufficient.",
+            "",
+            "| AUC | advantage | chance level (95%) | DP bound | ε | δ | examples |",
+            "|---|---|---|---|---|---|---|",
+            f"| {m['mia_auc']:.3f} | {m['mia_advantage']:.3f} | {m['mia_chance_advantage']:.3f} | "
+            f"{m['mia_advantage_bound']:.3f} | {m['mia_eps']:.3f} | {m['mia_delta']:.0e} | {int(m['mia_examples'])} |",
+        ]
     out += ["", "![epsilon per site](eps.png)", "", "![utility](utility.png)", ""]
     if (run_dir / "samples" / "final.png").exists():
         out += ["## Samples from the final global model", "", "![samples](samples/final.png)", ""]

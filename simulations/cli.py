@@ -5,6 +5,7 @@
     privfed config <scenario> [key=value ...]     print the resolved config (TOML)
     privfed audit RUN_DIR [--verify] [--format table|csv|json]
                                                   epsilon per round and site; verify the ledger
+    privfed report RUN_DIR [--out FILE]           self-contained HTML report with plots
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     aud.add_argument("--verify", action="store_true", help="check the hash chain and recompute every epsilon")
     aud.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
+    rep = sub.add_parser("report", help="write a self-contained HTML privacy report for a run")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+
     args = parser.parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -58,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(tomli_w.dumps(resolve(args.scenario, args.overrides).to_nested()))
         elif args.command == "audit":
             return _audit(args, console, err)
+        elif args.command == "report":
+            from pathlib import Path
+
+            from server.html_report import write_report
+
+            out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+            console.print(f"report: {out.resolve()}")
     except PrivfedError as exc:
         err.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
         return 2
@@ -97,7 +109,19 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         ledger.close()
     if result.ok:
         err.print(f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, head matches metrics.jsonl")
-        return 0
+        from server.privacy_audit import cross_check
+
+        checks = cross_check(rows)
+        for c in checks:
+            mark = "ok" if c.ok else "[red]DISAGREES[/]"
+            err.print(
+                f"cross-check {c.site_id}: recorded ε={c.eps_recorded:.4f} ({c.accountant}), "
+                f"{c.method} ε={c.eps_independent:.4f}, diff {c.rel_diff:.2%}: {mark}"
+            )
+        if all(c.ok for c in checks):
+            return 0
+        err.print("[red]verification FAILED:[/] an independent accountant disagrees beyond tolerance")
+        return 1
     where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
     err.print(f"[red]verification FAILED at {where}:[/] {result.reason}")
     return 1

@@ -62,6 +62,11 @@ def test_three_sites_two_rounds(tmp_path):
         assert (run_dir / name).stat().st_size > 0, name
     summary = (run_dir / "summary.md").read_text()
     assert "one image" in summary and "δ" in summary and "rdp" in summary.lower()
+    audit = json.loads((run_dir / "privacy-audit.json").read_text())
+    mia = audit["membership_inference"]
+    assert 0 <= mia["mia_auc"] <= 1 and mia["mia_eps"] == max(r.eps_total for r in rows if r.round == 2)
+    assert mia["mia_advantage"] <= mia["mia_advantage_bound"]
+    assert [c["site_id"] for c in audit["cross_check"]] == sites and all(c["ok"] for c in audit["cross_check"])
     assert simulation_processes() == []
 
 
