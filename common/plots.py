@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -49,6 +50,8 @@ def line_plot(
         if math.isfinite(y):
             ax.axhline(y, linestyle="--", color="gray", linewidth=1)
             ax.annotate(label, (ax.get_xlim()[0], y), fontsize=8, va="bottom", color="gray")
+    if xlabel == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -56,12 +56,12 @@ class Summary:
             )
         lines.append(f"ledger: {self.ledger_rows} rows, hash chain and ε {'verified' if self.ledger_ok else 'FAILED verification'}")
         if self.cross_checks:
-            worst = max(self.cross_checks, key=lambda c: c.rel_diff)
+            worst = max(self.cross_checks, key=lambda c: c.shortfall)
             bad = [c.site_id for c in self.cross_checks if not c.ok]
-            verdict = f"DISAGREES for {', '.join(bad)}" if bad else "agrees"
+            verdict = f"UNDER-STATED for {', '.join(bad)}" if bad else "not under-stated"
             lines.append(
-                f"cross-check: ε recomputed with {worst.method} for {len(self.cross_checks)} sites {verdict} "
-                f"(max relative difference {worst.rel_diff:.2%})"
+                f"cross-check against {worst.method} for {len(self.cross_checks)} sites: recorded ε {verdict} "
+                f"(recorded minus independent, worst site: {-worst.shortfall:+.2%})"
             )
         if self.mia:
             m = self.mia
@@ -118,7 +118,7 @@ def write_summary(
             {
                 "membership_inference": mia,
                 "cross_check": [
-                    {**asdict(c), "rel_diff": c.rel_diff, "ok": c.ok, "tolerance": TOLERANCE.get(c.accountant)}
+                    {**asdict(c), "shortfall": c.shortfall, "ok": c.ok, "tolerance": TOLERANCE}
                     for c in summary.cross_checks
                 ],
             },
@@ -188,14 +188,16 @@ def _markdown(s: Summary, metrics: list[dict[str, Any]], primary: str, scenario:
     if s.cross_checks:
         out += [
             "",
-            "### Independent cross-check (Google's dp-accounting, from the ledger's recorded inputs)",
+            "### Independent cross-check (Google's dp-accounting PLD, from the ledger's recorded inputs)",
             "",
-            "| site | accountant | ε recorded | ε independent | method | relative diff | ok |",
+            f"A recorded ε may exceed the independent value (RDP is a looser bound) but not fall below it by more than {TOLERANCE:.0%}.",
+            "",
+            "| site | accountant | ε recorded | ε independent | method | recorded − independent | ok |",
             "|---|---|---|---|---|---|---|",
         ]
         out += [
             f"| {c.site_id} | {c.accountant} | {c.eps_recorded:.4f} | {c.eps_independent:.4f} | {c.method} | "
-            f"{c.rel_diff:.3%} | {'yes' if c.ok else '**NO**'} |"
+            f"{-c.shortfall:+.2%} | {'yes' if c.ok else '**NO**'} |"
             for c in s.cross_checks
         ]
     if s.mia:

@@ -116,11 +116,11 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
             mark = "ok" if c.ok else "[red]DISAGREES[/]"
             err.print(
                 f"cross-check {c.site_id}: recorded ε={c.eps_recorded:.4f} ({c.accountant}), "
-                f"{c.method} ε={c.eps_independent:.4f}, diff {c.rel_diff:.2%}: {mark}"
+                f"{c.method} ε={c.eps_independent:.4f} ({-c.shortfall:+.2%}): {mark}"
             )
         if all(c.ok for c in checks):
             return 0
-        err.print("[red]verification FAILED:[/] an independent accountant disagrees beyond tolerance")
+        err.print("[red]verification FAILED:[/] a recorded ε is below the independent accountant's (under-stated)")
         return 1
     where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
     err.print(f"[red]verification FAILED at {where}:[/] {result.reason}")

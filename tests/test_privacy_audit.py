@@ -24,15 +24,26 @@ def _rows(tmp_path, accountant="rdp"):
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_independent_accountant_agrees_with_the_ledger(tmp_path, accountant):
     (check,) = cross_check(_rows(tmp_path, accountant))
-    assert check.ok and check.rel_diff < 0.02
-    assert check.method.startswith("dp-accounting")
+    assert check.ok and check.method == "dp-accounting PLD"
+    # RDP over-states relative to a tight accountant; PRV and PLD are both tight.
+    assert check.eps_recorded >= check.eps_independent * 0.95
+    if accountant == "prv":
+        assert check.eps_recorded == pytest.approx(check.eps_independent, rel=0.05)
+
+
+def test_high_epsilon_rdp_ledger_is_not_flagged(tmp_path):
+    """Far from the demo (eps ~ 66): RDP is >5% looser than PLD there, which is fine."""
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    led.record_round(1, [SiteSpend("a", "image", RoundPlan(300, 0.15, 5000, 1.5, 1.0, 1e-5, "rdp"), 5000, math.inf, True, "trained")])
+    (check,) = cross_check(led.rows())
+    assert check.eps_recorded > 60 and check.eps_recorded > check.eps_independent * 1.03 and check.ok
 
 
 def test_cross_check_flags_a_recorded_epsilon_that_is_too_small(tmp_path):
     rows = _rows(tmp_path)
     forged = [dataclasses.replace(r, eps_total=r.eps_total * 0.8) for r in rows]
     (check,) = cross_check(forged)
-    assert not check.ok and check.rel_diff > 0.2
+    assert not check.ok and check.shortfall > 0.05
 
 
 def test_advantage_bound():

@@ -36,7 +36,7 @@ def test_report_is_self_contained_and_states_the_claim(tmp_path, capsys):
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 3
     assert not re.search(r'(src|href)="(https?:)?//', page)
     assert "one image" in page and "RDP" in page and "δ ≤ 1e-05" in page
-    assert "verified" in page and "dp-accounting RDP" in page and "0.510" in page
+    assert "verified" in page and "dp-accounting PLD" in page and "0.510" in page
 
 
 def test_report_shows_a_failed_verification(tmp_path):
