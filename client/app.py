@@ -8,7 +8,9 @@ and sends back
 * its accountant inputs (n, q, sigma, C, steps, delta, accountant) so the server can
   write the ledger. Raw data, labels and per-example values never leave the site.
 
-The site keeps its own accounting history in the node's persistent ``context.state``.
+The site keeps its own accounting history in the node's ``context.state``, which lives
+as long as the SuperNode's run (a restart loses it; the server's ledger-based budget check
+remains).
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ from typing import Any, Mapping
 from common.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# Accountant inputs privfed accepts, from a config or from a site: outside these the
+# Opacus/dp-accounting numerics fail (overflow, non-convergence) or epsilon is meaningless.
+SIGMA_RANGE = (0.1, 1000.0)
+MIN_DELTA = 1e-20
+MAX_STEPS = 1_000_000
 
 
 def _key(name: str) -> str:
@@ -164,6 +169,17 @@ class DPConfig:
                 "dp.noise-multiplier",
                 "must be > 0 when dp.enabled (zero noise gives no privacy; set dp.enabled=false for a non-private run)",
             )
+            lo, hi = SIGMA_RANGE
+            _require(
+                lo <= self.noise_multiplier <= hi,
+                "dp.noise-multiplier",
+                f"must be in [{lo:g}, {hi:g}] (outside it the accountants cannot compute epsilon), got {self.noise_multiplier:g}",
+            )
+        _require(
+            self.delta == 0 or self.delta >= MIN_DELTA,
+            "dp.delta",
+            f"must be >= {MIN_DELTA:g} (or 0 for auto), got {self.delta:g}",
+        )
         if self.enabled and self.target_epsilon > 0 and math.isfinite(self.epsilon_budget):
             _require(
                 self.target_epsilon <= self.epsilon_budget,

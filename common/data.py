@@ -76,8 +76,8 @@ def load_npz_images(path: str | Path) -> ArrayData:
     if "x" not in arrays:
         raise DataError(p, f"has no array 'x' (found: {', '.join(sorted(arrays)) or 'none'})")
     x = arrays["x"]
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise DataError(p, f"'x' must have shape (N, ...) with N >= 1, got {x.shape}")
+    if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
+        raise DataError(p, f"'x' must have shape (N, ...) with N >= 1 and at least one value per example, got {x.shape}")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from common.config import RunConfig
+from common.accounting import epsilon
+from common.config import MAX_STEPS, RunConfig
+from common.errors import ConfigError
 from common.dp import plan_round
 from common.tasks import Task, get_task
 
@@ -15,5 +17,11 @@ def preflight(cfg: RunConfig) -> Task:
     """
     task = get_task(cfg.task)(cfg)
     for n in task.site_sizes():
-        plan_round(cfg, n)
+        plan = plan_round(cfg, n)
+        if plan.steps * cfg.federation.rounds > MAX_STEPS:
+            raise ConfigError("train.local-epochs", f"plans {plan.steps * cfg.federation.rounds} steps per site, above {MAX_STEPS}")
+        try:  # the whole planned run must be accountable, or no site could ever check its budget
+            epsilon([plan.mechanism] * cfg.federation.rounds, plan.delta, plan.accountant)
+        except (ArithmeticError, ValueError, MemoryError) as exc:
+            raise ConfigError("dp.noise-multiplier", f"the accountant cannot compute epsilon for this plan ({exc})") from None
     return task

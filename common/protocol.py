@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from common.accounting import NO_DP, RoundPlan
+from common.config import MAX_STEPS, MIN_DELTA, SIGMA_RANGE
 
 KNOWN_ACCOUNTANTS = ("rdp", "prv", NO_DP)
 
@@ -113,8 +114,13 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         raise MalformedReport(f"steps={steps} outside [0, {vals['steps_planned']}]")
     if vals["accountant"] not in KNOWN_ACCOUNTANTS:
         raise MalformedReport(f"unknown accountant {vals['accountant']!r}")
+    if vals["steps_planned"] > MAX_STEPS:
+        raise MalformedReport(f"steps_planned={vals['steps_planned']} above {MAX_STEPS}")
     if vals["accountant"] != NO_DP:
-        if not (sigma > 0 and vals["max_grad_norm"] > 0 and 0 < vals["delta"] < 1.0 / n):
+        lo, hi = SIGMA_RANGE
+        if not lo <= sigma <= hi:
+            raise MalformedReport(f"noise_multiplier={sigma:g} outside [{lo:g}, {hi:g}]")
+        if not (vals["max_grad_norm"] > 0 and MIN_DELTA <= vals["delta"] < 1.0 / n):
             raise MalformedReport(
                 f"DP inputs out of range (sigma={sigma}, C={vals['max_grad_norm']}, delta={vals['delta']}, n={n})"
             )

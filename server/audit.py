@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import sqlite3
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ def open_ledger(run_dir: Path) -> Ledger:
     if not path.is_file():
         raise PrivfedError(f"run dir '{run_dir}': has no ledger.sqlite")
     try:
-        return Ledger(path)
-    except ValueError as exc:
-        raise PrivfedError(f"ledger '{path}': {exc}") from None
+        ledger = Ledger(path)
+        ledger.count()  # a file without the ledger table fails here, not mid-report
+        return ledger
+    except (ValueError, sqlite3.DatabaseError) as exc:
+        raise PrivfedError(f"ledger '{path}': not a readable privfed ledger ({exc})") from None
 
 
 def audit_rows(rows: list[LedgerRow]) -> list[dict[str, Any]]:
@@ -78,10 +81,16 @@ def table(rows: list[dict[str, Any]], title: str):
 
 
 def verify_run(run_dir: Path, ledger: Ledger) -> Verification:
-    """Chain + recomputed epsilons + the head hash recorded in metrics.jsonl (if any)."""
+    """Chain + recomputed epsilons + the head hash recorded in metrics.jsonl.
+
+    Without a recorded head, rows cut from the end cannot be detected, so that is a
+    failed verification too (a run that completed no round has no rows to verify)."""
     metrics = read_metrics(Path(run_dir) / "metrics.jsonl")
     expected = metrics[-1].get("ledger_head") if metrics else None
-    return ledger.verify(expected_head=expected)
+    result = ledger.verify(expected_head=expected)
+    if result.ok and expected is None and result.rows:
+        return Verification(False, result.rows, None, "no ledger head recorded in metrics.jsonl: a cut tail would go unnoticed")
+    return result
 
 
 def describe_units(rows: list[LedgerRow]) -> str:

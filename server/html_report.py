@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import NO_DP
-from common.errors import PrivfedError
+from common.errors import DataError, PrivfedError
 from common.plots import line_plot
 from server.audit import open_ledger, verify_run
 from server.privacy_audit import cross_check
@@ -100,6 +100,9 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             raw_last=True,
         ))
     mia = (audit or {}).get("membership_inference")
+    mia_keys = ("mia_auc", "mia_advantage", "mia_advantage_bound", "mia_eps", "mia_delta")
+    if mia and not (isinstance(mia, dict) and all(isinstance(mia.get(k), (int, float)) for k in mia_keys)):
+        raise DataError(run_dir / "privacy-audit.json", "membership_inference lacks numeric " + ", ".join(mia_keys))
     if mia:
         parts.append("<h2>Membership inference (loss threshold)</h2>")
         parts.append(_table(
@@ -130,6 +133,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
     )
     out = out or run_dir / "report.html"
+    if not out.parent.is_dir():
+        raise PrivfedError(f"report --out '{out}': folder {out.parent} does not exist")
     out.write_text(page, encoding="utf-8")
     return out
 
@@ -163,7 +168,15 @@ def _primary_metric(metrics: list[dict[str, Any]]) -> str:
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, "not a JSON object")
+    return obj
 
 
 def _b64(path: Path) -> str:

@@ -40,6 +40,8 @@ class RunRecorder:
     def __init__(self, cfg: RunConfig, task: Task, run_dir: Path, console: Console | None = None) -> None:
         self.cfg, self.task, self.dir = cfg, task, run_dir
         self.console = console or Console(highlight=False, soft_wrap=True)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError("run-dir", f"{run_dir} exists and is not a directory")
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,8 @@ class RunRecorder:
             "test": rec.test,
             "site_val": rec.site_val,
             "eps": eps,
-            "eps_max": max(eps.values(), default=0.0),
+            # Over every site so far, not only those that replied this round.
+            "eps_max": max(self.ledger.spent().values(), default=0.0),
             "delta": {r.site_id: r.delta for r in rec.ledger_rows},
             "ledger_head": self.ledger.head(),
         }

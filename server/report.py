@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import DataError
 from common.plots import line_plot
 from server.ledger import Ledger, LedgerRow
 from server.privacy_audit import TOLERANCE, cross_check
@@ -77,9 +78,21 @@ class Summary:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as a list of dicts; a damaged file is a one-line error naming the line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"line {i} is not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(path, f"line {i} is not a JSON object")
+        out.append(obj)
+    return out
 
 
 def write_summary(

@@ -10,6 +10,7 @@ where SecAgg+ is a drop-in fit workflow (see :mod:`server.app`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -103,15 +104,23 @@ class DeltaFedAvg(FedAvg):
                 rec.rejected[f"node-{proxy.node_id}"] = str(exc)
                 continue
             if any(sp.site_id == report.site_id for sp in spends):
-                rec.rejected[f"node-{proxy.node_id}"] = f"second reply for site_id {report.site_id!r} this round"
+                # Two nodes claim one site (a deployment error). The second one trained too,
+                # so its spend is ledgered under a distinct id; its update is not used.
+                dup = f"{report.site_id}@node-{proxy.node_id}"
+                rec.rejected[dup] = f"second reply for site_id {report.site_id!r} this round"
+                spends.append(_spend(dataclasses.replace(report, site_id=dup), False, rec.rejected[dup]))
                 continue
             used, reason = False, ""
             if report.status is Status.TRAINED:
                 rec.trained.append(report.site_id)
                 if "train_loss" in report.extra:
                     rec.train_loss[report.site_id] = report.extra["train_loss"]
-                arrays = parameters_to_ndarrays(res.parameters)
-                reason = self.check_update(arrays, res.num_examples, report)
+                try:
+                    arrays = parameters_to_ndarrays(res.parameters)
+                except Exception as exc:  # undecodable bytes: the site's problem, not the round's
+                    arrays, reason = [], f"update cannot be decoded ({type(exc).__name__}: {exc})"[:300]
+                else:
+                    reason = self.check_update(arrays, res.num_examples, report)
                 if reason:
                     rec.rejected[report.site_id] = reason
                 else:
@@ -133,7 +142,13 @@ class DeltaFedAvg(FedAvg):
         rec.used = [s.site_id for s in spends if s.used]
         # Sum in site order, not arrival order, so a seeded run repeats bit for bit.
         avg = aggregate([usable[site] for site in sorted(usable)])
-        self.global_arrays = [(g + d).astype(g.dtype, copy=False) for g, d in zip(self.global_arrays, avg)]
+        new_global = [(g + d).astype(g.dtype, copy=False) for g, d in zip(self.global_arrays, avg)]
+        if not all(np.isfinite(a).all() for a in new_global):
+            # Finite updates can still overflow when summed; keep the last good model.
+            log(WARNING, "round %s: aggregate is not finite; the global model is unchanged", server_round)
+            rec.failures.append("aggregate overflowed (not finite); model unchanged")
+            return None, {}
+        self.global_arrays = new_global
         rec.aggregated = True
         return ndarrays_to_parameters(self.global_arrays), {"sites_used": len(usable)}
 

@@ -9,6 +9,7 @@ its budget. The fit step is pluggable: Flower's default or ``SecAggPlusWorkflow`
 
 from __future__ import annotations
 
+import math
 import timeit
 from typing import Callable
 
@@ -53,7 +54,7 @@ class RoundLoop:
         try:
             registered.wait()
             # Flower's own sampling would wait a whole day for missing sites; fail clearly instead.
-            if not context.client_manager.wait_for(self.num_sites, timeout=int(self.site_wait_seconds)):
+            if not context.client_manager.wait_for(self.num_sites, timeout=math.ceil(self.site_wait_seconds)):
                 raise PrivfedError(
                     f"only {context.client_manager.num_available()} of num-sites={self.num_sites} sites connected "
                     f"within {self.site_wait_seconds:g} s (site-wait-seconds); check num-sites and the SuperNodes"

@@ -75,6 +75,8 @@ def simulate(
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = cfg.replace(run_dir=str(Path("runs") / f"{stamp}-{cfg.scenario}"))
     run_dir = Path(cfg.federation.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("run-dir", f"{run_dir} exists and is not a directory")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
     cores = os.cpu_count() or 1

@@ -96,3 +96,32 @@ def test_missing_run_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli(["audit", str(tmp_path / "empty")]) == 2
     assert not (tmp_path / "empty" / "ledger.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda run: (run / "metrics.jsonl").write_text('{"round": 1, "ledger_head": "x"}\n{"round": 2, "ledg'), "line 2 is not valid JSON"),
+        (lambda run: (run / "metrics.jsonl").write_text("[1, 2]\n"), "line 1 is not a JSON object"),
+        (lambda run: (run / "ledger.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x00" * 200), "not a readable privfed ledger"),
+    ],
+)
+def test_damaged_run_files_give_one_line_errors(tmp_path, capsys, damage, match):
+    run = _run_dir(tmp_path)
+    damage(run)
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def test_verify_without_a_recorded_head_is_not_a_pass(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    (run / "metrics.jsonl").unlink()
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    assert "no ledger head recorded" in capsys.readouterr().err
+
+
+def test_report_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert cli(["report", str(run), "--out", str(tmp_path / "no" / "such" / "r.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -162,3 +162,17 @@ def test_cli_bad_data_file_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "x.npz" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert cli_main(["simulate", "vae-digits", f"run-dir={f}"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_npz_with_empty_examples(tmp_path):
+    p = tmp_path / "empty.npz"
+    np.savez(p, x=np.zeros((400, 0), dtype=np.float32))
+    with pytest.raises(DataError, match="at least one value"):
+        preflight(RunConfig.from_flat({"data.source": "npz", "data.path": str(p)}))

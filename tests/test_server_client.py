@@ -162,8 +162,11 @@ def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
     params, _ = s.aggregate_fit(1, [_reply("a", [np.ones(3, np.float32)], node=1), _reply("a", [np.full(3, 9.0, np.float32)], node=2)], [])
     assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
-    assert "second reply" in s.records[1].rejected["node-2"]
-    assert len(s.ledger.rows()) == 1
+    assert "second reply" in s.records[1].rejected["a@node-2"]
+    rows = {r.site_id: r for r in s.ledger.rows()}
+    # The duplicate trained too: its spend is in the ledger, its update is not used.
+    assert set(rows) == {"a", "a@node-2"} and rows["a"].used and not rows["a@node-2"].used
+    assert rows["a@node-2"].steps == PLAN.steps and rows["a@node-2"].status == "rejected"
 
 
 @pytest.mark.parametrize(
@@ -175,6 +178,10 @@ def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
         ({"max_grad_norm": -1.0}, "DP inputs out of range"),
         ({"accountant": "moments"}, "unknown accountant"),
         ({"eps_budget": float("nan")}, "eps_budget"),
+        ({"noise_multiplier": 1e-200}, "outside"),  # used to raise ZeroDivisionError in the accountant
+        ({"noise_multiplier": 1e300}, "outside"),  # ... and OverflowError
+        ({"steps_planned": 10**9, "steps": 10**9}, "above"),
+        ({"delta": 1e-300}, "DP inputs out of range"),
     ],
 )
 def test_bad_accountant_inputs_are_rejected_not_fatal(tmp_path, override, reason):
@@ -206,3 +213,21 @@ def test_site_identity_needs_a_valid_partition(node_config, match):
         site_identity(make_cfg(**{"num-sites": 3}), node_config)
     assert site_identity(make_cfg(**{"num-sites": 3}), {"partition-id": 2}) == (2, "site-2")
     assert site_identity(make_cfg(**{"num-sites": 3}), {"partition-id": 0, "site-id": "org-7f3a"}) == (0, "org-7f3a")
+
+
+def test_undecodable_update_is_rejected(tmp_path):
+    from flwr.common import Parameters
+
+    s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
+    proxy, res = _reply("junk", [np.ones(3, np.float32)], node=5)
+    res.parameters = Parameters(tensors=[b"not a numpy array"], tensor_type="numpy.ndarray")
+    params, _ = s.aggregate_fit(1, [_reply("good", [np.ones(3, np.float32)]), (proxy, res)], [])
+    assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
+    assert "cannot be decoded" in s.records[1].rejected["junk"]
+
+
+def test_overflowing_aggregate_keeps_the_last_good_model(tmp_path):
+    s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
+    big = [np.full(3, 3e38, np.float32)]
+    params, _ = s.aggregate_fit(1, [_reply("a", big), _reply("b", big, node=2)], [])
+    assert params is None and np.allclose(s.global_arrays[0], 0.0) and not s.records[1].aggregated
