@@ -62,7 +62,7 @@ class Summary:
             verdict = f"UNDER-STATED for {', '.join(bad)}" if bad else "not under-stated"
             lines.append(
                 f"cross-check against {worst.method} for {len(self.cross_checks)} sites: recorded ε {verdict} "
-                f"(recorded minus independent, worst site: {-worst.shortfall:+.2%})"
+                f"(recorded minus independent, closest site: {-worst.shortfall:+.2%})"
             )
         if self.mia:
             m = self.mia
