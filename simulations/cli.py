@@ -113,7 +113,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
 
         checks = cross_check(rows)
         for c in checks:
-            mark = "ok" if c.ok else "[red]DISAGREES[/]"
+            mark = "ok" if c.ok else "[red]UNDER-STATED[/]"
             err.print(
                 f"cross-check {c.site_id}: recorded ε={c.eps_recorded:.4f} ({c.accountant}), "
                 f"{c.method} ε={c.eps_independent:.4f} ({-c.shortfall:+.2%}): {mark}"
