@@ -147,15 +147,7 @@ class FastDPStep(StepEngine):
             module.forward = types.MethodType(_captured_forward(slot), module)
             self.layers.append((module, slot))
         self.max_grad_norm = plan.max_grad_norm
-        self.optimizer = _FreshGradOptimizer(
-            optimizer,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=plan.sample_rate * plan.dataset_size,
-            loss_reduction="mean",
-            generator=generator,
-            secure_mode=secure_mode,
-        )
+        self.optimizer = _FreshGradOptimizer(optimizer, **_noise_kwargs(plan, generator, secure_mode))
 
     def clipped_grad_sum(self, per_sample_loss: torch.Tensor) -> None:
         """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``."""
@@ -195,6 +187,19 @@ class FastDPStep(StepEngine):
     def close(self) -> None:
         for module, _ in self.layers:
             del module.forward  # back to nn.Linear.forward
+
+
+def _noise_kwargs(plan: RoundPlan, generator: torch.Generator | None, secure_mode: bool) -> dict:
+    """Opacus DPOptimizer settings shared by both engines: noise sigma*C on the sum of
+    clipped gradients, then division by the expected (not realised) batch size q*n."""
+    return dict(
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.sample_rate * plan.dataset_size,
+        loss_reduction="mean",
+        generator=generator,
+        secure_mode=secure_mode,
+    )
 
 
 def _trainable_bias(module: nn.Linear) -> bool:
@@ -259,15 +264,7 @@ class OpacusDPStep(StepEngine):
         # loss_reduction="sum": we backward the summed per-example losses, so the
         # captured per-sample gradients need no rescaling.
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        self.optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=plan.sample_rate * plan.dataset_size,
-            loss_reduction="mean",
-            generator=generator,
-            secure_mode=secure_mode,
-        )
+        self.optimizer = DPOptimizer(optimizer, **_noise_kwargs(plan, generator, secure_mode))
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -31,3 +31,16 @@ def simulation_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     pattern = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "flwr-simulation")
     return [line for line in out.splitlines() if any(p in line for p in pattern)]
+
+
+def tamper(ledger_path, *statements: str) -> None:
+    """Edit a ledger the way a determined editor would: drop the append-only guards first."""
+    import sqlite3
+
+    conn = sqlite3.connect(ledger_path)
+    conn.execute("DROP TRIGGER IF EXISTS ledger_no_update")
+    conn.execute("DROP TRIGGER IF EXISTS ledger_no_delete")
+    for sql in statements:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
-
 import pytest
 
 from common.accounting import RoundPlan
 from server.ledger import Ledger, SiteSpend
 from simulations.cli import main as cli
+from tests.conftest import tamper
 
 
 def _run_dir(tmp_path, rounds=3):
@@ -67,11 +66,7 @@ def test_verify_passes_on_an_untouched_run(tmp_path, capsys):
 
 def test_verify_names_the_first_edited_row(tmp_path, capsys):
     run = _run_dir(tmp_path)
-    conn = sqlite3.connect(run / "ledger.sqlite")
-    conn.execute("DROP TRIGGER ledger_no_update")
-    conn.execute("UPDATE ledger SET eps_total = eps_total / 2 WHERE seq = 4")
-    conn.commit()
-    conn.close()
+    tamper(run / "ledger.sqlite", "UPDATE ledger SET eps_total = eps_total / 2 WHERE seq = 4")
     assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
     err = capsys.readouterr().err
     assert "FAILED at row seq 4" in err
@@ -79,11 +74,7 @@ def test_verify_names_the_first_edited_row(tmp_path, capsys):
 
 def test_verify_catches_a_cut_tail(tmp_path, capsys):
     run = _run_dir(tmp_path)
-    conn = sqlite3.connect(run / "ledger.sqlite")
-    conn.execute("DROP TRIGGER ledger_no_delete")
-    conn.execute("DELETE FROM ledger WHERE seq >= 5")
-    conn.commit()
-    conn.close()
+    tamper(run / "ledger.sqlite", "DELETE FROM ledger WHERE seq >= 5")
     assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
     assert "FAILED at ledger end" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.accounting import RoundPlan, epsilon
 from server.ledger import Ledger, SiteSpend
+from tests.conftest import tamper
 
 
 def _spend(site, sigma=1.1, q=0.05, steps=20, n=400, used=True, status="trained", accountant="rdp"):
@@ -82,11 +83,9 @@ def test_chain_verifies_and_detects_an_edit(tmp_path):
     conn = sqlite3.connect(path)
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         conn.execute("UPDATE ledger SET eps_total = 0.1 WHERE seq = 3")
-    # A determined editor drops the guard; the chain still catches the change.
-    conn.execute("DROP TRIGGER ledger_no_update")
-    conn.execute("UPDATE ledger SET eps_total = 0.1 WHERE seq = 3")
-    conn.commit()
     conn.close()
+    # A determined editor drops the guard; the chain still catches the change.
+    tamper(path, "UPDATE ledger SET eps_total = 0.1 WHERE seq = 3")
     result = Ledger(path).verify()
     assert not result.ok and result.first_bad_seq == 3 and "hash" in result.reason
 
@@ -119,11 +118,7 @@ def test_recomputation_catches_a_consistent_forgery(tmp_path):
 def test_deleted_row_breaks_the_chain(tmp_path):
     path = tmp_path / "l.sqlite"
     _written(path, 3)
-    conn = sqlite3.connect(path)
-    conn.execute("DROP TRIGGER ledger_no_delete")
-    conn.execute("DELETE FROM ledger WHERE seq = 2")
-    conn.commit()
-    conn.close()
+    tamper(path, "DELETE FROM ledger WHERE seq = 2")
     result = Ledger(path).verify()
     assert not result.ok and result.first_bad_seq == 3
 
@@ -185,11 +180,7 @@ def test_cutting_the_tail_is_caught_against_the_recorded_head(tmp_path):
         led.record_round(r, [_spend("a")])
     head = led.head()
     led.close()
-    conn = sqlite3.connect(path)
-    conn.execute("DROP TRIGGER ledger_no_delete")
-    conn.execute("DELETE FROM ledger WHERE seq = 3")
-    conn.commit()
-    conn.close()
+    tamper(path, "DELETE FROM ledger WHERE seq = 3")
     assert Ledger(path).verify().ok  # the chain alone cannot see a cut tail
     result = Ledger(path).verify(expected_head=head)
     assert not result.ok and "head" in result.reason

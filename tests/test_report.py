@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from simulations.cli import main as cli
+from tests.conftest import tamper
 from tests.test_audit import _run_dir
 
 
@@ -40,14 +41,8 @@ def test_report_is_self_contained_and_states_the_claim(tmp_path, capsys):
 
 
 def test_report_shows_a_failed_verification(tmp_path):
-    import sqlite3
-
     run = _with_metrics(tmp_path)
-    conn = sqlite3.connect(run / "ledger.sqlite")
-    conn.execute("DROP TRIGGER ledger_no_update")
-    conn.execute("UPDATE ledger SET eps_total = 0.5 WHERE seq = 2")
-    conn.commit()
-    conn.close()
+    tamper(run / "ledger.sqlite", "UPDATE ledger SET eps_total = 0.5 WHERE seq = 2")
     assert cli(["report", str(run)]) == 0
     assert "FAILED at seq 2" in (run / "report.html").read_text()
 
