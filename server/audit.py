@@ -24,8 +24,9 @@ from server.ledger import Ledger, LedgerRow, Verification
 from server.report import read_metrics
 
 COLUMNS = [
-    "round", "site_id", "unit", "dataset_size", "sample_rate", "noise_multiplier", "max_grad_norm", "steps",
+    "seq", "round", "site_id", "unit", "dataset_size", "sample_rate", "noise_multiplier", "max_grad_norm", "steps",
     "delta", "accountant", "eps_round", "eps_total", "eps_budget", "budget_left", "used", "status",
+    "recorded_at", "prev_hash", "row_hash",
 ]
 
 
@@ -66,15 +67,16 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
 
 
 def table(rows: list[dict[str, Any]], title: str):
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=escape(title))
     for col in ("round", "site", "ε round", "ε total", "budget left", "δ", "σ", "steps", "used", "status"):
         t.add_column(col, justify="left" if col in ("site", "used", "status") else "right", no_wrap=True)
     for r in rows:
         t.add_row(
-            str(r["round"]), r["site_id"], _fmt(r["eps_round"]), _fmt(r["eps_total"]), _fmt(r["budget_left"]),
-            f"{r['delta']:.0e}", f"{r['noise_multiplier']:.3f}", str(r["steps"]), "yes" if r["used"] else "no",
+            str(r["round"]), escape(r["site_id"]), _fmt(r["eps_round"]), _fmt(r["eps_total"]), _fmt(r["budget_left"]),
+            f"{r['delta']:.3g}", f"{r['noise_multiplier']:.3f}", str(r["steps"]), "yes" if r["used"] else "no",
             r["status"],
         )
     return t

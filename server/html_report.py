@@ -19,7 +19,7 @@ from common.accounting import NO_DP
 from common.errors import DataError, PrivfedError
 from common.plots import line_plot
 from server.audit import open_ledger, verify_run
-from server.privacy_audit import cross_check
+from server.privacy_audit import cross_check, violates_bound
 from server.report import _plot_eps, _plot_utility, read_metrics
 
 CSS = """
@@ -59,20 +59,22 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     for r in rows:
         last[r.site_id] = r
     private = [r for r in last.values() if r.accountant != NO_DP]
-    checks = cross_check(rows)
+    # Forged rows can hold inputs no accountant accepts; they already failed verification.
+    checks = cross_check(rows) if verification.ok else []
     parts = [f"<h1>privfed privacy report: {html.escape(run_dir.name)}</h1>"]
     if private:
         r0 = private[0]
         parts.append(
             f"<p><b>Claim:</b> sample-level DP-SGD at each site; unit of privacy: one {html.escape(r0.unit)} of a site's "
             f"training split; ε per site is cumulative over the rounds it trained, from the Opacus "
-            f"<b>{html.escape(r0.accountant.upper())}</b> accountant, at δ ≤ {max(r.delta for r in private):.0e}. "
+            f"<b>{html.escape(r0.accountant.upper())}</b> accountant, at δ ≤ {max(r.delta for r in private):.3g}. "
             "Not user-level or site-level privacy.</p>"
         )
     else:
         parts.append("<p><b>Non-private run:</b> no DP guarantee (ε = ∞).</p>")
     status = "ok" if verification.ok else "bad"
-    verdict = "verified" if verification.ok else f"FAILED at seq {verification.first_bad_seq}: {verification.reason}"
+    where = f"seq {verification.first_bad_seq}" if verification.first_bad_seq is not None else "ledger end"
+    verdict = "verified" if verification.ok else f"FAILED at {where}: {verification.reason}"
     parts.append(
         f'<p>Ledger: {len(rows)} rows, hash chain and recomputed ε <span class="{status}">{html.escape(verdict)}</span>.</p>'
     )
@@ -108,12 +110,16 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         parts.append(_table(
             ["AUC", "advantage", "chance level (95%)", "DP bound on advantage", "ε", "δ"],
             [[f"{mia['mia_auc']:.3f}", f"{mia['mia_advantage']:.3f}", f"{mia.get('mia_chance_advantage', float('nan')):.3f}",
-              f"{mia['mia_advantage_bound']:.3f}", _f(mia["mia_eps"]), f"{mia['mia_delta']:.0e}"]],
+              "none (non-private)" if math.isinf(mia["mia_eps"]) else f"{mia['mia_advantage_bound']:.3f}",
+              _f(mia["mia_eps"]), f"{mia['mia_delta']:.3g}"]],
         ))
         parts.append(
             '<p class="note">Members: the sites\' training examples; non-members: the server-held test split. '
-            "(ε, δ)-DP bounds any attack's TPR − FPR by (e^ε − 1 + 2δ)/(e^ε + 1).</p>"
+            "(ε, δ)-DP bounds any attack's TPR − FPR by (e^ε − 1 + 2δ)/(e^ε + 1); only an advantage above "
+            "bound + chance level is evidence against the claim.</p>"
         )
+        if not math.isinf(mia["mia_eps"]) and violates_bound(mia):
+            parts.append('<p class="bad">The measured advantage exceeds the DP bound beyond sampling error.</p>')
     if primary:
         parts.append(f"<h2>Utility per round ({html.escape(primary)}, lower is better)</h2>")
         if "utility" in images:
@@ -133,9 +139,14 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>"
     )
     out = out or run_dir / "report.html"
+    if out.is_dir():
+        out = out / "report.html"
     if not out.parent.is_dir():
         raise PrivfedError(f"report --out '{out}': folder {out.parent} does not exist")
-    out.write_text(page, encoding="utf-8")
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise PrivfedError(f"report --out '{out}': cannot write ({exc.strerror})") from None
     return out
 
 

@@ -244,10 +244,13 @@ class Ledger:
             if row.steps > 0:
                 hist.append(row.mechanism())
             if recompute:
-                checks = {
-                    "eps_round": epsilon([row.mechanism()], row.delta, row.accountant),
-                    "eps_total": epsilon(hist, row.delta, row.accountant),
-                }
+                try:
+                    checks = {
+                        "eps_round": epsilon([row.mechanism()], row.delta, row.accountant),
+                        "eps_total": epsilon(hist, row.delta, row.accountant),
+                    }
+                except Exception as exc:  # forged inputs no accountant accepts: a failed row, not a crash
+                    return Verification(False, len(rows), row.seq, f"ε cannot be recomputed from this row's inputs ({exc})")
                 for name, expected in checks.items():
                     got = getattr(row, name)
                     if not _same(got, expected):

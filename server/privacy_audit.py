@@ -45,8 +45,10 @@ class CrossCheck:
     @property
     def shortfall(self) -> float:
         """Signed: how far the recorded epsilon lies *below* the independent one (>0 is bad)."""
-        if math.isinf(self.eps_recorded) and math.isinf(self.eps_independent):
-            return 0.0
+        if math.isinf(self.eps_recorded):
+            return 0.0  # nothing is under-stated by an infinite claim
+        if math.isinf(self.eps_independent):
+            return 1.0  # a finite claim where the independent accountant says infinite
         return (self.eps_independent - self.eps_recorded) / max(abs(self.eps_independent), 1e-12)
 
     @property
@@ -97,7 +99,8 @@ def advantage_bound(eps: float, delta: float) -> float:
     """Largest TPR - FPR any membership test can reach against an (eps, delta)-DP release."""
     if math.isinf(eps):
         return 1.0
-    return min(1.0, (math.exp(eps) - 1 + 2 * delta) / (math.exp(eps) + 1))
+    r = math.exp(-eps)  # (e^eps - 1 + 2 delta) / (e^eps + 1), without overflow for large eps
+    return min(1.0, (1 - r + 2 * delta * r) / (1 + r))
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,15 @@ class MIAResult:
             # (two-sample Kolmogorov-Smirnov critical value): below it, nothing was detected.
             "mia_chance_advantage": 1.36 * math.sqrt(2.0 / self.members),
         }
+
+
+def violates_bound(m: dict[str, float]) -> bool:
+    """True when the measured advantage exceeds the DP bound by more than sampling error.
+
+    The advantage is an in-sample maximum over thresholds, so even an attack with no
+    information exceeds a small bound often; only advantage > bound + chance level is
+    evidence against the claimed epsilon."""
+    return m["mia_advantage"] > m["mia_advantage_bound"] + m.get("mia_chance_advantage", 0.0)
 
 
 def mia_for_run(task: Task, model: torch.nn.Module, rows: list[LedgerRow], seed: int) -> dict[str, float]:

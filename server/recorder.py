@@ -133,7 +133,7 @@ class RunRecorder:
             parts.append(f"site val {site_metric} {np.mean(vals):.3f}")
         if self.cfg.dp.enabled:
             deltas = line["delta"].values()
-            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.0e})")
+            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.3g})")
         else:
             parts.append("no DP (ε=∞)")
         parts.append(f"{line['seconds']:.1f}s")

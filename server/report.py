@@ -14,7 +14,7 @@ from typing import Any
 from common.errors import DataError
 from common.plots import line_plot
 from server.ledger import Ledger, LedgerRow
-from server.privacy_audit import TOLERANCE, cross_check
+from server.privacy_audit import TOLERANCE, cross_check, violates_bound
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Summary:
                 lines.append("privacy: non-private run (ε = ∞)")
             else:
                 lines.append(
-                    f"privacy: ε per site {min(eps):.3f} to {max(eps):.3f} at δ ≤ {max(r.delta for r in rows):.0e} "
+                    f"privacy: ε per site {min(eps):.3f} to {max(eps):.3f} at δ ≤ {max(r.delta for r in rows):.3g} "
                     f"({r0.accountant.upper()} accountant, unit of privacy: one {r0.unit}, sample-level DP-SGD)"
                 )
         if self.seeded_noise and rows and not math.isinf(max(r.eps_total for r in rows)):
@@ -67,12 +67,13 @@ class Summary:
         if self.mia:
             m = self.mia
             bound = "no bound (non-private)" if math.isinf(m["mia_eps"]) else (
-                f"DP bound at ε={m['mia_eps']:.2f}, δ={m['mia_delta']:.0e}: {m['mia_advantage_bound']:.3f}"
+                f"DP bound at ε={m['mia_eps']:.2f}, δ={m['mia_delta']:.3g}: {m['mia_advantage_bound']:.3f}"
             )
+            verdict = " VIOLATES the claimed bound beyond sampling error" if violates_bound(m) else ""
             lines.append(
                 f"membership inference (loss threshold, {int(m['mia_examples'])} examples): "
                 f"AUC {m['mia_auc']:.3f}, advantage {m['mia_advantage']:.3f} "
-                f"(chance level {m['mia_chance_advantage']:.3f}; {bound})"
+                f"(chance level {m['mia_chance_advantage']:.3f}; {bound}){verdict}"
             )
         return lines
 
@@ -106,7 +107,7 @@ def write_summary(
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
-    check = ledger.verify(expected_head=metrics[-1]["ledger_head"] if metrics else None)
+    check = ledger.verify(expected_head=metrics[-1].get("ledger_head") if metrics else None)
     last: dict[str, LedgerRow] = {}
     steps: dict[str, int] = {}
     for r in rows:
@@ -158,7 +159,7 @@ def _plot_eps(path: Path, rows: list[LedgerRow]) -> None:
     line_plot(
         series,
         path,
-        title=f"Cumulative ε per site (δ ≤ {max(r.delta for r in rows):.0e}, {rows[0].accountant.upper()}, per {rows[0].unit})",
+        title=f"Cumulative ε per site (δ ≤ {max(r.delta for r in rows):.3g}, {rows[0].accountant.upper()}, per {rows[0].unit})",
         xlabel="round",
         ylabel="ε",
         hlines={f"budget ε={budget:g}": budget},
@@ -226,7 +227,7 @@ def _markdown(s: Summary, metrics: list[dict[str, Any]], primary: str, scenario:
             "| AUC | advantage | chance level (95%) | DP bound | ε | δ | examples |",
             "|---|---|---|---|---|---|---|",
             f"| {m['mia_auc']:.3f} | {m['mia_advantage']:.3f} | {m['mia_chance_advantage']:.3f} | "
-            f"{m['mia_advantage_bound']:.3f} | {m['mia_eps']:.3f} | {m['mia_delta']:.0e} | {int(m['mia_examples'])} |",
+            f"{m['mia_advantage_bound']:.3f} | {m['mia_eps']:.3f} | {m['mia_delta']:.3g} | {int(m['mia_examples'])} |",
         ]
     out += ["", "![epsilon per site](eps.png)", "", "![utility](utility.png)", ""]
     if (run_dir / "samples" / "final.png").exists():

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from common.errors import PrivfedError
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
             console.print(f"report: {out.resolve()}")
     except PrivfedError as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -115,7 +116,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         for c in checks:
             mark = "ok" if c.ok else "[red]UNDER-STATED[/]"
             err.print(
-                f"cross-check {c.site_id}: recorded ε={c.eps_recorded:.4f} ({c.accountant}), "
+                f"cross-check {escape(c.site_id)}: recorded ε={c.eps_recorded:.4f} ({c.accountant}), "
                 f"{c.method} ε={c.eps_independent:.4f} ({-c.shortfall:+.2%}): {mark}"
             )
         if all(c.ok for c in checks):
@@ -123,7 +124,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         err.print("[red]verification FAILED:[/] a recorded ε is below the independent accountant's (under-stated)")
         return 1
     where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
-    err.print(f"[red]verification FAILED at {where}:[/] {result.reason}")
+    err.print(f"[red]verification FAILED at {where}:[/] {escape(result.reason)}")
     return 1
 
 

@@ -116,3 +116,42 @@ def test_report_into_a_missing_folder_is_one_line(tmp_path, capsys):
     run = _run_dir(tmp_path)
     assert cli(["report", str(run), "--out", str(tmp_path / "no" / "such" / "r.html")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_paths_with_brackets_are_not_markup(tmp_path, capsys):
+    assert cli(["audit", str(tmp_path / "a[/]b" / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a[/]b" in err and err.count("\n") == 0
+
+
+def test_verify_names_a_forged_row_no_accountant_accepts(tmp_path, capsys):
+    """Rewrite a row with an impossible accountant and re-hash everything: a named failure, no traceback."""
+    from server.ledger import HASHED_FIELDS, Ledger, row_digest
+
+    run = _run_dir(tmp_path)
+    rows = Ledger(run / "ledger.sqlite").rows()
+    prev, stmts = rows[0].prev_hash, []
+    for row in rows:
+        values = {k: getattr(row, k) for k in HASHED_FIELDS}
+        if row.seq == 3:
+            values["accountant"] = "bogus"
+        new = row_digest(prev, values)
+        stmts.append(f"UPDATE ledger SET accountant='{values['accountant']}', prev_hash='{prev}', row_hash='{new}' WHERE seq={row.seq}")
+        prev = new
+    tamper(run / "ledger.sqlite", *stmts)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines[-1]["ledger_head"] = prev
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at row seq 3" in err and "Traceback" not in err
+    assert cli(["report", str(run)]) == 0
+    assert "FAILED at seq 3" in (run / "report.html").read_text()
+
+
+def test_report_out_may_be_a_directory(tmp_path):
+    run = _run_dir(tmp_path)
+    outdir = tmp_path / "reports"
+    outdir.mkdir()
+    assert cli(["report", str(run), "--out", str(outdir)]) == 0
+    assert (outdir / "report.html").stat().st_size > 0

@@ -80,3 +80,21 @@ def test_attack_finds_a_leak_and_not_noise():
     clean = membership_inference(_MarkedTask(leak=False), model)
     assert abs(clean.auc - 0.5) < 0.1
     assert clean.advantage < 1.36 * math.sqrt(2 / clean.members)  # under the chance level
+
+
+def test_bound_does_not_overflow_and_violation_needs_more_than_noise():
+    from server.privacy_audit import violates_bound
+
+    assert advantage_bound(1000.0, 1e-5) == pytest.approx(1.0)
+    assert advantage_bound(3123.0, 0.0) == 1.0
+    m = {"mia_advantage_bound": 0.05, "mia_chance_advantage": 0.1}
+    assert violates_bound({**m, "mia_advantage": 0.2})
+    assert not violates_bound({**m, "mia_advantage": 0.12})  # above the bound, within sampling error
+
+
+def test_finite_claim_against_infinite_independent_epsilon_is_flagged():
+    from server.privacy_audit import CrossCheck
+
+    c = CrossCheck("a", "rdp", 1e-5, 5.0, math.inf, "dp-accounting PLD")
+    assert c.shortfall == 1.0 and not c.ok
+    assert CrossCheck("a", "rdp", 1e-5, math.inf, math.inf, "x").ok
