@@ -96,7 +96,7 @@ class SiteClient(NumPyClient):
         model = self.task.build_model().to(self.device)
         set_state(model, self.task.shared_keys(model), parameters)
         metrics = self.task.evaluate(model, self.val_data)
-        loss = float(metrics[self.task.site_metric_name()])
+        loss = float(metrics[self.task.primary_metric])
         return loss, len(self.val_data), {"site_id": self.site_id, **metrics}
 
 

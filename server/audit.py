@@ -21,6 +21,7 @@ from typing import Any
 from common.accounting import NO_DP
 from common.errors import PrivfedError
 from server.ledger import Ledger, LedgerRow, Verification
+from server.recorder import json_safe
 from server.report import read_metrics
 
 COLUMNS = [
@@ -56,7 +57,7 @@ def audit_rows(rows: list[LedgerRow]) -> list[dict[str, Any]]:
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([{k: _json_num(v) for k, v in r.items()} for r in rows], indent=2)
+        return json.dumps(json_safe(rows), indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -111,9 +112,3 @@ def _fmt(v: float | None) -> str:
     if v is None:
         return "–"
     return ("∞" if v > 0 else "-∞") if math.isinf(v) else f"{v:.3f}"
-
-
-def _json_num(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
-    return v

@@ -45,7 +45,6 @@ class RunRecorder:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
         run_dir.mkdir(parents=True, exist_ok=True)
-        task.server_setup(run_dir)
         (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_nested()))
         self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -82,7 +81,7 @@ class RunRecorder:
         if self.cfg.audit.mia and every and rnd % every == 0 and self.task.server_test_data() is not None:
             line["mia"] = mia_for_run(self.task, self.model, self.ledger.rows(), self.cfg.federation.seed)
         with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(_json_safe(line)) + "\n")
+            fh.write(json.dumps(json_safe(line)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         every = self.cfg.federation.sample_every
@@ -125,12 +124,12 @@ class RunRecorder:
             parts.append(f"[red]{len(line['rejected'])} rejected[/]")
         if line["sites_budget_exhausted"]:
             parts.append(f"[yellow]{len(line['sites_budget_exhausted'])} out of budget[/]")
-        primary, site_metric = self.task.primary_metric, self.task.site_metric_name()
+        primary = self.task.primary_metric
         if primary in line["test"]:
             parts.append(f"test {primary} {line['test'][primary]:.3f}")
-        vals = [v[site_metric] for v in line["site_val"].values() if site_metric in v]
+        vals = [v[primary] for v in line["site_val"].values() if primary in v]
         if vals:
-            parts.append(f"site val {site_metric} {np.mean(vals):.3f}")
+            parts.append(f"site val {primary} {np.mean(vals):.3f}")
         if self.cfg.dp.enabled:
             deltas = line["delta"].values()
             parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.3g})")
@@ -140,12 +139,12 @@ class RunRecorder:
         return " │ ".join(parts)
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON with infinities as the strings "inf"/"-inf" (json.dumps would write bare Infinity)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

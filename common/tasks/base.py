@@ -31,21 +31,12 @@ class Task(ABC):
     # The dataclass for the task's own ``[<name>]`` config table.
     config_cls: ClassVar[type]
     data_sources: ClassVar[tuple[str, ...]] = ()
-    # The central (server-side) evaluation metric that is "the" utility, lower is better.
+    # The evaluation metric that is "the" utility (lower is better), centrally and at sites.
     primary_metric: ClassVar[str] = "loss"
-    # The metric sites report in federated evaluation (lower is better); default: the same.
-    site_metric: ClassVar[str] = ""
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg
         self.params = cfg.task_params
-
-    @classmethod
-    def site_metric_name(cls) -> str:
-        return cls.site_metric or cls.primary_metric
-
-    def server_setup(self, run_dir: Path) -> None:
-        """Prepare server-side evaluation (e.g. train and cache an evaluation model)."""
 
     # ----------------------------------------------------------------- data
     @abstractmethod
