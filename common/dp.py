@@ -9,7 +9,8 @@ Exact DP-SGD semantics, whichever engine runs:
      batch size q*n before the optimiser step.
 
 Engines:
-  * ``fast`` (default): privfed's fused clipping for ``nn.Linear`` models. During the one
+  * ``fast`` (default): privfed's fused clipping for models built from ``nn.Linear``
+    and ``nn.Embedding`` (rules per layer type below). During the one
     ordinary backward pass it keeps each layer's input ``a`` and output gradient ``g``
     instead of computing the weight gradient. A per-example gradient of a linear layer
     is the outer product ``g_i a_i^T``, so its squared norm is ``|g_i|^2 |a_i|^2`` (plus
@@ -115,8 +116,99 @@ class _CaptureLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+class _CaptureEmbedding(torch.autograd.Function):
+    """``F.embedding`` whose backward records (indices, grad_output) instead of the table grad."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, slot):  # type: ignore[override]
+        ctx.save_for_backward(idx)
+        ctx.slot = slot
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        ctx.slot.append((idx, grad_out))
+        return None, None, None
+
+
+class _LinearRule:
+    """Per-example gradient of ``y = a W^T + b`` is ``g a^T`` (and ``g``):
+    squared norm ``|g|^2 |a|^2 (+ |g|^2)``, clipped sum ``(c * g)^T a``."""
+
+    @staticmethod
+    def check(name: str, module: nn.Module) -> None:
+        if not module.weight.requires_grad:
+            raise ConfigError("dp.engine", f"fast engine: {name} has a frozen weight and a trainable bias (use dp.engine=opacus)")
+
+    @staticmethod
+    def install(module: nn.Linear, slot: list) -> None:
+        def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            if not (torch.is_grad_enabled() and self.training):
+                return F.linear(x, self.weight, self.bias)
+            if x.dim() != 2:
+                raise RuntimeError(f"fast DP engine needs (batch, features) inputs to Linear, got {tuple(x.shape)}")
+            return _CaptureLinear.apply(x, self.weight, self.bias, slot)
+
+        module.forward = types.MethodType(forward, module)
+
+    @staticmethod
+    def sq_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        bias_term = 1.0 if _trainable_bias(module) else 0.0
+        return g.pow(2).sum(1) * (a.pow(2).sum(1) + bias_term)
+
+    @staticmethod
+    def write_grad(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> None:
+        gc = g * scale.unsqueeze(1)
+        module.weight.grad = gc.t() @ a
+        if _trainable_bias(module):
+            module.bias.grad = gc.sum(0)
+
+
+class _EmbeddingRule:
+    """Each example looks up exactly one row ``idx_i``: its gradient is ``g_i`` in that row
+    and zero elsewhere, so the squared norm is ``|g_i|^2`` and the clipped sum is an
+    ``index_add`` of ``c_i g_i``. (Several lookups per example could hit the same row, and
+    their gradients would add before the norm; those models need dp.engine=opacus.)"""
+
+    @staticmethod
+    def check(name: str, module: nn.Embedding) -> None:
+        if module.padding_idx is not None or module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise ConfigError(
+                "dp.engine",
+                f"fast engine supports plain nn.Embedding (no padding_idx, max_norm, scale_grad_by_freq or sparse); "
+                f"{name} is not (use dp.engine=opacus)",
+            )
+
+    @staticmethod
+    def install(module: nn.Embedding, slot: list) -> None:
+        def forward(self: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+            if not (torch.is_grad_enabled() and self.training):
+                return F.embedding(idx, self.weight)
+            if idx.dim() != 1:
+                raise RuntimeError(
+                    f"fast DP engine needs one index per example for Embedding, got shape {tuple(idx.shape)} (use dp.engine=opacus)"
+                )
+            return _CaptureEmbedding.apply(idx, self.weight, slot)
+
+        module.forward = types.MethodType(forward, module)
+
+    @staticmethod
+    def sq_norms(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return g.pow(2).sum(1)
+
+    @staticmethod
+    def write_grad(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> None:
+        grad = torch.zeros_like(module.weight)
+        module.weight.grad = grad.index_add_(0, idx, g * scale.unsqueeze(1))
+
+
+# Exactly these classes: a subclass may compute something else in its forward.
+_RULES: dict[type, type] = {nn.Linear: _LinearRule, nn.Embedding: _EmbeddingRule}
+
+
 class FastDPStep(StepEngine):
-    """Single-backward per-example clipping for models whose trainable layers are ``nn.Linear``."""
+    """Single-backward per-example clipping for models built from ``nn.Linear`` and ``nn.Embedding``."""
 
     def __init__(
         self,
@@ -127,57 +219,54 @@ class FastDPStep(StepEngine):
         secure_mode: bool = False,
     ) -> None:
         validate_private_model(model)
-        self.layers: list[tuple[nn.Linear, list]] = []
+        self.layers: list[tuple[nn.Module, type, list]] = []
         seen: set[int] = set()
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            # Exactly nn.Linear: a subclass may compute something else in its forward.
-            if type(module) is not nn.Linear or not module.weight.requires_grad:
+            rule = _RULES.get(type(module))
+            if rule is None:
                 raise ConfigError(
                     "dp.engine",
-                    f"fast engine supports plain nn.Linear with a trainable weight only; {name or 'model'} is "
+                    f"fast engine supports plain nn.Linear and nn.Embedding only; {name or 'model'} is "
                     f"{type(module).__name__} (use dp.engine=opacus)",
                 )
+            rule.check(name, module)
             if any(id(p) in seen for p in own):
                 raise ConfigError("dp.engine", f"fast engine: {name} shares a parameter with another layer (use dp.engine=opacus)")
             seen.update(id(p) for p in own)
             slot: list = []
-            module.forward = types.MethodType(_captured_forward(slot), module)
-            self.layers.append((module, slot))
+            rule.install(module, slot)
+            self.layers.append((module, rule, slot))
         self.max_grad_norm = plan.max_grad_norm
         self.optimizer = _FreshGradOptimizer(optimizer, **_noise_kwargs(plan, generator, secure_mode))
 
     def clipped_grad_sum(self, per_sample_loss: torch.Tensor) -> None:
         """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``."""
-        for _, slot in self.layers:
+        for _, _, slot in self.layers:
             slot.clear()
         batch = per_sample_loss.shape[0]
         per_sample_loss.sum().backward()
         sq_norms = torch.zeros(batch, device=per_sample_loss.device, dtype=per_sample_loss.dtype)
-        for module, slot in self.layers:
+        for module, rule, slot in self.layers:
             if len(slot) != 1:
                 raise RuntimeError(
-                    f"fast DP engine: a Linear layer ran {len(slot)} times in one step; "
+                    f"fast DP engine: a {type(module).__name__} layer ran {len(slot)} times in one step; "
                     "weight sharing needs dp.engine=opacus"
                 )
             a, g = slot[0]
             # One row per example, or the norms below would be per row, not per example.
             if a.shape[0] != batch or g.shape[0] != batch:
                 raise RuntimeError(
-                    f"fast DP engine: a Linear layer saw {a.shape[0]} rows for {batch} examples; "
+                    f"fast DP engine: a {type(module).__name__} layer saw {a.shape[0]} rows for {batch} examples; "
                     "models that reshape the batch need dp.engine=opacus"
                 )
-            bias_term = 1.0 if _trainable_bias(module) else 0.0
-            sq_norms = sq_norms + g.pow(2).sum(1) * (a.pow(2).sum(1) + bias_term)
+            sq_norms = sq_norms + rule.sq_norms(module, a, g)
         scale = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
-        for module, slot in self.layers:
+        for module, rule, slot in self.layers:
             a, g = slot.pop()
-            gc = g * scale.unsqueeze(1)
-            module.weight.grad = gc.t() @ a
-            if _trainable_bias(module):
-                module.bias.grad = gc.sum(0)
+            rule.write_grad(module, a, g, scale)
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -185,8 +274,8 @@ class FastDPStep(StepEngine):
         self.optimizer.step()
 
     def close(self) -> None:
-        for module, _ in self.layers:
-            del module.forward  # back to nn.Linear.forward
+        for module, _, _ in self.layers:
+            del module.forward  # back to the class's forward
 
 
 def _noise_kwargs(plan: RoundPlan, generator: torch.Generator | None, secure_mode: bool) -> dict:
@@ -236,17 +325,6 @@ class _FreshGradOptimizer(DPOptimizerFastGradientClipping):
                 p.summed_grad = p.grad
             else:
                 p.summed_grad.add_(p.grad)
-
-
-def _captured_forward(slot: list):
-    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and self.training):
-            return F.linear(x, self.weight, self.bias)
-        if x.dim() != 2:
-            raise RuntimeError(f"fast DP engine needs (batch, features) inputs to Linear, got {tuple(x.shape)}")
-        return _CaptureLinear.apply(x, self.weight, self.bias, slot)
-
-    return forward
 
 
 class OpacusDPStep(StepEngine):
