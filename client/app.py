@@ -19,27 +19,49 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
 from common.accounting import RoundPlan, epsilon
 from common.config import RunConfig
 from common.dp import plan_round
 from common.errors import PrivfedError
+from common.keys import KEY_ENV, key_from_env, load_key
 from common.protocol import Status, fit_metrics
 from common.runtime import cached_task, config_from, resolve_device, round_seed
 from common.tasks.base import get_state, set_state
 from common.training import run_local_round
 
 STATE_KEY = "privfed.accounting"
+# Model state that never leaves the site (e.g. user embeddings), kept between rounds.
+LOCAL_STATE_KEY = "privfed.local-model"
 
 
 class SiteClient(NumPyClient):
-    def __init__(self, cfg: RunConfig, site_index: int, site_id: str, context: Context) -> None:
+    def __init__(
+        self, cfg: RunConfig, site_index: int, site_id: str, context: Context, key: bytes | None = None
+    ) -> None:
         self.cfg, self.site_index, self.site_id, self.ctx = cfg, site_index, site_id, context
-        self.task = cached_task(cfg)
+        self.task = cached_task(cfg, key)
         self.train_data, self.val_data = self.task.site_data(site_index)
         self.device = resolve_device(cfg.federation.device)
+
+    # ------------------------------------------------------------ site-local model state
+    def _model(self, parameters: list[np.ndarray]) -> tuple[Any, list[str]]:
+        """The site's model: its own local part from the last round, the global shared part."""
+        model = self.task.build_model(self.site_index)
+        keys = self.task.shared_keys(model)
+        rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
+        if rec is not None:
+            model.load_state_dict(rec.to_torch_state_dict(), strict=False)
+        set_state(model, keys, parameters)
+        return model, keys
+
+    def _keep_local(self, model: Any, keys: list[str]) -> None:
+        shared = set(keys)
+        local = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in shared}
+        if local:
+            self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=local)
 
     # ------------------------------------------------------------ accounting state
     def _history(self) -> list[tuple[float, float, int]]:
@@ -59,9 +81,7 @@ class SiteClient(NumPyClient):
         server_round = int(config.get("server-round", 0))
         plan = plan_round(self.cfg, len(self.train_data))
         budget = self.cfg.dp.epsilon_budget
-        model = self.task.build_model()
-        keys = self.task.shared_keys(model)
-        set_state(model, keys, parameters)
+        model, keys = self._model(parameters)
 
         spent = epsilon(self._history(), plan.delta, plan.accountant)
         if self.cfg.dp.enabled:
@@ -79,6 +99,7 @@ class SiteClient(NumPyClient):
         seed = round_seed(self.cfg, self.site_index, server_round)
         outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
         self._remember(plan, outcome.steps_taken)
+        self._keep_local(model, keys)
         local = get_state(model, keys)
         update = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
         # Under DP the training loss stays at the site: it is computed from the private
@@ -93,9 +114,8 @@ class SiteClient(NumPyClient):
         return update, len(self.train_data), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
-        model = self.task.build_model().to(self.device)
-        set_state(model, self.task.shared_keys(model), parameters)
-        metrics = self.task.evaluate(model, self.val_data)
+        model, _ = self._model(parameters)
+        metrics = self.task.evaluate(model.to(self.device), self.val_data)
         loss = float(metrics[self.task.primary_metric])
         return loss, len(self.val_data), {"site_id": self.site_id, **metrics}
 
@@ -111,14 +131,41 @@ def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, 
     return index, str(node_config.get("site-id", f"site-{index}"))
 
 
-def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config."""
+def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None = None) -> bytes | None:
+    """The federation key, for tasks that pseudonymise identifiers; None for the others.
+
+    Looked up in the SuperNode's ``key-file`` node config, then the launcher's key
+    (simulation), then ``$PRIVFED_KEY_FILE``. It is site-local: never in the run config.
+    """
+    from common.tasks import get_task
+
+    if not get_task(cfg.task).needs_key:
+        return None
+    if node_config.get("key-file"):
+        return load_key(str(node_config["key-file"]))
+    key = given if given is not None else key_from_env()
+    if key is None:
+        raise PrivfedError(
+            f"task {cfg.task!r} pseudonymises identifiers with the federation key, but this site has none: "
+            f"start the SuperNode with --node-config 'key-file=\"PATH\"' or set {KEY_ENV} "
+            "(create a key with `privfed keys new PATH` and give every site a copy)"
+        )
+    return key
+
+
+def build_client_app(defaults: Mapping[str, Any] | None = None, key: bytes | None = None) -> ClientApp:
+    """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config.
+
+    ``key`` is the federation key the simulation launcher hands its virtual sites; a
+    deployed site reads its own (:func:`site_key`).
+    """
     base = dict(defaults or {})
 
     def client_fn(context: Context) -> Client:
         cfg = config_from(base, context.run_config)
         site_index, site_id = site_identity(cfg, context.node_config)
-        return SiteClient(cfg, site_index, site_id, context).to_client()
+        site_secret = site_key(cfg, context.node_config, key)
+        return SiteClient(cfg, site_index, site_id, context, site_secret).to_client()
 
     return ClientApp(client_fn=client_fn)
 

@@ -98,15 +98,18 @@ class DataConfig:
     # Which sources are valid depends on the task (image tasks: digits, npz).
     source: str = "digits"
     path: str = ""
-    partition: str = "dirichlet"  # dirichlet | iid
+    # Images: dirichlet | iid. Ratings: region (whole zip regions per site) | iid.
+    partition: str = "dirichlet"
     alpha: float = 0.5
+    # Images: the server-held test split. Ratings: the held-out share of each user's ratings.
     test_fraction: float = 0.2
     val_fraction: float = 0.15
     # Every site must keep at least this many training examples after its validation split.
     min_site_size: int = 10
+    # Ratings: optional user-attributes CSV (user[,gender][,age][,zip]) beside data.path.
+    users_path: str = ""
 
     def validate(self) -> None:
-        _require(self.partition in ("dirichlet", "iid"), "data.partition", f"must be dirichlet or iid, got {self.partition!r}")
         _require(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
         _require(0.0 < self.test_fraction < 1.0, "data.test-fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(0.0 < self.val_fraction < 1.0, "data.val-fraction", f"must be in (0, 1), got {self.val_fraction}")
@@ -260,6 +263,11 @@ class RunConfig:
             cfg.data.source in task_cls.data_sources,
             "data.source",
             f"must be one of {', '.join(task_cls.data_sources)} for task {task_cls.name!r}, got {cfg.data.source!r}",
+        )
+        _require(
+            cfg.data.partition in task_cls.partitions,
+            "data.partition",
+            f"must be one of {', '.join(task_cls.partitions)} for task {task_cls.name!r}, got {cfg.data.partition!r}",
         )
         return cfg
 

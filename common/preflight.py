@@ -9,13 +9,19 @@ from common.dp import plan_round
 from common.tasks import Task, get_task
 
 
-def preflight(cfg: RunConfig) -> Task:
+def preflight(cfg: RunConfig, key: bytes | None = None) -> Task:
     """Load and split the data, then plan one round for every site.
 
     Raises ConfigError / DataError (one line, naming the key or file) for a missing or
     corrupt data file, more sites than the data can hold, or a delta >= 1/n at some site.
+
+    A task whose sites pseudonymise with the federation key cannot be checked without
+    it; the server never holds the key, so there only the config is checked and each
+    site checks its own data when it starts.
     """
-    task = get_task(cfg.task)(cfg)
+    task = get_task(cfg.task)(cfg, key)
+    if task.needs_key and key is None:
+        return task
     for n in task.site_sizes():
         plan = plan_round(cfg, n)
         if plan.steps * cfg.federation.rounds > MAX_STEPS:

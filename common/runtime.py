@@ -37,9 +37,9 @@ def _cached_config(items: tuple) -> RunConfig:
 
 
 @lru_cache(maxsize=8)
-def cached_task(cfg: RunConfig) -> Task:
-    """One task (and so one loaded data split) per process and config."""
-    return get_task(cfg.task)(cfg)
+def cached_task(cfg: RunConfig, key: bytes | None = None) -> Task:
+    """One task (and so one loaded data split) per process, config and federation key."""
+    return get_task(cfg.task)(cfg, key)
 
 
 def round_seed(cfg: RunConfig, site_index: int, server_round: int) -> int | None:

@@ -60,6 +60,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         primary_metric=task.primary_metric,
         accountant=cfg.dp.accountant if cfg.dp.enabled else NO_DP,
         central_eval=central_eval,
+        combine_eval=task.combine_metrics,
         fraction_fit=cfg.federation.fraction_fit,
         fraction_evaluate=1.0,
         min_fit_clients=1,
@@ -99,7 +100,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             if cfg.audit.mia and test is not None and any(rec.aggregated for rec in strategy.records.values()):
                 mia = mia_for_run(task, recorder.model, recorder.ledger.rows(), cfg.federation.seed)
             summary = write_summary(
-                run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng, mia
+                run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng, mia,
+                test_source=task.test_description,
             )
             recorder.ledger.close()
     return summary

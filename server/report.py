@@ -37,7 +37,8 @@ class Summary:
         lines = [f"artifacts: {self.run_dir.resolve()}"]
         lines.append(f"rounds completed: {self.rounds_completed}{' (' + self.stop_reason + ')' if self.stop_reason else ''}")
         if primary in self.final_test:
-            extras = ", ".join(f"{k} {v:.4f}" for k, v in self.final_test.items() if k != primary)
+            # Group metrics (dotted keys) are in summary.md; the headline stays one line.
+            extras = ", ".join(f"{k} {v:.4f}" for k, v in self.final_test.items() if k != primary and "." not in k)
             lines.append(f"final test {primary}: {self.final_test[primary]:.4f}" + (f" ({extras})" if extras else ""))
         rows = list(self.eps_by_site.values())
         if rows:
@@ -104,6 +105,7 @@ def write_summary(
     stop_reason: str = "",
     seeded_noise: bool = True,
     mia: dict[str, float] | None = None,
+    test_source: str = "server-held split",
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
@@ -142,7 +144,7 @@ def write_summary(
     )
     _plot_eps(run_dir / "eps.png", rows)
     _plot_utility(run_dir / "utility.png", metrics, primary)
-    (run_dir / "summary.md").write_text(_markdown(summary, metrics, primary, scenario, run_dir))
+    (run_dir / "summary.md").write_text(_markdown(summary, metrics, primary, scenario, run_dir, test_source))
     return summary
 
 
@@ -170,7 +172,7 @@ def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str) -> No
     xs = [m["round"] for m in metrics if primary in m.get("test", {})]
     if not xs:
         return
-    series = {"server test": (xs, [m["test"][primary] for m in metrics if primary in m.get("test", {})])}
+    series = {"test": (xs, [m["test"][primary] for m in metrics if primary in m.get("test", {})])}
     val = [(m["round"], [v[primary] for v in m["site_val"].values() if primary in v]) for m in metrics]
     val = [(r, sum(v) / len(v)) for r, v in val if v]
     if val:
@@ -178,16 +180,19 @@ def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str) -> No
     line_plot(series, path, title=f"Utility: {primary} (lower is better)", xlabel="round", ylabel=primary)
 
 
-def _markdown(s: Summary, metrics: list[dict[str, Any]], primary: str, scenario: str, run_dir: Path) -> str:
+def _markdown(
+    s: Summary, metrics: list[dict[str, Any]], primary: str, scenario: str, run_dir: Path, test_source: str
+) -> str:
     out = [f"# privfed run `{run_dir.name}` (scenario `{scenario}`)", ""]
     out += [f"- {line}" for line in s.headline()[1:]]
-    out += ["", "## Final test metrics (server-held split)", "", "| metric | value |", "|---|---|"]
+    unit = next(iter(s.eps_by_site.values())).unit if s.eps_by_site else "training example"
+    out += ["", f"## Final test metrics ({test_source})", "", "| metric | value |", "|---|---|"]
     out += [f"| {k} | {v:.4f} |" for k, v in s.final_test.items()]
     out += [
         "",
         "## Privacy spent per site",
         "",
-        "Sample-level DP-SGD: the unit of privacy is one training example at a site. "
+        f"Sample-level DP-SGD: the unit of privacy is one {unit} at a site. "
         "ε is cumulative over the rounds the site trained, from the named Opacus accountant, "
         "at the δ shown. It says nothing about user-level or site-level privacy.",
         "",

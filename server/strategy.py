@@ -64,6 +64,7 @@ class DeltaFedAvg(FedAvg):
         primary_metric: str,
         accountant: str = NO_DP,
         central_eval: Any = None,
+        combine_eval: Any = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(initial_arrays), **fedavg_kwargs)
@@ -74,6 +75,8 @@ class DeltaFedAvg(FedAvg):
         self.primary_metric = primary_metric
         self.accountant = accountant  # the run's; a DP run refuses non-private updates
         self.central_eval = central_eval  # callable(round, arrays) -> metrics dict, or None
+        # Without a server-held test split: callable([(n, site metrics)]) -> combined metrics.
+        self.combine_eval = combine_eval
         self.records: dict[int, RoundRecord] = {}
         self.exhausted_sites: set[str] = set()
 
@@ -199,6 +202,8 @@ class DeltaFedAvg(FedAvg):
                 rec.site_val[site] = {
                     k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 }
+        if self.central_eval is None and self.combine_eval is not None and results:
+            rec.test = self.combine_eval([(res.num_examples, dict(res.metrics)) for _, res in results])
         losses = [(res.num_examples, res.loss) for _, res in results if math.isfinite(res.loss)]
         if not losses:
             return None, {}

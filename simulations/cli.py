@@ -6,6 +6,7 @@
     privfed audit RUN_DIR [--verify] [--format table|csv|json]
                                                   epsilon per round and site; verify the ledger
     privfed report RUN_DIR [--out FILE]           self-contained HTML report with plots
+    privfed keys new PATH [--force]               create a federation key (mode 0600)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("scenario", help="a scenario name (see `privfed scenarios`)")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sim.add_argument("--key-file", help="federation key for tasks that pseudonymise ids (default: $PRIVFED_KEY_FILE, else a fresh one)")
 
     sub.add_parser("scenarios", help="list the named scenarios")
 
@@ -43,14 +45,27 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("run_dir")
     rep.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
 
-    args = parser.parse_args(argv)
+    keys = sub.add_parser("keys", help="create secret keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="create a federation key for keyed identifier hashing (HMAC-SHA256)")
+    new.add_argument("path", help="where to write it (mode 0600); give every site a copy, never the server")
+    new.add_argument("--force", action="store_true", help="replace an existing key file")
+
+    # Overrides may follow options (`simulate S --key-file K rounds=3`); argparse alone
+    # would stop collecting them at the first option.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if args.command == "simulate":
             from simulations.launcher import simulate
 
-            simulate(args.scenario, args.overrides, console=console, verbose=args.verbose)
+            simulate(args.scenario, args.overrides, console=console, verbose=args.verbose, key_file=args.key_file)
         elif args.command == "scenarios":
             from simulations.launcher import describe, scenario_names
 
@@ -64,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(tomli_w.dumps(resolve(args.scenario, args.overrides).to_nested()))
         elif args.command == "audit":
             return _audit(args, console, err)
+        elif args.command == "keys":
+            from common.keys import write_key
+
+            path = write_key(args.path, force=args.force)
+            console.print(f"federation key written to {path} (mode 0600). Copy it to every site over a secure channel; never to the server.")
         elif args.command == "report":
             from pathlib import Path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tomllib
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from common.config import RunConfig, flatten, parse_override
 from common.errors import ConfigError, DataError
+from common.keys import KEY_BYTES, key_from_env, load_key
 from common.preflight import preflight
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -60,17 +62,42 @@ def resolve(scenario: str, overrides: Iterable[str] = ()) -> RunConfig:
     return RunConfig.from_flat(flat)
 
 
+def simulation_key(cfg: RunConfig, key_file: str | None, console: Console) -> bytes | None:
+    """The federation key the virtual sites share, for tasks that pseudonymise identifiers.
+
+    ``--key-file``, else ``$PRIVFED_KEY_FILE``, else a fresh random key held in memory for
+    this run only (item buckets then differ between runs, so results can differ slightly).
+    The key goes to the sites only; the ServerApp never receives it.
+    """
+    from common.tasks import get_task
+
+    if not get_task(cfg.task).needs_key:
+        return None
+    if key_file:
+        return load_key(key_file)
+    key = key_from_env()
+    if key is None:
+        console.print(
+            "[dim]federation key: a fresh random key for this run only (pass --key-file to reuse one; "
+            "`privfed keys new PATH` creates it)[/]"
+        )
+        key = secrets.token_bytes(KEY_BYTES)
+    return key
+
+
 def simulate(
     scenario: str,
     overrides: Iterable[str] = (),
     *,
     console: Console | None = None,
     verbose: bool = False,
+    key_file: str | None = None,
 ) -> Path:
     """Validate everything, then run the federation; returns the run directory."""
     console = console or Console(highlight=False, soft_wrap=True)
     cfg = resolve(scenario, overrides)
-    preflight(cfg)  # data and delta checks: fail before Ray or a run dir exists
+    key = simulation_key(cfg, key_file, console)
+    preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
     if not cfg.federation.run_dir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = cfg.replace(run_dir=str(Path("runs") / f"{stamp}-{cfg.scenario}"))
@@ -107,7 +134,7 @@ def simulate(
     console.print(f"run dir: {run_dir}")
     run_simulation(
         server_app=build_server_app(flat, console),
-        client_app=build_client_app(flat),
+        client_app=build_client_app(flat, key=key),
         num_supernodes=cfg.federation.num_sites,
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},

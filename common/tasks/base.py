@@ -31,12 +31,19 @@ class Task(ABC):
     # The dataclass for the task's own ``[<name>]`` config table.
     config_cls: ClassVar[type]
     data_sources: ClassVar[tuple[str, ...]] = ()
+    # Values of data.partition the task understands.
+    partitions: ClassVar[tuple[str, ...]] = ()
     # The evaluation metric that is "the" utility (lower is better), centrally and at sites.
     primary_metric: ClassVar[str] = "loss"
+    # True when sites pseudonymise identifiers with the federation key (common.keys).
+    needs_key: ClassVar[bool] = False
+    # Where the "test" metrics of a round come from (shown in the run summary).
+    test_description: ClassVar[str] = "server-held split"
 
-    def __init__(self, cfg: "RunConfig") -> None:
+    def __init__(self, cfg: "RunConfig", key: bytes | None = None) -> None:
         self.cfg = cfg
         self.params = cfg.task_params
+        self.key = key
 
     # ----------------------------------------------------------------- data
     @abstractmethod
@@ -53,8 +60,12 @@ class Task(ABC):
 
     # ---------------------------------------------------------------- model
     @abstractmethod
-    def build_model(self) -> nn.Module:
-        """A freshly initialised model (seeded by the caller)."""
+    def build_model(self, site_index: int | None = None) -> nn.Module:
+        """A freshly initialised model (seeded by the caller).
+
+        ``site_index`` is None on the server; a site passes its own index, for models
+        whose site-local part (user embeddings) is sized by the site's data.
+        """
 
     def private_module(self, model: nn.Module) -> nn.Module:
         """The part of the model trained with DP-SGD on the site's data (default: all of it)."""
@@ -83,6 +94,18 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, data: "ArrayData") -> dict[str, float]:
         """Metrics on held-out data; must include :attr:`primary_metric`."""
+
+    def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+        """Combine sites' evaluation metrics into federation-wide ones (example-weighted mean).
+
+        Used when there is no server-held test split; tasks whose metrics are not means
+        (RMSE, group metrics) override this and combine sufficient statistics instead.
+        """
+        total = sum(n for n, _ in results)
+        if total <= 0:
+            return {}
+        keys = set.intersection(*(set(m) for _, m in results)) if results else set()
+        return {k: sum(n * m[k] for n, m in results) / total for k in sorted(keys)}
 
     def save_samples(self, model: nn.Module, path: Path) -> Path | None:
         """Draw a sample grid PNG if the task generates data; None otherwise."""

@@ -12,9 +12,10 @@ class ImageTask(Task):
 
     unit_of_privacy = "image"
     data_sources = ("digits", "npz")
+    partitions = ("dirichlet", "iid")
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
+        super().__init__(cfg, key)
         self._split = cached_federated_split(cfg.data, cfg.federation.num_sites, cfg.federation.seed)
 
     @property

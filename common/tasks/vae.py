@@ -91,7 +91,7 @@ class VAETask(ImageTask):
     config_cls = VAEConfig
     primary_metric = "neg_elbo"
 
-    def build_model(self) -> VAE:
+    def build_model(self, site_index: int | None = None) -> VAE:
         return VAE(self.input_dim, self.params.hidden_dim, self.params.latent_dim)
 
     def per_sample_loss(self, model: nn.Module, batch: ArrayData) -> torch.Tensor:

@@ -1,0 +1,364 @@
+"""Federated recommender: biased matrix factorisation (or a neural variant) over ratings.
+
+Sites are organisations holding their own users' ratings of a shared item catalogue.
+
+Model, for user u and item bucket i (:mod:`common.keys` maps items to buckets):
+
+    r_hat(u, i) = mu + b_u + b_i + p_u . q_i            (mf)
+    r_hat(u, i) = mu + b_u + b_i + p_u . q_i + MLP([p_u, q_i])   (neural)
+
+trained on the squared error (r_hat - r)^2 of each rating.
+
+What is federated and what stays: ``mu``, the item table (``q``, ``b_i``) and the MLP are
+shared and averaged by the server; the user table (``p``, ``b_u``) is sized by the
+site's own users, never sent, and kept in the SuperNode's state between rounds.
+
+Privacy. The unit of privacy is **one rating**. DP-SGD clips the gradient of each rating's
+loss over *all* parameters, user rows included, and noises the sum, so the user table is
+itself an output of the DP mechanism and the shared update the site sends is
+post-processing of it. (Training the user table without noise would let one rating move
+the user's embedding freely, and through it the gradients of that user's other ratings:
+the per-rating sensitivity bound would no longer hold.) Rating-level DP is **not**
+user-level DP: a user with m ratings is protected with roughly m times the epsilon
+(group privacy), which for MovieLens users (20 to 700 ratings) is a weak guarantee.
+
+Evaluation (per site, on the held-out 20% of each user's ratings): RMSE and MAE, and
+HR@k / NDCG@k ranking the whole catalogue minus the user's training items, with the
+user's held-out items as relevant. Sites send sums and counts (not per-user values);
+the server combines them exactly (:meth:`RecsysTask.combine_metrics`). Group metrics
+(gender, age bucket) are sent only for groups of at least ``recsys.min-group-size`` users
+and reported only when the combined group reaches it too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.data import ArrayData
+from common.errors import ConfigError, DataError, PrivfedError
+from common.keys import Pseudonymizer
+from common.ratings import (
+    RatingData,
+    Ratings,
+    held_out_mask,
+    load_movielens,
+    load_ratings_csv,
+    partition_users,
+    site_split,
+    synthetic_ratings,
+)
+from common.tasks import register_task
+from common.tasks.base import Task
+
+GROUP_ATTRIBUTES = ("gender", "age")
+SUM_KEYS = ("sse", "sae", "n_ratings", "n_ranked", "hits", "dcg")
+GROUP_SUMS = ("sse", "n", "users", "dcg")
+
+
+@dataclass(frozen=True)
+class RecsysConfig:
+    model: str = "mf"  # mf | neural
+    dim: int = 8
+    hidden_dim: int = 32
+    # Rows of the shared item table; items are hashed into them (collision rate ~ items/buckets).
+    num_buckets: int = 131072
+    init_std: float = 0.1
+    # L2 penalty per rating on the embeddings and biases it touches (classic MF regularisation).
+    l2: float = 0.0
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    top_k: int = 10
+    # k: smaller groups are not sent by sites nor reported by the server.
+    min_group_size: int = 10
+    synthetic_users: int = 600
+    synthetic_items: int = 300
+    synthetic_ratings_per_user: int = 40
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"recsys.{key}", msg)
+
+        need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {self.model!r}")
+        need(self.dim >= 1, "dim", f"must be >= 1, got {self.dim}")
+        need(self.hidden_dim >= 1, "hidden-dim", f"must be >= 1, got {self.hidden_dim}")
+        need(2 <= self.num_buckets <= 2**24, "num-buckets", f"must be in [2, 2^24], got {self.num_buckets}")
+        need(self.init_std > 0, "init-std", f"must be > 0, got {self.init_std}")
+        need(self.l2 >= 0, "l2", f"must be >= 0, got {self.l2}")
+        need(self.rating_min < self.rating_max, "rating-max", f"must be > recsys.rating-min, got {self.rating_max}")
+        need(self.top_k >= 1, "top-k", f"must be >= 1, got {self.top_k}")
+        need(self.min_group_size >= 1, "min-group-size", f"must be >= 1, got {self.min_group_size}")
+        need(self.synthetic_users >= 2, "synthetic-users", f"must be >= 2, got {self.synthetic_users}")
+        need(self.synthetic_items >= 2, "synthetic-items", f"must be >= 2, got {self.synthetic_items}")
+        need(
+            2 <= self.synthetic_ratings_per_user <= self.synthetic_items,
+            "synthetic-ratings-per-user",
+            f"must be in [2, recsys.synthetic-items], got {self.synthetic_ratings_per_user}",
+        )
+
+
+# ------------------------------------------------------------------- models
+
+
+class BiasedMF(nn.Module):
+    """mu + b_u + b_i + p_u . q_i. Every table is an nn.Embedding looked up once per rating
+    (mu too, as a 1-row table), which is what the fast DP engine's per-example norms need."""
+
+    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig) -> None:
+        super().__init__()
+        self.user_emb = nn.Embedding(num_users, p.dim)
+        self.user_bias = nn.Embedding(num_users, 1)
+        self.item_emb = nn.Embedding(num_buckets, p.dim)
+        self.item_bias = nn.Embedding(num_buckets, 1)
+        self.global_bias = nn.Embedding(1, 1)
+        for emb in (self.user_emb, self.item_emb):
+            nn.init.normal_(emb.weight, std=p.init_std)
+        for emb in (self.user_bias, self.item_bias):
+            nn.init.zeros_(emb.weight)
+        nn.init.constant_(self.global_bias.weight, (p.rating_min + p.rating_max) / 2)
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu + b_u + b_i, p_u, q_i) per row; also remembers the squared norms for :meth:`penalty`."""
+        u, i = x[:, 0], x[:, 1]
+        pu, qi = self.user_emb(u), self.item_emb(i)
+        bu, bi = self.user_bias(u).squeeze(1), self.item_bias(i).squeeze(1)
+        self._sq = pu.pow(2).sum(1) + qi.pow(2).sum(1) + bu.pow(2) + bi.pow(2)
+        return self.global_bias(torch.zeros_like(u)).squeeze(1) + bu + bi, pu, qi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base, pu, qi = self.parts(x)
+        return base + (pu * qi).sum(1)
+
+    def penalty(self) -> torch.Tensor:
+        """Per-row |p_u|^2 + |q_i|^2 + b_u^2 + b_i^2 of the last forward (same lookups, so the
+        per-example gradient structure the fast DP engine relies on is unchanged)."""
+        return self._sq
+
+
+class NeuralMF(BiasedMF):
+    """Biased MF plus an MLP on the concatenated embeddings (NeuMF-style)."""
+
+    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig) -> None:
+        super().__init__(num_users, num_buckets, p)
+        self.mlp = nn.Sequential(nn.Linear(2 * p.dim, p.hidden_dim), nn.ReLU(), nn.Linear(p.hidden_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base, pu, qi = self.parts(x)
+        return base + (pu * qi).sum(1) + self.mlp(torch.cat([pu, qi], 1)).squeeze(1)
+
+
+MODELS: dict[str, type[BiasedMF]] = {"mf": BiasedMF, "neural": NeuralMF}
+# State that never leaves a site.
+LOCAL_PREFIXES = ("user_emb.", "user_bias.")
+
+
+# ------------------------------------------------------------------- data
+
+
+def default_movielens_path() -> Path | None:
+    """``../shared/data/ml-100k`` from the working directory or beside the repository."""
+    here = Path(__file__).resolve().parents[3]
+    for base in (Path.cwd().parent, here):
+        p = base / "shared" / "data" / "ml-100k"
+        if p.is_dir():
+            return p
+    return None
+
+
+@lru_cache(maxsize=4)
+def _load(source: str, path: str, users_path: str, params: RecsysConfig, seed: int, key: bytes) -> Ratings:
+    pseudo = Pseudonymizer(key)
+    rng = (params.rating_min, params.rating_max)
+    if source == "synthetic":
+        return synthetic_ratings(
+            seed, params.synthetic_users, params.synthetic_items, params.synthetic_ratings_per_user,
+            pseudo, params.num_buckets, rng,
+        )
+    if source == "movielens":
+        folder = Path(path) if path else default_movielens_path()
+        if folder is None:
+            raise DataError("../shared/data/ml-100k", "MovieLens 100K not found; set data.path to the ml-100k folder")
+        return load_movielens(folder, pseudo, params.num_buckets, rng)
+    if not path:
+        raise ConfigError("data.path", "is required when data.source is csv")
+    return load_ratings_csv(path, pseudo, params.num_buckets, rng, users_path)
+
+
+@lru_cache(maxsize=4)
+def _sites(source: str, path: str, users_path: str, params: RecsysConfig, seed: int, key: bytes,
+           num_sites: int, partition: str, fraction: float) -> tuple[tuple[RatingData, RatingData], ...]:
+    data = _load(source, path, users_path, params, seed, key)
+    held = held_out_mask(data, fraction, seed)
+    return tuple(site_split(data, users, held) for users in partition_users(data, num_sites, partition, seed))
+
+
+# ------------------------------------------------------------------- task
+
+
+@register_task("recsys")
+class RecsysTask(Task):
+    config_cls = RecsysConfig
+    unit_of_privacy = "rating"
+    data_sources = ("synthetic", "movielens", "csv")
+    partitions = ("region", "iid")
+    primary_metric = "rmse"
+    needs_key = True
+    test_description = "held-out ratings at the sites (20% per user), combined from their sums"
+
+    params: RecsysConfig
+
+    def _split(self) -> tuple[tuple[RatingData, RatingData], ...]:
+        if self.key is None:
+            raise PrivfedError("the recommender's data can only be read at a site holding the federation key")
+        d, f = self.cfg.data, self.cfg.federation
+        sites = _sites(d.source, d.path, d.users_path, self.params, f.seed, self.key, f.num_sites, d.partition, d.test_fraction)
+        for s, (train, test) in enumerate(sites):
+            if len(train) < d.min_site_size or len(test) == 0:
+                raise ConfigError(
+                    "num-sites",
+                    f"site {s} has {len(train)} training / {len(test)} held-out ratings; need >= {d.min_site_size} "
+                    "(data.min-site-size) and >= 1: use fewer sites",
+                )
+        return sites
+
+    def site_data(self, site_index: int) -> tuple[RatingData, RatingData]:
+        return self._split()[site_index]
+
+    def server_test_data(self) -> None:
+        return None  # held-out ratings belong to users, who live at the sites
+
+    def site_sizes(self) -> list[int]:
+        return [len(train) for train, _ in self._split()]
+
+    # ---------------------------------------------------------------- model
+    def build_model(self, site_index: int | None = None) -> BiasedMF:
+        users = self.site_data(site_index)[0].num_users if site_index is not None else 0
+        return MODELS[self.params.model](users, self.params.num_buckets, self.params)
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        return [k for k in model.state_dict() if not k.startswith(LOCAL_PREFIXES)]
+
+    def per_sample_loss(self, model: nn.Module, batch: ArrayData) -> torch.Tensor:
+        assert batch.y is not None
+        loss = (model(batch.x) - batch.y).pow(2)
+        return loss + self.params.l2 * model.penalty() if self.params.l2 else loss
+
+    # ----------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
+        if not isinstance(data, RatingData) or data.y is None:
+            raise TypeError("recsys evaluation needs RatingData")
+        p = self.params
+        model.eval()
+        device = next(model.parameters()).device
+        pred = model(data.x.to(device)).clamp(p.rating_min, p.rating_max).cpu()
+        err = (pred - data.y).numpy().astype(np.float64)
+        users = data.x[:, 0].numpy()
+        hits, dcg, ranked = self._ranking(model, data, device)
+        model.train()
+        out: dict[str, float] = {
+            "sse": float(np.sum(err**2)),
+            "sae": float(np.sum(np.abs(err))),
+            "n_ratings": float(len(err)),
+            "n_ranked": float(ranked),
+            "hits": float(hits.sum()),
+            "dcg": float(dcg.sum()),
+            "item_collision_rate": data.collision_rate,
+        }
+        suppressed = 0
+        ranked_users = np.unique(users)
+        for attr in GROUP_ATTRIBUTES:
+            labels = data.attrs[attr]
+            for value in np.unique(labels[ranked_users]):
+                in_group = labels[users] == value
+                members = np.unique(users[in_group])
+                if len(members) < p.min_group_size:
+                    suppressed += 1  # k-anonymity: too few users to report on
+                    continue
+                member_rows = np.isin(ranked_users, members)
+                prefix = f"group.{attr}.{value}."
+                out[prefix + "sse"] = float(np.sum(err[in_group] ** 2))
+                out[prefix + "n"] = float(in_group.sum())
+                out[prefix + "users"] = float(len(members))
+                out[prefix + "dcg"] = float(dcg[member_rows].sum())
+        out["groups_suppressed"] = float(suppressed)
+        return {**derived(out), **out}
+
+    def _ranking(self, model: nn.Module, data: RatingData, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+        """Per held-out user: hit@k (0/1) and NDCG@k, ranking catalogue items they did not train on."""
+        k = self.params.top_k
+        assert data.catalogue is not None and data.seen is not None
+        cat = np.asarray(data.catalogue)
+        users = np.unique(data.x[:, 0].numpy())
+        held_u, held_i = data.x[:, 0].numpy(), data.x[:, 1].numpy()
+        seen_u, seen_i = data.seen
+        hits = np.zeros(len(users))
+        ndcg = np.zeros(len(users))
+        discounts = 1.0 / np.log2(np.arange(2, k + 2))
+        cat_t = torch.as_tensor(cat, dtype=torch.long, device=device)
+        for start in range(0, len(users), 64):
+            chunk = users[start : start + 64]
+            row = {u: j for j, u in enumerate(chunk)}
+            pairs = torch.stack(
+                [torch.as_tensor(chunk, device=device).repeat_interleave(len(cat)), cat_t.repeat(len(chunk))], 1
+            )
+            scores = model(pairs).view(len(chunk), len(cat)).cpu().numpy()
+            relevant = np.zeros_like(scores, dtype=bool)
+            m = np.isin(held_u, chunk)
+            relevant[[row[u] for u in held_u[m]], np.searchsorted(cat, held_i[m])] = True
+            m = np.isin(seen_u, chunk)
+            scores[[row[u] for u in seen_u[m]], np.searchsorted(cat, seen_i[m])] = -np.inf
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            gains = np.take_along_axis(relevant, top, 1)
+            n_rel = relevant.sum(1)
+            ideal = np.array([discounts[: min(k, int(r))].sum() for r in n_rel])
+            hits[start : start + len(chunk)] = gains.any(1)
+            ndcg[start : start + len(chunk)] = np.where(ideal > 0, (gains * discounts).sum(1) / np.maximum(ideal, 1e-12), 0.0)
+        return hits, ndcg, len(users)
+
+    def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+        """Exact federation-wide metrics from the sites' sums (not a mean of site RMSEs)."""
+        total: dict[str, float] = {}
+        for _, m in results:
+            for key, value in m.items():
+                is_group_sum = key.startswith("group.") and key.rpartition(".")[2] in GROUP_SUMS
+                if key in SUM_KEYS or is_group_sum or key == "groups_suppressed":
+                    total[key] = total.get(key, 0.0) + float(value)
+        k = self.params.min_group_size
+        for key in [key for key in total if key.startswith("group.") and key.endswith(".users") and total[key] < k]:
+            prefix = key[: -len("users")]
+            for suffix in GROUP_SUMS:
+                total.pop(prefix + suffix, None)
+            total["groups_suppressed"] = total.get("groups_suppressed", 0.0) + 1
+        out = derived(total)
+        # Keep the counts a reader needs; the raw sums have served their purpose.
+        out.update({key: v for key, v in total.items() if key in ("n_ratings", "n_ranked", "groups_suppressed") or key.endswith(".users")})
+        rates = [m["item_collision_rate"] for _, m in results if "item_collision_rate" in m]
+        if rates:
+            out["item_collision_rate"] = max(rates)
+        return out
+
+
+def derived(sums: dict[str, float]) -> dict[str, float]:
+    """RMSE, MAE, HR@k, NDCG@k (overall and per reported group) from sums and counts."""
+    out: dict[str, float] = {}
+    n = sums.get("n_ratings", 0.0)
+    if n > 0:
+        out["rmse"] = math.sqrt(sums["sse"] / n)
+        out["mae"] = sums["sae"] / n
+    if sums.get("n_ranked", 0.0) > 0:
+        out["hr_at_k"] = sums["hits"] / sums["n_ranked"]
+        out["ndcg_at_k"] = sums["dcg"] / sums["n_ranked"]
+    for key in sums:
+        if key.startswith("group.") and key.endswith(".n") and sums[key] > 0:
+            prefix = key[:-1]
+            out[prefix + "rmse"] = math.sqrt(sums[prefix + "sse"] / sums[key])
+            out[prefix + "ndcg_at_k"] = sums[prefix + "dcg"] / sums[prefix + "users"]
+    return out
