@@ -352,3 +352,76 @@ def test_l2_penalty_and_config_errors():
     torch.manual_seed(0)
     model = plain.build_model(0)
     assert torch.all(reg.per_sample_loss(model, batch) > plain.per_sample_loss(model, batch))
+
+
+# --------------------------------------------------------------- the site
+
+
+def _recsys_site(**kw):
+    from flwr.app import Context, RecordDict
+
+    from client.app import SiteClient
+
+    cfg = make_cfg(**{**SMALL, "dp.noise-multiplier": 1.0, "rounds": 3, **kw})
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    return SiteClient(cfg, 1, "site-1", ctx, KEY)
+
+
+def test_user_tables_stay_at_the_site_and_persist_between_rounds():
+    from client.app import LOCAL_STATE_KEY
+    from common.tasks.base import get_state
+
+    site = _recsys_site()
+    server_model = site.task.build_model()
+    keys = site.task.shared_keys(server_model)
+    params = get_state(server_model, keys)
+    update, n, metrics = site.fit(params, {"server-round": 1})
+    # only the shared arrays travel, shaped like the server's
+    assert [u.shape for u in update] == [p.shape for p in params] and metrics["unit"] == "rating"
+    kept = site.ctx.state.array_records[LOCAL_STATE_KEY].to_torch_state_dict()
+    assert set(kept) == {"user_emb.weight", "user_bias.weight"}
+    assert kept["user_emb.weight"].shape[0] == site.train_data.num_users
+    # round 2 starts from the site's own user table, not a fresh one
+    model, _ = site._model(params)
+    assert torch.equal(model.user_emb.weight, kept["user_emb.weight"])
+    site.fit(params, {"server-round": 2})
+    after = site.ctx.state.array_records[LOCAL_STATE_KEY].to_torch_state_dict()
+    assert not torch.equal(after["user_emb.weight"], kept["user_emb.weight"])  # trained (with DP noise)
+
+
+def test_a_site_without_the_key_gets_one_clear_line(monkeypatch):
+    from client.app import site_key
+    from common.errors import PrivfedError
+    from common.keys import KEY_ENV
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    cfg = make_cfg(**SMALL)
+    with pytest.raises(PrivfedError, match="federation key, but this site has none.*key-file") as exc:
+        site_key(cfg, {"partition-id": 0})
+    assert "\n" not in str(exc.value)
+    assert site_key(make_cfg(), {"partition-id": 0}) is None  # the VAE needs none
+
+
+def test_site_key_comes_from_node_config_or_environment(tmp_path, monkeypatch):
+    from client.app import site_key
+    from common.keys import KEY_ENV
+
+    p = write_key(tmp_path / "site.key")
+    cfg = make_cfg(**SMALL)
+    assert site_key(cfg, {"key-file": str(p)}) == load_key(p)
+    monkeypatch.setenv(KEY_ENV, str(p))
+    assert site_key(cfg, {}) == load_key(p)
+    os.chmod(p, 0o640)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        site_key(cfg, {})
+
+
+def test_cli_keys_and_a_bad_key_file_are_one_line_errors(tmp_path, capsys):
+    from simulations.cli import main
+
+    assert main(["keys", "new", str(tmp_path / "k")]) == 0
+    assert main(["keys", "new", str(tmp_path / "k")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["simulate", "recsys-synthetic", "--key-file", str(tmp_path / "nope"), "rounds=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: key file") and "not found" in err and len(err.splitlines()) == 1
