@@ -28,6 +28,7 @@ from common.dp import plan_round
 from common.errors import PrivfedError
 from common.keys import KEY_ENV, key_from_env, load_key
 from common.protocol import Status, fit_metrics
+from common.site import apply_site_overrides
 from common.runtime import cached_task, config_from, resolve_device, round_seed
 from common.tasks.base import get_state, set_state
 from common.training import run_local_round
@@ -162,7 +163,8 @@ def build_client_app(defaults: Mapping[str, Any] | None = None, key: bytes | Non
     base = dict(defaults or {})
 
     def client_fn(context: Context) -> Client:
-        cfg = config_from(base, context.run_config)
+        # The run's config, then this site's own settings (data, device, a stricter budget).
+        cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
         site_index, site_id = site_identity(cfg, context.node_config)
         site_secret = site_key(cfg, context.node_config, key)
         return SiteClient(cfg, site_index, site_id, context, site_secret).to_client()

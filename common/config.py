@@ -99,6 +99,7 @@ class DataConfig:
     source: str = "digits"
     path: str = ""
     # Images: dirichlet | iid. Ratings: region (whole zip regions per site) | iid.
+    # site: a deployed site's own file, all of it its data (set by its site config).
     partition: str = "dirichlet"
     alpha: float = 0.5
     # Images: the server-held test split. Ratings: the held-out share of each user's ratings.

@@ -107,6 +107,9 @@ def load_images(cfg: DataConfig) -> ArrayData:
 
 # ---------------------------------------------------------------- partitioning
 
+# A deployed site whose data file holds only its own data (set from its site config).
+SITE_PARTITION = "site"
+
 
 def dirichlet_partition(
     labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_size: int, max_tries: int = 100
@@ -148,7 +151,21 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def federate(data: ArrayData, cfg: DataConfig, num_sites: int, seed: int) -> FederatedSplit:
-    """Server test split, then per-site partitions, then each site's validation split."""
+    """Server test split, then per-site partitions, then each site's validation split.
+
+    ``data.partition = "site"`` (a deployed site's own file): all of it is this site's,
+    split into train and validation only; there is no server test split.
+    """
+    if cfg.partition == SITE_PARTITION:
+        tr, va = split_indices(len(data), cfg.val_fraction, seed + 1)
+        if len(va) == 0 or len(tr) < cfg.min_site_size:
+            raise ConfigError(
+                "data.val-fraction",
+                f"this site's data has {len(data)} examples: {len(tr)} train / {len(va)} validation; "
+                f"need >= {cfg.min_site_size} train (data.min-site-size) and >= 1 validation",
+            )
+        own = (data.subset(tr), data.subset(va))
+        return FederatedSplit(test=data.subset(np.zeros(0, dtype=np.int64)), sites=(own,) * num_sites)
     min_total = num_sites * (cfg.min_site_size + 1)
     if len(data) * (1 - cfg.test_fraction) < min_total:
         raise ConfigError(

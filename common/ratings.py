@@ -304,7 +304,12 @@ class RatingData(ArrayData):
 
 
 def partition_users(data: Ratings, num_sites: int, how: str, seed: int) -> list[np.ndarray]:
-    """Assign users to sites: by zip region (whole regions per site) or uniformly."""
+    """Assign users to sites: by zip region (whole regions per site) or uniformly.
+
+    ``site``: the data is one deployed site's own file, so every user is this site's.
+    """
+    if how == "site":
+        return [np.arange(data.num_users)] * num_sites
     if how == "region":
         regions, inverse = np.unique(data.attrs["region"].astype(str), return_inverse=True)
         if num_sites > len(regions):

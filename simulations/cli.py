@@ -7,6 +7,9 @@
                                                   epsilon per round and site; verify the ledger
     privfed report RUN_DIR [--out FILE]           self-contained HTML report with plots
     privfed keys new PATH [--force]               create a federation key (mode 0600)
+    privfed certs ca|server|node --out DIR ...    CA, SuperLink TLS certificate, SuperNode auth keys
+    privfed site init --out FILE ...              write a partner site's config
+    privfed site join FILE [-- SUPERNODE FLAGS]   check it, then run the site's flower-supernode
 """
 
 from __future__ import annotations
@@ -51,8 +54,44 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("path", help="where to write it (mode 0600); give every site a copy, never the server")
     new.add_argument("--force", action="store_true", help="replace an existing key file")
 
+    certs = sub.add_parser("certs", help="deployment certificates and SuperNode keys (cryptography)")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    ca = certs_sub.add_parser("ca", help="create the federation's certificate authority (ca.pem, ca.key)")
+    srv = certs_sub.add_parser("server", help="the SuperLink's TLS certificate, signed by the CA in --out")
+    srv.add_argument("--host", action="append", required=True, help="a DNS name or IP sites dial (repeat)")
+    node = certs_sub.add_parser("node", help="a SuperNode authentication key pair (NAME.key, NAME.pub)")
+    node.add_argument("--name", required=True, help="e.g. the site id")
+    for cp in (ca, srv, node):
+        cp.add_argument("--out", required=True, help="folder for the files (the CA's folder for `server`)")
+        cp.add_argument("--force", action="store_true", help="replace existing files")
+
+    site = sub.add_parser("site", help="partner-site configuration and joining")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    init = site_sub.add_parser("init", help="write a site config")
+    init.add_argument("--out", required=True, help="the site config file to write")
+    init.add_argument("--site-id", required=True, help="the site's pseudonym in the ledger")
+    init.add_argument("--partition-id", type=int, required=True)
+    init.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's Fleet API")
+    init.add_argument("--ca-cert", required=True)
+    init.add_argument("--auth-key", required=True, help="the SuperNode private key; NAME.pub beside it is the public key")
+    init.add_argument("--key-file", default="", help="federation key (keyed tasks)")
+    init.add_argument("--data-path", default="")
+    init.add_argument("--data-format", default="", help="digits, npz, movielens or csv")
+    init.add_argument("--users-path", default="")
+    init.add_argument("--device", default="auto")
+    init.add_argument("--epsilon-budget", type=float, default=0.0, help="a stricter budget than the run's (0: the run's)")
+    init.add_argument("--force", action="store_true")
+    joinp = site_sub.add_parser("join", help="check a site config, then run flower-supernode with it")
+    joinp.add_argument("config")
+    joinp.add_argument("--check", action="store_true", help="only check and print the command")
+
     # Overrides may follow options (`simulate S --key-file K rounds=3`); argparse alone
     # would stop collecting them at the first option.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:  # `site join FILE -- <flower-supernode flags>`
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
@@ -84,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
             path = write_key(args.path, force=args.force)
             console.print(f"federation key written to {path} (mode 0600). Copy it to every site over a secure channel; never to the server.")
+        elif args.command == "certs":
+            _certs(args, console)
+        elif args.command == "site":
+            return _site(args, passthrough, console)
         elif args.command == "report":
             from pathlib import Path
 
@@ -102,6 +145,55 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    return 0
+
+
+def _certs(args: argparse.Namespace, console: Console) -> None:
+    from pathlib import Path
+
+    from common import pki
+
+    out = Path(args.out)
+    if args.certs_command == "ca":
+        files = pki.make_ca(out, force=args.force)
+        note = "keep ca.key offline at the coordinator; give every site ca.pem"
+    elif args.certs_command == "server":
+        files = pki.make_server_cert(out, args.host, force=args.force)
+        note = f"SANs: {', '.join(args.host)}; start flower-superlink with it (README: Deployment)"
+    else:
+        files = pki.make_node_keys(out, args.name, force=args.force)
+        note = f"the site keeps {args.name}.key; the coordinator registers {args.name}.pub"
+    console.print(f"wrote {', '.join(str(f) for f in files)} ({note})")
+
+
+def _site(args: argparse.Namespace, passthrough: list[str], console: Console) -> int:
+    from pathlib import Path
+
+    from common.site import SiteConfig
+
+    if args.site_command == "init":
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            raise PrivfedError(f"site config '{out}': already exists (pass --force to replace it)")
+        key = Path(args.auth_key)
+        site = SiteConfig(
+            site_id=args.site_id, partition_id=args.partition_id, superlink=args.superlink,
+            ca_cert=str(Path(args.ca_cert).resolve()), auth_private_key=str(key.resolve()),
+            auth_public_key=str(key.with_suffix(".pub").resolve()),
+            key_file=str(Path(args.key_file).resolve()) if args.key_file else "",
+            data_path=str(Path(args.data_path).resolve()) if args.data_path else "",
+            data_format=args.data_format,
+            users_path=str(Path(args.users_path).resolve()) if args.users_path else "",
+            device=args.device, epsilon_budget=args.epsilon_budget,
+        )
+        site.validate()
+        out.write_text(site.to_toml())
+        console.print(f"site config written to {out}; check it with `privfed site join {out} --check`")
+        return 0
+    from client.site import join
+
+    cmd = join(args.config, passthrough, dry_run=args.check)
+    console.print("ok: certificates, keys, data and SuperLink reachable\n" + " ".join(cmd))
     return 0
 
 

@@ -12,7 +12,7 @@ class ImageTask(Task):
 
     unit_of_privacy = "image"
     data_sources = ("digits", "npz")
-    partitions = ("dirichlet", "iid")
+    partitions = ("dirichlet", "iid", "site")
 
     def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
         super().__init__(cfg, key)

@@ -207,7 +207,7 @@ class RecsysTask(Task):
     config_cls = RecsysConfig
     unit_of_privacy = "rating"
     data_sources = ("synthetic", "movielens", "csv")
-    partitions = ("region", "iid")
+    partitions = ("region", "iid", "site")
     primary_metric = "rmse"
     needs_key = True
     test_description = "held-out ratings at the sites (20% per user), combined from their sums"
