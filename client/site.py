@@ -11,8 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import sys
 from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.errors import DataError, PrivfedError
 from common.keys import load_key
@@ -23,7 +28,13 @@ from common.site import SiteConfig
 def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
     """Raise a one-line PrivfedError for the first thing that would make the site fail."""
     check_certificate(site.ca_cert, "CA certificate (ca-cert)")
-    check_private_key(site.auth_private_key, "SuperNode auth private key (auth-private-key)")
+    auth_key = check_private_key(site.auth_private_key, "SuperNode auth private key (auth-private-key)")
+    try:
+        parsed = load_ssh_private_key(auth_key.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        parsed = None
+    if not isinstance(parsed, ec.EllipticCurvePrivateKey):
+        raise PkiError(auth_key, "is not an OpenSSH EC private key, as flower-supernode needs (`privfed certs node` makes one)")
     if not Path(site.auth_public_key).expanduser().is_file():
         raise PkiError(site.auth_public_key, "SuperNode auth public key (auth-public-key) not found")
     if site.key_file:
@@ -32,14 +43,30 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
         if value and not Path(value).expanduser().exists():
             raise DataError(value, f"not found (site config {label})")
     host, _, port = site.superlink.rpartition(":")
+    host = host.strip("[]")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=connect_timeout):
-            pass
+        sock = socket.create_connection((host, int(port)), timeout=connect_timeout)
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
         raise PrivfedError(
             f"SuperLink {site.superlink} is unreachable ({reason}); check the address and port, and that the "
-            "coordinator's SuperLink is running and its Fleet API port is open to this site"
+            "coordinator's SuperLink is running and its port is open to this site"
+        ) from None
+    # The same check the SuperNode's TLS makes: the SuperLink's certificate must chain to
+    # ca-cert and name the host this site dials.
+    ctx = ssl.create_default_context(cafile=str(Path(site.ca_cert).expanduser()))
+    try:
+        with sock, ctx.wrap_socket(sock, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as exc:
+        raise PrivfedError(
+            f"SuperLink {site.superlink}: its TLS certificate does not verify against ca-cert {site.ca_cert} "
+            f"({exc.verify_message}); use the coordinator's ca.pem, and dial a host name or IP that is in the "
+            "SuperLink certificate's SANs"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise PrivfedError(
+            f"SuperLink {site.superlink}: TLS handshake failed ({type(exc).__name__}: {exc}); is it a TLS SuperLink?"
         ) from None
 
 
@@ -50,8 +77,9 @@ def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[
         exe,
         "--superlink", site.superlink,
         "--root-certificates", str(Path(site.ca_cert).expanduser()),
+        # flwr 1.41 derives the public key from the private one (--auth-supernode-public-key
+        # is deprecated and ignored); the .pub file is what the coordinator registers.
         "--auth-supernode-private-key", str(Path(site.auth_private_key).expanduser()),
-        "--auth-supernode-public-key", str(Path(site.auth_public_key).expanduser()),
         "--node-config", site.node_config(),
         *(extra or []),
     ]

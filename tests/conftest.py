@@ -29,7 +29,7 @@ def make_cfg(**flat) -> RunConfig:
 def simulation_processes() -> list[str]:
     """Ray/Flower processes of this user (a test must leave none behind)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    pattern = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "flwr-simulation")
+    pattern = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp")
     return [line for line in out.splitlines() if any(p in line for p in pattern)]
 
 

@@ -89,7 +89,7 @@ def test_site_config_round_trips_and_becomes_flowers_node_config(pki_dir, tmp_pa
     }
     cmd = supernode_command(site, ["--max-retries", "0"])
     assert cmd[cmd.index("--root-certificates") + 1] == str(pki_dir / "ca.pem")
-    assert cmd[cmd.index("--auth-supernode-public-key") + 1] == str(pki_dir / "site-0.pub")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(pki_dir / "site-0.key")
     assert cmd[-2:] == ["--max-retries", "0"] and "--insecure" not in cmd
 
 
@@ -122,54 +122,98 @@ def test_site_overrides_apply_its_data_device_and_a_stricter_budget():
         apply_site_overrides(cfg, {"data-path": "/d", "data-format": "movielens"})  # not an image source
 
 
+class TlsListener:
+    """A loopback TLS server presenting the SuperLink certificate (handshakes only)."""
+
+    def __init__(self, d):
+        import ssl
+        import threading
+
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(d / "superlink.pem", d / "superlink.key")
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except OSError:
+                pass
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() in the thread (Linux)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture()
+def superlink(pki_dir):
+    listener = TlsListener(pki_dir)
+    yield listener.address
+    listener.close()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_operator_errors_are_one_line_each(pki_dir, tmp_path):
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        up = f"127.0.0.1:{listener.getsockname()[1]}"
-        preflight_site(_site(pki_dir, tmp_path, superlink=up))  # everything fine
-
-        cases = [
-            (dict(ca_cert=str(tmp_path / "nope.pem")), PrivfedError, "CA certificate \\(ca-cert\\) not found"),
-            (dict(ca_cert=str(pki_dir / "site-0.pub")), PrivfedError, "is not a PEM certificate"),
-            (dict(data_path=str(tmp_path / "missing")), DataError, "not found \\(site config data-path\\)"),
-            (dict(key_file=str(tmp_path / "none.key")), KeyFileError, "not found"),
-            (dict(superlink=f"127.0.0.1:{_closed_port()}"), PrivfedError, "unreachable"),
-        ]
-        for change, exc_type, match in cases:
-            kw = {"superlink": up, **change}
-            with pytest.raises(exc_type, match=match) as exc:
-                preflight_site(_site(pki_dir, tmp_path, **kw))
-            assert "\n" not in str(exc.value)
-        world = write_key(tmp_path / "fed.key")
-        os.chmod(world, 0o644)
-        with pytest.raises(KeyFileError, match="chmod 600"):
-            preflight_site(_site(pki_dir, tmp_path, superlink=up, key_file=str(world)))
-        os.chmod(pki_dir / "site-0.key", 0o644)
-        with pytest.raises(PrivfedError, match="auth private key.*chmod 600"):
-            preflight_site(_site(pki_dir, tmp_path, superlink=up))
+def test_operator_errors_are_one_line_each(pki_dir, tmp_path, superlink):
+    preflight_site(_site(pki_dir, tmp_path, superlink=superlink))  # everything fine
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    pki.make_ca(other)
+    cases = [
+        (dict(ca_cert=str(tmp_path / "nope.pem")), PrivfedError, "CA certificate \\(ca-cert\\) not found"),
+        (dict(ca_cert=str(pki_dir / "site-0.pub")), PrivfedError, "is not a PEM certificate"),
+        (dict(ca_cert=str(other / "ca.pem")), PrivfedError, "does not verify against ca-cert.*unable to get local issuer"),
+        (dict(superlink=superlink.replace("127.0.0.1", "127.0.0.2")), PrivfedError, "unreachable|does not verify"),
+        (dict(auth_private_key=str(pki_dir / "ca.key")), PrivfedError, "not an OpenSSH EC private key"),
+        (dict(data_path=str(tmp_path / "missing")), DataError, "not found \\(site config data-path\\)"),
+        (dict(key_file=str(tmp_path / "none.key")), KeyFileError, "not found"),
+        (dict(superlink=f"127.0.0.1:{_closed_port()}"), PrivfedError, "unreachable"),
+    ]
+    for change, exc_type, match in cases:
+        kw = {"superlink": superlink, **change}
+        with pytest.raises(exc_type, match=match) as exc:
+            preflight_site(_site(pki_dir, tmp_path, **kw))
+        assert "\n" not in str(exc.value)
+    world = write_key(tmp_path / "fed.key")
+    os.chmod(world, 0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        preflight_site(_site(pki_dir, tmp_path, superlink=superlink, key_file=str(world)))
+    os.chmod(pki_dir / "site-0.key", 0o644)
+    with pytest.raises(PrivfedError, match="auth private key.*chmod 600"):
+        preflight_site(_site(pki_dir, tmp_path, superlink=superlink))
 
 
 def test_cli_init_then_check(pki_dir, tmp_path, capsys):
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        out = tmp_path / "site.toml"
-        args = ["site", "init", "--out", str(out), "--site-id", "clinic-a", "--partition-id", "0",
-                "--superlink", f"127.0.0.1:{listener.getsockname()[1]}", "--ca-cert", str(pki_dir / "ca.pem"),
-                "--auth-key", str(pki_dir / "site-0.key")]
-        assert main(args) == 0
-        assert main(args) == 2 and "already exists" in capsys.readouterr().err
-        assert main(["site", "join", str(out), "--check", "--", "--max-retries", "0"]) == 0
-        printed = capsys.readouterr().out
-        assert "flower-supernode" in printed and "--max-retries 0" in printed
-    assert main(["site", "join", str(out), "--check"]) == 2  # the listener is gone
+    listener = TlsListener(pki_dir)
+    out = tmp_path / "site.toml"
+    args = ["site", "init", "--out", str(out), "--site-id", "clinic-a", "--partition-id", "0",
+            "--superlink", listener.address, "--ca-cert", str(pki_dir / "ca.pem"),
+            "--auth-key", str(pki_dir / "site-0.key")]
+    assert main(args) == 0
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["site", "join", str(out), "--check", "--", "--max-retries", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "flower-supernode" in printed and "--max-retries 0" in printed
+    listener.close()
+    assert main(["site", "join", str(out), "--check"]) == 2  # the SuperLink is gone
     assert "unreachable" in capsys.readouterr().err
 
 
