@@ -28,6 +28,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, hmac
 
 from common.errors import PrivfedError
+from common.fileio import write_new_file
 
 KEY_ENV = "PRIVFED_KEY_FILE"
 _HEADER = "privfed-federation-key-v1:"
@@ -49,19 +50,10 @@ def write_key(path: str | Path, force: bool = False) -> Path:
     if not p.parent.is_dir():
         raise KeyFileError(p, f"directory {p.parent} does not exist")
     text = _HEADER + secrets.token_bytes(KEY_BYTES).hex() + "\n"
-    # Create with 0600 from the start (no window in which the key is world-readable);
-    # on --force write a temp file and rename it over the old key.
-    tmp = p.with_name(f".{p.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_new_file(p, text.encode(), 0o600, force)
+    except FileExistsError:
+        raise KeyFileError(p, "already exists (pass --force to replace it; every site then needs the new key)") from None
     return p
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import PrivfedError
+from common.fileio import write_new_file
 
 CERT_DAYS = 365
 
@@ -35,21 +35,19 @@ class PkiError(PrivfedError):
         super().__init__(f"certificate/key file '{path}': {message}")
 
 
-def _write(path: Path, data: bytes, private: bool, force: bool) -> Path:
-    if path.exists() and not force:
-        raise PkiError(path, "already exists (pass --force to replace it)")
-    if not path.parent.is_dir():
-        raise PkiError(path, f"directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+def _write_all(files: list[tuple[Path, bytes, bool]], force: bool) -> list[Path]:
+    """Write several files as one unit: refuse before writing any if one exists (no half-made CA)."""
+    for path, _, _ in files:
+        if not path.parent.is_dir():
+            raise PkiError(path, f"directory {path.parent} does not exist")
+        if path.exists() and not force:
+            raise PkiError(path, "already exists (pass --force to replace it)")
+    for path, data, private in files:
+        try:
+            write_new_file(path, data, 0o600 if private else 0o644, force)
+        except FileExistsError:  # created by someone else since the check above
+            raise PkiError(path, "already exists (pass --force to replace it)") from None
+    return [p for p, _, _ in files]
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -79,8 +77,9 @@ def make_ca(folder: Path, name: str = "privfed federation CA", force: bool = Fal
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    key_path = _write(folder / "ca.key", _pem_key(key), private=True, force=force)
-    cert_path = _write(folder / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
+    cert_path, key_path = _write_all(
+        [(folder / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), False), (folder / "ca.key", _pem_key(key), True)], force
+    )
     return cert_path, key_path
 
 
@@ -132,8 +131,10 @@ def make_server_cert(folder: Path, hosts: list[str], name: str = "superlink", fo
         )
         .sign(ca_key, hashes.SHA384())
     )
-    key_path = _write(folder / f"{name}.key", _pem_key(key), private=True, force=force)
-    cert_path = _write(folder / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
+    cert_path, key_path = _write_all(
+        [(folder / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), False), (folder / f"{name}.key", _pem_key(key), True)],
+        force,
+    )
     return cert_path, key_path
 
 
@@ -142,8 +143,7 @@ def make_node_keys(folder: Path, name: str, force: bool = False) -> tuple[Path, 
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    priv_path = _write(folder / f"{name}.key", private, private=True, force=force)
-    pub_path = _write(folder / f"{name}.pub", public + b"\n", private=False, force=force)
+    priv_path, pub_path = _write_all([(folder / f"{name}.key", private, True), (folder / f"{name}.pub", public + b"\n", False)], force)
     return priv_path, pub_path
 
 

@@ -1,0 +1,32 @@
+"""Writing secret files safely: created with their final mode, never through a symlink,
+never replacing an existing file unless asked to."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def write_new_file(path: Path, data: bytes, mode: int, force: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically with ``mode``.
+
+    The content goes to a fresh, randomly named temp file opened with O_EXCL|O_NOFOLLOW
+    (so a planted file or symlink cannot be reused), is fsync'ed, and is then linked into
+    place: ``os.link`` fails if ``path`` exists, so without ``force`` nothing is ever
+    overwritten, even by a racing writer. With ``force`` the rename replaces it.
+    Raises FileExistsError when ``path`` exists and not ``force``.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
