@@ -73,6 +73,8 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
 def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[str]:
     """The ``flower-supernode`` command line for this site (TLS and node authentication on)."""
     exe = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
+    if not Path(exe).is_file():
+        raise PrivfedError("flower-supernode not found: install privfed's environment (make install) and activate .venv")
     return [
         exe,
         "--superlink", site.superlink,

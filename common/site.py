@@ -20,6 +20,7 @@ Site-local keys (node config), each optional except ``partition-id``:
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,7 +35,12 @@ _OVERRIDES = {"data-path": "data.path", "data-format": "data.source", "users-pat
 
 
 def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
-    """The run config as this site runs it: its own data, device and (stricter) budget."""
+    """The run config as this site runs it: its own data, device and (stricter) budget.
+
+    A site budget below the run's ``dp.target-epsilon`` is allowed: the site then trains
+    until its own budget check refuses a round. A site that sets a budget refuses a run
+    with DP switched off.
+    """
     flat = cfg.to_flat()
     changed = False
     for node_key, run_key in _OVERRIDES.items():
@@ -44,18 +50,22 @@ def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunC
             changed = True
     if node_config.get("data-path"):
         flat["data.partition"] = SITE_PARTITION  # the site's file is all its own data
+    if changed:
+        try:
+            cfg = RunConfig.from_flat(flat)
+        except ConfigError as exc:
+            raise ConfigError(f"site config ({exc.key})", str(exc).split(": ", 1)[1]) from None
     budget = node_config.get("epsilon-budget")
     if budget not in (None, "", 0, 0.0):
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
             raise ConfigError("site epsilon-budget", f"must be a number > 0, got {budget!r}")
-        flat["dp.epsilon-budget"] = min(float(budget), cfg.dp.epsilon_budget)
-        changed = True
-    if not changed:
-        return cfg
-    try:
-        return RunConfig.from_flat(flat)
-    except ConfigError as exc:
-        raise ConfigError(f"site config ({exc.key})", str(exc).split(": ", 1)[1]) from None
+        if not cfg.dp.enabled:
+            raise ConfigError(
+                "site epsilon-budget", f"this site allows eps <= {budget:g}, but the run has dp.enabled=false: refusing to train"
+            )
+        # Replaced after validation: a budget below the run's target is the site's right.
+        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, epsilon_budget=min(float(budget), cfg.dp.epsilon_budget)))
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,9 @@ class SiteConfig:
         host, sep, port = self.superlink.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError("superlink", f"must be HOST:PORT, got {self.superlink!r}")
+        for key in ("ca_cert", "auth_private_key", "auth_public_key", "key_file", "data_path", "users_path", "data_format"):
+            if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
+                raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
         if self.epsilon_budget < 0:
             raise ConfigError("epsilon-budget", f"must be >= 0 (0: the run's), got {self.epsilon_budget}")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
@@ -90,11 +103,14 @@ class SiteConfig:
 
     def node_config(self) -> str:
         """The ``--node-config`` string for ``flower-supernode`` (site-local values only)."""
-        items: list[str] = [f"partition-id={self.partition_id}", f'site-id="{self.site_id}"', f'device="{self.device}"']
+        # json.dumps quotes and escapes like a TOML basic string, which Flower parses.
+        items: list[str] = [f"partition-id={self.partition_id}", f"site-id={json.dumps(self.site_id)}", f"device={json.dumps(self.device)}"]
         for key in ("key_file", "data_path", "data_format", "users_path"):
             value = getattr(self, key)
             if value:
-                items.append(f'{key.replace("_", "-")}="{value}"')
+                if key != "data_format":
+                    value = str(Path(value).expanduser())
+                items.append(f"{key.replace('_', '-')}={json.dumps(value)}")
         if self.epsilon_budget:
             items.append(f"epsilon-budget={self.epsilon_budget!r}")
         return " ".join(items)

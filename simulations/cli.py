@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     # would stop collecting them at the first option.
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
-    if "--" in argv:  # `site join FILE -- <flower-supernode flags>`
+    if argv[:2] == ["site", "join"] and "--" in argv:  # `site join FILE -- <flower-supernode flags>`
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
     args, extra = parser.parse_known_args(argv)

@@ -118,6 +118,11 @@ def test_site_overrides_apply_its_data_device_and_a_stricter_budget():
     assert site.dp.epsilon_budget == 4.0
     # a site cannot loosen the run's budget
     assert apply_site_overrides(cfg, {"epsilon-budget": 50.0}).dp.epsilon_budget == 10.0
+    # below the run's target epsilon: allowed, the site just stops earlier
+    target = make_cfg(**{"dp.target-epsilon": 8.0, "dp.epsilon-budget": 8.0})
+    assert apply_site_overrides(target, {"epsilon-budget": 4.0}).dp.epsilon_budget == 4.0
+    with pytest.raises(ConfigError, match="dp.enabled=false: refusing to train"):
+        apply_site_overrides(make_cfg(**{"dp.enabled": False}), {"epsilon-budget": 4.0})
     with pytest.raises(ConfigError, match="site config \\(data.source\\)"):
         apply_site_overrides(cfg, {"data-path": "/d", "data-format": "movielens"})  # not an image source
 
@@ -228,3 +233,31 @@ def test_a_site_with_its_own_file_uses_all_of_it(tmp_path):
     train, val = cached_task(cfg).site_data(2)
     assert len(train) + len(val) == 50 and len(val) >= 1
     assert cached_task(cfg).input_dim == 16
+
+
+def test_a_half_made_ca_folder_is_refused_before_anything_is_written(tmp_path):
+    pki.make_ca(tmp_path)
+    (tmp_path / "ca.key").unlink()
+    pem = (tmp_path / "ca.pem").read_bytes()
+    with pytest.raises(pki.PkiError, match="ca.pem.*already exists"):
+        pki.make_ca(tmp_path)
+    assert not (tmp_path / "ca.key").exists() and (tmp_path / "ca.pem").read_bytes() == pem
+    # a symlink planted where a key will go is not followed or replaced
+    (tmp_path / "n.key").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(pki.PkiError, match="already exists"):
+        pki.make_node_keys(tmp_path, "n")
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "n.pub").exists()
+
+
+def test_node_config_survives_quotes_and_tilde(pki_dir, tmp_path):
+    site = _site(pki_dir, tmp_path, data_path="/data/my odd dir\\x", key_file="~/fed.key")
+    parsed = parse_config_args([site.node_config()])
+    assert parsed["data-path"] == "/data/my odd dir\\x"
+    assert parsed["key-file"] == os.path.expanduser("~/fed.key")
+    with pytest.raises(ConfigError, match="data-path.*double quote"):
+        _site(pki_dir, tmp_path, data_path='/data/"x"').validate()
+
+
+def test_double_dash_is_only_a_passthrough_for_site_join(capsys):
+    assert main(["config", "vae-digits", "--", "rounds=3"]) == 0
+    assert "rounds = 3" in capsys.readouterr().out
