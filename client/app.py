@@ -19,6 +19,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
@@ -50,7 +51,13 @@ class SiteClient(NumPyClient):
     # ------------------------------------------------------------ site-local model state
     def _model(self, parameters: list[np.ndarray]) -> tuple[Any, list[str]]:
         """The site's model: its own local part from the last round, the global shared part."""
-        model = self.task.build_model(self.site_index)
+        # Seeded like the rest of the site's randomness, so the site-local part (user
+        # embeddings) starts the same in every repeat of a seeded run.
+        seed = round_seed(self.cfg, self.site_index, 0)
+        with torch.random.fork_rng():
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = self.task.build_model(self.site_index)
         keys = self.task.shared_keys(model)
         rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
         if rec is not None:

@@ -161,8 +161,8 @@ def _parse_age(path: Path, line: int, text: str) -> int | None:
         age = int(text)
     except ValueError:
         raise DataError(path, f"line {line}: age {text!r} is not an integer") from None
-    if not 0 <= age <= 130:
-        raise DataError(path, f"line {line}: age {age} is out of range")
+    if not 0 <= age <= 130:  # the value is not echoed: error text can reach the coordinator
+        raise DataError(path, f"line {line}: age is out of range [0, 130]")
     return age
 
 

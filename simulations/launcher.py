@@ -66,7 +66,8 @@ def simulation_key(cfg: RunConfig, key_file: str | None, console: Console) -> by
     """The federation key the virtual sites share, for tasks that pseudonymise identifiers.
 
     ``--key-file``, else ``$PRIVFED_KEY_FILE``, else a fresh random key held in memory for
-    this run only (item buckets then differ between runs, so results can differ slightly).
+    this run only (item buckets and, since users are ordered by pseudonym, the held-out
+    split then differ between runs, so results can differ slightly).
     The key goes to the sites only; the ServerApp never receives it.
     """
     from common.tasks import get_task

@@ -445,3 +445,50 @@ def test_recommender_trains_and_evaluates_on_cuda_like_on_cpu():
     # different RNG streams per device: same behaviour, not the same bits
     assert abs(results["cpu"]["rmse"] - results["cuda"]["rmse"]) < 0.3
     assert results["cuda"]["n_ranked"] == results["cpu"]["n_ranked"]
+
+
+@pytest.mark.parametrize("k", [2, 5, 20, 40])
+def test_withheld_groups_cannot_be_recovered_by_subtraction(k):
+    """overall - reported groups = the withheld groups' sum: it must cover 0 or >= k users."""
+    from common.tasks.recsys import GROUP_ATTRIBUTES, suppressed_groups
+
+    task = recsys_task(**{"recsys.min-group-size": k})
+    torch.manual_seed(0)
+    results = []
+    for s in range(3):
+        m = task.evaluate(task.build_model(s), task.site_data(s)[1])
+        results.append((1, m))
+        for attr in GROUP_ATTRIBUTES:
+            reported = sum(v for key, v in m.items() if key.startswith(f"group.{attr}.") and key.endswith(".users"))
+            assert m["n_ranked"] - reported == 0 or m["n_ranked"] - reported >= k
+    combined = task.combine_metrics(results)
+    for attr in GROUP_ATTRIBUTES:
+        reported = sum(v for key, v in combined.items() if key.startswith(f"group.{attr}.") and key.endswith(".users"))
+        assert combined["n_ranked"] - reported == 0 or combined["n_ranked"] - reported >= k
+    # the rule itself on a hand case: one group of 3 under k=10 drags the next smallest along
+    assert suppressed_groups({"a": 3, "b": 8, "c": 50}, 10) == {"a", "b"}
+    assert suppressed_groups({"a": 30, "b": 80}, 10) == set()
+    assert suppressed_groups({"a": 3, "b": 80}, 10, withheld=12) == {"a"}
+
+
+def test_a_seeded_site_repeats_exactly():
+    from common.tasks.base import get_state
+
+    updates = []
+    for i in range(2):
+        site = _recsys_site()
+        torch.manual_seed(0)  # the server's initial model, as the ServerApp seeds it
+        server_model = site.task.build_model()
+        params = get_state(server_model, site.task.shared_keys(server_model))
+        torch.manual_seed(100 + i)  # whatever else the process did with the global RNG
+        update, _, _ = site.fit(params, {"server-round": 1})
+        updates.append(update)
+    assert all(np.array_equal(a, b) for a, b in zip(*updates))
+
+
+def test_default_combine_skips_strings_and_flags():
+    from common.tasks import get_task
+
+    vae = get_task("vae")(make_cfg())
+    out = vae.combine_metrics([(10, {"site_id": "a", "neg_elbo": 1.0, "ok": True}), (30, {"site_id": "b", "neg_elbo": 3.0, "ok": False})])
+    assert out == {"neg_elbo": 2.5}

@@ -104,7 +104,11 @@ class Task(ABC):
         total = sum(n for n, _ in results)
         if total <= 0:
             return {}
-        keys = set.intersection(*(set(m) for _, m in results)) if results else set()
+
+        def numeric(m: dict) -> set[str]:  # not site_id or other strings, not flags
+            return {k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+        keys = set.intersection(*(numeric(m) for _, m in results))
         return {k: sum(n * m[k] for n, m in results) / total for k in sorted(keys)}
 
     def save_samples(self, model: nn.Module, path: Path) -> Path | None:

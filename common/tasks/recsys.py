@@ -20,14 +20,15 @@ post-processing of it. (Training the user table without noise would let one rati
 the user's embedding freely, and through it the gradients of that user's other ratings:
 the per-rating sensitivity bound would no longer hold.) Rating-level DP is **not**
 user-level DP: a user with m ratings is protected with roughly m times the epsilon
-(group privacy), which for MovieLens users (20 to 700 ratings) is a weak guarantee.
+(group privacy), which for MovieLens users (20 to 737 ratings) is a weak guarantee.
 
 Evaluation (per site, on the held-out 20% of each user's ratings): RMSE and MAE, and
 HR@k / NDCG@k ranking the whole catalogue minus the user's training items, with the
 user's held-out items as relevant. Sites send sums and counts (not per-user values);
 the server combines them exactly (:meth:`RecsysTask.combine_metrics`). Group metrics
 (gender, age bucket) are sent only for groups of at least ``recsys.min-group-size`` users
-and reported only when the combined group reaches it too.
+and reported only when the combined group reaches it too, with complementary suppression
+(:func:`suppressed_groups`) so that no small group can be recovered by subtraction.
 """
 
 from __future__ import annotations
@@ -276,17 +277,16 @@ class RecsysTask(Task):
         ranked_users = np.unique(users)
         for attr in GROUP_ATTRIBUTES:
             labels = data.attrs[attr]
-            for value in np.unique(labels[ranked_users]):
+            sizes = {str(v): int(np.sum(labels[ranked_users] == v)) for v in np.unique(labels[ranked_users])}
+            hidden = suppressed_groups(sizes, p.min_group_size)
+            suppressed += len(hidden)
+            for value in sorted(set(sizes) - hidden):
                 in_group = labels[users] == value
-                members = np.unique(users[in_group])
-                if len(members) < p.min_group_size:
-                    suppressed += 1  # k-anonymity: too few users to report on
-                    continue
-                member_rows = np.isin(ranked_users, members)
+                member_rows = labels[ranked_users] == value
                 prefix = f"group.{attr}.{value}."
                 out[prefix + "sse"] = float(np.sum(err[in_group] ** 2))
                 out[prefix + "n"] = float(in_group.sum())
-                out[prefix + "users"] = float(len(members))
+                out[prefix + "users"] = float(sizes[value])
                 out[prefix + "dcg"] = float(dcg[member_rows].sum())
         out["groups_suppressed"] = float(suppressed)
         return {**derived(out), **out}
@@ -332,11 +332,18 @@ class RecsysTask(Task):
                 if key in SUM_KEYS or is_group_sum or key == "groups_suppressed":
                     total[key] = total.get(key, 0.0) + float(value)
         k = self.params.min_group_size
-        for key in [key for key in total if key.startswith("group.") and key.endswith(".users") and total[key] < k]:
-            prefix = key[: -len("users")]
-            for suffix in GROUP_SUMS:
-                total.pop(prefix + suffix, None)
-            total["groups_suppressed"] = total.get("groups_suppressed", 0.0) + 1
+        for attr in GROUP_ATTRIBUTES:
+            sizes = {
+                key[len(f"group.{attr}."):-len(".users")]: v
+                for key, v in total.items()
+                if key.startswith(f"group.{attr}.") and key.endswith(".users")
+            }
+            # users whose group some site already withheld: together >= k (see suppressed_groups)
+            withheld = int(total.get("n_ranked", 0) - sum(sizes.values()))
+            for value in suppressed_groups(sizes, k, withheld):
+                for suffix in GROUP_SUMS:
+                    total.pop(f"group.{attr}.{value}.{suffix}", None)
+                total["groups_suppressed"] = total.get("groups_suppressed", 0.0) + 1
         out = derived(total)
         # Keep the counts a reader needs; the raw sums have served their purpose.
         out.update({key: v for key, v in total.items() if key in ("n_ratings", "n_ranked", "groups_suppressed") or key.endswith(".users")})
@@ -344,6 +351,27 @@ class RecsysTask(Task):
         if rates:
             out["item_collision_rate"] = max(rates)
         return out
+
+
+def suppressed_groups(sizes: dict[str, float], k: int, withheld: int = 0) -> set[str]:
+    """Which groups to withhold so that no group of fewer than k users can be recovered.
+
+    Groups under k users are withheld. The groups of one attribute partition the users,
+    and the overall sums are reported too, so "overall minus the reported groups" gives
+    the sum over the withheld ones: if those hold fewer than k users together (counting
+    ``withheld`` users already hidden upstream), the next smallest groups are withheld as
+    well until they do (complementary suppression, as in statistical disclosure control).
+    """
+    hidden = {g for g, n in sizes.items() if n < k}
+    if not hidden:
+        return hidden
+    mass = withheld + sum(sizes[g] for g in hidden)
+    for g in sorted(set(sizes) - hidden, key=lambda g: (sizes[g], g)):
+        if mass >= k:
+            break
+        hidden.add(g)
+        mass += sizes[g]
+    return hidden
 
 
 def derived(sums: dict[str, float]) -> dict[str, float]:
