@@ -73,6 +73,8 @@ def simulation_key(cfg: RunConfig, key_file: str | None, console: Console) -> by
     from common.tasks import get_task
 
     if not get_task(cfg.task).needs_key:
+        if key_file:
+            console.print(f"[dim]--key-file ignored: task {cfg.task!r} does not pseudonymise identifiers[/]")
         return None
     if key_file:
         return load_key(key_file)
