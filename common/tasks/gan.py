@@ -1,0 +1,222 @@
+"""Conditional GAN on images, with DP on the only network that touches real data.
+
+Status: the model and its DP training (this module) are in place; quality metrics
+(classifier-FID, TSTR, class distribution), scenarios and failure handling are the
+next step of the GAN issue.
+
+Discriminator. ``D(x, y) = w . phi(x) + b + e_y . phi(x)``: a projection discriminator
+on random features ``phi(x) = relu(A x + c)``. ``A`` and ``c`` are drawn once from a fixed
+seed (``gan.feature-seed``), never trained and never fitted to data, so they are
+identical at every site and carry no information about anyone; only the head
+(``w``, ``b`` and the class embeddings ``e``) is trained. That head has few parameters,
+which is what lets DP-SGD noise stay small next to its signal. It has no BatchNorm (no
+batch statistics mixing examples), and both trainable layers are ones the fast DP
+engine clips exactly (``nn.Linear``, ``nn.Embedding``).
+
+Privacy argument (unit: one image). Per local step:
+  1. **D on real data (DP-SGD).** The hinge loss ``relu(1 - D(x, y))`` of each real
+     example in a Poisson-sampled batch goes through :meth:`LocalSession.step`: clipped
+     per example, noised, accounted. This is the only place real data is read.
+  2. **D on fake data.** ``relu(1 + D(G(z, y'), y'))`` on ``batch-size`` generated images
+     with random labels: a function of the current (DP) D and G and fresh noise, never
+     of a real example, so it has no privacy cost (post-processing).
+  3. **G.** ``-D(G(z, y'), y')`` with D fixed: again a function of D, G and noise only.
+The site releases D and G; both are post-processing of the DP-SGD outputs of step 1, so
+the released pair is (epsilon, delta)-DP for one image with the epsilon the ledger
+records for the discriminator's steps. ``tests/test_gan.py`` checks that G's training
+is identical whatever the real data is, once D is held fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.data import ArrayData
+from common.errors import ConfigError
+from common.tasks import register_task
+from common.tasks.images import ImageTask
+
+if TYPE_CHECKING:
+    from common.training import LocalSession
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    latent_dim: int = 32
+    hidden_dim: int = 256
+    # Random features of the discriminator (fixed, data-independent).
+    features: int = 2048
+    feature_seed: int = 1234
+    conditional: bool = True
+    num_classes: int = 10
+    lr_g: float = 2e-3
+    g_steps: int = 1
+
+    def validate(self) -> None:
+        for key, value, low in (("latent-dim", self.latent_dim, 1), ("hidden-dim", self.hidden_dim, 1),
+                                ("features", self.features, 1), ("num-classes", self.num_classes, 1), ("g-steps", self.g_steps, 1)):
+            if value < low:
+                raise ConfigError(f"gan.{key}", f"must be >= {low}, got {value}")
+        if self.lr_g <= 0:
+            raise ConfigError("gan.lr-g", f"must be > 0, got {self.lr_g}")
+
+
+class Generator(nn.Module):
+    """MLP generator. BatchNorm is fine here (it only ever sees generated images) and uses
+    batch statistics only, so the model has no buffers to federate."""
+
+    def __init__(self, latent_dim: int, hidden_dim: int, out_dim: int, num_classes: int, conditional: bool) -> None:
+        super().__init__()
+        self.latent_dim, self.num_classes, self.conditional = latent_dim, num_classes, conditional
+        cond = num_classes if conditional else 0
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim + cond, hidden_dim), nn.BatchNorm1d(hidden_dim, track_running_stats=False), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim, track_running_stats=False), nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = torch.randn(len(labels), self.latent_dim, generator=generator, device=labels.device)
+        if self.conditional:
+            z = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], 1)
+        return torch.sigmoid(self.net(z))
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator on fixed random features (see the module docstring)."""
+
+    def __init__(self, in_dim: int, features: int, num_classes: int, conditional: bool, seed: int) -> None:
+        super().__init__()
+        self.features = nn.Linear(in_dim, features)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.randn(features, in_dim, generator=g) / math.sqrt(in_dim))
+            self.features.bias.copy_(torch.rand(features, generator=g) * 0.5 - 0.25)
+        self.features.requires_grad_(False)
+        self.scale = 4.0 / math.sqrt(features)
+        self.head = nn.Linear(features, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.embed = nn.Embedding(num_classes, features) if conditional else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        f = F.relu(self.features(x)) * self.scale
+        out = self.head(f).squeeze(1)
+        if self.embed is not None:
+            out = out + (self.embed(labels) * f).sum(1)
+        return out
+
+
+class GAN(nn.Module):
+    def __init__(self, in_dim: int, p: GANConfig) -> None:
+        super().__init__()
+        self.in_dim, self.num_classes = in_dim, p.num_classes
+        self.generator = Generator(p.latent_dim, p.hidden_dim, in_dim, p.num_classes, p.conditional)
+        self.discriminator = Discriminator(in_dim, p.features, p.num_classes, p.conditional, p.feature_seed)
+
+
+@register_task("gan")
+class GANTask(ImageTask):
+    config_cls = GANConfig
+    primary_metric = "d_loss"
+
+    params: GANConfig
+
+    def build_model(self, site_index: int | None = None) -> GAN:
+        return GAN(self.input_dim, self.params)
+
+    def private_module(self, model: nn.Module) -> nn.Module:
+        return model.discriminator  # the only network that reads real data
+
+    def _labels(self, batch: ArrayData) -> torch.Tensor:
+        if self.params.conditional:
+            if batch.y is None:
+                raise ConfigError("gan.conditional", "needs labelled images (an .npz with 'y'); set gan.conditional=false")
+            return batch.y
+        return torch.zeros(len(batch), dtype=torch.long, device=batch.x.device)
+
+    def per_sample_loss(self, model: nn.Module, batch: ArrayData) -> torch.Tensor:
+        """Hinge loss of D on each real image: the per-example loss DP-SGD clips."""
+        return F.relu(1.0 - model.discriminator(batch.x, self._labels(batch)))
+
+    def _random_labels(self, n: int, device: torch.device) -> torch.Tensor:
+        if not self.params.conditional:
+            return torch.zeros(n, dtype=torch.long, device=device)
+        return torch.randint(0, self.params.num_classes, (n,), device=device)
+
+    def train(self, model: nn.Module, session: "LocalSession") -> dict[str, float]:
+        D, G = model.discriminator, model.generator
+        device = next(G.parameters()).device
+        fake_opt = torch.optim.SGD([p for p in D.parameters() if p.requires_grad], lr=self.cfg.train.lr)
+        g_opt = torch.optim.Adam(G.parameters(), lr=self.params.lr_g, betas=(0.5, 0.999))
+        # A fixed number of generated images per step (not the realised Poisson batch
+        # size, which depends on the sampled real data).
+        n_fake = self.cfg.train.batch_size
+        d_real = g_total = 0.0
+        steps = 0
+        for batch in session.batches():
+            D.train()  # (1) the DP step: real images, clipped and noised by the session
+            losses = self.per_sample_loss(model, batch)
+            session.step(losses)
+            d_real += float(losses.detach().sum())
+            # In eval mode the DP engine does not capture: (2) and (3) are plain autograd.
+            D.eval()
+            y = self._random_labels(n_fake, device)
+            with torch.no_grad():
+                fake = G(y)
+            fake_opt.zero_grad(set_to_none=True)
+            F.relu(1.0 + D(fake, y)).mean().backward()  # (2) D on generated images only
+            fake_opt.step()
+            for _ in range(self.params.g_steps):  # (3) G against the fixed D
+                y = self._random_labels(n_fake, device)
+                loss_g = -D(G(y), y).mean()
+                g_opt.zero_grad(set_to_none=True)
+                loss_g.backward()
+                g_opt.step()
+                g_total += float(loss_g.detach())
+            D.zero_grad(set_to_none=True)  # G's backward reached D's head; never step on it
+            steps += 1
+        D.train()
+        return {"d_real_loss": d_real / max(steps * n_fake, 1), "g_loss": g_total / max(steps * self.params.g_steps, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
+        model.eval()
+        D, G = model.discriminator, model.generator
+        device = next(G.parameters()).device
+        x = data.x.to(device)
+        labels = self._labels(ArrayData(x, None if data.y is None else data.y.to(device)))
+        gen = torch.Generator(device=device).manual_seed(1234)
+        fake = G(labels, generator=gen)
+        d_real, d_fake = D(x, labels), D(fake, labels)
+        model.train()
+        return {
+            "d_loss": float(F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()),
+            "d_real": float(d_real.mean()),
+            "d_fake": float(d_fake.mean()),
+        }
+
+    @torch.no_grad()
+    def save_samples(self, model: nn.Module, path: Path) -> Path:
+        from common.plots import image_grid
+
+        model.eval()
+        G = model.generator
+        device = next(G.parameters()).device
+        per_row = 8
+        rows = self.params.num_classes if self.params.conditional else 8
+        labels = torch.arange(rows, device=device).repeat_interleave(per_row) % self.params.num_classes
+        images = G(labels, generator=torch.Generator(device=device).manual_seed(0)).cpu().numpy()
+        model.train()
+        side = int(round(model.in_dim**0.5))
+        shape = (side, side) if side * side == model.in_dim else (1, model.in_dim)
+        return image_grid(images.reshape(len(images), *shape), path)

@@ -1,0 +1,99 @@
+"""The GAN's privacy argument and DP plumbing (quality metrics come with the GAN scenarios)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from opacus.validators import ModuleValidator
+
+from common.accounting import RoundPlan
+from common.data import ArrayData
+from common.dp import FastDPStep, OpacusDPStep, plan_round
+from common.tasks import get_task
+from common.training import run_local_round
+from tests.conftest import make_cfg
+
+
+def gan_task(**kw):
+    return get_task("gan")(make_cfg(task="gan", **{"num-sites": 3, "gan.features": 256, "gan.hidden-dim": 32, **kw}))
+
+
+class _NoRealUpdates:
+    """A session that hands out real batches but never lets them update D."""
+
+    def __init__(self, data, batches=4, size=16):
+        self.data, self.n, self.size = data, batches, size
+
+    def batches(self):
+        for i in range(self.n):
+            idx = torch.arange(i * self.size, (i + 1) * self.size)
+            yield ArrayData(self.data.x[idx], self.data.y[idx])
+
+    def step(self, per_sample_loss):
+        pass
+
+
+def test_generator_training_does_not_depend_on_the_real_data_once_d_is_fixed():
+    task = gan_task()
+    torch.manual_seed(0)
+    model = task.build_model()
+    real_a = task.site_data(0)[0]
+    # a different "real" dataset: other images, other labels
+    real_b = ArrayData(torch.rand_like(real_a.x), (real_a.y + 3) % 10)
+    finals = []
+    for data in (real_a, real_b):
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)  # same latent noise and fake labels in both runs
+        task.train(m, _NoRealUpdates(data))
+        finals.append(m.state_dict())
+    for key in finals[0]:
+        assert torch.equal(finals[0][key], finals[1][key]), key
+    # and the generator did train, so the equality is not vacuous
+    assert not torch.equal(finals[0]["generator.net.0.weight"], model.state_dict()["generator.net.0.weight"])
+
+
+def test_discriminator_is_dp_compatible_and_clipped_exactly():
+    task = gan_task()
+    torch.manual_seed(0)
+    model = task.build_model()
+    D = task.private_module(model)
+    assert ModuleValidator.validate(D, strict=False) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in D.modules())
+    with torch.no_grad():  # a non-trivial head so that gradients differ per example
+        D.head.weight.normal_(0, 1)
+        D.embed.weight.normal_(0, 1)
+    batch = task.site_data(0)[0]
+    batch = ArrayData(batch.x[:32], batch.y[:32])
+    plan = RoundPlan(32, 1.0, 1, 0.0, 0.3, 1e-5, "rdp")
+
+    def grads(engine):
+        m = copy.deepcopy(model)
+        eng = engine(m.discriminator, torch.optim.SGD(m.discriminator.parameters(), lr=0.0), plan)
+        eng.step(task.per_sample_loss(m, batch))
+        out = {n: p.grad.clone() for n, p in m.discriminator.named_parameters() if p.requires_grad}
+        eng.close()
+        return out
+
+    fast, ref = grads(FastDPStep), grads(OpacusDPStep)
+    assert set(fast) == {"head.weight", "head.bias", "embed.weight"}  # the random features are frozen
+    for name in ref:
+        assert torch.allclose(fast[name], ref[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_dp_round_takes_the_planned_steps_and_keeps_the_random_features():
+    task = gan_task(**{"dp.noise-multiplier": 1.0})
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = copy.deepcopy(model.state_dict())
+    train = task.site_data(0)[0]
+    plan = plan_round(task.cfg, len(train))
+    out = run_local_round(task, model, train, plan, torch.device("cpu"), seed=3)
+    assert out.steps_taken == plan.steps > 0
+    after = model.state_dict()
+    assert torch.equal(after["discriminator.features.weight"], before["discriminator.features.weight"])
+    assert not torch.equal(after["discriminator.head.weight"], before["discriminator.head.weight"])
+    # the same seed everywhere: every site and the server build the same random features
+    assert torch.equal(task.build_model().discriminator.features.weight, before["discriminator.features.weight"])
+    metrics = task.evaluate(model, task.server_test_data())
+    assert set(metrics) >= {"d_loss", "d_real", "d_fake"}
