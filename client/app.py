@@ -124,7 +124,9 @@ class SiteClient(NumPyClient):
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         model, _ = self._model(parameters)
         metrics = self.task.evaluate(model.to(self.device), self.val_data)
-        loss = float(metrics[self.task.primary_metric])
+        # A task may compute its primary metric only centrally (the GAN's FID); Flower still
+        # wants a loss, and the server ignores a NaN one.
+        loss = float(metrics.get(self.task.primary_metric, float("nan")))
         return loss, len(self.val_data), {"site_id": self.site_id, **metrics}
 
 

@@ -21,3 +21,8 @@ class DataError(PrivfedError, ValueError):
     def __init__(self, path: object, message: str) -> None:
         self.path = str(path)
         super().__init__(f"data file '{path}': {message}")
+
+
+class TrainingFailure(PrivfedError):
+    """A run that cannot produce a meaningful model (divergence, mode collapse); it ends
+    the run, and the last checkpoint stays the last good round's."""

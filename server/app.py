@@ -20,6 +20,7 @@ from rich.console import Console
 
 from common.accounting import NO_DP
 from common.config import RunConfig
+from common.errors import TrainingFailure
 from common.preflight import preflight
 from common.runtime import config_from, resolve_device
 from common.tasks.base import get_state, set_state
@@ -81,6 +82,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         nonlocal recorder
         recorder = RunRecorder(cfg, task, run_dir, console)
         strategy.ledger = recorder.ledger
+        task.artifacts_dir = run_dir  # e.g. the GAN's evaluation classifier is cached there
 
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
     loop = RoundLoop(
@@ -89,21 +91,28 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         site_wait_seconds=cfg.federation.site_wait_seconds,
         on_start=start,
     )
+    failure: TrainingFailure | None = None
     try:
         loop(grid, legacy)
+    except TrainingFailure as exc:
+        failure = exc  # summarised below, then raised: the run ends as a failure
+        kept = "checkpoint.pt holds the last good round" if (run_dir / "checkpoint.pt").exists() else "no round completed"
+        console.print(f"[red]run failed: {exc}[/] ({kept})")
     finally:
         if recorder is not None:
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
                 task.save_samples(recorder.model, run_dir / "samples" / "final.png")
-            stop_reason = "budgets exhausted" if strategy.should_stop() else ""
+            stop_reason = f"FAILED: {failure}" if failure else "budgets exhausted" if strategy.should_stop() else ""
             mia = None
-            if cfg.audit.mia and test is not None and any(rec.aggregated for rec in strategy.records.values()):
+            if failure is None and cfg.audit.mia and test is not None and any(rec.aggregated for rec in strategy.records.values()):
                 mia = mia_for_run(task, recorder.model, recorder.ledger.rows(), cfg.federation.seed)
             summary = write_summary(
                 run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng, mia,
-                test_source=task.test_description,
+                test_source=task.test_description, plot_metrics=task.plot_metrics,
             )
             recorder.ledger.close()
+    if failure is not None:
+        raise failure
     return summary
 
 

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from common.config import RunConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, TrainingFailure
 from common.tasks import Task
 from common.tasks.base import set_state
 from server.ledger import Ledger
@@ -83,6 +83,10 @@ class RunRecorder:
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(json_safe(line)) + "\n")
             fh.flush()
+        diverged = [s for s, why in rec.rejected.items() if "NaN or Inf" in why]
+        if rec.trained and not rec.aggregated and len(diverged) == len(rec.trained):
+            # Every site that trained sent NaN/Inf: training diverged. Keep the last good checkpoint.
+            raise TrainingFailure(f"training diverged in round {rnd}: every site's update contains NaN or Inf")
             os.fsync(fh.fileno())
         every = self.cfg.federation.sample_every
         if every and rnd % every == 0:

@@ -106,6 +106,7 @@ def write_summary(
     seeded_noise: bool = True,
     mia: dict[str, float] | None = None,
     test_source: str = "server-held split",
+    plot_metrics: tuple[str, ...] = (),
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
@@ -144,6 +145,14 @@ def write_summary(
     )
     _plot_eps(run_dir / "eps.png", rows)
     _plot_utility(run_dir / "utility.png", metrics, primary)
+    if plot_metrics:
+        series = {
+            name: ([m["round"] for m in metrics if name in m.get("test", {})], [m["test"][name] for m in metrics if name in m.get("test", {})])
+            for name in plot_metrics
+        }
+        series = {k: v for k, v in series.items() if v[0]}
+        if series:
+            line_plot(series, run_dir / "quality.png", title="Sample quality per round (server test split)", xlabel="round", ylabel="value")
     (run_dir / "summary.md").write_text(_markdown(summary, metrics, primary, scenario, run_dir, test_source))
     return summary
 
@@ -235,6 +244,8 @@ def _markdown(
             f"{m['mia_advantage_bound']:.3f} | {m['mia_eps']:.3f} | {m['mia_delta']:.3g} | {int(m['mia_examples'])} |",
         ]
     out += ["", "![epsilon per site](eps.png)", "", "![utility](utility.png)", ""]
+    if (run_dir / "quality.png").exists():
+        out += ["![sample quality](quality.png)", ""]
     if (run_dir / "samples" / "final.png").exists():
         out += ["## Samples from the final global model", "", "![samples](samples/final.png)", ""]
     return "\n".join(out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 import torch
 from opacus.validators import ModuleValidator
 
@@ -97,3 +99,76 @@ def test_a_dp_round_takes_the_planned_steps_and_keeps_the_random_features():
     assert torch.equal(task.build_model().discriminator.features.weight, before["discriminator.features.weight"])
     metrics = task.evaluate(model, task.server_test_data())
     assert set(metrics) >= {"d_loss", "d_real", "d_fake"}
+
+
+# ------------------------------------------------------------------ quality metrics
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
+    import numpy as np
+
+    from common.image_metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    assert abs(frechet_distance(a, a)) < 1e-4
+    assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.01)  # |mu shift|^2 = 8
+
+
+def test_tstr_on_real_data_is_high_and_class_metrics_add_up():
+    import numpy as np
+
+    from common.image_metrics import class_shares, total_variation, tstr_accuracy
+
+    task = gan_task()
+    train = torch.cat([task.site_data(i)[0].x for i in range(3)]), torch.cat([task.site_data(i)[0].y for i in range(3)])
+    test = task.server_test_data()
+    assert tstr_accuracy(train[0].numpy(), train[1].numpy(), test.x.numpy(), test.y.numpy()) > 0.9
+    shares = class_shares(np.array([0, 0, 1, 3]), 4)
+    assert shares.tolist() == [0.5, 0.25, 0.0, 0.25]
+    assert total_variation(shares, np.full(4, 0.25)) == pytest.approx(0.25)
+    # the evaluation classifier is good at real digits, or its labels and features mean little
+    clf = task.eval_classifier()
+    assert (clf(test.x).argmax(1) == test.y).float().mean() > 0.9
+
+
+def test_total_mode_collapse_is_a_failure(monkeypatch):
+    from common.errors import TrainingFailure
+
+    task = gan_task(**{"gan.eval-samples": 100})
+    torch.manual_seed(0)
+    model = task.build_model()
+    one = task.server_test_data().x[0]
+    monkeypatch.setattr(model.generator, "forward", lambda labels, generator=None: one.expand(len(labels), -1).clone())
+    with pytest.raises(TrainingFailure, match="total mode collapse: 100% of generated images are class"):
+        task.evaluate(model, task.server_test_data())
+    monkeypatch.setattr(model.generator, "forward", lambda labels, generator=None: torch.full((len(labels), 64), float("nan")))
+    with pytest.raises(TrainingFailure, match="NaN/Inf"):
+        task.evaluate(model, task.server_test_data())
+
+
+def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    import numpy as np
+
+    from common.errors import TrainingFailure
+    from common.tasks.base import get_state
+    from server.recorder import RunRecorder
+    from server.strategy import DeltaFedAvg
+    from tests.test_server_client import _reply
+
+    task = gan_task()
+    recorder = RunRecorder(task.cfg, task, tmp_path / "run")
+    model = task.build_model()
+    init = get_state(model, task.shared_keys(model))
+    strategy = DeltaFedAvg(initial_arrays=init, ledger=recorder.ledger, num_sites=2, min_fit_sites=1, primary_metric="fid")
+    good = [np.zeros_like(a) for a in init]
+    strategy.aggregate_fit(1, [_reply("a", good), _reply("b", good, node=2)], [])
+    assert recorder.end_round(1, 0.1, strategy)
+    ckpt = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    nan = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in init]
+    strategy.aggregate_fit(2, [_reply("a", nan), _reply("b", nan, node=2)], [])
+    with pytest.raises(TrainingFailure, match="diverged in round 2"):
+        recorder.end_round(2, 0.1, strategy)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == ckpt  # still round 1's
+    # the sites' privacy spend for the diverged round is still in the ledger
+    assert [(r.round, r.status) for r in recorder.ledger.rows()][-2:] == [(2, "rejected"), (2, "rejected")]

@@ -39,11 +39,15 @@ class Task(ABC):
     needs_key: ClassVar[bool] = False
     # Where the "test" metrics of a round come from (shown in the run summary).
     test_description: ClassVar[str] = "server-held split"
+    # Further test metrics (besides the primary) plotted per round in quality.png.
+    plot_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: "RunConfig", key: bytes | None = None) -> None:
         self.cfg = cfg
         self.params = cfg.task_params
         self.key = key
+        # The run directory, when the server has one (for artifacts a task caches).
+        self.artifacts_dir: Path | None = None
 
     # ----------------------------------------------------------------- data
     @abstractmethod

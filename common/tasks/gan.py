@@ -1,8 +1,9 @@
 """Conditional GAN on images, with DP on the only network that touches real data.
 
-Status: the model and its DP training (this module) are in place; quality metrics
-(classifier-FID, TSTR, class distribution), scenarios and failure handling are the
-next step of the GAN issue.
+Quality (server side, on the held-out test split; :mod:`common.image_metrics`):
+classifier-FID, train-synthetic-test-real accuracy and the class distribution of
+generated images. A run whose samples are not finite, or whose samples all fall in one
+class (total mode collapse), ends as a failure.
 
 Discriminator. ``D(x, y) = w . phi(x) + b + e_y . phi(x)``: a projection discriminator
 on random features ``phi(x) = relu(A x + c)``. ``A`` and ``c`` are drawn once from a fixed
@@ -34,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.data import ArrayData
-from common.errors import ConfigError
+from common.errors import ConfigError, TrainingFailure
 from common.tasks import register_task
 from common.tasks.images import ImageTask
 
@@ -58,6 +60,10 @@ class GANConfig:
     num_classes: int = 10
     lr_g: float = 2e-3
     g_steps: int = 1
+    # Generated images per evaluation (FID, TSTR, class distribution).
+    eval_samples: int = 2000
+    # A round whose samples put at least this share in one class is total mode collapse.
+    collapse_share: float = 0.99
 
     def validate(self) -> None:
         for key, value, low in (("latent-dim", self.latent_dim, 1), ("hidden-dim", self.hidden_dim, 1),
@@ -66,6 +72,10 @@ class GANConfig:
                 raise ConfigError(f"gan.{key}", f"must be >= {low}, got {value}")
         if self.lr_g <= 0:
             raise ConfigError("gan.lr-g", f"must be > 0, got {self.lr_g}")
+        if self.eval_samples < 20:
+            raise ConfigError("gan.eval-samples", f"must be >= 20, got {self.eval_samples}")
+        if not 0 < self.collapse_share <= 1:
+            raise ConfigError("gan.collapse-share", f"must be in (0, 1], got {self.collapse_share}")
 
 
 class Generator(nn.Module):
@@ -127,7 +137,8 @@ class GAN(nn.Module):
 @register_task("gan")
 class GANTask(ImageTask):
     config_cls = GANConfig
-    primary_metric = "d_loss"
+    primary_metric = "fid"
+    plot_metrics = ("tstr", "class_tv")
 
     params: GANConfig
 
@@ -190,6 +201,12 @@ class GANTask(ImageTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
+        """Discriminator losses; on the server's test split also FID, TSTR and classes.
+
+        Sites report only the discriminator's losses on their validation images: the
+        quality metrics need the evaluation classifier, which is trained on the pooled
+        training images and so exists only in simulation, at the server.
+        """
         model.eval()
         D, G = model.discriminator, model.generator
         device = next(G.parameters()).device
@@ -198,12 +215,59 @@ class GANTask(ImageTask):
         gen = torch.Generator(device=device).manual_seed(1234)
         fake = G(labels, generator=gen)
         d_real, d_fake = D(x, labels), D(fake, labels)
-        model.train()
-        return {
+        out = {
             "d_loss": float(F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()),
             "d_real": float(d_real.mean()),
             "d_fake": float(d_fake.mean()),
         }
+        if data is self.server_test_data():
+            out.update(self._quality(model, data, device))
+        model.train()
+        return out
+
+    def _quality(self, model: GAN, test: ArrayData, device: torch.device) -> dict[str, float]:
+        from common.image_metrics import class_shares, frechet_distance, total_variation, tstr_accuracy
+
+        p = self.params
+        clf = self.eval_classifier()
+        gen = torch.Generator(device=device).manual_seed(4321)
+        y_gen = torch.arange(p.eval_samples, device=device) % p.num_classes
+        x_gen = model.generator(y_gen, generator=gen).cpu()
+        if not torch.isfinite(x_gen).all():
+            raise TrainingFailure("the GAN diverged: the generator produces NaN/Inf images")
+        feats_gen = clf.features(x_gen).numpy().astype(np.float64)
+        feats_real = clf.features(test.x).numpy().astype(np.float64)
+        predicted = clf(x_gen).argmax(1).numpy()
+        shares = class_shares(predicted, p.num_classes)
+        if shares.max() >= p.collapse_share:
+            raise TrainingFailure(
+                f"total mode collapse: {shares.max():.0%} of generated images are class {int(shares.argmax())} "
+                f"(gan.collapse-share={p.collapse_share:g})"
+            )
+        # Labels for TSTR: the conditioning labels, or the classifier's when unconditional.
+        y_train = y_gen.cpu().numpy() if p.conditional else predicted
+        real_shares = class_shares(test.y.numpy(), p.num_classes) if test.y is not None else np.full(p.num_classes, 1 / p.num_classes)
+        out = {
+            "fid": frechet_distance(feats_real, feats_gen),
+            "tstr": tstr_accuracy(x_gen.numpy(), y_train, test.x.numpy(), test.y.numpy()) if test.y is not None else float("nan"),
+            "class_tv": total_variation(shares, real_shares),
+        }
+        out.update({f"class_share.{k}": float(v) for k, v in enumerate(shares)})
+        return out
+
+    def eval_classifier(self):
+        """Trained once per run on the sites' pooled training images, cached in the run dir."""
+        from common.image_metrics import cached_classifier
+
+        if getattr(self, "_clf", None) is None:
+            train = [t for t, _ in self._split.sites]
+            x = torch.cat([t.x for t in train])
+            if train[0].y is None:
+                raise ConfigError("data.source", "the GAN's quality metrics need labelled images")
+            y = torch.cat([t.y for t in train])
+            path = self.artifacts_dir / "eval-classifier.pt" if self.artifacts_dir is not None else None
+            self._clf = cached_classifier(path, x, y, self.params.num_classes, self.cfg.federation.seed)
+        return self._clf
 
     @torch.no_grad()
     def save_samples(self, model: nn.Module, path: Path) -> Path:

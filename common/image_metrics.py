@@ -1,0 +1,96 @@
+"""Sample-quality metrics for image generators that need no downloads.
+
+* An **evaluation classifier** (a small MLP) trained once on real training images. Its
+  penultimate layer is the feature space for the Fréchet distance, and its predictions
+  label generated images.
+* **Classifier-FID**: the Fréchet distance between Gaussians fitted to the features of
+  real test images and of generated images,
+  ``|mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})``. It uses this classifier, not
+  Inception, so its values are comparable only within privfed.
+* **TSTR**: train on synthetic, test on real. A logistic regression fitted on generated
+  images and their labels, scored on real test images.
+* **Class distribution**: the share of generated images per predicted class, and its
+  total-variation distance to the real class distribution.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+from torch import nn
+
+
+class EvalClassifier(nn.Module):
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
+        self.out = nn.Linear(64, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0, epochs: int = 300) -> EvalClassifier:
+    """Full-batch Adam on the real training images (a second on digits)."""
+    with torch.random.fork_rng(), torch.enable_grad():  # callers may be inside no_grad
+        torch.manual_seed(seed)
+        clf = EvalClassifier(x.shape[1], num_classes)
+        opt = torch.optim.Adam(clf.parameters(), lr=3e-3, weight_decay=1e-4)
+        for _ in range(epochs):
+            opt.zero_grad()
+            nn.functional.cross_entropy(clf(x), y).backward()
+            opt.step()
+    return clf.eval()
+
+
+def cached_classifier(path: Path | None, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0) -> EvalClassifier:
+    """Load the run's evaluation classifier from ``path``, or train it and save it there."""
+    if path is not None and path.is_file():
+        clf = EvalClassifier(x.shape[1], num_classes)
+        clf.load_state_dict(torch.load(path, weights_only=True))
+        return clf.eval()
+    clf = train_classifier(x, y, num_classes, seed)
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(clf.state_dict(), tmp)
+        tmp.replace(path)
+    return clf
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to the rows of ``a`` and ``b``."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    # ReLU features have dead units, so the covariances are singular: a tiny ridge keeps
+    # the matrix square root well defined (as the reference FID code does on failure).
+    ridge = np.eye(a.shape[1]) * 1e-6
+    cov_a, cov_b = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def tstr_accuracy(x_syn: np.ndarray, y_syn: np.ndarray, x_real: np.ndarray, y_real: np.ndarray) -> float:
+    """Accuracy on real images of a logistic regression trained on synthetic ones."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y_syn)) < 2:
+        return float(np.mean(y_real == y_syn[0])) if len(y_syn) else 0.0
+    clf = LogisticRegression(max_iter=1000).fit(x_syn, y_syn)
+    return float(clf.score(x_real, y_real))
+
+
+def class_shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    return counts / max(counts.sum(), 1.0)
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    return float(0.5 * np.abs(p - q).sum())

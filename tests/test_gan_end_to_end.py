@@ -1,0 +1,46 @@
+"""Whole GAN runs through run_simulation: a normal 2-round run, and a run that fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.errors import TrainingFailure
+from server.ledger import Ledger
+from simulations.launcher import simulate
+from tests.conftest import simulation_processes
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["num-sites=3", "gan.features=256", "gan.hidden-dim=32", "gan.eval-samples=200", "sample-every=1"]
+
+
+def test_two_round_gan_run(tmp_path):
+    run_dir = tmp_path / "run"
+    simulate("gan-digits", SMALL + ["rounds=2", f"run-dir={run_dir}"])
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2]
+    for m in lines:
+        t = m["test"]
+        assert t["fid"] > 0 and 0 <= t["tstr"] <= 1 and 0 <= t["class_tv"] <= 1
+        assert sum(t[f"class_share.{k}"] for k in range(10)) == pytest.approx(1.0)
+        assert all("d_loss" in v and "fid" not in v for v in m["site_val"].values())  # sites have no classifier
+    rows = Ledger(run_dir / "ledger.sqlite").rows()
+    assert len(rows) == 6 and {r.unit for r in rows} == {"image"} and all(r.eps_total > 0 for r in rows)
+    for name in ("eval-classifier.pt", "checkpoint.pt", "quality.png", "samples/round-001.png", "samples/final.png"):
+        assert (run_dir / name).is_file(), name
+    assert "tstr" in (run_dir / "summary.md").read_text()
+    assert simulation_processes() == []
+
+
+def test_mode_collapse_ends_the_run_as_a_failure_without_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    # every class distribution has a largest share >= 10%: "collapse" from round 1
+    with pytest.raises(Exception) as exc:
+        simulate("gan-digits", SMALL + ["rounds=2", "gan.collapse-share=0.05", f"run-dir={run_dir}"])
+    assert isinstance(exc.value, TrainingFailure) or "total mode collapse" in str(exc.value)
+    assert not (run_dir / "checkpoint.pt").exists()  # no round completed: nothing to resume from
+    summary = (run_dir / "summary.md").read_text()
+    assert "FAILED: total mode collapse" in summary
+    assert simulation_processes() == []
