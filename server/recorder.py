@@ -25,6 +25,7 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.errors import ConfigError, TrainingFailure
+from common.fairness import site_fairness
 from common.tasks import Task
 from common.tasks.base import set_state
 from server.ledger import Ledger
@@ -71,6 +72,10 @@ class RunRecorder:
             "train_loss": rec.train_loss,
             "test": rec.test,
             "site_val": rec.site_val,
+            # How evenly the primary metric is spread over the sites that evaluated.
+            "site_fairness": site_fairness(
+                {site: v[self.task.primary_metric] for site, v in rec.site_val.items() if self.task.primary_metric in v}
+            ),
             "eps": eps,
             # Over every site so far, not only those that replied this round.
             "eps_max": max(self.ledger.spent().values(), default=0.0),

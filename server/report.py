@@ -186,6 +186,9 @@ def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str) -> No
     val = [(r, sum(v) / len(v)) for r, v in val if v]
     if val:
         series["site validation (mean)"] = ([r for r, _ in val], [v for _, v in val])
+    worst = [(m["round"], m["site_fairness"]["worst"]) for m in metrics if m.get("site_fairness")]
+    if worst:
+        series["site validation (worst site)"] = ([r for r, _ in worst], [v for _, v in worst])
     line_plot(series, path, title=f"Utility: {primary} (lower is better)", xlabel="round", ylabel=primary)
 
 
@@ -213,6 +216,17 @@ def _markdown(
             f"| {site} | {r.unit} | {r.dataset_size} | {r.sample_rate:.4f} | {r.noise_multiplier:.4f} | "
             f"{r.max_grad_norm:g} | {s.steps_by_site[site]} | {r.delta:.1e} | {r.accountant} | {r.eps_total:.4f} | {r.eps_budget:g} |"
         )
+    fair = metrics[-1].get("site_fairness") if metrics else None
+    if fair:
+        out += [
+            "",
+            f"## Site-level fairness of {primary} (final round, lower is better)",
+            "",
+            "| sites | mean | std | best | worst | worst − best | mean of worst 10% | Jain's index |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {int(fair['sites'])} | {fair['mean']:.4f} | {fair['std']:.4f} | {fair['best']:.4f} | {fair['worst']:.4f} | "
+            f"{fair['gap']:.4f} | {fair['worst10_mean']:.4f} | {fair['jain']:.4f} |",
+        ]
     if s.cross_checks:
         out += [
             "",

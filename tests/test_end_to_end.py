@@ -34,6 +34,9 @@ def test_three_sites_two_rounds(tmp_path):
         assert m["sites_trained"] == sites and m["sites_used"] == sites and m["aggregated"]
         assert set(m["site_val"]) == set(sites) and all("neg_elbo" in v for v in m["site_val"].values())
         assert math.isfinite(m["test"]["neg_elbo"]) and 0 < m["test"]["recon_mse"] < 1
+        vals = [v["neg_elbo"] for v in m["site_val"].values()]
+        fair = m["site_fairness"]
+        assert fair["sites"] == 3 and fair["worst"] == max(vals) and fair["mean"] == pytest.approx(sum(vals) / 3)
 
     ledger = Ledger(run_dir / "ledger.sqlite")
     rows = ledger.rows()

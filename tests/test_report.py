@@ -69,3 +69,19 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert img.size == (1100, 2400)
     # a rendered page with text and plots is far from blank white
     assert len(set(img.getdata())) > 50
+
+
+def test_site_fairness_on_a_hand_computed_case():
+    import math
+
+    from common.fairness import site_fairness
+
+    f = site_fairness({"a": 1.0, "b": 2.0, "c": 3.0, "d": 6.0, "e": float("nan")})
+    assert f["sites"] == 4 and f["mean"] == 3.0 and f["worst"] == 6.0 and f["best"] == 1.0 and f["gap"] == 5.0
+    assert f["std"] == pytest.approx(math.sqrt((4 + 1 + 0 + 9) / 4))
+    assert f["worst10_mean"] == 6.0  # ceil(10% of 4) = 1 site
+    assert f["jain"] == pytest.approx(144 / (4 * 50))
+    assert site_fairness({"a": 2.0, "b": 2.0})["jain"] == 1.0
+    assert site_fairness({}) == {}
+    many = site_fairness({str(i): float(i) for i in range(1, 21)})  # worst 10% of 20 = the 2 largest
+    assert many["worst10_mean"] == 19.5
