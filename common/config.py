@@ -247,7 +247,7 @@ class RunConfig:
             known = {_key(f.name): f for f in fields(sections[section])}
             if leaf not in known:
                 raise ConfigError(key, f"unknown key{_suggest(key, sections)}")
-            buckets[section][known[leaf].name] = _coerce(key, value, known[leaf])
+            buckets[section][known[leaf].name] = coerce(key, value, known[leaf])
 
         built = {name: sections[name](**values) for name, values in buckets.items()}
         cfg = cls(
@@ -322,7 +322,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+def coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Check a value against the field's declared type; ints widen to floats."""
     expected = f.type if isinstance(f.type, str) else f.type.__name__
     if expected == "float" and isinstance(value, int) and not isinstance(value, bool):

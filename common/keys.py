@@ -45,8 +45,6 @@ class KeyFileError(PrivfedError):
 def write_key(path: str | Path, force: bool = False) -> Path:
     """Create a new federation key file with mode 0600; refuse to overwrite unless ``force``."""
     p = Path(path)
-    if p.exists() and not force:
-        raise KeyFileError(p, "already exists (pass --force to replace it; every site then needs the new key)")
     if not p.parent.is_dir():
         raise KeyFileError(p, f"directory {p.parent} does not exist")
     text = _HEADER + secrets.token_bytes(KEY_BYTES).hex() + "\n"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import RunConfig
+from common.config import RunConfig, coerce
 from common.data import SITE_PARTITION
 from common.errors import ConfigError, PrivfedError
 
@@ -137,14 +137,7 @@ class SiteConfig:
             raise ConfigError(unknown[0], f"unknown key in site config {p}")
         values: dict[str, Any] = {}
         for key, value in raw.items():
-            f = known[key]
-            expected = f.type if isinstance(f.type, str) else f.type.__name__
-            if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": isinstance(value, float), "str": isinstance(value, str)}[expected]
-            if not ok:
-                raise ConfigError(key, f"must be {expected}, got {value!r} (site config {p})")
-            values[f.name] = value
+            values[known[key].name] = coerce(key, value, known[key])  # the run config's type rules
         missing = [k for k, f in known.items() if f.default is dataclasses.MISSING and k not in raw]
         if missing:
             raise ConfigError(missing[0], f"missing from site config {p}")
