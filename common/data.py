@@ -6,7 +6,6 @@ compute the same split independently and no data has to be shipped around.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -69,12 +68,20 @@ def load_npz_images(path: str | Path) -> ArrayData:
     if not p.is_file():
         raise DataError(p, "not found")
     try:
-        with np.load(p, allow_pickle=False) as z:
+        loaded = np.load(p, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # np.load also reads a single-array .npy file
+            raise DataError(p, "is a single .npy array, not an .npz archive; write one with numpy.savez(path, x=..., y=...)")
+        with loaded as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in zipfile, zlib or the .npy parser, in many types
         raise DataError(p, f"not a readable .npz archive ({type(exc).__name__}: {exc})") from None
     if "x" not in arrays:
         raise DataError(p, f"has no array 'x' (found: {', '.join(sorted(arrays)) or 'none'})")
+    for name in ("x", "y"):  # a member that is not an .npy file comes back as its raw bytes
+        if name in arrays and not isinstance(arrays[name], np.ndarray):
+            raise DataError(p, f"member '{name}' is not a NumPy array (.npy)")
     x = arrays["x"]
     if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
         raise DataError(p, f"'x' must have shape (N, ...) with N >= 1 and at least one value per example, got {x.shape}")

@@ -137,7 +137,8 @@ def _check_rating(path: Path, line: int, text: str, lo: float, hi: float) -> flo
     except ValueError:
         raise DataError(path, f"line {line}: rating {text!r} is not a number") from None
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise DataError(path, f"line {line}: rating {text} is outside [{lo:g}, {hi:g}] (recsys.rating-min/max)")
+        # float() accepted surrounding whitespace; strip it, or a quoted "7\n" splits the message
+        raise DataError(path, f"line {line}: rating {text.strip()} is outside [{lo:g}, {hi:g}] (recsys.rating-min/max)")
     return value
 
 

@@ -125,9 +125,10 @@ class Ledger:
         if run_id is None:
             if not self.path.is_file():
                 raise FileNotFoundError(f"{self.path}: no such ledger")
-            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self.conn = _open_read_only(self.path)
         else:
             self.conn = sqlite3.connect(self.path)
+            _durable(self.conn)
             with self.conn:
                 self.conn.executescript(SCHEMA)
         try:
@@ -188,7 +189,10 @@ class Ledger:
         spends = sorted(spends, key=lambda s: s.site_id)
         written: list[LedgerRow] = []
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with self.conn:  # BEGIN ... COMMIT, or ROLLBACK on any exception
+        with self.conn:  # COMMIT, or ROLLBACK on any exception
+            # Take the write lock before reading the head, so the head, the next seq and
+            # every row of the round belong to one transaction (another writer waits).
+            self.conn.execute("BEGIN IMMEDIATE")
             prev = self.head()
             seq = (self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]) + 1
             for s in spends:
@@ -261,6 +265,65 @@ class Ledger:
         if expected_head is not None and prev != expected_head:
             return Verification(False, len(rows), None, "ledger head differs from the recorded head hash (rows cut or added at the end)")
         return Verification(True, len(rows))
+
+
+def _durable(conn: sqlite3.Connection) -> None:
+    """Crash safety of the writing connection: rollback journal, ``synchronous=FULL``.
+
+    A round's rows are committed in one transaction (:meth:`Ledger.record_round`). With
+    a rollback journal, SQLite first saves the pages it will change in
+    ``ledger.sqlite-journal``, and the commit is the deletion of that journal; a
+    process killed before it leaves a "hot" journal that the next connection to read
+    the file rolls back, so the unfinished round vanishes whole and the chain stays
+    valid. ``FULL`` fsyncs journal and database at each commit, so a recorded round
+    also survives a power loss or OS crash, not only a killed process; one fsync per
+    round costs nothing next to a round of training.
+
+    Not WAL: a WAL database cannot be opened read-only by an auditor who may not
+    write the run directory (SQLite must create ``-wal``/``-shm`` next to it), and
+    even where it can, a read-only audit leaves those files behind. The one thing a
+    rollback journal makes harder, reading a crashed writer's file read-only, is
+    handled by :func:`_open_read_only`.
+    """
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("PRAGMA synchronous=FULL")
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection; for a ledger whose writer was killed mid-round, a
+    read-only snapshot of its last committed state.
+
+    A hot journal must be rolled back before the file can be read, which a read-only
+    connection may not do (SQLITE_READONLY_ROLLBACK). Then the database and its journal
+    are copied to a temporary folder, the copy is rolled back there and loaded into
+    memory: the audited files are not touched, and the next writer rolls back the
+    original the same way.
+    """
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", "") != "SQLITE_READONLY_ROLLBACK":
+            return conn  # not a hot journal: the caller's checks report what is wrong
+    conn.close()
+    import shutil
+    import tempfile
+
+    journal = path.with_name(path.name + "-journal")
+    snapshot = sqlite3.connect(":memory:")
+    with tempfile.TemporaryDirectory(prefix="privfed-ledger-") as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        if journal.is_file():
+            shutil.copyfile(journal, copy.with_name(journal.name))
+        disk = sqlite3.connect(copy)
+        try:
+            disk.backup(snapshot)  # reading the copy rolls its journal back first
+        finally:
+            disk.close()
+    snapshot.execute("PRAGMA query_only=ON")  # as read-only as the file connection
+    return snapshot
 
 
 def _canonical(v: object) -> object:

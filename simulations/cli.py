@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
             console.print(f"report: {out.resolve()}")
     except PrivfedError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(_one_line(str(exc)))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -146,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0
+
+
+def _one_line(message: str) -> str:
+    """Error messages quote what the user typed (keys, values, file names) verbatim. Escape
+    line breaks and other control characters there, as Python does in a string literal (a
+    line break becomes backslash-n), so the error stays one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def _certs(args: argparse.Namespace, console: Console) -> None:

@@ -39,9 +39,13 @@ def load_scenario(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if name in _seen:
         raise ConfigError("extends", f"scenario {name!r} extends itself via {' -> '.join(_seen)}")
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(path, "is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise DataError(path, f"invalid TOML ({exc})") from None
+    if not isinstance(doc.get("federation", {}), dict):
+        raise DataError(path, "'federation' must be a table ([federation])")
     base = load_scenario(doc["extends"], _seen + (name,)) if "extends" in doc else {}
     body = {k: v for k, v in doc.items() if k not in _META_KEYS}
     flat = flatten(body.pop("federation", {}))
