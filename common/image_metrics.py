@@ -10,18 +10,29 @@
 * **TSTR**: train on synthetic, test on real. A logistic regression fitted on generated
   images and their labels, scored on real test images.
 * **Class distribution**: the share of generated images per predicted class, and its
-  total-variation distance to the real class distribution.
+  total-variation distance to the real class distribution (representation bias:
+  ``TV = 1/2 sum_c |p_gen(c) - p_real(c)|``, 0 when every class is as frequent as in the
+  real data, 1 when the generator only makes classes the data does not have).
+
+The classifier needs the sites' pooled training images, so these metrics exist only in
+simulation, on the server's test split (:func:`pooled_classifier`).
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import linalg
 from torch import nn
+
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from common.tasks.images import ImageTask
 
 
 class EvalClassifier(nn.Module):
@@ -64,6 +75,24 @@ def cached_classifier(path: Path | None, x: torch.Tensor, y: torch.Tensor, num_c
     return clf
 
 
+def pooled_classifier(task: "ImageTask", num_classes: int | None = None) -> EvalClassifier:
+    """The run's evaluation classifier, trained once on the sites' pooled training images.
+
+    Cached on the task and as ``eval-classifier.pt`` in its run directory (when it has
+    one). ``num_classes`` defaults to the largest training label + 1.
+    """
+    clf = getattr(task, "_eval_classifier", None)
+    if clf is None:
+        train = [t for t, _ in task._split.sites]
+        if train[0].y is None:
+            raise ConfigError("data.source", "the generators' quality metrics need labelled images")
+        x, y = torch.cat([t.x for t in train]), torch.cat([t.y for t in train])
+        k = num_classes if num_classes is not None else int(y.max()) + 1
+        path = task.artifacts_dir / "eval-classifier.pt" if task.artifacts_dir is not None else None
+        clf = task._eval_classifier = cached_classifier(path, x, y, k, task.cfg.federation.seed)
+    return clf
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to the rows of ``a`` and ``b``."""
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -90,6 +119,20 @@ def tstr_accuracy(x_syn: np.ndarray, y_syn: np.ndarray, x_real: np.ndarray, y_re
 def class_shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
     counts = np.bincount(labels, minlength=num_classes).astype(float)
     return counts / max(counts.sum(), 1.0)
+
+
+@torch.no_grad()
+def predicted_shares(clf: EvalClassifier, x: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the classifier's label for each image, the share of images per label)."""
+    predicted = clf(x).argmax(1).numpy()
+    return predicted, class_shares(predicted, num_classes)
+
+
+def real_shares(labels: torch.Tensor | None, num_classes: int) -> np.ndarray:
+    """The class distribution of real images; uniform when they carry no labels."""
+    if labels is None:
+        return np.full(num_classes, 1 / num_classes)
+    return class_shares(labels.numpy(), num_classes)
 
 
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:

@@ -226,7 +226,7 @@ class GANTask(ImageTask):
         return out
 
     def _quality(self, model: GAN, test: ArrayData, device: torch.device) -> dict[str, float]:
-        from common.image_metrics import class_shares, frechet_distance, total_variation, tstr_accuracy
+        from common.image_metrics import frechet_distance, predicted_shares, real_shares, total_variation, tstr_accuracy
 
         p = self.params
         clf = self.eval_classifier()
@@ -237,8 +237,7 @@ class GANTask(ImageTask):
             raise TrainingFailure("the GAN diverged: the generator produces NaN/Inf images")
         feats_gen = clf.features(x_gen).numpy().astype(np.float64)
         feats_real = clf.features(test.x).numpy().astype(np.float64)
-        predicted = clf(x_gen).argmax(1).numpy()
-        shares = class_shares(predicted, p.num_classes)
+        predicted, shares = predicted_shares(clf, x_gen, p.num_classes)
         if shares.max() >= p.collapse_share:
             raise TrainingFailure(
                 f"total mode collapse: {shares.max():.0%} of generated images are class {int(shares.argmax())} "
@@ -246,28 +245,19 @@ class GANTask(ImageTask):
             )
         # Labels for TSTR: the conditioning labels, or the classifier's when unconditional.
         y_train = y_gen.cpu().numpy() if p.conditional else predicted
-        real_shares = class_shares(test.y.numpy(), p.num_classes) if test.y is not None else np.full(p.num_classes, 1 / p.num_classes)
         out = {
             "fid": frechet_distance(feats_real, feats_gen),
             "tstr": tstr_accuracy(x_gen.numpy(), y_train, test.x.numpy(), test.y.numpy()) if test.y is not None else float("nan"),
-            "class_tv": total_variation(shares, real_shares),
+            "class_tv": total_variation(shares, real_shares(test.y, p.num_classes)),
         }
         out.update({f"class_share.{k}": float(v) for k, v in enumerate(shares)})
         return out
 
     def eval_classifier(self):
         """Trained once per run on the sites' pooled training images, cached in the run dir."""
-        from common.image_metrics import cached_classifier
+        from common.image_metrics import pooled_classifier
 
-        if getattr(self, "_clf", None) is None:
-            train = [t for t, _ in self._split.sites]
-            x = torch.cat([t.x for t in train])
-            if train[0].y is None:
-                raise ConfigError("data.source", "the GAN's quality metrics need labelled images")
-            y = torch.cat([t.y for t in train])
-            path = self.artifacts_dir / "eval-classifier.pt" if self.artifacts_dir is not None else None
-            self._clf = cached_classifier(path, x, y, self.params.num_classes, self.cfg.federation.seed)
-        return self._clf
+        return pooled_classifier(self, self.params.num_classes)
 
     @torch.no_grad()
     def save_samples(self, model: nn.Module, path: Path) -> Path:

@@ -25,10 +25,26 @@ user-level DP: a user with m ratings is protected with roughly m times the epsil
 Evaluation (per site, on the held-out 20% of each user's ratings): RMSE and MAE, and
 HR@k / NDCG@k ranking the whole catalogue minus the user's training items, with the
 user's held-out items as relevant. Sites send sums and counts (not per-user values);
-the server combines them exactly (:meth:`RecsysTask.combine_metrics`). Group metrics
+the server combines them (:meth:`RecsysTask.combine_metrics`). Group metrics
 (gender, age bucket) are sent only for groups of at least ``recsys.min-group-size`` users
 and reported only when the combined group reaches it too, with complementary suppression
 (:func:`suppressed_groups`) so that no small group can be recovered by subtraction.
+
+Fairness (math in :mod:`common.fairness`, design in ``docs/FAIRNESS.md``):
+
+* per group: RMSE, MAE, NDCG@k (exact from summed group sums);
+* Yao & Huang's unfairness for gender (F vs M): ``unfairness.gender.{value, absolute,
+  underestimation, overestimation, non_parity}``. Non-parity is exact. The four
+  item-level ones average per-item terms over (site, item) cells: each site computes the
+  per-item group means from its own ratings and sends only the sum of each term over
+  its items and the number of items (``yh.gender.*``); no per-item value leaves it.
+  That equals the centralised metric when no item has held-out ratings at two sites,
+  and is a pooled-over-sites estimate otherwise;
+* popularity bias: mean popularity of the top-k recommended items (``pop_at_k``) and of
+  held-out items (``pop_held_out``), and their ratio ``pop_lift``; an item's popularity is
+  the share of the site's users who rated it in training (site-local, so sums suffice);
+* catalogue coverage, a union over sites, bounded from sums: ``coverage_site_mean``
+  (the sites' mean coverage, a lower bound) and ``coverage_upper`` (an upper bound).
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ from torch import nn
 
 from common.data import ArrayData
 from common.errors import ConfigError, DataError, PrivfedError
+from common.fairness import coverage, item_popularity, popularity_bias, sum_statistics, yao_huang, yao_huang_sums
 from common.keys import Pseudonymizer
 from common.ratings import (
     RatingData,
@@ -59,8 +76,16 @@ from common.tasks import register_task
 from common.tasks.base import Task
 
 GROUP_ATTRIBUTES = ("gender", "age")
-SUM_KEYS = ("sse", "sae", "n_ratings", "n_ranked", "hits", "dcg")
-GROUP_SUMS = ("sse", "n", "users", "dcg")
+# Sums a site sends (all additive over sites; see docs/FAIRNESS.md).
+SUM_KEYS = (
+    "sse", "sae", "n_ratings", "n_ranked", "hits", "dcg", "groups_suppressed",
+    "pop_at_k_sum", "pop_at_k_n", "pop_held_out_sum", "coverage_sum", "coverage_sites",
+)
+# Per reported group: squared and absolute errors, predictions, ratings, users, NDCG.
+GROUP_SUMS = ("sse", "sae", "pred", "n", "users", "dcg")
+# Yao & Huang's metrics are for a binary attribute: gender, F against M.
+YH_ATTRIBUTE, YH_GROUPS = "gender", ("F", "M")
+YH_PREFIX = f"yh.{YH_ATTRIBUTE}."  # a site's sums: items, and one sum per term
 
 
 @dataclass(frozen=True)
@@ -212,6 +237,7 @@ class RecsysTask(Task):
     primary_metric = "rmse"
     needs_key = True
     test_description = "held-out ratings at the sites (20% per user), combined from their sums"
+    plot_metrics = ("unfairness.gender.value", "unfairness.gender.non_parity", "pop_lift", "coverage_site_mean")
 
     params: RecsysConfig
 
@@ -259,40 +285,71 @@ class RecsysTask(Task):
         p = self.params
         model.eval()
         device = next(model.parameters()).device
-        pred = model(data.x.to(device)).clamp(p.rating_min, p.rating_max).cpu()
-        err = (pred - data.y).numpy().astype(np.float64)
-        users = data.x[:, 0].numpy()
-        hits, dcg, ranked = self._ranking(model, data, device)
+        pred = model(data.x.to(device)).clamp(p.rating_min, p.rating_max).cpu().numpy().astype(np.float64)
+        rating = data.y.numpy().astype(np.float64)
+        err = pred - rating
+        hits, dcg, top = self._ranking(model, data, device)
         model.train()
         out: dict[str, float] = {
             "sse": float(np.sum(err**2)),
             "sae": float(np.sum(np.abs(err))),
             "n_ratings": float(len(err)),
-            "n_ranked": float(ranked),
+            "n_ranked": float(len(hits)),
             "hits": float(hits.sum()),
             "dcg": float(dcg.sum()),
             "item_collision_rate": data.collision_rate,
+            **self._popularity(data, top),
+            **self._group_sums(data, pred, rating, dcg),
         }
+        return {**derived(out), **out}
+
+    def _group_sums(self, data: RatingData, pred: np.ndarray, rating: np.ndarray, dcg: np.ndarray) -> dict[str, float]:
+        """Sums per group of >= k users (the rest withheld, :func:`suppressed_groups`), and
+        Yao & Huang's per-site sums when both of its groups are sent."""
+        users, items = data.x[:, 0].numpy(), data.x[:, 1].numpy()
+        err = pred - rating
+        ranked_users = np.unique(users)  # the rows of dcg
+        out: dict[str, float] = {}
         suppressed = 0
-        ranked_users = np.unique(users)
         for attr in GROUP_ATTRIBUTES:
             labels = data.attrs[attr]
             sizes = {str(v): int(np.sum(labels[ranked_users] == v)) for v in np.unique(labels[ranked_users])}
-            hidden = suppressed_groups(sizes, p.min_group_size)
+            hidden = suppressed_groups(sizes, self.params.min_group_size)
             suppressed += len(hidden)
-            for value in sorted(set(sizes) - hidden):
-                in_group = labels[users] == value
-                member_rows = labels[ranked_users] == value
+            sent = sorted(set(sizes) - hidden)
+            for value in sent:
+                rows = labels[users] == value
                 prefix = f"group.{attr}.{value}."
-                out[prefix + "sse"] = float(np.sum(err[in_group] ** 2))
-                out[prefix + "n"] = float(in_group.sum())
+                out[prefix + "sse"] = float(np.sum(err[rows] ** 2))
+                out[prefix + "sae"] = float(np.sum(np.abs(err[rows])))
+                out[prefix + "pred"] = float(np.sum(pred[rows]))
+                out[prefix + "n"] = float(rows.sum())
                 out[prefix + "users"] = float(sizes[value])
-                out[prefix + "dcg"] = float(dcg[member_rows].sum())
+                out[prefix + "dcg"] = float(dcg[labels[ranked_users] == value].sum())
+            if attr == YH_ATTRIBUTE and set(YH_GROUPS) <= set(sent):
+                in_g, in_h = (labels[users] == v for v in YH_GROUPS)
+                out.update({YH_PREFIX + k: v for k, v in yao_huang_sums(items, pred, rating, in_g, in_h).items()})
         out["groups_suppressed"] = float(suppressed)
-        return {**derived(out), **out}
+        return out
 
-    def _ranking(self, model: nn.Module, data: RatingData, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
-        """Per held-out user: hit@k (0/1) and NDCG@k, ranking catalogue items they did not train on."""
+    @staticmethod
+    def _popularity(data: RatingData, top: np.ndarray) -> dict[str, float]:
+        """Sums for popularity bias and coverage; ``top`` holds catalogue positions (-1: none)."""
+        assert data.catalogue is not None and data.seen is not None
+        cat = np.asarray(data.catalogue)
+        pop = item_popularity(data.seen[0], data.seen[1], cat, data.num_users)
+        shown = top[top >= 0]
+        return {
+            "pop_at_k_sum": float(pop[shown].sum()),
+            "pop_at_k_n": float(len(shown)),
+            "pop_held_out_sum": float(pop[np.searchsorted(cat, data.x[:, 1].numpy())].sum()),
+            "coverage_sum": len(np.unique(shown)) / max(len(cat), 1),
+            "coverage_sites": 1.0,
+        }
+
+    def _ranking(self, model: nn.Module, data: RatingData, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per held-out user: hit@k (0/1), NDCG@k and the top-k (catalogue positions; -1 where
+        fewer than k items are left), ranking catalogue items they did not train on."""
         k = self.params.top_k
         assert data.catalogue is not None and data.seen is not None
         cat = np.asarray(data.catalogue)
@@ -301,6 +358,7 @@ class RecsysTask(Task):
         seen_u, seen_i = data.seen
         hits = np.zeros(len(users))
         ndcg = np.zeros(len(users))
+        tops = np.full((len(users), min(k, len(cat))), -1, dtype=np.int64)
         discounts = 1.0 / np.log2(np.arange(2, k + 2))
         cat_t = torch.as_tensor(cat, dtype=torch.long, device=device)
         for start in range(0, len(users), 64):
@@ -316,21 +374,18 @@ class RecsysTask(Task):
             m = np.isin(seen_u, chunk)
             scores[[row[u] for u in seen_u[m]], np.searchsorted(cat, seen_i[m])] = -np.inf
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            tops[start : start + len(chunk)] = np.where(np.isfinite(np.take_along_axis(scores, top, 1)), top, -1)
             gains = np.take_along_axis(relevant, top, 1)
             n_rel = relevant.sum(1)
             ideal = np.array([discounts[: min(k, int(r))].sum() for r in n_rel])
             hits[start : start + len(chunk)] = gains.any(1)
             ndcg[start : start + len(chunk)] = np.where(ideal > 0, (gains * discounts).sum(1) / np.maximum(ideal, 1e-12), 0.0)
-        return hits, ndcg, len(users)
+        return hits, ndcg, tops
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-        """Exact federation-wide metrics from the sites' sums (not a mean of site RMSEs)."""
-        total: dict[str, float] = {}
-        for _, m in results:
-            for key, value in m.items():
-                is_group_sum = key.startswith("group.") and key.rpartition(".")[2] in GROUP_SUMS
-                if key in SUM_KEYS or is_group_sum or key == "groups_suppressed":
-                    total[key] = total.get(key, 0.0) + float(value)
+        """Federation-wide metrics from the sites' sums (not a mean of site RMSEs); exact except
+        Yao & Huang's item-level terms and coverage (see the module docstring)."""
+        total = sum_statistics((m for _, m in results), is_sum_key)
         k = self.params.min_group_size
         for attr in GROUP_ATTRIBUTES:
             sizes = {
@@ -344,13 +399,24 @@ class RecsysTask(Task):
                 for suffix in GROUP_SUMS:
                     total.pop(f"group.{attr}.{value}.{suffix}", None)
                 total["groups_suppressed"] = total.get("groups_suppressed", 0.0) + 1
+            if attr == YH_ATTRIBUTE and not all(f"group.{attr}.{v}.n" in total for v in YH_GROUPS):
+                for key in [key for key in total if key.startswith(YH_PREFIX)]:
+                    del total[key]  # a withheld group's means are in them
         out = derived(total)
         # Keep the counts a reader needs; the raw sums have served their purpose.
-        out.update({key: v for key, v in total.items() if key in ("n_ratings", "n_ranked", "groups_suppressed") or key.endswith(".users")})
+        keep = ("n_ratings", "n_ranked", "groups_suppressed", YH_PREFIX + "items")
+        out.update({key: v for key, v in total.items() if key in keep or key.endswith(".users")})
         rates = [m["item_collision_rate"] for _, m in results if "item_collision_rate" in m]
         if rates:
             out["item_collision_rate"] = max(rates)
         return out
+
+
+def is_sum_key(key: str) -> bool:
+    """True for the metrics a site sends as sums (combined by adding them up)."""
+    if key in SUM_KEYS or key.startswith(YH_PREFIX):
+        return True
+    return key.startswith("group.") and key.rpartition(".")[2] in GROUP_SUMS
 
 
 def suppressed_groups(sizes: dict[str, float], k: int, withheld: int = 0) -> set[str]:
@@ -375,7 +441,8 @@ def suppressed_groups(sizes: dict[str, float], k: int, withheld: int = 0) -> set
 
 
 def derived(sums: dict[str, float]) -> dict[str, float]:
-    """RMSE, MAE, HR@k, NDCG@k (overall and per reported group) from sums and counts."""
+    """Metrics from sums and counts: RMSE, MAE, HR@k, NDCG@k (overall and per reported
+    group), Yao & Huang's unfairness, popularity bias and coverage."""
     out: dict[str, float] = {}
     n = sums.get("n_ratings", 0.0)
     if n > 0:
@@ -388,5 +455,17 @@ def derived(sums: dict[str, float]) -> dict[str, float]:
         if key.startswith("group.") and key.endswith(".n") and sums[key] > 0:
             prefix = key[:-1]
             out[prefix + "rmse"] = math.sqrt(sums[prefix + "sse"] / sums[key])
+            if prefix + "sae" in sums:
+                out[prefix + "mae"] = sums[prefix + "sae"] / sums[key]
             out[prefix + "ndcg_at_k"] = sums[prefix + "dcg"] / sums[prefix + "users"]
+
+    def group_pred(value: str) -> tuple[float, float]:  # (sum of predictions, ratings)
+        prefix = f"group.{YH_ATTRIBUTE}.{value}."
+        return (sums[prefix + "pred"], sums[prefix + "n"]) if prefix + "pred" in sums else (0.0, 0.0)
+
+    yh = {key[len(YH_PREFIX):]: v for key, v in sums.items() if key.startswith(YH_PREFIX)}
+    out.update({f"unfairness.{YH_ATTRIBUTE}.{k}": v for k, v in yao_huang(yh, *map(group_pred, YH_GROUPS)).items()})
+    held = n if "pop_held_out_sum" in sums else 0.0
+    out.update(popularity_bias(sums.get("pop_at_k_sum", 0.0), sums.get("pop_at_k_n", 0.0), sums.get("pop_held_out_sum", 0.0), held))
+    out.update(coverage(sums.get("coverage_sum", 0.0), sums.get("coverage_sites", 0.0)))
     return out

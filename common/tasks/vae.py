@@ -10,6 +10,17 @@ With beta = 1, -L(x) is the ELBO; evaluation always reports the beta = 1 value s
 ``neg_elbo`` is the true bound whatever beta trained the model.
 
 Unit of privacy: one image. Every layer is ``nn.Linear`` so the fast DP engine applies.
+
+Representation bias (on labelled images; ``docs/FAIRNESS.md``):
+
+* per class c, the mean reconstruction NLL ``class.<c>.recon_nll``, from the per-class sums
+  ``class.<c>.recon_sum`` and counts ``class.<c>.n`` a site sends (combined by adding
+  them, so exact), and its disparity across classes ``recon_disparity.{mean, std,
+  worst, best, gap, ratio}`` (:func:`common.fairness.spread`; gap = worst - best,
+  ratio = worst / best);
+* on the server's test split only, ``class_tv``: the total-variation distance between
+  the class distribution of generated images (labelled by the evaluation classifier of
+  :mod:`common.image_metrics`) and that of the real test images.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from torch import nn
 
 from common.data import ArrayData
 from common.errors import ConfigError
+from common.fairness import group_means, spread, sum_statistics
 from common.tasks import register_task
 from common.tasks.images import ImageTask
 
@@ -86,10 +98,39 @@ def negative_elbo_terms(
     return recon, kl_standard_normal(mu, logvar)
 
 
+# Generated images whose class distribution class_tv measures (as the GAN's default).
+EVAL_SAMPLES = 2000
+DISPARITY_STATS = ("mean", "std", "worst", "best", "gap", "ratio")
+
+
+def class_sums(recon: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Per class present: the sum of reconstruction NLLs and the number of images."""
+    out: dict[str, float] = {}
+    for c in torch.unique(labels).tolist():
+        rows = labels == c
+        out[f"class.{c}.recon_sum"] = float(recon[rows].double().sum())
+        out[f"class.{c}.n"] = float(rows.sum())
+    return out
+
+
+def is_class_sum(key: str) -> bool:
+    return key.startswith("class.") and key.endswith((".recon_sum", ".n"))
+
+
+def class_recon_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Per-class mean reconstruction NLL and its disparity across classes, from summed class sums."""
+    means = group_means(sums, "class.", "recon_sum")
+    disparity = spread(means)
+    out = {f"class.{c}.recon_nll": v for c, v in means.items()}
+    out.update({f"recon_disparity.{k}": disparity[k] for k in DISPARITY_STATS if k in disparity})
+    return out
+
+
 @register_task("vae")
 class VAETask(ImageTask):
     config_cls = VAEConfig
     primary_metric = "neg_elbo"
+    plot_metrics = ("class_tv", "recon_disparity.ratio")
 
     def build_model(self, site_index: int | None = None) -> VAE:
         return VAE(self.input_dim, self.params.hidden_dim, self.params.latent_dim)
@@ -108,13 +149,38 @@ class VAETask(ImageTask):
         recon, kl = negative_elbo_terms(model, x, gen)
         mu, _ = model.encode(x)
         mse = F.mse_loss(torch.sigmoid(model.decoder(mu)), x)
-        model.train()
-        return {
+        out = {
             "neg_elbo": float((recon + kl).mean()),
             "recon_nll": float(recon.mean()),
             "kl": float(kl.mean()),
             "recon_mse": float(mse),
         }
+        if data.y is not None:
+            sums = class_sums(recon.cpu(), data.y)
+            out.update({**class_recon_metrics(sums), **sums})
+            if data is self.server_test_data() and len(data):
+                out["class_tv"] = self._class_tv(model, data)
+        model.train()
+        return out
+
+    def _class_tv(self, model: VAE, test: ArrayData) -> float:
+        """TV distance between the classes of generated images (decoded z ~ N(0, I)) and of ``test``."""
+        from common.image_metrics import pooled_classifier, predicted_shares, real_shares, total_variation
+
+        clf = pooled_classifier(self)
+        k = clf.out.out_features
+        device = next(model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(4321)
+        z = torch.randn(EVAL_SAMPLES, model.latent_dim, generator=gen, device=device)
+        _, shares = predicted_shares(clf, torch.sigmoid(model.decoder(z)).cpu(), k)
+        return total_variation(shares, real_shares(test.y, k))
+
+    def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+        """Example-weighted means of the sites' means; per-class metrics from summed class sums (exact)."""
+        per_class = ("class.", "recon_disparity.")
+        means = super().combine_metrics([(n, {k: v for k, v in m.items() if not k.startswith(per_class)}) for n, m in results])
+        sums = sum_statistics((m for _, m in results), is_class_sum)
+        return {**means, **class_recon_metrics(sums), **{k: v for k, v in sums.items() if k.endswith(".n")}}
 
     @torch.no_grad()
     def save_samples(self, model: nn.Module, path: Path) -> Path:
