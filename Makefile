@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.privfed-installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-secagg install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m simulations.bench_dp
+
+bench-secagg: $(STAMP)
+	$(PY) -m simulations.bench_secagg
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

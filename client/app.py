@@ -23,8 +23,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
+from client.mods import InjectedDropout, make_fault_mod, secure_mod
 from common.accounting import RoundPlan, epsilon
 from common.config import RunConfig
+from common.central_dp import clip_update
 from common.dp import plan_round
 from common.errors import PrivfedError
 from common.keys import KEY_ENV, key_from_env, load_key
@@ -101,15 +103,22 @@ class SiteClient(NumPyClient):
                     self.site_id, self.task.unit_of_privacy, plan, 0, budget, Status.BUDGET_EXHAUSTED,
                     eps_spent=spent, note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
                 )
-                return zeros, 0, metrics
+                # Under SecAgg+ a zero update still takes part, so the sum stays recoverable.
+                return zeros, 1 if self.cfg.secagg.enabled else 0, metrics
 
+        faults, seed0 = self.cfg.faults, self.cfg.federation.seed
+        if faults.drops(seed0, self.site_index, server_round, "train"):
+            raise InjectedDropout(f"injected dropout: site {self.site_index} leaves round {server_round} before training")
         t0 = time.perf_counter()
         seed = round_seed(self.cfg, self.site_index, server_round)
         outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
         self._remember(plan, outcome.steps_taken)
         self._keep_local(model, keys)
         local = get_state(model, keys)
-        update = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
+        update = self._prepare_update([(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)])
+        if faults.drops(seed0, self.site_index, server_round, "upload"):
+            # After the site's own accounting: it spent privacy, the server never hears of it.
+            raise InjectedDropout(f"injected dropout: site {self.site_index} trained in round {server_round}, its reply is lost")
         # Under DP the training loss stays at the site: it is computed from the private
         # examples without noise, so sending it would fall outside the epsilon we claim.
         private_extras = {} if self.cfg.dp.enabled else outcome.metrics
@@ -119,7 +128,30 @@ class SiteClient(NumPyClient):
             train_seconds=time.perf_counter() - t0,
             **private_extras,
         )
-        return update, len(self.train_data), metrics
+        return update, self._weight(len(self.train_data)), metrics
+
+    def _weight(self, n: int) -> int:
+        # Under SecAgg+ Flower's mod scales the update by num_examples / max_weight before
+        # quantizing; 1/1 keeps the full precision, and the server weighs sites equally.
+        return 1 if self.cfg.secagg.enabled else n
+
+    def _prepare_update(self, update: list[np.ndarray]) -> list[np.ndarray]:
+        """Clip for central DP; check what SecAgg+ cannot check once the update is masked."""
+        cdp, sa = self.cfg.central_dp, self.cfg.secagg
+        if cdp.enabled:
+            update = clip_update(update, cdp.clip_norm)
+        if sa.enabled:
+            # Once masked, a bad update cannot be told apart from the others: the site
+            # refuses to send it, and the protocol treats the site as dropped out.
+            if not all(np.isfinite(a).all() for a in update):
+                raise PrivfedError("update contains NaN or Inf: not sent to secure aggregation")
+            peak = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
+            if peak > sa.clipping_range:
+                raise PrivfedError(
+                    f"update has a coordinate of size {peak:.3g} > secagg.clipping-range={sa.clipping_range:g}; "
+                    "SecAgg+ would clip it silently: raise the range or lower the learning rate"
+                )
+        return update
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         model, _ = self._model(parameters)
@@ -178,7 +210,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None, key: bytes | Non
         site_secret = site_key(cfg, context.node_config, key)
         return SiteClient(cfg, site_index, site_id, context, site_secret).to_client()
 
-    return ClientApp(client_fn=client_fn)
+    return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
 
 
 app = build_client_app()

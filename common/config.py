@@ -20,6 +20,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+import numpy as np
+
 from common.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -60,6 +62,10 @@ class FederationConfig:
     # Simulation only: CPU cores and GPU fraction reserved for each virtual site.
     client_cpus: int = 1
     client_gpus: float = 0.0
+    # How site updates are averaged: examples (FedAvg, by training-set size), uniform
+    # (each site counts once), or auto: uniform under secure aggregation or central DP
+    # (see docs/PRIVACY.md), examples otherwise.
+    weighting: str = "auto"
 
     def validate(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -71,7 +77,7 @@ class FederationConfig:
             f"must be in (0, 1], got {self.fraction_fit}",
         )
         _require(self.min_fit_sites >= 1, "min-fit-sites", f"must be >= 1, got {self.min_fit_sites}")
-        sampled = max(1, int(self.num_sites * self.fraction_fit))  # what Flower's FedAvg samples
+        sampled = self.sampled_per_round
         _require(
             self.min_fit_sites <= sampled,
             "min-fit-sites",
@@ -89,6 +95,16 @@ class FederationConfig:
         )
         if self.device.startswith("cuda:"):
             _require(self.device[5:].isdigit(), "device", f"must be cuda:N with N an integer, got {self.device!r}")
+        _require(
+            self.weighting in ("auto", "examples", "uniform"),
+            "weighting",
+            f"must be auto, examples or uniform, got {self.weighting!r}",
+        )
+
+    @property
+    def sampled_per_round(self) -> int:
+        """Sites Flower's FedAvg samples per round (the expected number under Poisson sampling)."""
+        return max(1, int(self.num_sites * self.fraction_fit))
 
 
 @dataclass(frozen=True)
@@ -205,7 +221,171 @@ class AuditConfig:
         _require(self.mia_every >= 0, "audit.mia-every", f"must be >= 0, got {self.mia_every}")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "dp": DPConfig, "audit": AuditConfig}
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation with Flower's SecAgg+: the server learns only the sum of the updates.
+
+    Each sampled site splits its masking secrets into ``num-shares`` Shamir shares held by
+    its neighbours; ``reconstruction-threshold`` of them recover a dropped site's masks, so
+    up to ``num-shares - threshold`` neighbours may drop out, and fewer than ``threshold``
+    colluding neighbours learn nothing. Values are clipped to ``clipping-range`` and
+    stochastically rounded onto ``quantization-range`` levels (step 2c/Q) before masking.
+    """
+
+    enabled: bool = False
+    # 0: every sampled site holds a share (classic SecAgg); else odd and >= 3.
+    num_shares: int = 0
+    # 0: a majority of the shares, num-shares // 2 + 1.
+    reconstruction_threshold: int = 0
+    clipping_range: float = 8.0
+    quantization_range: int = 1 << 22
+    modulus_range: int = 1 << 32
+    # Seconds to wait for replies at each SecAgg+ stage; 0 waits for every sampled site.
+    timeout: float = 0.0
+
+    def validate(self) -> None:
+        _require(
+            self.num_shares == 0 or (self.num_shares >= 3 and self.num_shares % 2 == 1),
+            "secagg.num-shares",
+            f"must be 0 (every sampled site) or an odd number >= 3, got {self.num_shares} "
+            "(flwr 1.41's SecAgg+ client crashes on an even number of shares)",
+        )
+        _require(
+            self.reconstruction_threshold == 0 or self.reconstruction_threshold >= 2,
+            "secagg.reconstruction-threshold",
+            f"must be 0 (auto) or >= 2, got {self.reconstruction_threshold}",
+        )
+        if self.num_shares and self.reconstruction_threshold:
+            _require(
+                self.reconstruction_threshold < self.num_shares,
+                "secagg.reconstruction-threshold",
+                f"must be below secagg.num-shares={self.num_shares}, got {self.reconstruction_threshold}",
+            )
+        _require(self.clipping_range > 0, "secagg.clipping-range", f"must be > 0, got {self.clipping_range}")
+        _require(self.quantization_range >= 2, "secagg.quantization-range", f"must be >= 2, got {self.quantization_range}")
+        _require(
+            self.modulus_range > self.quantization_range and self.modulus_range & (self.modulus_range - 1) == 0,
+            "secagg.modulus-range",
+            f"must be a power of two above secagg.quantization-range={self.quantization_range}, got {self.modulus_range}",
+        )
+        _require(self.timeout >= 0, "secagg.timeout", f"must be >= 0, got {self.timeout}")
+
+    @property
+    def step(self) -> float:
+        """Quantization step: each coordinate of a site's update is off by less than this."""
+        return 2 * self.clipping_range / self.quantization_range
+
+    def shares_and_threshold(self, sampled: int) -> tuple[int, int]:
+        """SecAgg+ (num_shares, threshold) for a round with ``sampled`` sites (>= 3)."""
+        shares = sampled if not self.num_shares or self.num_shares >= sampled else self.num_shares
+        threshold = self.reconstruction_threshold or shares // 2 + 1
+        return shares, min(threshold, shares - 1)
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Client-level DP-FedAvg: the unit of privacy is a whole site.
+
+    Each site clips its update to L2 norm ``clip-norm``; the server adds Gaussian noise
+    N(0, (noise-multiplier * clip-norm)^2) to the sum and divides by the expected number
+    of sampled sites. Sites are sampled by Poisson sampling with rate ``fraction-fit``.
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    # > 0: derive the noise multiplier so that the planned rounds spend exactly this epsilon.
+    target_epsilon: float = 0.0
+    # 0: auto, min(1e-5, 1/(10 num-sites)).
+    delta: float = 0.0
+    epsilon_budget: float = math.inf
+
+    def validate(self) -> None:
+        _require(self.clip_norm > 0, "central-dp.clip-norm", f"must be > 0, got {self.clip_norm}")
+        _require(self.target_epsilon >= 0, "central-dp.target-epsilon", f"must be >= 0, got {self.target_epsilon}")
+        if self.enabled and not self.target_epsilon:
+            lo, hi = SIGMA_RANGE
+            _require(
+                lo <= self.noise_multiplier <= hi,
+                "central-dp.noise-multiplier",
+                f"must be in [{lo:g}, {hi:g}], got {self.noise_multiplier:g}",
+            )
+        _require(
+            self.delta == 0 or MIN_DELTA <= self.delta < 1,
+            "central-dp.delta",
+            f"must be in [{MIN_DELTA:g}, 1), or 0 for auto, got {self.delta}",
+        )
+        _require(self.epsilon_budget > 0, "central-dp.epsilon-budget", f"must be > 0, got {self.epsilon_budget}")
+        if self.enabled and self.target_epsilon:
+            _require(
+                self.target_epsilon <= self.epsilon_budget,
+                "central-dp.target-epsilon",
+                f"is {self.target_epsilon} but central-dp.epsilon-budget is {self.epsilon_budget}: the run could never finish",
+            )
+
+    def site_delta(self, num_sites: int) -> float:
+        return self.delta or min(1e-5, 1.0 / (10 * num_sites))
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Injected faults for tests and the fault-injection scenarios (simulation only).
+
+    A site drops out at ``dropout-stage``: ``train`` (before training: nothing spent),
+    ``upload`` (after training, its reply is lost), ``unmask`` (SecAgg+ only: after it sent
+    its masked update, before it helps unmask). Sites are picked per round with
+    probability ``dropout-rate`` (seeded), or exactly by ``dropout-sites`` ("0,3").
+    """
+
+    dropout_rate: float = 0.0
+    dropout_stage: str = "upload"
+    dropout_sites: str = ""
+    # Rounds in which faults happen ("1,2"); empty: every round.
+    rounds: str = ""
+
+    def validate(self) -> None:
+        _require(0 <= self.dropout_rate <= 1, "faults.dropout-rate", f"must be in [0, 1], got {self.dropout_rate}")
+        _require(
+            self.dropout_stage in FAULT_STAGES,
+            "faults.dropout-stage",
+            f"must be one of {', '.join(FAULT_STAGES)}, got {self.dropout_stage!r}",
+        )
+        for key, text in (("faults.dropout-sites", self.dropout_sites), ("faults.rounds", self.rounds)):
+            _require(
+                all(part.strip().isdigit() for part in text.split(",")) if text.strip() else True,
+                key,
+                f"must be comma-separated integers such as \"0,3\", got {text!r}",
+            )
+
+    def drops(self, seed: int, site_index: int, server_round: int, stage: str) -> bool:
+        """Whether this site drops out at ``stage`` of ``server_round`` (deterministic)."""
+        if stage != self.dropout_stage or (self.rounds.strip() and server_round not in _ints(self.rounds)):
+            return False
+        if self.dropout_sites.strip():
+            return site_index in _ints(self.dropout_sites)
+        if self.dropout_rate <= 0:
+            return False
+        u = np.random.default_rng([seed, site_index, server_round, 0xFA]).random()
+        return bool(u < self.dropout_rate)
+
+
+FAULT_STAGES = ("train", "upload", "unmask")
+
+
+def _ints(text: str) -> set[int]:
+    return {int(p) for p in text.split(",") if p.strip()}
+
+
+# Section prefix -> (RunConfig field, dataclass).
+SECTIONS: dict[str, tuple[str, type]] = {
+    "data": ("data", DataConfig),
+    "train": ("train", TrainConfig),
+    "dp": ("dp", DPConfig),
+    "audit": ("audit", AuditConfig),
+    "secagg": ("secagg", SecAggConfig),
+    "central-dp": ("central_dp", CentralDPConfig),
+    "faults": ("faults", FaultsConfig),
+}
 
 
 @dataclass(frozen=True)
@@ -217,6 +397,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     # The task plug-in's own dataclass (e.g. VAEConfig), under the task's name.
     task_params: Any = None
 
@@ -237,7 +420,11 @@ class RunConfig:
         flat = dict(flat)
         task_name = flat.get("task", FederationConfig.task)
         task_cls = get_task(str(task_name))  # ConfigError naming 'task' if unknown
-        sections: dict[str, type] = {"": FederationConfig, **SECTIONS, task_cls.name: task_cls.config_cls}
+        sections: dict[str, type] = {
+            "": FederationConfig,
+            **{prefix: cls for prefix, (_, cls) in SECTIONS.items()},
+            task_cls.name: task_cls.config_cls,
+        }
 
         buckets: dict[str, dict[str, Any]] = {name: {} for name in sections}
         for key, value in flat.items():
@@ -252,14 +439,12 @@ class RunConfig:
         built = {name: sections[name](**values) for name, values in buckets.items()}
         cfg = cls(
             federation=built[""],
-            data=built["data"],
-            train=built["train"],
-            dp=built["dp"],
-            audit=built["audit"],
             task_params=built[task_cls.name],
+            **{name: built[prefix] for prefix, (name, _) in SECTIONS.items()},
         )
-        for part in (cfg.federation, cfg.data, cfg.train, cfg.dp, cfg.audit, cfg.task_params):
+        for part in (cfg.federation, *(getattr(cfg, name) for name, _ in SECTIONS.values()), cfg.task_params):
             part.validate()
+        _check_secure(cfg)
         _require(
             cfg.data.source in task_cls.data_sources,
             "data.source",
@@ -275,7 +460,7 @@ class RunConfig:
     def to_flat(self) -> dict[str, Any]:
         """All keys, defaults included: the form Flower's run_config and the run dir store."""
         out: dict[str, Any] = {}
-        parts = [("", self.federation), ("data", self.data), ("train", self.train), ("dp", self.dp), ("audit", self.audit)]
+        parts = [("", self.federation), *((prefix, getattr(self, name)) for prefix, (name, _) in SECTIONS.items())]
         if self.task_params is not None:
             parts.append((self.task, self.task_params))
         for prefix, obj in parts:
@@ -292,8 +477,61 @@ class RunConfig:
             (nested.setdefault(section, {}) if section else nested)[leaf] = value
         return nested
 
+    @property
+    def uniform_weights(self) -> bool:
+        """Whether the aggregate weighs every site equally (see FederationConfig.weighting)."""
+        w = self.federation.weighting
+        return w == "uniform" or (w == "auto" and (self.secagg.enabled or self.central_dp.enabled))
+
     def replace(self, **federation_changes: Any) -> "RunConfig":
         return dataclasses.replace(self, federation=dataclasses.replace(self.federation, **federation_changes))
+
+
+def _check_secure(cfg: RunConfig) -> None:
+    """Settings of secure aggregation and central DP that only make sense together."""
+    fed, sa, cdp = cfg.federation, cfg.secagg, cfg.central_dp
+    if sa.enabled:
+        _require(
+            fed.weighting != "examples",
+            "weighting",
+            "must be uniform or auto under secure aggregation: SecAgg+ quantizes with a fixed absolute step, "
+            "so scaling updates by small example weights would lose their precision",
+        )
+        # Poisson sampling (central DP) can take every site in a round.
+        most = fed.num_sites if cdp.enabled else fed.sampled_per_round
+        _require(
+            fed.sampled_per_round >= 3,
+            "fraction-fit",
+            f"samples {fed.sampled_per_round} site(s) per round; secure aggregation needs >= 3 "
+            "(with 2, each site learns the other's update from the sum)",
+        )
+        if not cdp.enabled and sa.num_shares:
+            _require(
+                sa.num_shares <= most,
+                "secagg.num-shares",
+                f"is {sa.num_shares} but only {most} sites are sampled per round",
+            )
+        if sa.reconstruction_threshold:
+            _require(
+                sa.reconstruction_threshold < min(sa.num_shares or most, most),
+                "secagg.reconstruction-threshold",
+                f"is {sa.reconstruction_threshold} but a round has only {min(sa.num_shares or most, most)} shares "
+                "per site: no dropout could be tolerated and the protocol refuses it",
+            )
+        _require(
+            most * sa.quantization_range < sa.modulus_range,
+            "secagg.modulus-range",
+            f"is {sa.modulus_range} but {most} sites x quantization-range {sa.quantization_range} can exceed it: "
+            "the masked sum would wrap around",
+        )
+    if cdp.enabled:
+        _require(cfg.uniform_weights, "weighting", "must be uniform or auto with central DP (each site's weight is bounded by clip-norm)")
+        if sa.enabled:
+            _require(
+                cdp.clip_norm <= sa.clipping_range,
+                "central-dp.clip-norm",
+                f"is {cdp.clip_norm} but secagg.clipping-range is {sa.clipping_range}: clipped updates would be clipped again, per coordinate",
+            )
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -343,7 +581,7 @@ def coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
 
 
 # Keys where infinity means "no limit".
-_INFINITY_OK = {"dp.epsilon-budget"}
+_INFINITY_OK = {"dp.epsilon-budget", "central-dp.epsilon-budget"}
 
 
 def _suggest(key: str, sections: Mapping[str, type]) -> str:

@@ -24,7 +24,10 @@ from common.errors import TrainingFailure
 from common.preflight import preflight
 from common.runtime import config_from, resolve_device
 from common.tasks.base import get_state, set_state
+from common.central_dp import central_plan
+from server.central import CentralRelease
 from server.recorder import RunRecorder, default_run_dir
+from server.secure import PrivfedSecAgg
 from server.privacy_audit import mia_for_run
 from server.report import Summary, write_summary
 from server.strategy import DeltaFedAvg
@@ -53,6 +56,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             return task.evaluate(eval_model, test)
 
     n = cfg.federation.num_sites
+    central = None
+    if cfg.central_dp.enabled:
+        central = CentralRelease(central_plan(cfg), cfg.central_dp.epsilon_budget, _noise_rng(cfg))
     strategy = DeltaFedAvg(
         initial_arrays=get_state(model, keys),
         ledger=None,
@@ -62,6 +68,10 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         accountant=cfg.dp.accountant if cfg.dp.enabled else NO_DP,
         central_eval=central_eval,
         combine_eval=task.combine_metrics,
+        uniform=cfg.uniform_weights,
+        secure=cfg.secagg.enabled,
+        central=central,
+        poisson_rng=_sampling_rng(cfg) if central is not None else None,
         fraction_fit=cfg.federation.fraction_fit,
         fraction_evaluate=1.0,
         min_fit_clients=1,
@@ -90,6 +100,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         num_sites=n,
         site_wait_seconds=cfg.federation.site_wait_seconds,
         on_start=start,
+        fit_workflow=PrivfedSecAgg(cfg.secagg, strategy) if cfg.secagg.enabled else None,
+        after_fit=strategy.end_fit,
     )
     failure: TrainingFailure | None = None
     try:
@@ -114,6 +126,18 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     if failure is not None:
         raise failure
     return summary
+
+
+def _noise_rng(cfg: RunConfig) -> np.random.Generator:
+    """Central-DP noise: seeded for reproducible simulations, OS entropy with dp.secure-rng."""
+    if cfg.dp.secure_rng:
+        return np.random.default_rng()
+    return np.random.default_rng(np.random.SeedSequence([cfg.federation.seed, 0xCD]))
+
+
+def _sampling_rng(cfg: RunConfig) -> random.Random:
+    """Poisson site sampling: seeded like the noise (a known sample weakens amplification)."""
+    return random.Random() if cfg.dp.secure_rng else random.Random(cfg.federation.seed * 7919 + 17)
 
 
 def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:

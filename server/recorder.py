@@ -23,6 +23,7 @@ import tomli_w
 import torch
 from rich.console import Console
 
+from common.central_dp import CENTRAL_SITE_ID
 from common.config import RunConfig
 from common.errors import ConfigError, TrainingFailure
 from common.fairness import site_fairness
@@ -57,7 +58,9 @@ class RunRecorder:
         """Persist round ``rnd``; return False when the run should stop."""
         rec = strategy.record(rnd)
         set_state(self.model, self.keys, strategy.global_arrays)
-        eps = {r.site_id: r.eps_total for r in rec.ledger_rows}
+        site_rows = [r for r in rec.ledger_rows if r.site_id != CENTRAL_SITE_ID]
+        central = [r for r in rec.ledger_rows if r.site_id == CENTRAL_SITE_ID]
+        eps = {r.site_id: r.eps_total for r in site_rows}
         line: dict[str, Any] = {
             "round": rnd,
             "seconds": round(seconds, 3),
@@ -78,21 +81,26 @@ class RunRecorder:
             ),
             "eps": eps,
             # Over every site so far, not only those that replied this round.
-            "eps_max": max(self.ledger.spent().values(), default=0.0),
-            "delta": {r.site_id: r.delta for r in rec.ledger_rows},
+            "eps_max": max((v for k, v in self.ledger.spent().items() if k != CENTRAL_SITE_ID), default=0.0),
+            "delta": {r.site_id: r.delta for r in site_rows},
             "ledger_head": self.ledger.head(),
         }
+        if rec.secagg_seconds:
+            line["secagg_seconds"] = {k: round(v, 4) for k, v in rec.secagg_seconds.items()}
+        if central:
+            # Client-level DP: one site is the unit of privacy (common.central_dp).
+            line["central_dp"] = {"eps": central[0].eps_total, "delta": central[0].delta, "status": central[0].status}
         every = self.cfg.audit.mia_every
         if self.cfg.audit.mia and every and rnd % every == 0 and self.task.server_test_data() is not None:
             line["mia"] = mia_for_run(self.task, self.model, self.ledger.rows(), self.cfg.federation.seed)
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(json_safe(line)) + "\n")
             fh.flush()
+            os.fsync(fh.fileno())
         diverged = [s for s, why in rec.rejected.items() if "NaN or Inf" in why]
         if rec.trained and not rec.aggregated and len(diverged) == len(rec.trained):
             # Every site that trained sent NaN/Inf: training diverged. Keep the last good checkpoint.
             raise TrainingFailure(f"training diverged in round {rnd}: every site's update contains NaN or Inf")
-            os.fsync(fh.fileno())
         every = self.cfg.federation.sample_every
         if every and rnd % every == 0:
             self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png")
@@ -141,9 +149,12 @@ class RunRecorder:
             parts.append(f"site val {primary} {np.mean(vals):.3f}")
         if self.cfg.dp.enabled:
             deltas = line["delta"].values()
-            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.3g})")
-        else:
+            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.3g}, per {self.task.unit_of_privacy})")
+        elif "central_dp" not in line:
             parts.append("no DP (ε=∞)")
+        if "central_dp" in line:
+            c = line["central_dp"]
+            parts.append(f"site-level ε {c['eps']:.3f} (δ={c['delta']:.3g})")
         parts.append(f"{line['seconds']:.1f}s")
         return " │ ".join(parts)
 

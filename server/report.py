@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common.central_dp import CENTRAL_SITE_ID
 from common.errors import DataError
 from common.plots import line_plot
 from server.ledger import Ledger, LedgerRow
@@ -31,6 +32,8 @@ class Summary:
     seeded_noise: bool
     mia: dict[str, float] | None = None
     cross_checks: tuple = ()
+    central: LedgerRow | None = None  # last client-level (central DP) row, unit "site"
+    central_rounds: int = 0
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -45,13 +48,22 @@ class Summary:
             eps = [r.eps_total for r in rows]
             r0 = rows[0]
             if math.isinf(max(eps)):
-                lines.append("privacy: non-private run (ε = ∞)")
+                what = "no sample-level DP" if self.central is not None else "non-private run"
+                lines.append(f"privacy: {what} (ε = ∞ per {r0.unit})")
             else:
                 lines.append(
                     f"privacy: ε per site {min(eps):.3f} to {max(eps):.3f} at δ ≤ {max(r.delta for r in rows):.3g} "
                     f"({r0.accountant.upper()} accountant, unit of privacy: one {r0.unit}, sample-level DP-SGD)"
                 )
-        if self.seeded_noise and rows and not math.isinf(max(r.eps_total for r in rows)):
+        c = self.central
+        if c is not None:
+            lines.append(
+                f"client-level DP: ε {c.eps_total:.3f} at δ = {c.delta:.3g} (RDP accountant, unit of privacy: one site, "
+                f"DP-FedAvg σ={c.noise_multiplier:.4g}, C={c.max_grad_norm:g}, Poisson q={c.sample_rate:g} of "
+                f"{c.dataset_size} sites, {self.central_rounds} rounds; noise added by the server after aggregation)"
+            )
+        private = (rows and not math.isinf(max(r.eps_total for r in rows))) or c is not None
+        if self.seeded_noise and private:
             lines.append(
                 "noise: seeded for reproducibility (dp.secure-rng=false): private only against "
                 "those who do not know the seed; deployments set dp.secure-rng=true"
@@ -113,7 +125,10 @@ def write_summary(
     check = ledger.verify(expected_head=metrics[-1].get("ledger_head") if metrics else None)
     last: dict[str, LedgerRow] = {}
     steps: dict[str, int] = {}
+    central = [r for r in rows if r.site_id == CENTRAL_SITE_ID]
     for r in rows:
+        if r.site_id == CENTRAL_SITE_ID:
+            continue
         last[r.site_id] = r
         steps[r.site_id] = steps.get(r.site_id, 0) + r.steps
     summary = Summary(
@@ -129,6 +144,8 @@ def write_summary(
         seeded_noise=seeded_noise,
         mia=mia,
         cross_checks=tuple(cross_check(rows)),
+        central=central[-1] if central else None,
+        central_rounds=len(central),
     )
     (run_dir / "privacy-audit.json").write_text(
         json.dumps(
@@ -143,7 +160,16 @@ def write_summary(
             default=str,
         )
     )
-    _plot_eps(run_dir / "eps.png", rows)
+    _plot_eps(run_dir / "eps.png", [r for r in rows if r.site_id != CENTRAL_SITE_ID])
+    if central:
+        line_plot(
+            {"all sites": ([r.round for r in central], [r.eps_total for r in central])},
+            run_dir / "eps-site-level.png",
+            title=f"Client-level ε (unit: one site, δ = {central[0].delta:.3g}, RDP)",
+            xlabel="round",
+            ylabel="ε",
+            hlines={} if math.isinf(central[0].eps_budget) else {f"budget ε={central[0].eps_budget:g}": central[0].eps_budget},
+        )
     _plot_utility(run_dir / "utility.png", metrics, primary)
     if plot_metrics:
         series = {
@@ -257,7 +283,24 @@ def _markdown(
             f"| {m['mia_auc']:.3f} | {m['mia_advantage']:.3f} | {m['mia_chance_advantage']:.3f} | "
             f"{m['mia_advantage_bound']:.3f} | {m['mia_eps']:.3f} | {m['mia_delta']:.3g} | {int(m['mia_examples'])} |",
         ]
+    if s.central is not None:
+        c = s.central
+        out += [
+            "",
+            "## Client-level privacy (central DP, unit of privacy: one site)",
+            "",
+            "DP-FedAvg: each site's update clipped to norm C, Gaussian noise σC added to the sum by the server, "
+            "sites sampled by Poisson sampling with rate q; one RDP composition step per round, one ledger row "
+            f"per round under `{CENTRAL_SITE_ID}`.",
+            "",
+            "| sites | q | σ | C | rounds | δ | accountant | ε | budget |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {c.dataset_size} | {c.sample_rate:g} | {c.noise_multiplier:.4f} | {c.max_grad_norm:g} | {s.central_rounds} | "
+            f"{c.delta:.1e} | {c.accountant} | {c.eps_total:.4f} | {c.eps_budget:g} |",
+        ]
     out += ["", "![epsilon per site](eps.png)", "", "![utility](utility.png)", ""]
+    if (run_dir / "eps-site-level.png").exists():
+        out += ["![client-level epsilon](eps-site-level.png)", ""]
     if (run_dir / "quality.png").exists():
         out += ["![sample quality](quality.png)", ""]
     if (run_dir / "samples" / "final.png").exists():

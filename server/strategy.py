@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flwr.common import (
     EvaluateRes,
+    FitIns,
     FitRes,
     Parameters,
     Scalar,
@@ -27,11 +29,12 @@ from flwr.common import (
 )
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
-from flwr.server.strategy.aggregate import aggregate
 from flwr.supercore import log
 
 from common.accounting import NO_DP
+from common.central_dp import update_norm
 from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics
+from server.central import CentralRelease
 from server.ledger import Ledger, LedgerRow, SiteSpend
 
 
@@ -51,6 +54,17 @@ class RoundRecord:
     test: dict[str, float] = field(default_factory=dict)
     site_val: dict[str, dict[str, float]] = field(default_factory=dict)
     ledger_rows: list[LedgerRow] = field(default_factory=list)
+    released: bool = False  # the central-DP mechanism ran this round
+    secagg_seconds: dict[str, float] = field(default_factory=dict)  # per SecAgg+ stage
+
+
+@dataclass
+class Staged:
+    """A round's validated sum of updates, waiting for end_fit."""
+
+    sites: list[str]
+    total: list[np.ndarray]  # weighted sum of the sites' updates
+    divisor: float  # sum of the weights (non-central runs)
 
 
 class DeltaFedAvg(FedAvg):
@@ -65,6 +79,10 @@ class DeltaFedAvg(FedAvg):
         accountant: str = NO_DP,
         central_eval: Any = None,
         combine_eval: Any = None,
+        uniform: bool = False,
+        secure: bool = False,
+        central: "CentralRelease | None" = None,
+        poisson_rng: random.Random | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(initial_arrays), **fedavg_kwargs)
@@ -79,14 +97,40 @@ class DeltaFedAvg(FedAvg):
         self.combine_eval = combine_eval
         self.records: dict[int, RoundRecord] = {}
         self.exhausted_sites: set[str] = set()
+        self.uniform = uniform  # weigh sites equally, not by example count
+        self.secure = secure  # replies carry a SecAgg+ sum, not individual updates
+        self.central = central  # client-level DP release, or None
+        self.central_exhausted = False
+        self.poisson_rng = poisson_rng  # set: Poisson site sampling (central DP)
+        self.on_sample: Callable[[int], None] | None = None  # told each round's sample size
+        self.staged: dict[int, Staged] = {}
 
     def record(self, rnd: int) -> RoundRecord:
         return self.records.setdefault(rnd, RoundRecord(rnd))
 
     # ---------------------------------------------------------------- fit
     def configure_fit(self, server_round, parameters, client_manager):
-        instructions = super().configure_fit(server_round, parameters, client_manager)
-        self.record(server_round).sampled = len(instructions)
+        rec = self.record(server_round)
+        if self.central is not None and not self.central.can_release(self.ledger):
+            self.central_exhausted = True
+            return []
+        if self.poisson_rng is not None:
+            # Poisson sampling: each site independently with probability fraction-fit,
+            # the sampling the central-DP accountant assumes (Flower samples a fixed count).
+            clients = client_manager.all()
+            q = self.fraction_fit
+            chosen = [clients[cid] for cid in sorted(clients) if self.poisson_rng.random() < q]
+            config = self.on_fit_config_fn(server_round) if self.on_fit_config_fn else {}
+            instructions = [(c, FitIns(parameters, config)) for c in chosen]
+        else:
+            instructions = super().configure_fit(server_round, parameters, client_manager)
+        if self.secure and 0 < len(instructions) < 3:
+            rec.failures.append(f"only {len(instructions)} site(s) sampled; a secure round needs at least 3")
+            instructions = []
+        rec.sampled = len(instructions)
+        rec.released = self.central is not None  # the central mechanism runs whatever the sample
+        if self.on_sample is not None:
+            self.on_sample(len(instructions))
         return instructions
 
     def aggregate_fit(
@@ -95,10 +139,50 @@ class DeltaFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate, ledger, and stage this round's sum; :meth:`end_fit` applies it.
+
+        Returns no parameters: the new global is set in ``end_fit`` (after central noise,
+        if any), which also runs for rounds in which Flower never calls this method.
+        """
         rec = self.record(server_round)
-        rec.failures = [_describe_failure(f) for f in failures]
+        rec.failures += [_describe_failure(f) for f in failures]
+        spends, reports = self._reports(server_round, results)
+        if self.secure:
+            staged, why = self._stage_secure(results, reports, rec)
+        else:
+            staged, why = self._stage_plain(results, reports, rec)
+        used = set(staged.sites) if staged is not None else set()
+        spends = [_settle(s, s.site_id in used, rec.rejected.get(s.site_id, "")) for s in spends]
+        if why:
+            rec.failures.append(why)
+        # The ledger is written before the model changes: privacy spent is recorded
+        # whether or not the update is used.
+        rec.ledger_rows += self.ledger.record_round(server_round, spends)
+        for site, reason in rec.rejected.items():
+            log(WARNING, "round %s: rejected update from %s: %s", server_round, site, reason)
+        if staged is not None:
+            rec.used = sorted(used)
+            self.staged[server_round] = staged
+        return None, {}
+
+    def secure_round_lost(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[BaseException], reason: str
+    ) -> None:
+        """A SecAgg+ round halted after sites trained: ledger their spend, use nothing."""
+        rec = self.record(server_round)
+        rec.failures += [_describe_failure(f) for f in failures] + [reason]
+        spends, _ = self._reports(server_round, results)
+        lost = [dataclasses.replace(s, used=False, status="lost") if s.status == Status.TRAINED.value else s for s in spends]
+        rec.ledger_rows += self.ledger.record_round(server_round, lost)
+        log(WARNING, "round %s: %s", server_round, reason)
+
+    def _reports(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> tuple[list[SiteSpend], dict[str, tuple[SiteReport, FitRes]]]:
+        """Parse every reply's accountant inputs: one spend per site that replied."""
+        rec = self.record(server_round)
         spends: list[SiteSpend] = []
-        usable: dict[str, tuple[list[np.ndarray], int]] = {}
+        reports: dict[str, tuple[SiteReport, FitRes]] = {}
         for proxy, res in results:
             try:
                 report = parse_fit_metrics(res.metrics)
@@ -106,57 +190,105 @@ class DeltaFedAvg(FedAvg):
                 # Without valid accountant inputs there is nothing to ledger; the update is dropped.
                 rec.rejected[f"node-{proxy.node_id}"] = str(exc)
                 continue
-            if any(sp.site_id == report.site_id for sp in spends):
+            if report.site_id in reports:
                 # Two nodes claim one site (a deployment error). The second one trained too,
                 # so its spend is ledgered under a distinct id; its update is not used.
                 dup = f"{report.site_id}@node-{proxy.node_id}"
                 rec.rejected[dup] = f"second reply for site_id {report.site_id!r} this round"
                 spends.append(_spend(dataclasses.replace(report, site_id=dup), False, rec.rejected[dup]))
                 continue
-            used, reason = False, ""
+            reports[report.site_id] = (report, res)
+            reason = ""
             if report.status is Status.TRAINED:
                 rec.trained.append(report.site_id)
                 if "train_loss" in report.extra:
                     rec.train_loss[report.site_id] = report.extra["train_loss"]
-                try:
-                    arrays = parameters_to_ndarrays(res.parameters)
-                except Exception as exc:  # undecodable bytes: the site's problem, not the round's
-                    arrays, reason = [], f"update cannot be decoded ({type(exc).__name__}: {exc})"[:300]
-                else:
-                    reason = self.check_update(arrays, res.num_examples, report)
-                if reason:
-                    rec.rejected[report.site_id] = reason
-                else:
-                    usable[report.site_id] = (arrays, res.num_examples)
-                    used = True
+                reason = self.check_report(report)
             elif report.status is Status.BUDGET_EXHAUSTED:
                 rec.exhausted.append(report.site_id)
                 self.exhausted_sites.add(report.site_id)
-            spends.append(_spend(report, used, reason))
+            if reason:
+                rec.rejected[report.site_id] = reason
+            spends.append(_spend(report, report.status is Status.TRAINED and not reason, reason))
+        return spends, reports
+
+    def _stage_plain(self, results, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
+        usable: dict[str, tuple[list[np.ndarray], int]] = {}
+        for site, (report, res) in sorted(reports.items()):
+            if report.status is not Status.TRAINED or site in rec.rejected:
+                continue
+            try:
+                arrays = parameters_to_ndarrays(res.parameters)
+            except Exception as exc:  # undecodable bytes: the site's problem, not the round's
+                reason = f"update cannot be decoded ({type(exc).__name__}: {exc})"[:300]
+            else:
+                reason = self.check_update(arrays, res.num_examples, report)
+            if reason:
+                rec.rejected[site] = reason
+            else:
+                usable[site] = (arrays, 1 if self.uniform else res.num_examples)
         if len(usable) < self.min_fit_sites:
-            spends = [_not_aggregated(s) for s in spends]
-        # The ledger is written before the model changes: privacy spent is recorded
-        # whether or not the update is used.
-        rec.ledger_rows = self.ledger.record_round(server_round, spends)
-        for site, reason in rec.rejected.items():
-            log(WARNING, "round %s: rejected update from %s: %s", server_round, site, reason)
-        if len(usable) < self.min_fit_sites:
-            return None, {}
-        rec.used = [s.site_id for s in spends if s.used]
+            return None, f"{len(usable)} usable update(s), below min-fit-sites={self.min_fit_sites}" if rec.trained else ""
         # Sum in site order, not arrival order, so a seeded run repeats bit for bit.
-        avg = aggregate([usable[site] for site in sorted(usable)])
-        new_global = [(g + d).astype(g.dtype, copy=False) for g, d in zip(self.global_arrays, avg)]
+        sites = sorted(usable)
+        total = [np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))]
+        return Staged(sites, total, float(sum(usable[s][1] for s in sites))), ""
+
+    def _stage_secure(self, results, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
+        """Under SecAgg+ every reply carries the same unmasked mean over all replying sites."""
+        if not results:
+            return None, ""
+        bad = sorted(rec.rejected)
+        if bad:
+            # A masked update cannot be taken out of the sum: the whole sum is unusable.
+            return None, f"secure sum discarded: it contains the update of {', '.join(bad)}, which was rejected"
+        trained = sorted(s for s, (r, _) in reports.items() if r.status is Status.TRAINED)
+        if len(trained) < self.min_fit_sites:
+            return None, f"{len(trained)} site(s) trained, below min-fit-sites={self.min_fit_sites}" if trained else ""
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        # mean over every replying site (zero updates of out-of-budget sites included) -> sum
+        total = [(m.astype(np.float64) * len(results)).astype(g.dtype) for m, g in zip(mean, self.global_arrays)]
+        return Staged(trained, total, float(len(trained))), ""
+
+    def end_fit(self, server_round: int) -> list[np.ndarray] | None:
+        """Apply the round's staged sum (plus central noise) to the global model.
+
+        Returns the new global arrays, or None when the model does not change.
+        """
+        rec = self.record(server_round)
+        staged = self.staged.pop(server_round, None)
+        if self.central is not None and rec.released and not self.central_exhausted:
+            total = staged.total if staged is not None else [np.zeros_like(g) for g in self.global_arrays]
+            step, row = self.central.release(server_round, total, self.ledger, rounds_failed=staged is None)
+            rec.ledger_rows.append(row)
+        elif staged is not None:
+            step = [t / staged.divisor for t in staged.total]
+        else:
+            return None
+        new_global = [(g + d).astype(g.dtype, copy=False) for g, d in zip(self.global_arrays, step)]
         if not all(np.isfinite(a).all() for a in new_global):
             # Finite updates can still overflow when summed; keep the last good model.
             log(WARNING, "round %s: aggregate is not finite; the global model is unchanged", server_round)
             rec.failures.append("aggregate overflowed (not finite); model unchanged")
-            return None, {}
+            return None
         self.global_arrays = new_global
-        rec.aggregated = True
-        return ndarrays_to_parameters(self.global_arrays), {"sites_used": len(usable)}
+        rec.aggregated = staged is not None
+        return self.global_arrays
+
+    def check_report(self, report: SiteReport) -> str:
+        """Why a site's reported round cannot be used (accountant and budget), or ''."""
+        plan = report.plan
+        if self.accountant != NO_DP:
+            if plan.accountant != self.accountant:
+                return f"accountant {plan.accountant!r} in a run accounted with {self.accountant!r}"
+            mech = (plan.noise_multiplier, plan.sample_rate, report.steps_taken)
+            total = self.ledger.projected_total(report.site_id, mech, plan.delta, plan.accountant)
+            if total > report.eps_budget:
+                return f"update would take the site to eps={total:.4g}, over its budget {report.eps_budget:g}"
+        return ""
 
     def check_update(self, arrays: list[np.ndarray], num_examples: int, report: SiteReport) -> str:
-        """Why an update cannot be aggregated, or '' if it can."""
+        """Why an update's arrays cannot be aggregated, or '' if they can."""
         if len(arrays) != len(self.global_arrays):
             return f"expected {len(self.global_arrays)} arrays, got {len(arrays)}"
         for i, (a, g) in enumerate(zip(arrays, self.global_arrays)):
@@ -166,14 +298,10 @@ class DeltaFedAvg(FedAvg):
                 return f"array {i} contains NaN or Inf"
         if num_examples != report.plan.dataset_size:
             return f"num_examples={num_examples} but dataset_size={report.plan.dataset_size}"
-        plan = report.plan
-        if self.accountant != NO_DP:
-            if plan.accountant != self.accountant:
-                return f"accountant {plan.accountant!r} in a run accounted with {self.accountant!r}"
-            mech = (plan.noise_multiplier, plan.sample_rate, report.steps_taken)
-            total = self.ledger.projected_total(report.site_id, mech, plan.delta, plan.accountant)
-            if total > report.eps_budget:
-                return f"update would take the site to eps={total:.4g}, over its budget {report.eps_budget:g}"
+        if self.central is not None:
+            norm = update_norm(arrays)
+            if norm > self.central.clip_norm * (1 + 1e-4):
+                return f"update norm {norm:.4g} exceeds central-dp.clip-norm={self.central.clip_norm:g}"
         return ""
 
     # ----------------------------------------------------------- evaluate
@@ -212,8 +340,8 @@ class DeltaFedAvg(FedAvg):
 
     # -------------------------------------------------------------- stop
     def should_stop(self) -> bool:
-        """True once every site has said its budget cannot cover another round."""
-        return len(self.exhausted_sites) >= self.num_sites
+        """True once every site's budget (or the central budget) cannot cover another round."""
+        return self.central_exhausted or len(self.exhausted_sites) >= self.num_sites
 
 
 def _spend(report: SiteReport, used: bool, reason: str) -> SiteSpend:
@@ -229,10 +357,11 @@ def _spend(report: SiteReport, used: bool, reason: str) -> SiteSpend:
     )
 
 
-def _not_aggregated(s: SiteSpend) -> SiteSpend:
-    if not s.used:
+def _settle(s: SiteSpend, used: bool, rejected: str) -> SiteSpend:
+    """A trained site's final status once the round's sum is known."""
+    if not s.used or used:
         return s
-    return SiteSpend(s.site_id, s.unit, s.plan, s.steps_taken, s.eps_budget, False, "not_aggregated")
+    return dataclasses.replace(s, used=False, status="rejected" if rejected else "not_aggregated")
 
 
 def _describe_failure(f: tuple[ClientProxy, FitRes] | BaseException) -> str:

@@ -2,9 +2,11 @@
 
 Flower's ``DefaultWorkflow`` runs a fixed number of rounds and has no hook after a
 round. We reuse its building blocks unchanged (parameter init, the fit workflow,
-centralised and federated evaluation) and add two things: ``on_round_end`` (ledger
-head, metrics line, checkpoint, progress) and stopping when no site can train within
-its budget. The fit step is pluggable: Flower's default or ``SecAggPlusWorkflow``.
+centralised and federated evaluation) and add three things: ``after_fit`` (the strategy
+applies the round's sum, plus central-DP noise, even in rounds where Flower never calls
+``aggregate_fit``), ``on_round_end`` (ledger head, metrics line, checkpoint, progress)
+and stopping when no site can train within its budget. The fit step is pluggable:
+Flower's default or SecAgg+ (:mod:`server.secure`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import math
 import timeit
 from typing import Callable
 
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
 from flwr.app import ConfigRecord, Context
+from flwr.common import ndarrays_to_parameters
 from flwr.compat.server.typing import Workflow
 from flwr.server import Grid, LegacyContext
 from flwr.server.compat.app_utils import start_update_client_manager_thread
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.default_workflows import (
     default_centralized_evaluation_workflow,
     default_evaluate_workflow,
@@ -37,10 +42,13 @@ class RoundLoop:
         site_wait_seconds: float,
         on_start: Callable[[], None] = lambda: None,
         fit_workflow: Workflow | None = None,
+        after_fit: Callable[[int], list[np.ndarray] | None] = lambda rnd: None,
         first_round: int = 1,
     ) -> None:
-        """``on_start()`` runs once every site has connected; ``on_round_end(round, seconds) -> keep_going``."""
+        """``on_start()`` runs once every site has connected; ``after_fit(round)`` returns the
+        new global arrays (or None: unchanged); ``on_round_end(round, seconds) -> keep_going``."""
         self.fit_workflow = fit_workflow or default_fit_workflow
+        self.after_fit = after_fit
         self.on_round_end = on_round_end
         self.on_start = on_start
         self.num_sites = num_sites
@@ -68,6 +76,11 @@ class RoundLoop:
                 t0 = timeit.default_timer()
                 cfg[Key.CURRENT_ROUND] = rnd
                 self.fit_workflow(grid, context)
+                arrays = self.after_fit(rnd)
+                if arrays is not None:
+                    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+                        ndarrays_to_parameters(arrays), keep_input=True
+                    )
                 default_centralized_evaluation_workflow(grid, context)
                 default_evaluate_workflow(grid, context)
                 if not self.on_round_end(rnd, timeit.default_timer() - t0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from client.app import SiteClient
 from common.accounting import RoundPlan
@@ -30,6 +30,12 @@ def _strategy(tmp_path, init, num_sites=3, min_fit_sites=1, accountant="none"):
     )
 
 
+def _round(s, rnd, results, failures):
+    """What the round loop does: aggregate_fit stages the sum, end_fit applies it."""
+    s.aggregate_fit(rnd, results, failures)
+    return s.end_fit(rnd)
+
+
 def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=1, drop=None, **override):
     plan = RoundPlan(n, PLAN.sample_rate, PLAN.steps, PLAN.noise_multiplier, 1.0, 1e-5, "rdp")
     steps = plan.steps if status is SiteStatus.TRAINED else 0
@@ -43,11 +49,10 @@ def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=1, drop=None, **o
 
 def test_fedavg_of_deltas_weighted_by_examples(tmp_path):
     s = _strategy(tmp_path, [np.ones(3, dtype=np.float32)])
-    params, _ = s.aggregate_fit(
-        1, [_reply("a", [np.full(3, 1.0, np.float32)], n=10), _reply("b", [np.full(3, 4.0, np.float32)], n=30)], []
+    params = _round(s, 1, [_reply("a", [np.full(3, 1.0, np.float32)], n=10), _reply("b", [np.full(3, 4.0, np.float32)], n=30)], []
     )
     # global + (10*1 + 30*4) / 40 = 1 + 3.25
-    assert np.allclose(parameters_to_ndarrays(params)[0], 4.25)
+    assert np.allclose(params[0], 4.25)
     assert s.records[1].used == ["a", "b"]
 
 
@@ -63,8 +68,8 @@ def test_fedavg_of_deltas_weighted_by_examples(tmp_path):
 )
 def test_malformed_update_is_rejected_with_a_reason_and_the_round_goes_on(tmp_path, bad, reason):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
-    params, _ = s.aggregate_fit(1, [_reply("good", [np.full(3, 2.0, np.float32)]), _reply("bad", bad, node=2)], [])
-    assert np.allclose(parameters_to_ndarrays(params)[0], 2.0)  # only the good update
+    params = _round(s, 1, [_reply("good", [np.full(3, 2.0, np.float32)]), _reply("bad", bad, node=2)], [])
+    assert np.allclose(params[0], 2.0)  # only the good update
     assert reason in s.records[1].rejected["bad"]
     rows = {r.site_id: r for r in s.ledger.rows()}
     # The bad site trained: its privacy spend is in the ledger even though its update was not used.
@@ -74,27 +79,26 @@ def test_malformed_update_is_rejected_with_a_reason_and_the_round_goes_on(tmp_pa
 
 def test_reply_without_accountant_inputs_is_rejected(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
-    s.aggregate_fit(1, [_reply("good", [np.ones(3, np.float32)]), _reply("x", [np.ones(3, np.float32)], node=7, drop="noise_multiplier")], [])
+    _round(s, 1, [_reply("good", [np.ones(3, np.float32)]), _reply("x", [np.ones(3, np.float32)], node=7, drop="noise_multiplier")], [])
     assert "missing metric 'noise_multiplier'" in s.records[1].rejected["node-7"]
     assert [r.site_id for r in s.ledger.rows()] == ["good"]
 
 
 def test_too_few_usable_updates_leaves_the_model_unchanged(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)], min_fit_sites=2)
-    params, _ = s.aggregate_fit(1, [_reply("a", [np.ones(3, np.float32)])], [RuntimeError("site crashed")])
+    params = _round(s, 1, [_reply("a", [np.ones(3, np.float32)])], [RuntimeError("site crashed")])
     assert params is None and np.allclose(s.global_arrays[0], 0.0)
     (row,) = s.ledger.rows()
     assert row.status == "not_aggregated" and not row.used and row.steps == PLAN.steps
-    assert s.records[1].failures == ["site crashed"]
+    assert s.records[1].failures == ["site crashed", "1 usable update(s), below min-fit-sites=2"]
 
 
 def test_run_stops_once_every_site_is_out_of_budget(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)], num_sites=2)
     z = [np.zeros(3, np.float32)]
-    s.aggregate_fit(1, [_reply("a", z, status=SiteStatus.BUDGET_EXHAUSTED), _reply("b", z)], [])
+    _round(s, 1, [_reply("a", z, status=SiteStatus.BUDGET_EXHAUSTED), _reply("b", z)], [])
     assert not s.should_stop()
-    params, _ = s.aggregate_fit(
-        2, [_reply("a", z, status=SiteStatus.BUDGET_EXHAUSTED), _reply("b", z, status=SiteStatus.BUDGET_EXHAUSTED)], []
+    params = _round(s, 2, [_reply("a", z, status=SiteStatus.BUDGET_EXHAUSTED), _reply("b", z, status=SiteStatus.BUDGET_EXHAUSTED)], []
     )
     assert params is None and s.should_stop()
     statuses = [(r.round, r.site_id, r.status, r.steps) for r in s.ledger.rows()]
@@ -160,8 +164,8 @@ def test_secure_rng_noise_is_not_reproducible():
 
 def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
-    params, _ = s.aggregate_fit(1, [_reply("a", [np.ones(3, np.float32)], node=1), _reply("a", [np.full(3, 9.0, np.float32)], node=2)], [])
-    assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
+    params = _round(s, 1, [_reply("a", [np.ones(3, np.float32)], node=1), _reply("a", [np.full(3, 9.0, np.float32)], node=2)], [])
+    assert np.allclose(params[0], 1.0)
     assert "second reply" in s.records[1].rejected["a@node-2"]
     rows = {r.site_id: r for r in s.ledger.rows()}
     # The duplicate trained too: its spend is in the ledger, its update is not used.
@@ -186,8 +190,8 @@ def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
 )
 def test_bad_accountant_inputs_are_rejected_not_fatal(tmp_path, override, reason):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)], accountant="rdp")
-    params, _ = s.aggregate_fit(1, [_reply("good", [np.ones(3, np.float32)]), _reply("bad", [np.ones(3, np.float32)], node=9, **override)], [])
-    assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
+    params = _round(s, 1, [_reply("good", [np.ones(3, np.float32)]), _reply("bad", [np.ones(3, np.float32)], node=9, **override)], [])
+    assert np.allclose(params[0], 1.0)
     assert reason in s.records[1].rejected["node-9"]
     assert s.ledger.verify().ok
 
@@ -196,8 +200,8 @@ def test_dp_run_refuses_non_private_and_over_budget_updates(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)], accountant="rdp")
     nodp = _reply("nodp", [np.ones(3, np.float32)], node=2, accountant="none", noise_multiplier=0.0)
     greedy = _reply("greedy", [np.ones(3, np.float32)], node=3, eps_budget=0.01)
-    params, _ = s.aggregate_fit(1, [_reply("good", [np.full(3, 2.0, np.float32)]), nodp, greedy], [])
-    assert np.allclose(parameters_to_ndarrays(params)[0], 2.0)
+    params = _round(s, 1, [_reply("good", [np.full(3, 2.0, np.float32)]), nodp, greedy], [])
+    assert np.allclose(params[0], 2.0)
     rec = s.records[1]
     assert "accountant 'none'" in rec.rejected["nodp"] and "over its budget" in rec.rejected["greedy"]
     rows = {r.site_id: r for r in s.ledger.rows()}
@@ -221,13 +225,13 @@ def test_undecodable_update_is_rejected(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
     proxy, res = _reply("junk", [np.ones(3, np.float32)], node=5)
     res.parameters = Parameters(tensors=[b"not a numpy array"], tensor_type="numpy.ndarray")
-    params, _ = s.aggregate_fit(1, [_reply("good", [np.ones(3, np.float32)]), (proxy, res)], [])
-    assert np.allclose(parameters_to_ndarrays(params)[0], 1.0)
+    params = _round(s, 1, [_reply("good", [np.ones(3, np.float32)]), (proxy, res)], [])
+    assert np.allclose(params[0], 1.0)
     assert "cannot be decoded" in s.records[1].rejected["junk"]
 
 
 def test_overflowing_aggregate_keeps_the_last_good_model(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
     big = [np.full(3, 3e38, np.float32)]
-    params, _ = s.aggregate_fit(1, [_reply("a", big), _reply("b", big, node=2)], [])
+    params = _round(s, 1, [_reply("a", big), _reply("b", big, node=2)], [])
     assert params is None and np.allclose(s.global_arrays[0], 0.0) and not s.records[1].aggregated

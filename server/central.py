@@ -1,0 +1,52 @@
+"""The server's half of client-level DP: noise, budget and the ledger row (see common.central_dp)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.accounting import RoundPlan
+from common.central_dp import CENTRAL_SITE_ID, CENTRAL_UNIT, add_noise, central_epsilon
+from server.ledger import Ledger, LedgerRow, SiteSpend
+
+
+class CentralRelease:
+    """Adds N(0, (zC)^2) to each round's sum and divides by the expected sample, q N."""
+
+    def __init__(self, plan: RoundPlan, budget: float, rng: np.random.Generator) -> None:
+        self.plan = plan
+        self.budget = budget
+        self.rng = rng
+
+    @property
+    def clip_norm(self) -> float:
+        return self.plan.max_grad_norm
+
+    @property
+    def expected_sites(self) -> float:
+        return self.plan.sample_rate * self.plan.dataset_size
+
+    def can_release(self, ledger: Ledger) -> bool:
+        """Whether one more round stays within the central budget."""
+        history = ledger.history(CENTRAL_SITE_ID) + [self.plan.mechanism]
+        return central_epsilon(history, self.plan) <= self.budget
+
+    def release(
+        self, rnd: int, total: list[np.ndarray], ledger: Ledger, *, rounds_failed: bool
+    ) -> tuple[list[np.ndarray], LedgerRow]:
+        """Ledger the round's mechanism, then return the noised step (sum + noise) / (q N).
+
+        The row is written first and whatever the sample: the mechanism runs every round,
+        including rounds in which no site (or too few for SecAgg+) took part.
+        """
+        spend = SiteSpend(
+            site_id=CENTRAL_SITE_ID,
+            unit=CENTRAL_UNIT,
+            plan=self.plan,
+            steps_taken=1,
+            eps_budget=self.budget,
+            used=not rounds_failed,
+            status="released" if not rounds_failed else "noise_only",
+        )
+        (row,) = ledger.record_round(rnd, [spend])
+        noisy = add_noise(total, self.plan.noise_multiplier * self.clip_norm, self.rng)
+        return [n / self.expected_sites for n in noisy], row
