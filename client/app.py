@@ -26,7 +26,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from client.mods import InjectedDropout, make_fault_mod, secure_mod
 from common.accounting import RoundPlan, epsilon
 from common.config import RunConfig
-from common.central_dp import clip_update
+from common.central_dp import CENTRAL_SITE_ID, clip_update, secure_clip_norm
 from common.dp import plan_round
 from common.errors import PrivfedError
 from common.keys import KEY_ENV, key_from_env, load_key
@@ -121,7 +121,7 @@ class SiteClient(NumPyClient):
             raise InjectedDropout(f"injected dropout: site {self.site_index} trained in round {server_round}, its reply is lost")
         # Under DP the training loss stays at the site: it is computed from the private
         # examples without noise, so sending it would fall outside the epsilon we claim.
-        private_extras = {} if self.cfg.dp.enabled else outcome.metrics
+        private_extras = {} if self.cfg.dp.enabled or self.cfg.central_dp.enabled else outcome.metrics
         metrics = fit_metrics(
             self.site_id, self.task.unit_of_privacy, plan, outcome.steps_taken, budget, Status.TRAINED,
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
@@ -139,7 +139,7 @@ class SiteClient(NumPyClient):
         """Clip for central DP; check what SecAgg+ cannot check once the update is masked."""
         cdp, sa = self.cfg.central_dp, self.cfg.secagg
         if cdp.enabled:
-            update = clip_update(update, cdp.clip_norm)
+            update = clip_update(update, secure_clip_norm(cdp.clip_norm, sa, update))
         if sa.enabled:
             # Once masked, a bad update cannot be told apart from the others: the site
             # refuses to send it, and the protocol treats the site as dropped out.
@@ -170,7 +170,10 @@ def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, 
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < cfg.federation.num_sites:
         raise PrivfedError(f"partition-id={index!r} must be an integer in [0, num-sites={cfg.federation.num_sites})")
     # Deployment: the operator names the site pseudonymously; simulation: site-<i>.
-    return index, str(node_config.get("site-id", f"site-{index}"))
+    site_id = str(node_config.get("site-id", f"site-{index}"))
+    if site_id == CENTRAL_SITE_ID:
+        raise PrivfedError(f"site-id {CENTRAL_SITE_ID!r} is reserved for the ledger's client-level DP rows; pick another")
+    return index, site_id
 
 
 def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None = None) -> bytes | None:

@@ -41,7 +41,7 @@ def secure_stage(msg: Message) -> str | None:
 
 
 def make_fault_mod(defaults: Mapping[str, Any]):
-    """A mod that drops this site at the SecAgg+ unmask stage when ``[faults]`` says so.
+    """A mod that drops this site at the SecAgg+ setup or unmask stage when ``[faults]`` says so.
 
     The train and upload stages are injected inside the client's ``fit`` (they need the
     round number and must run after the site's own accounting).
@@ -49,12 +49,13 @@ def make_fault_mod(defaults: Mapping[str, Any]):
     base = dict(defaults)
 
     def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if secure_stage(msg) == Stage.UNMASK:
+        stage = secure_stage(msg)
+        if stage in (Stage.SETUP, Stage.UNMASK):
             cfg = config_from(base, context.run_config)
             index = context.node_config.get("partition-id")
             rnd = int(msg.metadata.group_id or 0)
-            if isinstance(index, int) and cfg.faults.drops(cfg.federation.seed, index, rnd, "unmask"):
-                raise InjectedDropout(f"injected dropout: site {index} leaves round {rnd} before unmasking")
+            if isinstance(index, int) and cfg.faults.drops(cfg.federation.seed, index, rnd, stage):
+                raise InjectedDropout(f"injected dropout: site {index} leaves round {rnd} at SecAgg+ stage {stage}")
         return call_next(msg, context)
 
     return fault_mod

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from common.accounting import Mechanism, RoundPlan, epsilon, noise_for_target
-from common.config import RunConfig
+from common.config import RunConfig, SecAggConfig
 
 # One ledger row per round carries the central mechanism under this pseudo-site id.
 CENTRAL_SITE_ID = "all-sites"
@@ -38,6 +38,22 @@ def clip_update(update: list[np.ndarray], clip_norm: float) -> list[np.ndarray]:
         return update
     scale = clip_norm / norm
     return [(a * scale).astype(a.dtype, copy=False) for a in update]
+
+
+def secure_clip_norm(clip_norm: float, secagg: SecAggConfig, update: list[np.ndarray]) -> float:
+    """The clip bound that keeps a site's contribution within ``clip_norm`` after SecAgg+.
+
+    Stochastic rounding moves each coordinate by less than one quantization step, so the
+    quantized update's norm can exceed the clipped one by up to step * sqrt(d). Clipping
+    to ``clip_norm - step * sqrt(d)`` keeps the sensitivity the accountant assumes.
+    """
+    if not secagg.enabled:
+        return clip_norm
+    d = sum(a.size for a in update)
+    bound = clip_norm - secagg.step * math.sqrt(d)
+    if bound <= 0:
+        raise ValueError(f"central-dp.clip-norm={clip_norm:g} is below SecAgg+'s rounding error over {d} values; raise it")
+    return bound
 
 
 def update_norm(update: list[np.ndarray]) -> float:

@@ -189,12 +189,7 @@ class DPConfig:
                 "dp.noise-multiplier",
                 "must be > 0 when dp.enabled (zero noise gives no privacy; set dp.enabled=false for a non-private run)",
             )
-            lo, hi = SIGMA_RANGE
-            _require(
-                lo <= self.noise_multiplier <= hi,
-                "dp.noise-multiplier",
-                f"must be in [{lo:g}, {hi:g}] (outside it the accountants cannot compute epsilon), got {self.noise_multiplier:g}",
-            )
+            _require_sigma("dp.noise-multiplier", self.noise_multiplier)
         _require(
             self.delta == 0 or self.delta >= MIN_DELTA,
             "dp.delta",
@@ -278,7 +273,9 @@ class SecAggConfig:
     def shares_and_threshold(self, sampled: int) -> tuple[int, int]:
         """SecAgg+ (num_shares, threshold) for a round with ``sampled`` sites (>= 3)."""
         shares = sampled if not self.num_shares or self.num_shares >= sampled else self.num_shares
-        threshold = self.reconstruction_threshold or shares // 2 + 1
+        # Never below a majority: Flower 1.41 has no consistency check, so with 2t <= shares a
+        # malicious server could collect both kinds of shares of one site and unmask it.
+        threshold = max(self.reconstruction_threshold, shares // 2 + 1)
         return shares, min(threshold, shares - 1)
 
 
@@ -304,12 +301,7 @@ class CentralDPConfig:
         _require(self.clip_norm > 0, "central-dp.clip-norm", f"must be > 0, got {self.clip_norm}")
         _require(self.target_epsilon >= 0, "central-dp.target-epsilon", f"must be >= 0, got {self.target_epsilon}")
         if self.enabled and not self.target_epsilon:
-            lo, hi = SIGMA_RANGE
-            _require(
-                lo <= self.noise_multiplier <= hi,
-                "central-dp.noise-multiplier",
-                f"must be in [{lo:g}, {hi:g}], got {self.noise_multiplier:g}",
-            )
+            _require_sigma("central-dp.noise-multiplier", self.noise_multiplier)
         _require(
             self.delta == 0 or MIN_DELTA <= self.delta < 1,
             "central-dp.delta",
@@ -331,7 +323,8 @@ class CentralDPConfig:
 class FaultsConfig:
     """Injected faults for tests and the fault-injection scenarios (simulation only).
 
-    A site drops out at ``dropout-stage``: ``train`` (before training: nothing spent),
+    A site drops out at ``dropout-stage``: ``setup`` (SecAgg+ only: before sharing its
+    keys), ``train`` (before training: nothing spent),
     ``upload`` (after training, its reply is lost), ``unmask`` (SecAgg+ only: after it sent
     its masked update, before it helps unmask). Sites are picked per round with
     probability ``dropout-rate`` (seeded), or exactly by ``dropout-sites`` ("0,3").
@@ -369,7 +362,9 @@ class FaultsConfig:
         return bool(u < self.dropout_rate)
 
 
-FAULT_STAGES = ("train", "upload", "unmask")
+FAULT_STAGES = ("setup", "train", "upload", "unmask")
+# Fewest updates a secure sum may hold: with 2, each site learns the other's update.
+MIN_SECURE_SITES = 3
 
 
 def _ints(text: str) -> set[int]:
@@ -525,6 +520,15 @@ def _check_secure(cfg: RunConfig) -> None:
             "the masked sum would wrap around",
         )
     if cdp.enabled:
+        flip = all_or_nothing_probability(cfg)
+        delta = cdp.site_delta(fed.num_sites)
+        _require(
+            flip <= delta,
+            "fraction-fit",
+            f"with num-sites={fed.num_sites} and fraction-fit={fed.fraction_fit:g}, one site decides with probability "
+            f"{flip:.2g} over {fed.rounds} rounds whether a round's sum is released at all (a round needs "
+            f"{min_round_sites(cfg)} sites); that must stay below central-dp delta={delta:.2g}: sample more sites",
+        )
         _require(cfg.uniform_weights, "weighting", "must be uniform or auto with central DP (each site's weight is bounded by clip-norm)")
         if sa.enabled:
             _require(
@@ -532,6 +536,28 @@ def _check_secure(cfg: RunConfig) -> None:
                 "central-dp.clip-norm",
                 f"is {cdp.clip_norm} but secagg.clipping-range is {sa.clipping_range}: clipped updates would be clipped again, per coordinate",
             )
+
+
+def min_round_sites(cfg: RunConfig) -> int:
+    """Fewest sites whose updates a round will aggregate (fewer: the round releases no sum)."""
+    return max(cfg.federation.min_fit_sites, MIN_SECURE_SITES if cfg.secagg.enabled else 1)
+
+
+def all_or_nothing_probability(cfg: RunConfig) -> float:
+    """Probability, over the run, that one site's presence decides whether a round's sum is released.
+
+    Under Poisson sampling with a minimum of m sites per round, adding a site to a sample
+    of exactly m - 1 others turns "no sum" into a sum of m updates: sensitivity m C, not
+    C. That happens with probability P(Bin(N - 1, q) = m - 1) per round; outside it each
+    round is the accounted Gaussian mechanism, so the run is (eps, delta + this)-DP.
+    With m = 1 there is no such event: an empty round still releases the noise.
+    """
+    m = min_round_sites(cfg)
+    n, q = cfg.federation.num_sites - 1, cfg.federation.fraction_fit
+    if m <= 1 or m - 1 > n:
+        return 0.0
+    p = math.comb(n, m - 1) * q ** (m - 1) * (1 - q) ** (n - m + 1)
+    return min(1.0, cfg.federation.rounds * p)
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -590,6 +616,11 @@ def _suggest(key: str, sections: Mapping[str, type]) -> str:
     ]
     close = [k for k in known if k.startswith(key)] or difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _require_sigma(key: str, sigma: float) -> None:
+    lo, hi = SIGMA_RANGE
+    _require(lo <= sigma <= hi, key, f"must be in [{lo:g}, {hi:g}] (outside it the accountants cannot compute epsilon), got {sigma:g}")
 
 
 def _require(cond: bool, key: str, message: str) -> None:

@@ -19,7 +19,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from rich.console import Console
 
 from common.accounting import NO_DP
-from common.config import RunConfig
+from common.config import RunConfig, all_or_nothing_probability
 from common.errors import TrainingFailure
 from common.preflight import preflight
 from common.runtime import config_from, resolve_device
@@ -121,6 +121,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             summary = write_summary(
                 run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng, mia,
                 test_source=task.test_description, plot_metrics=task.plot_metrics,
+                central_extra_delta=all_or_nothing_probability(cfg) if cfg.central_dp.enabled else 0.0,
             )
             recorder.ledger.close()
     if failure is not None:

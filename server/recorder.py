@@ -107,10 +107,12 @@ class RunRecorder:
         self.save_checkpoint(rnd)
         self.console.print(self._progress_line(rnd, line))
         if strategy.should_stop():
-            self.console.print(
-                f"[yellow]stopping after round {rnd}: no site can train another round within its ε budget "
-                f"(dp.epsilon-budget={self.cfg.dp.epsilon_budget:g})[/]"
+            why = (
+                f"another round would exceed the client-level ε budget (central-dp.epsilon-budget={self.cfg.central_dp.epsilon_budget:g})"
+                if strategy.central_exhausted
+                else f"no site can train another round within its ε budget (dp.epsilon-budget={self.cfg.dp.epsilon_budget:g})"
             )
+            self.console.print(f"[yellow]stopping after round {rnd}: {why}[/]")
             return False
         return True
 

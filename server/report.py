@@ -34,6 +34,7 @@ class Summary:
     cross_checks: tuple = ()
     central: LedgerRow | None = None  # last client-level (central DP) row, unit "site"
     central_rounds: int = 0
+    central_extra_delta: float = 0.0  # config.all_or_nothing_probability
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -57,8 +58,9 @@ class Summary:
                 )
         c = self.central
         if c is not None:
+            extra = f" + {self.central_extra_delta:.2g} (rounds one site could make all-or-nothing)" if self.central_extra_delta else ""
             lines.append(
-                f"client-level DP: ε {c.eps_total:.3f} at δ = {c.delta:.3g} (RDP accountant, unit of privacy: one site, "
+                f"client-level DP: ε {c.eps_total:.3f} at δ = {c.delta:.3g}{extra} (RDP accountant, unit of privacy: one site, "
                 f"DP-FedAvg σ={c.noise_multiplier:.4g}, C={c.max_grad_norm:g}, Poisson q={c.sample_rate:g} of "
                 f"{c.dataset_size} sites, {self.central_rounds} rounds; noise added by the server after aggregation)"
             )
@@ -119,6 +121,7 @@ def write_summary(
     mia: dict[str, float] | None = None,
     test_source: str = "server-held split",
     plot_metrics: tuple[str, ...] = (),
+    central_extra_delta: float = 0.0,
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
@@ -146,6 +149,7 @@ def write_summary(
         cross_checks=tuple(cross_check(rows)),
         central=central[-1] if central else None,
         central_rounds=len(central),
+        central_extra_delta=central_extra_delta,
     )
     (run_dir / "privacy-audit.json").write_text(
         json.dumps(

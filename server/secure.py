@@ -17,7 +17,7 @@ from flwr.server import Grid, LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
-from common.config import SecAggConfig
+from common.config import MIN_SECURE_SITES, SecAggConfig
 
 
 class PrivfedSecAgg(SecAggPlusWorkflow):
@@ -42,10 +42,25 @@ class PrivfedSecAgg(SecAggPlusWorkflow):
 
     # Each stage is timed (seconds per stage go to metrics.jsonl as ``secagg_seconds``).
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        return self._timed("setup", super().setup_stage, grid, context, state)
+        return self._forget_early_dropouts(self._timed("setup", super().setup_stage, grid, context, state), state)
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        return self._timed("share_keys", super().share_keys_stage, grid, context, state)
+        return self._forget_early_dropouts(self._timed("share_keys", super().share_keys_stage, grid, context, state), state)
+
+    @staticmethod
+    def _forget_early_dropouts(ok: bool, state: Any) -> bool:
+        """Drop sites that left before sharing their keys from the protocol's bookkeeping.
+
+        Flower 1.41 builds the unmask stage's "dead" list from every *sampled* site, so one
+        that vanished at setup (an offline site: the common case) is asked for shares nobody
+        holds and every survivor's unmask fails. Nobody trained yet, so nothing is lost by
+        treating such a site as never sampled.
+        """
+        if ok:
+            state.sampled_node_ids = set(state.active_node_ids)
+            for nid in list(state.nid_to_neighbours):
+                state.nid_to_neighbours[nid] &= state.active_node_ids
+        return ok
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         # Includes local training: sites train when they receive this stage's message.
@@ -55,6 +70,10 @@ class PrivfedSecAgg(SecAggPlusWorkflow):
         return ok
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        if len(state.legacy_results) < MIN_SECURE_SITES:
+            # Unmasking a sum of 1 or 2 updates would hand each site (or the server) the others'.
+            self._lost(context, state, f"only {len(state.legacy_results)} masked update(s); a secure sum needs {MIN_SECURE_SITES}")
+            return False
         # Includes the strategy's aggregate_fit, which Flower calls at the end of this stage.
         ok = self._timed("unmask", super().unmask_stage, grid, context, state)
         if not ok:
@@ -65,10 +84,17 @@ class PrivfedSecAgg(SecAggPlusWorkflow):
         t0 = time.perf_counter()
         try:
             return stage(grid, context, state)
+        except Exception as exc:
+            # A malformed share or masked vector must not crash the run or lose the spend.
+            self._lost(context, state, f"{name} stage raised {type(exc).__name__}: {str(exc)[:200]}")
+            return False
         finally:
             self.strategy.record(_round(context)).secagg_seconds[name] = time.perf_counter() - t0
 
     def _lost(self, context: LegacyContext, state: Any, why: str) -> None:
+        if getattr(state, "lost_reported", False):
+            return
+        state.lost_reported = True
         rnd = _round(context)
         reason = (
             f"secure aggregation failed: {why} (threshold {state.threshold} of {state.num_shares} shares, "

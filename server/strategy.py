@@ -33,6 +33,7 @@ from flwr.supercore import log
 
 from common.accounting import NO_DP
 from common.central_dp import update_norm
+from common.config import MIN_SECURE_SITES
 from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics
 from server.central import CentralRelease
 from server.ledger import Ledger, LedgerRow, SiteSpend
@@ -124,8 +125,8 @@ class DeltaFedAvg(FedAvg):
             instructions = [(c, FitIns(parameters, config)) for c in chosen]
         else:
             instructions = super().configure_fit(server_round, parameters, client_manager)
-        if self.secure and 0 < len(instructions) < 3:
-            rec.failures.append(f"only {len(instructions)} site(s) sampled; a secure round needs at least 3")
+        if self.secure and 0 < len(instructions) < MIN_SECURE_SITES:
+            rec.failures.append(f"only {len(instructions)} site(s) sampled; a secure round needs at least {MIN_SECURE_SITES}")
             instructions = []
         rec.sampled = len(instructions)
         rec.released = self.central is not None  # the central mechanism runs whatever the sample
@@ -243,9 +244,14 @@ class DeltaFedAvg(FedAvg):
             # A masked update cannot be taken out of the sum: the whole sum is unusable.
             return None, f"secure sum discarded: it contains the update of {', '.join(bad)}, which was rejected"
         trained = sorted(s for s, (r, _) in reports.items() if r.status is Status.TRAINED)
-        if len(trained) < self.min_fit_sites:
-            return None, f"{len(trained)} site(s) trained, below min-fit-sites={self.min_fit_sites}" if trained else ""
+        # Zero updates of out-of-budget sites do not hide anything: count only trained ones.
+        need = max(self.min_fit_sites, MIN_SECURE_SITES)
+        if len(trained) < need:
+            return None, f"{len(trained)} site(s) trained in a secure round, below {need}; the sum is not used" if trained else ""
         mean = parameters_to_ndarrays(results[0][1].parameters)
+        # (Flower dequantizes to float64; the shapes must match, the dtype is cast below.)
+        if [a.shape for a in mean] != [g.shape for g in self.global_arrays]:
+            return None, "secure sum discarded: its arrays do not match the model's shapes"
         # mean over every replying site (zero updates of out-of-budget sites included) -> sum
         total = [(m.astype(np.float64) * len(results)).astype(g.dtype) for m, g in zip(mean, self.global_arrays)]
         return Staged(trained, total, float(len(trained))), ""

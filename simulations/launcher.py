@@ -132,8 +132,12 @@ def simulate(
     dp = cfg.dp
     privacy = (
         f"DP-SGD σ={dp.noise_multiplier:g}" if dp.enabled and not dp.target_epsilon
-        else f"DP-SGD target ε={dp.target_epsilon:g}" if dp.enabled else "no DP"
+        else f"DP-SGD target ε={dp.target_epsilon:g}" if dp.enabled else "no sample-level DP"
     )
+    if cfg.central_dp.enabled:
+        privacy += f", client-level DP C={cfg.central_dp.clip_norm:g}"
+    if cfg.secagg.enabled:
+        privacy += ", SecAgg+"
     console.print(
         f"[bold]privfed[/] scenario [cyan]{cfg.scenario}[/]: task {cfg.task}, {cfg.federation.num_sites} sites, "
         f"{cfg.federation.rounds} rounds, {privacy}, C={dp.max_grad_norm:g}, budget ε={dp.epsilon_budget:g}"

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from common.accounting import RoundPlan, epsilon
-from common.central_dp import CENTRAL_SITE_ID, central_plan, clip_update, update_norm
+from flwr.common import ndarrays_to_parameters
+
+from common.central_dp import CENTRAL_SITE_ID, central_plan, clip_update, secure_clip_norm, update_norm
+from common.config import all_or_nothing_probability
 from common.errors import ConfigError
+from common.protocol import Status as SiteStatus
 from server.central import CentralRelease
 from server.ledger import Ledger
 from server.strategy import DeltaFedAvg
@@ -125,3 +129,45 @@ def test_secure_round_with_a_rejected_report_discards_the_sum(tmp_path):
     # A clean secure round: the replies carry the mean over all 3; the sum is divided by the trained count.
     new = _round(s, 2, [_reply("a", mean), _reply("b", mean, node=2), _reply("c", mean, node=3)], [])
     assert np.allclose(new[0], 0.5)
+
+
+def test_secure_sum_counts_zero_replies_but_divides_by_trained_sites(tmp_path):
+    s = _cdp_strategy(tmp_path, None, secure=True)
+    z = [np.zeros(3, np.float32)]
+    # Flower's mean over 4 masked replies (one out-of-budget site sent zeros): sum = 3 * 0.8
+    mean = [np.full(3, 0.6, np.float32)]
+    replies = [_reply(x, mean, node=i) for i, x in enumerate("abc")]
+    replies.append(_reply("d", z, node=9, status=SiteStatus.BUDGET_EXHAUSTED))
+    for _, res in replies:
+        res.parameters = ndarrays_to_parameters(mean)
+    assert np.allclose(_round(s, 1, replies, []), 0.8)
+    # Two trained sites (plus zeros) are never enough for a secure sum.
+    assert _round(s, 2, replies[:2] + replies[3:], []) is None
+    assert "below 3" in s.records[2].failures[-1]
+
+
+def test_all_or_nothing_probability_is_the_binomial_flip_event():
+    # 6 sites, q = 0.5, a secure round needs 3: one site flips the round when exactly 2 of
+    # the other 5 are sampled: C(5,2)/32 = 0.3125 per round.
+    cfg = make_cfg(**{"num-sites": 6, "fraction-fit": 0.5, "rounds": 2, "secagg.enabled": True})
+    assert all_or_nothing_probability(cfg) == pytest.approx(0.625)
+    assert all_or_nothing_probability(make_cfg(**{"num-sites": 5, "fraction-fit": 0.5})) == 0.0  # m = 1: noise-only rounds
+    with pytest.raises(ConfigError, match="one site decides"):
+        make_cfg(**{"num-sites": 6, "fraction-fit": 0.5, "secagg.enabled": True, "central-dp.enabled": True})
+
+
+def test_clip_bound_leaves_room_for_secagg_rounding():
+    sa = make_cfg(**{"secagg.enabled": True}).secagg
+    update = [np.zeros(10_000, np.float32)]
+    assert secure_clip_norm(1.0, sa, update) == pytest.approx(1.0 - sa.step * 100)
+    assert secure_clip_norm(1.0, make_cfg().secagg, update) == 1.0
+    with pytest.raises(ValueError, match="rounding error"):
+        secure_clip_norm(1e-6, sa, update)
+
+
+def test_secure_sum_of_the_wrong_shape_is_discarded(tmp_path):
+    s = _cdp_strategy(tmp_path, None, secure=True)
+    bad = [np.zeros(4, np.float64)]
+    replies = [_reply(x, bad, node=i) for i, x in enumerate("abc")]
+    assert _round(s, 1, replies, []) is None
+    assert "do not match the model's shapes" in s.records[1].failures[-1]

@@ -74,6 +74,16 @@ def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path):
     assert _max_diff(plain3, plain) > 100 * STEP
 
 
+def test_a_site_offline_at_setup_leaves_a_round_of_the_others(tmp_path):
+    """Flower 1.41 alone fails the whole round here (it asks survivors for shares of a site
+    that never shared its keys); server/secure.py forgets such sites before anyone trains."""
+    base = VAE + ["num-sites=5", "rounds=1", "weighting=uniform", 'faults.dropout-sites="0"']
+    secure, lines = _run(tmp_path, "secure", "vae-digits", base + ["secagg.enabled=true", "faults.dropout-stage=setup"])
+    plain, _ = _run(tmp_path, "plain", "vae-digits", base + ["faults.dropout-stage=train"])
+    assert lines[0]["aggregated"] and lines[0]["sites_used"] == ["site-1", "site-2", "site-3", "site-4"]
+    assert _max_diff(secure, plain) < STEP
+
+
 def test_below_threshold_round_fails_cleanly_and_ledgers_the_spend(tmp_path):
     run_dir = tmp_path / "run"
     simulate(
