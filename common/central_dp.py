@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from common.accounting import Mechanism, RoundPlan, epsilon, noise_for_target
+from common.accounting import RoundPlan, noise_for_target
 from common.config import RunConfig, SecAggConfig
 
 # One ledger row per round carries the central mechanism under this pseudo-site id.
@@ -91,6 +91,3 @@ def central_plan(cfg: RunConfig) -> RoundPlan:
         accountant=CENTRAL_ACCOUNTANT,
     )
 
-
-def central_epsilon(history: list[Mechanism], plan: RoundPlan) -> float:
-    return epsilon(history, plan.delta, plan.accountant)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.accounting import RoundPlan
-from common.central_dp import CENTRAL_SITE_ID, CENTRAL_UNIT, add_noise, central_epsilon
+from common.central_dp import CENTRAL_SITE_ID, CENTRAL_UNIT, add_noise
 from server.ledger import Ledger, LedgerRow, SiteSpend
 
 
@@ -27,13 +27,15 @@ class CentralRelease:
 
     def can_release(self, ledger: Ledger) -> bool:
         """Whether one more round stays within the central budget."""
-        history = ledger.history(CENTRAL_SITE_ID) + [self.plan.mechanism]
-        return central_epsilon(history, self.plan) <= self.budget
+        p = self.plan
+        return ledger.projected_total(CENTRAL_SITE_ID, p.mechanism, p.delta, p.accountant) <= self.budget
 
     def release(
-        self, rnd: int, total: list[np.ndarray], ledger: Ledger, *, rounds_failed: bool
+        self, rnd: int, total: list[np.ndarray], ledger: Ledger, *, empty: bool
     ) -> tuple[list[np.ndarray], LedgerRow]:
         """Ledger the round's mechanism, then return the noised step (sum + noise) / (q N).
+
+        ``empty``: no sum this round (nobody, or too few, took part); the noise is released alone.
 
         The row is written first and whatever the sample: the mechanism runs every round,
         including rounds in which no site (or too few for SecAgg+) took part.
@@ -44,8 +46,8 @@ class CentralRelease:
             plan=self.plan,
             steps_taken=1,
             eps_budget=self.budget,
-            used=not rounds_failed,
-            status="released" if not rounds_failed else "noise_only",
+            used=not empty,
+            status="noise_only" if empty else "released",
         )
         (row,) = ledger.record_round(rnd, [spend])
         noisy = add_noise(total, self.plan.noise_multiplier * self.clip_norm, self.rng)

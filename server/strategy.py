@@ -151,7 +151,7 @@ class DeltaFedAvg(FedAvg):
         if self.secure:
             staged, why = self._stage_secure(results, reports, rec)
         else:
-            staged, why = self._stage_plain(results, reports, rec)
+            staged, why = self._stage_plain(reports, rec)
         used = set(staged.sites) if staged is not None else set()
         spends = [_settle(s, s.site_id in used, rec.rejected.get(s.site_id, "")) for s in spends]
         if why:
@@ -213,7 +213,7 @@ class DeltaFedAvg(FedAvg):
             spends.append(_spend(report, report.status is Status.TRAINED and not reason, reason))
         return spends, reports
 
-    def _stage_plain(self, results, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
+    def _stage_plain(self, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
         usable: dict[str, tuple[list[np.ndarray], int]] = {}
         for site, (report, res) in sorted(reports.items()):
             if report.status is not Status.TRAINED or site in rec.rejected:
@@ -265,7 +265,7 @@ class DeltaFedAvg(FedAvg):
         staged = self.staged.pop(server_round, None)
         if self.central is not None and rec.released and not self.central_exhausted:
             total = staged.total if staged is not None else [np.zeros_like(g) for g in self.global_arrays]
-            step, row = self.central.release(server_round, total, self.ledger, rounds_failed=staged is None)
+            step, row = self.central.release(server_round, total, self.ledger, empty=staged is None)
             rec.ledger_rows.append(row)
         elif staged is not None:
             step = [t / staged.divisor for t in staged.total]

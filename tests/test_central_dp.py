@@ -39,12 +39,12 @@ def _central(tmp_path, budget=float("inf"), plan=PLAN, seed=0):
 def test_release_adds_noise_of_the_stated_scale_and_ledgers_the_site_unit(tmp_path):
     central, ledger = _central(tmp_path)
     total = [np.zeros(200_000, np.float32)]
-    step, row = central.release(1, total, ledger, rounds_failed=False)
+    step, row = central.release(1, total, ledger, empty=False)
     # (sum + N(0, (z C)^2)) / (q N): std z C / (q N) = 1.5 * 0.5 / 10
     assert np.std(step[0]) == pytest.approx(0.075, rel=0.01) and abs(np.mean(step[0])) < 1e-3
     assert (row.site_id, row.unit, row.status, row.steps) == (CENTRAL_SITE_ID, "site", "released", 1)
     for rnd in (2, 3):
-        _, row = central.release(rnd, total, ledger, rounds_failed=rnd == 3)
+        _, row = central.release(rnd, total, ledger, empty=rnd == 3)
     assert row.status == "noise_only" and not row.used
     assert row.eps_total == epsilon([PLAN.mechanism] * 3, PLAN.delta, "rdp")
     assert ledger.verify().ok
@@ -55,7 +55,7 @@ def test_budget_stops_releases(tmp_path):
     two = epsilon([PLAN.mechanism] * 2, PLAN.delta, "rdp")
     central, ledger = _central(tmp_path, budget=(one + two) / 2)
     assert central.can_release(ledger)
-    central.release(1, [np.zeros(3)], ledger, rounds_failed=False)
+    central.release(1, [np.zeros(3)], ledger, empty=False)
     assert not central.can_release(ledger)
 
 
