@@ -9,13 +9,17 @@ and sends back
   write the ledger. Raw data, labels and per-example values never leave the site.
 
 The site keeps its own accounting history in the node's ``context.state``, which lives
-as long as the SuperNode's run (a restart loses it; the server's ledger-based budget check
-remains).
+as long as the SuperNode's run, and, with a ``state-dir``, also on its own disk
+(:mod:`client.state`), so that it survives a restart or a resumed run. Each reply also
+carries the rounds the site trained before, so the server can ledger a round whose
+reply it never received.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -24,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
 from client.mods import InjectedDropout, make_fault_mod, secure_mod
+from client.state import SiteState, load_state, save_state, state_path
 from common.accounting import RoundPlan, epsilon
 from common.config import RunConfig
 from common.central_dp import CENTRAL_SITE_ID, clip_update, secure_clip_norm
@@ -43,12 +48,47 @@ LOCAL_STATE_KEY = "privfed.local-model"
 
 class SiteClient(NumPyClient):
     def __init__(
-        self, cfg: RunConfig, site_index: int, site_id: str, context: Context, key: bytes | None = None
+        self,
+        cfg: RunConfig,
+        site_index: int,
+        site_id: str,
+        context: Context,
+        key: bytes | None = None,
+        state_dir: str = "",
     ) -> None:
         self.cfg, self.site_index, self.site_id, self.ctx = cfg, site_index, site_id, context
         self.task = cached_task(cfg, key)
         self.train_data, self.val_data = self.task.site_data(site_index)
         self.device = resolve_device(cfg.federation.device)
+        self.state_dir = state_dir
+        self.state_file: Path | None = None
+
+    # ------------------------------------------------------------ durable state
+    def _restore(self, config: Mapping[str, Any]) -> None:
+        """Load this run's saved state into the node state (see client.state).
+
+        Every time, not once: Flower drops the changes a ClientApp made to its node state
+        when the app then fails (a crash or dropout after training), so after a failure
+        the in-memory history would miss the round the site had just spent privacy on.
+        The file was written before the failure and is the site's truth.
+        """
+        run_id = config.get("run-id")
+        if not self.state_dir or not isinstance(run_id, str) or not run_id:
+            return
+        self.state_file = state_path(self.state_dir, run_id, self.site_id)
+        saved = load_state(self.state_file)
+        if saved is None:
+            return
+        self._set_history(saved.history)
+        if saved.local:
+            self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=saved.local)
+
+    def _persist(self) -> None:
+        if self.state_file is None:
+            return
+        rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
+        local = rec.to_torch_state_dict() if rec is not None else {}
+        save_state(self.state_file, SiteState(self._entries(), local))
 
     # ------------------------------------------------------------ site-local model state
     def _model(self, parameters: list[np.ndarray]) -> tuple[Any, list[str]]:
@@ -74,24 +114,39 @@ class SiteClient(NumPyClient):
             self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=local)
 
     # ------------------------------------------------------------ accounting state
-    def _history(self) -> list[tuple[float, float, int]]:
+    def _entries(self) -> list[tuple[int, float, float, int]]:
+        """(round, sigma, q, steps) for every round this site trained in this run."""
         rec = self.ctx.state.config_records.get(STATE_KEY)
         if rec is None:
             return []
-        return list(zip(rec["sigma"], rec["q"], rec["steps"]))  # type: ignore[arg-type]
+        return list(zip(rec["round"], rec["sigma"], rec["q"], rec["steps"]))  # type: ignore[arg-type]
 
-    def _remember(self, plan: RoundPlan, steps: int) -> None:
-        hist = self._history() + [(plan.noise_multiplier, plan.sample_rate, steps)]
+    def _history(self) -> list[tuple[float, float, int]]:
+        return [(s, q, k) for _, s, q, k in self._entries()]
+
+    def _set_history(self, entries: list[tuple[int, float, float, int]]) -> None:
         self.ctx.state.config_records[STATE_KEY] = ConfigRecord(
-            {"sigma": [h[0] for h in hist], "q": [h[1] for h in hist], "steps": [h[2] for h in hist]}
+            {
+                "round": [int(e[0]) for e in entries],
+                "sigma": [float(e[1]) for e in entries],
+                "q": [float(e[2]) for e in entries],
+                "steps": [int(e[3]) for e in entries],
+            }
         )
+
+    def _remember(self, server_round: int, plan: RoundPlan, steps: int) -> None:
+        self._set_history(self._entries() + [(server_round, plan.noise_multiplier, plan.sample_rate, steps)])
 
     # ------------------------------------------------------------------- Flower
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         server_round = int(config.get("server-round", 0))
+        self._restore(config)
         plan = plan_round(self.cfg, len(self.train_data))
         budget = self.cfg.dp.epsilon_budget
         model, keys = self._model(parameters)
+        # The rounds this site trained before, for the server's ledger (a reply it never
+        # received is ledgered when it learns of it here).
+        before = json.dumps([[r, s, q, k] for r, s, q, k in self._entries() if k > 0])
 
         spent = epsilon(self._history(), plan.delta, plan.accountant)
         if self.cfg.dp.enabled:
@@ -102,6 +157,7 @@ class SiteClient(NumPyClient):
                 metrics = fit_metrics(
                     self.site_id, self.task.unit_of_privacy, plan, 0, budget, Status.BUDGET_EXHAUSTED,
                     eps_spent=spent, note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
+                    history=before,
                 )
                 # Under SecAgg+ a zero update still takes part, so the sum stays recoverable.
                 return zeros, 1 if self.cfg.secagg.enabled else 0, metrics
@@ -109,16 +165,23 @@ class SiteClient(NumPyClient):
         faults, seed0 = self.cfg.faults, self.cfg.federation.seed
         if faults.drops(seed0, self.site_index, server_round, "train"):
             raise InjectedDropout(f"injected dropout: site {self.site_index} leaves round {server_round} before training")
+        if faults.event(seed0, self.site_index, server_round, "crash", faults.crash_rate):
+            raise InjectedCrash(f"injected crash: site {self.site_index} failed in round {server_round} before training")
         t0 = time.perf_counter()
         seed = round_seed(self.cfg, self.site_index, server_round)
         outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
-        self._remember(plan, outcome.steps_taken)
+        self._remember(server_round, plan, outcome.steps_taken)
         self._keep_local(model, keys)
+        self._persist()  # before anything leaves the site
         local = get_state(model, keys)
         update = self._prepare_update([(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)])
         if faults.drops(seed0, self.site_index, server_round, "upload"):
             # After the site's own accounting: it spent privacy, the server never hears of it.
             raise InjectedDropout(f"injected dropout: site {self.site_index} trained in round {server_round}, its reply is lost")
+        if faults.event(seed0, self.site_index, server_round, "corrupt", faults.corrupt_rate):
+            update = corrupt(update, faults.corruption(seed0, self.site_index, server_round))
+        if faults.event(seed0, self.site_index, server_round, "delay", faults.delay_rate):
+            time.sleep(faults.delay_seconds)
         # Under DP the training loss stays at the site: it is computed from the private
         # examples without noise, so sending it would fall outside the epsilon we claim.
         private_extras = {} if self.cfg.dp.enabled or self.cfg.central_dp.enabled else outcome.metrics
@@ -126,6 +189,7 @@ class SiteClient(NumPyClient):
             self.site_id, self.task.unit_of_privacy, plan, outcome.steps_taken, budget, Status.TRAINED,
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
             train_seconds=time.perf_counter() - t0,
+            history=before,
             **private_extras,
         )
         return update, self._weight(len(self.train_data)), metrics
@@ -154,12 +218,31 @@ class SiteClient(NumPyClient):
         return update
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
+        self._restore(config)
         model, _ = self._model(parameters)
         metrics = self.task.evaluate(model.to(self.device), self.val_data)
         # A task may compute its primary metric only centrally (the GAN's FID); Flower still
         # wants a loss, and the server ignores a NaN one.
         loss = float(metrics.get(self.task.primary_metric, float("nan")))
-        return loss, len(self.val_data), {"site_id": self.site_id, **metrics}
+        # The rounds this site trained, so a fit reply lost in the last round is still ledgered.
+        history = json.dumps([[r, s, q, k] for r, s, q, k in self._entries() if k > 0])
+        return loss, len(self.val_data), {"site_id": self.site_id, **metrics, "history": history}
+
+
+class InjectedCrash(RuntimeError):
+    """A crash the run's ``[faults]`` section asked for: the ClientApp fails with an error."""
+
+
+def corrupt(update: list[np.ndarray], kind: str) -> list[np.ndarray]:
+    """A malformed update of the given kind (fault injection): what the server must reject."""
+    out = [a.copy() for a in update]
+    if kind == "nan":
+        out[0].flat[0] = np.nan
+    elif kind == "shape":
+        out[-1] = out[-1].reshape(-1)[:-1]
+    else:  # "norm": a thousand times the honest update, as from a diverged or hostile site
+        out = [a * np.asarray(1000.0, dtype=a.dtype) for a in out]
+    return out
 
 
 def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, str]:
@@ -198,11 +281,14 @@ def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None
     return key
 
 
-def build_client_app(defaults: Mapping[str, Any] | None = None, key: bytes | None = None) -> ClientApp:
+def build_client_app(
+    defaults: Mapping[str, Any] | None = None, key: bytes | None = None, state_dir: str | Path = ""
+) -> ClientApp:
     """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config.
 
     ``key`` is the federation key the simulation launcher hands its virtual sites; a
-    deployed site reads its own (:func:`site_key`).
+    deployed site reads its own (:func:`site_key`). ``state_dir`` is where the virtual
+    sites keep their durable state; a deployed site names its own (``state-dir``).
     """
     base = dict(defaults or {})
 
@@ -211,7 +297,8 @@ def build_client_app(defaults: Mapping[str, Any] | None = None, key: bytes | Non
         cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
         site_index, site_id = site_identity(cfg, context.node_config)
         site_secret = site_key(cfg, context.node_config, key)
-        return SiteClient(cfg, site_index, site_id, context, site_secret).to_client()
+        folder = str(context.node_config.get("state-dir", "") or state_dir)
+        return SiteClient(cfg, site_index, site_id, context, site_secret, folder).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
 

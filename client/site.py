@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import sys
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -42,6 +43,14 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
     for label, value in (("data-path", site.data_path), ("users-path", site.users_path)):
         if value and not Path(value).expanduser().exists():
             raise DataError(value, f"not found (site config {label})")
+    if site.state_dir:
+        folder = Path(site.state_dir).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise PrivfedError(f"state-dir {folder}: not writable ({exc.strerror or type(exc).__name__}); the site keeps its privacy history there") from None
     host, _, port = site.superlink.rpartition(":")
     host = host.strip("[]")
     try:

@@ -66,9 +66,46 @@ class FederationConfig:
     # (each site counts once), or auto: uniform under secure aggregation or central DP
     # (see docs/PRIVACY.md), examples otherwise.
     weighting: str = "auto"
+    # How the round's updates are combined: fedavg (a weighted mean), or one of Flower's
+    # Byzantine-robust rules on the updates: trimmed-mean, krum, multi-krum.
+    aggregation: str = "fedavg"
+    # trimmed-mean: the fraction cut from each end, per coordinate.
+    trim_fraction: float = 0.2
+    # krum / multi-krum: how many malicious sites to tolerate (needs > 2f + 2 updates).
+    byzantine_sites: int = 1
+    # Reject an update whose L2 norm is above this (0: no absolute bound) ...
+    max_update_norm: float = 0.0
+    # ... or above this many times the round's median update norm (0: off; needs 3 updates).
+    norm_outlier_factor: float = 10.0
+    # Seconds a round waits for replies; a site that has not answered is left out (0: no limit).
+    round_timeout: float = 0.0
+    # Continue the run in run-dir from its last checkpoint (`privfed resume RUN_DIR`).
+    resume: bool = False
 
     def validate(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(
+            self.aggregation in AGGREGATIONS,
+            "aggregation",
+            f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}",
+        )
+        _require(0 <= self.trim_fraction < 0.5, "trim-fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
+        _require(self.byzantine_sites >= 0, "byzantine-sites", f"must be >= 0, got {self.byzantine_sites}")
+        if self.aggregation in ("krum", "multi-krum"):
+            need = 2 * self.byzantine_sites + 3
+            _require(
+                self.sampled_per_round >= need,
+                "byzantine-sites",
+                f"{self.aggregation} with byzantine-sites={self.byzantine_sites} needs at least {need} sites per round "
+                f"(2f + 3), but {self.sampled_per_round} are sampled",
+            )
+        _require(self.max_update_norm >= 0, "max-update-norm", f"must be >= 0 (0: off), got {self.max_update_norm}")
+        _require(
+            self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
+            "norm-outlier-factor",
+            f"must be 0 (off) or > 1, got {self.norm_outlier_factor}",
+        )
+        _require(self.round_timeout >= 0, "round-timeout", f"must be >= 0 (0: no limit), got {self.round_timeout}")
         _require(self.num_sites >= 1, "num-sites", f"must be >= 1, got {self.num_sites}")
         _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _require(
@@ -335,9 +372,27 @@ class FaultsConfig:
     dropout_sites: str = ""
     # Rounds in which faults happen ("1,2"); empty: every round.
     rounds: str = ""
+    # A site crashes (its ClientApp raises) before training, with this probability per round.
+    crash_rate: float = 0.0
+    # A site sends a corrupted update with this probability per round: NaN values, a wrong
+    # shape, or a norm a thousand times too large (corrupt-kinds, picked per event).
+    corrupt_rate: float = 0.0
+    corrupt_kinds: str = "nan,shape,norm"
+    # A site answers this many seconds late (to exercise round-timeout), picked like dropouts.
+    delay_rate: float = 0.0
+    delay_seconds: float = 0.0
 
     def validate(self) -> None:
         _require(0 <= self.dropout_rate <= 1, "faults.dropout-rate", f"must be in [0, 1], got {self.dropout_rate}")
+        for key, rate in (("crash-rate", self.crash_rate), ("corrupt-rate", self.corrupt_rate), ("delay-rate", self.delay_rate)):
+            _require(0 <= rate <= 1, f"faults.{key}", f"must be in [0, 1], got {rate}")
+        _require(self.delay_seconds >= 0, "faults.delay-seconds", f"must be >= 0, got {self.delay_seconds}")
+        kinds = [k.strip() for k in self.corrupt_kinds.split(",") if k.strip()]
+        _require(
+            bool(kinds) and all(k in CORRUPTIONS for k in kinds),
+            "faults.corrupt-kinds",
+            f"must be a comma-separated subset of {','.join(CORRUPTIONS)}, got {self.corrupt_kinds!r}",
+        )
         _require(
             self.dropout_stage in FAULT_STAGES,
             "faults.dropout-stage",
@@ -349,6 +404,18 @@ class FaultsConfig:
                 key,
                 f"must be comma-separated integers such as \"0,3\", got {text!r}",
             )
+
+    def event(self, seed: int, site_index: int, server_round: int, kind: str, rate: float) -> bool:
+        """Whether a seeded fault of ``kind`` (crash, corrupt, delay) hits this site this round."""
+        if rate <= 0 or (self.rounds.strip() and server_round not in _ints(self.rounds)):
+            return False
+        u = np.random.default_rng([seed, site_index, server_round, 0xFB, sum(map(ord, kind))]).random()
+        return bool(u < rate)
+
+    def corruption(self, seed: int, site_index: int, server_round: int) -> str:
+        """Which corruption a corrupted update gets (seeded, among corrupt-kinds)."""
+        kinds = [k.strip() for k in self.corrupt_kinds.split(",") if k.strip()]
+        return kinds[int(np.random.default_rng([seed, site_index, server_round, 0xFC]).integers(len(kinds)))]
 
     def drops(self, seed: int, site_index: int, server_round: int, stage: str) -> bool:
         """Whether this site drops out at ``stage`` of ``server_round`` (deterministic)."""
@@ -362,7 +429,43 @@ class FaultsConfig:
         return bool(u < self.dropout_rate)
 
 
+@dataclass(frozen=True)
+class FairnessConfig:
+    """Fairness interventions, each a switch that is off by default (docs/FAIRNESS.md, "Bias corrections")."""
+
+    # q-FedAvg fairness exponent (Li et al., ICLR 2020); 0 = off (plain FedAvg).
+    q: float = 0.0
+    # Recommender: none | group-offset (a gender x item offset trained inside DP-SGD).
+    recsys_correction: str = "none"
+    # Decay of the offset table after every local step, b <- b / (1 + lr * lambda): offsets
+    # without a consistent signal (rare cells, DP noise) fade to 0. 0 = no decay.
+    recsys_lambda: float = 0.1
+    # Generators: class proportions of generated samples: none (labels cycled evenly, no
+    # correction) | uniform | real (from the sites' summed class counts).
+    gan_class_target: str = "none"
+
+    def validate(self) -> None:
+        _require(self.q >= 0, "fairness.q", f"must be >= 0 (0 = off), got {self.q}")
+        _require(
+            self.recsys_correction in RECSYS_CORRECTIONS,
+            "fairness.recsys-correction",
+            f"must be one of {', '.join(RECSYS_CORRECTIONS)}, got {self.recsys_correction!r}",
+        )
+        _require(self.recsys_lambda >= 0, "fairness.recsys-lambda", f"must be >= 0, got {self.recsys_lambda}")
+        _require(
+            self.gan_class_target in GAN_CLASS_TARGETS,
+            "fairness.gan-class-target",
+            f"must be one of {', '.join(GAN_CLASS_TARGETS)}, got {self.gan_class_target!r}",
+        )
+
+
+RECSYS_CORRECTIONS = ("none", "group-offset")
+GAN_CLASS_TARGETS = ("none", "uniform", "real")
+
+
 FAULT_STAGES = ("setup", "train", "upload", "unmask")
+AGGREGATIONS = ("fedavg", "trimmed-mean", "krum", "multi-krum")
+CORRUPTIONS = ("nan", "shape", "norm")
 # Fewest updates a secure sum may hold: with 2, each site learns the other's update.
 MIN_SECURE_SITES = 3
 
@@ -380,6 +483,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "secagg": ("secagg", SecAggConfig),
     "central-dp": ("central_dp", CentralDPConfig),
     "faults": ("faults", FaultsConfig),
+    "fairness": ("fairness", FairnessConfig),
 }
 
 
@@ -395,6 +499,7 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
     # The task plug-in's own dataclass (e.g. VAEConfig), under the task's name.
     task_params: Any = None
 
@@ -485,7 +590,17 @@ class RunConfig:
 def _check_secure(cfg: RunConfig) -> None:
     """Settings of secure aggregation and central DP that only make sense together."""
     fed, sa, cdp = cfg.federation, cfg.secagg, cfg.central_dp
+    if fed.aggregation != "fedavg":
+        # Robust rules need each update in the clear, and their sensitivity is not the
+        # sum's: neither SecAgg+ (the server sees only the sum) nor central DP fits.
+        _require(not sa.enabled, "aggregation", f"{fed.aggregation} needs each site's update; under secure aggregation the server sees only their sum")
+        _require(not cdp.enabled, "aggregation", f"{fed.aggregation} is not covered by the central-DP analysis, which assumes a noised sum")
     if sa.enabled:
+        _require(
+            cfg.faults.corrupt_rate == 0,
+            "faults.corrupt-rate",
+            "cannot be used with secure aggregation: a corrupted masked update cannot be seen or removed (SecAgg+ assumes sites follow the protocol)",
+        )
         _require(
             fed.weighting != "examples",
             "weighting",

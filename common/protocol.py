@@ -9,6 +9,7 @@ training loss. Nothing per-example.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -47,9 +48,15 @@ def fit_metrics(
     *,
     eps_spent: float,
     note: str = "",
+    history: str = "[]",
     **extra: float,
 ) -> dict[str, Any]:
-    """Build the scalar metrics a site attaches to its fit reply."""
+    """Build the scalar metrics a site attaches to its fit reply.
+
+    ``history`` is the JSON list ``[[round, sigma, q, steps], ...]`` of the rounds the site
+    trained before this one: the server ledgers any of them it has no row for (a reply
+    that never arrived), so the ledger misses no spend the site knows of.
+    """
     return {
         "site_id": site_id,
         "unit": unit,
@@ -65,6 +72,7 @@ def fit_metrics(
         "eps_budget": eps_budget,
         "eps_spent": eps_spent,
         "note": note,
+        "history": history,
         **{k: float(v) for k, v in extra.items()},
     }
 
@@ -80,6 +88,8 @@ class SiteReport:
     eps_spent: float
     note: str
     extra: dict[str, float]
+    # (round, sigma, q, steps) of the rounds the site trained before this reply.
+    history: tuple[tuple[int, float, float, int], ...] = ()
 
 
 class MalformedReport(ValueError):
@@ -133,7 +143,7 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         delta=vals["delta"],
         accountant=vals["accountant"],
     )
-    known = set(_PLAN_KEYS) | {"site_id", "unit", "status", "steps", "eps_budget", "eps_spent", "note"}
+    known = set(_PLAN_KEYS) | {"site_id", "unit", "status", "steps", "eps_budget", "eps_spent", "note", "history"}
     extra = {k: float(v) for k, v in m.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)}
     eps_spent = get("eps_spent", float)
     eps_budget = get("eps_budget", float)
@@ -149,4 +159,36 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         eps_spent=eps_spent if not math.isnan(eps_spent) else math.inf,
         note=str(m.get("note", "")),
         extra=extra,
+        history=parse_history(m.get("history", "[]"), vals["accountant"]),
     )
+
+
+MAX_HISTORY = 100_000  # rounds; far above any run, bounds what a reply can make the server parse
+
+
+def parse_history(raw: Any, accountant: str) -> tuple[tuple[int, float, float, int], ...]:
+    """A site's earlier rounds (the ``history`` metric), validated like a round's inputs."""
+    if not isinstance(raw, str) or len(raw) > 64 * MAX_HISTORY:
+        raise MalformedReport("metric 'history' must be a JSON string of [round, sigma, q, steps] entries")
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        raise MalformedReport("metric 'history' is not valid JSON") from None
+    if not isinstance(items, list):
+        raise MalformedReport("metric 'history' must be a JSON list")
+    out = []
+    lo, hi = SIGMA_RANGE
+    for item in items:
+        ok = isinstance(item, list) and len(item) == 4
+        if ok:
+            rnd, sigma, q, steps = item
+            ok = (
+                all(isinstance(v, int) and not isinstance(v, bool) for v in (rnd, steps))
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (sigma, q))
+                and rnd >= 1 and 0 < steps <= MAX_STEPS and 0 < q <= 1
+                and (accountant == NO_DP or lo <= sigma <= hi)
+            )
+        if not ok:
+            raise MalformedReport(f"metric 'history' has an invalid entry {str(item)[:80]!r}")
+        out.append((int(rnd), float(sigma), float(q), int(steps)))
+    return tuple(out)

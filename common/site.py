@@ -15,6 +15,8 @@ Site-local keys (node config), each optional except ``partition-id``:
     users-path      recommender: optional user-attributes CSV
     device          auto, cpu, cuda or cuda:N (overrides the run's)
     epsilon-budget  a budget stricter than the run's (the lower one applies)
+    state-dir       where the site keeps its accounting history and site-local model
+                    between rounds (client.state); without it a restart forgets them
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class SiteConfig:
     users_path: str = ""
     device: str = "auto"
     epsilon_budget: float = 0.0
+    state_dir: str = ""
 
     def validate(self) -> None:
         if not self.site_id or any(c in self.site_id for c in " \"'="):
@@ -93,7 +96,7 @@ class SiteConfig:
         host, sep, port = self.superlink.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError("superlink", f"must be HOST:PORT, got {self.superlink!r}")
-        for key in ("ca_cert", "auth_private_key", "auth_public_key", "key_file", "data_path", "users_path", "data_format"):
+        for key in ("ca_cert", "auth_private_key", "auth_public_key", "key_file", "data_path", "users_path", "data_format", "state_dir"):
             if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
                 raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
         if self.epsilon_budget < 0:
@@ -105,7 +108,7 @@ class SiteConfig:
         """The ``--node-config`` string for ``flower-supernode`` (site-local values only)."""
         # json.dumps quotes and escapes like a TOML basic string, which Flower parses.
         items: list[str] = [f"partition-id={self.partition_id}", f"site-id={json.dumps(self.site_id)}", f"device={json.dumps(self.device)}"]
-        for key in ("key_file", "data_path", "data_format", "users_path"):
+        for key in ("key_file", "data_path", "data_format", "users_path", "state_dir"):
             value = getattr(self, key)
             if value:
                 if key != "data_format":

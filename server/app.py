@@ -20,13 +20,15 @@ from rich.console import Console
 
 from common.accounting import NO_DP
 from common.config import RunConfig, all_or_nothing_probability
-from common.errors import TrainingFailure
+from common.errors import ConfigError, PrivfedError, TrainingFailure
 from common.preflight import preflight
 from common.runtime import config_from, resolve_device
 from common.tasks.base import get_state, set_state
 from common.central_dp import central_plan
 from server.central import CentralRelease
+from server.ledger import Ledger
 from server.recorder import RunRecorder, default_run_dir
+from server.resume import ResumePoint, check_same_config, resume_point
 from server.secure import PrivfedSecAgg
 from server.privacy_audit import mia_for_run
 from server.report import Summary, write_summary
@@ -42,9 +44,19 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     torch.manual_seed(cfg.federation.seed)
     model = task.build_model()
     keys = task.shared_keys(model)
-    run_dir = Path(cfg.federation.run_dir) if cfg.federation.run_dir else default_run_dir(
-        cfg, datetime.now().strftime("%Y%m%d-%H%M%S")
-    )
+    fed = cfg.federation
+    if fed.resume and not fed.run_dir:
+        raise ConfigError("resume", "needs run-dir: the directory of the run to continue")
+    run_dir = Path(fed.run_dir) if fed.run_dir else default_run_dir(cfg, datetime.now().strftime("%Y%m%d-%H%M%S"))
+    point: ResumePoint | None = None
+    if fed.resume:
+        check_same_config(cfg, run_dir)
+        with Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name) as ledger:
+            point = resume_point(run_dir, ledger, cfg.task)
+        if point.next_round > fed.rounds:
+            raise PrivfedError(f"{run_dir}: all {fed.rounds} rounds were already run; nothing to resume")
+        if point.state is not None:
+            model.load_state_dict(point.state)
     test = task.server_test_data() if cfg.federation.central_eval else None
     central_eval = None
     if test is not None:
@@ -58,7 +70,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     n = cfg.federation.num_sites
     central = None
     if cfg.central_dp.enabled:
-        central = CentralRelease(central_plan(cfg), cfg.central_dp.epsilon_budget, _noise_rng(cfg))
+        central = CentralRelease(central_plan(cfg), cfg.central_dp.epsilon_budget, lambda rnd: _noise_rng(cfg, rnd))
     strategy = DeltaFedAvg(
         initial_arrays=get_state(model, keys),
         ledger=None,
@@ -71,7 +83,12 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         uniform=cfg.uniform_weights,
         secure=cfg.secagg.enabled,
         central=central,
-        poisson_rng=_sampling_rng(cfg) if central is not None else None,
+        poisson_rng=(lambda rnd: _sampling_rng(cfg, rnd)) if central is not None else None,
+        aggregation=fed.aggregation,
+        trim_fraction=fed.trim_fraction,
+        byzantine_sites=fed.byzantine_sites,
+        max_update_norm=fed.max_update_norm,
+        norm_outlier_factor=fed.norm_outlier_factor,
         fraction_fit=cfg.federation.fraction_fit,
         fraction_evaluate=1.0,
         min_fit_clients=1,
@@ -79,7 +96,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         # All sites are awaited once at the start (RoundLoop); after that a site that
         # drops out must not make Flower's sampler wait for it.
         min_available_clients=1,
-        on_fit_config_fn=lambda rnd: {"server-round": rnd},
+        # run-id names the sites' durable state (client.state), so a resumed run finds it.
+        on_fit_config_fn=lambda rnd: {"server-round": rnd, "run-id": run_dir.name},
+        on_evaluate_config_fn=lambda rnd: {"server-round": rnd, "run-id": run_dir.name},
         fit_metrics_aggregation_fn=lambda _: {},
         evaluate_metrics_aggregation_fn=lambda _: {},
         accept_failures=True,
@@ -90,11 +109,14 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         # The run dir is created only once every site is there: a run that cannot
         # start leaves nothing behind.
         nonlocal recorder
-        recorder = RunRecorder(cfg, task, run_dir, console)
+        recorder = RunRecorder(cfg, task, run_dir, console, resume=fed.resume)
         strategy.ledger = recorder.ledger
         task.artifacts_dir = run_dir  # e.g. the GAN's evaluation classifier is cached there
+        if point is not None:
+            recorder.record_gap(point.missing_lines, point.checkpoint_round)
+            console.print(f"resuming {run_dir} at round {point.next_round} (model of round {point.checkpoint_round})")
 
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
     loop = RoundLoop(
         on_round_end=lambda rnd, secs: recorder.end_round(rnd, secs, strategy),
         num_sites=n,
@@ -102,6 +124,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         on_start=start,
         fit_workflow=PrivfedSecAgg(cfg.secagg, strategy) if cfg.secagg.enabled else None,
         after_fit=strategy.end_fit,
+        on_round_start=lambda rnd: recorder.ledger.start_round(rnd),
+        first_round=point.next_round if point is not None else 1,
+        round_timeout=fed.round_timeout,
     )
     failure: TrainingFailure | None = None
     try:
@@ -129,16 +154,19 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     return summary
 
 
-def _noise_rng(cfg: RunConfig) -> np.random.Generator:
-    """Central-DP noise: seeded for reproducible simulations, OS entropy with dp.secure-rng."""
+def _noise_rng(cfg: RunConfig, rnd: int) -> np.random.Generator:
+    """Central-DP noise of one round: seeded for reproducible simulations, OS entropy with
+    dp.secure-rng. Derived per round, so a resumed run never repeats an earlier round's noise."""
     if cfg.dp.secure_rng:
         return np.random.default_rng()
-    return np.random.default_rng(np.random.SeedSequence([cfg.federation.seed, 0xCD]))
+    return np.random.default_rng(np.random.SeedSequence([cfg.federation.seed, 0xCD, rnd]))
 
 
-def _sampling_rng(cfg: RunConfig) -> random.Random:
-    """Poisson site sampling: seeded like the noise (a known sample weakens amplification)."""
-    return random.Random() if cfg.dp.secure_rng else random.Random(cfg.federation.seed * 7919 + 17)
+def _sampling_rng(cfg: RunConfig, rnd: int) -> random.Random:
+    """Poisson site sampling of one round: seeded like the noise (a known sample weakens amplification)."""
+    if cfg.dp.secure_rng:
+        return random.Random()
+    return random.Random(int(np.random.SeedSequence([cfg.federation.seed, 0x5A, rnd]).generate_state(1)[0]))
 
 
 def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from common.accounting import RoundPlan
@@ -12,7 +14,10 @@ from server.ledger import Ledger, LedgerRow, SiteSpend
 class CentralRelease:
     """Adds N(0, (zC)^2) to each round's sum and divides by the expected sample, q N."""
 
-    def __init__(self, plan: RoundPlan, budget: float, rng: np.random.Generator) -> None:
+    def __init__(
+        self, plan: RoundPlan, budget: float, rng: np.random.Generator | Callable[[int], np.random.Generator]
+    ) -> None:
+        """``rng``: one generator, or a function giving each round its own (see server.app)."""
         self.plan = plan
         self.budget = budget
         self.rng = rng
@@ -50,5 +55,6 @@ class CentralRelease:
             status="noise_only" if empty else "released",
         )
         (row,) = ledger.record_round(rnd, [spend])
-        noisy = add_noise(total, self.plan.noise_multiplier * self.clip_norm, self.rng)
+        rng = self.rng(rnd) if callable(self.rng) else self.rng
+        noisy = add_noise(total, self.plan.noise_multiplier * self.clip_norm, rng)
         return [n / self.expected_sites for n in noisy], row

@@ -39,19 +39,49 @@ def default_run_dir(cfg: RunConfig, now: str) -> Path:
 
 
 class RunRecorder:
-    def __init__(self, cfg: RunConfig, task: Task, run_dir: Path, console: Console | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, task: Task, run_dir: Path, console: Console | None = None, *, resume: bool = False
+    ) -> None:
+        """A new run directory, or (``resume``) the existing one of a stopped run."""
         self.cfg, self.task, self.dir = cfg, task, run_dir
         self.console = console or Console(highlight=False, soft_wrap=True)
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError("run-dir", f"{run_dir} exists and is not a directory")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_nested()))
+        if resume:
+            if not (run_dir / "ledger.sqlite").is_file():
+                raise ConfigError("run-dir", f"{run_dir} has no ledger.sqlite: nothing to resume")
+        else:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_nested()))
         self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.model = task.build_model()
         self.keys = task.shared_keys(self.model)
+
+    def record_gap(self, missing: dict[int, bool], resumed_from: int) -> None:
+        """metrics.jsonl lines for rounds a stopped server left without one.
+
+        ``missing[r]`` is True when round r's update was lost (after the checkpoint), False
+        when only its line was (the checkpoint has its model). Either way the line carries
+        the ledger head, so that the audit's head check sees every row accounted for.
+        """
+        for rnd, lost in sorted(missing.items()):
+            note = (
+                f"interrupted: the server stopped during round {rnd}; privacy spent in it stays in the ledger, "
+                f"its update was not applied (resumed from the round-{resumed_from} checkpoint)"
+                if lost
+                else f"the server stopped after round {rnd} was checkpointed, before its metrics were written"
+            )
+            line = {
+                "round": rnd, "interrupted": lost, "note": note, "primary_metric": self.task.primary_metric,
+                "sites_sampled": 0, "sites_trained": [], "sites_used": [], "sites_budget_exhausted": [],
+                "rejected": {}, "failures": [], "aggregated": False, "train_loss": {}, "test": {}, "site_val": {},
+                "eps": {}, "eps_max": self._eps_max(), "delta": {}, "ledger_head": self.ledger.head(),
+            }
+            self._append(line)
+            self.console.print(f"[yellow]round {rnd:>3}: {note}[/]")
 
     # ------------------------------------------------------------------ rounds
     def end_round(self, rnd: int, seconds: float, strategy: DeltaFedAvg) -> bool:
@@ -81,10 +111,12 @@ class RunRecorder:
             ),
             "eps": eps,
             # Over every site so far, not only those that replied this round.
-            "eps_max": max((v for k, v in self.ledger.spent().items() if k != CENTRAL_SITE_ID), default=0.0),
+            "eps_max": self._eps_max(),
             "delta": {r.site_id: r.delta for r in site_rows},
             "ledger_head": self.ledger.head(),
         }
+        if rec.caught_up:
+            line["caught_up"] = rec.caught_up  # "site@round": spends ledgered late (lost replies)
         if rec.secagg_seconds:
             line["secagg_seconds"] = {k: round(v, 4) for k, v in rec.secagg_seconds.items()}
         if central:
@@ -93,18 +125,18 @@ class RunRecorder:
         every = self.cfg.audit.mia_every
         if self.cfg.audit.mia and every and rnd % every == 0 and self.task.server_test_data() is not None:
             line["mia"] = mia_for_run(self.task, self.model, self.ledger.rows(), self.cfg.federation.seed)
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(json_safe(line)) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         diverged = [s for s, why in rec.rejected.items() if "NaN or Inf" in why]
         if rec.trained and not rec.aggregated and len(diverged) == len(rec.trained):
+            self._append(line)
             # Every site that trained sent NaN/Inf: training diverged. Keep the last good checkpoint.
             raise TrainingFailure(f"training diverged in round {rnd}: every site's update contains NaN or Inf")
+        # Checkpoint, then the line: a kill between the two leaves a checkpointed round
+        # without a line, which a resume fills in (server.resume), never the reverse.
+        self.save_checkpoint(rnd)
+        self._append(line)
         every = self.cfg.federation.sample_every
         if every and rnd % every == 0:
             self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png")
-        self.save_checkpoint(rnd)
         self.console.print(self._progress_line(rnd, line))
         if strategy.should_stop():
             why = (
@@ -115,6 +147,15 @@ class RunRecorder:
             self.console.print(f"[yellow]stopping after round {rnd}: {why}[/]")
             return False
         return True
+
+    def _eps_max(self) -> float:
+        return max((v for k, v in self.ledger.spent().items() if k != CENTRAL_SITE_ID), default=0.0)
+
+    def _append(self, line: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(json_safe(line)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def save_checkpoint(self, rnd: int) -> None:
         """Atomic: write a temp file in the same directory, fsync, then rename over."""
@@ -149,9 +190,13 @@ class RunRecorder:
         vals = [v[primary] for v in line["site_val"].values() if primary in v]
         if vals:
             parts.append(f"site val {primary} {np.mean(vals):.3f}")
-        if self.cfg.dp.enabled:
+        if self.cfg.dp.enabled and line["delta"]:
             deltas = line["delta"].values()
-            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas, default=0):.3g}, per {self.task.unit_of_privacy})")
+            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas):.3g}, per {self.task.unit_of_privacy})")
+        elif self.cfg.dp.enabled:
+            parts.append(f"max ε so far {line['eps_max']:.3f} (per {self.task.unit_of_privacy})")
+        if line["failures"]:
+            parts.append(f"[yellow]{len(line['failures'])} failure(s)[/]")
         elif "central_dp" not in line:
             parts.append("no DP (ε=∞)")
         if "central_dp" in line:

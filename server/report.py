@@ -136,8 +136,8 @@ def write_summary(
         steps[r.site_id] = steps.get(r.site_id, 0) + r.steps
     summary = Summary(
         run_dir=run_dir,
-        rounds_completed=len(metrics),
-        final_test=metrics[-1]["test"] if metrics else {},
+        rounds_completed=sum(1 for m in metrics if not m.get("interrupted")),
+        final_test=next((m["test"] for m in reversed(metrics) if m.get("test")), {}),
         eps_by_site=last,
         steps_by_site=steps,
         ledger_ok=check.ok,

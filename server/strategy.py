@@ -29,12 +29,13 @@ from flwr.common import (
 )
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
+from flwr.server.strategy.aggregate import aggregate_krum, aggregate_trimmed_avg
 from flwr.supercore import log
 
-from common.accounting import NO_DP
+from common.accounting import NO_DP, RoundPlan
 from common.central_dp import update_norm
 from common.config import MIN_SECURE_SITES
-from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics
+from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics, parse_history
 from server.central import CentralRelease
 from server.ledger import Ledger, LedgerRow, SiteSpend
 
@@ -57,6 +58,8 @@ class RoundRecord:
     ledger_rows: list[LedgerRow] = field(default_factory=list)
     released: bool = False  # the central-DP mechanism ran this round
     secagg_seconds: dict[str, float] = field(default_factory=dict)  # per SecAgg+ stage
+    replies: int = 0  # replies and failures Flower handed over (the rest never answered)
+    caught_up: list[str] = field(default_factory=list)  # "site@round" rows ledgered late
 
 
 @dataclass
@@ -83,7 +86,12 @@ class DeltaFedAvg(FedAvg):
         uniform: bool = False,
         secure: bool = False,
         central: "CentralRelease | None" = None,
-        poisson_rng: random.Random | None = None,
+        poisson_rng: random.Random | Callable[[int], random.Random] | None = None,
+        aggregation: str = "fedavg",
+        trim_fraction: float = 0.2,
+        byzantine_sites: int = 1,
+        max_update_norm: float = 0.0,
+        norm_outlier_factor: float = 0.0,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(initial_arrays), **fedavg_kwargs)
@@ -105,6 +113,11 @@ class DeltaFedAvg(FedAvg):
         self.poisson_rng = poisson_rng  # set: Poisson site sampling (central DP)
         self.on_sample: Callable[[int], None] | None = None  # told each round's sample size
         self.staged: dict[int, Staged] = {}
+        self.aggregation = aggregation  # fedavg, or a Byzantine-robust rule of Flower's
+        self.trim_fraction = trim_fraction
+        self.byzantine_sites = byzantine_sites
+        self.max_update_norm = max_update_norm  # absolute L2 bound on an update (0: none)
+        self.norm_outlier_factor = norm_outlier_factor  # x the round's median norm (0: off)
 
     def record(self, rnd: int) -> RoundRecord:
         return self.records.setdefault(rnd, RoundRecord(rnd))
@@ -120,7 +133,8 @@ class DeltaFedAvg(FedAvg):
             # the sampling the central-DP accountant assumes (Flower samples a fixed count).
             clients = client_manager.all()
             q = self.fraction_fit
-            chosen = [clients[cid] for cid in sorted(clients) if self.poisson_rng.random() < q]
+            rng = self.poisson_rng(server_round) if callable(self.poisson_rng) else self.poisson_rng
+            chosen = [clients[cid] for cid in sorted(clients) if rng.random() < q]
             config = self.on_fit_config_fn(server_round) if self.on_fit_config_fn else {}
             instructions = [(c, FitIns(parameters, config)) for c in chosen]
         else:
@@ -147,6 +161,7 @@ class DeltaFedAvg(FedAvg):
         """
         rec = self.record(server_round)
         rec.failures += [_describe_failure(f) for f in failures]
+        rec.replies = len(results) + len(failures)
         spends, reports = self._reports(server_round, results)
         if self.secure:
             staged, why = self._stage_secure(results, reports, rec)
@@ -199,6 +214,7 @@ class DeltaFedAvg(FedAvg):
                 spends.append(_spend(dataclasses.replace(report, site_id=dup), False, rec.rejected[dup]))
                 continue
             reports[report.site_id] = (report, res)
+            self._catch_up(server_round, report.site_id, report.unit, report.plan, report.eps_budget, report.history, rec)
             reason = ""
             if report.status is Status.TRAINED:
                 rec.trained.append(report.site_id)
@@ -212,6 +228,53 @@ class DeltaFedAvg(FedAvg):
                 rec.rejected[report.site_id] = reason
             spends.append(_spend(report, report.status is Status.TRAINED and not reason, reason))
         return spends, reports
+
+    def _catch_up(
+        self,
+        server_round: int,
+        site: str,
+        unit: str,
+        plan: RoundPlan,
+        eps_budget: float,
+        history: tuple[tuple[int, float, float, int], ...],
+        rec: RoundRecord,
+    ) -> None:
+        """Ledger the rounds this site says it trained but whose replies never arrived.
+
+        Written at once, before this round's budget check, so that check sees them. The
+        site's word can only add spend to its own rows (never remove any), so trusting it
+        errs on the side of overstating epsilon.
+        """
+        known = self.ledger.rounds(site)
+        # In a fit reply the history ends before server_round; in an evaluate reply it may
+        # include it (then server_round + 1 is passed, so nothing is skipped).
+        missing = [h for h in history if h[0] not in known and h[0] != server_round]
+        if not missing:
+            return
+        rows = []
+        for rnd, sigma, q, steps in sorted(set(missing)):
+            spent = dataclasses.replace(plan, noise_multiplier=sigma, sample_rate=q, steps=steps)
+            rows.append((rnd, SiteSpend(site, unit, spent, steps, eps_budget, False, "lost")))
+            rec.caught_up.append(f"{site}@{rnd}")
+        rec.ledger_rows += self.ledger.record_round(server_round, [], catch_up=rows)
+        log(WARNING, "round %s: %s reported %d earlier round(s) whose replies were lost; ledgered now", server_round, site, len(rows))
+
+    def _catch_up_from_evaluation(self, server_round: int, metrics: dict[str, Any], rec: RoundRecord) -> None:
+        """Evaluate replies carry the site's history too, so a fit reply lost in the last
+        round is still ledgered. The other accountant inputs come from the site's last row."""
+        site, raw = metrics.get("site_id"), metrics.get("history")
+        if not isinstance(site, str) or raw is None or self.ledger is None:
+            return
+        last = self.ledger.last_row(site)
+        if last is None:
+            return  # never heard from in a fit reply: its next fit reply carries everything
+        try:
+            history = parse_history(raw, last.accountant)
+        except MalformedReport as exc:
+            rec.failures.append(f"{site}: evaluate reply: {exc}")
+            return
+        plan = RoundPlan(last.dataset_size, last.sample_rate, last.steps, last.noise_multiplier, last.max_grad_norm, last.delta, last.accountant)
+        self._catch_up(server_round + 1, site, last.unit, plan, last.eps_budget, history, rec)
 
     def _stage_plain(self, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
         usable: dict[str, tuple[list[np.ndarray], int]] = {}
@@ -228,12 +291,47 @@ class DeltaFedAvg(FedAvg):
                 rec.rejected[site] = reason
             else:
                 usable[site] = (arrays, 1 if self.uniform else res.num_examples)
+        self._reject_outliers(usable, rec)
         if len(usable) < self.min_fit_sites:
             return None, f"{len(usable)} usable update(s), below min-fit-sites={self.min_fit_sites}" if rec.trained else ""
         # Sum in site order, not arrival order, so a seeded run repeats bit for bit.
         sites = sorted(usable)
+        if self.aggregation != "fedavg":
+            return self._stage_robust(sites, usable)
         total = [np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))]
         return Staged(sites, total, float(sum(usable[s][1] for s in sites))), ""
+
+    def _reject_outliers(self, usable: dict[str, tuple[list[np.ndarray], int]], rec: RoundRecord) -> None:
+        """Drop updates whose norm is far beyond the rest of the round (a diverged or hostile site).
+
+        The median is robust to a minority of such updates; with fewer than 3 there is
+        no majority to compare with, and only the absolute bound applies. (Under central
+        DP the clip-norm check in :meth:`check_update` is the bound instead.)
+        """
+        if self.norm_outlier_factor <= 0 or self.central is not None or len(usable) < 3:
+            return
+        norms = {site: update_norm(arrays) for site, (arrays, _) in usable.items()}
+        median = float(np.median(list(norms.values())))
+        for site, norm in sorted(norms.items()):
+            if median > 0 and norm > self.norm_outlier_factor * median:
+                rec.rejected[site] = (
+                    f"update norm {norm:.4g} is {norm / median:.0f}x the round's median {median:.4g} "
+                    f"(norm-outlier-factor={self.norm_outlier_factor:g})"
+                )
+                del usable[site]
+
+    def _stage_robust(self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]]) -> tuple["Staged | None", str]:
+        """Flower's Byzantine-robust rules, applied to the updates (the staged 'sum' is their result)."""
+        results = [(usable[s][0], usable[s][1]) for s in sites]
+        if self.aggregation == "trimmed-mean":
+            step = aggregate_trimmed_avg(results, self.trim_fraction)
+        else:
+            f = self.byzantine_sites
+            if len(results) < 2 * f + 3:
+                return None, f"{self.aggregation} needs at least {2 * f + 3} updates for byzantine-sites={f}, got {len(results)}"
+            step = aggregate_krum(results, f, len(results) - f if self.aggregation == "multi-krum" else 0)
+        step = [np.asarray(a, dtype=g.dtype) for a, g in zip(step, self.global_arrays)]
+        return Staged(sites, step, 1.0), ""
 
     def _stage_secure(self, results, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
         """Under SecAgg+ every reply carries the same unmasked mean over all replying sites."""
@@ -262,6 +360,10 @@ class DeltaFedAvg(FedAvg):
         Returns the new global arrays, or None when the model does not change.
         """
         rec = self.record(server_round)
+        silent = rec.sampled - rec.replies
+        if silent > 0 and not self.secure:
+            # Flower hands over only what arrived before round-timeout (or at all).
+            rec.failures.append(f"{silent} of {rec.sampled} sampled site(s) sent no reply (timed out or lost)")
         staged = self.staged.pop(server_round, None)
         if self.central is not None and rec.released and not self.central_exhausted:
             total = staged.total if staged is not None else [np.zeros_like(g) for g in self.global_arrays]
@@ -304,10 +406,12 @@ class DeltaFedAvg(FedAvg):
                 return f"array {i} contains NaN or Inf"
         if num_examples != report.plan.dataset_size:
             return f"num_examples={num_examples} but dataset_size={report.plan.dataset_size}"
-        if self.central is not None:
+        if self.central is not None or self.max_update_norm > 0:
             norm = update_norm(arrays)
-            if norm > self.central.clip_norm * (1 + 1e-4):
+            if self.central is not None and norm > self.central.clip_norm * (1 + 1e-4):
                 return f"update norm {norm:.4g} exceeds central-dp.clip-norm={self.central.clip_norm:g}"
+            if self.max_update_norm > 0 and norm > self.max_update_norm:
+                return f"update norm {norm:.4g} exceeds max-update-norm={self.max_update_norm:g}"
         return ""
 
     # ----------------------------------------------------------- evaluate
@@ -331,6 +435,7 @@ class DeltaFedAvg(FedAvg):
     ):
         rec = self.record(server_round)
         for _, res in results:
+            self._catch_up_from_evaluation(server_round, dict(res.metrics), rec)
             site = res.metrics.get("site_id")
             if isinstance(site, str):
                 rec.site_val[site] = {

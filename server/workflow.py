@@ -43,21 +43,27 @@ class RoundLoop:
         on_start: Callable[[], None] = lambda: None,
         fit_workflow: Workflow | None = None,
         after_fit: Callable[[int], list[np.ndarray] | None] = lambda rnd: None,
+        on_round_start: Callable[[int], None] = lambda rnd: None,
         first_round: int = 1,
+        round_timeout: float = 0.0,
     ) -> None:
         """``on_start()`` runs once every site has connected; ``after_fit(round)`` returns the
         new global arrays (or None: unchanged); ``on_round_end(round, seconds) -> keep_going``."""
         self.fit_workflow = fit_workflow or default_fit_workflow
         self.after_fit = after_fit
+        self.on_round_start = on_round_start  # e.g. mark the round begun in the ledger (resume)
         self.on_round_end = on_round_end
         self.on_start = on_start
         self.num_sites = num_sites
         self.site_wait_seconds = site_wait_seconds
         self.first_round = first_round
+        self.round_timeout = round_timeout  # seconds; 0 = wait for every reply
 
     def __call__(self, grid: Grid, context: Context) -> None:
         if not isinstance(context, LegacyContext):
             raise TypeError(f"expected a LegacyContext, got {type(context).__name__}")
+        if self.round_timeout > 0:
+            grid = TimedGrid(grid, self.round_timeout)
         thread, stop_flag, registered = start_update_client_manager_thread(grid, context.client_manager)
         try:
             registered.wait()
@@ -75,6 +81,7 @@ class RoundLoop:
             for rnd in range(self.first_round, context.config.num_rounds + 1):
                 t0 = timeit.default_timer()
                 cfg[Key.CURRENT_ROUND] = rnd
+                self.on_round_start(rnd)
                 self.fit_workflow(grid, context)
                 arrays = self.after_fit(rnd)
                 if arrays is not None:
@@ -88,3 +95,21 @@ class RoundLoop:
         finally:
             stop_flag.set()
             thread.join()
+
+
+class TimedGrid:
+    """A Grid whose ``send_and_receive`` stops waiting after ``timeout`` seconds.
+
+    Flower's workflow API ignores ``ServerConfig.round_timeout`` (its default workflows
+    call ``send_and_receive`` without a timeout), so a silent site would stall the round
+    forever. Replies that arrive later are for messages nobody pulls again: dropped.
+    """
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self._grid, self._timeout = grid, timeout
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        return self._grid.send_and_receive(messages, timeout=self._timeout if timeout is None else timeout)
+
+    def __getattr__(self, name: str):  # everything else is the real grid's
+        return getattr(self._grid, name)

@@ -1,6 +1,7 @@
 """The ``privfed`` command: the friendly front door.
 
     privfed simulate <scenario> [key=value ...]   run a simulated federation
+    privfed resume RUN_DIR                        continue a stopped run from its checkpoint
     privfed scenarios                             list the named scenarios
     privfed config <scenario> [key=value ...]     print the resolved config (TOML)
     privfed audit RUN_DIR [--verify] [--format table|csv|json]
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
     sim.add_argument("--key-file", help="federation key for tasks that pseudonymise ids (default: $PRIVFED_KEY_FILE, else a fresh one)")
+
+    res = sub.add_parser("resume", help="continue a stopped simulated run from its last checkpoint")
+    res.add_argument("run_dir", help="the run directory (runs/<timestamp>-<scenario>)")
+    res.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    res.add_argument("--key-file", help="the run's federation key (tasks that pseudonymise ids)")
 
     sub.add_parser("scenarios", help="list the named scenarios")
 
@@ -80,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--users-path", default="")
     init.add_argument("--device", default="auto")
     init.add_argument("--epsilon-budget", type=float, default=0.0, help="a stricter budget than the run's (0: the run's)")
+    init.add_argument(
+        "--state-dir", default=None,
+        help="where the site keeps its privacy history between rounds and restarts (default: privfed-state beside --out)",
+    )
     init.add_argument("--force", action="store_true")
     joinp = site_sub.add_parser("join", help="check a site config, then run flower-supernode with it")
     joinp.add_argument("config")
@@ -105,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             from simulations.launcher import simulate
 
             simulate(args.scenario, args.overrides, console=console, verbose=args.verbose, key_file=args.key_file)
+        elif args.command == "resume":
+            from simulations.launcher import resume
+
+            resume(args.run_dir, console=console, verbose=args.verbose, key_file=args.key_file)
         elif args.command == "scenarios":
             from simulations.launcher import describe, scenario_names
 
@@ -192,6 +206,7 @@ def _site(args: argparse.Namespace, passthrough: list[str], console: Console) ->
             data_format=args.data_format,
             users_path=str(Path(args.users_path).resolve()) if args.users_path else "",
             device=args.device, epsilon_budget=args.epsilon_budget,
+            state_dir=str(Path(args.state_dir).resolve() if args.state_dir else out.resolve().parent / "privfed-state"),
         )
         site.validate()
         out.write_text(site.to_toml())
@@ -229,6 +244,11 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         ledger.close()
     if result.ok:
         err.print(f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, head matches metrics.jsonl")
+        if result.unrecorded:
+            err.print(
+                f"note: the last {result.unrecorded} row(s) come after the last head in metrics.jsonl: the server stopped "
+                "in that round before recording it (`privfed resume` records it); they add spend, none is hidden"
+            )
         from server.privacy_audit import cross_check
 
         checks = cross_check(rows)

@@ -113,6 +113,32 @@ def simulate(
         raise ConfigError("run-dir", f"{run_dir} exists and is not a directory")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
+    return _run(cfg, key, console, verbose)
+
+
+def resume(run_dir: str | Path, *, console: Console | None = None, verbose: bool = False, key_file: str | None = None) -> Path:
+    """Continue a stopped simulated run from its last checkpoint (``privfed resume RUN_DIR``).
+
+    The run's own config.toml is used unchanged; the virtual sites find their durable
+    state (accounting history, site-local model) in RUN_DIR/site-state. A task that
+    pseudonymises identifiers needs the same federation key as the first run.
+    """
+    from server.resume import stored_config
+
+    console = console or Console(highlight=False, soft_wrap=True)
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError("run-dir", f"{run_dir} is not a directory")
+    cfg = stored_config(run_dir).replace(run_dir=str(run_dir), resume=True)
+    key = simulation_key(cfg, key_file, console)
+    if key is not None and not key_file and key_from_env() is None:
+        raise ConfigError("key-file", f"task {cfg.task!r} needs the run's federation key to resume: pass --key-file")
+    preflight(cfg, key)
+    return _run(cfg, key, console, verbose)
+
+
+def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> Path:
+    run_dir = Path(cfg.federation.run_dir)
     cores = os.cpu_count() or 1
     if cfg.federation.client_cpus > cores:
         raise ConfigError("client-cpus", f"is {cfg.federation.client_cpus} but this machine has {cores} cores")
@@ -145,7 +171,8 @@ def simulate(
     console.print(f"run dir: {run_dir}")
     run_simulation(
         server_app=build_server_app(flat, console),
-        client_app=build_client_app(flat, key=key),
+        # The virtual sites' durable state (client.state) lives beside the run.
+        client_app=build_client_app(flat, key=key, state_dir=run_dir.resolve() / "site-state"),
         num_supernodes=cfg.federation.num_sites,
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
@@ -166,12 +193,29 @@ def _quiet_flower(verbose: bool) -> None:
         flwr_logger = logging.getLogger("flwr")
         if not any(isinstance(f, _WarningsOnly) for f in flwr_logger.filters):
             flwr_logger.addFilter(_WarningsOnly())
+        # Flower's logger has its own console handler; Ray gives the root logger another,
+        # which would print every line twice.
+        flwr_logger.propagate = False
 
 
 class _WarningsOnly(logging.Filter):
+    last_failure = ""
+
     def filter(self, record: logging.LogRecord) -> bool:
         # run_simulation is deprecated in favour of `flwr run`, but it is the documented
         # way to run in-process and leave no SuperLink behind; we use it on purpose.
-        if "`run_simulation` function is deprecated" in record.getMessage():
+        message = record.getMessage()
+        if "`run_simulation` function is deprecated" in message:
             return False
+        if "An exception was raised when processing a message" in message:
+            return False  # the next record says which
+        if "ClientAppActor" in message:
+            # A site's failure arrives as a Ray traceback; its last line is the reason, and
+            # the round's metrics line records it too (-v shows the whole traceback).
+            last = next((ln.strip() for ln in reversed(message.splitlines()) if ln.strip()), "")
+            last = last.replace("Exception ClientAppException occurred. Message: ", "")
+            record.msg, record.args = f"a site failed: {last}", ()
+            if record.msg == self.last_failure:  # Flower logs each failure twice
+                return False
+            self.last_failure = record.msg
         return record.levelno >= logging.WARNING
