@@ -433,8 +433,6 @@ class FaultsConfig:
 class FairnessConfig:
     """Fairness interventions, each a switch that is off by default (docs/FAIRNESS.md, "Bias corrections")."""
 
-    # q-FedAvg fairness exponent (Li et al., ICLR 2020); 0 = off (plain FedAvg).
-    q: float = 0.0
     # Recommender: none | group-offset (a gender x item offset trained inside DP-SGD).
     recsys_correction: str = "none"
     # Decay of the offset table after every local step, b <- b / (1 + lr * lambda): offsets
@@ -445,7 +443,6 @@ class FairnessConfig:
     gan_class_target: str = "none"
 
     def validate(self) -> None:
-        _require(self.q >= 0, "fairness.q", f"must be >= 0 (0 = off), got {self.q}")
         _require(
             self.recsys_correction in RECSYS_CORRECTIONS,
             "fairness.recsys-correction",

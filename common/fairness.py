@@ -29,6 +29,17 @@ the mean rating of group g's ratings of j. Over the n items rated by both groups
 * non-parity     ``U_par   = | E_g[y] - E_h[y] |`` (mean prediction of each group's ratings)
 
 All five are symmetric in g and h.
+
+How much of ``U_val`` is sampling noise (``value_noise``): on held-out ratings each
+``d_g(j)`` is a mean over few ratings, so even predictions with no systematic group x item
+error leave ``|d_g(j) - d_h(j)| ~ |N(0, s^2 (1/n_g(j) + 1/n_h(j)))|``, with s^2 the
+variance of the errors within an (item, group) cell. Its mean over the items,
+
+    ``value_noise = sqrt(2/pi) * s_pooled * 1/n sum_j sqrt(1/n_g(j) + 1/n_h(j))``
+
+(a normal approximation, s pooled over all cells), is the level ``U_val`` falls to once
+every systematic part is gone at the same error spread; ``U_val`` near ``value_noise``
+leaves a correction nothing to remove. Sites send its parts as sums too.
 """
 
 from __future__ import annotations
@@ -124,25 +135,40 @@ def yao_huang_sums(item: np.ndarray, pred: np.ndarray, rating: np.ndarray, in_g:
     """
     item, pred, rating = np.asarray(item), np.asarray(pred, dtype=np.float64), np.asarray(rating, dtype=np.float64)
     items, idx = np.unique(item, return_inverse=True)
+    err = pred - rating
     dev = {}
     for name, mask in (("g", np.asarray(in_g, bool)), ("h", np.asarray(in_h, bool))):
         count = np.bincount(idx[mask], minlength=len(items))
-        diff = np.bincount(idx[mask], weights=pred[mask] - rating[mask], minlength=len(items))
-        dev[name] = (diff, count)
+        diff = np.bincount(idx[mask], weights=err[mask], minlength=len(items))
+        sq = np.bincount(idx[mask], weights=err[mask] ** 2, minlength=len(items))
+        dev[name] = (diff, count, sq)
     both = (dev["g"][1] > 0) & (dev["h"][1] > 0)
     terms = yao_huang_item_terms(*(dev[k][0][both] / dev[k][1][both] for k in ("g", "h")))
-    return {"items": float(both.sum()), **{k: float(v.sum()) for k, v in terms.items()}}
+    # value_noise's parts (see the module docstring): within-cell sum of squares, its
+    # degrees of freedom, and sum_j sqrt(1/n_g(j) + 1/n_h(j)).
+    ssw = sum(float(np.clip(sq[both] - diff[both] ** 2 / n[both], 0.0, None).sum()) for diff, n, sq in dev.values())
+    dof = sum(float((n[both] - 1).sum()) for _, n, _ in dev.values())
+    scale = float(np.sqrt(1.0 / dev["g"][1][both] + 1.0 / dev["h"][1][both]).sum())
+    return {
+        "items": float(both.sum()), **{k: float(v.sum()) for k, v in terms.items()},
+        "noise_ssw": ssw, "noise_dof": dof, "noise_scale": scale,
+    }
 
 
 def yao_huang(sums: Mapping[str, float], pred_g: tuple[float, float], pred_h: tuple[float, float]) -> dict[str, float]:
-    """The five metrics from summed :func:`yao_huang_sums` and each group's (sum of predictions, ratings).
+    """The five metrics (and ``value_noise``) from summed :func:`yao_huang_sums` and each
+    group's (sum of predictions, ratings).
 
-    The item-level ones need ``sums["items"] > 0``; non-parity needs both groups' counts > 0.
+    The item-level ones need ``sums["items"] > 0`` (``value_noise`` also a cell with two
+    ratings of one group); non-parity needs both groups' counts > 0.
     """
     out: dict[str, float] = {}
     n = sums.get("items", 0.0)
     if n > 0:
         out.update({k: sums[k] / n for k in YAO_HUANG_TERMS})
+        if sums.get("noise_dof", 0.0) > 0:
+            s = math.sqrt(sums["noise_ssw"] / sums["noise_dof"])
+            out["value_noise"] = math.sqrt(2 / math.pi) * s * sums["noise_scale"] / n
     if pred_g[1] > 0 and pred_h[1] > 0:
         out["non_parity"] = abs(pred_g[0] / pred_g[1] - pred_h[0] / pred_h[1])
     return out
@@ -192,3 +218,70 @@ def coverage(coverage_sum: float, sites: float) -> dict[str, float]:
     if sites <= 0:
         return {}
     return {"coverage_site_mean": coverage_sum / sites, "coverage_upper": min(1.0, coverage_sum)}
+
+
+# ------------------------------------------------------------------ class-rebalanced sampling
+
+
+def label_weights_for_target(
+    confusion: np.ndarray, target: np.ndarray, floor: float = 0.0, shift_cost: float = 1e-3
+) -> np.ndarray:
+    """Conditioning-label proportions ``w`` for a conditional generator, so that the class
+    distribution of what it generates, ``w @ confusion``, is as close as possible to ``target``.
+
+    ``confusion[y, c]`` is the share of images generated for label y that are classified as
+    class c (identity for a generator that always draws the class it is asked for). Solves
+    the linear program
+
+        min_w  TV(w @ confusion, target) + shift_cost * TV(w, target)
+        s.t.   sum_y w_y = 1,  w_y >= floor.
+
+    The second term prices moving the label mix away from the target itself: a shift is
+    made only where each unit of it buys at least ``shift_cost`` units of TV. So a
+    generator that ignores its labels (every row of ``confusion`` alike) keeps the target
+    mix instead of a lopsided one that gains nothing; with ``shift_cost`` near 0 it only
+    breaks ties. ``floor`` keeps every label in the mix. Reweighting cannot create a class
+    that no label produces: such a class stays short.
+    """
+    from scipy.optimize import linprog
+
+    conf = np.asarray(confusion, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    k, c = conf.shape
+    if t.shape != (c,) or k != c:
+        raise ValueError(f"confusion must be square and match target, got {conf.shape} and {t.shape}")
+    if floor * k > 1:
+        raise ValueError(f"floor {floor} leaves no room: {k} labels x floor > 1")
+    # variables: w (k), s (c) >= |w C - t|, d (k) >= |w - t|
+    cost = np.concatenate([np.zeros(k), 0.5 * np.ones(c), 0.5 * shift_cost * np.ones(k)])
+    eye_c, eye_k, zc, zk = np.eye(c), np.eye(k), np.zeros((c, k)), np.zeros((k, c))
+    a_ub = np.block([
+        [conf.T, -eye_c, zc],
+        [-conf.T, -eye_c, zc],
+        [eye_k, zk, -eye_k],
+        [-eye_k, zk, -eye_k],
+    ])
+    b_ub = np.concatenate([t, -t, t, -t])
+    a_eq = np.concatenate([np.ones(k), np.zeros(c + k)])[None]
+    bounds = [(floor, 1.0)] * k + [(0, None)] * (c + k)
+    res = linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=bounds, method="highs")
+    if not res.success:  # cannot happen for a valid input (w = uniform is feasible); be loud if it does
+        raise RuntimeError(f"label_weights_for_target: {res.message}")
+    w = np.clip(res.x[:k], 0.0, None)
+    return w / w.sum()
+
+
+def quota_labels(weights: np.ndarray, n: int) -> np.ndarray:
+    """``n`` labels whose counts follow ``weights`` as closely as integers allow (largest
+    remainder), dealt round-robin over the labels with quota left (deterministic)."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = n * w / w.sum()
+    counts = np.floor(exact).astype(np.int64)
+    rest = n - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:rest]] += 1
+    left, out = counts.copy(), []
+    while len(out) < n:
+        live = np.flatnonzero(left > 0)
+        out.extend(live.tolist())
+        left[live] -= 1
+    return np.asarray(out[:n], dtype=np.int64)

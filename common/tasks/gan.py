@@ -26,6 +26,12 @@ The site releases D and G; both are post-processing of the DP-SGD outputs of ste
 the released pair is (epsilon, delta)-DP for one image with the epsilon the ledger
 records for the discriminator's steps. ``tests/test_gan.py`` checks that G's training
 is identical whatever the real data is, once D is held fixed.
+
+Class-rebalanced sampling (``fairness.gan-class-target``, docs/FAIRNESS.md): the
+conditioning labels of evaluated samples are drawn so that the generated classes follow a
+target, uniform or the real distribution (from the sites' summed validation class
+counts). Post-processing of the released generator; the sites' counts are validation
+data, outside epsilon like the VAE's.
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ from torch import nn
 
 from common.data import ArrayData
 from common.errors import ConfigError, TrainingFailure
+from common.fairness import label_weights_for_target, quota_labels, sum_statistics
 from common.tasks import register_task
 from common.tasks.images import ImageTask
 
 if TYPE_CHECKING:
+    from common.config import RunConfig
     from common.training import LocalSession
 
 
@@ -134,6 +142,32 @@ class GAN(nn.Module):
         self.discriminator = Discriminator(in_dim, p.features, p.num_classes, p.conditional, p.feature_seed)
 
 
+# Class-rebalanced sampling (fairness.gan-class-target): every conditioning label keeps at
+# least this share of its even share of the samples, so no class vanishes from TSTR's data,
+# and the label mix leaves the target only where each unit of shift buys >= SHIFT_COST
+# units of class TV (a generator that ignores its labels is not skewed for nothing).
+MIN_LABEL_SHARE = 0.2
+SHIFT_COST = 0.5
+# Latent seeds: the calibration batch (where each label lands) is never the evaluated one.
+CALIBRATION_SEED, EVAL_SEED = 1111, 4321
+
+
+def class_counts(labels: torch.Tensor | None, num_classes: int) -> dict[str, float]:
+    """``class.<c>.n`` for every class: what a site sends for the real class distribution."""
+    if labels is None:
+        return {}
+    counts = np.bincount(labels.cpu().numpy(), minlength=num_classes)[:num_classes]
+    return {f"class.{c}.n": float(v) for c, v in enumerate(counts)}
+
+
+def counts_vector(sums: dict[str, float], num_classes: int) -> np.ndarray:
+    return np.array([sums.get(f"class.{c}.n", 0.0) for c in range(num_classes)])
+
+
+def is_class_count(key: str) -> bool:
+    return key.startswith("class.") and key.endswith(".n")
+
+
 @register_task("gan")
 class GANTask(ImageTask):
     config_cls = GANConfig
@@ -141,6 +175,13 @@ class GANTask(ImageTask):
     plot_metrics = ("tstr", "class_tv")
 
     params: GANConfig
+
+    def __init__(self, cfg: "RunConfig", key: bytes | None = None) -> None:
+        super().__init__(cfg, key)
+        if cfg.fairness.gan_class_target != "none" and not self.params.conditional:
+            raise ConfigError("fairness.gan-class-target", "needs gan.conditional=true: an unconditional generator cannot be steered by class")
+        # The federation's class counts, summed over the sites' evaluation replies.
+        self._site_class_counts: np.ndarray | None = None
 
     def build_model(self, site_index: int | None = None) -> GAN:
         return GAN(self.input_dim, self.params)
@@ -222,16 +263,81 @@ class GANTask(ImageTask):
         }
         if data is self.server_test_data():
             out.update(self._quality(model, data, device))
+        elif self.cfg.fairness.gan_class_target == "real":
+            # Counts of the site's validation labels (sums, added up by the server).
+            out.update(class_counts(data.y, self.params.num_classes))
         model.train()
         return out
+
+    def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+        """Example-weighted means, and the sites' class counts summed (kept for :meth:`class_target`)."""
+        means = super().combine_metrics([(n, {k: v for k, v in m.items() if not is_class_count(k)}) for n, m in results])
+        sums = sum_statistics((m for _, m in results), is_class_count)
+        if sums:
+            self._site_class_counts = counts_vector(sums, self.params.num_classes)
+        return {**means, **sums}
+
+    def real_class_counts(self) -> np.ndarray:
+        """Per class, the number of real images over all sites: the sum of the sites' ``class.<c>.n``.
+
+        Those are counts of each site's validation labels (additive sufficient statistics;
+        no label leaves a site on its own). A server without a test split combines the
+        sites' evaluation replies (:meth:`combine_metrics`) and keeps the sums. In
+        simulation the server evaluates on its own test split instead and does not combine
+        site replies, so it adds up the same per-site counts from the simulated split (it
+        already reads the sites' data there to train the evaluation classifier).
+        """
+        if self._site_class_counts is not None and self._site_class_counts.sum() > 0:
+            return self._site_class_counts
+        k = self.params.num_classes
+        return sum((counts_vector(class_counts(val.y, k), k) for _, val in self._split.sites), np.zeros(k))
+
+    def class_target(self) -> np.ndarray | None:
+        """The class distribution generated samples should have (fairness.gan-class-target), or None."""
+        target, k = self.cfg.fairness.gan_class_target, self.params.num_classes
+        if target == "none":
+            return None
+        if target == "uniform":
+            return np.full(k, 1.0 / k)
+        counts = self.real_class_counts()
+        return counts / counts.sum() if counts.sum() > 0 else np.full(k, 1.0 / k)
+
+    @torch.no_grad()
+    def sample_labels(self, model: GAN, n: int, device: torch.device, clf: nn.Module | None = None) -> torch.Tensor:
+        """Conditioning labels for ``n`` generated samples.
+
+        No target: labels cycled evenly (0, 1, ..., K-1, 0, ...). With a target and a
+        classifier: class-rebalanced sampling. A calibration batch (its own latent seed)
+        measures where each label's images land (``confusion[y, c]``), and the label mix is
+        the one whose generated classes are closest in TV to the target
+        (:func:`common.fairness.label_weights_for_target`), each label keeping at least
+        MIN_LABEL_SHARE of its even share, moving only where that pays (SHIFT_COST).
+        Without a classifier the mix is the target.
+        """
+        k = self.params.num_classes
+        target = self.class_target()
+        if target is None or not self.params.conditional:
+            return torch.arange(n, device=device) % k
+        weights = target
+        if clf is not None:
+            y_cal = torch.arange(n, device=device) % k
+            x_cal = model.generator(y_cal, generator=torch.Generator(device=device).manual_seed(CALIBRATION_SEED))
+            landed = clf(x_cal.cpu()).argmax(1).numpy()
+            confusion = np.zeros((k, k))
+            np.add.at(confusion, (y_cal.cpu().numpy(), landed), 1.0)
+            confusion /= np.maximum(confusion.sum(1, keepdims=True), 1.0)
+            weights = label_weights_for_target(confusion, target, MIN_LABEL_SHARE / k, SHIFT_COST)
+        return torch.as_tensor(quota_labels(weights, n), device=device)
 
     def _quality(self, model: GAN, test: ArrayData, device: torch.device) -> dict[str, float]:
         from common.image_metrics import frechet_distance, predicted_shares, real_shares, total_variation, tstr_accuracy
 
         p = self.params
         clf = self.eval_classifier()
-        gen = torch.Generator(device=device).manual_seed(4321)
-        y_gen = torch.arange(p.eval_samples, device=device) % p.num_classes
+        gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+        # FID, TSTR and the class shares all use this one batch: with a class target, its
+        # label mix is rebalanced (TSTR then trains on the target's class proportions).
+        y_gen = self.sample_labels(model, p.eval_samples, device, clf)
         x_gen = model.generator(y_gen, generator=gen).cpu()
         if not torch.isfinite(x_gen).all():
             raise TrainingFailure("the GAN diverged: the generator produces NaN/Inf images")
@@ -251,6 +357,9 @@ class GANTask(ImageTask):
             "class_tv": total_variation(shares, real_shares(test.y, p.num_classes)),
         }
         out.update({f"class_share.{k}": float(v) for k, v in enumerate(shares)})
+        target = self.class_target()
+        if target is not None:
+            out["class_tv_target"] = total_variation(shares, target)
         return out
 
     def eval_classifier(self):

@@ -45,6 +45,13 @@ Fairness (math in :mod:`common.fairness`, design in ``docs/FAIRNESS.md``):
   the share of the site's users who rated it in training (site-local, so sums suffice);
 * catalogue coverage, a union over sites, bounded from sums: ``coverage_site_mean``
   (the sites' mean coverage, a lower bound) and ``coverage_upper`` (an upper bound).
+
+Bias correction (``fairness.recsys-correction = "group-offset"``, docs/FAIRNESS.md): an
+offset ``b[g(u), i]`` per (gender group, item bucket) added to the prediction, shared like
+the item table and trained by the same per-rating loss, so DP-SGD clips and noises it
+with everything else (one more lookup per rating); after every local step the table
+decays by a fixed factor (``fairness.recsys-lambda``), a data-independent map with no
+privacy cost. The user -> group map stays at the site.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -74,6 +82,9 @@ from common.ratings import (
 )
 from common.tasks import register_task
 from common.tasks.base import Task
+
+if TYPE_CHECKING:
+    from common.training import LocalSession
 
 GROUP_ATTRIBUTES = ("gender", "age")
 # Sums a site sends (all additive over sites; see docs/FAIRNESS.md).
@@ -137,8 +148,9 @@ class BiasedMF(nn.Module):
     """mu + b_u + b_i + p_u . q_i. Every table is an nn.Embedding looked up once per rating
     (mu too, as a 1-row table), which is what the fast DP engine's per-example norms need."""
 
-    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig) -> None:
+    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig, user_group: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.num_buckets = num_buckets
         self.user_emb = nn.Embedding(num_users, p.dim)
         self.user_bias = nn.Embedding(num_users, 1)
         self.item_emb = nn.Embedding(num_buckets, p.dim)
@@ -149,14 +161,32 @@ class BiasedMF(nn.Module):
         for emb in (self.user_bias, self.item_bias):
             nn.init.zeros_(emb.weight)
         nn.init.constant_(self.global_bias.weight, (p.rating_min + p.rating_max) / 2)
+        # The bias correction (fairness.recsys-correction=group-offset): b_{g(u), i}, one row
+        # per (gender group, item bucket), shared like the item table. ``user_group`` maps
+        # the site's users to OFFSET_GROUPS; it is site data, so a plain attribute (not a
+        # parameter or buffer): never in the state dict, never sent.
+        self.group_item_bias: nn.Embedding | None = None
+        self.user_group = torch.zeros(0, dtype=torch.long)
+        if user_group is not None:
+            self.user_group = torch.as_tensor(user_group, dtype=torch.long)
+            self.group_item_bias = nn.Embedding(len(OFFSET_GROUPS) * num_buckets, 1)
+            nn.init.zeros_(self.group_item_bias.weight)
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the user -> group map too
+        self.user_group = fn(self.user_group)
+        return super()._apply(fn, recurse)
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mu + b_u + b_i, p_u, q_i) per row; also remembers the squared norms for :meth:`penalty`."""
+        """(mu + b_u + b_i [+ b_{g(u),i}], p_u, q_i) per row; also remembers the squared norms for :meth:`penalty`."""
         u, i = x[:, 0], x[:, 1]
         pu, qi = self.user_emb(u), self.item_emb(i)
         bu, bi = self.user_bias(u).squeeze(1), self.item_bias(i).squeeze(1)
         self._sq = pu.pow(2).sum(1) + qi.pow(2).sum(1) + bu.pow(2) + bi.pow(2)
-        return self.global_bias(torch.zeros_like(u)).squeeze(1) + bu + bi, pu, qi
+        base = self.global_bias(torch.zeros_like(u)).squeeze(1) + bu + bi
+        if self.group_item_bias is not None:
+            # One lookup per rating (what the fast DP engine's per-example norms need).
+            base = base + self.group_item_bias(self.user_group[u] * self.num_buckets + i).squeeze(1)
+        return base, pu, qi
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, pu, qi = self.parts(x)
@@ -171,8 +201,8 @@ class BiasedMF(nn.Module):
 class NeuralMF(BiasedMF):
     """Biased MF plus an MLP on the concatenated embeddings (NeuMF-style)."""
 
-    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig) -> None:
-        super().__init__(num_users, num_buckets, p)
+    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig, user_group: torch.Tensor | None = None) -> None:
+        super().__init__(num_users, num_buckets, p, user_group)
         self.mlp = nn.Sequential(nn.Linear(2 * p.dim, p.hidden_dim), nn.ReLU(), nn.Linear(p.hidden_dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +213,14 @@ class NeuralMF(BiasedMF):
 MODELS: dict[str, type[BiasedMF]] = {"mf": BiasedMF, "neural": NeuralMF}
 # State that never leaves a site.
 LOCAL_PREFIXES = ("user_emb.", "user_bias.")
+# Rows of the bias correction per item bucket: gender F, M, and everyone else.
+OFFSET_GROUPS = ("F", "M", "other")
+
+
+def offset_groups(gender: np.ndarray) -> torch.Tensor:
+    """Each user's row group in the correction table (index into OFFSET_GROUPS)."""
+    g = np.asarray(gender).astype(str)
+    return torch.as_tensor(np.where(g == "F", 0, np.where(g == "M", 1, 2)), dtype=torch.long)
 
 
 # ------------------------------------------------------------------- data
@@ -265,9 +303,17 @@ class RecsysTask(Task):
         return [len(train) for train, _ in self._split()]
 
     # ---------------------------------------------------------------- model
+    @property
+    def correction(self) -> str:
+        return self.cfg.fairness.recsys_correction
+
     def build_model(self, site_index: int | None = None) -> BiasedMF:
-        users = self.site_data(site_index)[0].num_users if site_index is not None else 0
-        return MODELS[self.params.model](users, self.params.num_buckets, self.params)
+        train = self.site_data(site_index)[0] if site_index is not None else None
+        groups = None
+        if self.correction == "group-offset":  # the server's model has the (shared) table too
+            groups = offset_groups(train.attrs["gender"]) if train is not None else torch.zeros(0, dtype=torch.long)
+        users = train.num_users if train is not None else 0
+        return MODELS[self.params.model](users, self.params.num_buckets, self.params, groups)
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         return [k for k in model.state_dict() if not k.startswith(LOCAL_PREFIXES)]
@@ -276,6 +322,29 @@ class RecsysTask(Task):
         assert batch.y is not None
         loss = (model(batch.x) - batch.y).pow(2)
         return loss + self.params.l2 * model.penalty() if self.params.l2 else loss
+
+    def train(self, model: nn.Module, session: "LocalSession") -> dict[str, float]:
+        """The base loop, plus decoupled decay of the correction table after every step.
+
+        ``b <- b / (1 + lr * recsys-lambda)`` on every row: a fixed map of the parameters
+        DP-SGD just released, applied whatever the data (post-processing between steps,
+        no privacy cost). Rows whose gradient is mostly noise (rare (group, item) cells,
+        DP noise) decay to 0; rows with a consistent signal hold their value. A per-rating
+        L2 term would instead shrink every offset by the same factor, rare or not.
+        """
+        decay = self.cfg.train.lr * self.cfg.fairness.recsys_lambda
+        table = getattr(model, "group_item_bias", None)
+        if table is None or decay == 0:
+            return super().train(model, session)
+        total, count = 0.0, 0
+        for batch in session.batches():
+            losses = self.per_sample_loss(model, batch)
+            session.step(losses)
+            with torch.no_grad():
+                table.weight.div_(1.0 + decay)
+            total += float(losses.detach().sum())
+            count += len(batch)
+        return {"train_loss": total / max(count, 1)}
 
     # ----------------------------------------------------------- evaluation
     @torch.no_grad()
