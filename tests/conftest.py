@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,7 +31,9 @@ def simulation_processes() -> list[str]:
     """Ray/Flower processes of this user (a test must leave none behind)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     pattern = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp")
-    return [line for line in out.splitlines() if any(p in line for p in pattern)]
+    # Only this checkout's (its venv is in the command line): another checkout's run on the
+    # same machine is not this suite's leftover.
+    return [line for line in out.splitlines() if any(p in line for p in pattern) and sys.prefix in line]
 
 
 def tamper(ledger_path, *statements: str) -> None:
