@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.privfed-installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-secagg install clean
+.PHONY: demo test bench bench-utility bench-dp bench-secagg install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (ratios measured side by side; see README "Performance").
+# bench: DP step, privfed round vs bare Flower, scale -> bench-results/bench.json (~11 min)
 bench: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(PY) -m simulations.bench $(ARGS)
+
+# utility against epsilon, full federated runs -> bench-results/bench_utility.json (7-17 min)
+bench-utility: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(PY) -m simulations.bench --utility $(ARGS)
+
+bench-dp: $(STAMP)
 	$(PY) -m simulations.bench_dp
 
 bench-secagg: $(STAMP)

@@ -1,6 +1,10 @@
 """Benchmark: DP-SGD step time / non-private step time, per engine, measured side by side.
 
-    make bench            (or: .venv/bin/python -m simulations.bench_dp)
+    make bench-dp         (or: .venv/bin/python -m simulations.bench_dp)
+
+The suite (``make bench``, :mod:`simulations.bench`) runs :func:`dp_section`: the fast
+engine only, one case per task model. This script adds more batch sizes and Opacus's
+hooks engine (slow: about 300× on the recommender).
 
 Every engine trains its own copy of the same model on the same batch; the engines
 take turns within each repetition, and the table reports the median over
@@ -17,6 +21,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -33,8 +38,16 @@ BENCH_KEY = bytes(32)
 OPACUS_MEMORY_CAP = 2 * 2**30
 
 
-def bench_task(scenario: str, batch_size: int, reps: int, steps: int) -> dict[str, float]:
-    """The scenario's model and optimiser (e.g. the demo's VAE), at the given batch size."""
+def bench_task(
+    scenario: str, batch_size: int, reps: int, steps: int, engines: dict[str, type] | None = None
+) -> dict[str, dict[str, float]]:
+    """The scenario's model and optimiser (e.g. the demo's VAE), at the given batch size.
+
+    Only the task's private module trains (the GAN's discriminator, on real images),
+    exactly as in a site's round; the loss is the task's per-example loss. Returns, per
+    engine, the median ms per step and its ratio to the non-private step.
+    """
+    engines = ENGINES if engines is None else engines
     cfg = resolve(scenario, [f"train.batch-size={batch_size}"])
     task_name = cfg.task
     task = get_task(task_name)(cfg, BENCH_KEY)
@@ -44,14 +57,15 @@ def bench_task(scenario: str, batch_size: int, reps: int, steps: int) -> dict[st
     n = max(len(train), batch_size)
     plan = RoundPlan(n, batch_size / n, steps, 1.0, 1.0, 1e-5, "rdp")
     runners = {}
-    for name, cls in ENGINES.items():
+    for name, cls in engines.items():
         torch.manual_seed(0)
         model = task.build_model(0).train()
-        per_sample_bytes = 4 * batch_size * sum(p.numel() for p in model.parameters())
+        private = task.private_module(model)
+        per_sample_bytes = 4 * batch_size * sum(p.numel() for p in private.parameters() if p.requires_grad)
         if cls is OpacusDPStep and per_sample_bytes > OPACUS_MEMORY_CAP:
             continue  # hooks materialise a (batch x parameters) gradient: tens of GB for big tables
-        opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr)
-        engine = cls(model, opt) if cls is NonPrivateStep else cls(model, opt, plan)
+        opt = make_optimizer(private, cfg.train.optimizer, cfg.train.lr)
+        engine = cls(private, opt) if cls is NonPrivateStep else cls(private, opt, plan)
         runners[name] = (model, engine)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(reps + 2):
@@ -68,6 +82,58 @@ def bench_task(scenario: str, batch_size: int, reps: int, steps: int) -> dict[st
     return {name: {"ms_per_step": 1e3 * t, "ratio": t / base} for name, t in med.items()}
 
 
+# One case per task model, at the batch size its scenario trains with.
+SUITE_CASES = (("vae-digits", 32), ("gan-digits", 64), ("recsys-synthetic", 512))
+MODEL_NAMES = {
+    "vae": "VAE (hidden 64, latent 8)",
+    "gan": "GAN discriminator head (on 2,048 fixed random features)",
+    "recsys": "biased MF (dim 4, 131,072-row item table)",
+}
+
+
+def dp_section(
+    reps: int = 15,
+    steps: int = 20,
+    threads: int = 1,
+    with_opacus: bool = False,
+    cases: Iterable[tuple[str, int]] | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """DP-SGD step ÷ non-private step per task model (the suite's section 1).
+
+    ``ratio`` = median time of one fast-engine DP-SGD step (per-example clipping, noise,
+    Opacus's optimiser wrapper) ÷ median time of one plain step of the same model,
+    optimiser and batch, the two taking turns within every repetition.
+    """
+    from common.tasks.recsys import default_movielens_path
+
+    if cases is None:
+        cases = list(SUITE_CASES) + ([("recsys-movielens", 2048)] if default_movielens_path() is not None else [])
+    engines = {k: v for k, v in ENGINES.items() if with_opacus or v is not OpacusDPStep}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    results = []
+    try:
+        for scenario, bs in cases:
+            res = bench_task(scenario, bs, reps, steps, engines)
+            task = resolve(scenario).task
+            fast = res["fast (privfed)"]
+            results.append({
+                "scenario": scenario,
+                "task": task,
+                "model": MODEL_NAMES.get(task, task),
+                "batch_size": bs,
+                "non_private_ms": res["non-private"]["ms_per_step"],
+                "dp_ms": fast["ms_per_step"],
+                "ratio": fast["ratio"],
+                "engines": res,
+            })
+            progress(f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private ({fast['ms_per_step']:.2f} ms)")
+    finally:
+        torch.set_num_threads(before)
+    return {"reps": reps, "steps": steps, "threads": threads, "goal": 1.5, "results": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=15)
@@ -80,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cases = [("vae-digits", 32), ("vae-digits", 64), ("vae-digits", 256), ("recsys-synthetic", 512)]
+    cases = [("vae-digits", 32), ("vae-digits", 64), ("vae-digits", 256), ("gan-digits", 64), ("recsys-synthetic", 512)]
     from common.tasks.recsys import default_movielens_path
 
     if default_movielens_path() is not None:
