@@ -9,14 +9,12 @@ draws the wrong class for some labels, and an imbalanced real label distribution
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from common.accounting import RoundPlan
 from common.data import ArrayData
 from common.dp import FastDPStep, OpacusDPStep, plan_round
 from common.errors import ConfigError
@@ -27,6 +25,7 @@ from common.tasks import get_task
 from common.tasks.recsys import OFFSET_GROUPS
 from common.training import run_local_round
 from tests.conftest import make_cfg
+from tests.test_recsys import engine_grads
 
 KEY = bytes(range(32))
 
@@ -153,17 +152,7 @@ def test_group_offset_is_shared_its_user_map_is_not_and_dp_clips_it_per_rating()
     with torch.no_grad():
         net.group_item_bias.weight.normal_(0, 0.3)
     batch = ArrayData(train.x[:64], train.y[:64])
-    plan = RoundPlan(dataset_size=64, sample_rate=1.0, steps=1, noise_multiplier=0.0, max_grad_norm=0.5, delta=1e-5, accountant="rdp")
-
-    def grads(engine):
-        m = copy.deepcopy(net)
-        eng = engine(m, torch.optim.SGD(m.parameters(), lr=0.0), plan)
-        eng.step(task.per_sample_loss(m, batch))
-        out = {n: p.grad.clone() for n, p in m.named_parameters()}
-        eng.close()
-        return out
-
-    fast, ref = grads(FastDPStep), grads(OpacusDPStep)
+    fast, ref = engine_grads(FastDPStep, task, net, batch), engine_grads(OpacusDPStep, task, net, batch)
     assert fast["group_item_bias.weight"].abs().sum() > 0
     for name in ref:
         assert torch.allclose(fast[name], ref[name], rtol=1e-4, atol=1e-6), name

@@ -236,6 +236,17 @@ def test_server_side_task_cannot_read_the_data():
 # ------------------------------------------------------------------ DP
 
 
+def engine_grads(engine, task, net, batch) -> dict[str, torch.Tensor]:
+    """One noiseless DP step (C = 0.5) on a copy of ``net``: the clipped, summed gradients."""
+    plan = RoundPlan(dataset_size=len(batch.x), sample_rate=1.0, steps=1, noise_multiplier=0.0, max_grad_norm=0.5, delta=1e-5, accountant="rdp")
+    m = copy.deepcopy(net)
+    eng = engine(m, torch.optim.SGD(m.parameters(), lr=0.0), plan)
+    eng.step(task.per_sample_loss(m, batch))
+    out = {n: p.grad.clone() for n, p in m.named_parameters()}
+    eng.close()
+    return out
+
+
 @pytest.mark.parametrize("model", ["mf", "neural"])
 def test_fast_engine_matches_opacus_on_recommenders(model):
     task = recsys_task(**{"recsys.model": model, "recsys.l2": 0.05})
@@ -243,17 +254,7 @@ def test_fast_engine_matches_opacus_on_recommenders(model):
     batch = ArrayData(train.x[:64], train.y[:64])
     torch.manual_seed(0)
     net = task.build_model(0)
-    plan = RoundPlan(dataset_size=64, sample_rate=1.0, steps=1, noise_multiplier=0.0, max_grad_norm=0.5, delta=1e-5, accountant="rdp")
-
-    def grads(engine):
-        m = copy.deepcopy(net)
-        eng = engine(m, torch.optim.SGD(m.parameters(), lr=0.0), plan)
-        eng.step(task.per_sample_loss(m, batch))
-        out = {n: p.grad.clone() for n, p in m.named_parameters()}
-        eng.close()
-        return out
-
-    fast, ref = grads(FastDPStep), grads(OpacusDPStep)
+    fast, ref = engine_grads(FastDPStep, task, net, batch), engine_grads(OpacusDPStep, task, net, batch)
     for name in ref:
         assert torch.allclose(fast[name], ref[name], rtol=1e-4, atol=1e-6), name
     # clipping was active for at least some ratings, or the test proves little
