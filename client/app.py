@@ -32,7 +32,7 @@ from client.state import SiteState, load_state, save_state, state_path
 from common.accounting import RoundPlan, epsilon
 from common.config import RunConfig
 from common.central_dp import CENTRAL_SITE_ID, clip_update, secure_clip_norm
-from common.dp import plan_round
+from common.dp import NoiseKey, plan_round, remember_noise
 from common.errors import PrivfedError
 from common.keys import KEY_ENV, key_from_env, load_key
 from common.protocol import Status, fit_metrics
@@ -282,17 +282,24 @@ def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None
 
 
 def build_client_app(
-    defaults: Mapping[str, Any] | None = None, key: bytes | None = None, state_dir: str | Path = ""
+    defaults: Mapping[str, Any] | None = None,
+    key: bytes | None = None,
+    state_dir: str | Path = "",
+    noise: Mapping[NoiseKey, float] | None = None,
 ) -> ClientApp:
     """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config.
 
     ``key`` is the federation key the simulation launcher hands its virtual sites; a
     deployed site reads its own (:func:`site_key`). ``state_dir`` is where the virtual
     sites keep their durable state; a deployed site names its own (``state-dir``).
+    ``noise`` is the launcher's searched noise multipliers (:func:`common.dp.known_noise`),
+    so each Ray worker does not search them again.
     """
     base = dict(defaults or {})
+    searched = dict(noise or {})
 
     def client_fn(context: Context) -> Client:
+        remember_noise(searched)
         # The run's config, then this site's own settings (data, device, a stricter budget).
         cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
         site_index, site_id = site_identity(cfg, context.node_config)

@@ -28,13 +28,13 @@ import math
 import types
 import warnings
 from abc import ABC, abstractmethod
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _generate_noise
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from torch import nn
 
@@ -65,14 +65,34 @@ def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
     return RoundPlan(n, q, steps, sigma, dp.max_grad_norm, delta, dp.accountant)
 
 
-@lru_cache(maxsize=256)
+# (target, delta, q, steps, accountant) -> sigma. Opacus's search takes about 1 s per
+# site size; simulated sites run in Ray workers that each start empty, so the launcher
+# hands them the preflight's results (:func:`known_noise`, :func:`remember_noise`).
+NoiseKey = tuple[float, float, float, int, str]
+_NOISE: dict[NoiseKey, float] = {}
+
+
 def _cached_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    try:
-        return noise_for_target(target, delta, q, steps, accountant)
-    except ValueError as exc:  # Opacus: "The privacy budget is too low."
-        raise ConfigError(
-            "dp.target-epsilon", f"{target:g} is not reachable with q={q:.3g} over {steps} steps ({exc})"
-        ) from None
+    key = (target, delta, q, steps, accountant)
+    if key not in _NOISE:
+        try:
+            _NOISE[key] = noise_for_target(target, delta, q, steps, accountant)
+        except ValueError as exc:  # Opacus: "The privacy budget is too low."
+            raise ConfigError(
+                "dp.target-epsilon", f"{target:g} is not reachable with q={q:.3g} over {steps} steps ({exc})"
+            ) from None
+    return _NOISE[key]
+
+
+def known_noise() -> dict[NoiseKey, float]:
+    """The noise multipliers searched so far in this process (a copy)."""
+    return dict(_NOISE)
+
+
+def remember_noise(table: dict[NoiseKey, float]) -> None:
+    """Take searched noise multipliers from another process (the same inputs give the same
+    search result, so this only saves time; a site still checks its own budget)."""
+    _NOISE.update(table)
 
 
 # --------------------------------------------------------------------------- engines
@@ -155,14 +175,14 @@ class _LinearRule:
     @staticmethod
     def sq_norms(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         bias_term = 1.0 if _trainable_bias(module) else 0.0
-        return g.pow(2).sum(1) * (a.pow(2).sum(1) + bias_term)
+        return torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + bias_term)
 
     @staticmethod
-    def write_grad(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> None:
+    def write_grad(module: nn.Linear, a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: dict) -> None:
         gc = g * scale.unsqueeze(1)
-        module.weight.grad = gc.t() @ a
+        torch.mm(gc.t(), a, out=out[module.weight])
         if _trainable_bias(module):
-            module.bias.grad = gc.sum(0)
+            torch.sum(gc, 0, out=out[module.bias])
 
 
 class _EmbeddingRule:
@@ -195,12 +215,11 @@ class _EmbeddingRule:
 
     @staticmethod
     def sq_norms(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return g.pow(2).sum(1)
+        return torch.linalg.vecdot(g, g)
 
     @staticmethod
-    def write_grad(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor, scale: torch.Tensor) -> None:
-        grad = torch.zeros_like(module.weight)
-        module.weight.grad = grad.index_add_(0, idx, g * scale.unsqueeze(1))
+    def write_grad(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: dict) -> None:
+        out[module.weight].zero_().index_add_(0, idx, g * scale.unsqueeze(1))
 
 
 # Exactly these classes: a subclass may compute something else in its forward.
@@ -241,6 +260,15 @@ class FastDPStep(StepEngine):
             self.layers.append((module, rule, slot))
         self.max_grad_norm = plan.max_grad_norm
         self.optimizer = _FreshGradOptimizer(optimizer, **_noise_kwargs(plan, generator, secure_mode))
+        # Every gradient lives in one flat buffer, so noise and scaling are one call each
+        # instead of one per tensor (the per-tensor Python overhead dominated small models).
+        self.params = list(self.optimizer.params)
+        trainable = {id(p) for m, _, _ in self.layers for p in m.parameters(recurse=False) if p.requires_grad}
+        if {id(p) for p in self.params} != trainable:
+            raise ConfigError("dp.engine", "fast engine: the optimiser must train exactly the model's trainable parameters")
+        if len({(p.dtype, p.device) for p in self.params}) > 1:
+            raise ConfigError("dp.engine", "fast engine needs every trainable parameter on one device with one dtype (use dp.engine=opacus)")
+        self.sizes = [p.numel() for p in self.params]
 
     def clipped_grad_sum(self, per_sample_loss: torch.Tensor) -> None:
         """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``."""
@@ -264,9 +292,17 @@ class FastDPStep(StepEngine):
                 )
             sq_norms = sq_norms + rule.sq_norms(module, a, g)
         scale = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
-        for module, rule, slot in self.layers:
-            a, g = slot.pop()
-            rule.write_grad(module, a, g, scale)
+        # A fresh buffer each step: nobody else can hold last step's gradients through it.
+        ref = self.params[0]
+        flat = torch.empty(sum(self.sizes), dtype=ref.dtype, device=ref.device)
+        out = {p: v.view_as(p) for p, v in zip(self.params, flat.split(self.sizes))}
+        with torch.no_grad():  # saved activations may require grad; out= refuses autograd
+            for module, rule, slot in self.layers:
+                a, g = slot.pop()
+                rule.write_grad(module, a, g, scale, out)
+        for p in self.params:
+            p.grad = out[p]
+        self.optimizer.flat = flat
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,12 +355,38 @@ class _FreshGradOptimizer(DPOptimizerFastGradientClipping):
     was the largest single cost of a DP step (profiled on the VAE).
     """
 
+    flat: torch.Tensor | None = None  # set by FastDPStep: every p.grad is a view of it
+
     def accumulate(self) -> None:
         for p in self.params:
             if p.summed_grad is None:
                 p.summed_grad = p.grad
             else:
                 p.summed_grad.add_(p.grad)
+
+    def pre_step(self, closure=None) -> bool:  # type: ignore[no-untyped-def]
+        """Opacus's ``pre_step`` (accumulate, skip check, ``add_noise``, ``scale_grad``) on the
+        flat buffer: one ``_generate_noise`` call and one division instead of one per tensor.
+
+        The noise has the same distribution (i.i.d. N(0, (sigma*C)^2) per coordinate, secure
+        mode included); only how many calls draw it differs. Opacus's per-tensor "already
+        used" flags guard against reusing a gradient without ``zero_grad``; here the buffer
+        is fresh each step and is dropped once used, which guarantees the same.
+        """
+        flat, self.flat = self.flat, None
+        if flat is None:
+            raise RuntimeError("fast DP engine: an optimiser step without a fresh clipped gradient sum")
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        flat.add_(_generate_noise(std=std, reference=flat, generator=self.generator, secure_mode=self.secure_mode))
+        if self.loss_reduction == "mean":
+            flat.div_(self.expected_batch_size * self.accumulated_iterations)
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
 
 
 class OpacusDPStep(StepEngine):

@@ -152,6 +152,7 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> 
     from flwr.simulation import run_simulation  # heavy import (Ray): only when running
 
     from client.app import build_client_app
+    from common.dp import known_noise
     from server.app import build_server_app
 
     flat = cfg.to_flat()
@@ -172,7 +173,8 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> 
     run_simulation(
         server_app=build_server_app(flat, console),
         # The virtual sites' durable state (client.state) lives beside the run.
-        client_app=build_client_app(flat, key=key, state_dir=run_dir.resolve() / "site-state"),
+        # The preflight's noise search travels with the app, so Ray workers skip it.
+        client_app=build_client_app(flat, key=key, state_dir=run_dir.resolve() / "site-state", noise=known_noise()),
         num_supernodes=cfg.federation.num_sites,
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},

@@ -92,6 +92,27 @@ def test_noise_has_std_sigma_C_over_expected_batch():
     assert abs(flat.mean().item()) < 0.005
 
 
+def test_noise_is_fresh_and_independent_across_tensors_and_steps_secure_mode_too():
+    # All gradients share one flat buffer and one noise draw: each tensor must still get
+    # its own noise, each step new noise, with the stated std (Opacus's secure mode too).
+    model = nn.Sequential(nn.Linear(60, 50), nn.Linear(50, 40))
+    plan = _plan(n=80, q=0.25, sigma=2.0, C=0.5)
+    x = torch.randn(5, 60)
+    eng = FastDPStep(model, torch.optim.SGD(model.parameters(), lr=0.0), plan, secure_mode=True)
+    draws = []
+    for _ in range(2):
+        eng.step(0.0 * model(x).sum(1))
+        draws.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
+    eng.close()
+    for d in draws:
+        assert d.std().item() == pytest.approx(0.05, rel=0.04)
+    assert abs(torch.corrcoef(torch.stack(draws))[0, 1].item()) < 0.05
+    w0, w1 = model[0].weight.grad.flatten()[:2000], model[1].weight.grad.flatten()[:2000]
+    assert abs(torch.corrcoef(torch.stack([w0, w1]))[0, 1].item()) < 0.1
+    with pytest.raises(RuntimeError, match="without a fresh clipped gradient"):
+        eng.optimizer.step()  # a second optimiser step on the same gradients
+
+
 def test_fast_engine_rejects_unsupported_layers():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     with pytest.raises(ConfigError, match="dp.engine.*LayerNorm"):
