@@ -48,6 +48,11 @@ class FederationConfig:
     rounds: int = 10
     # Fraction of sites sampled for training each round (Flower's fraction_fit).
     fraction_fit: float = 1.0
+    # Fraction of sites that evaluate the global model each round (Flower's
+    # fraction_evaluate). 1 evaluates every site, so per-site fairness covers the whole
+    # federation but a round's cost grows with num-sites; below 1 keeps it flat (the last
+    # round still evaluates every site, so the final site-level fairness is complete).
+    fraction_evaluate: float = 1.0
     # A round with fewer usable updates than this is not aggregated.
     min_fit_sites: int = 1
     device: str = "auto"
@@ -112,6 +117,11 @@ class FederationConfig:
             0.0 < self.fraction_fit <= 1.0,
             "fraction-fit",
             f"must be in (0, 1], got {self.fraction_fit}",
+        )
+        _require(
+            0.0 < self.fraction_evaluate <= 1.0,
+            "fraction-evaluate",
+            f"must be in (0, 1], got {self.fraction_evaluate}",
         )
         _require(self.min_fit_sites >= 1, "min-fit-sites", f"must be >= 1, got {self.min_fit_sites}")
         sampled = self.sampled_per_round

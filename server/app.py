@@ -90,7 +90,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         max_update_norm=fed.max_update_norm,
         norm_outlier_factor=fed.norm_outlier_factor,
         fraction_fit=cfg.federation.fraction_fit,
-        fraction_evaluate=1.0,
+        fraction_evaluate=fed.fraction_evaluate,
+        last_round=fed.rounds,
         min_fit_clients=1,
         min_evaluate_clients=1,
         # All sites are awaited once at the start (RoundLoop); after that a site that

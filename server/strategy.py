@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 from flwr.common import (
+    EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
@@ -92,6 +93,7 @@ class DeltaFedAvg(FedAvg):
         byzantine_sites: int = 1,
         max_update_norm: float = 0.0,
         norm_outlier_factor: float = 0.0,
+        last_round: int = 0,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters(initial_arrays), **fedavg_kwargs)
@@ -118,6 +120,7 @@ class DeltaFedAvg(FedAvg):
         self.byzantine_sites = byzantine_sites
         self.max_update_norm = max_update_norm  # absolute L2 bound on an update (0: none)
         self.norm_outlier_factor = norm_outlier_factor  # x the round's median norm (0: off)
+        self.last_round = last_round  # evaluated on every site, whatever fraction_evaluate
 
     def record(self, rnd: int) -> RoundRecord:
         return self.records.setdefault(rnd, RoundRecord(rnd))
@@ -425,6 +428,10 @@ class DeltaFedAvg(FedAvg):
     def configure_evaluate(self, server_round, parameters, client_manager):
         if self.should_stop():
             return []
+        if server_round == self.last_round and self.fraction_evaluate < 1.0:
+            # The final model's site-level fairness should cover every site, once.
+            return [(c, EvaluateIns(parameters, self.on_evaluate_config_fn(server_round) if self.on_evaluate_config_fn else {}))
+                    for _, c in sorted(client_manager.all().items())]
         return super().configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
