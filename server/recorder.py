@@ -195,10 +195,10 @@ class RunRecorder:
             parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas):.3g}, per {self.task.unit_of_privacy})")
         elif self.cfg.dp.enabled:
             parts.append(f"max ε so far {line['eps_max']:.3f} (per {self.task.unit_of_privacy})")
+        if not self.cfg.dp.enabled and "central_dp" not in line:
+            parts.append("no DP (ε=∞)")
         if line["failures"]:
             parts.append(f"[yellow]{len(line['failures'])} failure(s)[/]")
-        elif "central_dp" not in line:
-            parts.append("no DP (ε=∞)")
         if "central_dp" in line:
             c = line["central_dp"]
             parts.append(f"site-level ε {c['eps']:.3f} (δ={c['delta']:.3g})")

@@ -85,3 +85,20 @@ def test_site_fairness_on_a_hand_computed_case():
     assert site_fairness({}) == {}
     many = site_fairness({str(i): float(i) for i in range(1, 21)})  # worst 10% of 20 = the 2 largest
     assert many["worst10_mean"] == 19.5
+
+
+@pytest.mark.parametrize("dp, failures", [(True, []), (True, ["site-3: crashed"]), (False, []), (False, ["x"])])
+def test_round_line_says_no_dp_only_for_a_non_private_run(dp, failures):
+    # It once said "no DP (ε=∞)" on every DP round that had no failures.
+    from types import SimpleNamespace
+
+    from server.recorder import RunRecorder
+    from tests.conftest import make_cfg
+
+    fake = SimpleNamespace(cfg=make_cfg(**{"dp.enabled": dp}), task=SimpleNamespace(primary_metric="neg_elbo", unit_of_privacy="image"))
+    line = {"sites_trained": ["a"], "sites_sampled": 1, "rejected": {}, "sites_budget_exhausted": [], "test": {},
+            "site_val": {}, "delta": {"a": 1e-5} if dp else {}, "eps_max": 2.5, "failures": failures, "seconds": 1.0}
+    text = RunRecorder._progress_line(fake, 1, line)
+    assert ("no DP" in text) is (not dp)
+    assert ("max ε 2.500" in text) is dp
+    assert ("failure(s)" in text) is bool(failures)
