@@ -71,13 +71,21 @@ class FederationConfig:
     # (each site counts once), or auto: uniform under secure aggregation or central DP
     # (see docs/PRIVACY.md), examples otherwise.
     weighting: str = "auto"
-    # How the round's updates are combined: fedavg (a weighted mean), or one of Flower's
-    # Byzantine-robust rules on the updates: trimmed-mean, krum, multi-krum.
+    # How the round's updates are combined: fedavg (a weighted mean), one of Flower's
+    # Byzantine-robust rules on the updates: trimmed-mean, krum, multi-krum, or q-fedavg
+    # (fair aggregation, q-FFL: docs/FAIRNESS.md).
     aggregation: str = "fedavg"
     # trimmed-mean: the fraction cut from each end, per coordinate.
     trim_fraction: float = 0.2
     # krum / multi-krum: how many malicious sites to tolerate (needs > 2f + 2 updates).
     byzantine_sites: int = 1
+    # q-fedavg: the fairness exponent q; 0 is a FedAvg step, larger q weighs sites with a
+    # higher validation loss more.
+    qffl_q: float = 1.0
+    # q-fedavg: L, the inverse step size (the paper's Lipschitz estimate); each site's share
+    # of the step shrinks by about 1 / (1 + q L ||update||^2 / loss). 0: 1 / train.lr, the
+    # paper's choice for SGD, which with Adam and DP noise all but stops training (docs/FAIRNESS.md).
+    qffl_lipschitz: float = 0.01
     # Reject an update whose L2 norm is above this (0: no absolute bound) ...
     max_update_norm: float = 0.0
     # ... or above this many times the round's median update norm (0: off; needs 3 updates).
@@ -96,6 +104,8 @@ class FederationConfig:
         )
         _require(0 <= self.trim_fraction < 0.5, "trim-fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
         _require(self.byzantine_sites >= 0, "byzantine-sites", f"must be >= 0, got {self.byzantine_sites}")
+        _require(self.qffl_q >= 0, "qffl-q", f"must be >= 0 (0: a FedAvg step), got {self.qffl_q}")
+        _require(self.qffl_lipschitz >= 0, "qffl-lipschitz", f"must be > 0, or 0 for 1 / train.lr, got {self.qffl_lipschitz}")
         if self.aggregation in ("krum", "multi-krum"):
             need = 2 * self.byzantine_sites + 3
             _require(
@@ -471,7 +481,7 @@ GAN_CLASS_TARGETS = ("none", "uniform", "real")
 
 
 FAULT_STAGES = ("setup", "train", "upload", "unmask")
-AGGREGATIONS = ("fedavg", "trimmed-mean", "krum", "multi-krum")
+AGGREGATIONS = ("fedavg", "trimmed-mean", "krum", "multi-krum", "q-fedavg")
 CORRUPTIONS = ("nan", "shape", "norm")
 # Fewest updates a secure sum may hold: with 2, each site learns the other's update.
 MIN_SECURE_SITES = 3
@@ -553,6 +563,11 @@ class RunConfig:
             part.validate()
         _check_secure(cfg)
         _require(
+            cfg.federation.aggregation != "q-fedavg" or task_cls.site_primary_loss,
+            "aggregation",
+            f"q-fedavg weighs sites by their validation {task_cls.primary_metric}, which task {task_cls.name!r} does not get from its sites",
+        )
+        _require(
             cfg.data.source in task_cls.data_sources,
             "data.source",
             f"must be one of {', '.join(task_cls.data_sources)} for task {task_cls.name!r}, got {cfg.data.source!r}",
@@ -590,6 +605,11 @@ class RunConfig:
         w = self.federation.weighting
         return w == "uniform" or (w == "auto" and (self.secagg.enabled or self.central_dp.enabled))
 
+    @property
+    def qffl_lipschitz(self) -> float:
+        """L of q-fedavg: federation.qffl-lipschitz, or 1 / train.lr when 0 (the paper's choice)."""
+        return self.federation.qffl_lipschitz or 1.0 / self.train.lr
+
     def replace(self, **federation_changes: Any) -> "RunConfig":
         return dataclasses.replace(self, federation=dataclasses.replace(self.federation, **federation_changes))
 
@@ -598,8 +618,9 @@ def _check_secure(cfg: RunConfig) -> None:
     """Settings of secure aggregation and central DP that only make sense together."""
     fed, sa, cdp = cfg.federation, cfg.secagg, cfg.central_dp
     if fed.aggregation != "fedavg":
-        # Robust rules need each update in the clear, and their sensitivity is not the
-        # sum's: neither SecAgg+ (the server sees only the sum) nor central DP fits.
+        # Robust rules and q-fedavg need each update in the clear (q-fedavg also each
+        # site's loss), and their sensitivity is not the sum's: neither SecAgg+ (the
+        # server sees only the sum) nor central DP fits.
         _require(not sa.enabled, "aggregation", f"{fed.aggregation} needs each site's update; under secure aggregation the server sees only their sum")
         _require(not cdp.enabled, "aggregation", f"{fed.aggregation} is not covered by the central-DP analysis, which assumes a noised sum")
     if sa.enabled:

@@ -87,6 +87,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         aggregation=fed.aggregation,
         trim_fraction=fed.trim_fraction,
         byzantine_sites=fed.byzantine_sites,
+        qffl_q=fed.qffl_q,
+        qffl_lipschitz=cfg.qffl_lipschitz,
         max_update_norm=fed.max_update_norm,
         norm_outlier_factor=fed.norm_outlier_factor,
         fraction_fit=cfg.federation.fraction_fit,

@@ -38,6 +38,7 @@ from common.central_dp import update_norm
 from common.config import MIN_SECURE_SITES
 from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics, parse_history
 from server.central import CentralRelease
+from server.fair_aggregation import qffl_step, site_losses
 from server.ledger import Ledger, LedgerRow, SiteSpend
 
 
@@ -93,6 +94,8 @@ class DeltaFedAvg(FedAvg):
         byzantine_sites: int = 1,
         max_update_norm: float = 0.0,
         norm_outlier_factor: float = 0.0,
+        qffl_q: float = 1.0,
+        qffl_lipschitz: float = 0.01,
         last_round: int = 0,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -115,11 +118,13 @@ class DeltaFedAvg(FedAvg):
         self.poisson_rng = poisson_rng  # set: Poisson site sampling (central DP)
         self.on_sample: Callable[[int], None] | None = None  # told each round's sample size
         self.staged: dict[int, Staged] = {}
-        self.aggregation = aggregation  # fedavg, or a Byzantine-robust rule of Flower's
+        self.aggregation = aggregation  # fedavg, a Byzantine-robust rule of Flower's, or q-fedavg
         self.trim_fraction = trim_fraction
         self.byzantine_sites = byzantine_sites
         self.max_update_norm = max_update_norm  # absolute L2 bound on an update (0: none)
         self.norm_outlier_factor = norm_outlier_factor  # x the round's median norm (0: off)
+        self.qffl_q = qffl_q  # q-fedavg: fairness exponent (0: FedAvg)
+        self.qffl_lipschitz = qffl_lipschitz  # q-fedavg: L, the inverse step size
         self.last_round = last_round  # evaluated on every site, whatever fraction_evaluate
 
     def record(self, rnd: int) -> RoundRecord:
@@ -299,6 +304,8 @@ class DeltaFedAvg(FedAvg):
             return None, f"{len(usable)} usable update(s), below min-fit-sites={self.min_fit_sites}" if rec.trained else ""
         # Sum in site order, not arrival order, so a seeded run repeats bit for bit.
         sites = sorted(usable)
+        if self.aggregation == "q-fedavg":
+            return self._stage_qffl(sites, usable, rec.round)
         if self.aggregation != "fedavg":
             return self._stage_robust(sites, usable)
         total = [np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))]
@@ -333,6 +340,29 @@ class DeltaFedAvg(FedAvg):
             if len(results) < 2 * f + 3:
                 return None, f"{self.aggregation} needs at least {2 * f + 3} updates for byzantine-sites={f}, got {len(results)}"
             step = aggregate_krum(results, f, len(results) - f if self.aggregation == "multi-krum" else 0)
+        step = [np.asarray(a, dtype=g.dtype) for a, g in zip(step, self.global_arrays)]
+        return Staged(sites, step, 1.0), ""
+
+    def _stage_qffl(self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]], rnd: int) -> tuple["Staged | None", str]:
+        """q-FedAvg (server.fair_aggregation), with each site's loss F_k from its last evaluate reply.
+
+        Under DP a site never sends a fresh training loss, so F_k is its validation value of
+        the primary metric on the model it trained from (the previous round's evaluation),
+        or its latest earlier one. A site that never reported a finite positive value gets
+        the mean of the others'; with none known (round 1) the round is the run's FedAvg.
+        """
+        known = site_losses(sites, {r: rec.site_val for r, rec in self.records.items()}, rnd, self.primary_metric)
+        if not known:
+            total = [np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))]
+            return Staged(sites, total, float(sum(usable[s][1] for s in sites))), ""
+        fill = sum(known.values()) / len(known)
+        step = qffl_step(
+            [usable[s][0] for s in sites],
+            [known.get(s, fill) for s in sites],
+            self.qffl_q,
+            self.qffl_lipschitz,
+            [usable[s][1] for s in sites],
+        )
         step = [np.asarray(a, dtype=g.dtype) for a, g in zip(step, self.global_arrays)]
         return Staged(sites, step, 1.0), ""
 

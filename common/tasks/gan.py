@@ -177,6 +177,7 @@ def is_class_count(key: str) -> bool:
 class GANTask(ImageTask):
     config_cls = GANConfig
     primary_metric = "fid"
+    site_primary_loss = False  # FID needs the evaluation classifier: server-side only
     plot_metrics = ("tstr", "class_tv")
 
     params: GANConfig
