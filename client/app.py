@@ -38,6 +38,7 @@ from common.keys import KEY_ENV, key_from_env, load_key
 from common.protocol import Status, fit_metrics
 from common.site import apply_site_overrides
 from common.runtime import cached_task, config_from, resolve_device, round_seed
+from common.secure_stats import secure_statistics
 from common.tasks.base import get_state, set_state
 from common.training import run_local_round
 
@@ -62,6 +63,8 @@ class SiteClient(NumPyClient):
         self.device = resolve_device(cfg.federation.device)
         self.state_dir = state_dir
         self.state_file: Path | None = None
+        # Under SecAgg+: the codec for the evaluation sums that ride in the masked vector.
+        self.secure_stats = secure_statistics(self.task.sum_keys(), cfg.secagg)
 
     # ------------------------------------------------------------ durable state
     def _restore(self, config: Mapping[str, Any]) -> None:
@@ -144,6 +147,7 @@ class SiteClient(NumPyClient):
         plan = plan_round(self.cfg, len(self.train_data))
         budget = self.cfg.dp.epsilon_budget
         model, keys = self._model(parameters)
+        stats = self._secure_sums(model)  # of the model just received, before training
         # The rounds this site trained before, for the server's ledger (a reply it never
         # received is ledgered when it learns of it here).
         before = json.dumps([[r, s, q, k] for r, s, q, k in self._entries() if k > 0])
@@ -159,8 +163,9 @@ class SiteClient(NumPyClient):
                     eps_spent=spent, note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
                     history=before,
                 )
-                # Under SecAgg+ a zero update still takes part, so the sum stays recoverable.
-                return zeros, 1 if self.cfg.secagg.enabled else 0, metrics
+                # Under SecAgg+ a zero update still takes part, so the sum stays recoverable;
+                # its evaluation sums (validation data, not training data) still count.
+                return zeros + stats, 1 if self.cfg.secagg.enabled else 0, metrics
 
         faults, seed0 = self.cfg.faults, self.cfg.federation.seed
         if faults.drops(seed0, self.site_index, server_round, "train"):
@@ -192,7 +197,19 @@ class SiteClient(NumPyClient):
             history=before,
             **private_extras,
         )
-        return update, self._weight(len(self.train_data)), metrics
+        return update + stats, self._weight(len(self.train_data)), metrics
+
+    def _secure_sums(self, model: Any) -> list[np.ndarray]:
+        """Under SecAgg+, this site's evaluation sums of the global model it just received
+        (plus its own local part), as one array to be masked with the update; else [].
+
+        That is the model the previous round's evaluate measured, so the server gets the
+        federation's group metrics of it as a secure sum (docs/FAIRNESS.md).
+        """
+        if self.secure_stats is None:
+            return []
+        metrics = self.task.evaluate(model.to(self.device), self.val_data)
+        return [self.secure_stats.pack(metrics, self.task.is_sum_key)]
 
     def _weight(self, n: int) -> int:
         # Under SecAgg+ Flower's mod scales the update by num_examples / max_weight before
@@ -226,6 +243,10 @@ class SiteClient(NumPyClient):
         loss = float(metrics.get(self.task.primary_metric, float("nan")))
         # The rounds this site trained, so a fit reply lost in the last round is still ledgered.
         history = json.dumps([[r, s, q, k] for r, s, q, k in self._entries() if k > 0])
+        if self.secure_stats is not None:
+            # The sums go inside the masked fit vector; in the clear only the site's own
+            # primary metric, which site-level fairness (and q-fedavg) needs per site.
+            metrics = {k: v for k, v in metrics.items() if k == self.task.primary_metric}
         return loss, len(self.val_data), {"site_id": self.site_id, **metrics, "history": history}
 
 

@@ -2,8 +2,9 @@
 
 Sites never send per-user or per-item values, only sums and counts (sufficient
 statistics), which the server adds up; every metric here is a function of such sums.
-That is also what secure aggregation will need later: the server then learns only the
-sums over sites. See ``docs/FAIRNESS.md`` for the design, and where a metric is exact.
+Under secure aggregation they travel inside the masked vector (:mod:`common.secure_stats`)
+and the server learns only their sums over sites. See ``docs/FAIRNESS.md`` for the
+design, and where a metric is exact.
 
 Site-level fairness of a round (how evenly the sites' utility is spread), from each
 site's value of the task's primary metric (a loss: lower is better):
@@ -50,6 +51,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 YAO_HUANG_TERMS = ("value", "absolute", "underestimation", "overestimation")
+# What :func:`yao_huang_sums` returns: a site's sums for the item-level metrics.
+YAO_HUANG_SUMS = ("items", *YAO_HUANG_TERMS, "noise_ssw", "noise_dof", "noise_scale")
 
 
 # ------------------------------------------------------------------ spread of losses

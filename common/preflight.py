@@ -6,6 +6,7 @@ from common.accounting import epsilon
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
 from common.dp import plan_round
+from common.secure_stats import secure_statistics
 from common.tasks import Task, get_task
 
 
@@ -20,6 +21,7 @@ def preflight(cfg: RunConfig, key: bytes | None = None) -> Task:
     site checks its own data when it starts.
     """
     task = get_task(cfg.task)(cfg, key)
+    secure_statistics(task.sum_keys(), cfg.secagg)  # SecAgg+ settings that cannot carry them exactly
     if task.needs_key and key is None:
         return task
     for n in task.site_sizes():

@@ -23,6 +23,7 @@ from common.config import RunConfig, all_or_nothing_probability
 from common.errors import ConfigError, PrivfedError, TrainingFailure
 from common.preflight import preflight
 from common.runtime import config_from, resolve_device
+from common.secure_stats import secure_statistics
 from common.tasks.base import get_state, set_state
 from common.central_dp import central_plan
 from server.central import CentralRelease
@@ -80,6 +81,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         accountant=cfg.dp.accountant if cfg.dp.enabled else NO_DP,
         central_eval=central_eval,
         combine_eval=task.combine_metrics,
+        secure_stats=secure_statistics(task.sum_keys(), cfg.secagg),
+        combine_sums=task.combine_sums,
         uniform=cfg.uniform_weights,
         secure=cfg.secagg.enabled,
         central=central,

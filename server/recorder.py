@@ -117,6 +117,11 @@ class RunRecorder:
         }
         if rec.caught_up:
             line["caught_up"] = rec.caught_up  # "site@round": spends ledgered late (lost replies)
+        if rec.test_model_round is not None:
+            # Under SecAgg+ "test" is the secure sum of the sites' statistics sent in this
+            # round's fit, so it describes the model of the round before (0: the initial one).
+            line["test_model_round"] = rec.test_model_round
+            line["test_sites"] = rec.test_sites
         if rec.secagg_seconds:
             line["secagg_seconds"] = {k: round(v, 4) for k, v in rec.secagg_seconds.items()}
         if central:
@@ -186,7 +191,8 @@ class RunRecorder:
             parts.append(f"[yellow]{len(line['sites_budget_exhausted'])} out of budget[/]")
         primary = self.task.primary_metric
         if primary in line["test"]:
-            parts.append(f"test {primary} {line['test'][primary]:.3f}")
+            of = f" (model of round {line['test_model_round']})" if "test_model_round" in line else ""
+            parts.append(f"test {primary} {line['test'][primary]:.3f}{of}")
         vals = [v[primary] for v in line["site_val"].values() if primary in v]
         if vals:
             parts.append(f"site val {primary} {np.mean(vals):.3f}")

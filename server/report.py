@@ -177,7 +177,7 @@ def write_summary(
     _plot_utility(run_dir / "utility.png", metrics, primary)
     if plot_metrics:
         series = {
-            name: ([m["round"] for m in metrics if name in m.get("test", {})], [m["test"][name] for m in metrics if name in m.get("test", {})])
+            name: ([_test_round(m) for m in metrics if name in m.get("test", {})], [m["test"][name] for m in metrics if name in m.get("test", {})])
             for name in plot_metrics
         }
         series = {k: v for k, v in series.items() if v[0]}
@@ -208,7 +208,7 @@ def _plot_eps(path: Path, rows: list[LedgerRow]) -> None:
 
 
 def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str) -> None:
-    xs = [m["round"] for m in metrics if primary in m.get("test", {})]
+    xs = [_test_round(m) for m in metrics if primary in m.get("test", {})]
     if not xs:
         return
     series = {"test": (xs, [m["test"][primary] for m in metrics if primary in m.get("test", {})])}
@@ -222,12 +222,23 @@ def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str) -> No
     line_plot(series, path, title=f"Utility: {primary} (lower is better)", xlabel="round", ylabel=primary)
 
 
+def _test_round(m: dict[str, Any]) -> int:
+    """The round whose model a line's test metrics describe (the round before, under SecAgg+)."""
+    return int(m.get("test_model_round", m["round"]))
+
+
 def _markdown(
     s: Summary, metrics: list[dict[str, Any]], primary: str, scenario: str, run_dir: Path, test_source: str
 ) -> str:
     out = [f"# privfed run `{run_dir.name}` (scenario `{scenario}`)", ""]
     out += [f"- {line}" for line in s.headline()[1:]]
     unit = next(iter(s.eps_by_site.values())).unit if s.eps_by_site else "training example"
+    last = next((m for m in reversed(metrics) if m.get("test")), {})
+    if "test_model_round" in last:
+        test_source += (
+            f"; model of round {last['test_model_round']}: under SecAgg+ sites send these sums with the next "
+            "round's update, so the final model's are not measured"
+        )
     out += ["", f"## Final test metrics ({test_source})", "", "| metric | value |", "|---|---|"]
     out += [f"| {k} | {v:.4f} |" for k, v in s.final_test.items()]
     out += [

@@ -36,7 +36,9 @@ from flwr.supercore import log
 from common.accounting import NO_DP, RoundPlan
 from common.central_dp import update_norm
 from common.config import MIN_SECURE_SITES
+from common.errors import PrivfedError
 from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics, parse_history
+from common.secure_stats import SecureStats
 from server.central import CentralRelease
 from server.fair_aggregation import qffl_step, site_losses
 from server.ledger import Ledger, LedgerRow, SiteSpend
@@ -56,6 +58,10 @@ class RoundRecord:
     aggregated: bool = False
     train_loss: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
+    # Under SecAgg+ ``test`` comes from the secure sum of the sites' evaluation statistics,
+    # sent in this round's fit: it describes the model of the round before (None otherwise).
+    test_model_round: int | None = None
+    test_sites: list[str] = field(default_factory=list)  # whose statistics are in that sum
     site_val: dict[str, dict[str, float]] = field(default_factory=dict)
     ledger_rows: list[LedgerRow] = field(default_factory=list)
     released: bool = False  # the central-DP mechanism ran this round
@@ -84,6 +90,8 @@ class DeltaFedAvg(FedAvg):
         primary_metric: str,
         accountant: str = NO_DP,
         central_eval: Any = None,
+        secure_stats: "SecureStats | None" = None,
+        combine_sums: Callable[[dict[str, float]], dict[str, float]] | None = None,
         combine_eval: Any = None,
         uniform: bool = False,
         secure: bool = False,
@@ -109,6 +117,10 @@ class DeltaFedAvg(FedAvg):
         self.central_eval = central_eval  # callable(round, arrays) -> metrics dict, or None
         # Without a server-held test split: callable([(n, site metrics)]) -> combined metrics.
         self.combine_eval = combine_eval
+        # Under SecAgg+: the codec of the evaluation sums appended to every masked update,
+        # and the task's step from their sum over sites to the federation metrics.
+        self.secure_stats = secure_stats
+        self.combine_sums = combine_sums
         self.records: dict[int, RoundRecord] = {}
         self.exhausted_sites: set[str] = set()
         self.uniform = uniform  # weigh sites equally, not by example count
@@ -370,6 +382,10 @@ class DeltaFedAvg(FedAvg):
         """Under SecAgg+ every reply carries the same unmasked mean over all replying sites."""
         if not results:
             return None, ""
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        if self.secure_stats is not None:
+            # Split the evaluation sums off first: they are valid even when the update sum is not.
+            mean = self._record_secure_test(mean, len(results), sorted(reports), rec)
         bad = sorted(rec.rejected)
         if bad:
             # A masked update cannot be taken out of the sum: the whole sum is unusable.
@@ -379,13 +395,32 @@ class DeltaFedAvg(FedAvg):
         need = max(self.min_fit_sites, MIN_SECURE_SITES)
         if len(trained) < need:
             return None, f"{len(trained)} site(s) trained in a secure round, below {need}; the sum is not used" if trained else ""
-        mean = parameters_to_ndarrays(results[0][1].parameters)
         # (Flower dequantizes to float64; the shapes must match, the dtype is cast below.)
         if [a.shape for a in mean] != [g.shape for g in self.global_arrays]:
             return None, "secure sum discarded: its arrays do not match the model's shapes"
         # mean over every replying site (zero updates of out-of-budget sites included) -> sum
         total = [(m.astype(np.float64) * len(results)).astype(g.dtype) for m, g in zip(mean, self.global_arrays)]
         return Staged(trained, total, float(len(trained))), ""
+
+    def _record_secure_test(self, mean: list[np.ndarray], count: int, sites: list[str], rec: RoundRecord) -> list[np.ndarray]:
+        """Take the evaluation sums off the unmasked mean and record the metrics they give.
+
+        Each site evaluated the global model it received, before training, so the metrics
+        are those of the previous round's model. Returns the model's arrays.
+        """
+        assert self.secure_stats is not None
+        if len(mean) != len(self.global_arrays) + 1:
+            rec.failures.append("secure sum carries no evaluation statistics; no test metrics this round")
+            return mean
+        try:
+            sums = self.secure_stats.unpack(mean[-1] * count)  # mean over replying sites -> sum
+        except PrivfedError as exc:
+            rec.failures.append(f"secure evaluation statistics discarded: {exc}")
+            return mean[:-1]
+        if self.central_eval is None and self.combine_sums is not None:
+            rec.test = self.combine_sums(sums)
+            rec.test_model_round, rec.test_sites = rec.round - 1, sites
+        return mean[:-1]
 
     def end_fit(self, server_round: int) -> list[np.ndarray] | None:
         """Apply the round's staged sum (plus central noise) to the global model.
@@ -478,7 +513,9 @@ class DeltaFedAvg(FedAvg):
                 rec.site_val[site] = {
                     k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 }
-        if self.central_eval is None and self.combine_eval is not None and results:
+        # Under SecAgg+ with secure sums the replies hold no sums: the round's test metrics
+        # came from the masked vector (:meth:`_record_secure_test`), not from here.
+        if self.central_eval is None and self.combine_eval is not None and results and self.secure_stats is None:
             rec.test = self.combine_eval([(res.num_examples, dict(res.metrics)) for _, res in results])
         losses = [(res.num_examples, res.loss) for _, res in results if math.isfinite(res.loss)]
         if not losses:

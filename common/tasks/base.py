@@ -118,6 +118,27 @@ class Task(ABC):
         keys = set.intersection(*(numeric(m) for _, m in results))
         return {k: sum(n * m[k] for n, m in results) / total for k in sorted(keys)}
 
+    # ------------------------------------------------- secure evaluation sums
+    def sum_keys(self) -> tuple[str, ...]:
+        """The evaluation metrics that are sums over sites, as a fixed, public, ordered schema.
+
+        Under SecAgg+ every site sends exactly these values (0 for a group it lacks or
+        withholds), in this order, inside its masked fit vector (:mod:`common.secure_stats`),
+        and the server gets only their sum, from which :meth:`combine_sums` must give every
+        federation metric. It must not depend on any site's data. () (the default): the task
+        has none, or the server evaluates on its own test split; nothing is appended.
+        """
+        return ()
+
+    def is_sum_key(self, key: str) -> bool:
+        """True for an evaluation metric that is a sum over sites (may match keys outside the
+        schema, so that a site refuses to leave out a sum the schema forgot)."""
+        return key in self.sum_keys()
+
+    def combine_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """Federation metrics from the secure sum over sites of the :meth:`sum_keys` values."""
+        return self.combine_metrics([(1, sums)])
+
     def save_samples(self, model: nn.Module, path: Path) -> Path | None:
         """Draw a sample grid PNG if the task generates data; None otherwise."""
         return None

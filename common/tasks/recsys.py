@@ -25,7 +25,9 @@ user-level DP: a user with m ratings is protected with roughly m times the epsil
 Evaluation (per site, on the held-out 20% of each user's ratings): RMSE and MAE, and
 HR@k / NDCG@k ranking the whole catalogue minus the user's training items, with the
 user's held-out items as relevant. Sites send sums and counts (not per-user values);
-the server combines them (:meth:`RecsysTask.combine_metrics`). Group metrics
+the server combines them (:meth:`RecsysTask.combine_metrics`); under SecAgg+ they travel
+inside the masked fit vector (:meth:`RecsysTask.sum_keys`), so the server learns only
+their sums over sites. Group metrics
 (gender, age bucket) are sent only for groups of at least ``recsys.min-group-size`` users
 and reported only when the combined group reaches it too, with complementary suppression
 (:func:`suppressed_groups`) so that no small group can be recovered by subtraction.
@@ -68,9 +70,19 @@ from torch import nn
 
 from common.data import ArrayData
 from common.errors import ConfigError, DataError, PrivfedError
-from common.fairness import coverage, item_popularity, popularity_bias, sum_statistics, yao_huang, yao_huang_sums
+from common.fairness import (
+    YAO_HUANG_SUMS,
+    coverage,
+    item_popularity,
+    popularity_bias,
+    sum_statistics,
+    yao_huang,
+    yao_huang_sums,
+)
 from common.keys import Pseudonymizer
 from common.ratings import (
+    AGE_BUCKETS,
+    UNKNOWN,
     RatingData,
     Ratings,
     held_out_mask,
@@ -97,6 +109,9 @@ GROUP_SUMS = ("sse", "sae", "pred", "n", "users", "dcg")
 # Yao & Huang's metrics are for a binary attribute: gender, F against M.
 YH_ATTRIBUTE, YH_GROUPS = "gender", ("F", "M")
 YH_PREFIX = f"yh.{YH_ATTRIBUTE}."  # a site's sums: items, and one sum per term
+# Every value a group attribute can take after generalisation (common.ratings): the public
+# vocabulary of the secure-sum schema (RecsysTask.sum_keys).
+GROUP_VALUES = {"gender": ("F", "M", UNKNOWN), "age": (*(name for _, name in AGE_BUCKETS), UNKNOWN)}
 
 
 @dataclass(frozen=True)
@@ -450,6 +465,25 @@ class RecsysTask(Task):
             hits[start : start + len(chunk)] = gains.any(1)
             ndcg[start : start + len(chunk)] = np.where(ideal > 0, (gains * discounts).sum(1) / np.maximum(ideal, 1e-12), 0.0)
         return hits, ndcg, tops
+
+    def sum_keys(self) -> tuple[str, ...]:
+        """Every sum a site can send, for every group of the public vocabulary (86 keys)."""
+        groups = tuple(f"group.{a}.{v}.{s}" for a in GROUP_ATTRIBUTES for v in GROUP_VALUES[a] for s in GROUP_SUMS)
+        return SUM_KEYS + groups + tuple(YH_PREFIX + k for k in YAO_HUANG_SUMS)
+
+    def is_sum_key(self, key: str) -> bool:
+        return is_sum_key(key)
+
+    def combine_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """Metrics from the secure sum: the schema's groups that no site sent arrive as 0
+        (a site sends a group only with >= 1 user), and are dropped like absent ones."""
+        total = dict(sums)
+        for key in [k for k, v in sums.items() if k.startswith("group.") and k.endswith(".users") and v == 0]:
+            for suffix in GROUP_SUMS:
+                total.pop(key[: -len("users")] + suffix, None)
+        if not any(v for k, v in sums.items() if k.startswith(YH_PREFIX)):
+            total = {k: v for k, v in total.items() if not k.startswith(YH_PREFIX)}
+        return self.combine_metrics([(1, total)])
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
         """Federation-wide metrics from the sites' sums (not a mean of site RMSEs); exact except
