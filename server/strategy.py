@@ -320,8 +320,12 @@ class DeltaFedAvg(FedAvg):
             return self._stage_qffl(sites, usable, rec.round)
         if self.aggregation != "fedavg":
             return self._stage_robust(sites, usable)
+        return self._weighted_sum(sites, usable), ""
+
+    def _weighted_sum(self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]]) -> Staged:
+        """FedAvg: the sites' updates times their weights, summed (divided in end_fit)."""
         total = [np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))]
-        return Staged(sites, total, float(sum(usable[s][1] for s in sites))), ""
+        return Staged(sites, total, float(sum(usable[s][1] for s in sites)))
 
     def _reject_outliers(self, usable: dict[str, tuple[list[np.ndarray], int]], rec: RoundRecord) -> None:
         """Drop updates whose norm is far beyond the rest of the round (a diverged or hostile site).
@@ -365,8 +369,7 @@ class DeltaFedAvg(FedAvg):
         """
         known = site_losses(sites, {r: rec.site_val for r, rec in self.records.items()}, rnd, self.primary_metric)
         if not known:
-            total = [np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))]
-            return Staged(sites, total, float(sum(usable[s][1] for s in sites))), ""
+            return self._weighted_sum(sites, usable), ""
         fill = sum(known.values()) / len(known)
         step = qffl_step(
             [usable[s][0] for s in sites],
