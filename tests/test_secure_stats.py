@@ -22,20 +22,9 @@ from common.errors import ConfigError, PrivfedError
 from common.secure_stats import FRACTION_BITS, SecureStats, secure_statistics
 from common.tasks import get_task
 from tests.conftest import make_cfg
+from tests.test_recsys import KEY, SMALL as RECSYS_SMALL
 
-KEY = bytes(range(32))
-SMALL = {
-    "task": "recsys",
-    "num-sites": 4,
-    "data.source": "synthetic",
-    "data.partition": "region",
-    "recsys.synthetic-users": 150,
-    "recsys.synthetic-items": 60,
-    "recsys.synthetic-ratings-per-user": 20,
-    "recsys.num-buckets": 4096,
-    "recsys.min-group-size": 5,
-    "secagg.enabled": True,
-}
+SMALL = {**RECSYS_SMALL, "num-sites": 4, "secagg.enabled": True}
 
 
 def _task(**overrides):
