@@ -347,26 +347,19 @@ def validate_private_model(model: nn.Module) -> None:
 
 
 class _FreshGradOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus's noise/scale/step; ``accumulate`` without the per-step deepcopy.
+    """Opacus's DP optimiser, with noise and scaling on :class:`FastDPStep`'s flat buffer.
 
-    Opacus deep-copies ``p.grad`` into ``p.summed_grad`` because it cannot know who
-    else holds ``p.grad``. Here ``p.grad`` is a fresh tensor written by
-    :meth:`FastDPStep.clipped_grad_sum` every step, so aliasing it is safe, and the copy
-    was the largest single cost of a DP step (profiled on the VAE).
+    Opacus's own ``pre_step`` deep-copies each ``p.grad`` into ``p.summed_grad`` (it cannot
+    know who else holds ``p.grad``) and then noises and scales tensor by tensor. Here every
+    ``p.grad`` is a view of one buffer written fresh each step, so neither is needed.
     """
 
     flat: torch.Tensor | None = None  # set by FastDPStep: every p.grad is a view of it
 
-    def accumulate(self) -> None:
-        for p in self.params:
-            if p.summed_grad is None:
-                p.summed_grad = p.grad
-            else:
-                p.summed_grad.add_(p.grad)
-
     def pre_step(self, closure=None) -> bool:  # type: ignore[no-untyped-def]
-        """Opacus's ``pre_step`` (accumulate, skip check, ``add_noise``, ``scale_grad``) on the
-        flat buffer: one ``_generate_noise`` call and one division instead of one per tensor.
+        """Opacus's ``pre_step`` (skip check, ``add_noise``, ``scale_grad``; no ``accumulate``
+        copy) on the flat buffer: one ``_generate_noise`` call and one division instead of
+        one per tensor.
 
         The noise has the same distribution (i.i.d. N(0, (sigma*C)^2) per coordinate, secure
         mode included); only how many calls draw it differs. Opacus's per-tensor "already
