@@ -29,18 +29,18 @@ from flwr.client import Client, ClientApp, NumPyClient
 
 from client.mods import InjectedDropout, make_fault_mod, secure_mod
 from client.state import SiteState, load_state, save_state, state_path
-from common.accounting import RoundPlan, epsilon
+from common.privacy.accounting import RoundPlan, epsilon
 from common.config import RunConfig
-from common.central_dp import CENTRAL_SITE_ID, clip_update, secure_clip_norm
-from common.dp import NoiseKey, plan_round, remember_noise
+from common.privacy.client_level import CENTRAL_SITE_ID, clip_update, secure_clip_norm
+from common.privacy.dp import NoiseKey, plan_round, remember_noise
 from common.errors import PrivfedError
-from common.keys import KEY_ENV, key_from_env, load_key
+from common.deploy.keys import KEY_ENV, key_from_env, load_key
 from common.protocol import Status, fit_metrics
-from common.site import apply_site_overrides
+from common.deploy.site_config import apply_site_overrides
 from common.runtime import cached_task, config_from, resolve_device, round_seed
-from common.secure_stats import secure_statistics
+from common.privacy.secagg_stats import secure_statistics
 from common.tasks.base import get_state, set_state
-from common.training import run_local_round
+from common.privacy.training import run_local_round
 
 STATE_KEY = "privfed.accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
@@ -313,7 +313,7 @@ def build_client_app(
     ``key`` is the federation key the simulation launcher hands its virtual sites; a
     deployed site reads its own (:func:`site_key`). ``state_dir`` is where the virtual
     sites keep their durable state; a deployed site names its own (``state-dir``).
-    ``noise`` is the launcher's searched noise multipliers (:func:`common.dp.known_noise`),
+    ``noise`` is the launcher's searched noise multipliers (:func:`common.privacy.dp.known_noise`),
     so each Ray worker does not search them again.
     """
     base = dict(defaults or {})

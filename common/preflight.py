@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from common.accounting import epsilon
+from common.privacy.accounting import epsilon
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
-from common.dp import plan_round
-from common.secure_stats import secure_statistics
+from common.privacy.dp import plan_round
+from common.privacy.secagg_stats import secure_statistics
 from common.tasks import Task, get_task
 
 

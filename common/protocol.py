@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Mapping
 
-from common.accounting import NO_DP, RoundPlan
+from common.privacy.accounting import NO_DP, RoundPlan
 from common.config import MAX_STEPS, MIN_DELTA, SIGMA_RANGE
 
 KNOWN_ACCOUNTANTS = ("rdp", "prv", NO_DP)

@@ -18,19 +18,19 @@ from flwr.app import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from rich.console import Console
 
-from common.accounting import NO_DP
+from common.privacy.accounting import NO_DP
 from common.config import RunConfig, all_or_nothing_probability
 from common.errors import ConfigError, PrivfedError, TrainingFailure
 from common.preflight import preflight
 from common.runtime import config_from, resolve_device
-from common.secure_stats import secure_statistics
+from common.privacy.secagg_stats import secure_statistics
 from common.tasks.base import get_state, set_state
-from common.central_dp import central_plan
-from server.central import CentralRelease
+from common.privacy.client_level import central_plan
+from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
 from server.recorder import RunRecorder, default_run_dir
 from server.resume import ResumePoint, check_same_config, resume_point
-from server.secure import PrivfedSecAgg
+from server.secagg import PrivfedSecAgg
 from server.privacy_audit import mia_for_run
 from server.report import Summary, write_summary
 from server.strategy import DeltaFedAvg

@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common.accounting import NO_DP
+from common.privacy.accounting import NO_DP
 from common.errors import DataError, PrivfedError
 from common.plots import line_plot
-from server.audit import open_ledger, verify_run
+from server.ledger_audit import open_ledger, verify_run
 from server.privacy_audit import cross_check, violates_bound
 from server.report import _plot_eps, _plot_utility, read_metrics
 

@@ -2,7 +2,7 @@
 
 Each row holds every input an accountant needs (q, sigma, steps, delta, accountant)
 and the epsilon the ledger computed from them with that accountant
-(:func:`common.accounting.epsilon`), so the numbers can be recomputed independently.
+(:func:`common.privacy.accounting.epsilon`), so the numbers can be recomputed independently.
 
 Tamper evidence: ``row_hash = SHA-256(prev_hash || canonical JSON of the row)``.
 Any edit, insertion or deletion breaks the chain from that row on. SQLite triggers
@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from common.accounting import RoundPlan, epsilon
+from common.privacy.accounting import RoundPlan, epsilon
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

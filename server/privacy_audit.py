@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.accounting import NO_DP, _merge
-from common.data import ArrayData
+from common.privacy.accounting import NO_DP, _merge
+from common.data.arrays import ArrayData
 from common.tasks import Task
 from common.tasks.base import to_device
 from server.ledger import LedgerRow

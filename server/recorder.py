@@ -23,10 +23,10 @@ import tomli_w
 import torch
 from rich.console import Console
 
-from common.central_dp import CENTRAL_SITE_ID
+from common.privacy.client_level import CENTRAL_SITE_ID
 from common.config import RunConfig
 from common.errors import ConfigError, TrainingFailure
-from common.fairness import site_fairness
+from common.metrics.fairness import site_fairness
 from common.tasks import Task
 from common.tasks.base import set_state
 from server.ledger import Ledger
@@ -125,7 +125,7 @@ class RunRecorder:
         if rec.secagg_seconds:
             line["secagg_seconds"] = {k: round(v, 4) for k, v in rec.secagg_seconds.items()}
         if central:
-            # Client-level DP: one site is the unit of privacy (common.central_dp).
+            # Client-level DP: one site is the unit of privacy (common.privacy.client_level).
             line["central_dp"] = {"eps": central[0].eps_total, "delta": central[0].delta, "status": central[0].status}
         every = self.cfg.audit.mia_every
         if self.cfg.audit.mia and every and rnd % every == 0 and self.task.server_test_data() is not None:

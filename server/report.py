@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.central_dp import CENTRAL_SITE_ID
+from common.privacy.client_level import CENTRAL_SITE_ID
 from common.errors import DataError
 from common.plots import line_plot
 from server.ledger import Ledger, LedgerRow

@@ -33,13 +33,13 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_trimmed_avg
 from flwr.supercore import log
 
-from common.accounting import NO_DP, RoundPlan
-from common.central_dp import update_norm
+from common.privacy.accounting import NO_DP, RoundPlan
+from common.privacy.client_level import update_norm
 from common.config import MIN_SECURE_SITES
 from common.errors import PrivfedError
 from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics, parse_history
-from common.secure_stats import SecureStats
-from server.central import CentralRelease
+from common.privacy.secagg_stats import SecureStats
+from server.client_level_dp import CentralRelease
 from server.fair_aggregation import qffl_step, site_losses
 from server.ledger import Ledger, LedgerRow, SiteSpend
 

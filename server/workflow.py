@@ -6,7 +6,7 @@ centralised and federated evaluation) and add three things: ``after_fit`` (the s
 applies the round's sum, plus central-DP noise, even in rounds where Flower never calls
 ``aggregate_fit``), ``on_round_end`` (ledger head, metrics line, checkpoint, progress)
 and stopping when no site can train within its budget. The fit step is pluggable:
-Flower's default or SecAgg+ (:mod:`server.secure`).
+Flower's default or SecAgg+ (:mod:`server.secagg`).
 """
 
 from __future__ import annotations

@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from common.accounting import RoundPlan
+from common.privacy.accounting import RoundPlan
 from simulations.launcher import resolve
-from common.data import ArrayData
-from common.dp import FastDPStep, NonPrivateStep, OpacusDPStep
+from common.data.arrays import ArrayData
+from common.privacy.dp import FastDPStep, NonPrivateStep, OpacusDPStep
 from common.tasks import get_task
-from common.training import make_optimizer
+from common.privacy.training import make_optimizer
 
 ENGINES = {"non-private": NonPrivateStep, "fast (privfed)": FastDPStep, "opacus hooks": OpacusDPStep}
 # A throwaway federation key: the benchmark only times steps on synthetic or local data.

@@ -50,10 +50,10 @@ from flwr.server.strategy import FedAvg
 from rich.console import Console
 
 from common.config import RunConfig
-from common.data import ArrayData
+from common.data.arrays import ArrayData
 from common.runtime import cached_task, config_from
 from common.tasks.base import Task, get_state, set_state
-from common.training import make_optimizer
+from common.privacy.training import make_optimizer
 from simulations.bench_util import RoundStamps, median, round_seconds
 from simulations.launcher import _quiet_flower, resolve, simulate
 

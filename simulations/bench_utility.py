@@ -104,7 +104,7 @@ def utility_section(
                 continue
             kf = key_file
             if name == "recsys" and kf is None:
-                from common.keys import write_key
+                from common.deploy.keys import write_key
 
                 kf = str(write_key(Path(tmp) / "bench.key"))  # one throwaway key for all of this task's runs
             cells = []

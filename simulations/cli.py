@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "audit":
             return _audit(args, console, err)
         elif args.command == "keys":
-            from common.keys import write_key
+            from common.deploy.keys import write_key
 
             path = write_key(args.path, force=args.force)
             console.print(f"federation key written to {path} (mode 0600). Copy it to every site over a secure channel; never to the server.")
@@ -172,7 +172,7 @@ def _one_line(message: str) -> str:
 def _certs(args: argparse.Namespace, console: Console) -> None:
     from pathlib import Path
 
-    from common import pki
+    from common.deploy import pki
 
     out = Path(args.out)
     if args.certs_command == "ca":
@@ -190,7 +190,7 @@ def _certs(args: argparse.Namespace, console: Console) -> None:
 def _site(args: argparse.Namespace, passthrough: list[str], console: Console) -> int:
     from pathlib import Path
 
-    from common.site import SiteConfig
+    from common.deploy.site_config import SiteConfig
 
     if args.site_command == "init":
         out = Path(args.out)
@@ -212,7 +212,7 @@ def _site(args: argparse.Namespace, passthrough: list[str], console: Console) ->
         out.write_text(site.to_toml())
         console.print(f"site config written to {out}; check it with `privfed site join {out} --check`")
         return 0
-    from client.site import join
+    from client.join import join
 
     cmd = join(args.config, passthrough, dry_run=args.check)
     console.print("ok: certificates, keys, data and SuperLink reachable\n" + " ".join(cmd))
@@ -221,7 +221,7 @@ def _site(args: argparse.Namespace, passthrough: list[str], console: Console) ->
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     """0: shown (and verified); 1: verification failed; 2: could not read the run."""
-    from server.audit import audit_rows, describe_units, open_ledger, render, table, verify_run
+    from server.ledger_audit import audit_rows, describe_units, open_ledger, render, table, verify_run
 
     ledger = open_ledger(args.run_dir)
     if not console.is_terminal:

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from common.config import RunConfig, flatten, parse_override
 from common.errors import ConfigError, DataError
-from common.keys import KEY_BYTES, key_from_env, load_key
+from common.deploy.keys import KEY_BYTES, key_from_env, load_key
 from common.preflight import preflight
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -152,7 +152,7 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> 
     from flwr.simulation import run_simulation  # heavy import (Ray): only when running
 
     from client.app import build_client_app
-    from common.dp import known_noise
+    from common.privacy.dp import known_noise
     from server.app import build_server_app
 
     flat = cfg.to_flat()

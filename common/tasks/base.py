@@ -18,8 +18,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from common.config import RunConfig
-    from common.data import ArrayData
-    from common.training import LocalSession
+    from common.data.arrays import ArrayData
+    from common.privacy.training import LocalSession
 
 
 class Task(ABC):
@@ -38,7 +38,7 @@ class Task(ABC):
     # Sites report primary_metric on their validation data, as a loss >= 0: q-fedavg
     # weighs sites by it (server.fair_aggregation), and is refused for a task without it.
     site_primary_loss: ClassVar[bool] = True
-    # True when sites pseudonymise identifiers with the federation key (common.keys).
+    # True when sites pseudonymise identifiers with the federation key (common.deploy.keys).
     needs_key: ClassVar[bool] = False
     # Where the "test" metrics of a round come from (shown in the run summary).
     test_description: ClassVar[str] = "server-held split"
@@ -123,7 +123,7 @@ class Task(ABC):
         """The evaluation metrics that are sums over sites, as a fixed, public, ordered schema.
 
         Under SecAgg+ every site sends exactly these values (0 for a group it lacks or
-        withholds), in this order, inside its masked fit vector (:mod:`common.secure_stats`),
+        withholds), in this order, inside its masked fit vector (:mod:`common.privacy.secagg_stats`),
         and the server gets only their sum, from which :meth:`combine_sums` must give every
         federation metric. It must not depend on any site's data. () (the default): the task
         has none, or the server evaluates on its own test split; nothing is appended.
@@ -161,6 +161,6 @@ def set_state(model: nn.Module, keys: list[str], arrays: list[np.ndarray]) -> No
 
 
 def to_device(batch: "ArrayData", device: torch.device) -> "ArrayData":
-    from common.data import ArrayData
+    from common.data.arrays import ArrayData
 
     return ArrayData(batch.x.to(device), None if batch.y is None else batch.y.to(device))

@@ -1,6 +1,6 @@
 """Conditional GAN on images, with DP on the only network that touches real data.
 
-Quality (server side, on the held-out test split; :mod:`common.image_metrics`):
+Quality (server side, on the held-out test split; :mod:`common.metrics.image_quality`):
 classifier-FID, train-synthetic-test-real accuracy and the class distribution of
 generated images. A run whose samples are not finite, or whose samples all fall in one
 class (total mode collapse), ends as a failure.
@@ -46,15 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.data import ArrayData
+from common.data.arrays import ArrayData
 from common.errors import ConfigError, TrainingFailure
-from common.fairness import label_weights_for_target, quota_labels, sum_statistics
+from common.metrics.fairness import label_weights_for_target, quota_labels, sum_statistics
 from common.tasks import register_task
 from common.tasks.images import ImageTask
 
 if TYPE_CHECKING:
     from common.config import RunConfig
-    from common.training import LocalSession
+    from common.privacy.training import LocalSession
 
 
 @dataclass(frozen=True)
@@ -317,7 +317,7 @@ class GANTask(ImageTask):
         classifier: class-rebalanced sampling. A calibration batch (its own latent seed)
         measures where each label's images land (``confusion[y, c]``), and the label mix is
         the one whose generated classes are closest in TV to the target
-        (:func:`common.fairness.label_weights_for_target`), each label keeping at least
+        (:func:`common.metrics.fairness.label_weights_for_target`), each label keeping at least
         MIN_LABEL_SHARE of its even share, moving only where that pays (SHIFT_COST).
         Without a classifier the mix is the target.
         """
@@ -337,7 +337,7 @@ class GANTask(ImageTask):
         return torch.as_tensor(quota_labels(weights, n), device=device)
 
     def _quality(self, model: GAN, test: ArrayData, device: torch.device) -> dict[str, float]:
-        from common.image_metrics import frechet_distance, predicted_shares, real_shares, total_variation, tstr_accuracy
+        from common.metrics.image_quality import frechet_distance, predicted_shares, real_shares, total_variation, tstr_accuracy
 
         p = self.params
         clf = self.eval_classifier()
@@ -375,7 +375,7 @@ class GANTask(ImageTask):
 
     def eval_classifier(self):
         """Trained once per run on the sites' pooled training images, cached in the run dir."""
-        from common.image_metrics import pooled_classifier
+        from common.metrics.image_quality import pooled_classifier
 
         return pooled_classifier(self, self.params.num_classes)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from common.config import RunConfig
-from common.data import ArrayData, cached_federated_split
+from common.data.arrays import ArrayData, cached_federated_split
 from common.tasks.base import Task
 
 
 class ImageTask(Task):
-    """A task whose sites hold images: the seeded federated split of common.data."""
+    """A task whose sites hold images: the seeded federated split of common.data.arrays."""
 
     unit_of_privacy = "image"
     data_sources = ("digits", "npz")

@@ -2,7 +2,7 @@
 
 Sites are organisations holding their own users' ratings of a shared item catalogue.
 
-Model, for user u and item bucket i (:mod:`common.keys` maps items to buckets):
+Model, for user u and item bucket i (:mod:`common.deploy.keys` maps items to buckets):
 
     r_hat(u, i) = mu + b_u + b_i + p_u . q_i            (mf)
     r_hat(u, i) = mu + b_u + b_i + p_u . q_i + MLP([p_u, q_i])   (neural)
@@ -32,7 +32,7 @@ their sums over sites. Group metrics
 and reported only when the combined group reaches it too, with complementary suppression
 (:func:`suppressed_groups`) so that no small group can be recovered by subtraction.
 
-Fairness (math in :mod:`common.fairness`, design in ``docs/FAIRNESS.md``):
+Fairness (math in :mod:`common.metrics.fairness`, design in ``docs/FAIRNESS.md``):
 
 * per group: RMSE, MAE, NDCG@k (exact from summed group sums);
 * Yao & Huang's unfairness for gender (F vs M): ``unfairness.gender.{value, absolute,
@@ -68,9 +68,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data import ArrayData
+from common.data.arrays import ArrayData
 from common.errors import ConfigError, DataError, PrivfedError
-from common.fairness import (
+from common.metrics.fairness import (
     YAO_HUANG_SUMS,
     coverage,
     item_popularity,
@@ -79,8 +79,8 @@ from common.fairness import (
     yao_huang,
     yao_huang_sums,
 )
-from common.keys import Pseudonymizer
-from common.ratings import (
+from common.deploy.keys import Pseudonymizer
+from common.data.ratings import (
     AGE_BUCKETS,
     UNKNOWN,
     RatingData,
@@ -96,7 +96,7 @@ from common.tasks import register_task
 from common.tasks.base import Task
 
 if TYPE_CHECKING:
-    from common.training import LocalSession
+    from common.privacy.training import LocalSession
 
 GROUP_ATTRIBUTES = ("gender", "age")
 # Sums a site sends (all additive over sites; see docs/FAIRNESS.md).
@@ -109,7 +109,7 @@ GROUP_SUMS = ("sse", "sae", "pred", "n", "users", "dcg")
 # Yao & Huang's metrics are for a binary attribute: gender, F against M.
 YH_ATTRIBUTE, YH_GROUPS = "gender", ("F", "M")
 YH_PREFIX = f"yh.{YH_ATTRIBUTE}."  # a site's sums: items, and one sum per term
-# Every value a group attribute can take after generalisation (common.ratings): the public
+# Every value a group attribute can take after generalisation (common.data.ratings): the public
 # vocabulary of the secure-sum schema (RecsysTask.sum_keys).
 GROUP_VALUES = {"gender": ("F", "M", UNKNOWN), "age": (*(name for _, name in AGE_BUCKETS), UNKNOWN)}
 

@@ -16,11 +16,11 @@ Representation bias (on labelled images; ``docs/FAIRNESS.md``):
 * per class c, the mean reconstruction NLL ``class.<c>.recon_nll``, from the per-class sums
   ``class.<c>.recon_sum`` and counts ``class.<c>.n`` a site sends (combined by adding
   them, so exact), and its disparity across classes ``recon_disparity.{mean, std,
-  worst, best, gap, ratio}`` (:func:`common.fairness.spread`; gap = worst - best,
+  worst, best, gap, ratio}`` (:func:`common.metrics.fairness.spread`; gap = worst - best,
   ratio = worst / best);
 * on the server's test split only, ``class_tv``: the total-variation distance between
   the class distribution of generated images (labelled by the evaluation classifier of
-  :mod:`common.image_metrics`) and that of the real test images.
+  :mod:`common.metrics.image_quality`) and that of the real test images.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.data import ArrayData
+from common.data.arrays import ArrayData
 from common.errors import ConfigError
-from common.fairness import group_means, spread, sum_statistics
+from common.metrics.fairness import group_means, spread, sum_statistics
 from common.tasks import register_task
 from common.tasks.images import ImageTask
 
@@ -165,7 +165,7 @@ class VAETask(ImageTask):
 
     def _class_tv(self, model: VAE, test: ArrayData) -> float:
         """TV distance between the classes of generated images (decoded z ~ N(0, I)) and of ``test``."""
-        from common.image_metrics import pooled_classifier, predicted_shares, real_shares, total_variation
+        from common.metrics.image_quality import pooled_classifier, predicted_shares, real_shares, total_variation
 
         clf = pooled_classifier(self)
         k = clf.out.out_features

@@ -1,0 +1,371 @@
+"""Ratings data for the recommender: loaders, pseudonymisation, generalisation, site split.
+
+Every loader ends in :func:`pseudonymise`, the only place raw identifiers exist: it
+replaces each user id by its HMAC pseudonym and each item id by its shared-table bucket
+(:mod:`common.deploy.keys`), and generalises the quasi-identifiers (exact age -> age bucket,
+zip code -> zip region) before anything else sees them. What leaves this module holds
+no raw identifier, age or zip code.
+
+Sources:
+  * ``movielens``: the MovieLens 100K files ``u.data`` (user, item, rating, timestamp;
+    tab-separated), ``u.user`` (id|age|gender|occupation|zip) and, when present,
+    ``u.item`` (the catalogue: every item id, ranked in HR/NDCG even if unrated);
+  * ``csv``: bring-your-own ``user,item,rating[,timestamp]`` with a header, plus an optional
+    user-attributes CSV ``user[,gender][,age][,zip]``;
+  * ``synthetic``: an embedded generator (latent factors + user-group effects), for demos
+    and tests; it is synthetic, not real behaviour.
+
+Each rating is split per user 80/20 (``data.test-fraction``) into training and held-out
+ratings with a seeded draw that does not depend on file order.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from common.data.arrays import ArrayData
+from common.errors import ConfigError, DataError
+from common.deploy.keys import Pseudonymizer
+
+AGE_BUCKETS = ((0, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+"))
+ATTRIBUTES = ("gender", "age", "region")
+UNKNOWN = "unknown"
+
+
+def age_bucket(age: int | None) -> str:
+    """Exact age -> the MovieLens-1M age groups (a generalised quasi-identifier)."""
+    if age is None:
+        return UNKNOWN
+    label = AGE_BUCKETS[0][1]
+    for lower, name in AGE_BUCKETS:
+        if age >= lower:
+            label = name
+    return label
+
+
+def zip_region(zipcode: str | None) -> str:
+    """A US zip code -> its first digit (one of ten national areas); anything else -> other."""
+    if not zipcode:
+        return UNKNOWN
+    z = zipcode.strip()
+    return f"zip{z[0]}" if len(z) == 5 and z.isdigit() else "other"
+
+
+def gender_label(value: str | None) -> str:
+    v = (value or "").strip().upper()
+    return v if v in ("M", "F") else UNKNOWN
+
+
+@dataclass(frozen=True)
+class Ratings:
+    """Pseudonymised ratings of one data source (every user, before the site split).
+
+    ``user`` indexes users in pseudonym order (sorting HMACs reveals nothing about raw ids);
+    ``item`` is the shared-table bucket; ``attrs[a][u]`` is user u's generalised attribute.
+    """
+
+    user: np.ndarray  # int64 (N,)
+    item: np.ndarray  # int64 (N,) bucket
+    rating: np.ndarray  # float32 (N,)
+    num_users: int
+    attrs: dict[str, np.ndarray]  # attribute -> (num_users,) str
+    catalogue: np.ndarray  # int64 sorted unique buckets of every known item
+    num_items: int  # distinct raw items (catalogue included)
+    colliding_items: int  # items that share a bucket with another item
+
+    @property
+    def collision_rate(self) -> float:
+        return self.colliding_items / max(self.num_items, 1)
+
+
+def pseudonymise(
+    users: Iterable[str],
+    items: Iterable[str],
+    ratings: np.ndarray,
+    user_attrs: dict[str, tuple[str | None, int | None, str | None]],
+    catalogue_items: Iterable[str],
+    pseudo: Pseudonymizer,
+    num_buckets: int,
+) -> Ratings:
+    """Raw rows -> :class:`Ratings`. The raw ids passed in are not kept anywhere.
+
+    ``user_attrs`` maps a raw user id to (gender, exact age, zip); they are generalised here.
+    """
+    raw_users = np.asarray(list(users), dtype=object)
+    raw_items = np.asarray(list(items), dtype=object)
+    uniq_u, inv_u = np.unique(raw_users, return_inverse=True)
+    uniq_i, inv_i = np.unique(raw_items, return_inverse=True)
+    macs = [pseudo.user(str(u)) for u in uniq_u]
+    order = np.argsort(np.asarray(macs, dtype=object))  # users in pseudonym order
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    item_bucket = np.asarray([pseudo.item_bucket(str(i), num_buckets) for i in uniq_i], dtype=np.int64)
+    all_items = set(map(str, uniq_i)) | set(map(str, catalogue_items))
+    buckets_all = np.asarray([pseudo.item_bucket(i, num_buckets) for i in sorted(all_items)], dtype=np.int64)
+    occupied, counts = np.unique(buckets_all, return_counts=True)
+    attrs = {a: np.full(len(uniq_u), UNKNOWN, dtype=object) for a in ATTRIBUTES}
+    for raw, r in zip(uniq_u, rank):
+        gender, age, zipcode = user_attrs.get(str(raw), (None, None, None))
+        attrs["gender"][r] = gender_label(gender)
+        attrs["age"][r] = age_bucket(age)
+        attrs["region"][r] = zip_region(zipcode)
+    return Ratings(
+        user=rank[inv_u],
+        item=item_bucket[inv_i],
+        rating=np.asarray(ratings, dtype=np.float32),
+        num_users=len(uniq_u),
+        attrs=attrs,
+        catalogue=occupied,
+        num_items=len(all_items),
+        colliding_items=int(counts[counts > 1].sum()),
+    )
+
+
+# ------------------------------------------------------------------- loaders
+
+
+def _check_rating(path: Path, line: int, text: str, lo: float, hi: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(path, f"line {line}: rating {text!r} is not a number") from None
+    if not math.isfinite(value) or not lo <= value <= hi:
+        # float() accepted surrounding whitespace; strip it, or a quoted "7\n" splits the message
+        raise DataError(path, f"line {line}: rating {text.strip()} is outside [{lo:g}, {hi:g}] (recsys.rating-min/max)")
+    return value
+
+
+def _read_rows(path: Path, delimiter: str, encoding: str = "utf-8") -> list[tuple[int, list[str]]]:
+    if not path.is_file():
+        raise DataError(path, "not found")
+    try:
+        with path.open(newline="", encoding=encoding) as fh:
+            rows = [(i, row) for i, row in enumerate(csv.reader(fh, delimiter=delimiter), start=1) if row and any(row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
+    if not rows:
+        raise DataError(path, "is empty")
+    return rows
+
+
+def _parse_age(path: Path, line: int, text: str) -> int | None:
+    if not text.strip():
+        return None
+    try:
+        age = int(text)
+    except ValueError:
+        raise DataError(path, f"line {line}: age {text!r} is not an integer") from None
+    if not 0 <= age <= 130:  # the value is not echoed: error text can reach the coordinator
+        raise DataError(path, f"line {line}: age is out of range [0, 130]")
+    return age
+
+
+def load_movielens(
+    folder: str | Path, pseudo: Pseudonymizer, num_buckets: int, rating_range: tuple[float, float]
+) -> Ratings:
+    """MovieLens 100K (``u.data``, ``u.user``, optional ``u.item``) from ``folder``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(root, "MovieLens folder not found (set data.path to the ml-100k folder)")
+    lo, hi = rating_range
+    users, items, values = [], [], []
+    for line, row in _read_rows(root / "u.data", "\t"):
+        if len(row) < 3:
+            raise DataError(root / "u.data", f"line {line}: expected user, item, rating, timestamp; got {len(row)} field(s)")
+        users.append(row[0].strip())
+        items.append(row[1].strip())
+        values.append(_check_rating(root / "u.data", line, row[2], lo, hi))
+    attrs: dict[str, tuple[str | None, int | None, str | None]] = {}
+    for line, row in _read_rows(root / "u.user", "|"):
+        if len(row) < 5:
+            raise DataError(root / "u.user", f"line {line}: expected id|age|gender|occupation|zip; got {len(row)} field(s)")
+        attrs[row[0].strip()] = (row[2], _parse_age(root / "u.user", line, row[1]), row[4])
+    catalogue: list[str] = []
+    if (root / "u.item").is_file():  # titles are Latin-1
+        catalogue = [row[0].strip() for _, row in _read_rows(root / "u.item", "|", encoding="latin-1")]
+    return pseudonymise(users, items, np.asarray(values), attrs, catalogue, pseudo, num_buckets)
+
+
+def load_ratings_csv(
+    path: str | Path,
+    pseudo: Pseudonymizer,
+    num_buckets: int,
+    rating_range: tuple[float, float],
+    users_path: str | Path = "",
+) -> Ratings:
+    """Bring-your-own ratings: a CSV with header ``user,item,rating[,timestamp]``."""
+    p = Path(path)
+    rows = _read_rows(p, ",")
+    header = [h.strip().lower() for h in rows[0][1]]
+    missing = [c for c in ("user", "item", "rating") if c not in header]
+    if missing:
+        raise DataError(p, f"line 1: header lacks column(s) {', '.join(missing)} (need user,item,rating[,timestamp])")
+    cu, ci, cr = header.index("user"), header.index("item"), header.index("rating")
+    lo, hi = rating_range
+    users, items, values = [], [], []
+    for line, row in rows[1:]:
+        if len(row) < len(header):
+            raise DataError(p, f"line {line}: expected {len(header)} fields, got {len(row)}")
+        if not row[cu].strip() or not row[ci].strip():
+            raise DataError(p, f"line {line}: empty user or item id")
+        users.append(row[cu].strip())
+        items.append(row[ci].strip())
+        values.append(_check_rating(p, line, row[cr], lo, hi))
+    if not users:
+        raise DataError(p, "has a header but no ratings")
+    attrs: dict[str, tuple[str | None, int | None, str | None]] = {}
+    if users_path:
+        up = Path(users_path)
+        urows = _read_rows(up, ",")
+        uh = [h.strip().lower() for h in urows[0][1]]
+        if "user" not in uh:
+            raise DataError(up, "line 1: header lacks column user (need user[,gender][,age][,zip])")
+        col = {c: uh.index(c) for c in ("user", "gender", "age", "zip") if c in uh}
+        for line, row in urows[1:]:
+            if len(row) < len(uh):
+                raise DataError(up, f"line {line}: expected {len(uh)} fields, got {len(row)}")
+            age = _parse_age(up, line, row[col["age"]]) if "age" in col else None
+            attrs[row[col["user"]].strip()] = (
+                row[col["gender"]] if "gender" in col else None,
+                age,
+                row[col["zip"]] if "zip" in col else None,
+            )
+    return pseudonymise(users, items, np.asarray(values), attrs, [], pseudo, num_buckets)
+
+
+def synthetic_ratings(
+    seed: int,
+    num_users: int,
+    num_items: int,
+    per_user: int,
+    pseudo: Pseudonymizer,
+    num_buckets: int,
+    rating_range: tuple[float, float] = (1.0, 5.0),
+) -> Ratings:
+    """Synthetic ratings with latent structure and user groups (documented as synthetic).
+
+    rating = clip(round(3.5 + b_u + b_i + g_group + p_u.q_i + noise)), rank-4 factors,
+    item popularity Zipf-like, and group effects by gender and age so that group
+    metrics have something to find. Raw ids look like ``user-000042``; they go through the
+    same pseudonymisation as real files.
+    """
+    rng = np.random.default_rng(seed)
+    genders = rng.choice(["M", "F"], size=num_users, p=[0.65, 0.35])
+    ages = rng.integers(15, 70, size=num_users)
+    zips = [f"{d}{rng.integers(0, 10000):04d}" for d in rng.choice(10, size=num_users, p=_region_weights())]
+    p = rng.normal(0, 0.45, size=(num_users, 4))
+    q = rng.normal(0, 0.45, size=(num_items, 4))
+    bu = rng.normal(0, 0.35, size=num_users) + np.where(genders == "F", 0.2, -0.05) + np.where(ages < 25, -0.2, 0.0)
+    bi = rng.normal(0, 0.5, size=num_items)
+    pop = 1.0 / np.arange(1, num_items + 1) ** 0.8
+    pop = pop[rng.permutation(num_items)]
+    pop /= pop.sum()
+    users, items, values = [], [], []
+    lo, hi = rating_range
+    k = min(per_user, num_items)
+    for u in range(num_users):
+        chosen = rng.choice(num_items, size=k, replace=False, p=pop)
+        r = 3.5 + bu[u] + bi[chosen] + q[chosen] @ p[u] + rng.normal(0, 0.5, size=k)
+        values.extend(np.clip(np.round(r), lo, hi).tolist())
+        users.extend([f"user-{u:06d}"] * k)
+        items.extend(f"item-{i:05d}" for i in chosen)
+    attrs = {f"user-{u:06d}": (str(genders[u]), int(ages[u]), zips[u]) for u in range(num_users)}
+    catalogue = [f"item-{i:05d}" for i in range(num_items)]
+    return pseudonymise(users, items, np.asarray(values), attrs, catalogue, pseudo, num_buckets)
+
+
+def _region_weights() -> np.ndarray:
+    w = np.array([6, 7, 8, 5, 6, 9, 6, 5, 4, 12], dtype=float)
+    return w / w.sum()
+
+
+# ------------------------------------------------------------------- sites
+
+
+@dataclass(frozen=True)
+class RatingData(ArrayData):
+    """A site's ratings: ``x`` = (local user, item bucket) int64 pairs, ``y`` = rating.
+
+    Held-out data also carries what ranking metrics need: the user's generalised
+    attributes, their training items (excluded from the ranking) and the catalogue.
+    """
+
+    num_users: int = 0
+    attrs: dict[str, np.ndarray] = field(default_factory=dict)
+    seen: tuple[np.ndarray, np.ndarray] | None = None  # training (user, bucket) pairs
+    catalogue: np.ndarray | None = None
+    collision_rate: float = 0.0
+
+
+def partition_users(data: Ratings, num_sites: int, how: str, seed: int) -> list[np.ndarray]:
+    """Assign users to sites: by zip region (whole regions per site) or uniformly.
+
+    ``site``: the data is one deployed site's own file, so every user is this site's.
+    """
+    if how == "site":
+        return [np.arange(data.num_users)] * num_sites
+    if how == "region":
+        regions, inverse = np.unique(data.attrs["region"].astype(str), return_inverse=True)
+        if num_sites > len(regions):
+            raise ConfigError(
+                "num-sites",
+                f"is {num_sites} but the data has only {len(regions)} zip regions; lower num-sites or use data.partition=iid",
+            )
+        sizes = np.bincount(inverse, minlength=len(regions))
+        load = np.zeros(num_sites, dtype=np.int64)
+        owner = np.empty(len(regions), dtype=np.int64)
+        for r in sorted(range(len(regions)), key=lambda r: (-sizes[r], regions[r])):  # largest region first
+            owner[r] = int(np.argmin(load))
+            load[owner[r]] += sizes[r]
+        site_of_user = owner[inverse]
+        return [np.flatnonzero(site_of_user == s) for s in range(num_sites)]
+    if num_sites > data.num_users:
+        raise ConfigError("num-sites", f"is {num_sites} but the data has only {data.num_users} users")
+    perm = np.random.default_rng(seed).permutation(data.num_users)
+    return [np.sort(p) for p in np.array_split(perm, num_sites)]
+
+
+def held_out_mask(data: Ratings, fraction: float, seed: int) -> np.ndarray:
+    """Per-user split: round(fraction * n_u) of each user's ratings (>= 1 if n_u >= 2) are held out.
+
+    The draw is over ratings in a canonical (user, item, rating) order, so it does not
+    depend on the order of rows in the file.
+    """
+    canon = np.lexsort((data.rating, data.item, data.user))
+    draw = np.empty(len(canon))
+    draw[canon] = np.random.default_rng(seed).random(len(canon))
+    order = np.lexsort((draw, data.user))
+    counts = np.bincount(data.user, minlength=data.num_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - np.repeat(starts, counts)
+    k = np.where(counts >= 2, np.maximum(1, np.round(fraction * counts)), 0)
+    return rank < k[data.user]
+
+
+def site_split(data: Ratings, users: np.ndarray, held: np.ndarray) -> tuple[RatingData, RatingData]:
+    """(train, held-out) for the site holding ``users`` (global indices), with local user ids."""
+    local = np.full(data.num_users, -1, dtype=np.int64)
+    local[users] = np.arange(len(users))
+    rows = local[data.user] >= 0
+    u, i, r = local[data.user[rows]], data.item[rows], data.rating[rows]
+    h = held[rows]
+    attrs = {a: v[users] for a, v in data.attrs.items()}
+
+    def make(mask: np.ndarray, **extra) -> RatingData:
+        x = torch.as_tensor(np.stack([u[mask], i[mask]], axis=1), dtype=torch.long)
+        return RatingData(
+            x, torch.as_tensor(r[mask]), num_users=len(users), attrs=attrs,
+            catalogue=data.catalogue, collision_rate=data.collision_rate, **extra,
+        )
+
+    train = make(~h)
+    test = make(h, seen=(u[~h], i[~h]))
+    return train, test

@@ -1,0 +1,149 @@
+"""A partner site's own configuration, and how it reaches the ClientApp.
+
+An operator writes a site config once (``privfed site init``), then joins with it
+(``privfed site join``). Site-local settings travel to the ClientApp as the SuperNode's
+``--node-config``, which stays on the site's machine: the coordinator's run config cannot
+see or change them.
+
+Site-local keys (node config), each optional except ``partition-id``:
+
+    partition-id    this site's index (0 .. num-sites-1)
+    site-id         the pseudonym the ledger shows (default site-<partition-id>)
+    key-file        the federation key (keyed tasks, e.g. the recommender)
+    data-path       this site's own data file or folder; all of it is the site's
+    data-format     how to read it (digits, npz, movielens, csv; must suit the task)
+    users-path      recommender: optional user-attributes CSV
+    device          auto, cpu, cuda or cuda:N (overrides the run's)
+    epsilon-budget  a budget stricter than the run's (the lower one applies)
+    state-dir       where the site keeps its accounting history and site-local model
+                    between rounds (client.state); without it a restart forgets them
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.config import RunConfig, coerce
+from common.data.arrays import SITE_PARTITION
+from common.errors import ConfigError, PrivfedError
+
+# Keys of the node config that change the run config at this site.
+_OVERRIDES = {"data-path": "data.path", "data-format": "data.source", "users-path": "data.users-path", "device": "device"}
+
+
+def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
+    """The run config as this site runs it: its own data, device and (stricter) budget.
+
+    A site budget below the run's ``dp.target-epsilon`` is allowed: the site then trains
+    until its own budget check refuses a round. A site that sets a budget refuses a run
+    with DP switched off.
+    """
+    flat = cfg.to_flat()
+    changed = False
+    for node_key, run_key in _OVERRIDES.items():
+        value = node_config.get(node_key)
+        if value not in (None, ""):
+            flat[run_key] = value
+            changed = True
+    if node_config.get("data-path"):
+        flat["data.partition"] = SITE_PARTITION  # the site's file is all its own data
+    if changed:
+        try:
+            cfg = RunConfig.from_flat(flat)
+        except ConfigError as exc:
+            raise ConfigError(f"site config ({exc.key})", str(exc).split(": ", 1)[1]) from None
+    budget = node_config.get("epsilon-budget")
+    if budget not in (None, "", 0, 0.0):
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+            raise ConfigError("site epsilon-budget", f"must be a number > 0, got {budget!r}")
+        if not cfg.dp.enabled:
+            raise ConfigError(
+                "site epsilon-budget", f"this site allows eps <= {budget:g}, but the run has dp.enabled=false: refusing to train"
+            )
+        # Replaced after validation: a budget below the run's target is the site's right.
+        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, epsilon_budget=min(float(budget), cfg.dp.epsilon_budget)))
+    return cfg
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """What ``privfed site init`` writes and ``privfed site join`` reads."""
+
+    site_id: str
+    partition_id: int
+    superlink: str
+    ca_cert: str
+    auth_private_key: str
+    auth_public_key: str
+    key_file: str = ""
+    data_path: str = ""
+    data_format: str = ""
+    users_path: str = ""
+    device: str = "auto"
+    epsilon_budget: float = 0.0
+    state_dir: str = ""
+
+    def validate(self) -> None:
+        if not self.site_id or any(c in self.site_id for c in " \"'="):
+            raise ConfigError("site-id", f"must be a non-empty name without spaces or quotes, got {self.site_id!r}")
+        if self.partition_id < 0:
+            raise ConfigError("partition-id", f"must be >= 0, got {self.partition_id}")
+        host, sep, port = self.superlink.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError("superlink", f"must be HOST:PORT, got {self.superlink!r}")
+        for key in ("ca_cert", "auth_private_key", "auth_public_key", "key_file", "data_path", "users_path", "data_format", "state_dir"):
+            if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
+                raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
+        if self.epsilon_budget < 0:
+            raise ConfigError("epsilon-budget", f"must be >= 0 (0: the run's), got {self.epsilon_budget}")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def node_config(self) -> str:
+        """The ``--node-config`` string for ``flower-supernode`` (site-local values only)."""
+        # json.dumps quotes and escapes like a TOML basic string, which Flower parses.
+        items: list[str] = [f"partition-id={self.partition_id}", f"site-id={json.dumps(self.site_id)}", f"device={json.dumps(self.device)}"]
+        for key in ("key_file", "data_path", "data_format", "users_path", "state_dir"):
+            value = getattr(self, key)
+            if value:
+                if key != "data_format":
+                    value = str(Path(value).expanduser())
+                items.append(f"{key.replace('_', '-')}={json.dumps(value)}")
+        if self.epsilon_budget:
+            items.append(f"epsilon-budget={self.epsilon_budget!r}")
+        return " ".join(items)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return "# privfed site config (privfed site init). Keep it at the site; it is never sent.\n" + tomli_w.dumps(
+            {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SiteConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise PrivfedError(f"site config '{p}': not found (write one with `privfed site init`)")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise PrivfedError(f"site config '{p}': not valid TOML ({exc})") from None
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown key in site config {p}")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            values[known[key].name] = coerce(key, value, known[key])  # the run config's type rules
+        missing = [k for k, f in known.items() if f.default is dataclasses.MISSING and k not in raw]
+        if missing:
+            raise ConfigError(missing[0], f"missing from site config {p}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg

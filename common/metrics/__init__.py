@@ -1,0 +1,1 @@
+"""Metrics computed from what sites release: fairness sums, image-sample quality."""

@@ -1,0 +1,129 @@
+"""One round of local training at a site, with the sampling that the accounting assumes."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+
+from common.privacy.accounting import NO_DP, RoundPlan
+from common.data.arrays import ArrayData
+from common.privacy.dp import StepEngine, make_engine
+from common.tasks.base import Task, to_device
+
+
+class LocalSession:
+    """Hands a task its batches and takes exactly one optimiser step per batch.
+
+    Under DP the batches are Poisson samples with rate ``plan.sample_rate`` (Opacus's
+    sampler), and there are ``plan.steps`` of them. The session counts the noisy steps
+    actually taken; that count, not the plan, is what the ledger records. Taking two
+    steps on one sampled batch would break the accounting, so it raises.
+    """
+
+    def __init__(
+        self,
+        data: ArrayData,
+        plan: RoundPlan,
+        batch_size: int,
+        engine: StepEngine,
+        device: torch.device,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.data, self.plan, self.batch_size = data, plan, batch_size
+        self.engine, self.device, self.generator = engine, device, generator
+        self.steps_taken = 0
+        self._batch_pending = False
+
+    def batches(self) -> Iterator[ArrayData]:
+        n = len(self.data)
+        if self.plan.accountant != NO_DP:
+            sampler = UniformWithReplacementSampler(
+                num_samples=n, sample_rate=self.plan.sample_rate, generator=self.generator, steps=self.plan.steps
+            )
+            index_batches: Iterator = (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
+        else:
+            index_batches = self._shuffled()
+        for idx in index_batches:
+            self._batch_pending = True
+            yield to_device(ArrayData(self.data.x[idx], None if self.data.y is None else self.data.y[idx]), self.device)
+
+    def _shuffled(self) -> Iterator[torch.Tensor]:
+        """Non-private baseline: plain shuffled minibatches, the same number of steps."""
+        n, done = len(self.data), 0
+        while True:
+            perm = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, self.batch_size):
+                if done == self.plan.steps:
+                    return
+                done += 1
+                yield perm[start : start + self.batch_size]
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        if not self._batch_pending:
+            raise RuntimeError("LocalSession.step: one optimiser step per sampled batch (DP accounting)")
+        if self.steps_taken >= self.plan.steps:
+            raise RuntimeError(f"LocalSession.step: the round's plan allows {self.plan.steps} steps (DP accounting)")
+        self._batch_pending = False
+        self.engine.step(per_sample_loss)
+        self.steps_taken += 1
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    metrics: dict[str, float]
+    steps_taken: int
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+
+
+def run_local_round(
+    task: Task,
+    model: nn.Module,
+    data: ArrayData,
+    plan: RoundPlan,
+    device: torch.device,
+    seed: int | None,
+) -> RoundOutcome:
+    """Train ``model`` in place for one round.
+
+    ``seed`` makes sampling, noise and the task's own randomness repeat exactly
+    (simulation). ``seed=None`` (``dp.secure-rng``) seeds every generator from 128 bits of
+    OS entropy and turns on Opacus's ``secure_mode`` noise (robust to floating-point
+    attacks). That is unpredictable, but it is torch's Mersenne Twister seeded securely,
+    not a cryptographic stream: Opacus's CSPRNG needs ``torchcsprng``, which has no build
+    for current torch.
+    """
+    cfg = task.cfg
+    model.to(device).train()
+    private = task.private_module(model)  # e.g. only the GAN's discriminator
+    optimizer = make_optimizer(private, cfg.train.optimizer, cfg.train.lr)
+    secure = seed is None
+    # Three independent streams (noise, Poisson sampling, the task's own randomness).
+    entropy = secrets.randbits(128) if secure else seed
+    noise_seed, sample_seed, task_seed = (
+        int(s >> 1) for s in np.random.SeedSequence(entropy).generate_state(3, dtype=np.uint64)
+    )
+    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
+    engine = make_engine(cfg.dp.engine, private, optimizer, plan, generator=noise_gen, secure_mode=secure)
+    # The sampler draws on CPU; keep its generator there.
+    sample_gen = torch.Generator().manual_seed(sample_seed)
+    session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen)
+    # Tasks draw their own randomness (VAE reparameterisation, GAN latents) from torch's
+    # global RNG; seed it inside a forked RNG state so the caller's state is untouched.
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(task_seed)
+            metrics = task.train(model, session)
+    finally:
+        engine.close()
+    return RoundOutcome(metrics=metrics, steps_taken=session.steps_taken)

@@ -1,0 +1,157 @@
+"""`privfed audit`: what a privacy officer sees, exports and verifies."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pytest
+
+from common.privacy.accounting import RoundPlan
+from server.ledger import Ledger, SiteSpend
+from simulations.cli import main as cli
+from tests.conftest import tamper
+
+
+def _run_dir(tmp_path, rounds=3):
+    """A run dir as the server writes it: ledger + metrics.jsonl with each round's head hash."""
+    run = tmp_path / "run"
+    run.mkdir()
+    led = Ledger(run / "ledger.sqlite", run_id="run")
+    with (run / "metrics.jsonl").open("w") as fh:
+        for r in range(1, rounds + 1):
+            spends = [
+                SiteSpend(site, "image", RoundPlan(200, 0.1, 10, sigma, 1.0, 1e-5, "rdp"), 10, 5.0, True, "trained")
+                for site, sigma in (("site-0", 1.0), ("site-1", 2.0))
+            ]
+            led.record_round(r, spends)
+            fh.write(json.dumps({"round": r, "ledger_head": led.head()}) + "\n")
+    led.close()
+    return run
+
+
+def test_json_export_has_every_round_and_site_with_budget_left(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert cli(["audit", str(run), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["round"], r["site_id"]) for r in rows] == [(r, s) for r in (1, 2, 3) for s in ("site-0", "site-1")]
+    for r in rows:
+        assert r["budget_left"] == pytest.approx(5.0 - r["eps_total"])
+        assert r["unit"] == "image" and r["accountant"] == "rdp" and r["delta"] == 1e-5
+    # more noise, less epsilon; cumulative epsilon grows
+    last = {r["site_id"]: r for r in rows if r["round"] == 3}
+    assert last["site-1"]["eps_total"] < last["site-0"]["eps_total"]
+    assert rows[0]["eps_total"] < last["site-0"]["eps_total"]
+
+
+def test_csv_export(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=1)
+    assert cli(["audit", str(run), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 2 and {"eps_round", "eps_total", "delta", "unit", "accountant", "budget_left"} <= set(rows[0])
+
+
+def test_table_states_unit_accountant_and_delta(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=1)
+    assert cli(["audit", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "site-1" in out and "one image" in out and "rdp" in out and "1.0e-05" in out
+
+
+def test_verify_passes_on_an_untouched_run(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 0
+    assert "verified: 6 rows" in capsys.readouterr().err
+
+
+def test_verify_names_the_first_edited_row(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    tamper(run / "ledger.sqlite", "UPDATE ledger SET eps_total = eps_total / 2 WHERE seq = 4")
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at row seq 4" in err
+
+
+def test_verify_catches_a_cut_tail(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    tamper(run / "ledger.sqlite", "DELETE FROM ledger WHERE seq >= 5")
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    assert "FAILED at ledger end" in capsys.readouterr().err
+
+
+def test_missing_run_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
+    assert cli(["audit", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not found" in err
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "empty").mkdir()
+    assert cli(["audit", str(tmp_path / "empty")]) == 2
+    assert not (tmp_path / "empty" / "ledger.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda run: (run / "metrics.jsonl").write_text('{"round": 1, "ledger_head": "x"}\n{"round": 2, "ledg'), "line 2 is not valid JSON"),
+        (lambda run: (run / "metrics.jsonl").write_text("[1, 2]\n"), "line 1 is not a JSON object"),
+        (lambda run: (run / "ledger.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x00" * 200), "not a readable privfed ledger"),
+    ],
+)
+def test_damaged_run_files_give_one_line_errors(tmp_path, capsys, damage, match):
+    run = _run_dir(tmp_path)
+    damage(run)
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def test_verify_without_a_recorded_head_is_not_a_pass(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    (run / "metrics.jsonl").unlink()
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    assert "no ledger head recorded" in capsys.readouterr().err
+
+
+def test_report_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    assert cli(["report", str(run), "--out", str(tmp_path / "no" / "such" / "r.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_paths_with_brackets_are_not_markup(tmp_path, capsys):
+    assert cli(["audit", str(tmp_path / "a[/]b" / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a[/]b" in err and err.count("\n") == 0
+
+
+def test_verify_names_a_forged_row_no_accountant_accepts(tmp_path, capsys):
+    """Rewrite a row with an impossible accountant and re-hash everything: a named failure, no traceback."""
+    from server.ledger import HASHED_FIELDS, Ledger, row_digest
+
+    run = _run_dir(tmp_path)
+    rows = Ledger(run / "ledger.sqlite").rows()
+    prev, stmts = rows[0].prev_hash, []
+    for row in rows:
+        values = {k: getattr(row, k) for k in HASHED_FIELDS}
+        if row.seq == 3:
+            values["accountant"] = "bogus"
+        new = row_digest(prev, values)
+        stmts.append(f"UPDATE ledger SET accountant='{values['accountant']}', prev_hash='{prev}', row_hash='{new}' WHERE seq={row.seq}")
+        prev = new
+    tamper(run / "ledger.sqlite", *stmts)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines[-1]["ledger_head"] = prev
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at row seq 3" in err and "Traceback" not in err
+    assert cli(["report", str(run)]) == 0
+    assert "FAILED at seq 3" in (run / "report.html").read_text()
+
+
+def test_report_out_may_be_a_directory(tmp_path):
+    run = _run_dir(tmp_path)
+    outdir = tmp_path / "reports"
+    outdir.mkdir()
+    assert cli(["report", str(run), "--out", str(outdir)]) == 0
+    assert (outdir / "report.html").stat().st_size > 0
