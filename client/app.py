@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,18 +30,18 @@ from flwr.client import Client, ClientApp, NumPyClient
 
 from client.mods import InjectedDropout, make_fault_mod, secure_mod
 from client.state import SiteState, load_state, save_state, state_path
-from common.privacy.accounting import RoundPlan, epsilon
 from common.config import RunConfig
+from common.deploy.keys import KEY_ENV, key_from_env, load_key
+from common.deploy.site_config import apply_site_overrides
+from common.errors import PrivfedError
+from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import CENTRAL_SITE_ID, clip_update, secure_clip_norm
 from common.privacy.dp import NoiseKey, plan_round, remember_noise
-from common.errors import PrivfedError
-from common.deploy.keys import KEY_ENV, key_from_env, load_key
-from common.protocol import Status, fit_metrics
-from common.deploy.site_config import apply_site_overrides
-from common.runtime import cached_task, config_from, resolve_device, round_seed
 from common.privacy.secagg_stats import secure_statistics
-from common.tasks.base import get_state, set_state
 from common.privacy.training import run_local_round
+from common.protocol import Status, fit_metrics
+from common.runtime import cached_task, config_from, resolve_device, round_seed
+from common.tasks.base import get_state, set_state
 
 STATE_KEY = "privfed.accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
@@ -159,8 +160,14 @@ class SiteClient(NumPyClient):
                 # Say so, send a zero update with zero weight: nothing of the data leaves.
                 zeros = [np.zeros_like(p) for p in parameters]
                 metrics = fit_metrics(
-                    self.site_id, self.task.unit_of_privacy, plan, 0, budget, Status.BUDGET_EXHAUSTED,
-                    eps_spent=spent, note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
+                    self.site_id,
+                    self.task.unit_of_privacy,
+                    plan,
+                    0,
+                    budget,
+                    Status.BUDGET_EXHAUSTED,
+                    eps_spent=spent,
+                    note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
                     history=before,
                 )
                 # Under SecAgg+ a zero update still takes part, so the sum stays recoverable;
@@ -169,9 +176,13 @@ class SiteClient(NumPyClient):
 
         faults, seed0 = self.cfg.faults, self.cfg.federation.seed
         if faults.drops(seed0, self.site_index, server_round, "train"):
-            raise InjectedDropout(f"injected dropout: site {self.site_index} leaves round {server_round} before training")
+            raise InjectedDropout(
+                f"injected dropout: site {self.site_index} leaves round {server_round} before training"
+            )
         if faults.event(seed0, self.site_index, server_round, "crash", faults.crash_rate):
-            raise InjectedCrash(f"injected crash: site {self.site_index} failed in round {server_round} before training")
+            raise InjectedCrash(
+                f"injected crash: site {self.site_index} failed in round {server_round} before training"
+            )
         t0 = time.perf_counter()
         seed = round_seed(self.cfg, self.site_index, server_round)
         outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
@@ -182,7 +193,9 @@ class SiteClient(NumPyClient):
         update = self._prepare_update([(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)])
         if faults.drops(seed0, self.site_index, server_round, "upload"):
             # After the site's own accounting: it spent privacy, the server never hears of it.
-            raise InjectedDropout(f"injected dropout: site {self.site_index} trained in round {server_round}, its reply is lost")
+            raise InjectedDropout(
+                f"injected dropout: site {self.site_index} trained in round {server_round}, its reply is lost"
+            )
         if faults.event(seed0, self.site_index, server_round, "corrupt", faults.corrupt_rate):
             update = corrupt(update, faults.corruption(seed0, self.site_index, server_round))
         if faults.event(seed0, self.site_index, server_round, "delay", faults.delay_rate):
@@ -191,7 +204,12 @@ class SiteClient(NumPyClient):
         # examples without noise, so sending it would fall outside the epsilon we claim.
         private_extras = {} if self.cfg.dp.enabled or self.cfg.central_dp.enabled else outcome.metrics
         metrics = fit_metrics(
-            self.site_id, self.task.unit_of_privacy, plan, outcome.steps_taken, budget, Status.TRAINED,
+            self.site_id,
+            self.task.unit_of_privacy,
+            plan,
+            outcome.steps_taken,
+            budget,
+            Status.TRAINED,
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
             train_seconds=time.perf_counter() - t0,
             history=before,
@@ -269,14 +287,18 @@ def corrupt(update: list[np.ndarray], kind: str) -> list[np.ndarray]:
 def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, str]:
     """(partition index, pseudonymous site id) from the SuperNode's node config."""
     if "partition-id" not in node_config:
-        raise PrivfedError("this SuperNode has no 'partition-id' in its node config: start it with --node-config 'partition-id=<i>'")
+        raise PrivfedError(
+            "this SuperNode has no 'partition-id' in its node config: start it with --node-config 'partition-id=<i>'"
+        )
     index = node_config["partition-id"]
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < cfg.federation.num_sites:
         raise PrivfedError(f"partition-id={index!r} must be an integer in [0, num-sites={cfg.federation.num_sites})")
     # Deployment: the operator names the site pseudonymously; simulation: site-<i>.
     site_id = str(node_config.get("site-id", f"site-{index}"))
     if site_id == CENTRAL_SITE_ID:
-        raise PrivfedError(f"site-id {CENTRAL_SITE_ID!r} is reserved for the ledger's client-level DP rows; pick another")
+        raise PrivfedError(
+            f"site-id {CENTRAL_SITE_ID!r} is reserved for the ledger's client-level DP rows; pick another"
+        )
     return index, site_id
 
 

@@ -20,10 +20,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from common.errors import DataError, PrivfedError
 from common.deploy.keys import load_key
-from common.deploy.pki import check_certificate, check_private_key, PkiError
+from common.deploy.pki import PkiError, check_certificate, check_private_key
 from common.deploy.site_config import SiteConfig
+from common.errors import DataError, PrivfedError
 
 
 def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
@@ -35,7 +35,9 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
     except (ValueError, TypeError, UnsupportedAlgorithm):
         parsed = None
     if not isinstance(parsed, ec.EllipticCurvePrivateKey):
-        raise PkiError(auth_key, "is not an OpenSSH EC private key, as flower-supernode needs (`privfed certs node` makes one)")
+        raise PkiError(
+            auth_key, "is not an OpenSSH EC private key, as flower-supernode needs (`privfed certs node` makes one)"
+        )
     if not Path(site.auth_public_key).expanduser().is_file():
         raise PkiError(site.auth_public_key, "SuperNode auth public key (auth-public-key) not found")
     if site.key_file:
@@ -50,7 +52,9 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
             with tempfile.NamedTemporaryFile(dir=folder):
                 pass
         except OSError as exc:
-            raise PrivfedError(f"state-dir {folder}: not writable ({exc.strerror or type(exc).__name__}); the site keeps its privacy history there") from None
+            raise PrivfedError(
+                f"state-dir {folder}: not writable ({exc.strerror or type(exc).__name__}); the site keeps its privacy history there"
+            ) from None
     host, _, port = site.superlink.rpartition(":")
     host = host.strip("[]")
     try:
@@ -83,15 +87,21 @@ def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[
     """The ``flower-supernode`` command line for this site (TLS and node authentication on)."""
     exe = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
     if not Path(exe).is_file():
-        raise PrivfedError("flower-supernode not found: install privfed's environment (make install) and activate .venv")
+        raise PrivfedError(
+            "flower-supernode not found: install privfed's environment (make install) and activate .venv"
+        )
     return [
         exe,
-        "--superlink", site.superlink,
-        "--root-certificates", str(Path(site.ca_cert).expanduser()),
+        "--superlink",
+        site.superlink,
+        "--root-certificates",
+        str(Path(site.ca_cert).expanduser()),
         # flwr 1.41 derives the public key from the private one (--auth-supernode-public-key
         # is deprecated and ignored); the .pub file is what the coordinator registers.
-        "--auth-supernode-private-key", str(Path(site.auth_private_key).expanduser()),
-        "--node-config", site.node_config(),
+        "--auth-supernode-private-key",
+        str(Path(site.auth_private_key).expanduser()),
+        "--node-config",
+        site.node_config(),
         *(extra or []),
     ]
 

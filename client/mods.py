@@ -7,7 +7,8 @@ stage happens exactly where a real site that vanished after uploading would stop
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType

@@ -45,7 +45,9 @@ def load_state(path: Path) -> SiteState | None:
         history = [(int(r), float(s), float(q), int(k)) for r, s, q, k in raw["history"]]
         local = {str(k): v for k, v in raw["local"].items()}
     except Exception as exc:  # truncated or foreign file: refuse rather than forget spent privacy
-        raise PrivfedError(f"site state {path} cannot be read ({type(exc).__name__}); move it aside only if you know this site's spend") from None
+        raise PrivfedError(
+            f"site state {path} cannot be read ({type(exc).__name__}); move it aside only if you know this site's spend"
+        ) from None
     return SiteState(history, local)
 
 

@@ -17,8 +17,9 @@ import dataclasses
 import difflib
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,9 @@ class FederationConfig:
         _require(0 <= self.trim_fraction < 0.5, "trim-fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
         _require(self.byzantine_sites >= 0, "byzantine-sites", f"must be >= 0, got {self.byzantine_sites}")
         _require(self.qffl_q >= 0, "qffl-q", f"must be >= 0 (0: a FedAvg step), got {self.qffl_q}")
-        _require(self.qffl_lipschitz >= 0, "qffl-lipschitz", f"must be > 0, or 0 for 1 / train.lr, got {self.qffl_lipschitz}")
+        _require(
+            self.qffl_lipschitz >= 0, "qffl-lipschitz", f"must be > 0, or 0 for 1 / train.lr, got {self.qffl_lipschitz}"
+        )
         if self.aggregation in ("krum", "multi-krum"):
             need = 2 * self.byzantine_sites + 3
             _require(
@@ -230,8 +233,14 @@ class DPConfig:
 
     def validate(self) -> None:
         _require(self.engine in ("fast", "opacus"), "dp.engine", f"must be fast or opacus, got {self.engine!r}")
-        _require(self.noise_multiplier >= 0, "dp.noise-multiplier", f"must be >= 0 (negative noise), got {self.noise_multiplier}")
-        _require(self.target_epsilon >= 0, "dp.target-epsilon", f"must be >= 0 (negative epsilon), got {self.target_epsilon}")
+        _require(
+            self.noise_multiplier >= 0,
+            "dp.noise-multiplier",
+            f"must be >= 0 (negative noise), got {self.noise_multiplier}",
+        )
+        _require(
+            self.target_epsilon >= 0, "dp.target-epsilon", f"must be >= 0 (negative epsilon), got {self.target_epsilon}"
+        )
         _require(self.max_grad_norm > 0, "dp.max-grad-norm", f"must be > 0, got {self.max_grad_norm}")
         _require(
             self.delta == 0 or 0 < self.delta < 1,
@@ -239,7 +248,9 @@ class DPConfig:
             f"must be in (0, 1), or 0 for auto, got {self.delta}",
         )
         _require(self.accountant in ("rdp", "prv"), "dp.accountant", f"must be rdp or prv, got {self.accountant!r}")
-        _require(self.epsilon_budget > 0, "dp.epsilon-budget", f"must be > 0 (negative epsilon), got {self.epsilon_budget}")
+        _require(
+            self.epsilon_budget > 0, "dp.epsilon-budget", f"must be > 0 (negative epsilon), got {self.epsilon_budget}"
+        )
         if self.enabled and self.target_epsilon == 0:
             _require(
                 self.noise_multiplier > 0,
@@ -314,7 +325,9 @@ class SecAggConfig:
                 f"must be below secagg.num-shares={self.num_shares}, got {self.reconstruction_threshold}",
             )
         _require(self.clipping_range > 0, "secagg.clipping-range", f"must be > 0, got {self.clipping_range}")
-        _require(self.quantization_range >= 2, "secagg.quantization-range", f"must be >= 2, got {self.quantization_range}")
+        _require(
+            self.quantization_range >= 2, "secagg.quantization-range", f"must be >= 2, got {self.quantization_range}"
+        )
         _require(
             self.modulus_range > self.quantization_range and self.modulus_range & (self.modulus_range - 1) == 0,
             "secagg.modulus-range",
@@ -404,7 +417,11 @@ class FaultsConfig:
 
     def validate(self) -> None:
         _require(0 <= self.dropout_rate <= 1, "faults.dropout-rate", f"must be in [0, 1], got {self.dropout_rate}")
-        for key, rate in (("crash-rate", self.crash_rate), ("corrupt-rate", self.corrupt_rate), ("delay-rate", self.delay_rate)):
+        for key, rate in (
+            ("crash-rate", self.crash_rate),
+            ("corrupt-rate", self.corrupt_rate),
+            ("delay-rate", self.delay_rate),
+        ):
             _require(0 <= rate <= 1, f"faults.{key}", f"must be in [0, 1], got {rate}")
         _require(self.delay_seconds >= 0, "faults.delay-seconds", f"must be >= 0, got {self.delay_seconds}")
         kinds = [k.strip() for k in self.corrupt_kinds.split(",") if k.strip()]
@@ -422,7 +439,7 @@ class FaultsConfig:
             _require(
                 all(part.strip().isdigit() for part in text.split(",")) if text.strip() else True,
                 key,
-                f"must be comma-separated integers such as \"0,3\", got {text!r}",
+                f'must be comma-separated integers such as "0,3", got {text!r}',
             )
 
     def event(self, seed: int, site_index: int, server_round: int, kind: str, rate: float) -> bool:
@@ -530,7 +547,7 @@ class RunConfig:
         return self.federation.scenario
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Parse and validate a flat ``{key: value}`` mapping; unknown keys are errors."""
         from common.tasks import get_task  # tasks import config; import lazily
 
@@ -610,7 +627,7 @@ class RunConfig:
         """L of q-fedavg: federation.qffl-lipschitz, or 1 / train.lr when 0 (the paper's choice)."""
         return self.federation.qffl_lipschitz or 1.0 / self.train.lr
 
-    def replace(self, **federation_changes: Any) -> "RunConfig":
+    def replace(self, **federation_changes: Any) -> RunConfig:
         return dataclasses.replace(self, federation=dataclasses.replace(self.federation, **federation_changes))
 
 
@@ -621,8 +638,16 @@ def _check_secure(cfg: RunConfig) -> None:
         # Robust rules and q-fedavg need each update in the clear (q-fedavg also each
         # site's loss), and their sensitivity is not the sum's: neither SecAgg+ (the
         # server sees only the sum) nor central DP fits.
-        _require(not sa.enabled, "aggregation", f"{fed.aggregation} needs each site's update; under secure aggregation the server sees only their sum")
-        _require(not cdp.enabled, "aggregation", f"{fed.aggregation} is not covered by the central-DP analysis, which assumes a noised sum")
+        _require(
+            not sa.enabled,
+            "aggregation",
+            f"{fed.aggregation} needs each site's update; under secure aggregation the server sees only their sum",
+        )
+        _require(
+            not cdp.enabled,
+            "aggregation",
+            f"{fed.aggregation} is not covered by the central-DP analysis, which assumes a noised sum",
+        )
     if sa.enabled:
         _require(
             cfg.faults.corrupt_rate == 0,
@@ -672,7 +697,11 @@ def _check_secure(cfg: RunConfig) -> None:
             f"{flip:.2g} over {fed.rounds} rounds whether a round's sum is released at all (a round needs "
             f"{min_round_sites(cfg)} sites); that must stay below central-dp delta={delta:.2g}: sample more sites",
         )
-        _require(cfg.uniform_weights, "weighting", "must be uniform or auto with central DP (each site's weight is bounded by clip-norm)")
+        _require(
+            cfg.uniform_weights,
+            "weighting",
+            "must be uniform or auto with central DP (each site's weight is bounded by clip-norm)",
+        )
         if sa.enabled:
             _require(
                 cdp.clip_norm <= sa.clipping_range,
@@ -754,16 +783,18 @@ _INFINITY_OK = {"dp.epsilon-budget", "central-dp.epsilon-budget"}
 
 
 def _suggest(key: str, sections: Mapping[str, type]) -> str:
-    known = [
-        (f"{s}.{_key(f.name)}" if s else _key(f.name)) for s, cls in sections.items() for f in fields(cls)
-    ]
+    known = [(f"{s}.{_key(f.name)}" if s else _key(f.name)) for s, cls in sections.items() for f in fields(cls)]
     close = [k for k in known if k.startswith(key)] or difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _require_sigma(key: str, sigma: float) -> None:
     lo, hi = SIGMA_RANGE
-    _require(lo <= sigma <= hi, key, f"must be in [{lo:g}, {hi:g}] (outside it the accountants cannot compute epsilon), got {sigma:g}")
+    _require(
+        lo <= sigma <= hi,
+        key,
+        f"must be in [{lo:g}, {hi:g}] (outside it the accountants cannot compute epsilon), got {sigma:g}",
+    )
 
 
 def _require(cond: bool, key: str, message: str) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from common.privacy.accounting import epsilon
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
+from common.privacy.accounting import epsilon
 from common.privacy.dp import plan_round
 from common.privacy.secagg_stats import secure_statistics
 from common.tasks import Task, get_task
@@ -27,9 +27,13 @@ def preflight(cfg: RunConfig, key: bytes | None = None) -> Task:
     for n in task.site_sizes():
         plan = plan_round(cfg, n)
         if plan.steps * cfg.federation.rounds > MAX_STEPS:
-            raise ConfigError("train.local-epochs", f"plans {plan.steps * cfg.federation.rounds} steps per site, above {MAX_STEPS}")
+            raise ConfigError(
+                "train.local-epochs", f"plans {plan.steps * cfg.federation.rounds} steps per site, above {MAX_STEPS}"
+            )
         try:  # the whole planned run must be accountable, or no site could ever check its budget
             epsilon([plan.mechanism] * cfg.federation.rounds, plan.delta, plan.accountant)
         except (ArithmeticError, ValueError, MemoryError) as exc:
-            raise ConfigError("dp.noise-multiplier", f"the accountant cannot compute epsilon for this plan ({exc})") from None
+            raise ConfigError(
+                "dp.noise-multiplier", f"the accountant cannot compute epsilon for this plan ({exc})"
+            ) from None
     return task

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
-from common.privacy.accounting import NO_DP, RoundPlan
 from common.config import MAX_STEPS, MIN_DELTA, SIGMA_RANGE
+from common.privacy.accounting import NO_DP, RoundPlan
 
 KNOWN_ACCOUNTANTS = ("rdp", "prv", NO_DP)
 
@@ -144,7 +145,9 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         accountant=vals["accountant"],
     )
     known = set(_PLAN_KEYS) | {"site_id", "unit", "status", "steps", "eps_budget", "eps_spent", "note", "history"}
-    extra = {k: float(v) for k, v in m.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    extra = {
+        k: float(v) for k, v in m.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     eps_spent = get("eps_spent", float)
     eps_budget = get("eps_budget", float)
     if math.isnan(eps_budget) or eps_budget <= 0:
@@ -184,8 +187,12 @@ def parse_history(raw: Any, accountant: str) -> tuple[tuple[int, float, float, i
             rnd, sigma, q, steps = item
             ok = (
                 all(isinstance(v, int) and not isinstance(v, bool) for v in (rnd, steps))
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (sigma, q))
-                and rnd >= 1 and 0 < steps <= MAX_STEPS and 0 < q <= 1
+                and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (sigma, q)
+                )
+                and rnd >= 1
+                and 0 < steps <= MAX_STEPS
+                and 0 < q <= 1
                 and (accountant == NO_DP or lo <= sigma <= hi)
             )
         if not ok:

@@ -8,9 +8,10 @@ to :class:`server.workflow.RoundLoop`, not a different server.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,21 +19,21 @@ from flwr.app import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from rich.console import Console
 
-from common.privacy.accounting import NO_DP
 from common.config import RunConfig, all_or_nothing_probability
 from common.errors import ConfigError, PrivfedError, TrainingFailure
 from common.preflight import preflight
-from common.runtime import config_from, resolve_device
-from common.privacy.secagg_stats import secure_statistics
-from common.tasks.base import get_state, set_state
+from common.privacy.accounting import NO_DP
 from common.privacy.client_level import central_plan
+from common.privacy.secagg_stats import secure_statistics
+from common.runtime import config_from, resolve_device
+from common.tasks.base import get_state, set_state
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
+from server.privacy_audit import mia_for_run
 from server.recorder import RunRecorder, default_run_dir
+from server.report import Summary, write_summary
 from server.resume import ResumePoint, check_same_config, resume_point
 from server.secagg import PrivfedSecAgg
-from server.privacy_audit import mia_for_run
-from server.report import Summary, write_summary
 from server.strategy import DeltaFedAvg
 from server.workflow import RoundLoop
 
@@ -139,7 +140,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         loop(grid, legacy)
     except TrainingFailure as exc:
         failure = exc  # summarised below, then raised: the run ends as a failure
-        kept = "checkpoint.pt holds the last good round" if (run_dir / "checkpoint.pt").exists() else "no round completed"
+        kept = (
+            "checkpoint.pt holds the last good round" if (run_dir / "checkpoint.pt").exists() else "no round completed"
+        )
         console.print(f"[red]run failed: {exc}[/] ({kept})")
     finally:
         if recorder is not None:
@@ -147,11 +150,23 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
                 task.save_samples(recorder.model, run_dir / "samples" / "final.png")
             stop_reason = f"FAILED: {failure}" if failure else "budgets exhausted" if strategy.should_stop() else ""
             mia = None
-            if failure is None and cfg.audit.mia and test is not None and any(rec.aggregated for rec in strategy.records.values()):
+            if (
+                failure is None
+                and cfg.audit.mia
+                and test is not None
+                and any(rec.aggregated for rec in strategy.records.values())
+            ):
                 mia = mia_for_run(task, recorder.model, recorder.ledger.rows(), cfg.federation.seed)
             summary = write_summary(
-                run_dir, recorder.ledger, task.primary_metric, cfg.scenario, stop_reason, not cfg.dp.secure_rng, mia,
-                test_source=task.test_description, plot_metrics=task.plot_metrics,
+                run_dir,
+                recorder.ledger,
+                task.primary_metric,
+                cfg.scenario,
+                stop_reason,
+                not cfg.dp.secure_rng,
+                mia,
+                test_source=task.test_description,
+                plot_metrics=task.plot_metrics,
                 central_extra_delta=all_or_nothing_probability(cfg) if cfg.central_dp.enabled else 0.0,
             )
             recorder.ledger.close()

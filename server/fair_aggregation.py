@@ -23,7 +23,7 @@ on w^t), never from a new training loss, which under DP stays at the site.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.server.strategy.aggregate import aggregate_qffl

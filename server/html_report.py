@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common.privacy.accounting import NO_DP
 from common.errors import DataError, PrivfedError
 from common.plots import line_plot
+from common.privacy.accounting import NO_DP
 from server.ledger_audit import open_ledger, verify_run
 from server.privacy_audit import cross_check, violates_bound
 from server.report import _plot_eps, _plot_utility, read_metrics
@@ -80,13 +80,28 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     )
 
     parts.append("<h2>Privacy spent per site</h2>")
-    parts.append(_table(
-        ["site", "unit", "n", "q", "σ", "C", "steps", "δ", "accountant", "ε", "budget", "budget left"],
-        [[s, r.unit, r.dataset_size, f"{r.sample_rate:.4f}", f"{r.noise_multiplier:.4f}", f"{r.max_grad_norm:g}",
-          sum(x.steps for x in rows if x.site_id == s), f"{r.delta:.1e}", r.accountant, _f(r.eps_total),
-          _f(r.eps_budget), "–" if r.accountant == NO_DP else _f(r.eps_budget - r.eps_total)]
-         for s, r in sorted(last.items())],
-    ))
+    parts.append(
+        _table(
+            ["site", "unit", "n", "q", "σ", "C", "steps", "δ", "accountant", "ε", "budget", "budget left"],
+            [
+                [
+                    s,
+                    r.unit,
+                    r.dataset_size,
+                    f"{r.sample_rate:.4f}",
+                    f"{r.noise_multiplier:.4f}",
+                    f"{r.max_grad_norm:g}",
+                    sum(x.steps for x in rows if x.site_id == s),
+                    f"{r.delta:.1e}",
+                    r.accountant,
+                    _f(r.eps_total),
+                    _f(r.eps_budget),
+                    "–" if r.accountant == NO_DP else _f(r.eps_budget - r.eps_total),
+                ]
+                for s, r in sorted(last.items())
+            ],
+        )
+    )
     if "eps" in images:
         parts.append(_img(images["eps"], "cumulative epsilon per site with the budget line"))
     if checks:
@@ -95,24 +110,44 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
             '<p class="note">ε recomputed from the recorded inputs with Google\'s dp-accounting PLD accountant. '
             "A recorded ε may be above it (RDP is a looser bound), never below it by more than 5 %.</p>"
         )
-        parts.append(_table(
-            ["site", "ε recorded", "ε independent", "method", "recorded − independent", "ok"],
-            [[c.site_id, f"{c.eps_recorded:.4f}", f"{c.eps_independent:.4f}", c.method, f"{-c.shortfall:+.2%}",
-              '<span class="ok">yes</span>' if c.ok else '<span class="bad">NO</span>'] for c in checks],
-            raw_last=True,
-        ))
+        parts.append(
+            _table(
+                ["site", "ε recorded", "ε independent", "method", "recorded − independent", "ok"],
+                [
+                    [
+                        c.site_id,
+                        f"{c.eps_recorded:.4f}",
+                        f"{c.eps_independent:.4f}",
+                        c.method,
+                        f"{-c.shortfall:+.2%}",
+                        '<span class="ok">yes</span>' if c.ok else '<span class="bad">NO</span>',
+                    ]
+                    for c in checks
+                ],
+                raw_last=True,
+            )
+        )
     mia = (audit or {}).get("membership_inference")
     mia_keys = ("mia_auc", "mia_advantage", "mia_advantage_bound", "mia_eps", "mia_delta")
     if mia and not (isinstance(mia, dict) and all(isinstance(mia.get(k), (int, float)) for k in mia_keys)):
         raise DataError(run_dir / "privacy-audit.json", "membership_inference lacks numeric " + ", ".join(mia_keys))
     if mia:
         parts.append("<h2>Membership inference (loss threshold)</h2>")
-        parts.append(_table(
-            ["AUC", "advantage", "chance level (95%)", "DP bound on advantage", "ε", "δ"],
-            [[f"{mia['mia_auc']:.3f}", f"{mia['mia_advantage']:.3f}", f"{mia.get('mia_chance_advantage', float('nan')):.3f}",
-              "none (non-private)" if math.isinf(mia["mia_eps"]) else f"{mia['mia_advantage_bound']:.3f}",
-              _f(mia["mia_eps"]), f"{mia['mia_delta']:.3g}"]],
-        ))
+        parts.append(
+            _table(
+                ["AUC", "advantage", "chance level (95%)", "DP bound on advantage", "ε", "δ"],
+                [
+                    [
+                        f"{mia['mia_auc']:.3f}",
+                        f"{mia['mia_advantage']:.3f}",
+                        f"{mia.get('mia_chance_advantage', float('nan')):.3f}",
+                        "none (non-private)" if math.isinf(mia["mia_eps"]) else f"{mia['mia_advantage_bound']:.3f}",
+                        _f(mia["mia_eps"]),
+                        f"{mia['mia_delta']:.3g}",
+                    ]
+                ],
+            )
+        )
         parts.append(
             '<p class="note">Members: the sites\' training examples; non-members: the server-held test split. '
             "(ε, δ)-DP bounds any attack's TPR − FPR by (e^ε − 1 + 2δ)/(e^ε + 1); only an advantage above "
@@ -162,7 +197,10 @@ def _plot_site_disparity(path: Path, metrics: list[dict[str, Any]], primary: str
     if rounds:
         line_plot(
             {"worst site": (rounds, worst), "mean": (rounds, mean), "best site": (rounds, best)},
-            path, title=f"Site validation {primary}: worst, mean, best", xlabel="round", ylabel=primary,
+            path,
+            title=f"Site validation {primary}: worst, mean, best",
+            xlabel="round",
+            ylabel=primary,
         )
 
 

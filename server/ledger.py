@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from common.privacy.accounting import RoundPlan, epsilon
 
@@ -152,7 +152,7 @@ class Ledger:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -188,7 +188,9 @@ class Ledger:
     def last_row(self, site_id: str) -> LedgerRow | None:
         """The site's latest row, or None if it has none."""
         cols = ", ".join(f.name for f in fields(LedgerRow))
-        r = self.conn.execute(f"SELECT {cols} FROM ledger WHERE site_id = ? ORDER BY seq DESC LIMIT 1", (site_id,)).fetchone()
+        r = self.conn.execute(
+            f"SELECT {cols} FROM ledger WHERE site_id = ? ORDER BY seq DESC LIMIT 1", (site_id,)
+        ).fetchone()
         return None if r is None else _row(r)
 
     def last_round(self) -> int:
@@ -208,7 +210,9 @@ class Ledger:
         with self.conn:
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('round_started', ?)", (str(int(rnd)),))
 
-    def projected_total(self, site_id: str, mechanism: tuple[float, float, int], delta: float, accountant: str) -> float:
+    def projected_total(
+        self, site_id: str, mechanism: tuple[float, float, int], delta: float, accountant: str
+    ) -> float:
         """Cumulative epsilon the site would have after one more round with ``mechanism``."""
         return epsilon(self.history(site_id) + [mechanism], delta, accountant)
 
@@ -232,7 +236,7 @@ class Ledger:
             (rnd, s) for s in sorted(spends, key=lambda s: s.site_id)
         ]
         written: list[LedgerRow] = []
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         with self.conn:  # COMMIT, or ROLLBACK on any exception
             # Take the write lock before reading the head, so the head, the next seq and
             # every row of the round belong to one transaction (another writer waits).
@@ -283,7 +287,9 @@ class Ledger:
         position = {prev: 0}  # head hash -> rows up to it
         for expected_seq, row in enumerate(rows, start=1):
             if row.seq != expected_seq:
-                return Verification(False, len(rows), row.seq, f"seq {row.seq} follows {expected_seq - 1}: rows missing")
+                return Verification(
+                    False, len(rows), row.seq, f"seq {row.seq} follows {expected_seq - 1}: rows missing"
+                )
             values = {k: getattr(row, k) for k in HASHED_FIELDS}
             if row.prev_hash != prev:
                 return Verification(False, len(rows), row.seq, "prev_hash does not match the previous row")
@@ -299,7 +305,9 @@ class Ledger:
                         "eps_total": epsilon(hist, row.delta, row.accountant),
                     }
                 except Exception as exc:  # forged inputs no accountant accepts: a failed row, not a crash
-                    return Verification(False, len(rows), row.seq, f"ε cannot be recomputed from this row's inputs ({exc})")
+                    return Verification(
+                        False, len(rows), row.seq, f"ε cannot be recomputed from this row's inputs ({exc})"
+                    )
                 for name, expected in checks.items():
                     got = getattr(row, name)
                     if not _same(got, expected):
@@ -310,7 +318,12 @@ class Ledger:
             position[prev] = expected_seq
         if expected_head is not None and prev != expected_head:
             if expected_head not in position:
-                return Verification(False, len(rows), None, "the head hash recorded in metrics.jsonl is not in the chain (rows cut or rewritten)")
+                return Verification(
+                    False,
+                    len(rows),
+                    None,
+                    "the head hash recorded in metrics.jsonl is not in the chain (rows cut or rewritten)",
+                )
             return Verification(True, len(rows), unrecorded=len(rows) - position[expected_head])
         return Verification(True, len(rows))
 

@@ -18,16 +18,33 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common.privacy.accounting import NO_DP
 from common.errors import PrivfedError
+from common.privacy.accounting import NO_DP
 from server.ledger import Ledger, LedgerRow, Verification
 from server.recorder import json_safe
 from server.report import read_metrics
 
 COLUMNS = [
-    "seq", "round", "site_id", "unit", "dataset_size", "sample_rate", "noise_multiplier", "max_grad_norm", "steps",
-    "delta", "accountant", "eps_round", "eps_total", "eps_budget", "budget_left", "used", "status",
-    "recorded_at", "prev_hash", "row_hash",
+    "seq",
+    "round",
+    "site_id",
+    "unit",
+    "dataset_size",
+    "sample_rate",
+    "noise_multiplier",
+    "max_grad_norm",
+    "steps",
+    "delta",
+    "accountant",
+    "eps_round",
+    "eps_total",
+    "eps_budget",
+    "budget_left",
+    "used",
+    "status",
+    "recorded_at",
+    "prev_hash",
+    "row_hash",
 ]
 
 
@@ -76,8 +93,15 @@ def table(rows: list[dict[str, Any]], title: str):
         t.add_column(col, justify="left" if col in ("site", "used", "status") else "right", no_wrap=True)
     for r in rows:
         t.add_row(
-            str(r["round"]), escape(r["site_id"]), _fmt(r["eps_round"]), _fmt(r["eps_total"]), _fmt(r["budget_left"]),
-            f"{r['delta']:.3g}", f"{r['noise_multiplier']:.3f}", str(r["steps"]), "yes" if r["used"] else "no",
+            str(r["round"]),
+            escape(r["site_id"]),
+            _fmt(r["eps_round"]),
+            _fmt(r["eps_total"]),
+            _fmt(r["budget_left"]),
+            f"{r['delta']:.3g}",
+            f"{r['noise_multiplier']:.3f}",
+            str(r["steps"]),
+            "yes" if r["used"] else "no",
             r["status"],
         )
     return t
@@ -92,7 +116,9 @@ def verify_run(run_dir: Path, ledger: Ledger) -> Verification:
     expected = metrics[-1].get("ledger_head") if metrics else None
     result = ledger.verify(expected_head=expected)
     if result.ok and expected is None and result.rows:
-        return Verification(False, result.rows, None, "no ledger head recorded in metrics.jsonl: a cut tail would go unnoticed")
+        return Verification(
+            False, result.rows, None, "no ledger head recorded in metrics.jsonl: a cut tail would go unnoticed"
+        )
     return result
 
 

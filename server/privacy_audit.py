@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.privacy.accounting import NO_DP, _merge
 from common.data.arrays import ArrayData
+from common.privacy.accounting import NO_DP, _merge
 from common.tasks import Task
 from common.tasks.base import to_device
 from server.ledger import LedgerRow
@@ -154,7 +154,9 @@ def membership_inference(task: Task, model: torch.nn.Module, seed: int = 0) -> M
     if test is None:
         raise ValueError("membership inference needs the server-held test split (simulation only)")
     sites = [task.site_data(i)[0] for i in range(task.cfg.federation.num_sites)]
-    members = ArrayData(torch.cat([s.x for s in sites]), None if sites[0].y is None else torch.cat([s.y for s in sites]))
+    members = ArrayData(
+        torch.cat([s.x for s in sites]), None if sites[0].y is None else torch.cat([s.y for s in sites])
+    )
     rng = np.random.default_rng(seed)
     k = min(len(members), len(test))
     m_idx, n_idx = rng.choice(len(members), k, replace=False), rng.choice(len(test), k, replace=False)

@@ -1,12 +1,12 @@
 """The run directory and everything written to it, round by round.
 
-    runs/<timestamp>-<scenario>/
-        config.toml      resolved config (every key, defaults included)
-        ledger.sqlite    privacy ledger (server.ledger)
-        metrics.jsonl    one line per round
-        checkpoint.pt    global model + round + ledger position (atomic replace each round)
-        samples/         sample grids (generative tasks)
-        summary.md, eps.png, utility.png   written at the end (server.report)
+runs/<timestamp>-<scenario>/
+    config.toml      resolved config (every key, defaults included)
+    ledger.sqlite    privacy ledger (server.ledger)
+    metrics.jsonl    one line per round
+    checkpoint.pt    global model + round + ledger position (atomic replace each round)
+    samples/         sample grids (generative tasks)
+    summary.md, eps.png, utility.png   written at the end (server.report)
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import tomli_w
 import torch
 from rich.console import Console
 
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.config import RunConfig
 from common.errors import ConfigError, TrainingFailure
 from common.metrics.fairness import site_fairness
+from common.privacy.client_level import CENTRAL_SITE_ID
 from common.tasks import Task
 from common.tasks.base import set_state
 from server.ledger import Ledger
@@ -75,10 +75,24 @@ class RunRecorder:
                 else f"the server stopped after round {rnd} was checkpointed, before its metrics were written"
             )
             line = {
-                "round": rnd, "interrupted": lost, "note": note, "primary_metric": self.task.primary_metric,
-                "sites_sampled": 0, "sites_trained": [], "sites_used": [], "sites_budget_exhausted": [],
-                "rejected": {}, "failures": [], "aggregated": False, "train_loss": {}, "test": {}, "site_val": {},
-                "eps": {}, "eps_max": self._eps_max(), "delta": {}, "ledger_head": self.ledger.head(),
+                "round": rnd,
+                "interrupted": lost,
+                "note": note,
+                "primary_metric": self.task.primary_metric,
+                "sites_sampled": 0,
+                "sites_trained": [],
+                "sites_used": [],
+                "sites_budget_exhausted": [],
+                "rejected": {},
+                "failures": [],
+                "aggregated": False,
+                "train_loss": {},
+                "test": {},
+                "site_val": {},
+                "eps": {},
+                "eps_max": self._eps_max(),
+                "delta": {},
+                "ledger_head": self.ledger.head(),
             }
             self._append(line)
             self.console.print(f"[yellow]round {rnd:>3}: {note}[/]")
@@ -184,7 +198,10 @@ class RunRecorder:
 
     def _progress_line(self, rnd: int, line: dict[str, Any]) -> str:
         total = self.cfg.federation.rounds
-        parts = [f"[bold]round {rnd:>3}/{total}[/]", f"{len(line['sites_trained'])}/{line['sites_sampled']} sites trained"]
+        parts = [
+            f"[bold]round {rnd:>3}/{total}[/]",
+            f"{len(line['sites_trained'])}/{line['sites_sampled']} sites trained",
+        ]
         if line["rejected"]:
             parts.append(f"[red]{len(line['rejected'])} rejected[/]")
         if line["sites_budget_exhausted"]:

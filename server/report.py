@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.errors import DataError
 from common.plots import line_plot
+from common.privacy.client_level import CENTRAL_SITE_ID
 from server.ledger import Ledger, LedgerRow
 from server.privacy_audit import TOLERANCE, cross_check, violates_bound
 
@@ -39,7 +39,9 @@ class Summary:
     def headline(self) -> list[str]:
         primary = self.primary
         lines = [f"artifacts: {self.run_dir.resolve()}"]
-        lines.append(f"rounds completed: {self.rounds_completed}{' (' + self.stop_reason + ')' if self.stop_reason else ''}")
+        lines.append(
+            f"rounds completed: {self.rounds_completed}{' (' + self.stop_reason + ')' if self.stop_reason else ''}"
+        )
         if primary in self.final_test:
             # Group metrics (dotted keys) are in summary.md; the headline stays one line.
             extras = ", ".join(f"{k} {v:.4f}" for k, v in self.final_test.items() if k != primary and "." not in k)
@@ -58,7 +60,11 @@ class Summary:
                 )
         c = self.central
         if c is not None:
-            extra = f" + {self.central_extra_delta:.2g} (rounds one site could make all-or-nothing)" if self.central_extra_delta else ""
+            extra = (
+                f" + {self.central_extra_delta:.2g} (rounds one site could make all-or-nothing)"
+                if self.central_extra_delta
+                else ""
+            )
             lines.append(
                 f"client-level DP: ε {c.eps_total:.3f} at δ = {c.delta:.3g}{extra} (RDP accountant, unit of privacy: one site, "
                 f"DP-FedAvg σ={c.noise_multiplier:.4g}, C={c.max_grad_norm:g}, Poisson q={c.sample_rate:g} of "
@@ -70,7 +76,9 @@ class Summary:
                 "noise: seeded for reproducibility (dp.secure-rng=false): private only against "
                 "those who do not know the seed; deployments set dp.secure-rng=true"
             )
-        lines.append(f"ledger: {self.ledger_rows} rows, hash chain and ε {'verified' if self.ledger_ok else 'FAILED verification'}")
+        lines.append(
+            f"ledger: {self.ledger_rows} rows, hash chain and ε {'verified' if self.ledger_ok else 'FAILED verification'}"
+        )
         if self.cross_checks:
             worst = max(self.cross_checks, key=lambda c: c.shortfall)
             bad = [c.site_id for c in self.cross_checks if not c.ok]
@@ -81,8 +89,10 @@ class Summary:
             )
         if self.mia:
             m = self.mia
-            bound = "no bound (non-private)" if math.isinf(m["mia_eps"]) else (
-                f"DP bound at ε={m['mia_eps']:.2f}, δ={m['mia_delta']:.3g}: {m['mia_advantage_bound']:.3f}"
+            bound = (
+                "no bound (non-private)"
+                if math.isinf(m["mia_eps"])
+                else (f"DP bound at ε={m['mia_eps']:.2f}, δ={m['mia_delta']:.3g}: {m['mia_advantage_bound']:.3f}")
             )
             verdict = " VIOLATES the claimed bound beyond sampling error" if violates_bound(m) else ""
             lines.append(
@@ -172,17 +182,28 @@ def write_summary(
             title=f"Client-level ε (unit: one site, δ = {central[0].delta:.3g}, RDP)",
             xlabel="round",
             ylabel="ε",
-            hlines={} if math.isinf(central[0].eps_budget) else {f"budget ε={central[0].eps_budget:g}": central[0].eps_budget},
+            hlines={}
+            if math.isinf(central[0].eps_budget)
+            else {f"budget ε={central[0].eps_budget:g}": central[0].eps_budget},
         )
     _plot_utility(run_dir / "utility.png", metrics, primary)
     if plot_metrics:
         series = {
-            name: ([_test_round(m) for m in metrics if name in m.get("test", {})], [m["test"][name] for m in metrics if name in m.get("test", {})])
+            name: (
+                [_test_round(m) for m in metrics if name in m.get("test", {})],
+                [m["test"][name] for m in metrics if name in m.get("test", {})],
+            )
             for name in plot_metrics
         }
         series = {k: v for k, v in series.items() if v[0]}
         if series:
-            line_plot(series, run_dir / "quality.png", title="Sample quality per round (server test split)", xlabel="round", ylabel="value")
+            line_plot(
+                series,
+                run_dir / "quality.png",
+                title="Sample quality per round (server test split)",
+                xlabel="round",
+                ylabel="value",
+            )
     (run_dir / "summary.md").write_text(_markdown(summary, metrics, primary, scenario, run_dir, test_source))
     return summary
 
@@ -321,4 +342,3 @@ def _markdown(
     if (run_dir / "samples" / "final.png").exists():
         out += ["## Samples from the final global model", "", "![samples](samples/final.png)", ""]
     return "\n".join(out)
-

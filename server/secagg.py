@@ -45,7 +45,9 @@ class PrivfedSecAgg(SecAggPlusWorkflow):
         return self._forget_early_dropouts(self._timed("setup", super().setup_stage, grid, context, state), state)
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        return self._forget_early_dropouts(self._timed("share_keys", super().share_keys_stage, grid, context, state), state)
+        return self._forget_early_dropouts(
+            self._timed("share_keys", super().share_keys_stage, grid, context, state), state
+        )
 
     @staticmethod
     def _forget_early_dropouts(ok: bool, state: Any) -> bool:
@@ -72,7 +74,11 @@ class PrivfedSecAgg(SecAggPlusWorkflow):
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         if len(state.legacy_results) < MIN_SECURE_SITES:
             # Unmasking a sum of 1 or 2 updates would hand each site (or the server) the others'.
-            self._lost(context, state, f"only {len(state.legacy_results)} masked update(s); a secure sum needs {MIN_SECURE_SITES}")
+            self._lost(
+                context,
+                state,
+                f"only {len(state.legacy_results)} masked update(s); a secure sum needs {MIN_SECURE_SITES}",
+            )
             return False
         # Includes the strategy's aggregate_fit, which Flower calls at the end of this stage.
         ok = self._timed("unmask", super().unmask_stage, grid, context, state)

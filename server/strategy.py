@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from flwr.common import (
@@ -33,12 +34,12 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_trimmed_avg
 from flwr.supercore import log
 
-from common.privacy.accounting import NO_DP, RoundPlan
-from common.privacy.client_level import update_norm
 from common.config import MIN_SECURE_SITES
 from common.errors import PrivfedError
-from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics, parse_history
+from common.privacy.accounting import NO_DP, RoundPlan
+from common.privacy.client_level import update_norm
 from common.privacy.secagg_stats import SecureStats
+from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics, parse_history
 from server.client_level_dp import CentralRelease
 from server.fair_aggregation import qffl_step, site_losses
 from server.ledger import Ledger, LedgerRow, SiteSpend
@@ -90,12 +91,12 @@ class DeltaFedAvg(FedAvg):
         primary_metric: str,
         accountant: str = NO_DP,
         central_eval: Any = None,
-        secure_stats: "SecureStats | None" = None,
+        secure_stats: SecureStats | None = None,
         combine_sums: Callable[[dict[str, float]], dict[str, float]] | None = None,
         combine_eval: Any = None,
         uniform: bool = False,
         secure: bool = False,
-        central: "CentralRelease | None" = None,
+        central: CentralRelease | None = None,
         poisson_rng: random.Random | Callable[[int], random.Random] | None = None,
         aggregation: str = "fedavg",
         trim_fraction: float = 0.2,
@@ -160,7 +161,9 @@ class DeltaFedAvg(FedAvg):
         else:
             instructions = super().configure_fit(server_round, parameters, client_manager)
         if self.secure and 0 < len(instructions) < MIN_SECURE_SITES:
-            rec.failures.append(f"only {len(instructions)} site(s) sampled; a secure round needs at least {MIN_SECURE_SITES}")
+            rec.failures.append(
+                f"only {len(instructions)} site(s) sampled; a secure round needs at least {MIN_SECURE_SITES}"
+            )
             instructions = []
         rec.sampled = len(instructions)
         rec.released = self.central is not None  # the central mechanism runs whatever the sample
@@ -208,7 +211,9 @@ class DeltaFedAvg(FedAvg):
         rec = self.record(server_round)
         rec.failures += [_describe_failure(f) for f in failures] + [reason]
         spends, _ = self._reports(server_round, results)
-        lost = [dataclasses.replace(s, used=False, status="lost") if s.status == Status.TRAINED.value else s for s in spends]
+        lost = [
+            dataclasses.replace(s, used=False, status="lost") if s.status == Status.TRAINED.value else s for s in spends
+        ]
         rec.ledger_rows += self.ledger.record_round(server_round, lost)
         log(WARNING, "round %s: %s", server_round, reason)
 
@@ -234,7 +239,9 @@ class DeltaFedAvg(FedAvg):
                 spends.append(_spend(dataclasses.replace(report, site_id=dup), False, rec.rejected[dup]))
                 continue
             reports[report.site_id] = (report, res)
-            self._catch_up(server_round, report.site_id, report.unit, report.plan, report.eps_budget, report.history, rec)
+            self._catch_up(
+                server_round, report.site_id, report.unit, report.plan, report.eps_budget, report.history, rec
+            )
             reason = ""
             if report.status is Status.TRAINED:
                 rec.trained.append(report.site_id)
@@ -277,7 +284,13 @@ class DeltaFedAvg(FedAvg):
             rows.append((rnd, SiteSpend(site, unit, spent, steps, eps_budget, False, "lost")))
             rec.caught_up.append(f"{site}@{rnd}")
         rec.ledger_rows += self.ledger.record_round(server_round, [], catch_up=rows)
-        log(WARNING, "round %s: %s reported %d earlier round(s) whose replies were lost; ledgered now", server_round, site, len(rows))
+        log(
+            WARNING,
+            "round %s: %s reported %d earlier round(s) whose replies were lost; ledgered now",
+            server_round,
+            site,
+            len(rows),
+        )
 
     def _catch_up_from_evaluation(self, server_round: int, metrics: dict[str, Any], rec: RoundRecord) -> None:
         """Evaluate replies carry the site's history too, so a fit reply lost in the last
@@ -293,10 +306,18 @@ class DeltaFedAvg(FedAvg):
         except MalformedReport as exc:
             rec.failures.append(f"{site}: evaluate reply: {exc}")
             return
-        plan = RoundPlan(last.dataset_size, last.sample_rate, last.steps, last.noise_multiplier, last.max_grad_norm, last.delta, last.accountant)
+        plan = RoundPlan(
+            last.dataset_size,
+            last.sample_rate,
+            last.steps,
+            last.noise_multiplier,
+            last.max_grad_norm,
+            last.delta,
+            last.accountant,
+        )
         self._catch_up(server_round + 1, site, last.unit, plan, last.eps_budget, history, rec)
 
-    def _stage_plain(self, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
+    def _stage_plain(self, reports, rec: RoundRecord) -> tuple[Staged | None, str]:
         usable: dict[str, tuple[list[np.ndarray], int]] = {}
         for site, (report, res) in sorted(reports.items()):
             if report.status is not Status.TRAINED or site in rec.rejected:
@@ -313,7 +334,10 @@ class DeltaFedAvg(FedAvg):
                 usable[site] = (arrays, 1 if self.uniform else res.num_examples)
         self._reject_outliers(usable, rec)
         if len(usable) < self.min_fit_sites:
-            return None, f"{len(usable)} usable update(s), below min-fit-sites={self.min_fit_sites}" if rec.trained else ""
+            return (
+                None,
+                f"{len(usable)} usable update(s), below min-fit-sites={self.min_fit_sites}" if rec.trained else "",
+            )
         # Sum in site order, not arrival order, so a seeded run repeats bit for bit.
         sites = sorted(usable)
         if self.aggregation == "q-fedavg":
@@ -324,7 +348,9 @@ class DeltaFedAvg(FedAvg):
 
     def _weighted_sum(self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]]) -> Staged:
         """FedAvg: the sites' updates times their weights, summed (divided in end_fit)."""
-        total = [np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))]
+        total = [
+            np.sum([usable[s][0][i] * usable[s][1] for s in sites], axis=0) for i in range(len(self.global_arrays))
+        ]
         return Staged(sites, total, float(sum(usable[s][1] for s in sites)))
 
     def _reject_outliers(self, usable: dict[str, tuple[list[np.ndarray], int]], rec: RoundRecord) -> None:
@@ -346,7 +372,9 @@ class DeltaFedAvg(FedAvg):
                 )
                 del usable[site]
 
-    def _stage_robust(self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]]) -> tuple["Staged | None", str]:
+    def _stage_robust(
+        self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]]
+    ) -> tuple[Staged | None, str]:
         """Flower's Byzantine-robust rules, applied to the updates (the staged 'sum' is their result)."""
         results = [(usable[s][0], usable[s][1]) for s in sites]
         if self.aggregation == "trimmed-mean":
@@ -354,12 +382,17 @@ class DeltaFedAvg(FedAvg):
         else:
             f = self.byzantine_sites
             if len(results) < 2 * f + 3:
-                return None, f"{self.aggregation} needs at least {2 * f + 3} updates for byzantine-sites={f}, got {len(results)}"
+                return (
+                    None,
+                    f"{self.aggregation} needs at least {2 * f + 3} updates for byzantine-sites={f}, got {len(results)}",
+                )
             step = aggregate_krum(results, f, len(results) - f if self.aggregation == "multi-krum" else 0)
         step = [np.asarray(a, dtype=g.dtype) for a, g in zip(step, self.global_arrays)]
         return Staged(sites, step, 1.0), ""
 
-    def _stage_qffl(self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]], rnd: int) -> tuple["Staged | None", str]:
+    def _stage_qffl(
+        self, sites: list[str], usable: dict[str, tuple[list[np.ndarray], int]], rnd: int
+    ) -> tuple[Staged | None, str]:
         """q-FedAvg (server.fair_aggregation), with each site's loss F_k from its last evaluate reply.
 
         Under DP a site never sends a fresh training loss, so F_k is its validation value of
@@ -381,7 +414,7 @@ class DeltaFedAvg(FedAvg):
         step = [np.asarray(a, dtype=g.dtype) for a, g in zip(step, self.global_arrays)]
         return Staged(sites, step, 1.0), ""
 
-    def _stage_secure(self, results, reports, rec: RoundRecord) -> tuple["Staged | None", str]:
+    def _stage_secure(self, results, reports, rec: RoundRecord) -> tuple[Staged | None, str]:
         """Under SecAgg+ every reply carries the same unmasked mean over all replying sites."""
         if not results:
             return None, ""
@@ -397,7 +430,12 @@ class DeltaFedAvg(FedAvg):
         # Zero updates of out-of-budget sites do not hide anything: count only trained ones.
         need = max(self.min_fit_sites, MIN_SECURE_SITES)
         if len(trained) < need:
-            return None, f"{len(trained)} site(s) trained in a secure round, below {need}; the sum is not used" if trained else ""
+            return (
+                None,
+                f"{len(trained)} site(s) trained in a secure round, below {need}; the sum is not used"
+                if trained
+                else "",
+            )
         # (Flower dequantizes to float64; the shapes must match, the dtype is cast below.)
         if [a.shape for a in mean] != [g.shape for g in self.global_arrays]:
             return None, "secure sum discarded: its arrays do not match the model's shapes"
@@ -405,7 +443,9 @@ class DeltaFedAvg(FedAvg):
         total = [(m.astype(np.float64) * len(results)).astype(g.dtype) for m, g in zip(mean, self.global_arrays)]
         return Staged(trained, total, float(len(trained))), ""
 
-    def _record_secure_test(self, mean: list[np.ndarray], count: int, sites: list[str], rec: RoundRecord) -> list[np.ndarray]:
+    def _record_secure_test(
+        self, mean: list[np.ndarray], count: int, sites: list[str], rec: RoundRecord
+    ) -> list[np.ndarray]:
         """Take the evaluation sums off the unmasked mean and record the metrics they give.
 
         Each site evaluated the global model it received, before training, so the metrics
@@ -498,8 +538,15 @@ class DeltaFedAvg(FedAvg):
             return []
         if server_round == self.last_round and self.fraction_evaluate < 1.0:
             # The final model's site-level fairness should cover every site, once.
-            return [(c, EvaluateIns(parameters, self.on_evaluate_config_fn(server_round) if self.on_evaluate_config_fn else {}))
-                    for _, c in sorted(client_manager.all().items())]
+            return [
+                (
+                    c,
+                    EvaluateIns(
+                        parameters, self.on_evaluate_config_fn(server_round) if self.on_evaluate_config_fn else {}
+                    ),
+                )
+                for _, c in sorted(client_manager.all().items())
+            ]
         return super().configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
@@ -514,7 +561,9 @@ class DeltaFedAvg(FedAvg):
             site = res.metrics.get("site_id")
             if isinstance(site, str):
                 rec.site_val[site] = {
-                    k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    k: float(v)
+                    for k, v in res.metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
                 }
         # Under SecAgg+ with secure sums the replies hold no sums: the round's test metrics
         # came from the masked vector (:meth:`_record_secure_test`), not from here.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import timeit
-from typing import Callable
+from collections.abc import Callable
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np

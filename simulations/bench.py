@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,46 +48,85 @@ def _goal(ok: bool) -> str:
 
 
 def dp_table(res: dict[str, Any]) -> Table:
-    t = Table(title=f"1. DP-SGD step ÷ non-private step (fast engine; median of {res['reps']}×{res['steps']} steps, "
-                    f"{res['threads']} torch thread, interleaved)")
+    t = Table(
+        title=f"1. DP-SGD step ÷ non-private step (fast engine; median of {res['reps']}×{res['steps']} steps, "
+        f"{res['threads']} torch thread, interleaved)"
+    )
     for col in ("model", "scenario", "batch", "non-private", "DP-SGD", "ratio", f"goal ≤ {res['goal']}×"):
         t.add_column(col, justify="right" if col not in ("model", "scenario") else "left")
     for r in res["results"]:
-        t.add_row(r["model"], r["scenario"], str(r["batch_size"]), f"{r['non_private_ms']:.2f} ms", f"{r['dp_ms']:.2f} ms",
-                  f"[bold]{r['ratio']:.2f}×[/]", _goal(r["ratio"] <= res["goal"]))
+        t.add_row(
+            r["model"],
+            r["scenario"],
+            str(r["batch_size"]),
+            f"{r['non_private_ms']:.2f} ms",
+            f"{r['dp_ms']:.2f} ms",
+            f"[bold]{r['ratio']:.2f}×[/]",
+            _goal(r["ratio"] <= res["goal"]),
+        )
     return t
 
 
 def round_table(res: dict[str, Any]) -> Table:
-    t = Table(title=f"2. Full privfed round ÷ bare Flower FedAvg round ({res['scenario']}, {res['sites']} sites; "
-                    f"median s/round over rounds {res['warmup'] + 1}-{res['rounds']} of {res['repeats']} runs each, alternating)")
+    t = Table(
+        title=f"2. Full privfed round ÷ bare Flower FedAvg round ({res['scenario']}, {res['sites']} sites; "
+        f"median s/round over rounds {res['warmup'] + 1}-{res['rounds']} of {res['repeats']} runs each, alternating)"
+    )
     for col in ("run", "s/round", "÷ bare", f"goal ≤ {res['goal']}×", "whole run (s)"):
         t.add_column(col, justify="left" if col == "run" else "right")
     rs, wall = res["round_s"], res["wall_s"]
     t.add_row("bare Flower FedAvg (no DP)", f"{rs['bare']:.3f}", "1.00×", "", f"{wall['bare']:.0f}")
-    t.add_row("privfed: DP + ledger + fairness metrics, SecAgg+ off", f"{rs['privfed']:.3f}",
-              f"[bold]{res['ratio_secagg_off']:.2f}×[/]", _goal(res["ratio_secagg_off"] <= res["goal"]), f"{wall['privfed']:.0f}")
-    t.add_row("privfed: the same, SecAgg+ on", f"{rs['privfed+secagg']:.3f}",
-              f"[bold]{res['ratio_secagg_on']:.2f}×[/]", _goal(res["ratio_secagg_on"] <= res["goal"]),
-              f"{wall['privfed+secagg']:.0f}")
+    t.add_row(
+        "privfed: DP + ledger + fairness metrics, SecAgg+ off",
+        f"{rs['privfed']:.3f}",
+        f"[bold]{res['ratio_secagg_off']:.2f}×[/]",
+        _goal(res["ratio_secagg_off"] <= res["goal"]),
+        f"{wall['privfed']:.0f}",
+    )
+    t.add_row(
+        "privfed: the same, SecAgg+ on",
+        f"{rs['privfed+secagg']:.3f}",
+        f"[bold]{res['ratio_secagg_on']:.2f}×[/]",
+        _goal(res["ratio_secagg_on"] <= res["goal"]),
+        f"{wall['privfed+secagg']:.0f}",
+    )
     if res.get("secagg_stages_s"):
         t.caption = "SecAgg+ stages (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["secagg_stages_s"].items())
     return t
 
 
 def scale_table(res: dict[str, Any]) -> Table:
-    t = Table(title=f"3. Scale: {res['sampled_per_round']} sites sampled per round, VAE, {res['per_site_images']} images "
-                    f"per site (median s/round after round 1; peak memory of the whole process tree)")
-    cols = ("federated evaluation", "sites", "evaluated/round", "s/round", "÷ fewest sites", "round 1 (s)",
-            "before round 1 (s)", "peak RSS sum", "peak PSS sum", "processes", "< 4 GB")
+    t = Table(
+        title=f"3. Scale: {res['sampled_per_round']} sites sampled per round, VAE, {res['per_site_images']} images "
+        f"per site (median s/round after round 1; peak memory of the whole process tree)"
+    )
+    cols = (
+        "federated evaluation",
+        "sites",
+        "evaluated/round",
+        "s/round",
+        "÷ fewest sites",
+        "round 1 (s)",
+        "before round 1 (s)",
+        "peak RSS sum",
+        "peak PSS sum",
+        "processes",
+        "< 4 GB",
+    )
     for col in cols:
         t.add_column(col, justify="left" if col == "federated evaluation" else "right")
     for p in res["points"]:
         t.add_row(
             "every site (as-is)" if p["variant"] == "as-is" else "sampled like fit",
-            f"{p['sites']:,}", f"{p['evaluated_per_round']:g}", f"{p['round_s']:.2f}",
-            f"[bold]{p['ratio_vs_smallest']:.2f}×[/]", f"{p['first_round_s']:.1f}", f"{p['setup_s']:.1f}",
-            f"{p['peak_rss_gb']:.2f} GB", f"{p['peak_pss_gb']:.2f} GB", str(p["peak_processes"]),
+            f"{p['sites']:,}",
+            f"{p['evaluated_per_round']:g}",
+            f"{p['round_s']:.2f}",
+            f"[bold]{p['ratio_vs_smallest']:.2f}×[/]",
+            f"{p['first_round_s']:.1f}",
+            f"{p['setup_s']:.1f}",
+            f"{p['peak_rss_gb']:.2f} GB",
+            f"{p['peak_pss_gb']:.2f} GB",
+            str(p["peak_processes"]),
             _goal(p["peak_rss_gb"] < res["goal_rss_gb"]),
         )
     return t
@@ -108,7 +147,9 @@ def utility_table(res: dict[str, Any]) -> Table:
             if c["value"] is None:
                 cells.append("[red]failed[/]")
                 continue
-            rel = f" ({c['relative_to_nodp']:.2f}×)" if c["relative_to_nodp"] is not None and c["epsilon_target"] else ""
+            rel = (
+                f" ({c['relative_to_nodp']:.2f}×)" if c["relative_to_nodp"] is not None and c["epsilon_target"] else ""
+            )
             # A failed run (e.g. GAN mode collapse) keeps its last good round's value.
             failed = f" [red]failed in round {c['rounds'] + 1}[/]" if c["error"] else ""
             cells.append(f"{c['value']:.3f}{rel}{failed}")
@@ -120,16 +161,25 @@ def utility_table(res: dict[str, Any]) -> Table:
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of dp,round,scale")
     p.add_argument("--utility", action="store_true", help="run section 4 (utility vs ε) only; slow")
-    p.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}, or {DEFAULT_UTILITY_OUT})")
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}, or {DEFAULT_UTILITY_OUT})"
+    )
     g = p.add_argument_group("1. DP-SGD step")
     g.add_argument("--dp-reps", type=int, default=15)
     g.add_argument("--dp-steps", type=int, default=20)
     g.add_argument("--dp-opacus", action="store_true", help="also time Opacus's hooks engine (very slow on MF)")
-    g.add_argument("--dp-cases", nargs="+", default=None, metavar="SCENARIO:BATCH",
-                   help="default: each task's scenario at its own batch size (+ recsys-movielens:2048 when present)")
+    g.add_argument(
+        "--dp-cases",
+        nargs="+",
+        default=None,
+        metavar="SCENARIO:BATCH",
+        help="default: each task's scenario at its own batch size (+ recsys-movielens:2048 when present)",
+    )
     g = p.add_argument_group("2. privfed round vs bare Flower round")
     g.add_argument("--round-scenario", default="vae-digits")
     g.add_argument("--round-rounds", type=int, default=12)
@@ -169,8 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "meta": {
             **machine_info(),
-            "command": " ".join([Path(sys.executable).name, "-m", "simulations.bench", *(argv if argv is not None else sys.argv[1:])]),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(
+                [Path(sys.executable).name, "-m", "simulations.bench", *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     }
     tables = []
@@ -186,14 +238,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             progress("[bold]1. DP-SGD step ÷ non-private step[/]")
             cases = None if args.dp_cases is None else [(c.split(":")[0], int(c.split(":")[1])) for c in args.dp_cases]
-            report["dp"] = dp_section(args.dp_reps, args.dp_steps, with_opacus=args.dp_opacus, cases=cases, progress=progress)
+            report["dp"] = dp_section(
+                args.dp_reps, args.dp_steps, with_opacus=args.dp_opacus, cases=cases, progress=progress
+            )
             console.print(dp_table(report["dp"]))
             tables.append(dp_table(report["dp"]))
         if "round" in args.sections:
             from simulations.bench_round import round_section
 
-            progress(f"[bold]2. privfed round ÷ bare Flower round[/] ({args.round_repeats} runs of each, "
-                     f"{args.round_rounds} rounds, alternating; each run starts Ray)")
+            progress(
+                f"[bold]2. privfed round ÷ bare Flower round[/] ({args.round_repeats} runs of each, "
+                f"{args.round_rounds} rounds, alternating; each run starts Ray)"
+            )
             report["round"] = round_section(
                 args.round_scenario, args.round_rounds, args.round_repeats, warmup=args.round_warmup, progress=progress
             )
@@ -202,11 +258,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "scale" in args.sections:
             from simulations.bench_scale import scale_section
 
-            progress(f"[bold]3. scale[/]: {', '.join(map(str, args.scale_sites))} sites, {args.scale_sampled} sampled per round; "
-                     "each run in a subprocess (log: bench-results/bench_scale.log)")
+            progress(
+                f"[bold]3. scale[/]: {', '.join(map(str, args.scale_sites))} sites, {args.scale_sampled} sampled per round; "
+                "each run in a subprocess (log: bench-results/bench_scale.log)"
+            )
             report["scale"] = scale_section(
-                args.scale_sites, args.scale_sampled, args.scale_rounds, args.scale_repeats,
-                asis_rounds=args.scale_asis_rounds, progress=progress,
+                args.scale_sites,
+                args.scale_sampled,
+                args.scale_rounds,
+                args.scale_repeats,
+                asis_rounds=args.scale_asis_rounds,
+                progress=progress,
             )
             console.print(scale_table(report["scale"]))
             tables.append(scale_table(report["scale"]))
@@ -218,8 +280,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for t in tables:
             console.print(t)
     m = report["meta"]
-    console.print(f"machine: {m['cores']} cores, {m['cpu']}, torch {m['torch']}, flwr {m['flwr']}; "
-                  f"took {m['seconds']:.0f} s; written: {args.out}")
+    console.print(
+        f"machine: {m['cores']} cores, {m['cpu']}, torch {m['torch']}, flwr {m['flwr']}; "
+        f"took {m['seconds']:.0f} s; written: {args.out}"
+    )
     return report
 
 

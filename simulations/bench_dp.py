@@ -20,17 +20,18 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
-from common.privacy.accounting import RoundPlan
-from simulations.launcher import resolve
 from common.data.arrays import ArrayData
+from common.privacy.accounting import RoundPlan
 from common.privacy.dp import FastDPStep, NonPrivateStep, OpacusDPStep
-from common.tasks import get_task
 from common.privacy.training import make_optimizer
+from common.tasks import get_task
+from simulations.launcher import resolve
 
 ENGINES = {"non-private": NonPrivateStep, "fast (privfed)": FastDPStep, "opacus hooks": OpacusDPStep}
 # A throwaway federation key: the benchmark only times steps on synthetic or local data.
@@ -118,17 +119,21 @@ def dp_section(
             res = bench_task(scenario, bs, reps, steps, engines)
             task = resolve(scenario).task
             fast = res["fast (privfed)"]
-            results.append({
-                "scenario": scenario,
-                "task": task,
-                "model": MODEL_NAMES.get(task, task),
-                "batch_size": bs,
-                "non_private_ms": res["non-private"]["ms_per_step"],
-                "dp_ms": fast["ms_per_step"],
-                "ratio": fast["ratio"],
-                "engines": res,
-            })
-            progress(f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private ({fast['ms_per_step']:.2f} ms)")
+            results.append(
+                {
+                    "scenario": scenario,
+                    "task": task,
+                    "model": MODEL_NAMES.get(task, task),
+                    "batch_size": bs,
+                    "non_private_ms": res["non-private"]["ms_per_step"],
+                    "dp_ms": fast["ms_per_step"],
+                    "ratio": fast["ratio"],
+                    "engines": res,
+                }
+            )
+            progress(
+                f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private ({fast['ms_per_step']:.2f} ms)"
+            )
     finally:
         torch.set_num_threads(before)
     return {"reps": reps, "steps": steps, "threads": threads, "goal": 1.5, "results": results}
@@ -156,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         res = bench_task(scenario, bs, args.reps, args.steps)
         results.append({"scenario": scenario, "batch_size": bs, "engines": res})
 
-    table = Table(title=f"DP-SGD step ÷ non-private step (median of {args.reps}×{args.steps} steps, {args.threads} thread)")
+    table = Table(
+        title=f"DP-SGD step ÷ non-private step (median of {args.reps}×{args.steps} steps, {args.threads} thread)"
+    )
     table.add_column("model")
     table.add_column("batch")
     for name in ENGINES:
@@ -166,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
             r["scenario"],
             str(r["batch_size"]),
             *[
-                f"{r['engines'][n]['ratio']:.2f}× ({r['engines'][n]['ms_per_step']:.2f} ms)" if n in r["engines"] else "skipped (memory)"
+                f"{r['engines'][n]['ratio']:.2f}× ({r['engines'][n]['ms_per_step']:.2f} ms)"
+                if n in r["engines"]
+                else "skipped (memory)"
                 for n in ENGINES
             ],
         )

@@ -36,14 +36,15 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.client import ClientApp, NumPyClient
 from flwr.app import Context
+from flwr.client import ClientApp, NumPyClient
 from flwr.common import ndarrays_to_parameters
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
@@ -51,9 +52,9 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.data.arrays import ArrayData
+from common.privacy.training import make_optimizer
 from common.runtime import cached_task, config_from
 from common.tasks.base import Task, get_state, set_state
-from common.privacy.training import make_optimizer
 from simulations.bench_util import RoundStamps, median, round_seconds
 from simulations.launcher import _quiet_flower, resolve, simulate
 
@@ -223,7 +224,9 @@ def run_privfed(scenario: str, overrides: Iterable[str], secure: bool, warmup: i
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = resolve(scenario, overrides).federation.rounds
     if len(stamps.stamps) != rounds:
-        raise RuntimeError(f"privfed run: {len(stamps.stamps)} of {rounds} rounds completed:\n" + "\n".join(stamps.lines[-5:]))
+        raise RuntimeError(
+            f"privfed run: {len(stamps.stamps)} of {rounds} rounds completed:\n" + "\n".join(stamps.lines[-5:])
+        )
     stages: dict[str, list[float]] = {}
     for line in lines[warmup:]:
         for k, v in line.get("secagg_seconds", {}).items():
@@ -233,7 +236,10 @@ def run_privfed(scenario: str, overrides: Iterable[str], secure: bool, warmup: i
         f"round {line['round']}: {len(line['sites_trained'])}/{sites} trained, aggregated={line['aggregated']}, "
         f"failures={line['failures'][:2]}, rejected={list(line['rejected'])[:3]}"
         for line in lines
-        if not line["aggregated"] or line["failures"] or line["rejected"] or len(line["sites_trained"]) != sites
+        if not line["aggregated"]
+        or line["failures"]
+        or line["rejected"]
+        or len(line["sites_trained"]) != sites
         or len(line["site_val"]) != sites
     ]
     return RunTiming(

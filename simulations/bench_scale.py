@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,9 @@ def make_scale_data(path: Path, sites: int, seed: int = 0) -> int:
     return n
 
 
-def scale_overrides(sites: int, sampled: int, rounds: int, data: Path, n_images: int, variant: str = "as-is") -> list[str]:
+def scale_overrides(
+    sites: int, sampled: int, rounds: int, data: Path, n_images: int, variant: str = "as-is"
+) -> list[str]:
     fraction = min(1.0, (sampled + 0.5) / sites)
     return [
         f"num-sites={sites}",
@@ -93,35 +96,61 @@ def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="privfed-scale-") as tmp:
         run_dir = Path(tmp) / "run"
         t0 = time.perf_counter()
-        simulate("vae-digits", scale_overrides(args.sites, args.sampled, args.rounds, Path(args.data), args.images, args.variant)
-                 + [f"run-dir={run_dir}"], console=console)
+        simulate(
+            "vae-digits",
+            scale_overrides(args.sites, args.sampled, args.rounds, Path(args.data), args.images, args.variant)
+            + [f"run-dir={run_dir}"],
+            console=console,
+        )
         t_end = time.perf_counter()
         wall = t_end - t0
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = max(stamps.stamps)
-    Path(args.result).write_text(json.dumps({
-        # Before round 1 starts (preflight, Ray, sites connecting) and after the last round
-        # ends (summary, ε cross-check, Ray shutdown): one-off costs that may grow with N.
-        "setup_s": stamps.stamps[1] - lines[0]["seconds"] - t0,
-        "teardown_s": t_end - stamps.stamps[last],
-        # The last round evaluates every site (see the module docstring): timed apart.
-        "round_s": round_seconds({r: t for r, t in stamps.stamps.items() if r < last}),
-        "last_round_s": stamps.stamps[last] - stamps.stamps.get(last - 1, stamps.stamps[last]),
-        "loop_s": [line["seconds"] for line in lines[1:]],
-        "sampled": [line["sites_sampled"] for line in lines],
-        "evaluated": [len(line["site_val"]) for line in lines],
-        "first_round_s": lines[0]["seconds"],
-        "wall_s": wall,
-    }))
+    Path(args.result).write_text(
+        json.dumps(
+            {
+                # Before round 1 starts (preflight, Ray, sites connecting) and after the last round
+                # ends (summary, ε cross-check, Ray shutdown): one-off costs that may grow with N.
+                "setup_s": stamps.stamps[1] - lines[0]["seconds"] - t0,
+                "teardown_s": t_end - stamps.stamps[last],
+                # The last round evaluates every site (see the module docstring): timed apart.
+                "round_s": round_seconds({r: t for r, t in stamps.stamps.items() if r < last}),
+                "last_round_s": stamps.stamps[last] - stamps.stamps.get(last - 1, stamps.stamps[last]),
+                "loop_s": [line["seconds"] for line in lines[1:]],
+                "sampled": [line["sites_sampled"] for line in lines],
+                "evaluated": [len(line["site_val"]) for line in lines],
+                "first_round_s": lines[0]["seconds"],
+                "wall_s": wall,
+            }
+        )
+    )
 
 
-def run_point(sites: int, sampled: int, rounds: int, variant: str, data: Path, images: int, log: Path) -> dict[str, Any]:
+def run_point(
+    sites: int, sampled: int, rounds: int, variant: str, data: Path, images: int, log: Path
+) -> dict[str, Any]:
     """One run in a subprocess; its round times and the peak memory of its process tree."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = Path(fh.name)
     cmd = [
-        sys.executable, "-m", "simulations.bench_scale", "--worker", "--sites", str(sites), "--sampled", str(sampled),
-        "--rounds", str(rounds), "--variant", variant, "--data", str(data), "--images", str(images), "--result", str(result),
+        sys.executable,
+        "-m",
+        "simulations.bench_scale",
+        "--worker",
+        "--sites",
+        str(sites),
+        "--sampled",
+        str(sampled),
+        "--rounds",
+        str(rounds),
+        "--variant",
+        variant,
+        "--data",
+        str(data),
+        "--images",
+        str(images),
+        "--result",
+        str(result),
     ]
     t0 = time.perf_counter()
     with log.open("a") as out:
@@ -197,24 +226,26 @@ def scale_section(
             rs = runs.get((variant, n)) or runs[("eval-sampled", n)]
             s = median(x for r in rs for x in r["round_s"])
             base = s if base is None else base
-            points.append({
-                "variant": variant,
-                "sites": n,
-                "rounds": len(rs[0]["evaluated"]),
-                "sampled_per_round": sampled,
-                "evaluated_per_round": median(e for r in rs for e in r["evaluated"][1:]),
-                "round_s": s,
-                "ratio_vs_smallest": s / base,
-                "first_round_s": median(r["first_round_s"] for r in rs),
-                "setup_s": median(r["setup_s"] for r in rs),
-                "teardown_s": median(r["teardown_s"] for r in rs),
-                "peak_rss_gb": max(gb(r["peak_rss_bytes"]) for r in rs),
-                "peak_pss_gb": max(gb(r["peak_pss_bytes"]) for r in rs),
-                "peak_processes": max(r["peak_processes"] for r in rs),
-                "run_wall_s": median(r["process_wall_s"] for r in rs),
-                "leftover_processes": sorted({p for r in rs for p in r["leftover_processes"]}),
-                "all_round_s": [r["round_s"] for r in rs],
-            })
+            points.append(
+                {
+                    "variant": variant,
+                    "sites": n,
+                    "rounds": len(rs[0]["evaluated"]),
+                    "sampled_per_round": sampled,
+                    "evaluated_per_round": median(e for r in rs for e in r["evaluated"][1:]),
+                    "round_s": s,
+                    "ratio_vs_smallest": s / base,
+                    "first_round_s": median(r["first_round_s"] for r in rs),
+                    "setup_s": median(r["setup_s"] for r in rs),
+                    "teardown_s": median(r["teardown_s"] for r in rs),
+                    "peak_rss_gb": max(gb(r["peak_rss_bytes"]) for r in rs),
+                    "peak_pss_gb": max(gb(r["peak_pss_bytes"]) for r in rs),
+                    "peak_processes": max(r["peak_processes"] for r in rs),
+                    "run_wall_s": median(r["process_wall_s"] for r in rs),
+                    "leftover_processes": sorted({p for r in rs for p in r["leftover_processes"]}),
+                    "all_round_s": [r["round_s"] for r in rs],
+                }
+            )
     return {
         "task": "vae",
         "per_site_images": PER_SITE,

@@ -27,7 +27,14 @@ from common.tasks import get_task
 from simulations.launcher import resolve, simulate
 
 # hidden-dim 700 gives the VAE 1.09 M parameters.
-MODEL = ["vae.hidden-dim=700", "vae.latent-dim=8", "dp.enabled=false", "audit.mia=false", "sample-every=0", "central-eval=false"]
+MODEL = [
+    "vae.hidden-dim=700",
+    "vae.latent-dim=8",
+    "dp.enabled=false",
+    "audit.mia=false",
+    "sample-every=0",
+    "central-eval=false",
+]
 
 
 def _rounds(run_dir: Path) -> list[dict]:
@@ -83,13 +90,19 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in r["secure_stages_s"].items())
         table.add_row(
-            str(r["sites"]), f"{r['parameters'] / 1e6:.2f} M", f"{r['plain_round_s']:.2f}", f"{r['secure_round_s']:.2f}",
-            f"{r['ratio']:.2f}×", stages,
+            str(r["sites"]),
+            f"{r['parameters'] / 1e6:.2f} M",
+            f"{r['plain_round_s']:.2f}",
+            f"{r['secure_round_s']:.2f}",
+            f"{r['ratio']:.2f}×",
+            stages,
         )
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "processor": platform.processor(), "results": results}, indent=2))
+    out.write_text(
+        json.dumps({"machine": platform.platform(), "processor": platform.processor(), "results": results}, indent=2)
+    )
     console.print(f"written: {out}")
 
 

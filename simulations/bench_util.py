@@ -13,9 +13,9 @@ import re
 import statistics
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 ROUND_LINE = re.compile(r"round\s+(\d+)/\d+")
 
@@ -52,8 +52,12 @@ def _git_source() -> str:
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
@@ -203,7 +207,7 @@ class TreeMemoryPeak:
         self.peak_processes = max(self.peak_processes, n)
         self.samples += 1
 
-    def __enter__(self) -> "TreeMemoryPeak":
+    def __enter__(self) -> TreeMemoryPeak:
         self._thread.start()
         return self
 
@@ -214,7 +218,8 @@ class TreeMemoryPeak:
     def leftovers(self) -> list[int]:
         """Processes of the tree (other than this one) still alive: Ray must not outlive its run."""
         return [
-            p for p, cmd in sorted(self.seen.items())
+            p
+            for p, cmd in sorted(self.seen.items())
             if p != os.getpid() and not _zombie(p) and cmd and _cmdline(p) == cmd
         ]
 

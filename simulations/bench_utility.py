@@ -25,9 +25,10 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from rich.console import Console
 
@@ -44,7 +45,9 @@ class UtilityTask:
 TASKS: dict[str, UtilityTask] = {
     "vae": UtilityTask("vae-digits", "vae-digits-nodp", "neg_elbo", "VAE test neg. ELBO (nats, lower better)", False),
     "gan": UtilityTask("gan-digits", "gan-digits-nodp", "tstr", "GAN TSTR accuracy (higher better)", True),
-    "recsys": UtilityTask("recsys-movielens", "recsys-movielens-nodp", "rmse", "MF held-out RMSE, MovieLens 100K (lower better)", False),
+    "recsys": UtilityTask(
+        "recsys-movielens", "recsys-movielens-nodp", "rmse", "MF held-out RMSE, MovieLens 100K (lower better)", False
+    ),
 }
 EPSILONS = (1.0, 3.0, 8.0, math.inf)
 # Per-round work only; the end-of-run MIA and intermediate sample grids are not utility.

@@ -1,16 +1,16 @@
 """The ``privfed`` command: the friendly front door.
 
-    privfed simulate <scenario> [key=value ...]   run a simulated federation
-    privfed resume RUN_DIR                        continue a stopped run from its checkpoint
-    privfed scenarios                             list the named scenarios
-    privfed config <scenario> [key=value ...]     print the resolved config (TOML)
-    privfed audit RUN_DIR [--verify] [--format table|csv|json]
-                                                  epsilon per round and site; verify the ledger
-    privfed report RUN_DIR [--out FILE]           self-contained HTML report with plots
-    privfed keys new PATH [--force]               create a federation key (mode 0600)
-    privfed certs ca|server|node --out DIR ...    CA, SuperLink TLS certificate, SuperNode auth keys
-    privfed site init --out FILE ...              write a partner site's config
-    privfed site join FILE [-- SUPERNODE FLAGS]   check it, then run the site's flower-supernode
+privfed simulate <scenario> [key=value ...]   run a simulated federation
+privfed resume RUN_DIR                        continue a stopped run from its checkpoint
+privfed scenarios                             list the named scenarios
+privfed config <scenario> [key=value ...]     print the resolved config (TOML)
+privfed audit RUN_DIR [--verify] [--format table|csv|json]
+                                              epsilon per round and site; verify the ledger
+privfed report RUN_DIR [--out FILE]           self-contained HTML report with plots
+privfed keys new PATH [--force]               create a federation key (mode 0600)
+privfed certs ca|server|node --out DIR ...    CA, SuperLink TLS certificate, SuperNode auth keys
+privfed site init --out FILE ...              write a partner site's config
+privfed site join FILE [-- SUPERNODE FLAGS]   check it, then run the site's flower-supernode
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("scenario", help="a scenario name (see `privfed scenarios`)")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
-    sim.add_argument("--key-file", help="federation key for tasks that pseudonymise ids (default: $PRIVFED_KEY_FILE, else a fresh one)")
+    sim.add_argument(
+        "--key-file",
+        help="federation key for tasks that pseudonymise ids (default: $PRIVFED_KEY_FILE, else a fresh one)",
+    )
 
     res = sub.add_parser("resume", help="continue a stopped simulated run from its last checkpoint")
     res.add_argument("run_dir", help="the run directory (runs/<timestamp>-<scenario>)")
@@ -79,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--partition-id", type=int, required=True)
     init.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator's Fleet API")
     init.add_argument("--ca-cert", required=True)
-    init.add_argument("--auth-key", required=True, help="the SuperNode private key; NAME.pub beside it is the public key")
+    init.add_argument(
+        "--auth-key", required=True, help="the SuperNode private key; NAME.pub beside it is the public key"
+    )
     init.add_argument("--key-file", default="", help="federation key (keyed tasks)")
     init.add_argument("--data-path", default="")
     init.add_argument("--data-format", default="", help="digits, npz, movielens or csv")
     init.add_argument("--users-path", default="")
     init.add_argument("--device", default="auto")
-    init.add_argument("--epsilon-budget", type=float, default=0.0, help="a stricter budget than the run's (0: the run's)")
     init.add_argument(
-        "--state-dir", default=None,
+        "--epsilon-budget", type=float, default=0.0, help="a stricter budget than the run's (0: the run's)"
+    )
+    init.add_argument(
+        "--state-dir",
+        default=None,
         help="where the site keeps its privacy history between rounds and restarts (default: privfed-state beside --out)",
     )
     init.add_argument("--force", action="store_true")
@@ -136,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             from common.deploy.keys import write_key
 
             path = write_key(args.path, force=args.force)
-            console.print(f"federation key written to {path} (mode 0600). Copy it to every site over a secure channel; never to the server.")
+            console.print(
+                f"federation key written to {path} (mode 0600). Copy it to every site over a secure channel; never to the server."
+            )
         elif args.command == "certs":
             _certs(args, console)
         elif args.command == "site":
@@ -198,14 +208,18 @@ def _site(args: argparse.Namespace, passthrough: list[str], console: Console) ->
             raise PrivfedError(f"site config '{out}': already exists (pass --force to replace it)")
         key = Path(args.auth_key)
         site = SiteConfig(
-            site_id=args.site_id, partition_id=args.partition_id, superlink=args.superlink,
-            ca_cert=str(Path(args.ca_cert).resolve()), auth_private_key=str(key.resolve()),
+            site_id=args.site_id,
+            partition_id=args.partition_id,
+            superlink=args.superlink,
+            ca_cert=str(Path(args.ca_cert).resolve()),
+            auth_private_key=str(key.resolve()),
             auth_public_key=str(key.with_suffix(".pub").resolve()),
             key_file=str(Path(args.key_file).resolve()) if args.key_file else "",
             data_path=str(Path(args.data_path).resolve()) if args.data_path else "",
             data_format=args.data_format,
             users_path=str(Path(args.users_path).resolve()) if args.users_path else "",
-            device=args.device, epsilon_budget=args.epsilon_budget,
+            device=args.device,
+            epsilon_budget=args.epsilon_budget,
             state_dir=str(Path(args.state_dir).resolve() if args.state_dir else out.resolve().parent / "privfed-state"),
         )
         site.validate()
@@ -243,7 +257,9 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     finally:
         ledger.close()
     if result.ok:
-        err.print(f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, head matches metrics.jsonl")
+        err.print(
+            f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, head matches metrics.jsonl"
+        )
         if result.unrecorded:
             err.print(
                 f"note: the last {result.unrecorded} row(s) come after the last head in metrics.jsonl: the server stopped "

@@ -12,15 +12,16 @@ import logging
 import os
 import secrets
 import tomllib
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from rich.console import Console
 
 from common.config import RunConfig, flatten, parse_override
-from common.errors import ConfigError, DataError
 from common.deploy.keys import KEY_BYTES, key_from_env, load_key
+from common.errors import ConfigError, DataError
 from common.preflight import preflight
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -116,7 +117,9 @@ def simulate(
     return _run(cfg, key, console, verbose)
 
 
-def resume(run_dir: str | Path, *, console: Console | None = None, verbose: bool = False, key_file: str | None = None) -> Path:
+def resume(
+    run_dir: str | Path, *, console: Console | None = None, verbose: bool = False, key_file: str | None = None
+) -> Path:
     """Continue a stopped simulated run from its last checkpoint (``privfed resume RUN_DIR``).
 
     The run's own config.toml is used unchanged; the virtual sites find their durable
@@ -158,8 +161,11 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> 
     flat = cfg.to_flat()
     dp = cfg.dp
     privacy = (
-        f"DP-SGD σ={dp.noise_multiplier:g}" if dp.enabled and not dp.target_epsilon
-        else f"DP-SGD target ε={dp.target_epsilon:g}" if dp.enabled else "no sample-level DP"
+        f"DP-SGD σ={dp.noise_multiplier:g}"
+        if dp.enabled and not dp.target_epsilon
+        else f"DP-SGD target ε={dp.target_epsilon:g}"
+        if dp.enabled
+        else "no sample-level DP"
     )
     if cfg.central_dp.enabled:
         privacy += f", client-level DP C={cfg.central_dp.clip_norm:g}"

@@ -30,7 +30,16 @@ def make_cfg(**flat) -> RunConfig:
 def simulation_processes() -> list[str]:
     """Ray/Flower processes of this user (a test must leave none behind)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    pattern = ("raylet", "gcs_server", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr-clientapp")
+    pattern = (
+        "raylet",
+        "gcs_server",
+        "flower-superlink",
+        "flower-supernode",
+        "flower-superexec",
+        "flwr-simulation",
+        "flwr-serverapp",
+        "flwr-clientapp",
+    )
     # Only this checkout's (its venv is in the command line): another checkout's run on the
     # same machine is not this suite's leftover.
     return [line for line in out.splitlines() if any(p in line for p in pattern) and sys.prefix in line]

@@ -27,7 +27,7 @@ class ArrayData:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def subset(self, idx: np.ndarray) -> "ArrayData":
+    def subset(self, idx: np.ndarray) -> ArrayData:
         t = torch.as_tensor(idx, dtype=torch.long)
         return ArrayData(self.x[t], None if self.y is None else self.y[t])
 
@@ -70,7 +70,9 @@ def load_npz_images(path: str | Path) -> ArrayData:
     try:
         loaded = np.load(p, allow_pickle=False)
         if isinstance(loaded, np.ndarray):  # np.load also reads a single-array .npy file
-            raise DataError(p, "is a single .npy array, not an .npz archive; write one with numpy.savez(path, x=..., y=...)")
+            raise DataError(
+                p, "is a single .npy array, not an .npz archive; write one with numpy.savez(path, x=..., y=...)"
+            )
         with loaded as z:
             arrays = {k: z[k] for k in z.files}
     except DataError:
@@ -84,7 +86,9 @@ def load_npz_images(path: str | Path) -> ArrayData:
             raise DataError(p, f"member '{name}' is not a NumPy array (.npy)")
     x = arrays["x"]
     if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
-        raise DataError(p, f"'x' must have shape (N, ...) with N >= 1 and at least one value per example, got {x.shape}")
+        raise DataError(
+            p, f"'x' must have shape (N, ...) with N >= 1 and at least one value per example, got {x.shape}"
+        )
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):

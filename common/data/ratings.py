@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 
 from common.data.arrays import ArrayData
-from common.errors import ConfigError, DataError
 from common.deploy.keys import Pseudonymizer
+from common.errors import ConfigError, DataError
 
 AGE_BUCKETS = ((0, "<18"), (18, "18-24"), (25, "25-34"), (35, "35-44"), (45, "45-49"), (50, "50-55"), (56, "56+"))
 ATTRIBUTES = ("gender", "age", "region")
@@ -178,14 +178,18 @@ def load_movielens(
     users, items, values = [], [], []
     for line, row in _read_rows(root / "u.data", "\t"):
         if len(row) < 3:
-            raise DataError(root / "u.data", f"line {line}: expected user, item, rating, timestamp; got {len(row)} field(s)")
+            raise DataError(
+                root / "u.data", f"line {line}: expected user, item, rating, timestamp; got {len(row)} field(s)"
+            )
         users.append(row[0].strip())
         items.append(row[1].strip())
         values.append(_check_rating(root / "u.data", line, row[2], lo, hi))
     attrs: dict[str, tuple[str | None, int | None, str | None]] = {}
     for line, row in _read_rows(root / "u.user", "|"):
         if len(row) < 5:
-            raise DataError(root / "u.user", f"line {line}: expected id|age|gender|occupation|zip; got {len(row)} field(s)")
+            raise DataError(
+                root / "u.user", f"line {line}: expected id|age|gender|occupation|zip; got {len(row)} field(s)"
+            )
         attrs[row[0].strip()] = (row[2], _parse_age(root / "u.user", line, row[1]), row[4])
     catalogue: list[str] = []
     if (root / "u.item").is_file():  # titles are Latin-1
@@ -362,8 +366,13 @@ def site_split(data: Ratings, users: np.ndarray, held: np.ndarray) -> tuple[Rati
     def make(mask: np.ndarray, **extra) -> RatingData:
         x = torch.as_tensor(np.stack([u[mask], i[mask]], axis=1), dtype=torch.long)
         return RatingData(
-            x, torch.as_tensor(r[mask]), num_users=len(users), attrs=attrs,
-            catalogue=data.catalogue, collision_rate=data.collision_rate, **extra,
+            x,
+            torch.as_tensor(r[mask]),
+            num_users=len(users),
+            attrs=attrs,
+            catalogue=data.catalogue,
+            collision_rate=data.collision_rate,
+            **extra,
         )
 
     train = make(~h)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, hmac
 
-from common.errors import PrivfedError
 from common.deploy.fileio import write_new_file
+from common.errors import PrivfedError
 
 KEY_ENV = "PRIVFED_KEY_FILE"
 _HEADER = "privfed-federation-key-v1:"
@@ -51,7 +51,9 @@ def write_key(path: str | Path, force: bool = False) -> Path:
     try:
         write_new_file(p, text.encode(), 0o600, force)
     except FileExistsError:
-        raise KeyFileError(p, "already exists (pass --force to replace it; every site then needs the new key)") from None
+        raise KeyFileError(
+            p, "already exists (pass --force to replace it; every site then needs the new key)"
+        ) from None
     return p
 
 
@@ -67,7 +69,7 @@ def load_key(path: str | Path) -> bytes:
         text = p.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(p, f"cannot be read ({type(exc).__name__})") from None
-    body = text[len(_HEADER):] if text.startswith(_HEADER) else None
+    body = text[len(_HEADER) :] if text.startswith(_HEADER) else None
     try:
         key = bytes.fromhex(body) if body is not None else b""
     except ValueError:

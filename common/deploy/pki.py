@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import PrivfedError
 from common.deploy.fileio import write_new_file
+from common.errors import PrivfedError
 
 CERT_DAYS = 365
 
@@ -51,17 +51,21 @@ def _write_all(files: list[tuple[Path, bytes, bool]], force: bool) -> list[Path]
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "privfed"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "privfed"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
 
 
 def make_ca(folder: Path, name: str = "privfed federation CA", force: bool = False) -> tuple[Path, Path]:
     """A self-signed CA (P-384, 1 year): (certificate, private key)."""
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -71,14 +75,16 @@ def make_ca(folder: Path, name: str = "privfed federation CA", force: bool = Fal
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
     cert_path, key_path = _write_all(
-        [(folder / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), False), (folder / "ca.key", _pem_key(key), True)], force
+        [
+            (folder / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), False),
+            (folder / "ca.key", _pem_key(key), True),
+        ],
+        force,
     )
     return cert_path, key_path
 
@@ -114,7 +120,7 @@ def make_server_cert(folder: Path, hosts: list[str], name: str = "superlink", fo
         except ValueError:
             sans.append(x509.DNSName(h))
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(hosts[0]))
@@ -126,13 +132,14 @@ def make_server_cert(folder: Path, hosts: list[str], name: str = "superlink", fo
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     cert_path, key_path = _write_all(
-        [(folder / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), False), (folder / f"{name}.key", _pem_key(key), True)],
+        [
+            (folder / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), False),
+            (folder / f"{name}.key", _pem_key(key), True),
+        ],
         force,
     )
     return cert_path, key_path
@@ -141,9 +148,13 @@ def make_server_cert(folder: Path, hosts: list[str], name: str = "superlink", fo
 def make_node_keys(folder: Path, name: str, force: bool = False) -> tuple[Path, Path]:
     """A SuperNode authentication key pair (P-384, OpenSSH format): (private, public)."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    priv_path, pub_path = _write_all([(folder / f"{name}.key", private, True), (folder / f"{name}.pub", public + b"\n", False)], force)
+    priv_path, pub_path = _write_all(
+        [(folder / f"{name}.key", private, True), (folder / f"{name}.pub", public + b"\n", False)], force
+    )
     return priv_path, pub_path
 
 
@@ -156,7 +167,7 @@ def check_certificate(path: str | Path, what: str) -> Path:
         cert = x509.load_pem_x509_certificate(p.read_bytes())
     except ValueError:
         raise PkiError(p, f"{what} is not a PEM certificate") from None
-    if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
+    if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
         raise PkiError(p, f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     return p
 

@@ -24,16 +24,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.config import RunConfig, coerce
 from common.data.arrays import SITE_PARTITION
 from common.errors import ConfigError, PrivfedError
 
 # Keys of the node config that change the run config at this site.
-_OVERRIDES = {"data-path": "data.path", "data-format": "data.source", "users-path": "data.users-path", "device": "device"}
+_OVERRIDES = {
+    "data-path": "data.path",
+    "data-format": "data.source",
+    "users-path": "data.users-path",
+    "device": "device",
+}
 
 
 def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
@@ -63,10 +69,13 @@ def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunC
             raise ConfigError("site epsilon-budget", f"must be a number > 0, got {budget!r}")
         if not cfg.dp.enabled:
             raise ConfigError(
-                "site epsilon-budget", f"this site allows eps <= {budget:g}, but the run has dp.enabled=false: refusing to train"
+                "site epsilon-budget",
+                f"this site allows eps <= {budget:g}, but the run has dp.enabled=false: refusing to train",
             )
         # Replaced after validation: a budget below the run's target is the site's right.
-        cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, epsilon_budget=min(float(budget), cfg.dp.epsilon_budget)))
+        cfg = dataclasses.replace(
+            cfg, dp=dataclasses.replace(cfg.dp, epsilon_budget=min(float(budget), cfg.dp.epsilon_budget))
+        )
     return cfg
 
 
@@ -96,18 +105,33 @@ class SiteConfig:
         host, sep, port = self.superlink.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError("superlink", f"must be HOST:PORT, got {self.superlink!r}")
-        for key in ("ca_cert", "auth_private_key", "auth_public_key", "key_file", "data_path", "users_path", "data_format", "state_dir"):
+        for key in (
+            "ca_cert",
+            "auth_private_key",
+            "auth_public_key",
+            "key_file",
+            "data_path",
+            "users_path",
+            "data_format",
+            "state_dir",
+        ):
             if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
                 raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
         if self.epsilon_budget < 0:
             raise ConfigError("epsilon-budget", f"must be >= 0 (0: the run's), got {self.epsilon_budget}")
-        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+        if self.device not in ("auto", "cpu", "cuda") and not (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        ):
             raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def node_config(self) -> str:
         """The ``--node-config`` string for ``flower-supernode`` (site-local values only)."""
         # json.dumps quotes and escapes like a TOML basic string, which Flower parses.
-        items: list[str] = [f"partition-id={self.partition_id}", f"site-id={json.dumps(self.site_id)}", f"device={json.dumps(self.device)}"]
+        items: list[str] = [
+            f"partition-id={self.partition_id}",
+            f"site-id={json.dumps(self.site_id)}",
+            f"device={json.dumps(self.device)}",
+        ]
         for key in ("key_file", "data_path", "data_format", "users_path", "state_dir"):
             value = getattr(self, key)
             if value:
@@ -126,7 +150,7 @@ class SiteConfig:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "SiteConfig":
+    def load(cls, path: str | Path) -> SiteConfig:
         p = Path(path)
         if not p.is_file():
             raise PrivfedError(f"site config '{p}': not found (write one with `privfed site init`)")

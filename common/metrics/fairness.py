@@ -46,7 +46,7 @@ leaves a correction nothing to remove. Sites send its parts as sums too.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def spread(values: Mapping[str, float]) -> dict[str, float]:
         return {}
     n = len(xs)
     mean = sum(xs) / n
-    worst_k = xs[-max(1, math.ceil(0.1 * n)):]
+    worst_k = xs[-max(1, math.ceil(0.1 * n)) :]
     squares = sum(x * x for x in xs)
     out = {
         "count": float(n),
@@ -112,7 +112,7 @@ def group_means(sums: Mapping[str, float], prefix: str, stat: str) -> dict[str, 
     out: dict[str, float] = {}
     for key, n in sums.items():
         if key.startswith(prefix) and key.endswith(".n") and n > 0 and f"{key[:-2]}.{stat}" in sums:
-            out[key[len(prefix):-2]] = sums[f"{key[:-2]}.{stat}"] / n
+            out[key[len(prefix) : -2]] = sums[f"{key[:-2]}.{stat}"] / n
     return out
 
 
@@ -129,7 +129,9 @@ def yao_huang_item_terms(dev_g: np.ndarray, dev_h: np.ndarray) -> dict[str, np.n
     }
 
 
-def yao_huang_sums(item: np.ndarray, pred: np.ndarray, rating: np.ndarray, in_g: np.ndarray, in_h: np.ndarray) -> dict[str, float]:
+def yao_huang_sums(
+    item: np.ndarray, pred: np.ndarray, rating: np.ndarray, in_g: np.ndarray, in_h: np.ndarray
+) -> dict[str, float]:
     """One site's sums for the item-level metrics: ``items`` (n) and ``sum_j term(j)`` per term.
 
     Rows are ratings (item, prediction, rating); ``in_g`` / ``in_h`` say which group's user
@@ -153,8 +155,11 @@ def yao_huang_sums(item: np.ndarray, pred: np.ndarray, rating: np.ndarray, in_g:
     dof = sum(float((n[both] - 1).sum()) for _, n, _ in dev.values())
     scale = float(np.sqrt(1.0 / dev["g"][1][both] + 1.0 / dev["h"][1][both]).sum())
     return {
-        "items": float(both.sum()), **{k: float(v.sum()) for k, v in terms.items()},
-        "noise_ssw": ssw, "noise_dof": dof, "noise_scale": scale,
+        "items": float(both.sum()),
+        **{k: float(v.sum()) for k, v in terms.items()},
+        "noise_ssw": ssw,
+        "noise_dof": dof,
+        "noise_scale": scale,
     }
 
 
@@ -258,12 +263,14 @@ def label_weights_for_target(
     # variables: w (k), s (c) >= |w C - t|, d (k) >= |w - t|
     cost = np.concatenate([np.zeros(k), 0.5 * np.ones(c), 0.5 * shift_cost * np.ones(k)])
     eye_c, eye_k, zc, zk = np.eye(c), np.eye(k), np.zeros((c, k)), np.zeros((k, c))
-    a_ub = np.block([
-        [conf.T, -eye_c, zc],
-        [-conf.T, -eye_c, zc],
-        [eye_k, zk, -eye_k],
-        [-eye_k, zk, -eye_k],
-    ])
+    a_ub = np.block(
+        [
+            [conf.T, -eye_c, zc],
+            [-conf.T, -eye_c, zc],
+            [eye_k, zk, -eye_k],
+            [-eye_k, zk, -eye_k],
+        ]
+    )
     b_ub = np.concatenate([t, -t, t, -t])
     a_eq = np.concatenate([np.ones(k), np.zeros(c + k)])[None]
     bounds = [(floor, 1.0)] * k + [(0, None)] * (c + k)

@@ -48,7 +48,9 @@ class EvalClassifier(nn.Module):
         return self.out(self.body(x))
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0, epochs: int = 300) -> EvalClassifier:
+def train_classifier(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0, epochs: int = 300
+) -> EvalClassifier:
     """Full-batch Adam on the real training images (a second on digits)."""
     with torch.random.fork_rng(), torch.enable_grad():  # callers may be inside no_grad
         torch.manual_seed(seed)
@@ -61,7 +63,9 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: i
     return clf.eval()
 
 
-def cached_classifier(path: Path | None, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0) -> EvalClassifier:
+def cached_classifier(
+    path: Path | None, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0
+) -> EvalClassifier:
     """Load the run's evaluation classifier from ``path``, or train it and save it there."""
     if path is not None and path.is_file():
         clf = EvalClassifier(x.shape[1], num_classes)
@@ -75,7 +79,7 @@ def cached_classifier(path: Path | None, x: torch.Tensor, y: torch.Tensor, num_c
     return clf
 
 
-def pooled_classifier(task: "ImageTask", num_classes: int | None = None) -> EvalClassifier:
+def pooled_classifier(task: ImageTask, num_classes: int | None = None) -> EvalClassifier:
     """The run's evaluation classifier, trained once on the sites' pooled training images.
 
     Cached on the task and as ``eval-classifier.pt`` in its run directory (when it has

@@ -11,9 +11,9 @@ recompute it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant

@@ -22,8 +22,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from common.privacy.accounting import RoundPlan, noise_for_target
 from common.config import RunConfig, SecAggConfig
+from common.privacy.accounting import RoundPlan, noise_for_target
 
 # One ledger row per round carries the central mechanism under this pseudo-site id.
 CENTRAL_SITE_ID = "all-sites"
@@ -52,7 +52,9 @@ def secure_clip_norm(clip_norm: float, secagg: SecAggConfig, update: list[np.nda
     d = sum(a.size for a in update)
     bound = clip_norm - secagg.step * math.sqrt(d)
     if bound <= 0:
-        raise ValueError(f"central-dp.clip-norm={clip_norm:g} is below SecAgg+'s rounding error over {d} values; raise it")
+        raise ValueError(
+            f"central-dp.clip-norm={clip_norm:g} is below SecAgg+'s rounding error over {d} values; raise it"
+        )
     return bound
 
 
@@ -70,7 +72,9 @@ def central_noise_multiplier(cfg: RunConfig) -> float:
     c = cfg.central_dp
     if not c.target_epsilon:
         return c.noise_multiplier
-    return _noise_for(c.target_epsilon, c.site_delta(cfg.federation.num_sites), cfg.federation.fraction_fit, cfg.federation.rounds)
+    return _noise_for(
+        c.target_epsilon, c.site_delta(cfg.federation.num_sites), cfg.federation.fraction_fit, cfg.federation.rounds
+    )
 
 
 @lru_cache(maxsize=32)
@@ -90,4 +94,3 @@ def central_plan(cfg: RunConfig) -> RoundPlan:
         delta=cfg.central_dp.site_delta(fed.num_sites),
         accountant=CENTRAL_ACCOUNTANT,
     )
-

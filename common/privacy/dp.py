@@ -32,15 +32,15 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
-from opacus.validators import ModuleValidator
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _generate_noise
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+from opacus.validators import ModuleValidator
 from torch import nn
 
-from common.privacy.accounting import NO_DP, RoundPlan, auto_delta, noise_for_target
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.privacy.accounting import NO_DP, RoundPlan, auto_delta, noise_for_target
 
 
 def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
@@ -159,7 +159,9 @@ class _LinearRule:
     @staticmethod
     def check(name: str, module: nn.Module) -> None:
         if not module.weight.requires_grad:
-            raise ConfigError("dp.engine", f"fast engine: {name} has a frozen weight and a trainable bias (use dp.engine=opacus)")
+            raise ConfigError(
+                "dp.engine", f"fast engine: {name} has a frozen weight and a trainable bias (use dp.engine=opacus)"
+            )
 
     @staticmethod
     def install(module: nn.Linear, slot: list) -> None:
@@ -253,7 +255,9 @@ class FastDPStep(StepEngine):
                 )
             rule.check(name, module)
             if any(id(p) in seen for p in own):
-                raise ConfigError("dp.engine", f"fast engine: {name} shares a parameter with another layer (use dp.engine=opacus)")
+                raise ConfigError(
+                    "dp.engine", f"fast engine: {name} shares a parameter with another layer (use dp.engine=opacus)"
+                )
             seen.update(id(p) for p in own)
             slot: list = []
             rule.install(module, slot)
@@ -265,9 +269,14 @@ class FastDPStep(StepEngine):
         self.params = list(self.optimizer.params)
         trainable = {id(p) for m, _, _ in self.layers for p in m.parameters(recurse=False) if p.requires_grad}
         if {id(p) for p in self.params} != trainable:
-            raise ConfigError("dp.engine", "fast engine: the optimiser must train exactly the model's trainable parameters")
+            raise ConfigError(
+                "dp.engine", "fast engine: the optimiser must train exactly the model's trainable parameters"
+            )
         if len({(p.dtype, p.device) for p in self.params}) > 1:
-            raise ConfigError("dp.engine", "fast engine needs every trainable parameter on one device with one dtype (use dp.engine=opacus)")
+            raise ConfigError(
+                "dp.engine",
+                "fast engine needs every trainable parameter on one device with one dtype (use dp.engine=opacus)",
+            )
         self.sizes = [p.numel() for p in self.params]
 
     def clipped_grad_sum(self, per_sample_loss: torch.Tensor) -> None:

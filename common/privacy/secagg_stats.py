@@ -27,7 +27,7 @@ refused at the site with a one-line error naming the statistic, never clipped.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -57,7 +57,9 @@ class SecureStats:
         # Digits below Q/4 in size keep every coordinate within c/2 of zero.
         self.digit_bits = int(math.log2(sa.quantization_range)) - 2
         if self.digit_bits < MIN_DIGIT_BITS:
-            raise ConfigError("secagg.quantization-range", f"must be >= 2^{MIN_DIGIT_BITS + 2} to carry secure statistics")
+            raise ConfigError(
+                "secagg.quantization-range", f"must be >= 2^{MIN_DIGIT_BITS + 2} to carry secure statistics"
+            )
         self.digits = -(-VALUE_BITS // self.digit_bits)
         self.width = len(self.keys) * self.digits
 
@@ -96,7 +98,9 @@ class SecureStats:
         digits = np.rint(units)
         # Digits were sent on the grid; anything off it was not packed by this codec.
         if not np.all(np.isfinite(units)) or np.max(np.abs(units - digits), initial=0.0) > 0.01:
-            raise PrivfedError("secure statistics are off SecAgg+'s grid: a site packed them with other secagg settings")
+            raise PrivfedError(
+                "secure statistics are off SecAgg+'s grid: a site packed them with other secagg settings"
+            )
         rows = digits.reshape(len(self.keys), self.digits)
         out: dict[str, float] = {}
         for key, row in zip(self.keys, rows):

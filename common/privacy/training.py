@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from common.privacy.accounting import NO_DP, RoundPlan
 from common.data.arrays import ArrayData
+from common.privacy.accounting import NO_DP, RoundPlan
 from common.privacy.dp import StepEngine, make_engine
 from common.tasks.base import Task, to_device
 

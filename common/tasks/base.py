@@ -45,7 +45,7 @@ class Task(ABC):
     # Further test metrics (besides the primary) plotted per round in quality.png.
     plot_metrics: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: "RunConfig", key: bytes | None = None) -> None:
+    def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
         self.cfg = cfg
         self.params = cfg.task_params
         self.key = key
@@ -54,11 +54,11 @@ class Task(ABC):
 
     # ----------------------------------------------------------------- data
     @abstractmethod
-    def site_data(self, site_index: int) -> tuple["ArrayData", "ArrayData"]:
+    def site_data(self, site_index: int) -> tuple[ArrayData, ArrayData]:
         """(train, validation) for one site of the simulated federation."""
 
     @abstractmethod
-    def server_test_data(self) -> "ArrayData | None":
+    def server_test_data(self) -> ArrayData | None:
         """The server-held test split (simulation only), or None."""
 
     def site_sizes(self) -> list[int]:
@@ -84,10 +84,10 @@ class Task(ABC):
 
     # ------------------------------------------------------------- training
     @abstractmethod
-    def per_sample_loss(self, model: nn.Module, batch: "ArrayData") -> torch.Tensor:
+    def per_sample_loss(self, model: nn.Module, batch: ArrayData) -> torch.Tensor:
         """Loss of each example in the batch, shape (B,). DP clips the gradient of each entry."""
 
-    def train(self, model: nn.Module, session: "LocalSession") -> dict[str, float]:
+    def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]:
         """One round of local training. Tasks with several networks (GAN) override this."""
         total, count = 0.0, 0
         for batch in session.batches():
@@ -99,7 +99,7 @@ class Task(ABC):
 
     # ----------------------------------------------------------- evaluation
     @abstractmethod
-    def evaluate(self, model: nn.Module, data: "ArrayData") -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
         """Metrics on held-out data; must include :attr:`primary_metric`."""
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -160,7 +160,7 @@ def set_state(model: nn.Module, keys: list[str], arrays: list[np.ndarray]) -> No
         state[k].copy_(torch.as_tensor(a))
 
 
-def to_device(batch: "ArrayData", device: torch.device) -> "ArrayData":
+def to_device(batch: ArrayData, device: torch.device) -> ArrayData:
     from common.data.arrays import ArrayData
 
     return ArrayData(batch.x.to(device), None if batch.y is None else batch.y.to(device))

@@ -77,8 +77,13 @@ class GANConfig:
     collapse_rounds: int = 5
 
     def validate(self) -> None:
-        for key, value, low in (("latent-dim", self.latent_dim, 1), ("hidden-dim", self.hidden_dim, 1),
-                                ("features", self.features, 1), ("num-classes", self.num_classes, 1), ("g-steps", self.g_steps, 1)):
+        for key, value, low in (
+            ("latent-dim", self.latent_dim, 1),
+            ("hidden-dim", self.hidden_dim, 1),
+            ("features", self.features, 1),
+            ("num-classes", self.num_classes, 1),
+            ("g-steps", self.g_steps, 1),
+        ):
             if value < low:
                 raise ConfigError(f"gan.{key}", f"must be >= {low}, got {value}")
         if self.lr_g <= 0:
@@ -100,8 +105,12 @@ class Generator(nn.Module):
         self.latent_dim, self.num_classes, self.conditional = latent_dim, num_classes, conditional
         cond = num_classes if conditional else 0
         self.net = nn.Sequential(
-            nn.Linear(latent_dim + cond, hidden_dim), nn.BatchNorm1d(hidden_dim, track_running_stats=False), nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim, track_running_stats=False), nn.ReLU(),
+            nn.Linear(latent_dim + cond, hidden_dim),
+            nn.BatchNorm1d(hidden_dim, track_running_stats=False),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim, track_running_stats=False),
+            nn.ReLU(),
             nn.Linear(hidden_dim, out_dim),
         )
 
@@ -182,10 +191,13 @@ class GANTask(ImageTask):
 
     params: GANConfig
 
-    def __init__(self, cfg: "RunConfig", key: bytes | None = None) -> None:
+    def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
         super().__init__(cfg, key)
         if cfg.fairness.gan_class_target != "none" and not self.params.conditional:
-            raise ConfigError("fairness.gan-class-target", "needs gan.conditional=true: an unconditional generator cannot be steered by class")
+            raise ConfigError(
+                "fairness.gan-class-target",
+                "needs gan.conditional=true: an unconditional generator cannot be steered by class",
+            )
         # The federation's class counts, summed over the sites' evaluation replies.
         self._site_class_counts: np.ndarray | None = None
         self.collapsed_rounds = 0  # consecutive evaluations in total mode collapse
@@ -199,7 +211,9 @@ class GANTask(ImageTask):
     def _labels(self, batch: ArrayData) -> torch.Tensor:
         if self.params.conditional:
             if batch.y is None:
-                raise ConfigError("gan.conditional", "needs labelled images (an .npz with 'y'); set gan.conditional=false")
+                raise ConfigError(
+                    "gan.conditional", "needs labelled images (an .npz with 'y'); set gan.conditional=false"
+                )
             return batch.y
         return torch.zeros(len(batch), dtype=torch.long, device=batch.x.device)
 
@@ -212,7 +226,7 @@ class GANTask(ImageTask):
             return torch.zeros(n, dtype=torch.long, device=device)
         return torch.randint(0, self.params.num_classes, (n,), device=device)
 
-    def train(self, model: nn.Module, session: "LocalSession") -> dict[str, float]:
+    def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]:
         D, G = model.discriminator, model.generator
         device = next(G.parameters()).device
         fake_opt = torch.optim.SGD([p for p in D.parameters() if p.requires_grad], lr=self.cfg.train.lr)
@@ -278,7 +292,9 @@ class GANTask(ImageTask):
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
         """Example-weighted means, and the sites' class counts summed (kept for :meth:`class_target`)."""
-        means = super().combine_metrics([(n, {k: v for k, v in m.items() if not is_class_count(k)}) for n, m in results])
+        means = super().combine_metrics(
+            [(n, {k: v for k, v in m.items() if not is_class_count(k)}) for n, m in results]
+        )
         sums = sum_statistics((m for _, m in results), is_class_count)
         if sums:
             self._site_class_counts = counts_vector(sums, self.params.num_classes)
@@ -337,7 +353,13 @@ class GANTask(ImageTask):
         return torch.as_tensor(quota_labels(weights, n), device=device)
 
     def _quality(self, model: GAN, test: ArrayData, device: torch.device) -> dict[str, float]:
-        from common.metrics.image_quality import frechet_distance, predicted_shares, real_shares, total_variation, tstr_accuracy
+        from common.metrics.image_quality import (
+            frechet_distance,
+            predicted_shares,
+            real_shares,
+            total_variation,
+            tstr_accuracy,
+        )
 
         p = self.params
         clf = self.eval_classifier()
@@ -363,7 +385,9 @@ class GANTask(ImageTask):
         y_train = y_gen.cpu().numpy() if p.conditional else predicted
         out = {
             "fid": frechet_distance(feats_real, feats_gen),
-            "tstr": tstr_accuracy(x_gen.numpy(), y_train, test.x.numpy(), test.y.numpy()) if test.y is not None else float("nan"),
+            "tstr": tstr_accuracy(x_gen.numpy(), y_train, test.x.numpy(), test.y.numpy())
+            if test.y is not None
+            else float("nan"),
             "class_tv": total_variation(shares, real_shares(test.y, p.num_classes)),
         }
         out.update({f"class_share.{k}": float(v) for k, v in enumerate(shares)})

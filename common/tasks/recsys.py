@@ -69,17 +69,6 @@ import torch
 from torch import nn
 
 from common.data.arrays import ArrayData
-from common.errors import ConfigError, DataError, PrivfedError
-from common.metrics.fairness import (
-    YAO_HUANG_SUMS,
-    coverage,
-    item_popularity,
-    popularity_bias,
-    sum_statistics,
-    yao_huang,
-    yao_huang_sums,
-)
-from common.deploy.keys import Pseudonymizer
 from common.data.ratings import (
     AGE_BUCKETS,
     UNKNOWN,
@@ -92,6 +81,17 @@ from common.data.ratings import (
     site_split,
     synthetic_ratings,
 )
+from common.deploy.keys import Pseudonymizer
+from common.errors import ConfigError, DataError, PrivfedError
+from common.metrics.fairness import (
+    YAO_HUANG_SUMS,
+    coverage,
+    item_popularity,
+    popularity_bias,
+    sum_statistics,
+    yao_huang,
+    yao_huang_sums,
+)
 from common.tasks import register_task
 from common.tasks.base import Task
 
@@ -101,8 +101,18 @@ if TYPE_CHECKING:
 GROUP_ATTRIBUTES = ("gender", "age")
 # Sums a site sends (all additive over sites; see docs/FAIRNESS.md).
 SUM_KEYS = (
-    "sse", "sae", "n_ratings", "n_ranked", "hits", "dcg", "groups_suppressed",
-    "pop_at_k_sum", "pop_at_k_n", "pop_held_out_sum", "coverage_sum", "coverage_sites",
+    "sse",
+    "sae",
+    "n_ratings",
+    "n_ranked",
+    "hits",
+    "dcg",
+    "groups_suppressed",
+    "pop_at_k_sum",
+    "pop_at_k_n",
+    "pop_held_out_sum",
+    "coverage_sum",
+    "coverage_sites",
 )
 # Per reported group: squared and absolute errors, predictions, ratings, users, NDCG.
 GROUP_SUMS = ("sse", "sae", "pred", "n", "users", "dcg")
@@ -163,7 +173,9 @@ class BiasedMF(nn.Module):
     """mu + b_u + b_i + p_u . q_i. Every table is an nn.Embedding looked up once per rating
     (mu too, as a 1-row table), which is what the fast DP engine's per-example norms need."""
 
-    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig, user_group: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, num_users: int, num_buckets: int, p: RecsysConfig, user_group: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.num_buckets = num_buckets
         self.user_emb = nn.Embedding(num_users, p.dim)
@@ -216,7 +228,9 @@ class BiasedMF(nn.Module):
 class NeuralMF(BiasedMF):
     """Biased MF plus an MLP on the concatenated embeddings (NeuMF-style)."""
 
-    def __init__(self, num_users: int, num_buckets: int, p: RecsysConfig, user_group: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, num_users: int, num_buckets: int, p: RecsysConfig, user_group: torch.Tensor | None = None
+    ) -> None:
         super().__init__(num_users, num_buckets, p, user_group)
         self.mlp = nn.Sequential(nn.Linear(2 * p.dim, p.hidden_dim), nn.ReLU(), nn.Linear(p.hidden_dim, 1))
 
@@ -257,8 +271,13 @@ def _load(source: str, path: str, users_path: str, params: RecsysConfig, seed: i
     rng = (params.rating_min, params.rating_max)
     if source == "synthetic":
         return synthetic_ratings(
-            seed, params.synthetic_users, params.synthetic_items, params.synthetic_ratings_per_user,
-            pseudo, params.num_buckets, rng,
+            seed,
+            params.synthetic_users,
+            params.synthetic_items,
+            params.synthetic_ratings_per_user,
+            pseudo,
+            params.num_buckets,
+            rng,
         )
     if source == "movielens":
         folder = Path(path) if path else default_movielens_path()
@@ -271,8 +290,17 @@ def _load(source: str, path: str, users_path: str, params: RecsysConfig, seed: i
 
 
 @lru_cache(maxsize=4)
-def _sites(source: str, path: str, users_path: str, params: RecsysConfig, seed: int, key: bytes,
-           num_sites: int, partition: str, fraction: float) -> tuple[tuple[RatingData, RatingData], ...]:
+def _sites(
+    source: str,
+    path: str,
+    users_path: str,
+    params: RecsysConfig,
+    seed: int,
+    key: bytes,
+    num_sites: int,
+    partition: str,
+    fraction: float,
+) -> tuple[tuple[RatingData, RatingData], ...]:
     data = _load(source, path, users_path, params, seed, key)
     held = held_out_mask(data, fraction, seed)
     return tuple(site_split(data, users, held) for users in partition_users(data, num_sites, partition, seed))
@@ -298,7 +326,9 @@ class RecsysTask(Task):
         if self.key is None:
             raise PrivfedError("the recommender's data can only be read at a site holding the federation key")
         d, f = self.cfg.data, self.cfg.federation
-        sites = _sites(d.source, d.path, d.users_path, self.params, f.seed, self.key, f.num_sites, d.partition, d.test_fraction)
+        sites = _sites(
+            d.source, d.path, d.users_path, self.params, f.seed, self.key, f.num_sites, d.partition, d.test_fraction
+        )
         for s, (train, test) in enumerate(sites):
             if len(train) < d.min_site_size or len(test) == 0:
                 raise ConfigError(
@@ -338,7 +368,7 @@ class RecsysTask(Task):
         loss = (model(batch.x) - batch.y).pow(2)
         return loss + self.params.l2 * model.penalty() if self.params.l2 else loss
 
-    def train(self, model: nn.Module, session: "LocalSession") -> dict[str, float]:
+    def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]:
         """The base loop, plus decoupled decay of the correction table after every step.
 
         ``b <- b / (1 + lr * recsys-lambda)`` on every row: a fixed map of the parameters
@@ -431,7 +461,9 @@ class RecsysTask(Task):
             "coverage_sites": 1.0,
         }
 
-    def _ranking(self, model: nn.Module, data: RatingData, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _ranking(
+        self, model: nn.Module, data: RatingData, device: torch.device
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per held-out user: hit@k (0/1), NDCG@k and the top-k (catalogue positions; -1 where
         fewer than k items are left), ranking catalogue items they did not train on."""
         k = self.params.top_k
@@ -463,7 +495,9 @@ class RecsysTask(Task):
             n_rel = relevant.sum(1)
             ideal = np.array([discounts[: min(k, int(r))].sum() for r in n_rel])
             hits[start : start + len(chunk)] = gains.any(1)
-            ndcg[start : start + len(chunk)] = np.where(ideal > 0, (gains * discounts).sum(1) / np.maximum(ideal, 1e-12), 0.0)
+            ndcg[start : start + len(chunk)] = np.where(
+                ideal > 0, (gains * discounts).sum(1) / np.maximum(ideal, 1e-12), 0.0
+            )
         return hits, ndcg, tops
 
     def sum_keys(self) -> tuple[str, ...]:
@@ -492,7 +526,7 @@ class RecsysTask(Task):
         k = self.params.min_group_size
         for attr in GROUP_ATTRIBUTES:
             sizes = {
-                key[len(f"group.{attr}."):-len(".users")]: v
+                key[len(f"group.{attr}.") : -len(".users")]: v
                 for key, v in total.items()
                 if key.startswith(f"group.{attr}.") and key.endswith(".users")
             }
@@ -566,9 +600,13 @@ def derived(sums: dict[str, float]) -> dict[str, float]:
         prefix = f"group.{YH_ATTRIBUTE}.{value}."
         return (sums[prefix + "pred"], sums[prefix + "n"]) if prefix + "pred" in sums else (0.0, 0.0)
 
-    yh = {key[len(YH_PREFIX):]: v for key, v in sums.items() if key.startswith(YH_PREFIX)}
+    yh = {key[len(YH_PREFIX) :]: v for key, v in sums.items() if key.startswith(YH_PREFIX)}
     out.update({f"unfairness.{YH_ATTRIBUTE}.{k}": v for k, v in yao_huang(yh, *map(group_pred, YH_GROUPS)).items()})
     held = n if "pop_held_out_sum" in sums else 0.0
-    out.update(popularity_bias(sums.get("pop_at_k_sum", 0.0), sums.get("pop_at_k_n", 0.0), sums.get("pop_held_out_sum", 0.0), held))
+    out.update(
+        popularity_bias(
+            sums.get("pop_at_k_sum", 0.0), sums.get("pop_at_k_n", 0.0), sums.get("pop_held_out_sum", 0.0), held
+        )
+    )
     out.update(coverage(sums.get("coverage_sum", 0.0), sums.get("coverage_sites", 0.0)))
     return out

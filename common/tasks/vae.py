@@ -178,7 +178,9 @@ class VAETask(ImageTask):
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
         """Example-weighted means of the sites' means; per-class metrics from summed class sums (exact)."""
         per_class = ("class.", "recon_disparity.")
-        means = super().combine_metrics([(n, {k: v for k, v in m.items() if not k.startswith(per_class)}) for n, m in results])
+        means = super().combine_metrics(
+            [(n, {k: v for k, v in m.items() if not k.startswith(per_class)}) for n, m in results]
+        )
         sums = sum_statistics((m for _, m in results), is_class_sum)
         return {**means, **class_recon_metrics(sums), **{k: v for k, v in sums.items() if k.endswith(".n")}}
 

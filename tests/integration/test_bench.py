@@ -39,7 +39,9 @@ def render(table) -> str:
 def test_dp_section_json(tmp_path):
     out = tmp_path / "bench.json"
     cases = ["vae-digits:32", "gan-digits:64", "recsys-synthetic:512"]
-    report = bench.main(["--sections", "dp", "--dp-reps", "2", "--dp-steps", "2", "--dp-cases", *cases, "--out", str(out)])
+    report = bench.main(
+        ["--sections", "dp", "--dp-reps", "2", "--dp-steps", "2", "--dp-cases", *cases, "--out", str(out)]
+    )
     data = json.loads(out.read_text())
     assert data["meta"]["cores"] >= 1 and data["meta"]["torch"] == torch.__version__
     assert set(data) == {"meta", "dp"}
@@ -69,9 +71,9 @@ def test_round_section_structure():
 
 def test_bare_client_trains_and_evaluates():
     """The bare Flower site: same task model and data; plain training changes the weights."""
-    from simulations.launcher import resolve
     from common.runtime import cached_task
     from common.tasks.base import get_state
+    from simulations.launcher import resolve
 
     task = cached_task(resolve("vae-digits", ["dp.enabled=false"]))
     torch.manual_seed(0)
@@ -98,8 +100,8 @@ def test_round_stamps_and_seconds():
 
 def test_scale_data_and_config(tmp_path):
     """1,000 sites of 16 images each: the config validates and samples exactly K sites."""
-    from simulations.launcher import resolve
     from common.data.arrays import cached_federated_split
+    from simulations.launcher import resolve
 
     n_images = make_scale_data(tmp_path / "d.npz", 1000)
     cfg = resolve("vae-digits", scale_overrides(1000, 10, 3, tmp_path / "d.npz", n_images))
@@ -113,10 +115,20 @@ def test_scale_section_structure(tmp_path):
     def fake(sites, sampled, rounds, variant, data, images, log):
         evaluated = sites if variant == "as-is" else min(sites, sampled)
         return {
-            "round_s": [0.5 + evaluated / 1000] * (rounds - 1), "loop_s": [0.5] * (rounds - 1),
-            "evaluated": [evaluated] * rounds, "first_round_s": 10.0, "setup_s": 5.0, "teardown_s": 3.0,
-            "wall_s": 30.0, "sites": sites, "variant": variant, "process_wall_s": 31.0,
-            "peak_rss_bytes": 2 * 2**30, "peak_pss_bytes": 2**30, "peak_processes": 12, "leftover_processes": [],
+            "round_s": [0.5 + evaluated / 1000] * (rounds - 1),
+            "loop_s": [0.5] * (rounds - 1),
+            "evaluated": [evaluated] * rounds,
+            "first_round_s": 10.0,
+            "setup_s": 5.0,
+            "teardown_s": 3.0,
+            "wall_s": 30.0,
+            "sites": sites,
+            "variant": variant,
+            "process_wall_s": 31.0,
+            "peak_rss_bytes": 2 * 2**30,
+            "peak_pss_bytes": 2**30,
+            "peak_processes": 12,
+            "leftover_processes": [],
         }
 
     res = scale_section(
@@ -143,8 +155,16 @@ def test_tree_memory_sees_children():
 def test_utility_section_structure():
     def fake(task, eps, key_file, extra):
         value = 30.0 if math.isinf(eps) else 30.0 + 10 / eps
-        return {"scenario": task.scenario, "epsilon_target": None if math.isinf(eps) else eps, "overrides": [],
-                "rounds": 3, "value": value, "eps_max_recorded": eps, "wall_s": 1.0, "error": ""}
+        return {
+            "scenario": task.scenario,
+            "epsilon_target": None if math.isinf(eps) else eps,
+            "overrides": [],
+            "rounds": 3,
+            "value": value,
+            "eps_max_recorded": eps,
+            "wall_s": 1.0,
+            "error": "",
+        }
 
     res = utility_section(("vae",), (1.0, math.inf), progress=lambda _: None, runner=fake)
     cells = res["tasks"]["vae"]["cells"]

@@ -82,26 +82,40 @@ class Federation:
     def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         # Output to a file, not a pipe: the SuperNode's flower-superexec child inherits it.
         log = open(self.logs / f"{name}.log", "wb")
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True)
+        p = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
+        )
         self.procs.append(p)
         return p
 
     def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
 
     def privfed(self, *args: str) -> list[str]:
         return [str(BIN / "privfed"), *args]
 
     def start_superlink(self) -> None:
-        self.spawn("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(self.pki / "ca.pem"),
-            "--ssl-certfile", str(self.pki / "superlink.pem"),
-            "--ssl-keyfile", str(self.pki / "superlink.key"),
-            "--enable-supernode-auth",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", ":flwr-in-memory:",
-        ])
+        self.spawn(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(self.pki / "ca.pem"),
+                "--ssl-certfile",
+                str(self.pki / "superlink.pem"),
+                "--ssl-keyfile",
+                str(self.pki / "superlink.key"),
+                "--enable-supernode-auth",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                ":flwr-in-memory:",
+            ],
+        )
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -116,10 +130,27 @@ class Federation:
     def site_config(self, name: str, partition: int, ca: Path | None = None, key: str | None = None) -> Path:
         out = self.root / f"{name}.toml"
         subprocess.run(
-            self.privfed("site", "init", "--out", str(out), "--site-id", name, "--partition-id", str(partition),
-                         "--superlink", f"127.0.0.1:{self.port}", "--ca-cert", str(ca or self.pki / "ca.pem"),
-                         "--auth-key", str(self.pki / f"{key or name}.key"), "--device", "cpu"),
-            check=True, env=self.env, capture_output=True,
+            self.privfed(
+                "site",
+                "init",
+                "--out",
+                str(out),
+                "--site-id",
+                name,
+                "--partition-id",
+                str(partition),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--ca-cert",
+                str(ca or self.pki / "ca.pem"),
+                "--auth-key",
+                str(self.pki / f"{key or name}.key"),
+                "--device",
+                "cpu",
+            ),
+            check=True,
+            env=self.env,
+            capture_output=True,
         )
         return out
 
@@ -165,7 +196,10 @@ def federation(tmp_path_factory):
             assert json.loads(r.stdout)["success"], r.stdout + r.stderr
         for i in range(SITES):
             cfg = fed.site_config(f"clinic-{i}", i)
-            fed.spawn(f"clinic-{i}", fed.privfed("site", "join", str(cfg), "--", "--host", "127.0.0.1", "--port", str(_free_port())))
+            fed.spawn(
+                f"clinic-{i}",
+                fed.privfed("site", "join", str(cfg), "--", "--host", "127.0.0.1", "--port", str(_free_port())),
+            )
         deadline = time.monotonic() + 90
         while fed.nodes_online() < SITES:
             assert time.monotonic() < deadline, "SuperNodes did not come online"
@@ -212,8 +246,11 @@ def test_a_supernode_with_an_unregistered_key_or_a_wrong_ca_is_refused(federatio
     # An unregistered key: the SuperLink refuses to activate the node.
     rogue = federation.site_config("rogue", 0)
     rc, log = _refused(
-        federation, "rogue", federation.privfed("site", "join", str(rogue), "--", "--host", "127.0.0.1",
-                                                "--port", str(_free_port()), "--max-retries", "0")
+        federation,
+        "rogue",
+        federation.privfed(
+            "site", "join", str(rogue), "--", "--host", "127.0.0.1", "--port", str(_free_port()), "--max-retries", "0"
+        ),
     )
     assert rc != 0 and "Failed to activate SuperNode" in log, log[-2000:]
 
@@ -225,11 +262,25 @@ def test_a_supernode_with_an_unregistered_key_or_a_wrong_ca_is_refused(federatio
     rc, log = _refused(federation, "wrong-ca-join", federation.privfed("site", "join", str(wrong)))
     assert rc == 2 and "does not verify against ca-cert" in log and len(log.strip().splitlines()) == 1
     # ... and flower-supernode itself, given that CA, fails its TLS handshake.
-    rc, log = _refused(federation, "wrong-ca-supernode", [
-        str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{federation.port}",
-        "--root-certificates", str(other / "ca.pem"), "--auth-supernode-private-key", str(federation.pki / "clinic-0.key"),
-        "--host", "127.0.0.1", "--port", str(_free_port()), "--max-retries", "0",
-    ])
+    rc, log = _refused(
+        federation,
+        "wrong-ca-supernode",
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{federation.port}",
+            "--root-certificates",
+            str(other / "ca.pem"),
+            "--auth-supernode-private-key",
+            str(federation.pki / "clinic-0.key"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),
+            "--max-retries",
+            "0",
+        ],
+    )
     assert rc != 0 and "CERTIFICATE_VERIFY_FAILED" in log, log[-2000:]
     # Neither joined: still exactly the three registered sites online.
     assert federation.nodes_online() == SITES

@@ -18,7 +18,14 @@ from tests.conftest import simulation_processes
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["num-sites=3", "vae.hidden-dim=16", "vae.latent-dim=2", "sample-every=1", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]
+SMALL = [
+    "num-sites=3",
+    "vae.hidden-dim=16",
+    "vae.latent-dim=2",
+    "sample-every=1",
+    "dp.target-epsilon=0.0",
+    "dp.noise-multiplier=1.0",
+]
 
 
 def test_three_sites_two_rounds(tmp_path):
@@ -46,7 +53,13 @@ def test_three_sites_two_rounds(tmp_path):
     for r in rows:
         n = len(task.site_data(int(r.site_id.split("-")[1]))[0])
         plan = plan_round(cfg, n)
-        assert (r.unit, r.dataset_size, r.sample_rate, r.noise_multiplier, r.steps) == ("image", n, plan.sample_rate, 1.0, plan.steps)
+        assert (r.unit, r.dataset_size, r.sample_rate, r.noise_multiplier, r.steps) == (
+            "image",
+            n,
+            plan.sample_rate,
+            1.0,
+            plan.steps,
+        )
         assert r.used and r.status == "trained" and r.delta < 1 / n
         assert r.eps_total == epsilon([plan.mechanism] * r.round, r.delta, "rdp")
     # metrics.jsonl agrees with the ledger and anchors its head hash
@@ -57,7 +70,9 @@ def test_three_sites_two_rounds(tmp_path):
     assert ckpt["round"] == 2 and ckpt["ledger_rows"] == 6 and ckpt["ledger_head"] == ledger.head()
     model = task.build_model()
     model.load_state_dict(ckpt["state"])
-    assert task.evaluate(model, task.server_test_data())["neg_elbo"] == pytest.approx(lines[-1]["test"]["neg_elbo"], rel=1e-5)
+    assert task.evaluate(model, task.server_test_data())["neg_elbo"] == pytest.approx(
+        lines[-1]["test"]["neg_elbo"], rel=1e-5
+    )
 
     saved = tomllib.loads((run_dir / "config.toml").read_text())
     assert saved["rounds"] == 2 and saved["dp"]["noise-multiplier"] == 1.0
@@ -108,8 +123,12 @@ def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     flat = resolve("vae-digits", SMALL + ["rounds=1", "site-wait-seconds=3", f"run-dir={run_dir}"]).to_flat()
     with pytest.raises(PrivfedError) as info:
-        run_simulation(build_server_app(flat), build_client_app(flat), num_supernodes=2,
-                       backend_config={"client_resources": {"num_cpus": 1}})
+        run_simulation(
+            build_server_app(flat),
+            build_client_app(flat),
+            num_supernodes=2,
+            backend_config={"client_resources": {"num_cpus": 1}},
+        )
     assert isinstance(info.value, PrivfedError)
     assert "only 2 of num-sites=3 sites connected" in str(info.value)
     assert not run_dir.exists()

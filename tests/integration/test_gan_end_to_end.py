@@ -38,7 +38,9 @@ def test_mode_collapse_ends_the_run_as_a_failure_without_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     # every class distribution has a largest share >= 10%: "collapse" from round 1
     with pytest.raises(Exception) as exc:
-        simulate("gan-digits", SMALL + ["rounds=2", "gan.collapse-share=0.05", "gan.collapse-rounds=1", f"run-dir={run_dir}"])
+        simulate(
+            "gan-digits", SMALL + ["rounds=2", "gan.collapse-share=0.05", "gan.collapse-rounds=1", f"run-dir={run_dir}"]
+        )
     assert isinstance(exc.value, TrainingFailure) or "total mode collapse" in str(exc.value)
     assert not (run_dir / "checkpoint.pt").exists()  # no round completed: nothing to resume from
     summary = (run_dir / "summary.md").read_text()

@@ -83,7 +83,12 @@ class WriterProcess:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            [sys.executable, "-c", WRITER],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
 
     def _read(self) -> dict:
@@ -168,7 +173,9 @@ def test_sigkilled_writer_leaves_whole_rounds_and_a_valid_chain(tmp_path, writer
     # A writer that reopens the ledger continues the chain where it stands.
     led = Ledger(path, run_id=RUN_ID)
     plan = RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "rdp")
-    last = led.record_round(committed[-1] + 1, [SiteSpend(f"site-{i:03d}", "image", plan, 20, 10.0, True, "trained") for i in range(SITES)])
+    last = led.record_round(
+        committed[-1] + 1, [SiteSpend(f"site-{i:03d}", "image", plan, 20, 10.0, True, "trained") for i in range(SITES)]
+    )
     assert last[0].seq == committed[-1] * SITES + 1
     led.close()
     assert assert_whole_rounds(path) == committed[-1] + 1

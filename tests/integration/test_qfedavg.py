@@ -123,7 +123,11 @@ def _evaluated(s, rnd, losses):
 def test_rounds_use_the_previous_evaluation_and_fall_back_to_fedavg_then_the_mean(tmp_path):
     init = [np.zeros(2, np.float32)]
     s = _strategy(tmp_path, init, aggregation="q-fedavg", qffl_q=2.0, qffl_lipschitz=4.0)
-    ups = {"a": [np.array([1.0, 0.0], np.float32)], "b": [np.array([0.0, 1.0], np.float32)], "c": [np.array([1.0, 1.0], np.float32)]}
+    ups = {
+        "a": [np.array([1.0, 0.0], np.float32)],
+        "b": [np.array([0.0, 1.0], np.float32)],
+        "c": [np.array([1.0, 1.0], np.float32)],
+    }
     n = {"a": 10, "b": 30, "c": 20}
     replies = [_reply(site, u, n=n[site], node=i) for i, (site, u) in enumerate(ups.items())]
 
@@ -152,7 +156,9 @@ def test_the_worse_site_pulls_harder_than_under_fedavg(tmp_path):
         _round(s, 1, [_reply("a", ups[0], node=1), _reply("b", ups[1], node=2)], [])
         _evaluated(s, 1, {"a": 1.0, "b": 3.0})
         before = s.global_arrays[0].copy()
-        moved[agg] = float((_round(s, 2, [_reply("a", ups[0], node=1), _reply("b", ups[1], node=2)], [])[0] - before)[0])
+        moved[agg] = float(
+            (_round(s, 2, [_reply("a", ups[0], node=1), _reply("b", ups[1], node=2)], [])[0] - before)[0]
+        )
     assert moved["fedavg"] == pytest.approx(0.0) and moved["q-fedavg"] < -0.1  # towards b's update
 
 
@@ -177,9 +183,16 @@ def test_config_defaults_and_l_from_the_learning_rate():
     cfg = make_cfg(aggregation="q-fedavg")
     assert cfg.federation.qffl_q == 1.0 and cfg.qffl_lipschitz == 0.01
     # 0: the paper's L = 1 / learning rate
-    assert make_cfg(**{"aggregation": "q-fedavg", "qffl-lipschitz": 0, "train.lr": 0.005}).qffl_lipschitz == pytest.approx(200.0)
+    assert make_cfg(
+        **{"aggregation": "q-fedavg", "qffl-lipschitz": 0, "train.lr": 0.005}
+    ).qffl_lipschitz == pytest.approx(200.0)
     assert make_cfg(**{"aggregation": "q-fedavg", "qffl-lipschitz": 3.0, "qffl-q": 0}).qffl_lipschitz == 3.0
-    assert make_cfg(aggregation="q-fedavg", task="recsys", **{"data.source": "synthetic", "data.partition": "iid"}).federation.aggregation == "q-fedavg"
+    assert (
+        make_cfg(
+            aggregation="q-fedavg", task="recsys", **{"data.source": "synthetic", "data.partition": "iid"}
+        ).federation.aggregation
+        == "q-fedavg"
+    )
 
 
 # ------------------------------------------------------------------ end to end
@@ -189,10 +202,19 @@ def test_a_short_q_fedavg_run_trains_through_flower(tmp_path):
 
     run_dir = tmp_path / "run"
     before = set(simulation_processes())  # another run in this checkout is not this test's
-    simulate("vae-digits-nodp", [
-        "num-sites=3", "rounds=3", "vae.hidden-dim=16", "vae.latent-dim=2", "audit.mia=false",
-        "aggregation=q-fedavg", "qffl-q=5.0", f"run-dir={run_dir}",
-    ])
+    simulate(
+        "vae-digits-nodp",
+        [
+            "num-sites=3",
+            "rounds=3",
+            "vae.hidden-dim=16",
+            "vae.latent-dim=2",
+            "audit.mia=false",
+            "aggregation=q-fedavg",
+            "qffl-q=5.0",
+            f"run-dir={run_dir}",
+        ],
+    )
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1, 2, 3] and all(m["aggregated"] for m in lines)
     assert all(np.isfinite(m["test"]["neg_elbo"]) for m in lines)

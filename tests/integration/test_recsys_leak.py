@@ -53,9 +53,16 @@ def test_no_raw_identifier_or_key_reaches_the_server(tmp_path, monkeypatch, caps
     simulate(
         "recsys-synthetic",
         [
-            "num-sites=2", "rounds=2", "data.source=csv", f"data.path={tmp_path / 'ratings.csv'}",
-            f"data.users-path={tmp_path / 'users.csv'}", "data.partition=iid", "recsys.num-buckets=4096",
-            "train.batch-size=64", "recsys.min-group-size=2", f"run-dir={run_dir}",
+            "num-sites=2",
+            "rounds=2",
+            "data.source=csv",
+            f"data.path={tmp_path / 'ratings.csv'}",
+            f"data.users-path={tmp_path / 'users.csv'}",
+            "data.partition=iid",
+            "recsys.num-buckets=4096",
+            "train.batch-size=64",
+            "recsys.min-group-size=2",
+            f"run-dir={run_dir}",
         ],
         key_file=str(key_file),
     )

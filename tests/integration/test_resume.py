@@ -19,7 +19,12 @@ from server.ledger import Ledger
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 6
 ARGS = [
-    "vae-digits", f"rounds={ROUNDS}", "num-sites=3", "audit.mia=false", "sample-every=0", "central-eval=false",
+    "vae-digits",
+    f"rounds={ROUNDS}",
+    "num-sites=3",
+    "audit.mia=false",
+    "sample-every=0",
+    "central-eval=false",
     "vae.hidden-dim=32",
 ]
 
@@ -59,7 +64,9 @@ def _lines(run_dir: Path) -> list[dict]:
 
 def _privfed(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT, env=env, start_new_session=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", *args], cwd=ROOT, env=env, start_new_session=True, **kw
+    )
 
 
 @pytest.mark.slow
@@ -72,7 +79,9 @@ def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tmp_path, kill_af
         deadline = time.monotonic() + 240
         while len(_lines(run_dir)) < kill_after and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before it could be killed: {(tmp_path / 'first.log').read_text()[-2000:]}"
+        assert proc.poll() is None, (
+            f"the run ended before it could be killed: {(tmp_path / 'first.log').read_text()[-2000:]}"
+        )
         time.sleep(0.15 * kill_after)  # into the next round: sites training, ledger or checkpoint being written
     finally:
         _kill_tree(proc.pid)
@@ -109,7 +118,10 @@ def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tmp_path, kill_af
         assert mine[-1].eps_total == pytest.approx(epsilon(hist, mine[-1].delta, "rdp"), rel=1e-9)
     # The audit passes without a note: every row is accounted for by a metrics line.
     audit = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "audit", str(run_dir), "--verify"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "simulations.cli", "audit", str(run_dir), "--verify"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert audit.returncode == 0 and "note:" not in audit.stderr, audit.stderr
 

@@ -26,8 +26,15 @@ def _manager(n: int) -> SimpleClientManager:
 
 def _strategy(fraction_evaluate: float, last_round: int) -> DeltaFedAvg:
     return DeltaFedAvg(
-        initial_arrays=[np.zeros(2, np.float32)], ledger=None, num_sites=40, min_fit_sites=1, primary_metric="loss",
-        fraction_evaluate=fraction_evaluate, min_evaluate_clients=1, min_available_clients=1, last_round=last_round,
+        initial_arrays=[np.zeros(2, np.float32)],
+        ledger=None,
+        num_sites=40,
+        min_fit_sites=1,
+        primary_metric="loss",
+        fraction_evaluate=fraction_evaluate,
+        min_evaluate_clients=1,
+        min_available_clients=1,
+        last_round=last_round,
         on_evaluate_config_fn=lambda rnd: {"server-round": rnd},
     )
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.errors import ConfigError
 from common.deploy.keys import write_key
+from common.errors import ConfigError
 from server.ledger import Ledger
 from simulations.launcher import simulate
 
@@ -19,8 +19,20 @@ pytestmark = pytest.mark.slow
 VAE = ["vae.hidden-dim=16", "vae.latent-dim=2", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0", "audit.mia=false"]
 TASKS = {
     "vae": ("vae-digits", VAE),
-    "gan": ("gan-digits", ["gan.features=256", "gan.hidden-dim=32", "gan.eval-samples=200", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]),
-    "recsys": ("recsys-synthetic", ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512", "train.batch-size=128"]),
+    "gan": (
+        "gan-digits",
+        [
+            "gan.features=256",
+            "gan.hidden-dim=32",
+            "gan.eval-samples=200",
+            "dp.target-epsilon=0.0",
+            "dp.noise-multiplier=1.0",
+        ],
+    ),
+    "recsys": (
+        "recsys-synthetic",
+        ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512", "train.batch-size=128"],
+    ),
 }
 # SecAgg+ quantizes each coordinate with stochastic rounding onto a grid of step
 # 2 * clipping-range / quantization-range, so each site's value is off by less than one
@@ -38,7 +50,9 @@ def _run(tmp_path, name: str, scenario: str, overrides: list[str], key_file=None
 
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point() and a[k].numel())
+    return max(
+        float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point() and a[k].numel()
+    )
 
 
 @pytest.mark.parametrize("task", ["gan", "recsys"])
@@ -58,7 +72,9 @@ def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path):
     base = VAE + ["num-sites=5", "rounds=1", "weighting=uniform"]
     plain, _ = _run(tmp_path, "plain", "vae-digits", base)
     after_mask, lines = _run(
-        tmp_path, "unmask", "vae-digits",
+        tmp_path,
+        "unmask",
+        "vae-digits",
         base + ["secagg.enabled=true", "faults.dropout-stage=unmask", 'faults.dropout-sites="0,3"'],
     )
     # Their masked updates are already in the sum; their masks are rebuilt from shares.
@@ -88,9 +104,16 @@ def test_below_threshold_round_fails_cleanly_and_ledgers_the_spend(tmp_path):
     run_dir = tmp_path / "run"
     simulate(
         "vae-digits",
-        VAE + [
-            "num-sites=5", "rounds=2", "secagg.enabled=true", "faults.dropout-stage=unmask",
-            'faults.dropout-sites="0,1,2"', 'faults.rounds="1"', f"run-dir={run_dir}", "sample-every=0",
+        VAE
+        + [
+            "num-sites=5",
+            "rounds=2",
+            "secagg.enabled=true",
+            "faults.dropout-stage=unmask",
+            'faults.dropout-sites="0,1,2"',
+            'faults.rounds="1"',
+            f"run-dir={run_dir}",
+            "sample-every=0",
         ],
     )
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -100,7 +123,9 @@ def test_below_threshold_round_fails_cleanly_and_ledgers_the_spend(tmp_path):
     ledger = Ledger(run_dir / "ledger.sqlite")
     first = [r for r in ledger.rows() if r.round == 1]
     # Every site trained and sent a masked update before the round failed: all charged.
-    assert [(r.site_id, r.status, r.used, r.steps > 0) for r in first] == [(f"site-{i}", "lost", False, True) for i in range(5)]
+    assert [(r.site_id, r.status, r.used, r.steps > 0) for r in first] == [
+        (f"site-{i}", "lost", False, True) for i in range(5)
+    ]
     assert ledger.verify().ok
 
 
@@ -111,7 +136,10 @@ def test_below_threshold_round_fails_cleanly_and_ledgers_the_spend(tmp_path):
         ({"secagg.num-shares": 1}, "secagg.num-shares"),
         ({"secagg.enabled": True, "num-sites": 5, "secagg.num-shares": 7}, "secagg.num-shares"),
         ({"secagg.enabled": True, "num-sites": 2}, "fraction-fit"),
-        ({"secagg.enabled": True, "num-sites": 5, "secagg.reconstruction-threshold": 5}, "secagg.reconstruction-threshold"),
+        (
+            {"secagg.enabled": True, "num-sites": 5, "secagg.reconstruction-threshold": 5},
+            "secagg.reconstruction-threshold",
+        ),
         ({"secagg.num-shares": 5, "secagg.reconstruction-threshold": 5}, "secagg.reconstruction-threshold"),
         ({"secagg.enabled": True, "num-sites": 5, "secagg.modulus-range": 1 << 24}, "secagg.modulus-range"),
         ({"secagg.modulus-range": 3 << 30}, "secagg.modulus-range"),
@@ -128,16 +156,19 @@ def test_bad_secure_settings_are_one_line_errors(flat, key):
     assert info.value.key == key and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("sampled, cfg, expected", [
-    (5, {}, (5, 3)),
-    (8, {}, (8, 5)),
-    (4, {}, (4, 3)),
-    (3, {}, (3, 2)),
-    (9, {"secagg.num-shares": 5}, (5, 3)),
-    (4, {"secagg.num-shares": 5}, (4, 3)),  # fewer sites than shares: every site holds one
-    (9, {"secagg.num-shares": 5, "secagg.reconstruction-threshold": 4}, (5, 4)),
-    (3, {"secagg.reconstruction-threshold": 4}, (3, 2)),  # never the whole graph: one dropout stays possible
-])
+@pytest.mark.parametrize(
+    "sampled, cfg, expected",
+    [
+        (5, {}, (5, 3)),
+        (8, {}, (8, 5)),
+        (4, {}, (4, 3)),
+        (3, {}, (3, 2)),
+        (9, {"secagg.num-shares": 5}, (5, 3)),
+        (4, {"secagg.num-shares": 5}, (4, 3)),  # fewer sites than shares: every site holds one
+        (9, {"secagg.num-shares": 5, "secagg.reconstruction-threshold": 4}, (5, 4)),
+        (3, {"secagg.reconstruction-threshold": 4}, (3, 2)),  # never the whole graph: one dropout stays possible
+    ],
+)
 def test_shares_and_threshold_fit_each_round(sampled, cfg, expected):
     assert RunConfig.from_flat(cfg).secagg.shares_and_threshold(sampled) == expected
 

@@ -22,7 +22,8 @@ from common.errors import ConfigError, PrivfedError
 from common.privacy.secagg_stats import FRACTION_BITS, SecureStats, secure_statistics
 from common.tasks import get_task
 from tests.conftest import make_cfg
-from tests.unit.test_recsys import KEY, SMALL as RECSYS_SMALL
+from tests.unit.test_recsys import KEY
+from tests.unit.test_recsys import SMALL as RECSYS_SMALL
 
 SMALL = {**RECSYS_SMALL, "num-sites": 4, "secagg.enabled": True}
 
@@ -78,7 +79,7 @@ def test_sums_survive_secagg_exactly_and_combine_like_the_plain_metrics():
     sums = codec.unpack(mean * len(sites))  # the strategy's mean -> sum
     plain_sums = {k: sum(m.get(k, 0.0) for _, m in sites) for k in task.sum_keys()}
     for key in task.sum_keys():
-        assert sums[key] == pytest.approx(plain_sums[key], rel=1e-12, abs=len(sites) * 2.0 ** -FRACTION_BITS), key
+        assert sums[key] == pytest.approx(plain_sums[key], rel=1e-12, abs=len(sites) * 2.0**-FRACTION_BITS), key
     assert sums["n_ratings"] == plain_sums["n_ratings"] > 0  # counts are exact
 
     # Aggregating the sufficient statistics securely gives the plain (centralised) metrics.
@@ -122,7 +123,13 @@ def test_a_site_sends_its_sums_with_the_update_and_only_its_primary_metric_in_th
     from common.tasks.base import get_state
 
     cfg = make_cfg(**{**SMALL, "dp.noise-multiplier": 1.0, "rounds": 2})
-    site = SiteClient(cfg, 1, "site-1", Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={}), KEY)
+    site = SiteClient(
+        cfg,
+        1,
+        "site-1",
+        Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={}),
+        KEY,
+    )
     server_model = site.task.build_model()
     params = get_state(server_model, site.task.shared_keys(server_model))
     # The model the site holds when the round starts: the global one plus its local part.
@@ -132,7 +139,7 @@ def test_a_site_sends_its_sums_with_the_update_and_only_its_primary_metric_in_th
     assert [a.shape for a in arrays[:-1]] == [p.shape for p in params]
     sent = site.secure_stats.unpack(arrays[-1])
     for key in site.task.sum_keys():
-        assert sent[key] == pytest.approx(before.get(key, 0.0), abs=2.0 ** -FRACTION_BITS), key
+        assert sent[key] == pytest.approx(before.get(key, 0.0), abs=2.0**-FRACTION_BITS), key
     _, _, reply = site.evaluate(params, {})
     assert set(reply) == {"site_id", "rmse", "history"}
 
@@ -165,9 +172,18 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
     monkeypatch.setattr(DeltaFedAvg, "aggregate_evaluate", aggregate_evaluate)
     key_file = str(write_key(tmp_path / "fed.key"))
     overrides = [
-        "num-sites=4", "rounds=2", "secagg.enabled=true", "recsys.synthetic-users=200", "recsys.synthetic-items=80",
-        "recsys.num-buckets=512", "train.batch-size=128", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0",
-        "audit.mia=false", "sample-every=0", f"run-dir={tmp_path / 'run'}",
+        "num-sites=4",
+        "rounds=2",
+        "secagg.enabled=true",
+        "recsys.synthetic-users=200",
+        "recsys.synthetic-items=80",
+        "recsys.num-buckets=512",
+        "train.batch-size=128",
+        "dp.target-epsilon=0.0",
+        "dp.noise-multiplier=1.0",
+        "audit.mia=false",
+        "sample-every=0",
+        f"run-dir={tmp_path / 'run'}",
     ]
     simulate("recsys-synthetic", overrides, key_file=key_file)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

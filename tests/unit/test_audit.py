@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+
 import pytest
 
 from common.privacy.accounting import RoundPlan
@@ -92,9 +93,15 @@ def test_missing_run_dir_is_one_line_and_creates_nothing(tmp_path, capsys):
 @pytest.mark.parametrize(
     "damage, match",
     [
-        (lambda run: (run / "metrics.jsonl").write_text('{"round": 1, "ledger_head": "x"}\n{"round": 2, "ledg'), "line 2 is not valid JSON"),
+        (
+            lambda run: (run / "metrics.jsonl").write_text('{"round": 1, "ledger_head": "x"}\n{"round": 2, "ledg'),
+            "line 2 is not valid JSON",
+        ),
         (lambda run: (run / "metrics.jsonl").write_text("[1, 2]\n"), "line 1 is not a JSON object"),
-        (lambda run: (run / "ledger.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x00" * 200), "not a readable privfed ledger"),
+        (
+            lambda run: (run / "ledger.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x00" * 200),
+            "not a readable privfed ledger",
+        ),
     ],
 )
 def test_damaged_run_files_give_one_line_errors(tmp_path, capsys, damage, match):
@@ -136,7 +143,9 @@ def test_verify_names_a_forged_row_no_accountant_accepts(tmp_path, capsys):
         if row.seq == 3:
             values["accountant"] = "bogus"
         new = row_digest(prev, values)
-        stmts.append(f"UPDATE ledger SET accountant='{values['accountant']}', prev_hash='{prev}', row_hash='{new}' WHERE seq={row.seq}")
+        stmts.append(
+            f"UPDATE ledger SET accountant='{values['accountant']}', prev_hash='{prev}', row_hash='{new}' WHERE seq={row.seq}"
+        )
         prev = new
     tamper(run / "ledger.sqlite", *stmts)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -7,13 +7,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from common.privacy.accounting import RoundPlan, epsilon
 from flwr.common import ndarrays_to_parameters
 
-from common.privacy.client_level import CENTRAL_SITE_ID, central_plan, clip_update, secure_clip_norm, update_norm
 from common.config import all_or_nothing_probability
 from common.errors import ConfigError
+from common.privacy.accounting import RoundPlan, epsilon
+from common.privacy.client_level import CENTRAL_SITE_ID, central_plan, clip_update, secure_clip_norm, update_norm
 from common.protocol import Status as SiteStatus
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
@@ -21,7 +20,9 @@ from server.strategy import DeltaFedAvg
 from tests.conftest import make_cfg
 from tests.unit.test_server_client import _reply, _round
 
-PLAN = RoundPlan(dataset_size=40, sample_rate=0.25, steps=1, noise_multiplier=1.5, max_grad_norm=0.5, delta=1e-5, accountant="rdp")
+PLAN = RoundPlan(
+    dataset_size=40, sample_rate=0.25, steps=1, noise_multiplier=1.5, max_grad_norm=0.5, delta=1e-5, accountant="rdp"
+)
 
 
 def test_clip_update_bounds_the_global_norm_and_keeps_direction():
@@ -60,7 +61,15 @@ def test_budget_stops_releases(tmp_path):
 
 
 def test_central_plan_from_config_and_target_epsilon():
-    cfg = make_cfg(**{"num-sites": 50, "fraction-fit": 0.2, "rounds": 20, "central-dp.enabled": True, "central-dp.target-epsilon": 4.0})
+    cfg = make_cfg(
+        **{
+            "num-sites": 50,
+            "fraction-fit": 0.2,
+            "rounds": 20,
+            "central-dp.enabled": True,
+            "central-dp.target-epsilon": 4.0,
+        }
+    )
     plan = central_plan(cfg)
     assert (plan.dataset_size, plan.sample_rate, plan.steps, plan.delta) == (50, 0.2, 1, 1e-5)
     assert 3.9 < epsilon([plan.mechanism] * 20, plan.delta, "rdp") <= 4.0
@@ -78,9 +87,17 @@ class _Clients:
 
 def _cdp_strategy(tmp_path, central, q=0.25, secure=False):
     return DeltaFedAvg(
-        initial_arrays=[np.zeros(3, np.float32)], ledger=Ledger(tmp_path / "s.sqlite", run_id="s"), num_sites=40,
-        min_fit_sites=1, primary_metric="loss", uniform=True, secure=secure, central=central,
-        poisson_rng=random.Random(1), fraction_fit=q, on_fit_config_fn=lambda rnd: {"server-round": rnd},
+        initial_arrays=[np.zeros(3, np.float32)],
+        ledger=Ledger(tmp_path / "s.sqlite", run_id="s"),
+        num_sites=40,
+        min_fit_sites=1,
+        primary_metric="loss",
+        uniform=True,
+        secure=secure,
+        central=central,
+        poisson_rng=random.Random(1),
+        fraction_fit=q,
+        on_fit_config_fn=lambda rnd: {"server-round": rnd},
     )
 
 
@@ -125,7 +142,11 @@ def test_secure_round_with_a_rejected_report_discards_the_sum(tmp_path):
     s.accountant = "rdp"
     assert _round(s, 1, replies, []) is None
     assert "secure sum discarded" in s.records[1].failures[-1]
-    assert {r.site_id: r.status for r in s.ledger.rows()} == {"a": "not_aggregated", "b": "rejected", "c": "not_aggregated"}
+    assert {r.site_id: r.status for r in s.ledger.rows()} == {
+        "a": "not_aggregated",
+        "b": "rejected",
+        "c": "not_aggregated",
+    }
     # A clean secure round: the replies carry the mean over all 3; the sum is divided by the trained count.
     new = _round(s, 2, [_reply("a", mean), _reply("b", mean, node=2), _reply("c", mean, node=3)], [])
     assert np.allclose(new[0], 0.5)
@@ -151,7 +172,9 @@ def test_all_or_nothing_probability_is_the_binomial_flip_event():
     # the other 5 are sampled: C(5,2)/32 = 0.3125 per round.
     cfg = make_cfg(**{"num-sites": 6, "fraction-fit": 0.5, "rounds": 2, "secagg.enabled": True})
     assert all_or_nothing_probability(cfg) == pytest.approx(0.625)
-    assert all_or_nothing_probability(make_cfg(**{"num-sites": 5, "fraction-fit": 0.5})) == 0.0  # m = 1: noise-only rounds
+    assert (
+        all_or_nothing_probability(make_cfg(**{"num-sites": 5, "fraction-fit": 0.5})) == 0.0
+    )  # m = 1: noise-only rounds
     with pytest.raises(ConfigError, match="one site decides"):
         make_cfg(**{"num-sites": 6, "fraction-fit": 0.5, "secagg.enabled": True, "central-dp.enabled": True})
 

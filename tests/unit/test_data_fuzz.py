@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from common.data.arrays import load_npz_images
-from common.errors import DataError, PrivfedError
-from common.deploy.keys import Pseudonymizer
 from common.data.ratings import load_movielens, load_ratings_csv
+from common.deploy.keys import Pseudonymizer
+from common.errors import DataError, PrivfedError
 
 KEY = bytes(range(32))
 RANGE = (1.0, 5.0)
@@ -128,8 +128,18 @@ def ratings_table(draw):
 
 
 RATING_DEFECTS = st.sampled_from(
-    ["rating not a number", "rating out of range", "short row", "blank id", "header lacks a column",
-     "header only", "empty", "invalid utf-8", "oversized field", "missing"]
+    [
+        "rating not a number",
+        "rating out of range",
+        "short row",
+        "blank id",
+        "header lacks a column",
+        "header only",
+        "empty",
+        "invalid utf-8",
+        "oversized field",
+        "missing",
+    ]
 )
 
 
@@ -148,10 +158,21 @@ RATING_DEFECTS = st.sampled_from(
     at=st.integers(0, 10**6),
 )
 @example(  # bug: a quoted rating " 7<line break>" was echoed raw, splitting the message over two lines
-    table=(["user", "item", "rating"], ["user", "item", "rating"], [["u", "i", "3"]]), defect="rating out of range",
-    row=0, bad_number="x", out_of_range=" 7\n", keep=1, blank="", which=0, wrong_name="", empty=b"", at=0,
+    table=(["user", "item", "rating"], ["user", "item", "rating"], [["u", "i", "3"]]),
+    defect="rating out of range",
+    row=0,
+    bad_number="x",
+    out_of_range=" 7\n",
+    keep=1,
+    blank="",
+    which=0,
+    wrong_name="",
+    empty=b"",
+    at=0,
 )
-def test_corrupt_ratings_csv_fails_with_one_line(table, defect, row, bad_number, out_of_range, keep, blank, which, wrong_name, empty, at):
+def test_corrupt_ratings_csv_fails_with_one_line(
+    table, defect, row, bad_number, out_of_range, keep, blank, which, wrong_name, empty, at
+):
     cols, header, rows = table
     i = row % len(rows)
     r_col, u_col, i_col = cols.index("rating"), cols.index("user"), cols.index("item")
@@ -204,8 +225,12 @@ USER_DEFECTS = st.sampled_from(
 def test_corrupt_users_file_fails_with_one_line_naming_it(defect, data):
     cols = data.draw(st.permutations(["user", "gender", "age", "zip"]))
     rows = [
-        {"user": u, "gender": data.draw(st.sampled_from(["M", "F", "", "x"])), "age": data.draw(st.sampled_from(["", "30", " 7 "])),
-         "zip": data.draw(st.sampled_from(["12345", "", "9Z"]))}
+        {
+            "user": u,
+            "gender": data.draw(st.sampled_from(["M", "F", "", "x"])),
+            "age": data.draw(st.sampled_from(["", "30", " 7 "])),
+            "zip": data.draw(st.sampled_from(["12345", "", "9Z"])),
+        }
         for u in ("u1", "u2")
     ]
     header = list(cols)
@@ -252,9 +277,21 @@ def test_arbitrary_users_file_loads_or_fails_naming_it(raw):
 # ---------------------------------------------------------------- MovieLens
 
 ML_DEFECTS = st.sampled_from(
-    ["u.data short row", "u.data rating not a number", "u.data rating out of range", "u.data empty",
-     "u.data invalid utf-8", "u.data missing", "u.user short row", "u.user age not an integer",
-     "u.user age out of range", "u.user empty", "u.user invalid utf-8", "u.user missing", "folder missing"]
+    [
+        "u.data short row",
+        "u.data rating not a number",
+        "u.data rating out of range",
+        "u.data empty",
+        "u.data invalid utf-8",
+        "u.data missing",
+        "u.user short row",
+        "u.user age not an integer",
+        "u.user age out of range",
+        "u.user empty",
+        "u.user invalid utf-8",
+        "u.user missing",
+        "folder missing",
+    ]
 )
 
 
@@ -262,7 +299,10 @@ ML_DEFECTS = st.sampled_from(
 @given(defect=ML_DEFECTS, data=st.data())
 def test_corrupt_movielens_fails_with_one_line_naming_the_file(defect, data):
     n = data.draw(st.integers(1, 4))
-    udata = [[str(data.draw(st.integers(1, 5))), str(data.draw(st.integers(1, 9))), data.draw(GOOD_RATING), "881250949"] for _ in range(n)]
+    udata = [
+        [str(data.draw(st.integers(1, 5))), str(data.draw(st.integers(1, 9))), data.draw(GOOD_RATING), "881250949"]
+        for _ in range(n)
+    ]
     uuser = [[u[0], str(data.draw(st.integers(0, 130))), "M", "other", "12345"] for u in udata]
     i = data.draw(st.integers(0, n - 1))
     target, _, what = defect.partition(" ")
@@ -300,7 +340,11 @@ def test_corrupt_movielens_fails_with_one_line_naming_the_file(defect, data):
 @FUZZ
 @given(which=st.sampled_from(["u.data", "u.user", "u.item"]), raw=st.binary(max_size=200))
 def test_arbitrary_movielens_files_load_or_fail_naming_the_file(which, raw):
-    files = {"u.data": b"1\t2\t3\t881250949\n", "u.user": b"1|24|M|technician|85711\n", "u.item": b"2|GoldenEye (1995)|01-Jan-1995\n"}
+    files = {
+        "u.data": b"1\t2\t3\t881250949\n",
+        "u.user": b"1|24|M|technician|85711\n",
+        "u.item": b"2|GoldenEye (1995)|01-Jan-1995\n",
+    }
     files[which] = raw
     with scratch() as tmp:
         for name, content in files.items():
@@ -327,7 +371,10 @@ def _check_loaded(data) -> None:
 @given(
     raw=st.one_of(
         st.binary(max_size=300),
-        st.tuples(st.sampled_from([b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY\x01\x00", b"\x80\x04", b""]), st.binary(max_size=200)).map(b"".join),
+        st.tuples(
+            st.sampled_from([b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY\x01\x00", b"\x80\x04", b""]),
+            st.binary(max_size=200),
+        ).map(b"".join),
     )
 )
 @example(raw=b"")
@@ -339,17 +386,27 @@ def test_random_bytes_are_not_an_npz(raw):
         must_fail(lambda: load_npz_images(p), p)
 
 
-VALID_X = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, max_side=4), elements=st.floats(0, 1, width=32))
+VALID_X = hnp.arrays(
+    np.float32, hnp.array_shapes(min_dims=2, max_dims=3, max_side=4), elements=st.floats(0, 1, width=32)
+)
 
 
 @FUZZ
 @given(
     x=VALID_X,
     compressed=st.booleans(),
-    edits=st.lists(st.tuples(st.sampled_from(["flip", "truncate", "overwrite"]), st.integers(0, 10**6), st.binary(min_size=1, max_size=8)), min_size=1, max_size=3),
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "truncate", "overwrite"]), st.integers(0, 10**6), st.binary(min_size=1, max_size=8)
+        ),
+        min_size=1,
+        max_size=3,
+    ),
 )
 @example(  # bug: a damaged deflate stream raised zlib.error out of the loader
-    x=np.full((4, 4), 0.5, dtype=np.float32), compressed=True, edits=[("overwrite", 70, b"\xff\xff\xff\xff\xff\xff\xff\xff")],
+    x=np.full((4, 4), 0.5, dtype=np.float32),
+    compressed=True,
+    edits=[("overwrite", 70, b"\xff\xff\xff\xff\xff\xff\xff\xff")],
 )
 def test_damaged_npz_loads_or_fails_with_one_line(x, compressed, edits):
     raw = bytearray(_npz_bytes({"x": x, "y": np.arange(x.shape[0])}, compressed))
@@ -370,7 +427,8 @@ def test_damaged_npz_loads_or_fails_with_one_line(x, compressed, edits):
 
 
 ANY_DTYPE = st.one_of(
-    hnp.scalar_dtypes(), st.sampled_from([np.dtype("U3"), np.dtype("S2"), np.dtype([("a", "<i4"), ("b", "<f4")]), np.dtype(">f8")])
+    hnp.scalar_dtypes(),
+    st.sampled_from([np.dtype("U3"), np.dtype("S2"), np.dtype([("a", "<i4"), ("b", "<f4")]), np.dtype(">f8")]),
 )
 
 
@@ -400,7 +458,9 @@ HUGE_NPY_HEADER = (  # an .npy header, without data, that claims 2**41 float64 v
 
 @FUZZ
 @given(
-    members=st.dictionaries(st.sampled_from(["x", "x.npy", "y.npy", "images.npy", "x.txt"]), st.binary(max_size=64), min_size=1, max_size=3),
+    members=st.dictionaries(
+        st.sampled_from(["x", "x.npy", "y.npy", "images.npy", "x.txt"]), st.binary(max_size=64), min_size=1, max_size=3
+    ),
     pickled=st.booleans(),
 )
 # bug: a member that is not an .npy file came back as bytes: AttributeError 'bytes' object has no attribute 'ndim'
@@ -474,7 +534,9 @@ def _known_keys() -> set[str]:
 
 KNOWN_KEYS = _known_keys()
 # Not an option (argparse's own usage errors are not overrides), not a key, no "=".
-NOT_A_KEY = st.text(max_size=12).filter(lambda k: k.strip() and "=" not in k and not k.startswith("-") and k.strip() not in KNOWN_KEYS)
+NOT_A_KEY = st.text(max_size=12).filter(
+    lambda k: k.strip() and "=" not in k and not k.startswith("-") and k.strip() not in KNOWN_KEYS
+)
 BAD_OVERRIDES = st.one_of(
     st.integers(max_value=0).map(lambda v: f"rounds={v}"),
     st.text(max_size=8).map(lambda t: f"num-sites={_toml_string(t)}"),  # a string where an int belongs
@@ -487,7 +549,9 @@ BAD_OVERRIDES = st.one_of(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(bad=BAD_OVERRIDES, extra=st.lists(st.sampled_from(["rounds=2", "dp.accountant=prv", "seed=3"]), max_size=2))
 @example(bad="a\nb=1", extra=[])  # bug: the unknown key's line break split the error over two lines
 @example(bad="x\x1b[2Jy=1", extra=[])  # bug: a terminal escape sequence reached stderr as is
@@ -501,13 +565,15 @@ def test_cli_bad_override_is_one_line_exit_2_and_no_run_dir(no_simulation, bad, 
         assert not run_dir.exists()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     kind=st.sampled_from(["npz", "csv", "movielens"]),
     raw=st.binary(max_size=120),
-    name=st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)), min_size=1, max_size=10).filter(
-        lambda n: n not in (".", "..")
-    ),
+    name=st.text(
+        st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)), min_size=1, max_size=10
+    ).filter(lambda n: n not in (".", "..")),
 )
 @example(kind="npz", raw=b"", name="a\nb.npz")  # bug: a line break in the file name split the error
 def test_cli_corrupt_data_file_is_one_line_exit_2_and_no_run_dir(no_simulation, kind, raw, name):

@@ -15,9 +15,9 @@ from flwr.common.config import parse_config_args
 
 from client.join import preflight_site, supernode_command
 from common.deploy import pki
-from common.errors import ConfigError, DataError, PrivfedError
 from common.deploy.keys import KeyFileError, write_key
 from common.deploy.site_config import SiteConfig, apply_site_overrides
+from common.errors import ConfigError, DataError, PrivfedError
 from simulations.cli import main
 from tests.conftest import make_cfg
 
@@ -35,7 +35,7 @@ def pki_dir(tmp_path):
 def _verify(d, name):
     ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
     leaf = x509.load_pem_x509_certificate((d / "superlink.pem").read_bytes())
-    verifier = PolicyBuilder().store(Store([ca])).time(dt.datetime.now(dt.timezone.utc)).build_server_verifier(name)
+    verifier = PolicyBuilder().store(Store([ca])).time(dt.datetime.now(dt.UTC)).build_server_verifier(name)
     return verifier.verify(leaf, [])
 
 
@@ -69,8 +69,12 @@ def test_node_keys_are_what_flower_loads(pki_dir):
 
 def _site(pki_dir, tmp_path, **kw) -> SiteConfig:
     values = dict(
-        site_id="clinic-a", partition_id=1, superlink="127.0.0.1:1", ca_cert=str(pki_dir / "ca.pem"),
-        auth_private_key=str(pki_dir / "site-0.key"), auth_public_key=str(pki_dir / "site-0.pub"),
+        site_id="clinic-a",
+        partition_id=1,
+        superlink="127.0.0.1:1",
+        ca_cert=str(pki_dir / "ca.pem"),
+        auth_private_key=str(pki_dir / "site-0.key"),
+        auth_public_key=str(pki_dir / "site-0.pub"),
     )
     values.update(kw)
     return SiteConfig(**values)
@@ -84,8 +88,13 @@ def test_site_config_round_trips_and_becomes_flowers_node_config(pki_dir, tmp_pa
     assert SiteConfig.load(path) == site
     parsed = parse_config_args([site.node_config()])
     assert parsed == {
-        "partition-id": 1, "site-id": "clinic-a", "device": "auto", "key-file": str(key),
-        "data-path": str(tmp_path), "data-format": "csv", "epsilon-budget": 4.0,
+        "partition-id": 1,
+        "site-id": "clinic-a",
+        "device": "auto",
+        "key-file": str(key),
+        "data-path": str(tmp_path),
+        "data-format": "csv",
+        "epsilon-budget": 4.0,
     }
     cmd = supernode_command(site, ["--max-retries", "0"])
     assert cmd[cmd.index("--root-certificates") + 1] == str(pki_dir / "ca.pem")
@@ -113,8 +122,15 @@ def test_bad_site_config_is_one_line(tmp_path, text, match):
 def test_site_overrides_apply_its_data_device_and_a_stricter_budget():
     cfg = make_cfg(**{"dp.epsilon-budget": 10.0})
     assert apply_site_overrides(cfg, {"partition-id": 0}) is cfg
-    site = apply_site_overrides(cfg, {"data-path": "/d/x.npz", "data-format": "npz", "device": "cpu", "epsilon-budget": 4.0})
-    assert (site.data.path, site.data.source, site.data.partition, site.federation.device) == ("/d/x.npz", "npz", "site", "cpu")
+    site = apply_site_overrides(
+        cfg, {"data-path": "/d/x.npz", "data-format": "npz", "device": "cpu", "epsilon-budget": 4.0}
+    )
+    assert (site.data.path, site.data.source, site.data.partition, site.federation.device) == (
+        "/d/x.npz",
+        "npz",
+        "site",
+        "cpu",
+    )
     assert site.dp.epsilon_budget == 4.0
     # a site cannot loosen the run's budget
     assert apply_site_overrides(cfg, {"epsilon-budget": 50.0}).dp.epsilon_budget == 10.0
@@ -185,7 +201,11 @@ def test_operator_errors_are_one_line_each(pki_dir, tmp_path, superlink):
     cases = [
         (dict(ca_cert=str(tmp_path / "nope.pem")), PrivfedError, "CA certificate \\(ca-cert\\) not found"),
         (dict(ca_cert=str(pki_dir / "site-0.pub")), PrivfedError, "is not a PEM certificate"),
-        (dict(ca_cert=str(other / "ca.pem")), PrivfedError, "does not verify against ca-cert.*unable to get local issuer"),
+        (
+            dict(ca_cert=str(other / "ca.pem")),
+            PrivfedError,
+            "does not verify against ca-cert.*unable to get local issuer",
+        ),
         (dict(superlink=superlink.replace("127.0.0.1", "127.0.0.2")), PrivfedError, "unreachable|does not verify"),
         (dict(auth_private_key=str(pki_dir / "ca.key")), PrivfedError, "not an OpenSSH EC private key"),
         (dict(data_path=str(tmp_path / "missing")), DataError, "not found \\(site config data-path\\)"),
@@ -209,9 +229,22 @@ def test_operator_errors_are_one_line_each(pki_dir, tmp_path, superlink):
 def test_cli_init_then_check(pki_dir, tmp_path, capsys):
     listener = TlsListener(pki_dir)
     out = tmp_path / "site.toml"
-    args = ["site", "init", "--out", str(out), "--site-id", "clinic-a", "--partition-id", "0",
-            "--superlink", listener.address, "--ca-cert", str(pki_dir / "ca.pem"),
-            "--auth-key", str(pki_dir / "site-0.key")]
+    args = [
+        "site",
+        "init",
+        "--out",
+        str(out),
+        "--site-id",
+        "clinic-a",
+        "--partition-id",
+        "0",
+        "--superlink",
+        listener.address,
+        "--ca-cert",
+        str(pki_dir / "ca.pem"),
+        "--auth-key",
+        str(pki_dir / "site-0.key"),
+    ]
     assert main(args) == 0
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(["site", "join", str(out), "--check", "--", "--max-retries", "0"]) == 0
@@ -229,7 +262,9 @@ def test_a_site_with_its_own_file_uses_all_of_it(tmp_path):
 
     x = np.random.default_rng(0).integers(0, 256, size=(50, 16), dtype=np.uint8)
     np.savez(tmp_path / "mine.npz", x=x)
-    cfg = apply_site_overrides(make_cfg(**{"num-sites": 3}), {"data-path": str(tmp_path / "mine.npz"), "data-format": "npz"})
+    cfg = apply_site_overrides(
+        make_cfg(**{"num-sites": 3}), {"data-path": str(tmp_path / "mine.npz"), "data-format": "npz"}
+    )
     train, val = cached_task(cfg).site_data(2)
     assert len(train) + len(val) == 50 and len(val) >= 1
     assert cached_task(cfg).input_dim == 16

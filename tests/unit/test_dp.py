@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.privacy.accounting import RoundPlan, epsilon
 from common.data.arrays import ArrayData
-from common.privacy.dp import FastDPStep, NonPrivateStep, OpacusDPStep, plan_round
 from common.errors import ConfigError
+from common.privacy.accounting import RoundPlan, epsilon
+from common.privacy.dp import FastDPStep, NonPrivateStep, OpacusDPStep, plan_round
 from common.privacy.training import LocalSession
 from tests.conftest import make_cfg
 
@@ -23,7 +23,9 @@ def _mlp(bias_last=True):
 
 
 def _plan(n=100, q=0.25, sigma=0.0, C=0.7):
-    return RoundPlan(dataset_size=n, sample_rate=q, steps=1, noise_multiplier=sigma, max_grad_norm=C, delta=1e-5, accountant="rdp")
+    return RoundPlan(
+        dataset_size=n, sample_rate=q, steps=1, noise_multiplier=sigma, max_grad_norm=C, delta=1e-5, accountant="rdp"
+    )
 
 
 def _grads_after_step(engine_cls, model, loss_fn, plan):
@@ -130,7 +132,9 @@ def _session(plan, n=200, generator_seed=0, engine=None):
     data = ArrayData(torch.arange(n, dtype=torch.float32).unsqueeze(1), None)
     model = nn.Linear(1, 1)
     engine = engine or NonPrivateStep(model, torch.optim.SGD(model.parameters(), lr=0.0))
-    return LocalSession(data, plan, 16, engine, torch.device("cpu"), torch.Generator().manual_seed(generator_seed)), model
+    return LocalSession(
+        data, plan, 16, engine, torch.device("cpu"), torch.Generator().manual_seed(generator_seed)
+    ), model
 
 
 def test_dp_batches_are_poisson_samples_with_rate_q():

@@ -9,21 +9,20 @@ draws the wrong class for some labels, and an imbalanced real label distribution
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from common.data.arrays import ArrayData
-from common.privacy.dp import FastDPStep, OpacusDPStep, plan_round
+from common.data.ratings import RatingData
 from common.errors import ConfigError
 from common.metrics.fairness import label_weights_for_target, quota_labels
 from common.metrics.image_quality import class_shares, total_variation
-from common.data.ratings import RatingData
+from common.privacy.dp import FastDPStep, OpacusDPStep, plan_round
+from common.privacy.training import run_local_round
 from common.tasks import get_task
 from common.tasks.recsys import OFFSET_GROUPS
-from common.privacy.training import run_local_round
 from tests.conftest import make_cfg
 from tests.unit.test_recsys import engine_grads
 
@@ -64,7 +63,9 @@ def test_a_class_target_needs_a_conditional_generator():
 # ------------------------------------------------------------------ recommender
 
 
-def biased_ratings(seed: int = 0, users: int = 300, items: int = 30, per_user: int = 12) -> tuple[RatingData, RatingData]:
+def biased_ratings(
+    seed: int = 0, users: int = 300, items: int = 30, per_user: int = 12
+) -> tuple[RatingData, RatingData]:
     """Ratings where women rate half the items one point above men and the other half one
     point below (besides user and item effects): value unfairness for a model that misses it."""
     rng = np.random.default_rng(seed)
@@ -83,8 +84,14 @@ def biased_ratings(seed: int = 0, users: int = 300, items: int = 30, per_user: i
 
     def make(mask: np.ndarray, **extra) -> RatingData:
         x = torch.as_tensor(table[mask, :2], dtype=torch.long)
-        return RatingData(x, torch.as_tensor(table[mask, 2], dtype=torch.float32), num_users=users, attrs=attrs,
-                          catalogue=np.arange(items), **extra)
+        return RatingData(
+            x,
+            torch.as_tensor(table[mask, 2], dtype=torch.float32),
+            num_users=users,
+            attrs=attrs,
+            catalogue=np.arange(items),
+            **extra,
+        )
 
     seen = (table[~held, 0].astype(np.int64), table[~held, 1].astype(np.int64))
     return make(~held), make(held, seen=seen)
@@ -92,10 +99,20 @@ def biased_ratings(seed: int = 0, users: int = 300, items: int = 30, per_user: i
 
 def recsys_cfg(correction: str, dp: bool, **extra):
     flat = {
-        "task": "recsys", "data.source": "synthetic", "data.partition": "iid", "num-sites": 1,
-        "recsys.num-buckets": 64, "recsys.dim": 2, "recsys.l2": 0.05, "recsys.min-group-size": 1,
-        "train.batch-size": 128, "train.lr": 0.05, "train.local-epochs": 4.0,
-        "dp.enabled": dp, "fairness.recsys-correction": correction, **extra,  # recsys-lambda: the default
+        "task": "recsys",
+        "data.source": "synthetic",
+        "data.partition": "iid",
+        "num-sites": 1,
+        "recsys.num-buckets": 64,
+        "recsys.dim": 2,
+        "recsys.l2": 0.05,
+        "recsys.min-group-size": 1,
+        "train.batch-size": 128,
+        "train.lr": 0.05,
+        "train.local-epochs": 4.0,
+        "dp.enabled": dp,
+        "fairness.recsys-correction": correction,
+        **extra,  # recsys-lambda: the default
     }
     if dp:
         flat.update({"dp.noise-multiplier": 0.5, "dp.epsilon-budget": 1e6})
@@ -129,8 +146,10 @@ def test_group_offset_cuts_value_unfairness_on_biased_ratings(dp):
 def test_the_decay_fades_offsets_that_only_dp_noise_moved():
     # no user of this data is in the "other" group: under DP-SGD its rows see only noise
     other = slice(2 * 64, 3 * 64)
-    rows = {lam: train_one_site("group-offset", True, **{"fairness.recsys-lambda": lam})[1].group_item_bias.weight[other]
-            for lam in (0.0, 2.0)}
+    rows = {
+        lam: train_one_site("group-offset", True, **{"fairness.recsys-lambda": lam})[1].group_item_bias.weight[other]
+        for lam in (0.0, 2.0)
+    }
     assert rows[0.0].abs().max() > 0  # the noise reached them
     assert rows[2.0].norm() < 0.5 * rows[0.0].norm()
 
@@ -144,7 +163,9 @@ def test_group_offset_is_shared_its_user_map_is_not_and_dp_clips_it_per_rating()
     net = task.build_model(0)
     keys = task.shared_keys(net)
     assert "group_item_bias.weight" in keys  # averaged by the server like the item table
-    assert not any("user" in k for k in keys) and not any("group" in k for k in net.state_dict() if k != "group_item_bias.weight")
+    assert not any("user" in k for k in keys) and not any(
+        "group" in k for k in net.state_dict() if k != "group_item_bias.weight"
+    )
     assert net.group_item_bias.weight.shape == (len(OFFSET_GROUPS) * 64, 1)
     # the server's model has the same shared arrays
     assert task.shared_keys(task.build_model()) == keys
@@ -218,11 +239,20 @@ def imbalanced_npz(tmp_path):
 
 
 def gan_task(path, target: str):
-    cfg = make_cfg(**{
-        "task": "gan", "data.source": "npz", "data.path": str(path), "num-sites": 3, "data.partition": "iid",
-        "gan.num-classes": 4, "gan.features": 16, "gan.hidden-dim": 8, "gan.latent-dim": 2,
-        "fairness.gan-class-target": target,
-    })
+    cfg = make_cfg(
+        **{
+            "task": "gan",
+            "data.source": "npz",
+            "data.path": str(path),
+            "num-sites": 3,
+            "data.partition": "iid",
+            "gan.num-classes": 4,
+            "gan.features": 16,
+            "gan.hidden-dim": 8,
+            "gan.latent-dim": 2,
+            "fairness.gan-class-target": target,
+        }
+    )
     return get_task("gan")(cfg)
 
 

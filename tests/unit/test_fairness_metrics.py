@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.data.arrays import ArrayData
+from common.data.ratings import RatingData
 from common.metrics.fairness import (
     coverage,
     group_means,
@@ -19,11 +20,9 @@ from common.metrics.fairness import (
     yao_huang,
     yao_huang_sums,
 )
-from common.data.ratings import RatingData
 from common.tasks import get_task
 from tests.conftest import make_cfg
 from tests.unit.test_recsys import SMALL, _FixedScores, recsys_task
-
 
 # ------------------------------------------------------------------ pure math
 
@@ -41,8 +40,11 @@ def test_spread_and_group_means_by_hand():
 
 # Ratings (item, prediction, rating, group): item 0 has both groups, item 1 too, item 2 only g.
 _YH_ROWS = [
-    (0, 3.0, 4.0, "g"), (0, 2.0, 2.0, "g"), (0, 4.0, 3.0, "h"),  # d_g = 2.5 - 3 = -0.5, d_h = +1
-    (1, 4.0, 5.0, "g"), (1, 3.0, 5.0, "h"),  # d_g = -1, d_h = -2
+    (0, 3.0, 4.0, "g"),
+    (0, 2.0, 2.0, "g"),
+    (0, 4.0, 3.0, "h"),  # d_g = 2.5 - 3 = -0.5, d_h = +1
+    (1, 4.0, 5.0, "g"),
+    (1, 3.0, 5.0, "h"),  # d_g = -1, d_h = -2
     (2, 2.0, 1.0, "g"),  # no h rating: not one of the n items
 ]
 
@@ -68,7 +70,9 @@ def test_yao_huang_metrics_by_hand():
     # non-parity over all of each group's ratings: g (3+2+4+2)/4 = 2.75, h (4+3)/2 = 3.5
     assert m["non_parity"] == pytest.approx(0.75)
     # symmetric in the two groups
-    assert yao_huang(yao_huang_sums(item, pred, rating, h, g), _pred_sums(pred, h), _pred_sums(pred, g)) == pytest.approx(m)
+    assert yao_huang(
+        yao_huang_sums(item, pred, rating, h, g), _pred_sums(pred, h), _pred_sums(pred, g)
+    ) == pytest.approx(m)
     # no item with both groups: only non-parity
     only = yao_huang_sums(item[:2], pred[:2], rating[:2], g[:2], h[:2])
     assert only["items"] == 0 and set(yao_huang(only, (1.0, 1.0), (2.0, 1.0))) == {"non_parity"}
@@ -126,9 +130,12 @@ def _fair_site() -> tuple[RatingData, _FixedScores]:
     x = torch.tensor([[0, 1], [0, 2], [1, 2], [2, 1], [3, 1]])
     y = torch.tensor([4.0, 2.0, 5.0, 3.0, 1.0])
     site = RatingData(
-        x, y, num_users=4,
+        x,
+        y,
+        num_users=4,
         attrs={"gender": np.array(["F", "F", "M", "M"], dtype=object), "age": np.array(["25-34"] * 4, dtype=object)},
-        seen=(np.array([0, 1, 1, 2, 3]), np.array([0, 0, 1, 0, 2])), catalogue=np.arange(4),
+        seen=(np.array([0, 1, 1, 2, 3]), np.array([0, 0, 1, 0, 2])),
+        catalogue=np.arange(4),
     )
     scores = _FixedScores([[9, 3, 2, 5], [9, 9, 4, 1], [9, 2, 0, 1], [0, 3, 9, 1]])
     return site, scores
@@ -139,7 +146,9 @@ def test_recommender_fairness_metrics_on_a_hand_computed_site():
     site, model = _fair_site()
     m = task.evaluate(model, site)
     # errors: F rows -1, 0, -1 (predictions 3, 2, 4); M rows -1, +2 (predictions 2, 3)
-    assert m["group.gender.F.rmse"] == pytest.approx(math.sqrt(2 / 3)) and m["group.gender.F.mae"] == pytest.approx(2 / 3)
+    assert m["group.gender.F.rmse"] == pytest.approx(math.sqrt(2 / 3)) and m["group.gender.F.mae"] == pytest.approx(
+        2 / 3
+    )
     assert m["group.gender.M.rmse"] == pytest.approx(math.sqrt(5 / 2)) and m["group.gender.M.mae"] == pytest.approx(1.5)
     assert m["group.gender.F.pred"] == 9 and m["group.gender.M.pred"] == 5
     # top-2: u0 {3, 1} (one hit at rank 2 of two relevant), u1 {2, 3}, u2 {1, 3}, u3 {1, 3} (hits at rank 1)
@@ -154,12 +163,22 @@ def test_recommender_fairness_metrics_on_a_hand_computed_site():
     assert m["unfairness.gender.non_parity"] == pytest.approx(abs(9 / 3 - 5 / 2))
     # popularity (share of the 4 users who trained on the item): [3/4, 1/4, 1/4, 0]
     # top slots: 1/4 + 0 + 1/4 + 0 + 1/4 + 0 + 1/4 + 0 = 1 over 8; held-out items 1, 2, 2, 1, 1: 5/4 over 5
-    assert m["pop_at_k"] == pytest.approx(0.125) and m["pop_held_out"] == pytest.approx(0.25) and m["pop_lift"] == pytest.approx(0.5)
+    assert (
+        m["pop_at_k"] == pytest.approx(0.125)
+        and m["pop_held_out"] == pytest.approx(0.25)
+        and m["pop_lift"] == pytest.approx(0.5)
+    )
     # recommended: items 1, 2, 3 of 4
     assert m["coverage_site_mean"] == 0.75 and m["coverage_upper"] == 0.75
     # and the server's combination of this one site gives the same metrics
     combined = task.combine_metrics([(5, m)])
-    for key in ("unfairness.gender.value", "unfairness.gender.non_parity", "pop_lift", "coverage_site_mean", "group.gender.F.mae"):
+    for key in (
+        "unfairness.gender.value",
+        "unfairness.gender.non_parity",
+        "pop_lift",
+        "coverage_site_mean",
+        "group.gender.F.mae",
+    ):
         assert combined[key] == pytest.approx(m[key])
     assert not any(k.startswith("yh.") for k in combined if k != "yh.gender.items")
 
@@ -171,13 +190,31 @@ def test_yao_huang_sums_are_not_sent_or_reported_for_a_withheld_group():
     assert not any(k.startswith(("yh.", "unfairness.", "group.gender")) for k in m)
     # a site that sent both groups, and their Yao & Huang sums: F has too few users once combined
     # (under k = 3), so F and M (complementary suppression) and every Yao & Huang figure are withheld
-    site_m = {"n_ranked": 20.0, "n_ratings": 40.0, "sse": 1.0, "sae": 1.0, "hits": 0.0, "dcg": 0.0,
-              "group.gender.F.users": 1.0, "group.gender.F.n": 2.0, "group.gender.F.pred": 6.0,
-              "group.gender.F.sse": 1.0, "group.gender.F.sae": 1.0, "group.gender.F.dcg": 0.0,
-              "group.gender.M.users": 19.0, "group.gender.M.n": 38.0, "group.gender.M.pred": 100.0,
-              "group.gender.M.sse": 1.0, "group.gender.M.sae": 1.0, "group.gender.M.dcg": 0.0,
-              "yh.gender.items": 1.0, "yh.gender.value": 0.5, "yh.gender.absolute": 0.5,
-              "yh.gender.underestimation": 0.5, "yh.gender.overestimation": 0.0}
+    site_m = {
+        "n_ranked": 20.0,
+        "n_ratings": 40.0,
+        "sse": 1.0,
+        "sae": 1.0,
+        "hits": 0.0,
+        "dcg": 0.0,
+        "group.gender.F.users": 1.0,
+        "group.gender.F.n": 2.0,
+        "group.gender.F.pred": 6.0,
+        "group.gender.F.sse": 1.0,
+        "group.gender.F.sae": 1.0,
+        "group.gender.F.dcg": 0.0,
+        "group.gender.M.users": 19.0,
+        "group.gender.M.n": 38.0,
+        "group.gender.M.pred": 100.0,
+        "group.gender.M.sse": 1.0,
+        "group.gender.M.sae": 1.0,
+        "group.gender.M.dcg": 0.0,
+        "yh.gender.items": 1.0,
+        "yh.gender.value": 0.5,
+        "yh.gender.absolute": 0.5,
+        "yh.gender.underestimation": 0.5,
+        "yh.gender.overestimation": 0.0,
+    }
     combined = task.combine_metrics([(40, site_m)])
     assert not any(k.startswith(("yh.", "unfairness.", "group.gender.F")) for k in combined)
 
@@ -193,11 +230,17 @@ def _site_reference(task, s):
     users = test.x[:, 0].numpy()
     pop = item_popularity(test.seen[0], test.seen[1], test.catalogue, test.num_users)
     return m, {
-        "item": test.x[:, 1].numpy(), "pred": pred, "rating": test.y.numpy().astype(np.float64),
-        "gender": test.attrs["gender"][users], "age": test.attrs["age"][users],
-        "user_gender": test.attrs["gender"][np.unique(users)], "user_ndcg": ndcg,
-        "top_pop": pop[top[top >= 0]], "held_pop": pop[np.searchsorted(test.catalogue, test.x[:, 1].numpy())],
-        "union": set(top[top >= 0].tolist()), "catalogue": len(test.catalogue),
+        "item": test.x[:, 1].numpy(),
+        "pred": pred,
+        "rating": test.y.numpy().astype(np.float64),
+        "gender": test.attrs["gender"][users],
+        "age": test.attrs["age"][users],
+        "user_gender": test.attrs["gender"][np.unique(users)],
+        "user_ndcg": ndcg,
+        "top_pop": pop[top[top >= 0]],
+        "held_pop": pop[np.searchsorted(test.catalogue, test.x[:, 1].numpy())],
+        "union": set(top[top >= 0].tolist()),
+        "catalogue": len(test.catalogue),
     }
 
 
@@ -231,19 +274,27 @@ def test_recommender_combined_fairness_metrics_equal_the_pooled_computation():
             assert combined[prefix + "rmse"] == pytest.approx(math.sqrt(np.mean(err[rows] ** 2)), rel=1e-9)
             assert combined[prefix + "mae"] == pytest.approx(np.mean(np.abs(err[rows])), rel=1e-9)
     for value in ("F", "M"):
-        assert combined[f"group.gender.{value}.ndcg_at_k"] == pytest.approx(np.mean(pool["user_ndcg"][pool["user_gender"] == value]))
+        assert combined[f"group.gender.{value}.ndcg_at_k"] == pytest.approx(
+            np.mean(pool["user_ndcg"][pool["user_gender"] == value])
+        )
     g, h = pool["gender"] == "F", pool["gender"] == "M"
-    assert combined["unfairness.gender.non_parity"] == pytest.approx(abs(pool["pred"][g].mean() - pool["pred"][h].mean()))
+    assert combined["unfairness.gender.non_parity"] == pytest.approx(
+        abs(pool["pred"][g].mean() - pool["pred"][h].mean())
+    )
     # item-level terms: the centralised metric over (site, item) cells (items are shared by the sites here)
     cell = np.concatenate([r["item"] + s * 10**9 for s, (_, r) in enumerate(sites)])
     ref = _loop_yao_huang(cell, pool["pred"], pool["rating"], g, h)
     for term in ("value", "absolute", "underestimation", "overestimation"):
         assert combined[f"unfairness.gender.{term}"] == pytest.approx(ref[term], rel=1e-9)
-    assert combined["pop_at_k"] == pytest.approx(pool["top_pop"].mean()) and combined["pop_held_out"] == pytest.approx(pool["held_pop"].mean())
+    assert combined["pop_at_k"] == pytest.approx(pool["top_pop"].mean()) and combined["pop_held_out"] == pytest.approx(
+        pool["held_pop"].mean()
+    )
     union = len(set().union(*(r["union"] for _, r in sites))) / sites[0][1]["catalogue"]
     best_site = max(len(r["union"]) for _, r in sites) / sites[0][1]["catalogue"]
     assert combined["coverage_site_mean"] <= best_site <= union <= combined["coverage_upper"]
-    assert combined["coverage_site_mean"] == pytest.approx(np.mean([len(r["union"]) for _, r in sites]) / sites[0][1]["catalogue"])
+    assert combined["coverage_site_mean"] == pytest.approx(
+        np.mean([len(r["union"]) for _, r in sites]) / sites[0][1]["catalogue"]
+    )
 
 
 # ------------------------------------------------------------------ generators
@@ -253,8 +304,14 @@ def test_vae_per_class_reconstruction_by_hand_and_combined_from_sums():
     from common.tasks.vae import class_recon_metrics, class_sums
 
     sums = class_sums(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0, 0, 1, 2]))
-    assert sums == {"class.0.recon_sum": 3.0, "class.0.n": 2.0, "class.1.recon_sum": 3.0, "class.1.n": 1.0,
-                    "class.2.recon_sum": 6.0, "class.2.n": 1.0}
+    assert sums == {
+        "class.0.recon_sum": 3.0,
+        "class.0.n": 2.0,
+        "class.1.recon_sum": 3.0,
+        "class.1.n": 1.0,
+        "class.2.recon_sum": 6.0,
+        "class.2.n": 1.0,
+    }
     m = class_recon_metrics(sums)
     assert m["class.0.recon_nll"] == 1.5 and m["recon_disparity.gap"] == 4.5 and m["recon_disparity.ratio"] == 4.0
     assert m["recon_disparity.std"] == pytest.approx(math.sqrt(3.5)) and m["recon_disparity.worst"] == 6.0

@@ -5,15 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 import torch
 from opacus.validators import ModuleValidator
 
-from common.privacy.accounting import RoundPlan
 from common.data.arrays import ArrayData
+from common.privacy.accounting import RoundPlan
 from common.privacy.dp import FastDPStep, OpacusDPStep, plan_round
-from common.tasks import get_task
 from common.privacy.training import run_local_round
+from common.tasks import get_task
 from tests.conftest import make_cfg
 
 
@@ -149,9 +148,13 @@ def test_total_mode_collapse_is_a_failure(monkeypatch):
     monkeypatch.setattr(model.generator, "forward", lambda labels, generator=None: one.expand(len(labels), -1).clone())
     assert task.evaluate(model, task.server_test_data())["collapsed"] == 1.0
     # ... and gan.collapse-rounds in a row end the run.
-    with pytest.raises(TrainingFailure, match="total mode collapse: 100% of generated images are class .* 2 evaluation"):
+    with pytest.raises(
+        TrainingFailure, match="total mode collapse: 100% of generated images are class .* 2 evaluation"
+    ):
         task.evaluate(model, task.server_test_data())
-    monkeypatch.setattr(model.generator, "forward", lambda labels, generator=None: torch.full((len(labels), 64), float("nan")))
+    monkeypatch.setattr(
+        model.generator, "forward", lambda labels, generator=None: torch.full((len(labels), 64), float("nan"))
+    )
     with pytest.raises(TrainingFailure, match="NaN/Inf"):
         task.evaluate(model, task.server_test_data())
 
@@ -169,7 +172,9 @@ def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_check
     recorder = RunRecorder(task.cfg, task, tmp_path / "run")
     model = task.build_model()
     init = get_state(model, task.shared_keys(model))
-    strategy = DeltaFedAvg(initial_arrays=init, ledger=recorder.ledger, num_sites=2, min_fit_sites=1, primary_metric="fid")
+    strategy = DeltaFedAvg(
+        initial_arrays=init, ledger=recorder.ledger, num_sites=2, min_fit_sites=1, primary_metric="fid"
+    )
     good = [np.zeros_like(a) for a in init]
     strategy.aggregate_fit(1, [_reply("a", good), _reply("b", good, node=2)], [])
     assert recorder.end_round(1, 0.1, strategy)

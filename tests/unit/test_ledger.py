@@ -126,7 +126,9 @@ def test_deleted_row_breaks_the_chain(tmp_path):
 def test_round_is_written_atomically(tmp_path):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     led.record_round(1, [_spend("a")])
-    bad = SiteSpend("b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained")
+    bad = SiteSpend(
+        "b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained"
+    )
     with pytest.raises(Exception):
         led.record_round(2, [_spend("a"), bad])  # site "a" sorts first and is written, then "b" fails
     assert [r.round for r in led.rows()] == [1]

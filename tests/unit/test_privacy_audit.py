@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from common.privacy.accounting import RoundPlan
 from common.data.arrays import ArrayData
+from common.privacy.accounting import RoundPlan
 from server.ledger import Ledger, SiteSpend
 from server.privacy_audit import advantage_bound, cross_check, membership_inference
 
@@ -17,7 +17,9 @@ from server.privacy_audit import advantage_bound, cross_check, membership_infere
 def _rows(tmp_path, accountant="rdp"):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     for r in (1, 2):
-        led.record_round(r, [SiteSpend("a", "image", RoundPlan(300, 0.1, 12, 1.3, 1.0, 1e-5, accountant), 12, 10.0, True, "trained")])
+        led.record_round(
+            r, [SiteSpend("a", "image", RoundPlan(300, 0.1, 12, 1.3, 1.0, 1e-5, accountant), 12, 10.0, True, "trained")]
+        )
     return led.rows()
 
 
@@ -34,7 +36,9 @@ def test_independent_accountant_agrees_with_the_ledger(tmp_path, accountant):
 def test_high_epsilon_rdp_ledger_is_not_flagged(tmp_path):
     """Far from the demo (eps ~ 66): RDP is >5% looser than PLD there, which is fine."""
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
-    led.record_round(1, [SiteSpend("a", "image", RoundPlan(300, 0.15, 5000, 1.5, 1.0, 1e-5, "rdp"), 5000, math.inf, True, "trained")])
+    led.record_round(
+        1, [SiteSpend("a", "image", RoundPlan(300, 0.15, 5000, 1.5, 1.0, 1e-5, "rdp"), 5000, math.inf, True, "trained")]
+    )
     (check,) = cross_check(led.rows())
     assert check.eps_recorded > 60 and check.eps_recorded > check.eps_independent * 1.03 and check.ok
 
@@ -60,7 +64,9 @@ class _MarkedTask:
         g = torch.Generator().manual_seed(0)
         self.leak = leak
         self.cfg = type("C", (), {"federation": type("F", (), {"num_sites": 2})()})()
-        self._sites = [ArrayData(torch.cat([torch.ones(100, 1), torch.rand(100, 3, generator=g)], 1), None) for _ in range(2)]
+        self._sites = [
+            ArrayData(torch.cat([torch.ones(100, 1), torch.rand(100, 3, generator=g)], 1), None) for _ in range(2)
+        ]
         self._test = ArrayData(torch.cat([torch.zeros(150, 1), torch.rand(150, 3, generator=g)], 1), None)
 
     def server_test_data(self):

@@ -11,11 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.privacy.accounting import RoundPlan
 from common.data.arrays import ArrayData
-from common.privacy.dp import FastDPStep, OpacusDPStep
-from common.errors import ConfigError, DataError
-from common.deploy.keys import KeyFileError, Pseudonymizer, expected_collision_rate, load_key, write_key
 from common.data.ratings import (
     RatingData,
     age_bucket,
@@ -27,6 +23,10 @@ from common.data.ratings import (
     synthetic_ratings,
     zip_region,
 )
+from common.deploy.keys import KeyFileError, Pseudonymizer, expected_collision_rate, load_key, write_key
+from common.errors import ConfigError, DataError
+from common.privacy.accounting import RoundPlan
+from common.privacy.dp import FastDPStep, OpacusDPStep
 from common.tasks import get_task
 from tests.conftest import make_cfg
 
@@ -108,13 +108,27 @@ def test_collision_rate_matches_its_expectation():
 
 
 @pytest.mark.parametrize(
-    "age, bucket", [(None, "unknown"), (7, "<18"), (17, "<18"), (18, "18-24"), (24, "18-24"), (25, "25-34"), (49, "45-49"), (55, "50-55"), (56, "56+"), (90, "56+")]
+    "age, bucket",
+    [
+        (None, "unknown"),
+        (7, "<18"),
+        (17, "<18"),
+        (18, "18-24"),
+        (24, "18-24"),
+        (25, "25-34"),
+        (49, "45-49"),
+        (55, "50-55"),
+        (56, "56+"),
+        (90, "56+"),
+    ],
 )
 def test_age_is_bucketed(age, bucket):
     assert age_bucket(age) == bucket
 
 
-@pytest.mark.parametrize("z, region", [("94043", "zip9"), ("01002", "zip0"), ("T8H1N", "other"), ("123", "other"), ("", "unknown")])
+@pytest.mark.parametrize(
+    "z, region", [("94043", "zip9"), ("01002", "zip0"), ("T8H1N", "other"), ("123", "other"), ("", "unknown")]
+)
 def test_zip_is_generalised_to_a_region(z, region):
     assert zip_region(z) == region
 
@@ -124,7 +138,9 @@ def test_nothing_raw_survives_pseudonymisation():
     items = ["film-RAW-9", "film-RAW-9", "film-RAW-8"]
     attrs = {"alice-RAW-1": ("F", 33, "94043"), "bob-RAW-2": ("M", 61, "02139")}
     data = pseudonymise(users, items, np.array([4.0, 2.0, 5.0]), attrs, [], Pseudonymizer(KEY), 1024)
-    blob = repr(data.__dict__).encode() + b"".join(np.asarray(v).tobytes() for v in data.__dict__.values() if isinstance(v, np.ndarray))
+    blob = repr(data.__dict__).encode() + b"".join(
+        np.asarray(v).tobytes() for v in data.__dict__.values() if isinstance(v, np.ndarray)
+    )
     for raw in ("RAW", "94043", "02139", "33", "61"):
         assert raw.encode() not in blob, raw
     assert data.num_users == 2 and sorted(data.attrs["age"]) == ["25-34", "56+"]
@@ -163,7 +179,10 @@ def test_csv_with_user_attributes(tmp_path):
     u = _csv(tmp_path / "u.csv", "user,gender,age,zip\nu1,F,30,10001\nu2,M,70,9Z\n")
     data = load_ratings_csv(p, Pseudonymizer(KEY), 64, (1.0, 5.0), u)
     assert len(data.rating) == 3 and data.num_users == 2
-    assert sorted(zip(data.attrs["gender"], data.attrs["age"], data.attrs["region"])) == [("F", "25-34", "zip1"), ("M", "56+", "other")]
+    assert sorted(zip(data.attrs["gender"], data.attrs["age"], data.attrs["region"])) == [
+        ("F", "25-34", "zip1"),
+        ("M", "56+", "other"),
+    ]
     bad = _csv(tmp_path / "bad.csv", "user,gender,age\nu1,F,old\n")
     with pytest.raises(DataError, match="bad.csv.*line 2: age 'old' is not an integer"):
         load_ratings_csv(p, Pseudonymizer(KEY), 64, (1.0, 5.0), bad)
@@ -196,7 +215,9 @@ def test_held_out_split_is_per_user_and_independent_of_row_order():
     held = held_out_mask(data, 0.2, seed=3)
     assert np.all(np.bincount(data.user[held], minlength=50) == 2)  # 20% of 10 per user
     perm = np.random.default_rng(1).permutation(len(data.rating))
-    shuffled = type(data)(**{**data.__dict__, "user": data.user[perm], "item": data.item[perm], "rating": data.rating[perm]})
+    shuffled = type(data)(
+        **{**data.__dict__, "user": data.user[perm], "item": data.item[perm], "rating": data.rating[perm]}
+    )
     held2 = held_out_mask(shuffled, 0.2, seed=3)
     pairs = lambda d, h: sorted(zip(d.user[h], d.item[h]))  # noqa: E731
     assert pairs(data, held) == pairs(shuffled, held2)
@@ -238,7 +259,15 @@ def test_server_side_task_cannot_read_the_data():
 
 def engine_grads(engine, task, net, batch) -> dict[str, torch.Tensor]:
     """One noiseless DP step (C = 0.5) on a copy of ``net``: the clipped, summed gradients."""
-    plan = RoundPlan(dataset_size=len(batch.x), sample_rate=1.0, steps=1, noise_multiplier=0.0, max_grad_norm=0.5, delta=1e-5, accountant="rdp")
+    plan = RoundPlan(
+        dataset_size=len(batch.x),
+        sample_rate=1.0,
+        steps=1,
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        delta=1e-5,
+        accountant="rdp",
+    )
     m = copy.deepcopy(net)
     eng = engine(m, torch.optim.SGD(m.parameters(), lr=0.0), plan)
     eng.step(task.per_sample_loss(m, batch))
@@ -295,9 +324,12 @@ def _tiny_site() -> RatingData:
     # two users, catalogue of buckets 0..4; user 0 trained on 0, holds out 1 and 2; user 1 holds out 4
     x = torch.tensor([[0, 1], [0, 2], [1, 4]])
     return RatingData(
-        x, torch.tensor([4.0, 2.0, 5.0]), num_users=2,
+        x,
+        torch.tensor([4.0, 2.0, 5.0]),
+        num_users=2,
         attrs={"gender": np.array(["F", "M"], dtype=object), "age": np.array(["25-34", "25-34"], dtype=object)},
-        seen=(np.array([0]), np.array([0])), catalogue=np.arange(5),
+        seen=(np.array([0]), np.array([0])),
+        catalogue=np.arange(5),
     )
 
 
@@ -333,8 +365,18 @@ def test_small_groups_are_suppressed_at_the_site_and_after_combining():
     assert not any(k.startswith("group.gender") for k in m) and m["group.age.25-34.users"] == 2
     assert m["groups_suppressed"] == 2
     # two sites each with one F user: each suppresses; combined site sums that reach k are reported
-    one = {"n_ratings": 1, "sse": 1, "sae": 1, "n_ranked": 1, "hits": 0, "dcg": 0,
-           "group.gender.F.sse": 1.0, "group.gender.F.n": 1.0, "group.gender.F.users": 1.0, "group.gender.F.dcg": 0.0}
+    one = {
+        "n_ratings": 1,
+        "sse": 1,
+        "sae": 1,
+        "n_ranked": 1,
+        "hits": 0,
+        "dcg": 0,
+        "group.gender.F.sse": 1.0,
+        "group.gender.F.n": 1.0,
+        "group.gender.F.users": 1.0,
+        "group.gender.F.dcg": 0.0,
+    }
     big = task.combine_metrics([(1, one), (1, one)])
     assert big["group.gender.F.users"] == 2 and "group.gender.F.rmse" in big
     small = task.combine_metrics([(1, one)])
@@ -392,8 +434,8 @@ def test_user_tables_stay_at_the_site_and_persist_between_rounds():
 
 def test_a_site_without_the_key_gets_one_clear_line(monkeypatch):
     from client.app import site_key
-    from common.errors import PrivfedError
     from common.deploy.keys import KEY_ENV
+    from common.errors import PrivfedError
 
     monkeypatch.delenv(KEY_ENV, raising=False)
     cfg = make_cfg(**SMALL)
@@ -491,5 +533,7 @@ def test_default_combine_skips_strings_and_flags():
     from common.tasks import get_task
 
     vae = get_task("vae")(make_cfg())
-    out = vae.combine_metrics([(10, {"site_id": "a", "neg_elbo": 1.0, "ok": True}), (30, {"site_id": "b", "neg_elbo": 3.0, "ok": False})])
+    out = vae.combine_metrics(
+        [(10, {"site_id": "a", "neg_elbo": 1.0, "ok": True}), (30, {"site_id": "b", "neg_elbo": 3.0, "ok": False})]
+    )
     assert out == {"neg_elbo": 2.5}

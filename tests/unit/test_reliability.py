@@ -11,8 +11,8 @@ from flwr.app import Context, RecordDict
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_trimmed_avg
 
 from client.app import SiteClient, corrupt
-from common.privacy.accounting import epsilon
 from common.errors import ConfigError
+from common.privacy.accounting import epsilon
 from common.protocol import MalformedReport, parse_fit_metrics
 from common.tasks.base import get_state
 from server.ledger import Ledger
@@ -113,9 +113,19 @@ def test_a_lost_reply_is_ledgered_when_the_site_next_reports_it(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, np.float32)], accountant="rdp")
     _round(s, 1, [_reply("a", _vec(1.0))], [])  # site b's round-1 reply never arrived
     lost = json.dumps([[1, PLAN.noise_multiplier, PLAN.sample_rate, PLAN.steps]])
-    _round(s, 2, [_reply("a", _vec(1.0), history=json.dumps([[1, 1.2, 0.5, 4]])), _reply("b", _vec(1.0), node=2, history=lost)], [])
+    _round(
+        s,
+        2,
+        [_reply("a", _vec(1.0), history=json.dumps([[1, 1.2, 0.5, 4]])), _reply("b", _vec(1.0), node=2, history=lost)],
+        [],
+    )
     rows = [(r.round, r.site_id, r.status, r.used) for r in s.ledger.rows()]
-    assert rows == [(1, "a", "trained", True), (1, "b", "lost", False), (2, "a", "trained", True), (2, "b", "trained", True)]
+    assert rows == [
+        (1, "a", "trained", True),
+        (1, "b", "lost", False),
+        (2, "a", "trained", True),
+        (2, "b", "trained", True),
+    ]
     assert s.records[2].caught_up == ["b@1"]
     b = [r for r in s.ledger.rows() if r.site_id == "b"]
     mech = (PLAN.noise_multiplier, PLAN.sample_rate, PLAN.steps)
@@ -128,7 +138,16 @@ def test_a_lost_reply_is_ledgered_when_the_site_next_reports_it(tmp_path):
 
 @pytest.mark.parametrize(
     "history",
-    ['[[1, 1.0, 0.5]]', '{"a": 1}', "not json", '[[0, 1.0, 0.5, 4]]', '[[1, 1.0, 1.5, 4]]', '[[1, NaN, 0.5, 4]]', "[[1, 1e-300, 0.5, 4]]", 7],
+    [
+        "[[1, 1.0, 0.5]]",
+        '{"a": 1}',
+        "not json",
+        "[[0, 1.0, 0.5, 4]]",
+        "[[1, 1.0, 1.5, 4]]",
+        "[[1, NaN, 0.5, 4]]",
+        "[[1, 1e-300, 0.5, 4]]",
+        7,
+    ],
 )
 def test_a_malformed_history_is_rejected_with_a_reason(history):
     _, res = _reply("a", _vec(1.0), history=history)
@@ -196,7 +215,9 @@ def test_a_failure_after_training_does_not_make_the_site_forget_its_spend(tmp_pa
     from client.mods import InjectedDropout
 
     cfg_kw = {"faults.dropout-stage": "upload", "faults.dropout-sites": "0", "faults.rounds": "2"}
-    cfg = make_cfg(**{"num-sites": 3, "dp.noise-multiplier": 1.0, "dp.epsilon-budget": 50.0, "train.local-epochs": 0.5, **cfg_kw})
+    cfg = make_cfg(
+        **{"num-sites": 3, "dp.noise-multiplier": 1.0, "dp.epsilon-budget": 50.0, "train.local-epochs": 0.5, **cfg_kw}
+    )
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     site = SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"))
     model = site.task.build_model()
@@ -234,8 +255,9 @@ def test_round_timeout_reaches_every_wait_of_the_round():
 
 
 def test_a_fit_reply_lost_in_the_last_round_is_ledgered_from_the_evaluate_reply(tmp_path):
-    from flwr.common import Code, EvaluateRes, Status
     from types import SimpleNamespace
+
+    from flwr.common import Code, EvaluateRes, Status
 
     s = _strategy(tmp_path, [np.zeros(3, np.float32)], accountant="rdp")
     _round(s, 1, [_reply("a", _vec(1.0)), _reply("b", _vec(1.0), node=2)], [])

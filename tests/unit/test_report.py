@@ -19,12 +19,27 @@ def _with_metrics(tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     with (run / "metrics.jsonl").open("w") as fh:
         for m in lines:
-            m.update(primary_metric="neg_elbo", test={"neg_elbo": 40.0 - m["round"]},
-                     site_val={"site-0": {"neg_elbo": 41.0 - m["round"]}, "site-1": {"neg_elbo": 43.0 - m["round"]}})
+            m.update(
+                primary_metric="neg_elbo",
+                test={"neg_elbo": 40.0 - m["round"]},
+                site_val={"site-0": {"neg_elbo": 41.0 - m["round"]}, "site-1": {"neg_elbo": 43.0 - m["round"]}},
+            )
             fh.write(json.dumps(m) + "\n")
-    (run / "privacy-audit.json").write_text(json.dumps({"membership_inference": {
-        "mia_auc": 0.51, "mia_advantage": 0.04, "mia_chance_advantage": 0.1, "mia_advantage_bound": 0.99,
-        "mia_eps": 3.0, "mia_delta": 1e-5, "mia_examples": 400.0}}))
+    (run / "privacy-audit.json").write_text(
+        json.dumps(
+            {
+                "membership_inference": {
+                    "mia_auc": 0.51,
+                    "mia_advantage": 0.04,
+                    "mia_chance_advantage": 0.1,
+                    "mia_advantage_bound": 0.99,
+                    "mia_eps": 3.0,
+                    "mia_delta": 1e-5,
+                    "mia_examples": 400.0,
+                }
+            }
+        )
+    )
     return run
 
 
@@ -58,10 +73,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert cli(["report", str(run)]) == 0
     shot = tmp_path / "report.png"
     subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1100,2400", (run / "report.html").as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1100,2400",
+            (run / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     from PIL import Image
 
@@ -95,9 +123,21 @@ def test_round_line_says_no_dp_only_for_a_non_private_run(dp, failures):
     from server.recorder import RunRecorder
     from tests.conftest import make_cfg
 
-    fake = SimpleNamespace(cfg=make_cfg(**{"dp.enabled": dp}), task=SimpleNamespace(primary_metric="neg_elbo", unit_of_privacy="image"))
-    line = {"sites_trained": ["a"], "sites_sampled": 1, "rejected": {}, "sites_budget_exhausted": [], "test": {},
-            "site_val": {}, "delta": {"a": 1e-5} if dp else {}, "eps_max": 2.5, "failures": failures, "seconds": 1.0}
+    fake = SimpleNamespace(
+        cfg=make_cfg(**{"dp.enabled": dp}), task=SimpleNamespace(primary_metric="neg_elbo", unit_of_privacy="image")
+    )
+    line = {
+        "sites_trained": ["a"],
+        "sites_sampled": 1,
+        "rejected": {},
+        "sites_budget_exhausted": [],
+        "test": {},
+        "site_val": {},
+        "delta": {"a": 1e-5} if dp else {},
+        "eps_max": 2.5,
+        "failures": failures,
+        "seconds": 1.0,
+    }
     text = RunRecorder._progress_line(fake, 1, line)
     assert ("no DP" in text) is (not dp)
     assert ("max ε 2.500" in text) is dp

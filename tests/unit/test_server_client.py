@@ -25,7 +25,11 @@ PLAN = RoundPlan(10, 0.5, 4, 1.2, 1.0, 1e-5, "rdp")
 def _strategy(tmp_path, init, num_sites=3, min_fit_sites=1, accountant="none"):
     ledger = Ledger(tmp_path / "ledger.sqlite", run_id="t")
     return DeltaFedAvg(
-        initial_arrays=init, ledger=ledger, num_sites=num_sites, min_fit_sites=min_fit_sites, primary_metric="loss",
+        initial_arrays=init,
+        ledger=ledger,
+        num_sites=num_sites,
+        min_fit_sites=min_fit_sites,
+        primary_metric="loss",
         accountant=accountant,
     )
 
@@ -49,7 +53,8 @@ def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=1, drop=None, **o
 
 def test_fedavg_of_deltas_weighted_by_examples(tmp_path):
     s = _strategy(tmp_path, [np.ones(3, dtype=np.float32)])
-    params = _round(s, 1, [_reply("a", [np.full(3, 1.0, np.float32)], n=10), _reply("b", [np.full(3, 4.0, np.float32)], n=30)], []
+    params = _round(
+        s, 1, [_reply("a", [np.full(3, 1.0, np.float32)], n=10), _reply("b", [np.full(3, 4.0, np.float32)], n=30)], []
     )
     # global + (10*1 + 30*4) / 40 = 1 + 3.25
     assert np.allclose(params[0], 4.25)
@@ -79,7 +84,15 @@ def test_malformed_update_is_rejected_with_a_reason_and_the_round_goes_on(tmp_pa
 
 def test_reply_without_accountant_inputs_is_rejected(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
-    _round(s, 1, [_reply("good", [np.ones(3, np.float32)]), _reply("x", [np.ones(3, np.float32)], node=7, drop="noise_multiplier")], [])
+    _round(
+        s,
+        1,
+        [
+            _reply("good", [np.ones(3, np.float32)]),
+            _reply("x", [np.ones(3, np.float32)], node=7, drop="noise_multiplier"),
+        ],
+        [],
+    )
     assert "missing metric 'noise_multiplier'" in s.records[1].rejected["node-7"]
     assert [r.site_id for r in s.ledger.rows()] == ["good"]
 
@@ -98,11 +111,20 @@ def test_run_stops_once_every_site_is_out_of_budget(tmp_path):
     z = [np.zeros(3, np.float32)]
     _round(s, 1, [_reply("a", z, status=SiteStatus.BUDGET_EXHAUSTED), _reply("b", z)], [])
     assert not s.should_stop()
-    params = _round(s, 2, [_reply("a", z, status=SiteStatus.BUDGET_EXHAUSTED), _reply("b", z, status=SiteStatus.BUDGET_EXHAUSTED)], []
+    params = _round(
+        s,
+        2,
+        [_reply("a", z, status=SiteStatus.BUDGET_EXHAUSTED), _reply("b", z, status=SiteStatus.BUDGET_EXHAUSTED)],
+        [],
     )
     assert params is None and s.should_stop()
     statuses = [(r.round, r.site_id, r.status, r.steps) for r in s.ledger.rows()]
-    assert statuses == [(1, "a", "budget_exhausted", 0), (1, "b", "trained", 4), (2, "a", "budget_exhausted", 0), (2, "b", "budget_exhausted", 0)]
+    assert statuses == [
+        (1, "a", "budget_exhausted", 0),
+        (1, "b", "trained", 4),
+        (2, "a", "budget_exhausted", 0),
+        (2, "b", "budget_exhausted", 0),
+    ]
 
 
 def _site(budget, **kw):
@@ -164,7 +186,9 @@ def test_secure_rng_noise_is_not_reproducible():
 
 def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
-    params = _round(s, 1, [_reply("a", [np.ones(3, np.float32)], node=1), _reply("a", [np.full(3, 9.0, np.float32)], node=2)], [])
+    params = _round(
+        s, 1, [_reply("a", [np.ones(3, np.float32)], node=1), _reply("a", [np.full(3, 9.0, np.float32)], node=2)], []
+    )
     assert np.allclose(params[0], 1.0)
     assert "second reply" in s.records[1].rejected["a@node-2"]
     rows = {r.site_id: r for r in s.ledger.rows()}
@@ -190,7 +214,12 @@ def test_duplicate_site_id_is_rejected_not_a_crash(tmp_path):
 )
 def test_bad_accountant_inputs_are_rejected_not_fatal(tmp_path, override, reason):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)], accountant="rdp")
-    params = _round(s, 1, [_reply("good", [np.ones(3, np.float32)]), _reply("bad", [np.ones(3, np.float32)], node=9, **override)], [])
+    params = _round(
+        s,
+        1,
+        [_reply("good", [np.ones(3, np.float32)]), _reply("bad", [np.ones(3, np.float32)], node=9, **override)],
+        [],
+    )
     assert np.allclose(params[0], 1.0)
     assert reason in s.records[1].rejected["node-9"]
     assert s.ledger.verify().ok
@@ -208,7 +237,10 @@ def test_dp_run_refuses_non_private_and_over_budget_updates(tmp_path):
     assert not rows["nodp"].used and not rows["greedy"].used and rows["good"].used
 
 
-@pytest.mark.parametrize("node_config, match", [({}, "no 'partition-id'"), ({"partition-id": 3}, "in \\[0, num-sites=3\\)"), ({"partition-id": -1}, "num-sites")])
+@pytest.mark.parametrize(
+    "node_config, match",
+    [({}, "no 'partition-id'"), ({"partition-id": 3}, "in \\[0, num-sites=3\\)"), ({"partition-id": -1}, "num-sites")],
+)
 def test_site_identity_needs_a_valid_partition(node_config, match):
     from client.app import site_identity
     from common.errors import PrivfedError
