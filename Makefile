@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.privfed-installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-utility bench-dp bench-secagg install clean
+.PHONY: demo test lint bench bench-utility bench-dp bench-secagg install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/privfed simulate vae-digits $(ARGS)
 
-test: $(STAMP)
+# Lint and types first (seconds), then the suite; CI fails on any of them.
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Benchmarks (ratios measured side by side; see README "Performance").
 # bench: DP step, privfed round vs bare Flower, scale -> bench-results/bench.json (~11 min)
