@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from simulations.bench_scale import scale_section
 
             progress(
-                f"[bold]3. scale[/]: {', '.join(map(str, args.scale_sites))} sites, {args.scale_sampled} sampled per round; "
+                f"[bold]3. scale[/]: {', '.join(map(str, args.scale_sites))} sites, "
+                f"{args.scale_sampled} sampled per round; "
                 "each run in a subprocess (log: bench-results/bench_scale.log)"
             )
             report["scale"] = scale_section(

@@ -143,6 +143,7 @@ def bare_server_app(cfg: RunConfig, stamps: list[float], replies: list[tuple[str
     keys = task.shared_keys(model)
     init = get_state(model, keys)
     test = task.server_test_data()
+    assert test is not None, "the round benchmark's scenarios have a server test split"
     eval_model = task.build_model()
 
     def central(rnd: int, arrays: list[np.ndarray], config: Mapping[str, Any]) -> tuple[float, dict]:

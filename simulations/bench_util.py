@@ -7,6 +7,7 @@ what more than one section needs.
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import re
@@ -69,7 +70,7 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-class RoundStamps:
+class RoundStamps(io.StringIO):
     """A file for a rich ``Console`` that notes when each "round r/R" line is written.
 
     privfed's recorder prints one line per round after the round's ledger rows, metrics

@@ -175,7 +175,9 @@ def load_movielens(
     if not root.is_dir():
         raise DataError(root, "MovieLens folder not found (set data.path to the ml-100k folder)")
     lo, hi = rating_range
-    users, items, values = [], [], []
+    users: list[str] = []
+    items: list[str] = []
+    values: list[float] = []
     for line, row in _read_rows(root / "u.data", "\t"):
         if len(row) < 3:
             raise DataError(
@@ -271,7 +273,9 @@ def synthetic_ratings(
     pop = 1.0 / np.arange(1, num_items + 1) ** 0.8
     pop = pop[rng.permutation(num_items)]
     pop /= pop.sum()
-    users, items, values = [], [], []
+    users: list[str] = []
+    items: list[str] = []
+    values: list[float] = []
     lo, hi = rating_range
     k = min(per_user, num_items)
     for u in range(num_users):
@@ -280,7 +284,9 @@ def synthetic_ratings(
         values.extend(np.clip(np.round(r), lo, hi).tolist())
         users.extend([f"user-{u:06d}"] * k)
         items.extend(f"item-{i:05d}" for i in chosen)
-    attrs = {f"user-{u:06d}": (str(genders[u]), int(ages[u]), zips[u]) for u in range(num_users)}
+    attrs: dict[str, tuple[str | None, int | None, str | None]] = {
+        f"user-{u:06d}": (str(genders[u]), int(ages[u]), zips[u]) for u in range(num_users)
+    }
     catalogue = [f"item-{i:05d}" for i in range(num_items)]
     return pseudonymise(users, items, np.asarray(values), attrs, catalogue, pseudo, num_buckets)
 
@@ -320,7 +326,8 @@ def partition_users(data: Ratings, num_sites: int, how: str, seed: int) -> list[
         if num_sites > len(regions):
             raise ConfigError(
                 "num-sites",
-                f"is {num_sites} but the data has only {len(regions)} zip regions; lower num-sites or use data.partition=iid",
+                f"is {num_sites} but the data has only {len(regions)} zip regions; "
+                "lower num-sites or use data.partition=iid",
             )
         sizes = np.bincount(inverse, minlength=len(regions))
         load = np.zeros(num_sites, dtype=np.int64)

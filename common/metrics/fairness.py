@@ -289,7 +289,8 @@ def quota_labels(weights: np.ndarray, n: int) -> np.ndarray:
     counts = np.floor(exact).astype(np.int64)
     rest = n - int(counts.sum())
     counts[np.argsort(-(exact - counts), kind="stable")[:rest]] += 1
-    left, out = counts.copy(), []
+    left = counts.copy()
+    out: list[int] = []
     while len(out) < n:
         live = np.flatnonzero(left > 0)
         out.extend(live.tolist())
