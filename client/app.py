@@ -34,6 +34,7 @@ from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
 from common.deploy.site_config import apply_site_overrides
 from common.errors import PrivfedError
+from common.faults import corruption, drops, event
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import CENTRAL_SITE_ID, clip_update, secure_clip_norm
 from common.privacy.dp import NoiseKey, plan_round, remember_noise
@@ -175,11 +176,11 @@ class SiteClient(NumPyClient):
                 return zeros + stats, 1 if self.cfg.secagg.enabled else 0, metrics
 
         faults, seed0 = self.cfg.faults, self.cfg.federation.seed
-        if faults.drops(seed0, self.site_index, server_round, "train"):
+        if drops(faults, seed0, self.site_index, server_round, "train"):
             raise InjectedDropout(
                 f"injected dropout: site {self.site_index} leaves round {server_round} before training"
             )
-        if faults.event(seed0, self.site_index, server_round, "crash", faults.crash_rate):
+        if event(faults, seed0, self.site_index, server_round, "crash", faults.crash_rate):
             raise InjectedCrash(
                 f"injected crash: site {self.site_index} failed in round {server_round} before training"
             )
@@ -191,14 +192,14 @@ class SiteClient(NumPyClient):
         self._persist()  # before anything leaves the site
         local = get_state(model, keys)
         update = self._prepare_update([(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)])
-        if faults.drops(seed0, self.site_index, server_round, "upload"):
+        if drops(faults, seed0, self.site_index, server_round, "upload"):
             # After the site's own accounting: it spent privacy, the server never hears of it.
             raise InjectedDropout(
                 f"injected dropout: site {self.site_index} trained in round {server_round}, its reply is lost"
             )
-        if faults.event(seed0, self.site_index, server_round, "corrupt", faults.corrupt_rate):
-            update = corrupt(update, faults.corruption(seed0, self.site_index, server_round))
-        if faults.event(seed0, self.site_index, server_round, "delay", faults.delay_rate):
+        if event(faults, seed0, self.site_index, server_round, "corrupt", faults.corrupt_rate):
+            update = corrupt(update, corruption(faults, seed0, self.site_index, server_round))
+        if event(faults, seed0, self.site_index, server_round, "delay", faults.delay_rate):
             time.sleep(faults.delay_seconds)
         # Under DP the training loss stays at the site: it is computed from the private
         # examples without noise, so sending it would fall outside the epsilon we claim.

@@ -17,6 +17,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from common.errors import PrivfedError
+from common.faults import drops
 from common.runtime import config_from
 
 
@@ -55,7 +56,7 @@ def make_fault_mod(defaults: Mapping[str, Any]):
             cfg = config_from(base, context.run_config)
             index = context.node_config.get("partition-id")
             rnd = int(msg.metadata.group_id or 0)
-            if isinstance(index, int) and cfg.faults.drops(cfg.federation.seed, index, rnd, stage):
+            if isinstance(index, int) and drops(cfg.faults, cfg.federation.seed, index, rnd, stage):
                 raise InjectedDropout(f"injected dropout: site {index} leaves round {rnd} at SecAgg+ stage {stage}")
         return call_next(msg, context)
 

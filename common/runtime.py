@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.seeds import site_round_seed
 from common.tasks import Task, get_task
 
 
@@ -50,5 +50,4 @@ def round_seed(cfg: RunConfig, site_index: int, server_round: int) -> int | None
     """
     if cfg.dp.secure_rng:
         return None
-    state = np.random.SeedSequence([cfg.federation.seed, site_index, server_round]).generate_state(1, dtype=np.uint64)
-    return int(state[0] >> 1)
+    return site_round_seed(cfg.federation.seed, site_index, server_round)

@@ -19,13 +19,14 @@ from flwr.app import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from rich.console import Console
 
-from common.config import RunConfig, all_or_nothing_probability
+from common.config import RunConfig
 from common.errors import ConfigError, PrivfedError, TrainingFailure
 from common.preflight import preflight
 from common.privacy.accounting import NO_DP
-from common.privacy.client_level import central_plan
+from common.privacy.client_level import all_or_nothing_probability, central_plan
 from common.privacy.secagg_stats import secure_statistics
 from common.runtime import config_from, resolve_device
+from common.seeds import central_noise_rng, site_sampling_rng
 from common.tasks.base import get_state, set_state
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
@@ -180,14 +181,14 @@ def _noise_rng(cfg: RunConfig, rnd: int) -> np.random.Generator:
     dp.secure-rng. Derived per round, so a resumed run never repeats an earlier round's noise."""
     if cfg.dp.secure_rng:
         return np.random.default_rng()
-    return np.random.default_rng(np.random.SeedSequence([cfg.federation.seed, 0xCD, rnd]))
+    return central_noise_rng(cfg.federation.seed, rnd)
 
 
 def _sampling_rng(cfg: RunConfig, rnd: int) -> random.Random:
     """Poisson site sampling of one round: seeded like the noise (a known sample weakens amplification)."""
     if cfg.dp.secure_rng:
         return random.Random()
-    return random.Random(int(np.random.SeedSequence([cfg.federation.seed, 0x5A, rnd]).generate_state(1)[0]))
+    return site_sampling_rng(cfg.federation.seed, rnd)
 
 
 def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:

@@ -18,6 +18,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
 from common.config import MIN_SECURE_SITES, SecAggConfig
+from common.privacy.secagg_params import shares_and_threshold
 
 
 class PrivfedSecAgg(SecAggPlusWorkflow):
@@ -37,8 +38,8 @@ class PrivfedSecAgg(SecAggPlusWorkflow):
 
     def fit_to_sample(self, sampled: int) -> None:
         """Set this round's shares and threshold (called by the strategy after sampling)."""
-        if sampled >= 3:
-            self.num_shares, self.reconstruction_threshold = self.cfg.shares_and_threshold(sampled)
+        if sampled >= MIN_SECURE_SITES:
+            self.num_shares, self.reconstruction_threshold = shares_and_threshold(self.cfg, sampled)
 
     # Each stage is timed (seconds per stage go to metrics.jsonl as ``secagg_seconds``).
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:

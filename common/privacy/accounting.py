@@ -20,6 +20,9 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
+# The default delta is written once, in the config's limits; re-exported for the planners.
+from common.config.limits import auto_delta as auto_delta
+
 # Accountant name recorded for non-private training (sigma = 0): epsilon is infinite.
 NO_DP = "none"
 
@@ -88,9 +91,31 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
     )
 
 
-def auto_delta(n: int) -> float:
-    """Default delta for a site with ``n`` records: below 1/n, and at most 1e-5."""
-    return min(1e-5, 1.0 / (10 * n))
+# (target, delta, q, steps, accountant) -> sigma: one cache for every noise search (sample-level
+# at the sites, client-level at the server). Opacus's search takes about 1 s per input;
+# simulated sites run in Ray workers that each start empty, so the launcher hands them the
+# preflight's results (:func:`known_noise`, :func:`remember_noise`).
+NoiseKey = tuple[float, float, float, int, str]
+_NOISE: dict[NoiseKey, float] = {}
+
+
+def cached_noise_for_target(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """:func:`noise_for_target`, searched once per process (and per remembered table) per input."""
+    key = (target, delta, q, steps, accountant)
+    if key not in _NOISE:
+        _NOISE[key] = noise_for_target(target, delta, q, steps, accountant)
+    return _NOISE[key]
+
+
+def known_noise() -> dict[NoiseKey, float]:
+    """The noise multipliers searched so far in this process (a copy)."""
+    return dict(_NOISE)
+
+
+def remember_noise(table: dict[NoiseKey, float]) -> None:
+    """Take searched noise multipliers from another process (the same inputs give the same
+    search result, so this only saves time; a site still checks its own budget)."""
+    _NOISE.update(table)
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ The noise is added by the server after SecAgg+ unmasking (docs/PRIVACY.md says w
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import numpy as np
 
-from common.config import RunConfig, SecAggConfig
-from common.privacy.accounting import RoundPlan, noise_for_target
+from common.config.limits import MIN_SECURE_SITES
+from common.config.run import RunSections
+from common.config.schema import SecAggConfig
+from common.privacy.accounting import RoundPlan, cached_noise_for_target
 
 # One ledger row per round carries the central mechanism under this pseudo-site id.
 CENTRAL_SITE_ID = "all-sites"
@@ -67,22 +68,18 @@ def add_noise(total: list[np.ndarray], std: float, rng: np.random.Generator) -> 
     return [(t + rng.normal(0.0, std, size=t.shape)).astype(t.dtype, copy=False) for t in total]
 
 
-def central_noise_multiplier(cfg: RunConfig) -> float:
+def central_noise_multiplier(cfg: RunSections) -> float:
     """z from the config, or the smallest z that spends ``target-epsilon`` over the planned rounds."""
     c = cfg.central_dp
     if not c.target_epsilon:
         return c.noise_multiplier
-    return _noise_for(
-        c.target_epsilon, c.site_delta(cfg.federation.num_sites), cfg.federation.fraction_fit, cfg.federation.rounds
+    fed = cfg.federation
+    return cached_noise_for_target(
+        c.target_epsilon, c.site_delta(fed.num_sites), fed.fraction_fit, fed.rounds, CENTRAL_ACCOUNTANT
     )
 
 
-@lru_cache(maxsize=32)
-def _noise_for(target: float, delta: float, q: float, rounds: int) -> float:
-    return noise_for_target(target, delta, q, rounds, CENTRAL_ACCOUNTANT)
-
-
-def central_plan(cfg: RunConfig) -> RoundPlan:
+def central_plan(cfg: RunSections) -> RoundPlan:
     """The per-round mechanism as a ledger plan: N sites, rate q, one step, z, C, delta."""
     fed = cfg.federation
     return RoundPlan(
@@ -94,3 +91,25 @@ def central_plan(cfg: RunConfig) -> RoundPlan:
         delta=cfg.central_dp.site_delta(fed.num_sites),
         accountant=CENTRAL_ACCOUNTANT,
     )
+
+
+def min_round_sites(cfg: RunSections) -> int:
+    """Fewest sites whose updates a round will aggregate (fewer: the round releases no sum)."""
+    return max(cfg.federation.min_fit_sites, MIN_SECURE_SITES if cfg.secagg.enabled else 1)
+
+
+def all_or_nothing_probability(cfg: RunSections) -> float:
+    """Probability, over the run, that one site's presence decides whether a round's sum is released.
+
+    Under Poisson sampling with a minimum of m sites per round, adding a site to a sample
+    of exactly m - 1 others turns "no sum" into a sum of m updates: sensitivity m C, not
+    C. That happens with probability P(Bin(N - 1, q) = m - 1) per round; outside it each
+    round is the accounted Gaussian mechanism, so the run is (eps, delta + this)-DP.
+    With m = 1 there is no such event: an empty round still releases the noise.
+    """
+    m = min_round_sites(cfg)
+    n, q = cfg.federation.num_sites - 1, cfg.federation.fraction_fit
+    if m <= 1 or m - 1 > n:
+        return 0.0
+    p = math.comb(n, m - 1) * q ** (m - 1) * (1 - q) ** (n - m + 1)
+    return min(1.0, cfg.federation.rounds * p)

@@ -40,7 +40,15 @@ from torch import nn
 
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.privacy.accounting import NO_DP, RoundPlan, auto_delta, noise_for_target
+from common.privacy.accounting import (  # noqa: F401  (known_noise, remember_noise: re-exported)
+    NO_DP,
+    NoiseKey,
+    RoundPlan,
+    auto_delta,
+    cached_noise_for_target,
+    known_noise,
+    remember_noise,
+)
 
 
 def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
@@ -65,34 +73,15 @@ def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
     return RoundPlan(n, q, steps, sigma, dp.max_grad_norm, delta, dp.accountant)
 
 
-# (target, delta, q, steps, accountant) -> sigma. Opacus's search takes about 1 s per
-# site size; simulated sites run in Ray workers that each start empty, so the launcher
-# hands them the preflight's results (:func:`known_noise`, :func:`remember_noise`).
-NoiseKey = tuple[float, float, float, int, str]
-_NOISE: dict[NoiseKey, float] = {}
-
-
+# The noise search is cached in common.privacy.accounting (one cache for sample- and
+# client-level DP); known_noise / remember_noise are re-exported from there.
 def _cached_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    key = (target, delta, q, steps, accountant)
-    if key not in _NOISE:
-        try:
-            _NOISE[key] = noise_for_target(target, delta, q, steps, accountant)
-        except ValueError as exc:  # Opacus: "The privacy budget is too low."
-            raise ConfigError(
-                "dp.target-epsilon", f"{target:g} is not reachable with q={q:.3g} over {steps} steps ({exc})"
-            ) from None
-    return _NOISE[key]
-
-
-def known_noise() -> dict[NoiseKey, float]:
-    """The noise multipliers searched so far in this process (a copy)."""
-    return dict(_NOISE)
-
-
-def remember_noise(table: dict[NoiseKey, float]) -> None:
-    """Take searched noise multipliers from another process (the same inputs give the same
-    search result, so this only saves time; a site still checks its own budget)."""
-    _NOISE.update(table)
+    try:
+        return cached_noise_for_target(target, delta, q, steps, accountant)
+    except ValueError as exc:  # Opacus: "The privacy budget is too low."
+        raise ConfigError(
+            "dp.target-epsilon", f"{target:g} is not reachable with q={q:.3g} over {steps} steps ({exc})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- engines

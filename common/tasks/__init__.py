@@ -1,20 +1,22 @@
 """Task plug-ins. A task is one module in this package that registers itself with
 :func:`register_task`; every module here is imported on first lookup, so adding a task
-means adding a file, not editing shared code."""
+means adding a file, not editing shared code.
+
+The registry is the config's (:func:`common.config.register_task_spec`): the config
+reads a task's ``[name]`` table and declarations from it without importing this
+package (which imports the config), and discovers the plug-ins by this package's name.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
-from common.errors import ConfigError
+from common.config import register_task_spec, registered_tasks, task_spec
 from common.tasks.base import Task
 
 __all__ = ["Task", "register_task", "get_task", "task_names"]
 
-_REGISTRY: dict[str, type[Task]] = {}
 _T = TypeVar("_T", bound=type[Task])
 
 
@@ -22,29 +24,17 @@ def register_task(name: str) -> Callable[[_T], _T]:
     """Class decorator: make a :class:`Task` subclass available as ``task = name``."""
 
     def deco(cls: _T) -> _T:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise RuntimeError(f"task {name!r} registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
+        register_task_spec(name, cls)
         return cls
 
     return deco
 
 
-def _discover() -> None:
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name not in ("base", "images"):
-            importlib.import_module(f"{__name__}.{mod.name}")
-
-
 def task_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    return sorted(registered_tasks())
 
 
 def get_task(name: str) -> type[Task]:
-    if name not in _REGISTRY:
-        _discover()
-    if name not in _REGISTRY:
-        raise ConfigError("task", f"unknown task {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
+    """The task class registered as ``name``; a ConfigError naming ``task`` if there is none."""
+    return cast(type[Task], task_spec(name))

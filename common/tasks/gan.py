@@ -27,7 +27,7 @@ the released pair is (epsilon, delta)-DP for one image with the epsilon the ledg
 records for the discriminator's steps. ``tests/test_gan.py`` checks that G's training
 is identical whatever the real data is, once D is held fixed.
 
-Class-rebalanced sampling (``fairness.gan-class-target``, docs/FAIRNESS.md): the
+Class-rebalanced sampling (``gan.class-target``, docs/FAIRNESS.md): the
 conditioning labels of evaluated samples are drawn so that the generated classes follow a
 target, uniform or the real distribution (from the sites' summed validation class
 counts). Post-processing of the released generator; the sites' counts are validation
@@ -57,6 +57,9 @@ if TYPE_CHECKING:
     from common.privacy.training import LocalSession
 
 
+CLASS_TARGETS = ("none", "uniform", "real")
+
+
 @dataclass(frozen=True)
 class GANConfig:
     latent_dim: int = 32
@@ -75,6 +78,9 @@ class GANConfig:
     # ... and this many collapsed rounds in a row end the run. DP GANs often collapse for a
     # few early rounds and recover (digits at eps=8: collapsed in rounds 4-5, FID 27 by round 11).
     collapse_rounds: int = 5
+    # Class proportions of generated samples: none (labels cycled evenly, no correction) |
+    # uniform | real (from the sites' summed class counts).
+    class_target: str = "none"
 
     def validate(self) -> None:
         for key, value, low in (
@@ -94,6 +100,10 @@ class GANConfig:
             raise ConfigError("gan.collapse-share", f"must be in (0, 1], got {self.collapse_share}")
         if self.collapse_rounds < 1:
             raise ConfigError("gan.collapse-rounds", f"must be >= 1, got {self.collapse_rounds}")
+        if self.class_target not in CLASS_TARGETS:
+            raise ConfigError(
+                "gan.class-target", f"must be one of {', '.join(CLASS_TARGETS)}, got {self.class_target!r}"
+            )
 
 
 class Generator(nn.Module):
@@ -156,7 +166,7 @@ class GAN(nn.Module):
         self.discriminator = Discriminator(in_dim, p.features, p.num_classes, p.conditional, p.feature_seed)
 
 
-# Class-rebalanced sampling (fairness.gan-class-target): every conditioning label keeps at
+# Class-rebalanced sampling (gan.class-target): every conditioning label keeps at
 # least this share of its even share of the samples, so no class vanishes from TSTR's data,
 # and the label mix leaves the target only where each unit of shift buys >= SHIFT_COST
 # units of class TV (a generator that ignores its labels is not skewed for nothing).
@@ -193,9 +203,9 @@ class GANTask(ImageTask):
 
     def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
         super().__init__(cfg, key)
-        if cfg.fairness.gan_class_target != "none" and not self.params.conditional:
+        if self.params.class_target != "none" and not self.params.conditional:
             raise ConfigError(
-                "fairness.gan-class-target",
+                "gan.class-target",
                 "needs gan.conditional=true: an unconditional generator cannot be steered by class",
             )
         # The federation's class counts, summed over the sites' evaluation replies.
@@ -284,7 +294,7 @@ class GANTask(ImageTask):
         }
         if data is self.server_test_data():
             out.update(self._quality(model, data, device))
-        elif self.cfg.fairness.gan_class_target == "real":
+        elif self.params.class_target == "real":
             # Counts of the site's validation labels (sums, added up by the server).
             out.update(class_counts(data.y, self.params.num_classes))
         model.train()
@@ -316,8 +326,8 @@ class GANTask(ImageTask):
         return sum((counts_vector(class_counts(val.y, k), k) for _, val in self._split.sites), np.zeros(k))
 
     def class_target(self) -> np.ndarray | None:
-        """The class distribution generated samples should have (fairness.gan-class-target), or None."""
-        target, k = self.cfg.fairness.gan_class_target, self.params.num_classes
+        """The class distribution generated samples should have (gan.class-target), or None."""
+        target, k = self.params.class_target, self.params.num_classes
         if target == "none":
             return None
         if target == "uniform":

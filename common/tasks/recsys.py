@@ -48,11 +48,11 @@ Fairness (math in :mod:`common.metrics.fairness`, design in ``docs/FAIRNESS.md``
 * catalogue coverage, a union over sites, bounded from sums: ``coverage_site_mean``
   (the sites' mean coverage, a lower bound) and ``coverage_upper`` (an upper bound).
 
-Bias correction (``fairness.recsys-correction = "group-offset"``, docs/FAIRNESS.md): an
+Bias correction (``recsys.correction = "group-offset"``, docs/FAIRNESS.md): an
 offset ``b[g(u), i]`` per (gender group, item bucket) added to the prediction, shared like
 the item table and trained by the same per-rating loss, so DP-SGD clips and noises it
 with everything else (one more lookup per rating); after every local step the table
-decays by a fixed factor (``fairness.recsys-lambda``), a data-independent map with no
+decays by a fixed factor (``recsys.correction-lambda``), a data-independent map with no
 privacy cost. The user -> group map stays at the site.
 """
 
@@ -124,6 +124,9 @@ YH_PREFIX = f"yh.{YH_ATTRIBUTE}."  # a site's sums: items, and one sum per term
 GROUP_VALUES = {"gender": ("F", "M", UNKNOWN), "age": (*(name for _, name in AGE_BUCKETS), UNKNOWN)}
 
 
+CORRECTIONS = ("none", "group-offset")
+
+
 @dataclass(frozen=True)
 class RecsysConfig:
     model: str = "mf"  # mf | neural
@@ -142,6 +145,11 @@ class RecsysConfig:
     synthetic_users: int = 600
     synthetic_items: int = 300
     synthetic_ratings_per_user: int = 40
+    # Bias correction: none | group-offset (a gender x item offset trained inside DP-SGD).
+    correction: str = "none"
+    # Decay of the offset table after every local step, b <- b / (1 + lr * lambda): offsets
+    # without a consistent signal (rare cells, DP noise) fade to 0. 0 = no decay.
+    correction_lambda: float = 0.1
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -164,6 +172,12 @@ class RecsysConfig:
             "synthetic-ratings-per-user",
             f"must be in [2, recsys.synthetic-items], got {self.synthetic_ratings_per_user}",
         )
+        need(
+            self.correction in CORRECTIONS,
+            "correction",
+            f"must be one of {', '.join(CORRECTIONS)}, got {self.correction!r}",
+        )
+        need(self.correction_lambda >= 0, "correction-lambda", f"must be >= 0, got {self.correction_lambda}")
 
 
 # ------------------------------------------------------------------- models
@@ -188,7 +202,7 @@ class BiasedMF(nn.Module):
         for emb in (self.user_bias, self.item_bias):
             nn.init.zeros_(emb.weight)
         nn.init.constant_(self.global_bias.weight, (p.rating_min + p.rating_max) / 2)
-        # The bias correction (fairness.recsys-correction=group-offset): b_{g(u), i}, one row
+        # The bias correction (recsys.correction=group-offset): b_{g(u), i}, one row
         # per (gender group, item bucket), shared like the item table. ``user_group`` maps
         # the site's users to OFFSET_GROUPS; it is site data, so a plain attribute (not a
         # parameter or buffer): never in the state dict, never sent.
@@ -350,7 +364,7 @@ class RecsysTask(Task):
     # ---------------------------------------------------------------- model
     @property
     def correction(self) -> str:
-        return self.cfg.fairness.recsys_correction
+        return self.params.correction
 
     def build_model(self, site_index: int | None = None) -> BiasedMF:
         train = self.site_data(site_index)[0] if site_index is not None else None
@@ -371,13 +385,13 @@ class RecsysTask(Task):
     def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]:
         """The base loop, plus decoupled decay of the correction table after every step.
 
-        ``b <- b / (1 + lr * recsys-lambda)`` on every row: a fixed map of the parameters
+        ``b <- b / (1 + lr * correction-lambda)`` on every row: a fixed map of the parameters
         DP-SGD just released, applied whatever the data (post-processing between steps,
         no privacy cost). Rows whose gradient is mostly noise (rare (group, item) cells,
         DP noise) decay to 0; rows with a consistent signal hold their value. A per-rating
         L2 term would instead shrink every offset by the same factor, rare or not.
         """
-        decay = self.cfg.train.lr * self.cfg.fairness.recsys_lambda
+        decay = self.cfg.train.lr * self.params.correction_lambda
         table = getattr(model, "group_item_bias", None)
         if table is None or decay == 0:
             return super().train(model, session)

@@ -11,6 +11,8 @@ import torch
 from common.config import RunConfig
 from common.deploy.keys import write_key
 from common.errors import ConfigError
+from common.faults import drops
+from common.privacy.secagg_params import shares_and_threshold
 from server.ledger import Ledger
 from simulations.launcher import simulate
 
@@ -170,7 +172,7 @@ def test_bad_secure_settings_are_one_line_errors(flat, key):
     ],
 )
 def test_shares_and_threshold_fit_each_round(sampled, cfg, expected):
-    assert RunConfig.from_flat(cfg).secagg.shares_and_threshold(sampled) == expected
+    assert shares_and_threshold(RunConfig.from_flat(cfg).secagg, sampled) == expected
 
 
 def test_auto_weighting():
@@ -182,8 +184,8 @@ def test_auto_weighting():
 
 def test_faults_pick_sites_deterministically():
     f = RunConfig.from_flat({"faults.dropout-rate": 0.3, "faults.rounds": "2,3"}).faults
-    picks = [f.drops(0, site, rnd, "upload") for rnd in range(1, 5) for site in range(200)]
+    picks = [drops(f, 0, site, rnd, "upload") for rnd in range(1, 5) for site in range(200)]
     assert not any(picks[:200]) and not any(picks[600:])  # rounds 1 and 4 are fault-free
     assert 0.22 < np.mean(picks[200:600]) < 0.38
-    assert picks == [f.drops(0, site, rnd, "upload") for rnd in range(1, 5) for site in range(200)]
-    assert not f.drops(0, 1, 2, "train")
+    assert picks == [drops(f, 0, site, rnd, "upload") for rnd in range(1, 5) for site in range(200)]
+    assert not drops(f, 0, 1, 2, "train")

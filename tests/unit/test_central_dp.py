@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 from flwr.common import ndarrays_to_parameters
 
-from common.config import all_or_nothing_probability
 from common.errors import ConfigError
 from common.privacy.accounting import RoundPlan, epsilon
-from common.privacy.client_level import CENTRAL_SITE_ID, central_plan, clip_update, secure_clip_norm, update_norm
+from common.privacy.client_level import (
+    CENTRAL_SITE_ID,
+    all_or_nothing_probability,
+    central_plan,
+    clip_update,
+    secure_clip_norm,
+    update_norm,
+)
 from common.protocol import Status as SiteStatus
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger

@@ -1,10 +1,10 @@
 """Bias corrections ([fairness]): each switch moves its metric the expected way on biased data.
 
 Recommender: a generated ratings set where the two gender groups disagree item by item
-(a gender x item interaction); ``recsys-correction=group-offset`` must cut Yao & Huang's
+(a gender x item interaction); ``recsys.correction=group-offset`` must cut Yao & Huang's
 value unfairness, with and without DP-SGD. Generators: a stub conditional generator that
 draws the wrong class for some labels, and an imbalanced real label distribution;
-``gan-class-target`` must bring the generated class shares closer to the target.
+``gan.class-target`` must bring the generated class shares closer to the target.
 """
 
 from __future__ import annotations
@@ -34,29 +34,47 @@ KEY = bytes(range(32))
 @pytest.mark.parametrize(
     "key, value, words",
     [
-        ("fairness.recsys-correction", "posthoc", "must be one of none, group-offset"),
-        ("fairness.recsys-lambda", -0.1, "must be >= 0"),
-        ("fairness.gan-class-target", "balanced", "must be one of none, uniform, real"),
+        ("recsys.correction", "posthoc", "must be one of none, group-offset"),
+        ("recsys.correction-lambda", -0.1, "must be >= 0"),
+        ("gan.class-target", "balanced", "must be one of none, uniform, real"),
     ],
 )
 def test_bad_fairness_settings_fail_in_one_line(key, value, words):
     with pytest.raises(ConfigError, match=words) as err:
-        make_cfg(**{key: value})
+        make_cfg(**{**TASK_CFG[key.split(".")[0]], key: value})
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
+# The corrections live in their task's table, so a config that sets one names the task.
+TASK_CFG = {"recsys": {"task": "recsys", "data.source": "synthetic", "data.partition": "iid"}, "gan": {"task": "gan"}}
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("fairness.recsys-correction", "recsys.correction"),
+        ("fairness.recsys-lambda", "recsys.correction-lambda"),
+        ("fairness.gan-class-target", "gan.class-target"),
+    ],
+)
+def test_the_old_fairness_keys_name_their_new_key_in_one_line(old, new):
+    with pytest.raises(ConfigError, match=f"did you mean '{new}'") as err:
+        make_cfg(**{old: "none"})
+    assert old in str(err.value) and "\n" not in str(err.value)
+
+
 def test_fairness_defaults_are_off_and_round_trip():
-    cfg = make_cfg()
-    f = cfg.fairness
-    assert (f.recsys_correction, f.gan_class_target) == ("none", "none")
+    cfg = make_cfg(**TASK_CFG["recsys"])
+    gan = make_cfg(**TASK_CFG["gan"])
+    assert (cfg.task_params.correction, gan.task_params.class_target) == ("none", "none")
     flat = cfg.to_flat()
-    assert flat["fairness.recsys-correction"] == "none" and "fairness.q" not in flat
-    assert make_cfg(**{"fairness.gan-class-target": "real"}).fairness.gan_class_target == "real"
+    assert flat["recsys.correction"] == "none" and "fairness.q" not in flat
+    assert make_cfg(**{**TASK_CFG["gan"], "gan.class-target": "real"}).task_params.class_target == "real"
 
 
 def test_a_class_target_needs_a_conditional_generator():
-    cfg = make_cfg(**{"task": "gan", "gan.conditional": False, "fairness.gan-class-target": "uniform"})
-    with pytest.raises(ConfigError, match="fairness.gan-class-target"):
+    cfg = make_cfg(**{"task": "gan", "gan.conditional": False, "gan.class-target": "uniform"})
+    with pytest.raises(ConfigError, match="gan.class-target"):
         get_task("gan")(cfg)
 
 
@@ -111,8 +129,8 @@ def recsys_cfg(correction: str, dp: bool, **extra):
         "train.lr": 0.05,
         "train.local-epochs": 4.0,
         "dp.enabled": dp,
-        "fairness.recsys-correction": correction,
-        **extra,  # recsys-lambda: the default
+        "recsys.correction": correction,
+        **extra,  # recsys.correction-lambda: the default
     }
     if dp:
         flat.update({"dp.noise-multiplier": 0.5, "dp.epsilon-budget": 1e6})
@@ -147,7 +165,7 @@ def test_the_decay_fades_offsets_that_only_dp_noise_moved():
     # no user of this data is in the "other" group: under DP-SGD its rows see only noise
     other = slice(2 * 64, 3 * 64)
     rows = {
-        lam: train_one_site("group-offset", True, **{"fairness.recsys-lambda": lam})[1].group_item_bias.weight[other]
+        lam: train_one_site("group-offset", True, **{"recsys.correction-lambda": lam})[1].group_item_bias.weight[other]
         for lam in (0.0, 2.0)
     }
     assert rows[0.0].abs().max() > 0  # the noise reached them
@@ -250,7 +268,7 @@ def gan_task(path, target: str):
             "gan.features": 16,
             "gan.hidden-dim": 8,
             "gan.latent-dim": 2,
-            "fairness.gan-class-target": target,
+            "gan.class-target": target,
         }
     )
     return get_task("gan")(cfg)

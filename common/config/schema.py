@@ -1,41 +1,25 @@
-"""Run configuration: one typed schema, one flat key space, one-line errors.
+"""The run-config sections: one frozen dataclass per table, each validating its own keys.
 
-Every setting has a flat key such as ``rounds`` or ``dp.noise-multiplier``. The same
-keys are used by scenario TOML files (as nested tables), by ``privfed simulate``
-overrides (``dp.noise-multiplier=1.2``), by Flower's ``[tool.flwr.app.config]`` and by
-``flwr run --run-config``. Both the ServerApp and the ClientApp parse their
-``context.run_config`` through :func:`RunConfig.from_flat`, so a run is configured
-identically on every side.
-
-Task-specific settings live in a table named after the task (``[vae]``); the task
-plug-in supplies the dataclass that validates them.
+A section knows nothing of other sections (cross-section rules: :mod:`common.config.rules`)
+nor of tasks (a task's table is the task plug-in's own dataclass). Field names map to keys
+by ``_`` -> ``-`` (``noise_multiplier`` -> ``dp.noise-multiplier``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
-import numpy as np
-
-from common.errors import ConfigError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-# Accountant inputs privfed accepts, from a config or from a site: outside these the
-# Opacus/dp-accounting numerics fail (overflow, non-convergence) or epsilon is meaningless.
-SIGMA_RANGE = (0.1, 1000.0)
-MIN_DELTA = 1e-20
-MAX_STEPS = 1_000_000
-
-
-def _key(name: str) -> str:
-    """Python field name -> config key segment (``noise_multiplier`` -> ``noise-multiplier``)."""
-    return name.replace("_", "-")
+from common.config.limits import (
+    AGGREGATIONS,
+    CORRUPTIONS,
+    DEVICE_CHOICES,
+    FAULT_STAGES,
+    MIN_DELTA,
+    auto_delta,
+)
+from common.config.limits import require as _require
+from common.config.limits import require_sigma as _require_sigma
 
 
 @dataclass(frozen=True)
@@ -331,7 +315,8 @@ class SecAggConfig:
         _require(
             self.modulus_range > self.quantization_range and self.modulus_range & (self.modulus_range - 1) == 0,
             "secagg.modulus-range",
-            f"must be a power of two above secagg.quantization-range={self.quantization_range}, got {self.modulus_range}",
+            f"must be a power of two above secagg.quantization-range={self.quantization_range}, "
+            f"got {self.modulus_range}",
         )
         _require(self.timeout >= 0, "secagg.timeout", f"must be >= 0, got {self.timeout}")
 
@@ -339,14 +324,6 @@ class SecAggConfig:
     def step(self) -> float:
         """Quantization step: each coordinate of a site's update is off by less than this."""
         return 2 * self.clipping_range / self.quantization_range
-
-    def shares_and_threshold(self, sampled: int) -> tuple[int, int]:
-        """SecAgg+ (num_shares, threshold) for a round with ``sampled`` sites (>= 3)."""
-        shares = sampled if not self.num_shares or self.num_shares >= sampled else self.num_shares
-        # Never below a majority: Flower 1.41 has no consistency check, so with 2t <= shares a
-        # malicious server could collect both kinds of shares of one site and unmask it.
-        threshold = max(self.reconstruction_threshold, shares // 2 + 1)
-        return shares, min(threshold, shares - 1)
 
 
 @dataclass(frozen=True)
@@ -382,11 +359,12 @@ class CentralDPConfig:
             _require(
                 self.target_epsilon <= self.epsilon_budget,
                 "central-dp.target-epsilon",
-                f"is {self.target_epsilon} but central-dp.epsilon-budget is {self.epsilon_budget}: the run could never finish",
+                f"is {self.target_epsilon} but central-dp.epsilon-budget is {self.epsilon_budget}: "
+                "the run could never finish",
             )
 
     def site_delta(self, num_sites: int) -> float:
-        return self.delta or min(1e-5, 1.0 / (10 * num_sites))
+        return self.delta or auto_delta(num_sites)
 
 
 @dataclass(frozen=True)
@@ -441,362 +419,3 @@ class FaultsConfig:
                 key,
                 f'must be comma-separated integers such as "0,3", got {text!r}',
             )
-
-    def event(self, seed: int, site_index: int, server_round: int, kind: str, rate: float) -> bool:
-        """Whether a seeded fault of ``kind`` (crash, corrupt, delay) hits this site this round."""
-        if rate <= 0 or (self.rounds.strip() and server_round not in _ints(self.rounds)):
-            return False
-        u = np.random.default_rng([seed, site_index, server_round, 0xFB, sum(map(ord, kind))]).random()
-        return bool(u < rate)
-
-    def corruption(self, seed: int, site_index: int, server_round: int) -> str:
-        """Which corruption a corrupted update gets (seeded, among corrupt-kinds)."""
-        kinds = [k.strip() for k in self.corrupt_kinds.split(",") if k.strip()]
-        return kinds[int(np.random.default_rng([seed, site_index, server_round, 0xFC]).integers(len(kinds)))]
-
-    def drops(self, seed: int, site_index: int, server_round: int, stage: str) -> bool:
-        """Whether this site drops out at ``stage`` of ``server_round`` (deterministic)."""
-        if stage != self.dropout_stage or (self.rounds.strip() and server_round not in _ints(self.rounds)):
-            return False
-        if self.dropout_sites.strip():
-            return site_index in _ints(self.dropout_sites)
-        if self.dropout_rate <= 0:
-            return False
-        u = np.random.default_rng([seed, site_index, server_round, 0xFA]).random()
-        return bool(u < self.dropout_rate)
-
-
-@dataclass(frozen=True)
-class FairnessConfig:
-    """Fairness interventions, each a switch that is off by default (docs/FAIRNESS.md, "Bias corrections")."""
-
-    # Recommender: none | group-offset (a gender x item offset trained inside DP-SGD).
-    recsys_correction: str = "none"
-    # Decay of the offset table after every local step, b <- b / (1 + lr * lambda): offsets
-    # without a consistent signal (rare cells, DP noise) fade to 0. 0 = no decay.
-    recsys_lambda: float = 0.1
-    # Generators: class proportions of generated samples: none (labels cycled evenly, no
-    # correction) | uniform | real (from the sites' summed class counts).
-    gan_class_target: str = "none"
-
-    def validate(self) -> None:
-        _require(
-            self.recsys_correction in RECSYS_CORRECTIONS,
-            "fairness.recsys-correction",
-            f"must be one of {', '.join(RECSYS_CORRECTIONS)}, got {self.recsys_correction!r}",
-        )
-        _require(self.recsys_lambda >= 0, "fairness.recsys-lambda", f"must be >= 0, got {self.recsys_lambda}")
-        _require(
-            self.gan_class_target in GAN_CLASS_TARGETS,
-            "fairness.gan-class-target",
-            f"must be one of {', '.join(GAN_CLASS_TARGETS)}, got {self.gan_class_target!r}",
-        )
-
-
-RECSYS_CORRECTIONS = ("none", "group-offset")
-GAN_CLASS_TARGETS = ("none", "uniform", "real")
-
-
-FAULT_STAGES = ("setup", "train", "upload", "unmask")
-AGGREGATIONS = ("fedavg", "trimmed-mean", "krum", "multi-krum", "q-fedavg")
-CORRUPTIONS = ("nan", "shape", "norm")
-# Fewest updates a secure sum may hold: with 2, each site learns the other's update.
-MIN_SECURE_SITES = 3
-
-
-def _ints(text: str) -> set[int]:
-    return {int(p) for p in text.split(",") if p.strip()}
-
-
-# Section prefix -> (RunConfig field, dataclass).
-SECTIONS: dict[str, tuple[str, type]] = {
-    "data": ("data", DataConfig),
-    "train": ("train", TrainConfig),
-    "dp": ("dp", DPConfig),
-    "audit": ("audit", AuditConfig),
-    "secagg": ("secagg", SecAggConfig),
-    "central-dp": ("central_dp", CentralDPConfig),
-    "faults": ("faults", FaultsConfig),
-    "fairness": ("fairness", FairnessConfig),
-}
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The whole, validated configuration of a run."""
-
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    dp: DPConfig = field(default_factory=DPConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
-    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
-    faults: FaultsConfig = field(default_factory=FaultsConfig)
-    fairness: FairnessConfig = field(default_factory=FairnessConfig)
-    # The task plug-in's own dataclass (e.g. VAEConfig), under the task's name.
-    task_params: Any = None
-
-    # Convenience accessors for the keys everything reads.
-    @property
-    def task(self) -> str:
-        return self.federation.task
-
-    @property
-    def scenario(self) -> str:
-        return self.federation.scenario
-
-    @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
-        """Parse and validate a flat ``{key: value}`` mapping; unknown keys are errors."""
-        from common.tasks import get_task  # tasks import config; import lazily
-
-        flat = dict(flat)
-        task_name = flat.get("task", FederationConfig.task)
-        task_cls = get_task(str(task_name))  # ConfigError naming 'task' if unknown
-        sections: dict[str, type] = {
-            "": FederationConfig,
-            **{prefix: cls for prefix, (_, cls) in SECTIONS.items()},
-            task_cls.name: task_cls.config_cls,
-        }
-
-        buckets: dict[str, dict[str, Any]] = {name: {} for name in sections}
-        for key, value in flat.items():
-            section, _, leaf = key.rpartition(".")
-            if section not in sections:
-                raise ConfigError(key, f"unknown key{_suggest(key, sections)}")
-            known = {_key(f.name): f for f in fields(sections[section])}
-            if leaf not in known:
-                raise ConfigError(key, f"unknown key{_suggest(key, sections)}")
-            buckets[section][known[leaf].name] = coerce(key, value, known[leaf])
-
-        built = {name: sections[name](**values) for name, values in buckets.items()}
-        cfg = cls(
-            federation=built[""],
-            task_params=built[task_cls.name],
-            **{name: built[prefix] for prefix, (name, _) in SECTIONS.items()},
-        )
-        for part in (cfg.federation, *(getattr(cfg, name) for name, _ in SECTIONS.values()), cfg.task_params):
-            part.validate()
-        _check_secure(cfg)
-        _require(
-            cfg.federation.aggregation != "q-fedavg" or task_cls.site_primary_loss,
-            "aggregation",
-            f"q-fedavg weighs sites by their validation {task_cls.primary_metric}, which task {task_cls.name!r} does not get from its sites",
-        )
-        _require(
-            cfg.data.source in task_cls.data_sources,
-            "data.source",
-            f"must be one of {', '.join(task_cls.data_sources)} for task {task_cls.name!r}, got {cfg.data.source!r}",
-        )
-        _require(
-            cfg.data.partition in task_cls.partitions,
-            "data.partition",
-            f"must be one of {', '.join(task_cls.partitions)} for task {task_cls.name!r}, got {cfg.data.partition!r}",
-        )
-        return cfg
-
-    def to_flat(self) -> dict[str, Any]:
-        """All keys, defaults included: the form Flower's run_config and the run dir store."""
-        out: dict[str, Any] = {}
-        parts = [("", self.federation), *((prefix, getattr(self, name)) for prefix, (name, _) in SECTIONS.items())]
-        if self.task_params is not None:
-            parts.append((self.task, self.task_params))
-        for prefix, obj in parts:
-            for f in fields(obj):
-                key = _key(f.name) if not prefix else f"{prefix}.{_key(f.name)}"
-                out[key] = getattr(obj, f.name)
-        return out
-
-    def to_nested(self) -> dict[str, Any]:
-        """The flat keys regrouped into TOML tables (for the resolved config file)."""
-        nested: dict[str, Any] = {}
-        for key, value in self.to_flat().items():
-            section, _, leaf = key.rpartition(".")
-            (nested.setdefault(section, {}) if section else nested)[leaf] = value
-        return nested
-
-    @property
-    def uniform_weights(self) -> bool:
-        """Whether the aggregate weighs every site equally (see FederationConfig.weighting)."""
-        w = self.federation.weighting
-        return w == "uniform" or (w == "auto" and (self.secagg.enabled or self.central_dp.enabled))
-
-    @property
-    def qffl_lipschitz(self) -> float:
-        """L of q-fedavg: federation.qffl-lipschitz, or 1 / train.lr when 0 (the paper's choice)."""
-        return self.federation.qffl_lipschitz or 1.0 / self.train.lr
-
-    def replace(self, **federation_changes: Any) -> RunConfig:
-        return dataclasses.replace(self, federation=dataclasses.replace(self.federation, **federation_changes))
-
-
-def _check_secure(cfg: RunConfig) -> None:
-    """Settings of secure aggregation and central DP that only make sense together."""
-    fed, sa, cdp = cfg.federation, cfg.secagg, cfg.central_dp
-    if fed.aggregation != "fedavg":
-        # Robust rules and q-fedavg need each update in the clear (q-fedavg also each
-        # site's loss), and their sensitivity is not the sum's: neither SecAgg+ (the
-        # server sees only the sum) nor central DP fits.
-        _require(
-            not sa.enabled,
-            "aggregation",
-            f"{fed.aggregation} needs each site's update; under secure aggregation the server sees only their sum",
-        )
-        _require(
-            not cdp.enabled,
-            "aggregation",
-            f"{fed.aggregation} is not covered by the central-DP analysis, which assumes a noised sum",
-        )
-    if sa.enabled:
-        _require(
-            cfg.faults.corrupt_rate == 0,
-            "faults.corrupt-rate",
-            "cannot be used with secure aggregation: a corrupted masked update cannot be seen or removed (SecAgg+ assumes sites follow the protocol)",
-        )
-        _require(
-            fed.weighting != "examples",
-            "weighting",
-            "must be uniform or auto under secure aggregation: SecAgg+ quantizes with a fixed absolute step, "
-            "so scaling updates by small example weights would lose their precision",
-        )
-        # Poisson sampling (central DP) can take every site in a round.
-        most = fed.num_sites if cdp.enabled else fed.sampled_per_round
-        _require(
-            fed.sampled_per_round >= 3,
-            "fraction-fit",
-            f"samples {fed.sampled_per_round} site(s) per round; secure aggregation needs >= 3 "
-            "(with 2, each site learns the other's update from the sum)",
-        )
-        if not cdp.enabled and sa.num_shares:
-            _require(
-                sa.num_shares <= most,
-                "secagg.num-shares",
-                f"is {sa.num_shares} but only {most} sites are sampled per round",
-            )
-        if sa.reconstruction_threshold:
-            _require(
-                sa.reconstruction_threshold < min(sa.num_shares or most, most),
-                "secagg.reconstruction-threshold",
-                f"is {sa.reconstruction_threshold} but a round has only {min(sa.num_shares or most, most)} shares "
-                "per site: no dropout could be tolerated and the protocol refuses it",
-            )
-        _require(
-            most * sa.quantization_range < sa.modulus_range,
-            "secagg.modulus-range",
-            f"is {sa.modulus_range} but {most} sites x quantization-range {sa.quantization_range} can exceed it: "
-            "the masked sum would wrap around",
-        )
-    if cdp.enabled:
-        flip = all_or_nothing_probability(cfg)
-        delta = cdp.site_delta(fed.num_sites)
-        _require(
-            flip <= delta,
-            "fraction-fit",
-            f"with num-sites={fed.num_sites} and fraction-fit={fed.fraction_fit:g}, one site decides with probability "
-            f"{flip:.2g} over {fed.rounds} rounds whether a round's sum is released at all (a round needs "
-            f"{min_round_sites(cfg)} sites); that must stay below central-dp delta={delta:.2g}: sample more sites",
-        )
-        _require(
-            cfg.uniform_weights,
-            "weighting",
-            "must be uniform or auto with central DP (each site's weight is bounded by clip-norm)",
-        )
-        if sa.enabled:
-            _require(
-                cdp.clip_norm <= sa.clipping_range,
-                "central-dp.clip-norm",
-                f"is {cdp.clip_norm} but secagg.clipping-range is {sa.clipping_range}: clipped updates would be clipped again, per coordinate",
-            )
-
-
-def min_round_sites(cfg: RunConfig) -> int:
-    """Fewest sites whose updates a round will aggregate (fewer: the round releases no sum)."""
-    return max(cfg.federation.min_fit_sites, MIN_SECURE_SITES if cfg.secagg.enabled else 1)
-
-
-def all_or_nothing_probability(cfg: RunConfig) -> float:
-    """Probability, over the run, that one site's presence decides whether a round's sum is released.
-
-    Under Poisson sampling with a minimum of m sites per round, adding a site to a sample
-    of exactly m - 1 others turns "no sum" into a sum of m updates: sensitivity m C, not
-    C. That happens with probability P(Bin(N - 1, q) = m - 1) per round; outside it each
-    round is the accounted Gaussian mechanism, so the run is (eps, delta + this)-DP.
-    With m = 1 there is no such event: an empty round still releases the noise.
-    """
-    m = min_round_sites(cfg)
-    n, q = cfg.federation.num_sites - 1, cfg.federation.fraction_fit
-    if m <= 1 or m - 1 > n:
-        return 0.0
-    p = math.comb(n, m - 1) * q ** (m - 1) * (1 - q) ** (n - m + 1)
-    return min(1.0, cfg.federation.rounds * p)
-
-
-def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"dp": {"delta": 1e-5}}`` -> ``{"dp.delta": 1e-5}`` (how Flower flattens run config tables)."""
-    out: dict[str, Any] = {}
-    for key, value in nested.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(flatten(value, full))
-        else:
-            out[full] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one ``key=value`` command-line override; the value is read as a TOML literal."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(text, "override must look like key=value")
-    raw = raw.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word such as dp.engine=opacus
-    return key, value
-
-
-def coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
-    """Check a value against the field's declared type; ints widen to floats."""
-    expected = f.type if isinstance(f.type, str) else f.type.__name__
-    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, float),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }.get(expected, True)
-    if not ok:
-        raise ConfigError(key, f"must be {expected}, got {value!r} ({type(value).__name__})")
-    if expected == "float" and math.isnan(value):
-        raise ConfigError(key, "must be a number, got nan")
-    if expected == "float" and math.isinf(value) and key not in _INFINITY_OK:
-        raise ConfigError(key, f"must be finite, got {value}")
-    return value
-
-
-# Keys where infinity means "no limit".
-_INFINITY_OK = {"dp.epsilon-budget", "central-dp.epsilon-budget"}
-
-
-def _suggest(key: str, sections: Mapping[str, type]) -> str:
-    known = [(f"{s}.{_key(f.name)}" if s else _key(f.name)) for s, cls in sections.items() for f in fields(cls)]
-    close = [k for k in known if k.startswith(key)] or difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _require_sigma(key: str, sigma: float) -> None:
-    lo, hi = SIGMA_RANGE
-    _require(
-        lo <= sigma <= hi,
-        key,
-        f"must be in [{lo:g}, {hi:g}] (outside it the accountants cannot compute epsilon), got {sigma:g}",
-    )
-
-
-def _require(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(key, message)

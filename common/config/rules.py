@@ -1,0 +1,136 @@
+"""Cross-section rules: settings that are valid alone but not together.
+
+Each section validates its own keys (:mod:`common.config.schema`); here are the rules
+that read several sections (secure aggregation x central DP x aggregation x faults) or
+the task plug-in's declarations (its data sources, partitions, and whether its sites
+report a loss). The central-DP rule is a privacy argument: the run is
+(eps, delta + p)-DP where p is the all-or-nothing probability of
+:func:`common.privacy.client_level.all_or_nothing_probability`, so p must stay below delta.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from common.config.limits import MIN_SECURE_SITES
+from common.config.limits import require as _require
+from common.config.run import RunSections
+from common.privacy.client_level import all_or_nothing_probability, min_round_sites
+
+
+class TaskSpec(Protocol):
+    """What the config needs from a task plug-in (``common.tasks.base.Task`` provides it)."""
+
+    name: str
+    config_cls: type
+    data_sources: tuple[str, ...]
+    partitions: tuple[str, ...]
+    primary_metric: str
+    site_primary_loss: bool
+
+
+def check_rules(cfg: RunSections, task: TaskSpec) -> None:
+    """Every cross-section rule; raises the first violation as a one-line ConfigError."""
+    check_secure(cfg)
+    check_task(cfg, task)
+
+
+def check_task(cfg: RunSections, task: TaskSpec) -> None:
+    """The task's declarations against the data and aggregation settings."""
+    _require(
+        cfg.federation.aggregation != "q-fedavg" or task.site_primary_loss,
+        "aggregation",
+        f"q-fedavg weighs sites by their validation {task.primary_metric}, "
+        f"which task {task.name!r} does not get from its sites",
+    )
+    _require(
+        cfg.data.source in task.data_sources,
+        "data.source",
+        f"must be one of {', '.join(task.data_sources)} for task {task.name!r}, got {cfg.data.source!r}",
+    )
+    _require(
+        cfg.data.partition in task.partitions,
+        "data.partition",
+        f"must be one of {', '.join(task.partitions)} for task {task.name!r}, got {cfg.data.partition!r}",
+    )
+
+
+def check_secure(cfg: RunSections) -> None:
+    """Settings of secure aggregation and central DP that only make sense together."""
+    fed, sa, cdp = cfg.federation, cfg.secagg, cfg.central_dp
+    if fed.aggregation != "fedavg":
+        # Robust rules and q-fedavg need each update in the clear (q-fedavg also each
+        # site's loss), and their sensitivity is not the sum's: neither SecAgg+ (the
+        # server sees only the sum) nor central DP fits.
+        _require(
+            not sa.enabled,
+            "aggregation",
+            f"{fed.aggregation} needs each site's update; under secure aggregation the server sees only their sum",
+        )
+        _require(
+            not cdp.enabled,
+            "aggregation",
+            f"{fed.aggregation} is not covered by the central-DP analysis, which assumes a noised sum",
+        )
+    if sa.enabled:
+        _require(
+            cfg.faults.corrupt_rate == 0,
+            "faults.corrupt-rate",
+            "cannot be used with secure aggregation: a corrupted masked update cannot be seen or removed "
+            "(SecAgg+ assumes sites follow the protocol)",
+        )
+        _require(
+            fed.weighting != "examples",
+            "weighting",
+            "must be uniform or auto under secure aggregation: SecAgg+ quantizes with a fixed absolute step, "
+            "so scaling updates by small example weights would lose their precision",
+        )
+        # Poisson sampling (central DP) can take every site in a round.
+        most = fed.num_sites if cdp.enabled else fed.sampled_per_round
+        _require(
+            fed.sampled_per_round >= MIN_SECURE_SITES,
+            "fraction-fit",
+            f"samples {fed.sampled_per_round} site(s) per round; secure aggregation needs >= {MIN_SECURE_SITES} "
+            "(with 2, each site learns the other's update from the sum)",
+        )
+        if not cdp.enabled and sa.num_shares:
+            _require(
+                sa.num_shares <= most,
+                "secagg.num-shares",
+                f"is {sa.num_shares} but only {most} sites are sampled per round",
+            )
+        if sa.reconstruction_threshold:
+            _require(
+                sa.reconstruction_threshold < min(sa.num_shares or most, most),
+                "secagg.reconstruction-threshold",
+                f"is {sa.reconstruction_threshold} but a round has only {min(sa.num_shares or most, most)} shares "
+                "per site: no dropout could be tolerated and the protocol refuses it",
+            )
+        _require(
+            most * sa.quantization_range < sa.modulus_range,
+            "secagg.modulus-range",
+            f"is {sa.modulus_range} but {most} sites x quantization-range {sa.quantization_range} can exceed it: "
+            "the masked sum would wrap around",
+        )
+    if cdp.enabled:
+        flip = all_or_nothing_probability(cfg)
+        delta = cdp.site_delta(fed.num_sites)
+        _require(
+            flip <= delta,
+            "fraction-fit",
+            f"with num-sites={fed.num_sites} and fraction-fit={fed.fraction_fit:g}, one site decides with probability "
+            f"{flip:.2g} over {fed.rounds} rounds whether a round's sum is released at all (a round needs "
+            f"{min_round_sites(cfg)} sites); that must stay below central-dp delta={delta:.2g}: sample more sites",
+        )
+        _require(
+            cfg.uniform_weights,
+            "weighting",
+            "must be uniform or auto with central DP (each site's weight is bounded by clip-norm)",
+        )
+        if sa.enabled:
+            _require(
+                cdp.clip_norm <= sa.clipping_range,
+                "central-dp.clip-norm",
+                f"is {cdp.clip_norm} but secagg.clipping-range is {sa.clipping_range}: "
+                "clipped updates would be clipped again, per coordinate",
+            )
