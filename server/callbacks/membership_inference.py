@@ -8,6 +8,7 @@ already holds both sets in a simulation) and never changes the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from server.membership_inference import mia_for_run
 
 
 class MembershipInference(RunCallback):
-    def __init__(self, cfg: RunConfig, task: Task, *, at_end: bool, aggregated_any: Any) -> None:
+    def __init__(self, cfg: RunConfig, task: Task, *, at_end: bool, aggregated_any: Callable[[], bool]) -> None:
         """``at_end``: attack the final model (needs central evaluation's test split);
         ``aggregated_any()``: whether any round changed the model (else there is nothing to attack)."""
         self.cfg, self.task = cfg, task
