@@ -127,8 +127,13 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             console.print(f"resuming {run_dir} at round {point.next_round} (model of round {point.checkpoint_round})")
 
     def outcome(rnd: int) -> RoundOutcome:
+        assert recorder is not None  # rounds begin after start()
         model = recorder.load_global(strategy.global_arrays)
         return RoundOutcome(rnd, strategy.record(rnd), model, recorder.ledger)
+
+    def record(out: RoundOutcome, seconds: float, extra: dict[str, Any], ok: bool) -> None:
+        assert recorder is not None
+        recorder.write_round(out.rnd, out.record, seconds, extra, ok)
 
     def aggregated_any() -> bool:
         return any(rec.aggregated for rec in strategy.records.values())
@@ -141,7 +146,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
     loop = RoundLoop(
         round_outcome=outcome,
-        record_round=lambda out, secs, extra, ok: recorder.write_round(out.rnd, out.record, secs, extra, ok),
+        record_round=record,
         callbacks=callbacks,
         on_stop=lambda rnd, why: console.print(f"[yellow]stopping after round {rnd}: {why}[/]"),
         num_sites=n,
