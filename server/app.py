@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,16 @@ from common.privacy.secagg_stats import secure_statistics
 from common.runtime import config_from, resolve_device
 from common.seeds import central_noise_rng, site_sampling_rng
 from common.tasks.base import get_state, set_state
+from server.callbacks import RoundOutcome
+from server.callbacks.budget_stop import BudgetStop
+from server.callbacks.divergence import Divergence
+from server.callbacks.membership_inference import MembershipInference
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
-from server.privacy_audit import mia_for_run
-from server.recorder import RunRecorder, default_run_dir
+from server.recorder import RunRecorder
 from server.report import Summary, write_summary
 from server.resume import ResumePoint, check_same_config, resume_point
+from server.run_dir import default_run_dir
 from server.secagg import PrivfedSecAgg
 from server.strategy import DeltaFedAvg
 from server.workflow import RoundLoop
@@ -50,7 +53,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     fed = cfg.federation
     if fed.resume and not fed.run_dir:
         raise ConfigError("resume", "needs run-dir: the directory of the run to continue")
-    run_dir = Path(fed.run_dir) if fed.run_dir else default_run_dir(cfg, datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(fed.run_dir) if fed.run_dir else default_run_dir(cfg)
     point: ResumePoint | None = None
     if fed.resume:
         check_same_config(cfg, run_dir)
@@ -124,9 +127,29 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             recorder.record_gap(point.missing_lines, point.checkpoint_round)
             console.print(f"resuming {run_dir} at round {point.next_round} (model of round {point.checkpoint_round})")
 
+    def outcome(rnd: int) -> RoundOutcome:
+        assert recorder is not None  # rounds begin after start()
+        model = recorder.load_global(strategy.global_arrays)
+        return RoundOutcome(rnd, strategy.record(rnd), model, recorder.ledger)
+
+    def record(out: RoundOutcome, seconds: float, extra: dict[str, Any], ok: bool) -> None:
+        assert recorder is not None
+        recorder.write_round(out.rnd, out.record, seconds, extra, ok)
+
+    def aggregated_any() -> bool:
+        return any(rec.aggregated for rec in strategy.records.values())
+
+    callbacks = [
+        MembershipInference(cfg, task, at_end=test is not None, aggregated_any=aggregated_any),
+        Divergence(),
+        BudgetStop(cfg, strategy),
+    ]
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
     loop = RoundLoop(
-        on_round_end=lambda rnd, secs: recorder.end_round(rnd, secs, strategy),
+        round_outcome=outcome,
+        record_round=record,
+        callbacks=callbacks,
+        on_stop=lambda rnd, why: console.print(f"[yellow]stopping after round {rnd}: {why}[/]"),
         num_sites=n,
         site_wait_seconds=cfg.federation.site_wait_seconds,
         on_start=start,
@@ -149,15 +172,14 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         if recorder is not None:
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
                 task.save_samples(recorder.model, run_dir / "samples" / "final.png")
-            stop_reason = f"FAILED: {failure}" if failure else "budgets exhausted" if strategy.should_stop() else ""
-            mia = None
-            if (
-                failure is None
-                and cfg.audit.mia
-                and test is not None
-                and any(rec.aggregated for rec in strategy.records.values())
-            ):
-                mia = mia_for_run(task, recorder.model, recorder.ledger.rows(), cfg.federation.seed)
+            stop_reason = (
+                f"FAILED: {failure}"
+                if failure
+                else next((why for cb in callbacks if (why := cb.run_stop_reason())), "")
+            )
+            mia: dict[str, float] = {}
+            for cb in callbacks:
+                mia.update(cb.run_metrics(recorder.model, recorder.ledger, failure))
             summary = write_summary(
                 run_dir,
                 recorder.ledger,
@@ -165,7 +187,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
                 cfg.scenario,
                 stop_reason,
                 not cfg.dp.secure_rng,
-                mia,
+                mia or None,
                 test_source=task.test_description,
                 plot_metrics=task.plot_metrics,
                 central_extra_delta=all_or_nothing_probability(cfg) if cfg.central_dp.enabled else 0.0,

@@ -18,8 +18,9 @@ from typing import Any
 from common.errors import DataError, PrivfedError
 from common.plots import line_plot
 from common.privacy.accounting import NO_DP
+from server.eps_crosscheck import cross_check
 from server.ledger_audit import open_ledger, verify_run
-from server.privacy_audit import cross_check, violates_bound
+from server.membership_inference import violates_bound
 from server.report import _plot_eps, _plot_utility, read_metrics
 
 CSS = """

@@ -7,6 +7,9 @@ runs/<timestamp>-<scenario>/
     checkpoint.pt    global model + round + ledger position (atomic replace each round)
     samples/         sample grids (generative tasks)
     summary.md, eps.png, utility.png   written at the end (server.report)
+
+The recorder only writes. What a round means (a failure, a reason to stop, a membership
+attack) is decided by the run's callbacks (server.callbacks), which the round loop calls.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tomli_w
@@ -24,18 +27,15 @@ import torch
 from rich.console import Console
 
 from common.config import RunConfig
-from common.errors import ConfigError, TrainingFailure
 from common.metrics.fairness import site_fairness
 from common.privacy.client_level import CENTRAL_SITE_ID
 from common.tasks import Task
 from common.tasks.base import set_state
 from server.ledger import Ledger
-from server.privacy_audit import mia_for_run
-from server.strategy import DeltaFedAvg
+from server.run_dir import check_new_run_dir, check_resumable_run_dir
 
-
-def default_run_dir(cfg: RunConfig, now: str) -> Path:
-    return Path("runs") / f"{now}-{cfg.scenario}"
+if TYPE_CHECKING:
+    from server.strategy import RoundRecord
 
 
 class RunRecorder:
@@ -45,14 +45,10 @@ class RunRecorder:
         """A new run directory, or (``resume``) the existing one of a stopped run."""
         self.cfg, self.task, self.dir = cfg, task, run_dir
         self.console = console or Console(highlight=False, soft_wrap=True)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError("run-dir", f"{run_dir} exists and is not a directory")
         if resume:
-            if not (run_dir / "ledger.sqlite").is_file():
-                raise ConfigError("run-dir", f"{run_dir} has no ledger.sqlite: nothing to resume")
+            check_resumable_run_dir(run_dir)
         else:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
+            check_new_run_dir(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_nested()))
         self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
@@ -98,10 +94,17 @@ class RunRecorder:
             self.console.print(f"[yellow]round {rnd:>3}: {note}[/]")
 
     # ------------------------------------------------------------------ rounds
-    def end_round(self, rnd: int, seconds: float, strategy: DeltaFedAvg) -> bool:
-        """Persist round ``rnd``; return False when the run should stop."""
-        rec = strategy.record(rnd)
-        set_state(self.model, self.keys, strategy.global_arrays)
+    def load_global(self, arrays: list[np.ndarray]) -> torch.nn.Module:
+        """The model that checkpoints and samples are written from, set to the global arrays."""
+        set_state(self.model, self.keys, arrays)
+        return self.model
+
+    def write_round(self, rnd: int, rec: RoundRecord, seconds: float, extra: dict[str, Any], ok: bool = True) -> None:
+        """Write round ``rnd``: checkpoint, metrics line, samples, progress line.
+
+        ``extra``: keys the run's callbacks add to the line (e.g. "mia"). With ``ok`` False
+        (the round failed) only the line is written: the last good checkpoint stays.
+        """
         site_rows = [r for r in rec.ledger_rows if r.site_id != CENTRAL_SITE_ID]
         central = [r for r in rec.ledger_rows if r.site_id == CENTRAL_SITE_ID]
         eps = {r.site_id: r.eps_total for r in site_rows}
@@ -141,14 +144,10 @@ class RunRecorder:
         if central:
             # Client-level DP: one site is the unit of privacy (common.privacy.client_level).
             line["central_dp"] = {"eps": central[0].eps_total, "delta": central[0].delta, "status": central[0].status}
-        every = self.cfg.audit.mia_every
-        if self.cfg.audit.mia and every and rnd % every == 0 and self.task.server_test_data() is not None:
-            line["mia"] = mia_for_run(self.task, self.model, self.ledger.rows(), self.cfg.federation.seed)
-        diverged = [s for s, why in rec.rejected.items() if "NaN or Inf" in why]
-        if rec.trained and not rec.aggregated and len(diverged) == len(rec.trained):
+        line.update(extra)
+        if not ok:
             self._append(line)
-            # Every site that trained sent NaN/Inf: training diverged. Keep the last good checkpoint.
-            raise TrainingFailure(f"training diverged in round {rnd}: every site's update contains NaN or Inf")
+            return
         # Checkpoint, then the line: a kill between the two leaves a checkpointed round
         # without a line, which a resume fills in (server.resume), never the reverse.
         self.save_checkpoint(rnd)
@@ -157,15 +156,6 @@ class RunRecorder:
         if every and rnd % every == 0:
             self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png")
         self.console.print(self._progress_line(rnd, line))
-        if strategy.should_stop():
-            why = (
-                f"another round would exceed the client-level ε budget (central-dp.epsilon-budget={self.cfg.central_dp.epsilon_budget:g})"
-                if strategy.central_exhausted
-                else f"no site can train another round within its ε budget (dp.epsilon-budget={self.cfg.dp.epsilon_budget:g})"
-            )
-            self.console.print(f"[yellow]stopping after round {rnd}: {why}[/]")
-            return False
-        return True
 
     def _eps_max(self) -> float:
         return max((v for k, v in self.ledger.spent().items() if k != CENTRAL_SITE_ID), default=0.0)

@@ -14,8 +14,9 @@ from typing import Any
 from common.errors import DataError
 from common.plots import line_plot
 from common.privacy.client_level import CENTRAL_SITE_ID
+from server.eps_crosscheck import TOLERANCE, cross_check
 from server.ledger import Ledger, LedgerRow
-from server.privacy_audit import TOLERANCE, cross_check, violates_bound
+from server.membership_inference import violates_bound
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,17 @@ Flower's ``DefaultWorkflow`` runs a fixed number of rounds and has no hook after
 round. We reuse its building blocks unchanged (parameter init, the fit workflow,
 centralised and federated evaluation) and add three things: ``after_fit`` (the strategy
 applies the round's sum, plus central-DP noise, even in rounds where Flower never calls
-``aggregate_fit``), ``on_round_end`` (ledger head, metrics line, checkpoint, progress)
-and stopping when no site can train within its budget. The fit step is pluggable:
-Flower's default or SecAgg+ (:mod:`server.secagg`).
+``aggregate_fit``), an end of round (the run's callbacks, :mod:`server.callbacks`, judge
+the round: extra metrics, a failure, a reason to stop; then ``record_round`` writes it)
+and a clean stop. The fit step is pluggable: Flower's default or SecAgg+ (:mod:`server.secagg`).
 """
 
 from __future__ import annotations
 
 import math
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -31,13 +32,17 @@ from flwr.server.workflow.default_workflows import (
 )
 
 from common.errors import PrivfedError
+from server.callbacks import RoundOutcome, RunCallback
 
 
 class RoundLoop:
     def __init__(
         self,
-        on_round_end: Callable[[int, float], bool],
         *,
+        round_outcome: Callable[[int], RoundOutcome],
+        record_round: Callable[[RoundOutcome, float, dict[str, Any], bool], None],
+        callbacks: Sequence[RunCallback] = (),
+        on_stop: Callable[[int, str], None] = lambda rnd, why: None,
         num_sites: int,
         site_wait_seconds: float,
         on_start: Callable[[], None] = lambda: None,
@@ -48,11 +53,16 @@ class RoundLoop:
         round_timeout: float = 0.0,
     ) -> None:
         """``on_start()`` runs once every site has connected; ``after_fit(round)`` returns the
-        new global arrays (or None: unchanged); ``on_round_end(round, seconds) -> keep_going``."""
+        new global arrays (or None: unchanged); ``round_outcome(round)`` gives the ended
+        round to the callbacks; ``record_round(outcome, seconds, extra metrics, ok)`` writes it;
+        ``on_stop(round, why)`` tells of a clean stop."""
         self.fit_workflow = fit_workflow or default_fit_workflow
         self.after_fit = after_fit
         self.on_round_start = on_round_start  # e.g. mark the round begun in the ledger (resume)
-        self.on_round_end = on_round_end
+        self.round_outcome = round_outcome
+        self.record_round = record_round
+        self.callbacks = list(callbacks)
+        self.on_stop = on_stop
         self.on_start = on_start
         self.num_sites = num_sites
         self.site_wait_seconds = site_wait_seconds
@@ -90,11 +100,30 @@ class RoundLoop:
                     )
                 default_centralized_evaluation_workflow(grid, context)
                 default_evaluate_workflow(grid, context)
-                if not self.on_round_end(rnd, timeit.default_timer() - t0):
+                if not self.end_round(rnd, timeit.default_timer() - t0):
                     break
         finally:
             stop_flag.set()
             thread.join()
+
+    def end_round(self, rnd: int, seconds: float) -> bool:
+        """Judge round ``rnd`` with the callbacks, record it; False: the run stops here.
+
+        A failure is raised after the round's line is written (its privacy spend is in the
+        ledger already) and before a checkpoint, so the last good checkpoint stays."""
+        out = self.round_outcome(rnd)
+        extra: dict[str, Any] = {}
+        for cb in self.callbacks:
+            extra.update(cb.round_metrics(out))
+        failure = next((f for cb in self.callbacks if (f := cb.round_failure(out)) is not None), None)
+        self.record_round(out, seconds, extra, failure is None)
+        if failure is not None:
+            raise failure
+        why = next((w for cb in self.callbacks if (w := cb.stop_reason(out))), None)
+        if why:
+            self.on_stop(rnd, why)
+            return False
+        return True
 
 
 class TimedGrid:

@@ -13,7 +13,6 @@ import os
 import secrets
 import tomllib
 from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from common.config import RunConfig, flatten, parse_override
 from common.deploy.keys import KEY_BYTES, key_from_env, load_key
 from common.errors import ConfigError, DataError
 from common.preflight import preflight
+from server.run_dir import check_new_run_dir, default_run_dir
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 _META_KEYS = ("description", "extends")
@@ -107,13 +107,8 @@ def simulate(
     key = simulation_key(cfg, key_file, console)
     preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
     if not cfg.federation.run_dir:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg = cfg.replace(run_dir=str(Path("runs") / f"{stamp}-{cfg.scenario}"))
-    run_dir = Path(cfg.federation.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError("run-dir", f"{run_dir} exists and is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
+        cfg = cfg.replace(run_dir=str(default_run_dir(cfg)))
+    check_new_run_dir(Path(cfg.federation.run_dir))
     return _run(cfg, key, console, verbose)
 
 

@@ -164,8 +164,11 @@ def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_check
 
     from common.errors import TrainingFailure
     from common.tasks.base import get_state
+    from server.callbacks import RoundOutcome
+    from server.callbacks.divergence import Divergence
     from server.recorder import RunRecorder
     from server.strategy import DeltaFedAvg
+    from server.workflow import RoundLoop
     from tests.unit.test_server_client import _reply
 
     task = gan_task()
@@ -175,14 +178,23 @@ def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_check
     strategy = DeltaFedAvg(
         initial_arrays=init, ledger=recorder.ledger, num_sites=2, min_fit_sites=1, primary_metric="fid"
     )
+    loop = RoundLoop(
+        round_outcome=lambda rnd: RoundOutcome(
+            rnd, strategy.record(rnd), recorder.load_global(strategy.global_arrays), recorder.ledger
+        ),
+        record_round=lambda out, secs, extra, ok: recorder.write_round(out.rnd, out.record, secs, extra, ok),
+        callbacks=[Divergence()],
+        num_sites=2,
+        site_wait_seconds=1,
+    )
     good = [np.zeros_like(a) for a in init]
     strategy.aggregate_fit(1, [_reply("a", good), _reply("b", good, node=2)], [])
-    assert recorder.end_round(1, 0.1, strategy)
+    assert loop.end_round(1, 0.1)
     ckpt = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     nan = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in init]
     strategy.aggregate_fit(2, [_reply("a", nan), _reply("b", nan, node=2)], [])
     with pytest.raises(TrainingFailure, match="diverged in round 2"):
-        recorder.end_round(2, 0.1, strategy)
+        loop.end_round(2, 0.1)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == ckpt  # still round 1's
     # the sites' privacy spend for the diverged round is still in the ledger
     assert [(r.round, r.status) for r in recorder.ledger.rows()][-2:] == [(2, "rejected"), (2, "rejected")]

@@ -11,7 +11,8 @@ import torch
 from common.data.arrays import ArrayData
 from common.privacy.accounting import RoundPlan
 from server.ledger import Ledger, SiteSpend
-from server.privacy_audit import advantage_bound, cross_check, membership_inference
+from server.eps_crosscheck import cross_check
+from server.membership_inference import advantage_bound, membership_inference
 
 
 def _rows(tmp_path, accountant="rdp"):
@@ -89,7 +90,7 @@ def test_attack_finds_a_leak_and_not_noise():
 
 
 def test_bound_does_not_overflow_and_violation_needs_more_than_noise():
-    from server.privacy_audit import violates_bound
+    from server.membership_inference import violates_bound
 
     assert advantage_bound(1000.0, 1e-5) == pytest.approx(1.0)
     assert advantage_bound(3123.0, 0.0) == 1.0
@@ -99,7 +100,7 @@ def test_bound_does_not_overflow_and_violation_needs_more_than_noise():
 
 
 def test_finite_claim_against_infinite_independent_epsilon_is_flagged():
-    from server.privacy_audit import CrossCheck
+    from server.eps_crosscheck import CrossCheck
 
     c = CrossCheck("a", "rdp", 1e-5, 5.0, math.inf, "dp-accounting PLD")
     assert c.shortfall == 1.0 and not c.ok

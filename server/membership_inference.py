@@ -1,17 +1,12 @@
-"""Checks of the privacy numbers that do not trust the code that produced them.
+"""Loss-threshold membership inference (Yeom et al., 2018): an empirical check of the claimed ε.
 
-* :func:`cross_check` recomputes each site's cumulative epsilon from the ledger's
-  recorded inputs with Google's ``dp-accounting`` PLD accountant (an independent, tight
-  numerical accountant) and flags a recorded epsilon that is *lower* than that by more
-  than a tolerance, i.e. an under-statement.
-* :func:`membership_inference` runs the loss-threshold attack (Yeom et al., 2018):
-  score every example by its loss under the global model and ask how well that
-  separates the sites' training examples (members) from the server-held test split
-  (non-members). It reports AUC and the best advantage max(TPR - FPR), next to what the
-  claimed (eps, delta) allows: (eps, delta)-DP implies TPR <= e^eps * FPR + delta and
-  1 - FPR <= e^eps * (1 - TPR) + delta, hence advantage <= (e^eps - 1 + 2 delta) / (e^eps + 1).
-  An empirical advantage above that bound would mean the claim is false; one below it
-  proves nothing (the attack may just be weak).
+:func:`membership_inference` scores every example by its loss under the global model and
+asks how well that separates the sites' training examples (members) from the server-held
+test split (non-members). It reports AUC and the best advantage max(TPR - FPR), next to
+what the claimed (eps, delta) allows: (eps, delta)-DP implies TPR <= e^eps * FPR + delta
+and 1 - FPR <= e^eps * (1 - TPR) + delta, hence advantage <= (e^eps - 1 + 2 delta) / (e^eps + 1).
+An empirical advantage above that bound would mean the claim is false; one below it
+proves nothing (the attack may just be weak). Simulation only: it needs the sites' data.
 """
 
 from __future__ import annotations
@@ -23,76 +18,10 @@ import numpy as np
 import torch
 
 from common.data.arrays import ArrayData
-from common.privacy.accounting import NO_DP, _merge
+from common.privacy.accounting import NO_DP
 from common.tasks import Task
 from common.tasks.base import to_device
 from server.ledger import LedgerRow
-
-# The recorded epsilon may fall below the independent PLD value by at most this much
-# (PLD discretisation). Above it is fine: RDP is an upper bound, normally a looser one.
-TOLERANCE = 0.05
-
-
-@dataclass(frozen=True)
-class CrossCheck:
-    site_id: str
-    accountant: str
-    delta: float
-    eps_recorded: float
-    eps_independent: float
-    method: str
-
-    @property
-    def shortfall(self) -> float:
-        """Signed: how far the recorded epsilon lies *below* the independent one (>0 is bad)."""
-        if math.isinf(self.eps_recorded):
-            return 0.0  # nothing is under-stated by an infinite claim
-        if math.isinf(self.eps_independent):
-            return 1.0  # a finite claim where the independent accountant says infinite
-        return (self.eps_independent - self.eps_recorded) / max(abs(self.eps_independent), 1e-12)
-
-    @property
-    def ok(self) -> bool:
-        """One-sided: a ledger may over-state epsilon (RDP does), never under-state it."""
-        return self.shortfall <= TOLERANCE
-
-
-def independent_epsilon(history: list[tuple[float, float, int]], delta: float) -> tuple[float, str]:
-    """Epsilon of a site's (sigma, q, steps) history with dp-accounting's PLD accountant.
-
-    PLD (privacy loss distributions) is a tight numerical accountant implemented
-    independently of Opacus, so it checks both the arithmetic and the method: a recorded
-    RDP or PRV epsilon below it would be an under-statement.
-    """
-    import dp_accounting
-    from dp_accounting.pld import PLDAccountant
-
-    hist = _merge([(s, q, k) for s, q, k in history if k > 0])
-    if not hist:
-        return 0.0, "none"
-    events = [
-        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), k)
-        for s, q, k in hist
-    ]
-    acc = PLDAccountant()
-    acc.compose(dp_accounting.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta)), "dp-accounting PLD"
-
-
-def cross_check(rows: list[LedgerRow]) -> list[CrossCheck]:
-    """One check per site, on its final cumulative epsilon (private sites only)."""
-    histories: dict[str, list[tuple[float, float, int]]] = {}
-    last: dict[str, LedgerRow] = {}
-    for r in rows:
-        if r.accountant == NO_DP:
-            continue
-        histories.setdefault(r.site_id, []).append((r.noise_multiplier, r.sample_rate, r.steps))
-        last[r.site_id] = r
-    out = []
-    for site, row in sorted(last.items()):
-        eps, method = independent_epsilon(histories[site], row.delta)
-        out.append(CrossCheck(site, row.accountant, row.delta, row.eps_total, eps, method))
-    return out
 
 
 def advantage_bound(eps: float, delta: float) -> float:

@@ -1,0 +1,88 @@
+"""``privfed audit`` and ``privfed report``: read a finished (or stopped) run's directory.
+
+Both only read: the ledger, metrics.jsonl and the config. ``audit --verify`` recomputes
+every ε from its recorded inputs and cross-checks each site's total with an independent
+accountant (:mod:`server.eps_crosscheck`); neither touches any site's data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    if command == "audit":
+        parser.add_argument("run_dir", help="a run directory (runs/<timestamp>-<scenario>)")
+        parser.add_argument("--verify", action="store_true", help="check the hash chain and recompute every epsilon")
+        parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    else:  # report
+        parser.add_argument("run_dir")
+        parser.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+
+
+def run(command: str, args: argparse.Namespace, console: Console, err: Console, passthrough: list[str]) -> int:
+    if command == "audit":
+        return _audit(args, console, err)
+    from pathlib import Path
+
+    from server.html_report import write_report
+
+    out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    console.print(f"report: {out.resolve()}")
+    return 0
+
+
+def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
+    """0: shown (and verified); 1: verification failed; 2: could not read the run."""
+    from server.ledger_audit import audit_rows, describe_units, open_ledger, render, table, verify_run
+
+    ledger = open_ledger(args.run_dir)
+    if not console.is_terminal:
+        console = Console(highlight=False, soft_wrap=True, width=120)  # whole table in logs and pipes
+    try:
+        rows = ledger.rows()
+        data = audit_rows(rows)
+        if args.format == "table":
+            console.print(table(data, title=f"privacy ledger: {args.run_dir}"))
+            if rows:
+                console.print(describe_units(rows))
+        else:
+            sys.stdout.write(render(data, args.format))
+            if args.format == "json":
+                sys.stdout.write("\n")
+        if not args.verify:
+            return 0
+        result = verify_run(args.run_dir, ledger)
+    finally:
+        ledger.close()
+    if result.ok:
+        err.print(
+            f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, "
+            "head matches metrics.jsonl"
+        )
+        if result.unrecorded:
+            err.print(
+                f"note: the last {result.unrecorded} row(s) come after the last head in metrics.jsonl: "
+                "the server stopped in that round before recording it (`privfed resume` records it); "
+                "they add spend, none is hidden"
+            )
+        from server.eps_crosscheck import cross_check
+
+        checks = cross_check(rows)
+        for c in checks:
+            mark = "ok" if c.ok else "[red]UNDER-STATED[/]"
+            err.print(
+                f"cross-check {escape(c.site_id)}: recorded ε={c.eps_recorded:.4f} ({c.accountant}), "
+                f"{c.method} ε={c.eps_independent:.4f} ({-c.shortfall:+.2%}): {mark}"
+            )
+        if all(c.ok for c in checks):
+            return 0
+        err.print("[red]verification FAILED:[/] a recorded ε is below the independent accountant's (under-stated)")
+        return 1
+    where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
+    err.print(f"[red]verification FAILED at {where}:[/] {escape(result.reason)}")
+    return 1
