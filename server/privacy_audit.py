@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.data.arrays import ArrayData
+from common.data.arrays import ArrayData, to_device
 from common.privacy.accounting import NO_DP, _merge
 from common.tasks import Task
-from common.tasks.base import to_device
 from server.ledger import LedgerRow
 
 # The recorded epsilon may fall below the independent PLD value by at most this much

@@ -28,7 +28,7 @@ import torch
 
 from common.data.arrays import ArrayData
 from common.privacy.accounting import RoundPlan
-from common.privacy.dp import FastDPStep, NonPrivateStep, OpacusDPStep
+from common.privacy.engines import FastDPStep, NonPrivateStep, OpacusDPStep
 from common.privacy.training import make_optimizer
 from common.tasks import get_task
 from simulations.launcher import resolve

@@ -26,7 +26,7 @@ from common.data.ratings import (
 from common.deploy.keys import KeyFileError, Pseudonymizer, expected_collision_rate, load_key, write_key
 from common.errors import ConfigError, DataError
 from common.privacy.accounting import RoundPlan
-from common.privacy.dp import FastDPStep, OpacusDPStep
+from common.privacy.engines import FastDPStep, OpacusDPStep
 from common.tasks import get_task
 from tests.conftest import make_cfg
 
@@ -472,7 +472,7 @@ def test_cli_keys_and_a_bad_key_file_are_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_recommender_trains_and_evaluates_on_cuda_like_on_cpu():
-    from common.privacy.dp import plan_round
+    from common.privacy.plan import plan_round
     from common.privacy.training import run_local_round
 
     task = recsys_task(**{"dp.noise-multiplier": 1.0})
