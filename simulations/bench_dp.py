@@ -106,7 +106,7 @@ def dp_section(
     Opacus's optimiser wrapper) ÷ median time of one plain step of the same model,
     optimiser and batch, the two taking turns within every repetition.
     """
-    from common.tasks.recsys import default_movielens_path
+    from common.tasks.recsys.data import default_movielens_path
 
     if cases is None:
         cases = list(SUITE_CASES) + ([("recsys-movielens", 2048)] if default_movielens_path() is not None else [])
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     cases = [("vae-digits", 32), ("vae-digits", 64), ("vae-digits", 256), ("gan-digits", 64), ("recsys-synthetic", 512)]
-    from common.tasks.recsys import default_movielens_path
+    from common.tasks.recsys.data import default_movielens_path
 
     if default_movielens_path() is not None:
         cases.append(("recsys-movielens", 2048))

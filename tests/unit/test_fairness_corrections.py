@@ -23,7 +23,7 @@ from common.privacy.engines import FastDPStep, OpacusDPStep
 from common.privacy.plan import plan_round
 from common.privacy.training import run_local_round
 from common.tasks import get_task
-from common.tasks.recsys import OFFSET_GROUPS
+from common.tasks.recsys.model import OFFSET_GROUPS
 from tests.conftest import make_cfg
 from tests.unit.test_recsys import engine_grads
 

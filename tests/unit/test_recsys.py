@@ -493,7 +493,7 @@ def test_recommender_trains_and_evaluates_on_cuda_like_on_cpu():
 @pytest.mark.parametrize("k", [2, 5, 20, 40])
 def test_withheld_groups_cannot_be_recovered_by_subtraction(k):
     """overall - reported groups = the withheld groups' sum: it must cover 0 or >= k users."""
-    from common.tasks.recsys import GROUP_ATTRIBUTES, suppressed_groups
+    from common.tasks.recsys.metrics import GROUP_ATTRIBUTES, suppressed_groups
 
     task = recsys_task(**{"recsys.min-group-size": k})
     torch.manual_seed(0)
