@@ -132,7 +132,8 @@ def dp_section(
                 }
             )
             progress(
-                f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private ({fast['ms_per_step']:.2f} ms)"
+                f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private "
+                f"({fast['ms_per_step']:.2f} ms)"
             )
     finally:
         torch.set_num_threads(before)
