@@ -35,8 +35,8 @@ class _CaptureLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _trainable_bias(module: nn.Linear) -> bool:
-    return module.bias is not None and module.bias.requires_grad
+def _trainable_bias(module: nn.Module) -> bool:
+    return bool(module.bias is not None and module.bias.requires_grad)
 
 
 @register_rule(nn.Linear)
