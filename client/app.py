@@ -37,7 +37,7 @@ from common.errors import PrivfedError
 from common.faults import corruption, drops, event
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import CENTRAL_SITE_ID, clip_update, secure_clip_norm
-from common.privacy.dp import NoiseKey, plan_round, remember_noise
+from common.privacy.plan import NoiseKey, plan_round, remember_noise
 from common.privacy.secagg_stats import secure_statistics
 from common.privacy.training import run_local_round
 from common.protocol import Status, fit_metrics
@@ -336,7 +336,7 @@ def build_client_app(
     ``key`` is the federation key the simulation launcher hands its virtual sites; a
     deployed site reads its own (:func:`site_key`). ``state_dir`` is where the virtual
     sites keep their durable state; a deployed site names its own (``state-dir``).
-    ``noise`` is the launcher's searched noise multipliers (:func:`common.privacy.dp.known_noise`),
+    ``noise`` is the launcher's searched noise multipliers (:func:`common.privacy.plan.known_noise`),
     so each Ray worker does not search them again.
     """
     base = dict(defaults or {})

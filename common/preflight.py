@@ -5,7 +5,7 @@ from __future__ import annotations
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
 from common.privacy.accounting import epsilon
-from common.privacy.dp import plan_round
+from common.privacy.plan import plan_round
 from common.privacy.secagg_stats import secure_statistics
 from common.tasks import Task, get_task
 

@@ -20,7 +20,7 @@ import torch
 from common.data.arrays import ArrayData
 from common.privacy.accounting import NO_DP
 from common.tasks import Task
-from common.tasks.base import to_device
+from common.data.arrays import to_device
 from server.ledger import LedgerRow
 
 

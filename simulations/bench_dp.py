@@ -28,7 +28,7 @@ import torch
 
 from common.data.arrays import ArrayData
 from common.privacy.accounting import RoundPlan
-from common.privacy.dp import FastDPStep, NonPrivateStep, OpacusDPStep
+from common.privacy.engines import FastDPStep, NonPrivateStep, OpacusDPStep
 from common.privacy.training import make_optimizer
 from common.tasks import get_task
 from simulations.launcher import resolve
@@ -106,7 +106,7 @@ def dp_section(
     Opacus's optimiser wrapper) ÷ median time of one plain step of the same model,
     optimiser and batch, the two taking turns within every repetition.
     """
-    from common.tasks.recsys import default_movielens_path
+    from common.tasks.recsys.data import default_movielens_path
 
     if cases is None:
         cases = list(SUITE_CASES) + ([("recsys-movielens", 2048)] if default_movielens_path() is not None else [])
@@ -132,7 +132,8 @@ def dp_section(
                 }
             )
             progress(
-                f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private ({fast['ms_per_step']:.2f} ms)"
+                f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private "
+                f"({fast['ms_per_step']:.2f} ms)"
             )
     finally:
         torch.set_num_threads(before)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     cases = [("vae-digits", 32), ("vae-digits", 64), ("vae-digits", 256), ("gan-digits", 64), ("recsys-synthetic", 512)]
-    from common.tasks.recsys import default_movielens_path
+    from common.tasks.recsys.data import default_movielens_path
 
     if default_movielens_path() is not None:
         cases.append(("recsys-movielens", 2048))

@@ -95,7 +95,7 @@ def utility_section(
     runner: Callable[..., dict[str, Any]] = run_cell,
 ) -> dict[str, Any]:
     """Final utility per (task, ε); ``relative_to_nodp`` = value ÷ the ε = ∞ value."""
-    from common.tasks.recsys import default_movielens_path
+    from common.tasks.recsys.data import default_movielens_path
 
     out: dict[str, Any] = {"epsilons": ["inf" if math.isinf(e) else e for e in epsilons], "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="privfed-utility-key-") as tmp:

@@ -150,7 +150,7 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> 
     from flwr.simulation import run_simulation  # heavy import (Ray): only when running
 
     from client.app import build_client_app
-    from common.privacy.dp import known_noise
+    from common.privacy.plan import known_noise
     from server.app import build_server_app
 
     flat = cfg.to_flat()

@@ -32,6 +32,11 @@ class ArrayData:
         return ArrayData(self.x[t], None if self.y is None else self.y[t])
 
 
+def to_device(batch: ArrayData, device: torch.device) -> ArrayData:
+    """The batch with its tensors on ``device``."""
+    return ArrayData(batch.x.to(device), None if batch.y is None else batch.y.to(device))
+
+
 @dataclass(frozen=True)
 class FederatedSplit:
     """A server-held test split and one (train, validation) pair per site."""

@@ -5,16 +5,17 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from common.data.arrays import ArrayData
+from common.config import RunConfig
+from common.data.arrays import ArrayData, to_device
 from common.privacy.accounting import NO_DP, RoundPlan
-from common.privacy.dp import StepEngine, make_engine
-from common.tasks.base import Task, to_device
+from common.privacy.engines import StepEngine, make_engine
 
 
 class LocalSession:
@@ -74,6 +75,20 @@ class LocalSession:
         self.steps_taken += 1
 
 
+class LocalTrainer(Protocol):
+    """What :func:`run_local_round` needs of a task (:class:`common.tasks.base.Task` has it).
+
+    A protocol, not the Task class: tasks depend on this module (they train through a
+    :class:`LocalSession`), so this module must not depend on them.
+    """
+
+    cfg: RunConfig
+
+    def private_module(self, model: nn.Module) -> nn.Module: ...
+
+    def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]: ...
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     metrics: dict[str, float]
@@ -86,7 +101,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimi
 
 
 def run_local_round(
-    task: Task,
+    task: LocalTrainer,
     model: nn.Module,
     data: ArrayData,
     plan: RoundPlan,

@@ -158,9 +158,3 @@ def set_state(model: nn.Module, keys: list[str], arrays: list[np.ndarray]) -> No
         if tuple(a.shape) != tuple(state[k].shape):
             raise ValueError(f"array for {k!r} has shape {tuple(a.shape)}, expected {tuple(state[k].shape)}")
         state[k].copy_(torch.as_tensor(a))
-
-
-def to_device(batch: ArrayData, device: torch.device) -> ArrayData:
-    from common.data.arrays import ArrayData
-
-    return ArrayData(batch.x.to(device), None if batch.y is None else batch.y.to(device))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.privacy.accounting import epsilon
-from common.privacy.dp import plan_round
+from common.privacy.plan import plan_round
 from common.tasks import get_task
 from server.ledger import Ledger
 from simulations.launcher import resolve, simulate

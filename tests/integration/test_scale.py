@@ -59,7 +59,7 @@ def test_fraction_evaluate_out_of_range_is_one_line_error(value):
 
 
 def test_a_site_takes_the_launchers_noise_search_instead_of_repeating_it(monkeypatch):
-    import common.privacy.dp as dp
+    import common.privacy.plan as dp
 
     cfg = make_cfg(**{"dp.target-epsilon": 3.0, "dp.delta": 1e-5, "rounds": 4})
     monkeypatch.setattr(dp, "_NOISE", {})

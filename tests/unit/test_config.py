@@ -82,7 +82,7 @@ def test_delta_at_least_one_over_n_is_rejected():
 
 
 def test_auto_delta_is_below_one_over_n():
-    from common.privacy.dp import plan_round
+    from common.privacy.plan import plan_round
 
     cfg = RunConfig.from_flat({})
     for n in (11, 50, 1000, 10**6):

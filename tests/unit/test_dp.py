@@ -12,7 +12,8 @@ from torch import nn
 from common.data.arrays import ArrayData
 from common.errors import ConfigError
 from common.privacy.accounting import RoundPlan, epsilon
-from common.privacy.dp import FastDPStep, NonPrivateStep, OpacusDPStep, plan_round
+from common.privacy.engines import FastDPStep, NonPrivateStep, OpacusDPStep
+from common.privacy.plan import plan_round
 from common.privacy.training import LocalSession
 from tests.conftest import make_cfg
 

@@ -19,10 +19,11 @@ from common.data.ratings import RatingData
 from common.errors import ConfigError
 from common.metrics.fairness import label_weights_for_target, quota_labels
 from common.metrics.image_quality import class_shares, total_variation
-from common.privacy.dp import FastDPStep, OpacusDPStep, plan_round
+from common.privacy.engines import FastDPStep, OpacusDPStep
+from common.privacy.plan import plan_round
 from common.privacy.training import run_local_round
 from common.tasks import get_task
-from common.tasks.recsys import OFFSET_GROUPS
+from common.tasks.recsys.model import OFFSET_GROUPS
 from tests.conftest import make_cfg
 from tests.unit.test_recsys import engine_grads
 

@@ -21,6 +21,7 @@ from common.metrics.fairness import (
     yao_huang_sums,
 )
 from common.tasks import get_task
+from common.tasks.recsys.evaluation import ranking
 from tests.conftest import make_cfg
 from tests.unit.test_recsys import SMALL, _FixedScores, recsys_task
 
@@ -226,7 +227,7 @@ def _site_reference(task, s):
     m = task.evaluate(model, test)
     with torch.no_grad():
         pred = model(test.x).clamp(1, 5).numpy().astype(np.float64)
-        hits, ndcg, top = task._ranking(model, test, torch.device("cpu"))
+        hits, ndcg, top = ranking(model, test, torch.device("cpu"), task.params.top_k)
     users = test.x[:, 0].numpy()
     pop = item_popularity(test.seen[0], test.seen[1], test.catalogue, test.num_users)
     return m, {

@@ -10,7 +10,8 @@ from opacus.validators import ModuleValidator
 
 from common.data.arrays import ArrayData
 from common.privacy.accounting import RoundPlan
-from common.privacy.dp import FastDPStep, OpacusDPStep, plan_round
+from common.privacy.engines import FastDPStep, OpacusDPStep
+from common.privacy.plan import plan_round
 from common.privacy.training import run_local_round
 from common.tasks import get_task
 from tests.conftest import make_cfg

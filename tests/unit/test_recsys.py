@@ -26,7 +26,7 @@ from common.data.ratings import (
 from common.deploy.keys import KeyFileError, Pseudonymizer, expected_collision_rate, load_key, write_key
 from common.errors import ConfigError, DataError
 from common.privacy.accounting import RoundPlan
-from common.privacy.dp import FastDPStep, OpacusDPStep
+from common.privacy.engines import FastDPStep, OpacusDPStep
 from common.tasks import get_task
 from tests.conftest import make_cfg
 
@@ -472,7 +472,7 @@ def test_cli_keys_and_a_bad_key_file_are_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_recommender_trains_and_evaluates_on_cuda_like_on_cpu():
-    from common.privacy.dp import plan_round
+    from common.privacy.plan import plan_round
     from common.privacy.training import run_local_round
 
     task = recsys_task(**{"dp.noise-multiplier": 1.0})
@@ -493,7 +493,7 @@ def test_recommender_trains_and_evaluates_on_cuda_like_on_cpu():
 @pytest.mark.parametrize("k", [2, 5, 20, 40])
 def test_withheld_groups_cannot_be_recovered_by_subtraction(k):
     """overall - reported groups = the withheld groups' sum: it must cover 0 or >= k users."""
-    from common.tasks.recsys import GROUP_ATTRIBUTES, suppressed_groups
+    from common.tasks.recsys.metrics import GROUP_ATTRIBUTES, suppressed_groups
 
     task = recsys_task(**{"recsys.min-group-size": k})
     torch.manual_seed(0)

@@ -1,43 +1,14 @@
-"""Conditional GAN on images, with DP on the only network that touches real data.
+"""The GAN task: local training (DP-SGD on the discriminator's real-data loss only),
+evaluation, class-rebalanced sampling and sample grids.
 
-Quality (server side, on the held-out test split; :mod:`common.metrics.image_quality`):
-classifier-FID, train-synthetic-test-real accuracy and the class distribution of
-generated images. A run whose samples are not finite, or whose samples all fall in one
-class (total mode collapse), ends as a failure.
-
-Discriminator. ``D(x, y) = w . phi(x) + b + e_y . phi(x)``: a projection discriminator
-on random features ``phi(x) = relu(A x + c)``. ``A`` and ``c`` are drawn once from a fixed
-seed (``gan.feature-seed``), never trained and never fitted to data, so they are
-identical at every site and carry no information about anyone; only the head
-(``w``, ``b`` and the class embeddings ``e``) is trained. That head has few parameters,
-which is what lets DP-SGD noise stay small next to its signal. It has no BatchNorm (no
-batch statistics mixing examples), and both trainable layers are ones the fast DP
-engine clips exactly (``nn.Linear``, ``nn.Embedding``).
-
-Privacy argument (unit: one image). Per local step:
-  1. **D on real data (DP-SGD).** The hinge loss ``relu(1 - D(x, y))`` of each real
-     example in a Poisson-sampled batch goes through :meth:`LocalSession.step`: clipped
-     per example, noised, accounted. This is the only place real data is read.
-  2. **D on fake data.** ``relu(1 + D(G(z, y'), y'))`` on ``batch-size`` generated images
-     with random labels: a function of the current (DP) D and G and fresh noise, never
-     of a real example, so it has no privacy cost (post-processing).
-  3. **G.** ``-D(G(z, y'), y')`` with D fixed: again a function of D, G and noise only.
-The site releases D and G; both are post-processing of the DP-SGD outputs of step 1, so
-the released pair is (epsilon, delta)-DP for one image with the epsilon the ledger
-records for the discriminator's steps. ``tests/test_gan.py`` checks that G's training
-is identical whatever the real data is, once D is held fixed.
-
-Class-rebalanced sampling (``gan.class-target``, docs/FAIRNESS.md): the
-conditioning labels of evaluated samples are drawn so that the generated classes follow a
-target, uniform or the real distribution (from the sites' summed validation class
-counts). Post-processing of the released generator; the sites' counts are validation
-data, outside epsilon like the VAE's.
+Privacy (unit: one image; the full argument is in :mod:`common.tasks.gan`): only the
+hinge loss of D on real images goes through :meth:`LocalSession.step` (clipped per
+example, noised, accounted); D's step on generated images and G's steps are functions of
+the DP outputs and fresh noise, so the released D and G are post-processing.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,146 +21,22 @@ from common.data.arrays import ArrayData
 from common.errors import ConfigError, TrainingFailure
 from common.metrics.fairness import label_weights_for_target, quota_labels, sum_statistics
 from common.tasks import register_task
+from common.tasks.gan.classes import (
+    CALIBRATION_SEED,
+    EVAL_SEED,
+    MIN_LABEL_SHARE,
+    SHIFT_COST,
+    class_counts,
+    counts_vector,
+    is_class_count,
+)
+from common.tasks.gan.config import GANConfig
+from common.tasks.gan.model import GAN
 from common.tasks.images import ImageTask
 
 if TYPE_CHECKING:
     from common.config import RunConfig
     from common.privacy.training import LocalSession
-
-
-CLASS_TARGETS = ("none", "uniform", "real")
-
-
-@dataclass(frozen=True)
-class GANConfig:
-    latent_dim: int = 32
-    hidden_dim: int = 256
-    # Random features of the discriminator (fixed, data-independent).
-    features: int = 2048
-    feature_seed: int = 1234
-    conditional: bool = True
-    num_classes: int = 10
-    lr_g: float = 2e-3
-    g_steps: int = 1
-    # Generated images per evaluation (FID, TSTR, class distribution).
-    eval_samples: int = 2000
-    # A round whose samples put at least this share in one class is total mode collapse ...
-    collapse_share: float = 0.99
-    # ... and this many collapsed rounds in a row end the run. DP GANs often collapse for a
-    # few early rounds and recover (digits at eps=8: collapsed in rounds 4-5, FID 27 by round 11).
-    collapse_rounds: int = 5
-    # Class proportions of generated samples: none (labels cycled evenly, no correction) |
-    # uniform | real (from the sites' summed class counts).
-    class_target: str = "none"
-
-    def validate(self) -> None:
-        for key, value, low in (
-            ("latent-dim", self.latent_dim, 1),
-            ("hidden-dim", self.hidden_dim, 1),
-            ("features", self.features, 1),
-            ("num-classes", self.num_classes, 1),
-            ("g-steps", self.g_steps, 1),
-        ):
-            if value < low:
-                raise ConfigError(f"gan.{key}", f"must be >= {low}, got {value}")
-        if self.lr_g <= 0:
-            raise ConfigError("gan.lr-g", f"must be > 0, got {self.lr_g}")
-        if self.eval_samples < 20:
-            raise ConfigError("gan.eval-samples", f"must be >= 20, got {self.eval_samples}")
-        if not 0 < self.collapse_share <= 1:
-            raise ConfigError("gan.collapse-share", f"must be in (0, 1], got {self.collapse_share}")
-        if self.collapse_rounds < 1:
-            raise ConfigError("gan.collapse-rounds", f"must be >= 1, got {self.collapse_rounds}")
-        if self.class_target not in CLASS_TARGETS:
-            raise ConfigError(
-                "gan.class-target", f"must be one of {', '.join(CLASS_TARGETS)}, got {self.class_target!r}"
-            )
-
-
-class Generator(nn.Module):
-    """MLP generator. BatchNorm is fine here (it only ever sees generated images) and uses
-    batch statistics only, so the model has no buffers to federate."""
-
-    def __init__(self, latent_dim: int, hidden_dim: int, out_dim: int, num_classes: int, conditional: bool) -> None:
-        super().__init__()
-        self.latent_dim, self.num_classes, self.conditional = latent_dim, num_classes, conditional
-        cond = num_classes if conditional else 0
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim + cond, hidden_dim),
-            nn.BatchNorm1d(hidden_dim, track_running_stats=False),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim, track_running_stats=False),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        z = torch.randn(len(labels), self.latent_dim, generator=generator, device=labels.device)
-        if self.conditional:
-            z = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], 1)
-        return torch.sigmoid(self.net(z))
-
-
-class Discriminator(nn.Module):
-    """Projection discriminator on fixed random features (see the module docstring)."""
-
-    def __init__(self, in_dim: int, features: int, num_classes: int, conditional: bool, seed: int) -> None:
-        super().__init__()
-        self.features = nn.Linear(in_dim, features)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.features.weight.copy_(torch.randn(features, in_dim, generator=g) / math.sqrt(in_dim))
-            self.features.bias.copy_(torch.rand(features, generator=g) * 0.5 - 0.25)
-        self.features.requires_grad_(False)
-        self.scale = 4.0 / math.sqrt(features)
-        self.head = nn.Linear(features, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        self.embed = nn.Embedding(num_classes, features) if conditional else None
-        if self.embed is not None:
-            nn.init.zeros_(self.embed.weight)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        f = F.relu(self.features(x)) * self.scale
-        out = self.head(f).squeeze(1)
-        if self.embed is not None:
-            out = out + (self.embed(labels) * f).sum(1)
-        return out
-
-
-class GAN(nn.Module):
-    def __init__(self, in_dim: int, p: GANConfig) -> None:
-        super().__init__()
-        self.in_dim, self.num_classes = in_dim, p.num_classes
-        self.generator = Generator(p.latent_dim, p.hidden_dim, in_dim, p.num_classes, p.conditional)
-        self.discriminator = Discriminator(in_dim, p.features, p.num_classes, p.conditional, p.feature_seed)
-
-
-# Class-rebalanced sampling (gan.class-target): every conditioning label keeps at
-# least this share of its even share of the samples, so no class vanishes from TSTR's data,
-# and the label mix leaves the target only where each unit of shift buys >= SHIFT_COST
-# units of class TV (a generator that ignores its labels is not skewed for nothing).
-MIN_LABEL_SHARE = 0.2
-SHIFT_COST = 0.5
-# Latent seeds: the calibration batch (where each label lands) is never the evaluated one.
-CALIBRATION_SEED, EVAL_SEED = 1111, 4321
-
-
-def class_counts(labels: torch.Tensor | None, num_classes: int) -> dict[str, float]:
-    """``class.<c>.n`` for every class: what a site sends for the real class distribution."""
-    if labels is None:
-        return {}
-    counts = np.bincount(labels.cpu().numpy(), minlength=num_classes)[:num_classes]
-    return {f"class.{c}.n": float(v) for c, v in enumerate(counts)}
-
-
-def counts_vector(sums: dict[str, float], num_classes: int) -> np.ndarray:
-    return np.array([sums.get(f"class.{c}.n", 0.0) for c in range(num_classes)])
-
-
-def is_class_count(key: str) -> bool:
-    return key.startswith("class.") and key.endswith(".n")
 
 
 @register_task("gan")

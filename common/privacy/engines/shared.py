@@ -1,0 +1,45 @@
+"""What both DP engines share: the model check and Opacus's optimiser settings.
+
+The check refuses models whose training would let un-noised information about examples
+out (layers mixing examples within a batch break the per-example sensitivity ``C``;
+buffers are sent without noise). The settings make Opacus's ``DPOptimizer`` add
+N(0, (sigma*C)^2) per coordinate to the sum of clipped gradients and divide by the
+expected batch size q*n, which is what the accountant assumes.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from common.errors import ConfigError
+from common.privacy.accounting import RoundPlan
+
+
+def noise_kwargs(plan: RoundPlan, generator: torch.Generator | None, secure_mode: bool) -> dict:
+    """Opacus DPOptimizer settings shared by both engines: noise sigma*C on the sum of
+    clipped gradients, then division by the expected (not realised) batch size q*n."""
+    return dict(
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.sample_rate * plan.dataset_size,
+        loss_reduction="mean",
+        generator=generator,
+        secure_mode=secure_mode,
+    )
+
+
+def validate_private_model(model: nn.Module) -> None:
+    """Refuse models whose training would let un-noised information about examples out.
+
+    Opacus's ModuleValidator flags layers that mix examples within a batch (BatchNorm)
+    and other unsupported modules. Buffers are refused too: they are part of the state a
+    site sends, and nothing noises them.
+    """
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError("dp.engine", f"model is not DP-compatible: {errors[0]}")
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise ConfigError("dp.engine", f"model has buffers ({', '.join(buffers[:3])}), which DP-SGD does not noise")

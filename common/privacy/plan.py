@@ -1,0 +1,57 @@
+"""A site's DP plan for one round: Poisson rate, steps, noise multiplier and delta.
+
+The plan is the accountant's whole input (:class:`common.privacy.accounting.RoundPlan`):
+the ledger records it, the budget check spends it, and the step engines
+(:mod:`common.privacy.engines`) and the sampler (:mod:`common.privacy.training`) carry it
+out. Sensitivity: each noisy step releases a sum of per-example gradients clipped to
+``max_grad_norm``, so one example changes it by at most ``C``; sigma is in units of ``C``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.privacy.accounting import (  # noqa: F401  (known_noise, remember_noise: re-exported)
+    NO_DP,
+    NoiseKey,
+    RoundPlan,
+    auto_delta,
+    cached_noise_for_target,
+    known_noise,
+    remember_noise,
+)
+
+
+def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
+    """A site's accountant inputs for one round, from the config and its dataset size.
+
+    q = batch_size / n (Poisson rate), steps = ceil(local_epochs / q). With a target
+    epsilon, sigma is chosen so that ``rounds * steps`` such steps spend exactly the target.
+    """
+    n = dataset_size
+    q = min(1.0, cfg.train.batch_size / n)
+    steps = max(1, math.ceil(cfg.train.local_epochs / q))
+    dp = cfg.dp
+    if not dp.enabled:
+        return RoundPlan(n, q, steps, 0.0, 0.0, 0.0, NO_DP)
+    delta = dp.delta or auto_delta(n)
+    if delta >= 1.0 / n:
+        raise ConfigError("dp.delta", f"is {delta:g} but must be < 1/n = {1.0 / n:.3g} for a site with n={n} examples")
+    if dp.target_epsilon > 0:
+        sigma = _cached_noise(dp.target_epsilon, delta, q, steps * cfg.federation.rounds, dp.accountant)
+    else:
+        sigma = dp.noise_multiplier
+    return RoundPlan(n, q, steps, sigma, dp.max_grad_norm, delta, dp.accountant)
+
+
+# The noise search is cached in common.privacy.accounting (one cache for sample- and
+# client-level DP); known_noise / remember_noise are re-exported from there.
+def _cached_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    try:
+        return cached_noise_for_target(target, delta, q, steps, accountant)
+    except ValueError as exc:  # Opacus: "The privacy budget is too low."
+        raise ConfigError(
+            "dp.target-epsilon", f"{target:g} is not reachable with q={q:.3g} over {steps} steps ({exc})"
+        ) from None

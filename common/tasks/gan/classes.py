@@ -1,0 +1,36 @@
+"""Class counts and the constants of class-rebalanced sampling (``gan.class-target``).
+
+A site's ``class.<c>.n`` are counts of its validation labels: additive sums (the server
+adds them up), outside epsilon like every task's validation metrics. Rebalancing itself
+is post-processing of the released generator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Class-rebalanced sampling (gan.class-target): every conditioning label keeps at
+# least this share of its even share of the samples, so no class vanishes from TSTR's data,
+# and the label mix leaves the target only where each unit of shift buys >= SHIFT_COST
+# units of class TV (a generator that ignores its labels is not skewed for nothing).
+MIN_LABEL_SHARE = 0.2
+SHIFT_COST = 0.5
+# Latent seeds: the calibration batch (where each label lands) is never the evaluated one.
+CALIBRATION_SEED, EVAL_SEED = 1111, 4321
+
+
+def class_counts(labels: torch.Tensor | None, num_classes: int) -> dict[str, float]:
+    """``class.<c>.n`` for every class: what a site sends for the real class distribution."""
+    if labels is None:
+        return {}
+    counts = np.bincount(labels.cpu().numpy(), minlength=num_classes)[:num_classes]
+    return {f"class.{c}.n": float(v) for c, v in enumerate(counts)}
+
+
+def counts_vector(sums: dict[str, float], num_classes: int) -> np.ndarray:
+    return np.array([sums.get(f"class.{c}.n", 0.0) for c in range(num_classes)])
+
+
+def is_class_count(key: str) -> bool:
+    return key.startswith("class.") and key.endswith(".n")

@@ -1,0 +1,77 @@
+"""The GAN's networks: an MLP generator and a projection discriminator on fixed random features.
+
+Only the discriminator's head (``head``, ``embed``) is trained with DP-SGD; its feature
+map is drawn from ``gan.feature-seed``, never trained and never fitted to data. The head
+uses only layer types the fast DP engine clips exactly (``nn.Linear``, ``nn.Embedding``)
+and nothing that mixes examples. The generator never reads real data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.tasks.gan.config import GANConfig
+
+
+class Generator(nn.Module):
+    """MLP generator. BatchNorm is fine here (it only ever sees generated images) and uses
+    batch statistics only, so the model has no buffers to federate."""
+
+    def __init__(self, latent_dim: int, hidden_dim: int, out_dim: int, num_classes: int, conditional: bool) -> None:
+        super().__init__()
+        self.latent_dim, self.num_classes, self.conditional = latent_dim, num_classes, conditional
+        cond = num_classes if conditional else 0
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim + cond, hidden_dim),
+            nn.BatchNorm1d(hidden_dim, track_running_stats=False),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim, track_running_stats=False),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = torch.randn(len(labels), self.latent_dim, generator=generator, device=labels.device)
+        if self.conditional:
+            z = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], 1)
+        return torch.sigmoid(self.net(z))
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator on fixed random features (see the module docstring)."""
+
+    def __init__(self, in_dim: int, features: int, num_classes: int, conditional: bool, seed: int) -> None:
+        super().__init__()
+        self.features = nn.Linear(in_dim, features)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.randn(features, in_dim, generator=g) / math.sqrt(in_dim))
+            self.features.bias.copy_(torch.rand(features, generator=g) * 0.5 - 0.25)
+        self.features.requires_grad_(False)
+        self.scale = 4.0 / math.sqrt(features)
+        self.head = nn.Linear(features, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.embed = nn.Embedding(num_classes, features) if conditional else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        f = F.relu(self.features(x)) * self.scale
+        out = self.head(f).squeeze(1)
+        if self.embed is not None:
+            out = out + (self.embed(labels) * f).sum(1)
+        return out
+
+
+class GAN(nn.Module):
+    def __init__(self, in_dim: int, p: GANConfig) -> None:
+        super().__init__()
+        self.in_dim, self.num_classes = in_dim, p.num_classes
+        self.generator = Generator(p.latent_dim, p.hidden_dim, in_dim, p.num_classes, p.conditional)
+        self.discriminator = Discriminator(in_dim, p.features, p.num_classes, p.conditional, p.feature_seed)

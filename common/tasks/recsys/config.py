@@ -1,0 +1,64 @@
+"""The recommender's ``[recsys]`` config table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import ConfigError
+from common.tasks.recsys.model import MODELS
+
+
+CORRECTIONS = ("none", "group-offset")
+
+
+@dataclass(frozen=True)
+class RecsysConfig:
+    model: str = "mf"  # mf | neural
+    dim: int = 8
+    hidden_dim: int = 32
+    # Rows of the shared item table; items are hashed into them (collision rate ~ items/buckets).
+    num_buckets: int = 131072
+    init_std: float = 0.1
+    # L2 penalty per rating on the embeddings and biases it touches (classic MF regularisation).
+    l2: float = 0.0
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    top_k: int = 10
+    # k: smaller groups are not sent by sites nor reported by the server.
+    min_group_size: int = 10
+    synthetic_users: int = 600
+    synthetic_items: int = 300
+    synthetic_ratings_per_user: int = 40
+    # Bias correction: none | group-offset (a gender x item offset trained inside DP-SGD).
+    correction: str = "none"
+    # Decay of the offset table after every local step, b <- b / (1 + lr * lambda): offsets
+    # without a consistent signal (rare cells, DP noise) fade to 0. 0 = no decay.
+    correction_lambda: float = 0.1
+
+    def validate(self) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"recsys.{key}", msg)
+
+        need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {self.model!r}")
+        need(self.dim >= 1, "dim", f"must be >= 1, got {self.dim}")
+        need(self.hidden_dim >= 1, "hidden-dim", f"must be >= 1, got {self.hidden_dim}")
+        need(2 <= self.num_buckets <= 2**24, "num-buckets", f"must be in [2, 2^24], got {self.num_buckets}")
+        need(self.init_std > 0, "init-std", f"must be > 0, got {self.init_std}")
+        need(self.l2 >= 0, "l2", f"must be >= 0, got {self.l2}")
+        need(self.rating_min < self.rating_max, "rating-max", f"must be > recsys.rating-min, got {self.rating_max}")
+        need(self.top_k >= 1, "top-k", f"must be >= 1, got {self.top_k}")
+        need(self.min_group_size >= 1, "min-group-size", f"must be >= 1, got {self.min_group_size}")
+        need(self.synthetic_users >= 2, "synthetic-users", f"must be >= 2, got {self.synthetic_users}")
+        need(self.synthetic_items >= 2, "synthetic-items", f"must be >= 2, got {self.synthetic_items}")
+        need(
+            2 <= self.synthetic_ratings_per_user <= self.synthetic_items,
+            "synthetic-ratings-per-user",
+            f"must be in [2, recsys.synthetic-items], got {self.synthetic_ratings_per_user}",
+        )
+        need(
+            self.correction in CORRECTIONS,
+            "correction",
+            f"must be one of {', '.join(CORRECTIONS)}, got {self.correction!r}",
+        )
+        need(self.correction_lambda >= 0, "correction-lambda", f"must be >= 0, got {self.correction_lambda}")

@@ -1,0 +1,151 @@
+"""The recommender's evaluation sums: their public schema, and federation metrics from them.
+
+Sites send additive sums (:mod:`.evaluation`); the server adds them up (or SecAgg+ does)
+and derives RMSE, MAE, HR@k, NDCG@k, group metrics, Yao & Huang's unfairness,
+popularity bias and coverage. Group metrics are reported only for combined groups of at
+least ``recsys.min-group-size`` users, with complementary suppression so that no small
+group can be recovered by subtraction. Validation metrics, outside the DP guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+
+from common.data.ratings import AGE_BUCKETS, UNKNOWN
+from common.metrics.fairness import YAO_HUANG_SUMS, coverage, popularity_bias, sum_statistics, yao_huang
+
+GROUP_ATTRIBUTES = ("gender", "age")
+# Sums a site sends (all additive over sites; see docs/FAIRNESS.md).
+SUM_KEYS = (
+    "sse",
+    "sae",
+    "n_ratings",
+    "n_ranked",
+    "hits",
+    "dcg",
+    "groups_suppressed",
+    "pop_at_k_sum",
+    "pop_at_k_n",
+    "pop_held_out_sum",
+    "coverage_sum",
+    "coverage_sites",
+)
+# Per reported group: squared and absolute errors, predictions, ratings, users, NDCG.
+GROUP_SUMS = ("sse", "sae", "pred", "n", "users", "dcg")
+# Yao & Huang's metrics are for a binary attribute: gender, F against M.
+YH_ATTRIBUTE, YH_GROUPS = "gender", ("F", "M")
+YH_PREFIX = f"yh.{YH_ATTRIBUTE}."  # a site's sums: items, and one sum per term
+# Every value a group attribute can take after generalisation (common.data.ratings): the public
+# vocabulary of the secure-sum schema (RecsysTask.sum_keys).
+GROUP_VALUES = {"gender": ("F", "M", UNKNOWN), "age": (*(name for _, name in AGE_BUCKETS), UNKNOWN)}
+
+
+def sum_schema() -> tuple[str, ...]:
+    """Every sum a site can send, for every group of the public vocabulary (86 keys)."""
+    groups = tuple(f"group.{a}.{v}.{s}" for a in GROUP_ATTRIBUTES for v in GROUP_VALUES[a] for s in GROUP_SUMS)
+    return SUM_KEYS + groups + tuple(YH_PREFIX + k for k in YAO_HUANG_SUMS)
+
+
+def is_sum_key(key: str) -> bool:
+    """True for the metrics a site sends as sums (combined by adding them up)."""
+    if key in SUM_KEYS or key.startswith(YH_PREFIX):
+        return True
+    return key.startswith("group.") and key.rpartition(".")[2] in GROUP_SUMS
+
+
+def suppressed_groups(sizes: dict[str, float], k: int, withheld: int = 0) -> set[str]:
+    """Which groups to withhold so that no group of fewer than k users can be recovered.
+
+    Groups under k users are withheld. The groups of one attribute partition the users,
+    and the overall sums are reported too, so "overall minus the reported groups" gives
+    the sum over the withheld ones: if those hold fewer than k users together (counting
+    ``withheld`` users already hidden upstream), the next smallest groups are withheld as
+    well until they do (complementary suppression, as in statistical disclosure control).
+    """
+    hidden = {g for g, n in sizes.items() if n < k}
+    if not hidden:
+        return hidden
+    mass = withheld + sum(sizes[g] for g in hidden)
+    for g in sorted(set(sizes) - hidden, key=lambda g: (sizes[g], g)):
+        if mass >= k:
+            break
+        hidden.add(g)
+        mass += sizes[g]
+    return hidden
+
+
+def derived(sums: dict[str, float]) -> dict[str, float]:
+    """Metrics from sums and counts: RMSE, MAE, HR@k, NDCG@k (overall and per reported
+    group), Yao & Huang's unfairness, popularity bias and coverage."""
+    out: dict[str, float] = {}
+    n = sums.get("n_ratings", 0.0)
+    if n > 0:
+        out["rmse"] = math.sqrt(sums["sse"] / n)
+        out["mae"] = sums["sae"] / n
+    if sums.get("n_ranked", 0.0) > 0:
+        out["hr_at_k"] = sums["hits"] / sums["n_ranked"]
+        out["ndcg_at_k"] = sums["dcg"] / sums["n_ranked"]
+    for key in sums:
+        if key.startswith("group.") and key.endswith(".n") and sums[key] > 0:
+            prefix = key[:-1]
+            out[prefix + "rmse"] = math.sqrt(sums[prefix + "sse"] / sums[key])
+            if prefix + "sae" in sums:
+                out[prefix + "mae"] = sums[prefix + "sae"] / sums[key]
+            out[prefix + "ndcg_at_k"] = sums[prefix + "dcg"] / sums[prefix + "users"]
+
+    def group_pred(value: str) -> tuple[float, float]:  # (sum of predictions, ratings)
+        prefix = f"group.{YH_ATTRIBUTE}.{value}."
+        return (sums[prefix + "pred"], sums[prefix + "n"]) if prefix + "pred" in sums else (0.0, 0.0)
+
+    yh = {key[len(YH_PREFIX) :]: v for key, v in sums.items() if key.startswith(YH_PREFIX)}
+    out.update({f"unfairness.{YH_ATTRIBUTE}.{k}": v for k, v in yao_huang(yh, *map(group_pred, YH_GROUPS)).items()})
+    held = n if "pop_held_out_sum" in sums else 0.0
+    out.update(
+        popularity_bias(
+            sums.get("pop_at_k_sum", 0.0), sums.get("pop_at_k_n", 0.0), sums.get("pop_held_out_sum", 0.0), held
+        )
+    )
+    out.update(coverage(sums.get("coverage_sum", 0.0), sums.get("coverage_sites", 0.0)))
+    return out
+
+
+def drop_unsent(sums: dict[str, float]) -> dict[str, float]:
+    """The secure sum without what no site sent: the schema's groups that no site sent
+    arrive as 0 (a site sends a group only with >= 1 user), and are dropped like absent ones."""
+    total = dict(sums)
+    for key in [k for k, v in sums.items() if k.startswith("group.") and k.endswith(".users") and v == 0]:
+        for suffix in GROUP_SUMS:
+            total.pop(key[: -len("users")] + suffix, None)
+    if not any(v for k, v in sums.items() if k.startswith(YH_PREFIX)):
+        total = {k: v for k, v in total.items() if not k.startswith(YH_PREFIX)}
+    return total
+
+
+def combine(results: list[tuple[int, dict[str, float]]], min_group_size: int) -> dict[str, float]:
+    """Federation-wide metrics from the sites' sums (not a mean of site RMSEs); exact except
+    Yao & Huang's item-level terms and coverage (see :mod:`common.tasks.recsys`)."""
+    total = sum_statistics((m for _, m in results), is_sum_key)
+    k = min_group_size
+    for attr in GROUP_ATTRIBUTES:
+        sizes = {
+            key[len(f"group.{attr}.") : -len(".users")]: v
+            for key, v in total.items()
+            if key.startswith(f"group.{attr}.") and key.endswith(".users")
+        }
+        # users whose group some site already withheld: together >= k (see suppressed_groups)
+        withheld = int(total.get("n_ranked", 0) - sum(sizes.values()))
+        for value in suppressed_groups(sizes, k, withheld):
+            for suffix in GROUP_SUMS:
+                total.pop(f"group.{attr}.{value}.{suffix}", None)
+            total["groups_suppressed"] = total.get("groups_suppressed", 0.0) + 1
+        if attr == YH_ATTRIBUTE and not all(f"group.{attr}.{v}.n" in total for v in YH_GROUPS):
+            for key in [key for key in total if key.startswith(YH_PREFIX)]:
+                del total[key]  # a withheld group's means are in them
+    out = derived(total)
+    # Keep the counts a reader needs; the raw sums have served their purpose.
+    keep = ("n_ratings", "n_ranked", "groups_suppressed", YH_PREFIX + "items")
+    out.update({key: v for key, v in total.items() if key in keep or key.endswith(".users")})
+    rates = [m["item_collision_rate"] for _, m in results if "item_collision_rate" in m]
+    if rates:
+        out["item_collision_rate"] = max(rates)
+    return out
