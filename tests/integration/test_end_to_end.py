@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +29,19 @@ SMALL = [
 ]
 
 
-def test_three_sites_two_rounds(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory) -> tuple[Path, list[str]]:
+    """One seeded 3-site, 2-round run (its run dir and overrides), shared to save a run:
+    test_three_sites_two_rounds checks it, test_seeded_runs_repeat_exactly repeats it.
+    Tests only read it."""
+    run_dir = tmp_path_factory.mktemp("two-rounds") / "run"
     overrides = SMALL + ["rounds=2", f"run-dir={run_dir}"]
     simulate("vae-digits", overrides)
+    return run_dir, overrides
+
+
+def test_three_sites_two_rounds(two_rounds):
+    run_dir, overrides = two_rounds
     cfg = resolve("vae-digits", overrides)
 
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -70,6 +80,7 @@ def test_three_sites_two_rounds(tmp_path):
     assert ckpt["round"] == 2 and ckpt["ledger_rows"] == 6 and ckpt["ledger_head"] == ledger.head()
     model = task.build_model()
     model.load_state_dict(ckpt["state"])
+    task.artifacts_dir = run_dir  # the run's evaluation classifier (class_tv), not a second training of it
     assert task.evaluate(model, task.server_test_data())["neg_elbo"] == pytest.approx(
         lines[-1]["test"]["neg_elbo"], rel=1e-5
     )
@@ -99,7 +110,11 @@ def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
     budget = (one + three) / 2
 
     run_dir = tmp_path / "run"
-    simulate("vae-digits", SMALL + ["rounds=8", f"dp.epsilon-budget={budget}", f"run-dir={run_dir}"])
+    # No samples or membership-inference audit: this test reads the budget stop only.
+    simulate(
+        "vae-digits",
+        SMALL + ["sample-every=0", "audit.mia=false", "rounds=8", f"dp.epsilon-budget={budget}", f"run-dir={run_dir}"],
+    )
 
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 2 <= len(lines) < 8  # stopped early
@@ -135,12 +150,13 @@ def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
     assert simulation_processes() == []
 
 
-def test_seeded_runs_repeat_exactly(tmp_path):
+def test_seeded_runs_repeat_exactly(tmp_path, two_rounds):
     """The README's numbers are reproducible: same seed, same metrics, same ledger epsilons."""
+    first, _ = two_rounds
+    again = tmp_path / "b"
+    simulate("vae-digits", SMALL + ["rounds=2", f"run-dir={again}"])  # the shared run's overrides
     outs = []
-    for name in ("a", "b"):
-        run_dir = tmp_path / name
-        simulate("vae-digits", SMALL + ["rounds=2", f"run-dir={run_dir}"])
+    for run_dir in (first, again):
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         eps = [r.eps_total for r in Ledger(run_dir / "ledger.sqlite").rows()]
         outs.append(([m["test"] for m in lines], [m["site_val"] for m in lines], eps))
