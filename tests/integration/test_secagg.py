@@ -78,14 +78,7 @@ FIVE = VAE + ["num-sites=5", "rounds=1", "weighting=uniform"]
 WITHOUT_0_AND_3 = ['faults.dropout-sites="0,3"', "faults.dropout-stage=upload"]
 
 
-@pytest.fixture(scope="module")
-def plain_without_0_and_3(tmp_path_factory) -> dict:
-    """Plain FedAvg of sites 1, 2 and 4 of 5 (0 and 3 drop before uploading): the reference
-    of two secure runs below, run once for both. Tests only read it."""
-    return _run(tmp_path_factory.mktemp("secagg"), "plain3", "vae-digits", FIVE + WITHOUT_0_AND_3)[0]
-
-
-def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path, plain_without_0_and_3):
+def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path):
     """VAE, 5 sites, threshold 3: two sites may vanish after masking, or before uploading."""
     base = FIVE
     plain, _ = _run(tmp_path, "plain", "vae-digits", base)
@@ -100,7 +93,7 @@ def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path, plain_wit
     assert _max_diff(after_mask, plain) < STEP
 
     dropped = base + WITHOUT_0_AND_3
-    plain3 = plain_without_0_and_3
+    plain3, _ = _run(tmp_path, "plain3", "vae-digits", dropped)
     secure3, lines = _run(tmp_path, "secure3", "vae-digits", dropped + ["secagg.enabled=true"])
     assert lines[0]["sites_used"] == ["site-1", "site-2", "site-4"]
     assert _max_diff(secure3, plain3) < STEP
@@ -108,16 +101,13 @@ def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path, plain_wit
     assert _max_diff(plain3, plain) > 100 * STEP
 
 
-def test_a_site_offline_at_setup_leaves_a_round_of_the_others(tmp_path, plain_without_0_and_3):
+def test_a_site_offline_at_setup_leaves_a_round_of_the_others(tmp_path):
     """Flower 1.41 alone fails the whole round here (it asks survivors for shares of a site
-    that never shared its keys); server/secagg.py forgets such sites before anyone trains.
-    Two sites offline (the survivors just meet the threshold, 3 of 5), so that the plain
-    reference is the one the upload dropouts above compare with: where a site drops out
-    does not change the survivors' updates."""
-    base = FIVE + ['faults.dropout-sites="0,3"']
+    that never shared its keys); server/secagg.py forgets such sites before anyone trains."""
+    base = FIVE + ['faults.dropout-sites="0"']
     secure, lines = _run(tmp_path, "secure", "vae-digits", base + ["secagg.enabled=true", "faults.dropout-stage=setup"])
-    plain = plain_without_0_and_3
-    assert lines[0]["aggregated"] and lines[0]["sites_used"] == ["site-1", "site-2", "site-4"]
+    plain, _ = _run(tmp_path, "plain", "vae-digits", base + ["faults.dropout-stage=train"])
+    assert lines[0]["aggregated"] and lines[0]["sites_used"] == ["site-1", "site-2", "site-3", "site-4"]
     assert _max_diff(secure, plain) < STEP
 
 
