@@ -165,16 +165,14 @@ def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_check
     from common.errors import TrainingFailure
     from common.tasks.base import get_state
     from server.recorder import RunRecorder
-    from server.strategy import DeltaFedAvg
+    from tests.conftest import make_strategy
     from tests.unit.test_server_client import _reply
 
     task = gan_task()
     recorder = RunRecorder(task.cfg, task, tmp_path / "run")
     model = task.build_model()
     init = get_state(model, task.shared_keys(model))
-    strategy = DeltaFedAvg(
-        initial_arrays=init, ledger=recorder.ledger, num_sites=2, min_fit_sites=1, primary_metric="fid"
-    )
+    strategy = make_strategy(init=init, ledger=recorder.ledger, num_sites=2, primary_metric="fid")
     good = [np.zeros_like(a) for a in init]
     strategy.aggregate_fit(1, [_reply("a", good), _reply("b", good, node=2)], [])
     assert recorder.end_round(1, 0.1, strategy)
