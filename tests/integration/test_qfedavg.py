@@ -1,4 +1,4 @@
-"""q-FedAvg fair aggregation (server.fair_aggregation): the step, the strategy's rounds, the config."""
+"""q-FedAvg fair aggregation (server.aggregation.qfedavg): the step, the strategy's rounds, the config."""
 
 from __future__ import annotations
 
