@@ -34,11 +34,11 @@ from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
 from common.deploy.site_config import apply_site_overrides
 from common.errors import PrivfedError
-from common.faults import corruption, drops, event
+from common.faults import drops, event
+from common.pipeline import SiteContext, SiteUpdate, build_pipeline
 from common.privacy.accounting import RoundPlan, epsilon
-from common.privacy.client_level import CENTRAL_SITE_ID, clip_update, secure_clip_norm
+from common.privacy.client_level import CENTRAL_SITE_ID
 from common.privacy.plan import NoiseKey, plan_round, remember_noise
-from common.privacy.secagg_stats import secure_statistics
 from common.privacy.training import run_local_round
 from common.protocol import Status, fit_metrics
 from common.runtime import cached_task, config_from, resolve_device, round_seed
@@ -65,8 +65,9 @@ class SiteClient(NumPyClient):
         self.device = resolve_device(cfg.federation.device)
         self.state_dir = state_dir
         self.state_file: Path | None = None
-        # Under SecAgg+: the codec for the evaluation sums that ride in the masked vector.
-        self.secure_stats = secure_statistics(self.task.sum_keys(), cfg.secagg)
+        # What happens to the update before it leaves (clip, guard, evaluation sums, weight);
+        # the server runs the same list in reverse.
+        self.pipeline = build_pipeline(cfg, self.task)
 
     # ------------------------------------------------------------ durable state
     def _restore(self, config: Mapping[str, Any]) -> None:
@@ -139,6 +140,10 @@ class SiteClient(NumPyClient):
             }
         )
 
+    def _history_json(self) -> str:
+        """The rounds this site trained, as the reply's ``history`` (protocol.py)."""
+        return json.dumps([[r, s, q, k] for r, s, q, k in self._entries() if k > 0])
+
     def _remember(self, server_round: int, plan: RoundPlan, steps: int) -> None:
         self._set_history(self._entries() + [(server_round, plan.noise_multiplier, plan.sample_rate, steps)])
 
@@ -149,10 +154,16 @@ class SiteClient(NumPyClient):
         plan = plan_round(self.cfg, len(self.train_data))
         budget = self.cfg.dp.epsilon_budget
         model, keys = self._model(parameters)
-        stats = self._secure_sums(model)  # of the model just received, before training
+        ctx = SiteContext(
+            self.site_index,
+            server_round,
+            evaluate=lambda: self.task.evaluate(model.to(self.device), self.val_data),
+            is_sum_key=self.task.is_sum_key,
+        )
+        self.pipeline.before_training(ctx)  # evaluation sums of the model just received
         # The rounds this site trained before, for the server's ledger (a reply it never
         # received is ledgered when it learns of it here).
-        before = json.dumps([[r, s, q, k] for r, s, q, k in self._entries() if k > 0])
+        before = self._history_json()
 
         spent = epsilon(self._history(), plan.delta, plan.accountant)
         if self.cfg.dp.enabled:
@@ -173,7 +184,9 @@ class SiteClient(NumPyClient):
                 )
                 # Under SecAgg+ a zero update still takes part, so the sum stays recoverable;
                 # its evaluation sums (validation data, not training data) still count.
-                return zeros + stats, 1 if self.cfg.secagg.enabled else 0, metrics
+                ctx.trained = False
+                out = self.pipeline.site(SiteUpdate(zeros, 0), ctx)
+                return out.payload(), out.num_examples, metrics
 
         faults, seed0 = self.cfg.faults, self.cfg.federation.seed
         if drops(faults, seed0, self.site_index, server_round, "train"):
@@ -191,16 +204,10 @@ class SiteClient(NumPyClient):
         self._keep_local(model, keys)
         self._persist()  # before anything leaves the site
         local = get_state(model, keys)
-        update = self._prepare_update([(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)])
-        if drops(faults, seed0, self.site_index, server_round, "upload"):
-            # After the site's own accounting: it spent privacy, the server never hears of it.
-            raise InjectedDropout(
-                f"injected dropout: site {self.site_index} trained in round {server_round}, its reply is lost"
-            )
-        if event(faults, seed0, self.site_index, server_round, "corrupt", faults.corrupt_rate):
-            update = corrupt(update, corruption(faults, seed0, self.site_index, server_round))
-        if event(faults, seed0, self.site_index, server_round, "delay", faults.delay_rate):
-            time.sleep(faults.delay_seconds)
+        delta = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
+        # Clip (client-level DP), refuse what SecAgg+ could not check, injected upload faults,
+        # evaluation sums, weight: see common/pipeline/build.py for the order and why.
+        out = self.pipeline.site(SiteUpdate(delta, len(self.train_data)), ctx)
         # Under DP the training loss stays at the site: it is computed from the private
         # examples without noise, so sending it would fall outside the epsilon we claim.
         private_extras = {} if self.cfg.dp.enabled or self.cfg.central_dp.enabled else outcome.metrics
@@ -216,42 +223,7 @@ class SiteClient(NumPyClient):
             history=before,
             **private_extras,
         )
-        return update + stats, self._weight(len(self.train_data)), metrics
-
-    def _secure_sums(self, model: Any) -> list[np.ndarray]:
-        """Under SecAgg+, this site's evaluation sums of the global model it just received
-        (plus its own local part), as one array to be masked with the update; else [].
-
-        That is the model the previous round's evaluate measured, so the server gets the
-        federation's group metrics of it as a secure sum (docs/FAIRNESS.md).
-        """
-        if self.secure_stats is None:
-            return []
-        metrics = self.task.evaluate(model.to(self.device), self.val_data)
-        return [self.secure_stats.pack(metrics, self.task.is_sum_key)]
-
-    def _weight(self, n: int) -> int:
-        # Under SecAgg+ Flower's mod scales the update by num_examples / max_weight before
-        # quantizing; 1/1 keeps the full precision, and the server weighs sites equally.
-        return 1 if self.cfg.secagg.enabled else n
-
-    def _prepare_update(self, update: list[np.ndarray]) -> list[np.ndarray]:
-        """Clip for central DP; check what SecAgg+ cannot check once the update is masked."""
-        cdp, sa = self.cfg.central_dp, self.cfg.secagg
-        if cdp.enabled:
-            update = clip_update(update, secure_clip_norm(cdp.clip_norm, sa, update))
-        if sa.enabled:
-            # Once masked, a bad update cannot be told apart from the others: the site
-            # refuses to send it, and the protocol treats the site as dropped out.
-            if not all(np.isfinite(a).all() for a in update):
-                raise PrivfedError("update contains NaN or Inf: not sent to secure aggregation")
-            peak = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
-            if peak > sa.clipping_range:
-                raise PrivfedError(
-                    f"update has a coordinate of size {peak:.3g} > secagg.clipping-range={sa.clipping_range:g}; "
-                    "SecAgg+ would clip it silently: raise the range or lower the learning rate"
-                )
-        return update
+        return out.payload(), out.num_examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         self._restore(config)
@@ -261,8 +233,8 @@ class SiteClient(NumPyClient):
         # wants a loss, and the server ignores a NaN one.
         loss = float(metrics.get(self.task.primary_metric, float("nan")))
         # The rounds this site trained, so a fit reply lost in the last round is still ledgered.
-        history = json.dumps([[r, s, q, k] for r, s, q, k in self._entries() if k > 0])
-        if self.secure_stats is not None:
+        history = self._history_json()
+        if self.pipeline.get("eval_sums") is not None:
             # The sums go inside the masked fit vector; in the clear only the site's own
             # primary metric, which site-level fairness (and q-fedavg) needs per site.
             metrics = {k: v for k, v in metrics.items() if k == self.task.primary_metric}
@@ -271,18 +243,6 @@ class SiteClient(NumPyClient):
 
 class InjectedCrash(RuntimeError):
     """A crash the run's ``[faults]`` section asked for: the ClientApp fails with an error."""
-
-
-def corrupt(update: list[np.ndarray], kind: str) -> list[np.ndarray]:
-    """A malformed update of the given kind (fault injection): what the server must reject."""
-    out = [a.copy() for a in update]
-    if kind == "nan":
-        out[0].flat[0] = np.nan
-    elif kind == "shape":
-        out[-1] = out[-1].reshape(-1)[:-1]
-    else:  # "norm": a thousand times the honest update, as from a diverged or hostile site
-        out = [a * np.asarray(1000.0, dtype=a.dtype) for a in out]
-    return out
 
 
 def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, str]:

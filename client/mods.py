@@ -16,13 +16,11 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from common.errors import PrivfedError
 from common.faults import drops
+from common.pipeline.stages.faults import InjectedDropout
 from common.runtime import config_from
 
-
-class InjectedDropout(PrivfedError):
-    """A dropout the run's ``[faults]`` section asked for (tests and fault scenarios)."""
+__all__ = ["InjectedDropout", "make_fault_mod", "secure_mod", "secure_stage"]
 
 
 def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -20,18 +20,15 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.errors import ConfigError, PrivfedError, TrainingFailure
+from common.pipeline import build_pipeline
 from common.preflight import preflight
-from common.privacy.accounting import NO_DP
-from common.privacy.client_level import all_or_nothing_probability, central_plan
-from common.privacy.secagg_stats import secure_statistics
+from common.privacy.client_level import all_or_nothing_probability
 from common.runtime import config_from, resolve_device
-from common.seeds import central_noise_rng, site_sampling_rng
 from common.tasks.base import get_state, set_state
 from server.callbacks import RoundOutcome
 from server.callbacks.budget_stop import BudgetStop
 from server.callbacks.divergence import Divergence
 from server.callbacks.membership_inference import MembershipInference
-from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
 from server.recorder import RunRecorder
 from server.report import Summary, write_summary
@@ -74,45 +71,10 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             return task.evaluate(eval_model, test)
 
     n = cfg.federation.num_sites
-    central = None
-    if cfg.central_dp.enabled:
-        central = CentralRelease(central_plan(cfg), cfg.central_dp.epsilon_budget, lambda rnd: _noise_rng(cfg, rnd))
+    # The update's journey (clip, guard, evaluation sums, weighting, masking), the sites' too.
+    pipeline = build_pipeline(cfg, task)
     strategy = DeltaFedAvg(
-        initial_arrays=get_state(model, keys),
-        ledger=None,
-        num_sites=n,
-        min_fit_sites=cfg.federation.min_fit_sites,
-        primary_metric=task.primary_metric,
-        accountant=cfg.dp.accountant if cfg.dp.enabled else NO_DP,
-        central_eval=central_eval,
-        combine_eval=task.combine_metrics,
-        secure_stats=secure_statistics(task.sum_keys(), cfg.secagg),
-        combine_sums=task.combine_sums,
-        uniform=cfg.uniform_weights,
-        secure=cfg.secagg.enabled,
-        central=central,
-        poisson_rng=(lambda rnd: _sampling_rng(cfg, rnd)) if central is not None else None,
-        aggregation=fed.aggregation,
-        trim_fraction=fed.trim_fraction,
-        byzantine_sites=fed.byzantine_sites,
-        qffl_q=fed.qffl_q,
-        qffl_lipschitz=cfg.qffl_lipschitz,
-        max_update_norm=fed.max_update_norm,
-        norm_outlier_factor=fed.norm_outlier_factor,
-        fraction_fit=cfg.federation.fraction_fit,
-        fraction_evaluate=fed.fraction_evaluate,
-        last_round=fed.rounds,
-        min_fit_clients=1,
-        min_evaluate_clients=1,
-        # All sites are awaited once at the start (RoundLoop); after that a site that
-        # drops out must not make Flower's sampler wait for it.
-        min_available_clients=1,
-        # run-id names the sites' durable state (client.state), so a resumed run finds it.
-        on_fit_config_fn=lambda rnd: {"server-round": rnd, "run-id": run_dir.name},
-        on_evaluate_config_fn=lambda rnd: {"server-round": rnd, "run-id": run_dir.name},
-        fit_metrics_aggregation_fn=lambda _: {},
-        evaluate_metrics_aggregation_fn=lambda _: {},
-        accept_failures=True,
+        cfg, task, None, pipeline, initial_arrays=get_state(model, keys), central_eval=central_eval, run_id=run_dir.name
     )
     recorder: RunRecorder | None = None
 
@@ -196,21 +158,6 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     if failure is not None:
         raise failure
     return summary
-
-
-def _noise_rng(cfg: RunConfig, rnd: int) -> np.random.Generator:
-    """Central-DP noise of one round: seeded for reproducible simulations, OS entropy with
-    dp.secure-rng. Derived per round, so a resumed run never repeats an earlier round's noise."""
-    if cfg.dp.secure_rng:
-        return np.random.default_rng()
-    return central_noise_rng(cfg.federation.seed, rnd)
-
-
-def _sampling_rng(cfg: RunConfig, rnd: int) -> random.Random:
-    """Poisson site sampling of one round: seeded like the noise (a known sample weakens amplification)."""
-    if cfg.dp.secure_rng:
-        return random.Random()
-    return site_sampling_rng(cfg.federation.seed, rnd)
 
 
 def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:

@@ -1,4 +1,8 @@
-"""The server's half of client-level DP: noise, budget and the ledger row (see common.privacy.client_level)."""
+"""The server's half of client-level DP: budget, the ledger row, and the per-round noise generator.
+
+The mechanism itself (noise, then /qN) is the client-level DP stage of the update pipeline
+(common.pipeline.stages.client_level_dp); this class holds what needs the ledger.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,20 @@ from collections.abc import Callable
 
 import numpy as np
 
+from common.config import RunConfig
+from common.pipeline.stages.client_level_dp import noised_step
 from common.privacy.accounting import RoundPlan
-from common.privacy.client_level import CENTRAL_SITE_ID, CENTRAL_UNIT, add_noise
+from common.privacy.client_level import CENTRAL_SITE_ID, CENTRAL_UNIT, central_plan
+from common.seeds import central_noise_rng
 from server.ledger import Ledger, LedgerRow, SiteSpend
+
+
+def noise_rng(cfg: RunConfig, rnd: int) -> np.random.Generator:
+    """Central-DP noise of one round: seeded for reproducible simulations, OS entropy with
+    dp.secure-rng. Derived per round, so a resumed run never repeats an earlier round's noise."""
+    if cfg.dp.secure_rng:
+        return np.random.default_rng()
+    return central_noise_rng(cfg.federation.seed, rnd)
 
 
 class CentralRelease:
@@ -17,10 +32,14 @@ class CentralRelease:
     def __init__(
         self, plan: RoundPlan, budget: float, rng: np.random.Generator | Callable[[int], np.random.Generator]
     ) -> None:
-        """``rng``: one generator, or a function giving each round its own (see server.app)."""
+        """``rng``: one generator, or a function giving each round its own (see :func:`noise_rng`)."""
         self.plan = plan
         self.budget = budget
         self.rng = rng
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> CentralRelease:
+        return cls(central_plan(cfg), cfg.central_dp.epsilon_budget, lambda rnd: noise_rng(cfg, rnd))
 
     @property
     def clip_norm(self) -> float:
@@ -30,21 +49,17 @@ class CentralRelease:
     def expected_sites(self) -> float:
         return self.plan.sample_rate * self.plan.dataset_size
 
+    def noise_rng(self, rnd: int) -> np.random.Generator:
+        return self.rng(rnd) if callable(self.rng) else self.rng
+
     def can_release(self, ledger: Ledger) -> bool:
         """Whether one more round stays within the central budget."""
         p = self.plan
         return ledger.projected_total(CENTRAL_SITE_ID, p.mechanism, p.delta, p.accountant) <= self.budget
 
-    def release(
-        self, rnd: int, total: list[np.ndarray], ledger: Ledger, *, empty: bool
-    ) -> tuple[list[np.ndarray], LedgerRow]:
-        """Ledger the round's mechanism, then return the noised step (sum + noise) / (q N).
-
-        ``empty``: no sum this round (nobody, or too few, took part); the noise is released alone.
-
-        The row is written first and whatever the sample: the mechanism runs every round,
-        including rounds in which no site (or too few for SecAgg+) took part.
-        """
+    def ledger_row(self, rnd: int, ledger: Ledger, *, empty: bool) -> LedgerRow:
+        """Ledger the round's mechanism, whatever the sample: it runs every round, including
+        rounds in which no site (or too few for SecAgg+) took part (``empty``)."""
         spend = SiteSpend(
             site_id=CENTRAL_SITE_ID,
             unit=CENTRAL_UNIT,
@@ -55,6 +70,11 @@ class CentralRelease:
             status="noise_only" if empty else "released",
         )
         (row,) = ledger.record_round(rnd, [spend])
-        rng = self.rng(rnd) if callable(self.rng) else self.rng
-        noisy = add_noise(total, self.plan.noise_multiplier * self.clip_norm, rng)
-        return [n / self.expected_sites for n in noisy], row
+        return row
+
+    def release(
+        self, rnd: int, total: list[np.ndarray], ledger: Ledger, *, empty: bool
+    ) -> tuple[list[np.ndarray], LedgerRow]:
+        """Ledger the round's mechanism, then return the noised step (sum + noise) / (q N)."""
+        row = self.ledger_row(rnd, ledger, empty=empty)
+        return noised_step(total, self.plan, self.noise_rng(rnd)), row

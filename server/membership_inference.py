@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.data.arrays import ArrayData
+from common.data.arrays import ArrayData, to_device
 from common.privacy.accounting import NO_DP
 from common.tasks import Task
-from common.data.arrays import to_device
 from server.ledger import LedgerRow
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,66 @@ def tamper(ledger_path, *statements: str) -> None:
         conn.execute(sql)
     conn.commit()
     conn.close()
+
+
+# Strategy arguments the tests name in Python style, and the config keys they set.
+_STRATEGY_KEYS = {
+    "num_sites": "num-sites",
+    "min_fit_sites": "min-fit-sites",
+    "aggregation": "aggregation",
+    "trim_fraction": "trim-fraction",
+    "byzantine_sites": "byzantine-sites",
+    "qffl_q": "qffl-q",
+    "qffl_lipschitz": "qffl-lipschitz",
+    "max_update_norm": "max-update-norm",
+    "norm_outlier_factor": "norm-outlier-factor",
+    "fraction_fit": "fraction-fit",
+    "fraction_evaluate": "fraction-evaluate",
+    "last_round": "rounds",
+}
+
+
+def make_strategy(
+    tmp_path=None,
+    init=None,
+    *,
+    accountant: str = "none",
+    secure: bool = False,
+    uniform: bool = False,
+    central=None,
+    poisson_rng=None,
+    primary_metric: str = "loss",
+    ledger=None,
+    task=None,
+    **kw,
+):
+    """A DeltaFedAvg as server.app builds it (config -> pipeline -> strategy), for strategy tests.
+
+    Keyword arguments are config settings in Python spelling (``norm_outlier_factor=10.0``);
+    the norm-outlier check is off unless asked for. ``central``: a CentralRelease to use
+    instead of the config's (its plan and generator); ``poisson_rng`` likewise.
+    """
+    from common.pipeline import build_pipeline
+    from server.ledger import Ledger
+    from server.strategy import DeltaFedAvg
+
+    flat = {_STRATEGY_KEYS[k]: v for k, v in kw.items()}
+    flat.setdefault("norm-outlier-factor", 0.0)
+    flat.setdefault("num-sites", 3)
+    flat["dp.enabled"] = accountant != "none"
+    if accountant != "none":
+        flat["dp.accountant"] = accountant
+    flat["secagg.enabled"] = secure
+    flat["central-dp.enabled"] = central is not None
+    flat["weighting"] = "uniform" if uniform else "auto"
+    cfg = make_cfg(**flat)
+    if ledger is None and tmp_path is not None:
+        ledger = Ledger(tmp_path / "ledger.sqlite", run_id="t")
+    init = init if init is not None else [np.zeros(2, np.float32)]
+    s = DeltaFedAvg(cfg, task, ledger, build_pipeline(cfg, task), initial_arrays=init)
+    s.primary_metric = primary_metric
+    if central is not None:
+        s.central = central
+    if poisson_rng is not None:
+        s.poisson_rng = poisson_rng
+    return s

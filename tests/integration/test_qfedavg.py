@@ -1,4 +1,4 @@
-"""q-FedAvg fair aggregation (server.fair_aggregation): the step, the strategy's rounds, the config."""
+"""q-FedAvg fair aggregation (server.aggregation.qfedavg): the step, the strategy's rounds, the config."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import pytest
 from flwr.common import Code, EvaluateRes, Status
 
 from common.errors import ConfigError
-from server.fair_aggregation import qffl_step, site_losses
-from server.ledger import Ledger
-from server.strategy import DeltaFedAvg
-from tests.conftest import make_cfg, simulation_processes
+from server.aggregation.qfedavg import qffl_step, site_losses
+from tests.conftest import make_cfg, make_strategy, simulation_processes
 from tests.unit.test_server_client import _reply, _round
 
 
@@ -107,8 +105,7 @@ def test_site_losses_take_each_sites_latest_earlier_value():
 
 # ------------------------------------------------------------------ the strategy's rounds
 def _strategy(tmp_path, init, **kw):
-    ledger = Ledger(tmp_path / "ledger.sqlite", run_id="t")
-    return DeltaFedAvg(initial_arrays=init, ledger=ledger, num_sites=3, min_fit_sites=1, primary_metric="loss", **kw)
+    return make_strategy(tmp_path, init, num_sites=3, **kw)
 
 
 def _evaluated(s, rnd, losses):

@@ -12,7 +12,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from common.errors import ConfigError
 from server.strategy import DeltaFedAvg
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, make_strategy
 
 
 def _manager(n: int) -> SimpleClientManager:
@@ -25,17 +25,8 @@ def _manager(n: int) -> SimpleClientManager:
 
 
 def _strategy(fraction_evaluate: float, last_round: int) -> DeltaFedAvg:
-    return DeltaFedAvg(
-        initial_arrays=[np.zeros(2, np.float32)],
-        ledger=None,
-        num_sites=40,
-        min_fit_sites=1,
-        primary_metric="loss",
-        fraction_evaluate=fraction_evaluate,
-        min_evaluate_clients=1,
-        min_available_clients=1,
-        last_round=last_round,
-        on_evaluate_config_fn=lambda rnd: {"server-round": rnd},
+    return make_strategy(
+        init=[np.zeros(2, np.float32)], num_sites=40, fraction_evaluate=fraction_evaluate, last_round=last_round
     )
 
 

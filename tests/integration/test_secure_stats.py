@@ -137,7 +137,7 @@ def test_a_site_sends_its_sums_with_the_update_and_only_its_primary_metric_in_th
     arrays, n, _ = site.fit(params, {"server-round": 1})
     assert n == 1 and len(arrays) == len(params) + 1
     assert [a.shape for a in arrays[:-1]] == [p.shape for p in params]
-    sent = site.secure_stats.unpack(arrays[-1])
+    sent = site.pipeline.get("eval_sums").codec.unpack(arrays[-1])
     for key in site.task.sum_keys():
         assert sent[key] == pytest.approx(before.get(key, 0.0), abs=2.0**-FRACTION_BITS), key
     _, _, reply = site.evaluate(params, {})

@@ -22,8 +22,7 @@ from common.privacy.client_level import (
 from common.protocol import Status as SiteStatus
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
-from server.strategy import DeltaFedAvg
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, make_strategy
 from tests.unit.test_server_client import _reply, _round
 
 PLAN = RoundPlan(
@@ -92,18 +91,15 @@ class _Clients:
 
 
 def _cdp_strategy(tmp_path, central, q=0.25, secure=False):
-    return DeltaFedAvg(
-        initial_arrays=[np.zeros(3, np.float32)],
+    return make_strategy(
+        init=[np.zeros(3, np.float32)],
         ledger=Ledger(tmp_path / "s.sqlite", run_id="s"),
         num_sites=40,
-        min_fit_sites=1,
-        primary_metric="loss",
         uniform=True,
         secure=secure,
         central=central,
         poisson_rng=random.Random(1),
         fraction_fit=q,
-        on_fit_config_fn=lambda rnd: {"server-round": rnd},
     )
 
 

@@ -168,17 +168,15 @@ def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_check
     from server.callbacks import RoundOutcome
     from server.callbacks.divergence import Divergence
     from server.recorder import RunRecorder
-    from server.strategy import DeltaFedAvg
     from server.workflow import RoundLoop
+    from tests.conftest import make_strategy
     from tests.unit.test_server_client import _reply
 
     task = gan_task()
     recorder = RunRecorder(task.cfg, task, tmp_path / "run")
     model = task.build_model()
     init = get_state(model, task.shared_keys(model))
-    strategy = DeltaFedAvg(
-        initial_arrays=init, ledger=recorder.ledger, num_sites=2, min_fit_sites=1, primary_metric="fid"
-    )
+    strategy = make_strategy(init=init, ledger=recorder.ledger, num_sites=2, primary_metric="fid")
     loop = RoundLoop(
         round_outcome=lambda rnd: RoundOutcome(
             rnd, strategy.record(rnd), recorder.load_global(strategy.global_arrays), recorder.ledger

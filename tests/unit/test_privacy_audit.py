@@ -10,8 +10,8 @@ import torch
 
 from common.data.arrays import ArrayData
 from common.privacy.accounting import RoundPlan
-from server.ledger import Ledger, SiteSpend
 from server.eps_crosscheck import cross_check
+from server.ledger import Ledger, SiteSpend
 from server.membership_inference import advantage_bound, membership_inference
 
 

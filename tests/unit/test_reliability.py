@@ -10,20 +10,19 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_trimmed_avg
 
-from client.app import SiteClient, corrupt
+from client.app import SiteClient
 from common.errors import ConfigError
+from common.pipeline.stages.faults import corrupt
 from common.privacy.accounting import epsilon
 from common.protocol import MalformedReport, parse_fit_metrics
 from common.tasks.base import get_state
 from server.ledger import Ledger
-from server.strategy import DeltaFedAvg
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, make_strategy
 from tests.unit.test_server_client import PLAN, _reply, _round
 
 
 def _strategy(tmp_path, init, **kw):
-    ledger = Ledger(tmp_path / "ledger.sqlite", run_id="t")
-    return DeltaFedAvg(initial_arrays=init, ledger=ledger, num_sites=8, min_fit_sites=1, primary_metric="loss", **kw)
+    return make_strategy(tmp_path, init, num_sites=8, **kw)
 
 
 def _vec(v):

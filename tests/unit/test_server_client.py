@@ -15,23 +15,13 @@ from common.privacy.accounting import RoundPlan
 from common.protocol import Status as SiteStatus
 from common.protocol import fit_metrics
 from common.tasks.base import get_state
-from server.ledger import Ledger
-from server.strategy import DeltaFedAvg
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, make_strategy
 
 PLAN = RoundPlan(10, 0.5, 4, 1.2, 1.0, 1e-5, "rdp")
 
 
 def _strategy(tmp_path, init, num_sites=3, min_fit_sites=1, accountant="none"):
-    ledger = Ledger(tmp_path / "ledger.sqlite", run_id="t")
-    return DeltaFedAvg(
-        initial_arrays=init,
-        ledger=ledger,
-        num_sites=num_sites,
-        min_fit_sites=min_fit_sites,
-        primary_metric="loss",
-        accountant=accountant,
-    )
+    return make_strategy(tmp_path, init, num_sites=num_sites, min_fit_sites=min_fit_sites, accountant=accountant)
 
 
 def _round(s, rnd, results, failures):

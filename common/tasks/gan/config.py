@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from common.errors import ConfigError
 
-
 CLASS_TARGETS = ("none", "uniform", "real")
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from common.errors import ConfigError
 from common.tasks.recsys.model import MODELS
 
-
 CORRECTIONS = ("none", "group-offset")
 
 

@@ -28,6 +28,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.server.strategy.aggregate import aggregate_qffl
 
+from server.aggregation.base import Aggregation, RoundInputs, Staged, Usable, as_model_dtypes, register_aggregation
+from server.aggregation.fedavg import weighted_sum
+
 
 def qffl_step(
     updates: Sequence[Sequence[np.ndarray]],
@@ -82,3 +85,28 @@ def site_losses(
         if len(out) == len(sites):
             break
     return out
+
+
+@register_aggregation("q-fedavg")
+class QFedAvg(Aggregation):
+    """q-FedAvg, with each site's loss F_k from its last evaluate reply.
+
+    Under DP a site never sends a fresh training loss, so F_k is its validation value of
+    the primary metric on the model it trained from (the previous round's evaluation),
+    or its latest earlier one. A site that never reported a finite positive value gets
+    the mean of the others'; with none known (round 1) the round is the run's FedAvg.
+    """
+
+    def aggregate(self, sites: list[str], usable: Usable, inputs: RoundInputs) -> tuple[Staged | None, str]:
+        known = site_losses(sites, inputs.site_val, inputs.round, inputs.primary_metric)
+        if not known:
+            return weighted_sum(sites, usable, inputs.global_arrays), ""
+        fill = sum(known.values()) / len(known)
+        step = qffl_step(
+            [usable[s][0] for s in sites],
+            [known.get(s, fill) for s in sites],
+            self.cfg.federation.qffl_q,
+            self.cfg.qffl_lipschitz,
+            [usable[s][1] for s in sites],
+        )
+        return Staged(sites, as_model_dtypes(step, inputs.global_arrays), 1.0), ""

@@ -1,0 +1,1 @@
+"""The update pipeline's stages, one per file; :mod:`common.pipeline.build` puts them in order."""
