@@ -73,8 +73,8 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
             # All sites are awaited once at the start (RoundLoop); after that a site that
             # drops out must not make Flower's sampler wait for it.
             min_available_clients=1,
-            on_fit_config_fn=lambda rnd: {"server-round": rnd, "run-id": run_id},
-            on_evaluate_config_fn=lambda rnd: {"server-round": rnd, "run-id": run_id},
+            on_fit_config_fn=lambda rnd: round_config(rnd, run_id),
+            on_evaluate_config_fn=lambda rnd: round_config(rnd, run_id),
             fit_metrics_aggregation_fn=lambda _: {},
             evaluate_metrics_aggregation_fn=lambda _: {},
             accept_failures=True,
@@ -308,3 +308,13 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
     def should_stop(self) -> bool:
         """True once every site's budget (or the central budget) cannot cover another round."""
         return self.central_exhausted or len(self.exhausted_sites) >= self.num_sites
+
+
+def round_config(server_round: int, run_id: str) -> dict[str, Scalar]:
+    """What every fit and evaluate instruction carries: the round, and the run id that names
+    the sites' durable state (client.state), when the run has one (a strategy built in a
+    unit test has none)."""
+    config: dict[str, Scalar] = {"server-round": server_round}
+    if run_id:
+        config["run-id"] = run_id
+    return config

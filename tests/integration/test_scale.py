@@ -50,16 +50,19 @@ def test_fraction_evaluate_out_of_range_is_one_line_error(value):
 
 
 def test_a_site_takes_the_launchers_noise_search_instead_of_repeating_it(monkeypatch):
+    import common.privacy.accounting as accounting
     import common.privacy.plan as dp
 
     cfg = make_cfg(**{"dp.target-epsilon": 3.0, "dp.delta": 1e-5, "rounds": 4})
-    monkeypatch.setattr(dp, "_NOISE", {})
+    monkeypatch.setattr(accounting, "_NOISE", {})  # the one noise-search cache (plan re-exports it)
     searched = dp.plan_round(cfg, 500).noise_multiplier  # the launcher's preflight searches once
     table = dp.known_noise()
     assert len(table) == 1
     # A fresh Ray worker: empty cache, and a search would fail loudly here.
-    monkeypatch.setattr(dp, "_NOISE", {})
-    monkeypatch.setattr(dp, "noise_for_target", lambda *a: (_ for _ in ()).throw(AssertionError("searched again")))
+    monkeypatch.setattr(accounting, "_NOISE", {})
+    monkeypatch.setattr(
+        accounting, "noise_for_target", lambda *a: (_ for _ in ()).throw(AssertionError("searched again"))
+    )
     dp.remember_noise(table)
     assert dp.plan_round(cfg, 500).noise_multiplier == searched
     with pytest.raises(AssertionError, match="searched again"):  # another site size is still searched
