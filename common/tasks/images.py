@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from common.config import RunConfig
 from common.data.arrays import ArrayData, cached_federated_split
 from common.tasks.base import Task
+
+if TYPE_CHECKING:
+    from common.metrics.image_quality import EvalClassifier
 
 
 class ImageTask(Task):
@@ -13,6 +18,8 @@ class ImageTask(Task):
     unit_of_privacy = "image"
     data_sources = ("digits", "npz")
     partitions = ("dirichlet", "iid", "site")
+    # Set on first use by common.metrics.image_quality.pooled_classifier (declared, not assigned).
+    _eval_classifier: EvalClassifier
 
     def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
         super().__init__(cfg, key)
