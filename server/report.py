@@ -260,7 +260,7 @@ def _markdown(
     out = [f"# privfed run `{run_dir.name}` (scenario `{scenario}`)", ""]
     out += [f"- {line}" for line in s.headline()[1:]]
     unit = next(iter(s.eps_by_site.values())).unit if s.eps_by_site else "training example"
-    last = next((m for m in reversed(metrics) if m.get("test")), {})
+    last: dict[str, Any] = next((m for m in reversed(metrics) if m.get("test")), {})
     if "test_model_round" in last:
         test_source += (
             f"; model of round {last['test_model_round']}: under SecAgg+ sites send these sums with the next "
