@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -125,7 +125,10 @@ class SiteClient(NumPyClient):
         rec = self.ctx.state.config_records.get(STATE_KEY)
         if rec is None:
             return []
-        return list(zip(rec["round"], rec["sigma"], rec["q"], rec["steps"]))  # type: ignore[arg-type]
+        # The four columns _set_history writes (a ConfigRecord's values are typed as any record value).
+        rounds, sigmas = cast(list[int], rec["round"]), cast(list[float], rec["sigma"])
+        rates, steps = cast(list[float], rec["q"]), cast(list[int], rec["steps"])
+        return list(zip(rounds, sigmas, rates, steps))
 
     def _history(self) -> list[tuple[float, float, int]]:
         return [(s, q, k) for _, s, q, k in self._entries()]
@@ -221,8 +224,10 @@ class SiteClient(NumPyClient):
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
             train_seconds=time.perf_counter() - t0,
             history=before,
-            **private_extras,
         )
+        # Added after, not as fit_metrics(**extras): fit_metrics's str keywords (note, history) keep
+        # a dict[str, float] out of **; same dict, same key order, as fit_metrics's own merge.
+        metrics.update({k: float(v) for k, v in private_extras.items()})
         return out.payload(), out.num_examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):

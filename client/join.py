@@ -53,7 +53,8 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
                 pass
         except OSError as exc:
             raise PrivfedError(
-                f"state-dir {folder}: not writable ({exc.strerror or type(exc).__name__}); the site keeps its privacy history there"
+                f"state-dir {folder}: not writable ({exc.strerror or type(exc).__name__}); "
+                "the site keeps its privacy history there"
             ) from None
     host, _, port = site.superlink.rpartition(":")
     host = host.strip("[]")

@@ -98,6 +98,10 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         assert recorder is not None
         recorder.write_round(out.rnd, out.record, seconds, extra, ok)
 
+    def round_start(rnd: int) -> None:
+        assert recorder is not None  # rounds begin after start()
+        recorder.ledger.start_round(rnd)
+
     def aggregated_any() -> bool:
         return any(rec.aggregated for rec in strategy.records.values())
 
@@ -117,7 +121,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         on_start=start,
         fit_workflow=PrivfedSecAgg(cfg.secagg, strategy) if cfg.secagg.enabled else None,
         after_fit=strategy.end_fit,
-        on_round_start=lambda rnd: recorder.ledger.start_round(rnd),
+        on_round_start=round_start,
         first_round=point.next_round if point is not None else 1,
         round_timeout=fed.round_timeout,
     )

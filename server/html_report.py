@@ -66,7 +66,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     if private:
         r0 = private[0]
         parts.append(
-            f"<p><b>Claim:</b> sample-level DP-SGD at each site; unit of privacy: one {html.escape(r0.unit)} of a site's "
+            "<p><b>Claim:</b> sample-level DP-SGD at each site; "
+            f"unit of privacy: one {html.escape(r0.unit)} of a site's "
             f"training split; ε per site is cumulative over the rounds it trained, from the Opacus "
             f"<b>{html.escape(r0.accountant.upper())}</b> accountant, at δ ≤ {max(r.delta for r in private):.3g}. "
             "Not user-level or site-level privacy.</p>"
@@ -77,7 +78,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     where = f"seq {verification.first_bad_seq}" if verification.first_bad_seq is not None else "ledger end"
     verdict = "verified" if verification.ok else f"FAILED at {where}: {verification.reason}"
     parts.append(
-        f'<p>Ledger: {len(rows)} rows, hash chain and recomputed ε <span class="{status}">{html.escape(verdict)}</span>.</p>'
+        f"<p>Ledger: {len(rows)} rows, hash chain and recomputed ε "
+        f'<span class="{status}">{html.escape(verdict)}</span>.</p>'
     )
 
     parts.append("<h2>Privacy spent per site</h2>")

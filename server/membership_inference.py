@@ -82,9 +82,13 @@ def membership_inference(task: Task, model: torch.nn.Module, seed: int = 0) -> M
     if test is None:
         raise ValueError("membership inference needs the server-held test split (simulation only)")
     sites = [task.site_data(i)[0] for i in range(task.cfg.federation.num_sites)]
-    members = ArrayData(
-        torch.cat([s.x for s in sites]), None if sites[0].y is None else torch.cat([s.y for s in sites])
-    )
+    site_labels = []
+    if sites[0].y is not None:
+        for s in sites:
+            # One dataset split across the sites: all are labelled when the first is.
+            assert s.y is not None
+            site_labels.append(s.y)
+    members = ArrayData(torch.cat([s.x for s in sites]), torch.cat(site_labels) if site_labels else None)
     rng = np.random.default_rng(seed)
     k = min(len(members), len(test))
     m_idx, n_idx = rng.choice(len(members), k, replace=False), rng.choice(len(test), k, replace=False)

@@ -67,7 +67,8 @@ class Summary:
                 else ""
             )
             lines.append(
-                f"client-level DP: ε {c.eps_total:.3f} at δ = {c.delta:.3g}{extra} (RDP accountant, unit of privacy: one site, "
+                f"client-level DP: ε {c.eps_total:.3f} at δ = {c.delta:.3g}{extra} "
+                "(RDP accountant, unit of privacy: one site, "
                 f"DP-FedAvg σ={c.noise_multiplier:.4g}, C={c.max_grad_norm:g}, Poisson q={c.sample_rate:g} of "
                 f"{c.dataset_size} sites, {self.central_rounds} rounds; noise added by the server after aggregation)"
             )
@@ -78,7 +79,8 @@ class Summary:
                 "those who do not know the seed; deployments set dp.secure-rng=true"
             )
         lines.append(
-            f"ledger: {self.ledger_rows} rows, hash chain and ε {'verified' if self.ledger_ok else 'FAILED verification'}"
+            f"ledger: {self.ledger_rows} rows, hash chain and ε "
+            f"{'verified' if self.ledger_ok else 'FAILED verification'}"
         )
         if self.cross_checks:
             worst = max(self.cross_checks, key=lambda c: c.shortfall)
@@ -222,7 +224,10 @@ def _plot_eps(path: Path, rows: list[LedgerRow]) -> None:
     line_plot(
         series,
         path,
-        title=f"Cumulative ε per site (δ ≤ {max(r.delta for r in rows):.3g}, {rows[0].accountant.upper()}, per {rows[0].unit})",
+        title=(
+            f"Cumulative ε per site (δ ≤ {max(r.delta for r in rows):.3g}, "
+            f"{rows[0].accountant.upper()}, per {rows[0].unit})"
+        ),
         xlabel="round",
         ylabel="ε",
         hlines={f"budget ε={budget:g}": budget},
@@ -255,7 +260,7 @@ def _markdown(
     out = [f"# privfed run `{run_dir.name}` (scenario `{scenario}`)", ""]
     out += [f"- {line}" for line in s.headline()[1:]]
     unit = next(iter(s.eps_by_site.values())).unit if s.eps_by_site else "training example"
-    last = next((m for m in reversed(metrics) if m.get("test")), {})
+    last: dict[str, Any] = next((m for m in reversed(metrics) if m.get("test")), {})
     if "test_model_round" in last:
         test_source += (
             f"; model of round {last['test_model_round']}: under SecAgg+ sites send these sums with the next "
@@ -277,7 +282,8 @@ def _markdown(
     for site, r in sorted(s.eps_by_site.items()):
         out.append(
             f"| {site} | {r.unit} | {r.dataset_size} | {r.sample_rate:.4f} | {r.noise_multiplier:.4f} | "
-            f"{r.max_grad_norm:g} | {s.steps_by_site[site]} | {r.delta:.1e} | {r.accountant} | {r.eps_total:.4f} | {r.eps_budget:g} |"
+            f"{r.max_grad_norm:g} | {s.steps_by_site[site]} | {r.delta:.1e} | {r.accountant} | "
+            f"{r.eps_total:.4f} | {r.eps_budget:g} |"
         )
     fair = metrics[-1].get("site_fairness") if metrics else None
     if fair:
@@ -287,7 +293,8 @@ def _markdown(
             "",
             "| sites | mean | std | best | worst | worst − best | mean of worst 10% | Jain's index |",
             "|---|---|---|---|---|---|---|---|",
-            f"| {int(fair['sites'])} | {fair['mean']:.4f} | {fair['std']:.4f} | {fair['best']:.4f} | {fair['worst']:.4f} | "
+            f"| {int(fair['sites'])} | {fair['mean']:.4f} | {fair['std']:.4f} | {fair['best']:.4f} | "
+            f"{fair['worst']:.4f} | "
             f"{fair['gap']:.4f} | {fair['worst10_mean']:.4f} | {fair['jain']:.4f} |",
         ]
     if s.cross_checks:
@@ -295,7 +302,8 @@ def _markdown(
             "",
             "### Independent cross-check (Google's dp-accounting PLD, from the ledger's recorded inputs)",
             "",
-            f"A recorded ε may exceed the independent value (RDP is a looser bound) but not fall below it by more than {TOLERANCE:.0%}.",
+            "A recorded ε may exceed the independent value (RDP is a looser bound) "
+            f"but not fall below it by more than {TOLERANCE:.0%}.",
             "",
             "| site | accountant | ε recorded | ε independent | method | recorded − independent | ok |",
             "|---|---|---|---|---|---|---|",
@@ -332,7 +340,8 @@ def _markdown(
             "",
             "| sites | q | σ | C | rounds | δ | accountant | ε | budget |",
             "|---|---|---|---|---|---|---|---|---|",
-            f"| {c.dataset_size} | {c.sample_rate:g} | {c.noise_multiplier:.4f} | {c.max_grad_norm:g} | {s.central_rounds} | "
+            f"| {c.dataset_size} | {c.sample_rate:g} | {c.noise_multiplier:.4f} | {c.max_grad_norm:g} | "
+            f"{s.central_rounds} | "
             f"{c.delta:.1e} | {c.accountant} | {c.eps_total:.4f} | {c.eps_budget:g} |",
         ]
     out += ["", "![epsilon per site](eps.png)", "", "![utility](utility.png)", ""]

@@ -59,7 +59,8 @@ def check_same_config(cfg: RunConfig, run_dir: Path) -> None:
         if stored.get(key) != now.get(key):
             raise ConfigError(
                 key,
-                f"is {now.get(key)!r} but the run in {run_dir} used {stored.get(key)!r}; a resumed run keeps its config",
+                f"is {now.get(key)!r} but the run in {run_dir} used {stored.get(key)!r}; "
+                "a resumed run keeps its config",
             )
 
 

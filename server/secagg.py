@@ -11,7 +11,7 @@ sites spent must still reach the ledger.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from flwr.server import Grid, LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -111,4 +111,5 @@ class PrivfedSecAgg(SecAggPlusWorkflow):
 
 
 def _round(context: LegacyContext) -> int:
-    return int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+    # Flower's DefaultWorkflow stores the round as an int (and reads it back with the same cast).
+    return cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import timeit
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message
 from flwr.common import ndarrays_to_parameters
 from flwr.compat.server.typing import Workflow
 from flwr.server import Grid, LegacyContext
@@ -73,7 +73,8 @@ class RoundLoop:
         if not isinstance(context, LegacyContext):
             raise TypeError(f"expected a LegacyContext, got {type(context).__name__}")
         if self.round_timeout > 0:
-            grid = TimedGrid(grid, self.round_timeout)
+            # TimedGrid is a proxy, not a Grid subclass (Grid's abstract methods are forwarded by __getattr__).
+            grid = cast(Grid, TimedGrid(grid, self.round_timeout))
         thread, stop_flag, registered = start_update_client_manager_thread(grid, context.client_manager)
         try:
             registered.wait()
@@ -137,8 +138,8 @@ class TimedGrid:
     def __init__(self, grid: Grid, timeout: float) -> None:
         self._grid, self._timeout = grid, timeout
 
-    def send_and_receive(self, messages, *, timeout: float | None = None):  # type: ignore[no-untyped-def]
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=self._timeout if timeout is None else timeout)
 
-    def __getattr__(self, name: str):  # everything else is the real grid's
+    def __getattr__(self, name: str) -> Any:  # everything else is the real grid's
         return getattr(self._grid, name)

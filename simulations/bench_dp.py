@@ -20,7 +20,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +28,27 @@ import torch
 
 from common.data.arrays import ArrayData
 from common.privacy.accounting import RoundPlan
-from common.privacy.engines import FastDPStep, NonPrivateStep, OpacusDPStep
+from common.privacy.engines import FastDPStep, NonPrivateStep, OpacusDPStep, StepEngine
 from common.privacy.training import make_optimizer
 from common.tasks import get_task
 from simulations.launcher import resolve
 
-ENGINES = {"non-private": NonPrivateStep, "fast (privfed)": FastDPStep, "opacus hooks": OpacusDPStep}
+ENGINES: dict[str, Callable[..., StepEngine]] = {
+    "non-private": NonPrivateStep,
+    "fast (privfed)": FastDPStep,
+    "opacus hooks": OpacusDPStep,
+}
 # A throwaway federation key: the benchmark only times steps on synthetic or local data.
 BENCH_KEY = bytes(32)
 OPACUS_MEMORY_CAP = 2 * 2**30
 
 
 def bench_task(
-    scenario: str, batch_size: int, reps: int, steps: int, engines: dict[str, type] | None = None
+    scenario: str,
+    batch_size: int,
+    reps: int,
+    steps: int,
+    engines: Mapping[str, Callable[..., StepEngine]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """The scenario's model and optimiser (e.g. the demo's VAE), at the given batch size.
 
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if default_movielens_path() is not None:
         cases.append(("recsys-movielens", 2048))
-    results = []
+    results: list[dict[str, Any]] = []
     for scenario, bs in cases:
         res = bench_task(scenario, bs, args.reps, args.steps)
         results.append({"scenario": scenario, "batch_size": bs, "engines": res})

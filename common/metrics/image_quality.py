@@ -90,7 +90,12 @@ def pooled_classifier(task: ImageTask, num_classes: int | None = None) -> EvalCl
         train = [t for t, _ in task._split.sites]
         if train[0].y is None:
             raise ConfigError("data.source", "the generators' quality metrics need labelled images")
-        x, y = torch.cat([t.x for t in train]), torch.cat([t.y for t in train])
+        labels = []
+        for t in train:
+            # One dataset split across the sites: all are labelled when the first is.
+            assert t.y is not None
+            labels.append(t.y)
+        x, y = torch.cat([t.x for t in train]), torch.cat(labels)
         k = num_classes if num_classes is not None else int(y.max()) + 1
         path = task.artifacts_dir / "eval-classifier.pt" if task.artifacts_dir is not None else None
         clf = task._eval_classifier = cached_classifier(path, x, y, k, task.cfg.federation.seed)

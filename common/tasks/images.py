@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from common.config import RunConfig
 from common.data.arrays import ArrayData, cached_federated_split
 from common.tasks.base import Task
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ImageTask(Task):
@@ -13,6 +18,9 @@ class ImageTask(Task):
     unit_of_privacy = "image"
     data_sources = ("digits", "npz")
     partitions = ("dirichlet", "iid", "site")
+    # The evaluation classifier, cached by common.metrics.image_quality.pooled_classifier on first
+    # use (declared, not assigned; typed as its base class: naming it here would be an import cycle).
+    _eval_classifier: nn.Module
 
     def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
         super().__init__(cfg, key)

@@ -14,5 +14,6 @@ class Krum(Aggregation):
         name, f = self.cfg.federation.aggregation, self.cfg.federation.byzantine_sites
         if len(results) < 2 * f + 3:
             return None, f"{name} needs at least {2 * f + 3} updates for byzantine-sites={f}, got {len(results)}"
-        step = aggregate_krum(results, f, len(results) - f if name == "multi-krum" else 0)
+        # Flower annotates the weight as int; multi-Krum's weighted mean takes our float weights as they are.
+        step = aggregate_krum(results, f, len(results) - f if name == "multi-krum" else 0)  # type: ignore[arg-type]
         return Staged(sites, as_model_dtypes(step, inputs.global_arrays), 1.0), ""

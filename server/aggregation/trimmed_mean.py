@@ -11,5 +11,6 @@ from server.aggregation.base import Aggregation, RoundInputs, Staged, Usable, as
 class TrimmedMean(Aggregation):
     def aggregate(self, sites: list[str], usable: Usable, inputs: RoundInputs) -> tuple[Staged | None, str]:
         results = [(usable[s][0], usable[s][1]) for s in sites]
-        step = aggregate_trimmed_avg(results, self.cfg.federation.trim_fraction)
+        # Flower annotates the weight as int; the trimmed mean never reads it.
+        step = aggregate_trimmed_avg(results, self.cfg.federation.trim_fraction)  # type: ignore[arg-type]
         return Staged(sites, as_model_dtypes(step, inputs.global_arrays), 1.0), ""

@@ -144,7 +144,10 @@ def test_scale_section_structure(tmp_path):
 
 
 def test_tree_memory_sees_children():
-    child = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5)']); time.sleep(1.0); p.wait()"
+    child = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1.5)']); time.sleep(1.0); p.wait()"
+    )
     proc = subprocess.Popen([sys.executable, "-c", child])
     with TreeMemoryPeak(root=proc.pid, interval=0.1) as mem:
         proc.wait()

@@ -144,7 +144,8 @@ def test_verify_names_a_forged_row_no_accountant_accepts(tmp_path, capsys):
             values["accountant"] = "bogus"
         new = row_digest(prev, values)
         stmts.append(
-            f"UPDATE ledger SET accountant='{values['accountant']}', prev_hash='{prev}', row_hash='{new}' WHERE seq={row.seq}"
+            f"UPDATE ledger SET accountant='{values['accountant']}', prev_hash='{prev}', "
+            f"row_hash='{new}' WHERE seq={row.seq}"
         )
         prev = new
     tamper(run / "ledger.sqlite", *stmts)

@@ -33,7 +33,7 @@ def test_epsilon_matches_an_opacus_accountant_stepped_by_hand(tmp_path):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     rows = [led.record_round(r, [_spend("a")])[0] for r in (1, 2, 3)]
     acc = RDPAccountant()
-    for rnd, row in enumerate(rows, start=1):
+    for _rnd, row in enumerate(rows, start=1):
         for _ in range(20):
             acc.step(noise_multiplier=1.1, sample_rate=0.05)
         assert row.eps_total == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
@@ -129,7 +129,7 @@ def test_round_is_written_atomically(tmp_path):
     bad = SiteSpend(
         "b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained"
     )
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         led.record_round(2, [_spend("a"), bad])  # site "a" sorts first and is written, then "b" fails
     assert [r.round for r in led.rows()] == [1]
     assert led.verify().ok

@@ -23,7 +23,7 @@ class FreshGradOptimizer(DPOptimizerFastGradientClipping):
 
     flat: torch.Tensor | None = None  # set by FastDPStep: every p.grad is a view of it
 
-    def pre_step(self, closure=None) -> bool:  # type: ignore[no-untyped-def]
+    def pre_step(self, closure=None) -> bool:
         """Opacus's ``pre_step`` (skip check, ``add_noise``, ``scale_grad``; no ``accumulate``
         copy) on the flat buffer: one ``_generate_noise`` call and one division instead of
         one per tensor.

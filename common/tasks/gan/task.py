@@ -10,7 +10,7 @@ the DP outputs and fresh noise, so the released D and G are post-processing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,12 @@ if TYPE_CHECKING:
     from common.privacy.training import LocalSession
 
 
+def _gan(model: nn.Module) -> GAN:
+    """The model as the ``GAN`` it is: the task's hooks get only models its ``build_model`` made
+    (typed ``nn.Module`` by the ``Task`` interface). A static cast, no runtime check."""
+    return cast(GAN, model)
+
+
 @register_task("gan")
 class GANTask(ImageTask):
     config_cls = GANConfig
@@ -63,7 +69,7 @@ class GANTask(ImageTask):
         return GAN(self.input_dim, self.params)
 
     def private_module(self, model: nn.Module) -> nn.Module:
-        return model.discriminator  # the only network that reads real data
+        return _gan(model).discriminator  # the only network that reads real data
 
     def _labels(self, batch: ArrayData) -> torch.Tensor:
         if self.params.conditional:
@@ -76,7 +82,7 @@ class GANTask(ImageTask):
 
     def per_sample_loss(self, model: nn.Module, batch: ArrayData) -> torch.Tensor:
         """Hinge loss of D on each real image: the per-example loss DP-SGD clips."""
-        return F.relu(1.0 - model.discriminator(batch.x, self._labels(batch)))
+        return F.relu(1.0 - _gan(model).discriminator(batch.x, self._labels(batch)))
 
     def _random_labels(self, n: int, device: torch.device) -> torch.Tensor:
         if not self.params.conditional:
@@ -84,7 +90,8 @@ class GANTask(ImageTask):
         return torch.randint(0, self.params.num_classes, (n,), device=device)
 
     def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]:
-        D, G = model.discriminator, model.generator
+        gan = _gan(model)
+        D, G = gan.discriminator, gan.generator
         device = next(G.parameters()).device
         fake_opt = torch.optim.SGD([p for p in D.parameters() if p.requires_grad], lr=self.cfg.train.lr)
         g_opt = torch.optim.Adam(G.parameters(), lr=self.params.lr_g, betas=(0.5, 0.999))
@@ -126,6 +133,7 @@ class GANTask(ImageTask):
         quality metrics need the evaluation classifier, which is trained on the pooled
         training images and so exists only in simulation, at the server.
         """
+        model = _gan(model)
         model.eval()
         D, G = model.discriminator, model.generator
         device = next(G.parameters()).device
@@ -264,6 +272,7 @@ class GANTask(ImageTask):
     def save_samples(self, model: nn.Module, path: Path) -> Path:
         from common.plots import image_grid
 
+        model = _gan(model)
         model.eval()
         G = model.generator
         device = next(G.parameters()).device

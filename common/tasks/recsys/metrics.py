@@ -10,6 +10,7 @@ group can be recovered by subtraction. Validation metrics, outside the DP guaran
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from common.data.ratings import AGE_BUCKETS, UNKNOWN
 from common.metrics.fairness import YAO_HUANG_SUMS, coverage, popularity_bias, sum_statistics, yao_huang
@@ -53,7 +54,7 @@ def is_sum_key(key: str) -> bool:
     return key.startswith("group.") and key.rpartition(".")[2] in GROUP_SUMS
 
 
-def suppressed_groups(sizes: dict[str, float], k: int, withheld: int = 0) -> set[str]:
+def suppressed_groups(sizes: Mapping[str, float], k: int, withheld: int = 0) -> set[str]:
     """Which groups to withhold so that no group of fewer than k users can be recovered.
 
     Groups under k users are withheld. The groups of one attribute partition the users,

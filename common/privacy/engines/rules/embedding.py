@@ -22,13 +22,13 @@ class _CaptureEmbedding(torch.autograd.Function):
     """``F.embedding`` whose backward records (indices, grad_output) instead of the table grad."""
 
     @staticmethod
-    def forward(ctx, idx, weight, slot):  # type: ignore[override]
+    def forward(ctx, idx, weight, slot):
         ctx.save_for_backward(idx)
         ctx.slot = slot
         return F.embedding(idx, weight)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         ctx.slot.append((idx, grad_out))
         return None, None, None

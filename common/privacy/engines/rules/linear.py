@@ -22,13 +22,13 @@ class _CaptureLinear(torch.autograd.Function):
     """``F.linear`` whose backward records (input, grad_output) instead of weight grads."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, slot):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, slot):
         ctx.save_for_backward(x, weight)
         ctx.slot = slot
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         ctx.slot.append((x, grad_out))
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
