@@ -36,7 +36,7 @@ class Task(ABC):
     # The evaluation metric that is "the" utility (lower is better), centrally and at sites.
     primary_metric: ClassVar[str] = "loss"
     # Sites report primary_metric on their validation data, as a loss >= 0: q-fedavg
-    # weighs sites by it (server.fair_aggregation), and is refused for a task without it.
+    # weighs sites by it (server.aggregation.qfedavg), and is refused for a task without it.
     site_primary_loss: ClassVar[bool] = True
     # True when sites pseudonymise identifiers with the federation key (common.deploy.keys).
     needs_key: ClassVar[bool] = False

@@ -141,7 +141,7 @@ def test_override_text_is_accepted_or_refused_with_a_config_error(texts):
     """Anything typed after `privfed simulate S` resolves to a valid config or a ConfigError.
 
     An override's key is quoted verbatim, so a key with a line break gives a message with
-    one; the CLI escapes it (tests/test_data_fuzz.py checks what reaches stderr)."""
+    one; the CLI escapes it (tests/unit/test_data_fuzz.py checks what reaches stderr)."""
     from simulations.launcher import resolve
 
     try:

@@ -1,4 +1,4 @@
-"""Bias corrections ([fairness]): each switch moves its metric the expected way on biased data.
+"""Bias corrections (recsys.correction, gan.class-target): each switch moves its metric the expected way on biased data.
 
 Recommender: a generated ratings set where the two gender groups disagree item by item
 (a gender x item interaction); ``recsys.correction=group-offset`` must cut Yao & Huang's

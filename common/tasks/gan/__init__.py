@@ -24,7 +24,7 @@ Privacy argument (unit: one image). Per local step:
   3. **G.** ``-D(G(z, y'), y')`` with D fixed: again a function of D, G and noise only.
 The site releases D and G; both are post-processing of the DP-SGD outputs of step 1, so
 the released pair is (epsilon, delta)-DP for one image with the epsilon the ledger
-records for the discriminator's steps. ``tests/test_gan.py`` checks that G's training
+records for the discriminator's steps. ``tests/unit/test_gan.py`` checks that G's training
 is identical whatever the real data is, once D is held fixed.
 
 Class-rebalanced sampling (``gan.class-target``, docs/FAIRNESS.md): the
