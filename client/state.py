@@ -31,8 +31,16 @@ class SiteState:
 
 
 def state_path(state_dir: str | Path, run_id: str, site_id: str) -> Path:
-    """``<state-dir>/<run-id>/<site-id>.pt``, with both names made safe for a file system."""
+    """``<state-dir>/<run-id>/<site-id>.pt``, with both names made safe for a file system.
+
+    The run id comes from the coordinator, so it must never name a folder outside
+    ``state-dir``: characters other than letters, digits, ``.``, ``_`` and ``-`` become
+    ``_``, and a name of dots only (``.``, ``..``) is refused rather than mapped.
+    """
     safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part) or "_" for part in (run_id, site_id)]
+    for key, part in zip(("run-id", "site-id"), safe):
+        if set(part) == {"."}:
+            raise PrivfedError(f"{key} must not be '.' or '..' (it names a folder under the site's state-dir)")
     return Path(state_dir) / safe[0] / f"{safe[1]}.pt"
 
 
