@@ -227,6 +227,9 @@ class SiteClient(NumPyClient):
         )
         # Added after, not as fit_metrics(**extras): fit_metrics's str keywords (note, history) keep
         # a dict[str, float] out of **; same dict, same key order, as fit_metrics's own merge.
+        clash = sorted(set(private_extras) & set(metrics))
+        if clash:  # a task's training metric must not overwrite the protocol's own fields
+            raise PrivfedError(f"task training metric(s) {', '.join(clash)} clash with fit reply fields")
         metrics.update({k: float(v) for k, v in private_extras.items()})
         return out.payload(), out.num_examples, metrics
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import numpy as np
 
 from common.config import RunConfig
-from common.pipeline.stages.client_level_dp import noised_step
 from common.privacy.accounting import RoundPlan
 from common.privacy.client_level import CENTRAL_SITE_ID, CENTRAL_UNIT, central_plan
 from common.seeds import central_noise_rng
@@ -71,10 +70,3 @@ class CentralRelease:
         )
         (row,) = ledger.record_round(rnd, [spend])
         return row
-
-    def release(
-        self, rnd: int, total: list[np.ndarray], ledger: Ledger, *, empty: bool
-    ) -> tuple[list[np.ndarray], LedgerRow]:
-        """Ledger the round's mechanism, then return the noised step (sum + noise) / (q N)."""
-        row = self.ledger_row(rnd, ledger, empty=empty)
-        return noised_step(total, self.plan, self.noise_rng(rnd)), row

@@ -34,7 +34,8 @@ from flwr.server.strategy import FedAvg
 from flwr.supercore import log
 
 from common.config import MIN_SECURE_SITES, RunConfig
-from common.pipeline import Aggregate, Pipeline, ServerContext
+from common.errors import PrivfedError
+from common.pipeline import Aggregate, Pipeline, ServerContext, build_pipeline
 from common.privacy.accounting import NO_DP
 from common.protocol import Status
 from server.aggregation import RoundInputs, Staged, Usable, get_aggregation
@@ -80,6 +81,15 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
             accept_failures=True,
         )
         self.cfg = cfg
+        # The pipeline decides where noise and weights are applied, the config whether the
+        # server releases under client-level DP: a pipeline built from another config could
+        # skip the noise while the ledger says "released". Both must come from one config.
+        expected = build_pipeline(cfg, task).names
+        if pipeline.names != expected:
+            raise PrivfedError(
+                f"update pipeline {pipeline.names} is not the one the run config builds ({expected}); "
+                "build both from one config with common.pipeline.build_pipeline(cfg, task)"
+            )
         self.pipeline = pipeline
         self.global_arrays = [a.copy() for a in initial_arrays]
         self.ledger = ledger  # type: ignore[assignment]  # may be attached later, before the first round

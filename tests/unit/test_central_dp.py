@@ -10,6 +10,8 @@ import pytest
 from flwr.common import ndarrays_to_parameters
 
 from common.errors import ConfigError
+from common.pipeline import Aggregate, ServerContext
+from common.pipeline.stages.client_level_dp import ClientLevelDP
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import (
     CENTRAL_SITE_ID,
@@ -42,15 +44,23 @@ def _central(tmp_path, budget=float("inf"), plan=PLAN, seed=0):
     return CentralRelease(plan, budget, np.random.default_rng(seed)), Ledger(tmp_path / "l.sqlite", run_id="t")
 
 
+def _release(central, rnd, total, ledger, *, empty):
+    """The strategy's end_fit path: ledger the round's mechanism, then the pipeline's client-level DP release."""
+    row = central.ledger_row(rnd, ledger, empty=empty)
+    ctx = ServerContext(rnd, [np.zeros_like(t) for t in total], central=central)
+    step = ClientLevelDP(central.clip_norm, make_cfg().secagg).release(Aggregate(total), ctx).arrays
+    return step, row
+
+
 def test_release_adds_noise_of_the_stated_scale_and_ledgers_the_site_unit(tmp_path):
     central, ledger = _central(tmp_path)
     total = [np.zeros(200_000, np.float32)]
-    step, row = central.release(1, total, ledger, empty=False)
+    step, row = _release(central, 1, total, ledger, empty=False)
     # (sum + N(0, (z C)^2)) / (q N): std z C / (q N) = 1.5 * 0.5 / 10
     assert np.std(step[0]) == pytest.approx(0.075, rel=0.01) and abs(np.mean(step[0])) < 1e-3
     assert (row.site_id, row.unit, row.status, row.steps) == (CENTRAL_SITE_ID, "site", "released", 1)
     for rnd in (2, 3):
-        _, row = central.release(rnd, total, ledger, empty=rnd == 3)
+        _, row = _release(central, rnd, total, ledger, empty=rnd == 3)
     assert row.status == "noise_only" and not row.used
     assert row.eps_total == epsilon([PLAN.mechanism] * 3, PLAN.delta, "rdp")
     assert ledger.verify().ok
@@ -61,7 +71,7 @@ def test_budget_stops_releases(tmp_path):
     two = epsilon([PLAN.mechanism] * 2, PLAN.delta, "rdp")
     central, ledger = _central(tmp_path, budget=(one + two) / 2)
     assert central.can_release(ledger)
-    central.release(1, [np.zeros(3)], ledger, empty=False)
+    _release(central, 1, [np.zeros(3)], ledger, empty=False)
     assert not central.can_release(ledger)
 
 

@@ -183,3 +183,20 @@ def test_the_strategy_weighs_sites_by_the_pipelines_weighting_stage(tmp_path):
     stages = [Weighting(secure=False, uniform=True) if st.name == "weighting" else st for st in s.pipeline]
     s.pipeline = Pipeline(stages)
     assert np.allclose(_round(s, 1, replies, [])[0], 2.5)  # equal weights: the stage decided
+
+
+def test_a_strategy_refuses_a_pipeline_built_from_another_config(tmp_path):
+    """A client-level DP run handed a plain pipeline would skip the noise and the /qN while
+    ledgering "released" (found in review): the strategy refuses the pair before any round."""
+    from server.ledger import Ledger
+    from server.strategy import DeltaFedAvg
+
+    cdp = make_cfg(
+        **{"central-dp.enabled": True, "dp.enabled": False, "fraction-fit": 0.5, "num-sites": 10, "rounds": 2}
+    )
+    plain = make_cfg(**{"dp.enabled": False, "num-sites": 10})
+    with Ledger(tmp_path / "l.sqlite", run_id="t") as ledger:
+        with pytest.raises(PrivfedError, match="not the one the run config builds") as err:
+            DeltaFedAvg(cdp, None, ledger, build_pipeline(plain), initial_arrays=[np.zeros(3)])
+        assert "\n" not in str(err.value)
+        DeltaFedAvg(cdp, None, ledger, build_pipeline(cdp), initial_arrays=[np.zeros(3)])  # the matching pair

@@ -271,3 +271,23 @@ def test_a_fit_reply_lost_in_the_last_round_is_ledgered_from_the_evaluate_reply(
     bad = EvaluateRes(Status(Code.OK, ""), 1.0, 5, {"site_id": "b", "loss": 1.0, "history": "[[2, 1.2]]"})
     s.aggregate_evaluate(3, [(SimpleNamespace(node_id=2), bad)], [])
     assert "evaluate reply" in s.records[3].failures[-1] and s.ledger.count() == 4
+
+
+def test_a_task_metric_named_like_a_reply_field_is_refused_not_merged(tmp_path, monkeypatch):
+    """Without DP the training metrics are sent; one called like a protocol field (here
+    ``history``) must not overwrite that field (found in review of the pipeline split)."""
+    import client.app as client_app
+    from common.errors import PrivfedError
+    from common.privacy.training import RoundOutcome
+
+    cfg = make_cfg(**{"num-sites": 3, "dp.enabled": False, "train.local-epochs": 0.5})
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    site = SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"))
+    model = site.task.build_model()
+    params = get_state(model, site.task.shared_keys(model))
+    _, _, honest = site.fit(params, {"server-round": 1, "run-id": "r"})
+    assert "train_loss" in honest  # non-private runs do send their training metrics
+    monkeypatch.setattr(client_app, "run_local_round", lambda *a, **k: RoundOutcome({"history": 1.0}, 1))
+    with pytest.raises(PrivfedError, match="history") as err:
+        site.fit(params, {"server-round": 2, "run-id": "r"})
+    assert "\n" not in str(err.value)
