@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.deploy.fileio import replace_durably
 from common.errors import PrivfedError
 
 # (round, noise multiplier, sample rate, steps) for each round the site trained.
@@ -68,7 +69,7 @@ def save_state(path: Path, state: SiteState) -> None:
             torch.save({"history": [list(h) for h in state.history], "local": state.local}, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)  # the directory too: the new history must survive a power loss
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

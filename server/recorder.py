@@ -27,6 +27,7 @@ import torch
 from rich.console import Console
 
 from common.config import RunConfig
+from common.deploy.fileio import replace_durably
 from common.metrics.fairness import site_fairness
 from common.privacy.client_level import CENTRAL_SITE_ID
 from common.tasks import Task
@@ -181,7 +182,7 @@ class RunRecorder:
                 torch.save(payload, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, self.dir / "checkpoint.pt")
+            replace_durably(tmp, self.dir / "checkpoint.pt")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -8,6 +8,24 @@ import secrets
 from pathlib import Path
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or link in ``folder`` durable: POSIX persists a directory entry only
+    when the directory itself is fsync'ed, so without this a power loss right after an
+    atomic replace can bring back the old file (for a site's state: a history without its
+    last round, which would under-count its epsilon)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: str | Path, path: Path) -> None:
+    """``os.replace(tmp, path)``, then fsync the folder so the new entry survives a crash."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def write_new_file(path: Path, data: bytes, mode: int, force: bool = False) -> None:
     """Write ``data`` to ``path`` atomically with ``mode``.
 
@@ -25,8 +43,9 @@ def write_new_file(path: Path, data: bytes, mode: int, force: bool = False) -> N
             fh.flush()
             os.fsync(fh.fileno())
         if force:
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         else:
             os.link(tmp, path)
+            fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
