@@ -17,7 +17,7 @@ from common.privacy.accounting import epsilon
 from server.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUNDS = 4  # kill after round 2, resume the rest: two rounds either side are enough
+ROUNDS = 6  # kill after round 2: with 4, the kill could land in the last round, leaving nothing to resume
 ARGS = [
     "vae-digits",
     f"rounds={ROUNDS}",
