@@ -10,15 +10,13 @@ reply leaves: the site never forgets a round it spent privacy on.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common.deploy.fileio import replace_durably
+from common.deploy.fileio import write_atomically
 from common.errors import PrivfedError
 
 # (round, noise multiplier, sample rate, steps) for each round the site trained.
@@ -61,15 +59,8 @@ def load_state(path: Path) -> SiteState | None:
 
 
 def save_state(path: Path, state: SiteState) -> None:
-    """Atomic: a temp file in the same folder, fsync, rename over the old one."""
+    """Atomic and durable (the folder is fsync'ed too): the site never forgets a round it
+    spent privacy on, even across a power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"history": [list(h) for h in state.history], "local": state.local}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        replace_durably(tmp, path)  # the directory too: the new history must survive a power loss
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    payload = {"history": [list(h) for h in state.history], "local": state.local}
+    write_atomically(path, lambda fh: torch.save(payload, fh))

@@ -44,10 +44,6 @@ class CentralRelease:
     def clip_norm(self) -> float:
         return self.plan.max_grad_norm
 
-    @property
-    def expected_sites(self) -> float:
-        return self.plan.sample_rate * self.plan.dataset_size
-
     def noise_rng(self, rnd: int) -> np.random.Generator:
         return self.rng(rnd) if callable(self.rng) else self.rng
 

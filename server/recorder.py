@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ import torch
 from rich.console import Console
 
 from common.config import RunConfig
-from common.deploy.fileio import replace_durably
+from common.deploy.fileio import write_atomically
 from common.metrics.fairness import site_fairness
 from common.privacy.client_level import CENTRAL_SITE_ID
 from common.tasks import Task
@@ -176,16 +175,7 @@ class RunRecorder:
             "ledger_rows": self.ledger.count(),
             "ledger_head": self.ledger.head(),
         }
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            replace_durably(tmp, self.dir / "checkpoint.pt")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.dir / "checkpoint.pt", lambda fh: torch.save(payload, fh))
 
     def _progress_line(self, rnd: int, line: dict[str, Any]) -> str:
         total = self.cfg.federation.rounds

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 
 def fsync_dir(folder: Path) -> None:
@@ -24,6 +27,22 @@ def replace_durably(tmp: str | Path, path: Path) -> None:
     """``os.replace(tmp, path)``, then fsync the folder so the new entry survives a crash."""
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Replace ``path`` all at once: ``write`` fills a fresh temp file in the same folder,
+    which is fsync'ed and renamed over ``path``, and the folder is fsync'ed. A crash at
+    any point leaves the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        replace_durably(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_new_file(path: Path, data: bytes, mode: int, force: bool = False) -> None:

@@ -29,6 +29,7 @@ import torch
 from scipy import linalg
 from torch import nn
 
+from common.deploy.fileio import write_atomically
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -73,9 +74,8 @@ def cached_classifier(
         return clf.eval()
     clf = train_classifier(x, y, num_classes, seed)
     if path is not None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(clf.state_dict(), tmp)
-        tmp.replace(path)
+        state = clf.state_dict()
+        write_atomically(path, lambda fh: torch.save(state, fh))
     return clf
 
 
