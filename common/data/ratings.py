@@ -15,8 +15,9 @@ Sources:
   * ``synthetic``: an embedded generator (latent factors + user-group effects), for demos
     and tests; it is synthetic, not real behaviour.
 
-Each rating is split per user 80/20 (``data.test-fraction``) into training and held-out
-ratings with a seeded draw that does not depend on file order.
+Each rating is held out or trained on by its own keyed draw (:func:`held_out_mask`): HMAC
+of its (user, item) under the federation key, below ``data.test-fraction`` (0.2) = held
+out. Adding or removing a rating moves no other rating, and file order does not matter.
 """
 
 from __future__ import annotations
@@ -68,17 +69,23 @@ class Ratings:
     """Pseudonymised ratings of one data source (every user, before the site split).
 
     ``user`` indexes users in pseudonym order (sorting HMACs reveals nothing about raw ids);
-    ``item`` is the shared-table bucket; ``attrs[a][u]`` is user u's generalised attribute.
+    ``item`` is the shared-table bucket; ``attrs[a][u]`` is user u's generalised attribute;
+    ``split_draw`` is each rating's keyed draw in [0, 1) (:meth:`Pseudonymizer.split_draw`).
+
+    ``catalogue`` holds the buckets of the source's *declared* item list (MovieLens
+    ``u.item``, the synthetic generator's items; none for ``csv``), never the rated items:
+    the evaluation ranks over it, so it must not depend on which ratings exist.
     """
 
     user: np.ndarray  # int64 (N,)
     item: np.ndarray  # int64 (N,) bucket
     rating: np.ndarray  # float32 (N,)
+    split_draw: np.ndarray  # float64 (N,) in [0, 1)
     num_users: int
     attrs: dict[str, np.ndarray]  # attribute -> (num_users,) str
-    catalogue: np.ndarray  # int64 sorted unique buckets of every known item
-    num_items: int  # distinct raw items (catalogue included)
-    colliding_items: int  # items that share a bucket with another item
+    catalogue: np.ndarray  # int64 sorted unique buckets of the declared catalogue (may be empty)
+    num_items: int  # distinct items of the declared catalogue
+    colliding_items: int  # of those, items that share a bucket with another
 
     @property
     def collision_rate(self) -> float:
@@ -97,6 +104,10 @@ def pseudonymise(
     """Raw rows -> :class:`Ratings`. The raw ids passed in are not kept anywhere.
 
     ``user_attrs`` maps a raw user id to (gender, exact age, zip); they are generalised here.
+    ``catalogue_items`` is the declared item list (public, not a function of the ratings).
+    Each rating's split draw is keyed by its raw (user, item) pair, the one identity that is
+    unique per rating and stable when other ratings come or go (a user's rank moves when
+    users are added; a bucket is shared by colliding items); only the draw is kept.
     """
     raw_users = np.asarray(list(users), dtype=object)
     raw_items = np.asarray(list(items), dtype=object)
@@ -107,9 +118,12 @@ def pseudonymise(
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     item_bucket = np.asarray([pseudo.item_bucket(str(i), num_buckets) for i in uniq_i], dtype=np.int64)
-    all_items = set(map(str, uniq_i)) | set(map(str, catalogue_items))
-    buckets_all = np.asarray([pseudo.item_bucket(i, num_buckets) for i in sorted(all_items)], dtype=np.int64)
+    declared = sorted(set(map(str, catalogue_items)))
+    buckets_all = np.asarray([pseudo.item_bucket(i, num_buckets) for i in declared], dtype=np.int64)
     occupied, counts = np.unique(buckets_all, return_counts=True)
+    # One HMAC per distinct (user, item) pair (a repeated pair lands on one side).
+    pairs, pair_of_row = np.unique(np.stack([inv_u, inv_i]), axis=1, return_inverse=True)
+    draws = np.asarray([pseudo.split_draw(str(uniq_u[a]), str(uniq_i[b])) for a, b in pairs.T], dtype=np.float64)
     attrs = {a: np.full(len(uniq_u), UNKNOWN, dtype=object) for a in ATTRIBUTES}
     for raw, r in zip(uniq_u, rank):
         gender, age, zipcode = user_attrs.get(str(raw), (None, None, None))
@@ -120,10 +134,11 @@ def pseudonymise(
         user=rank[inv_u],
         item=item_bucket[inv_i],
         rating=np.asarray(ratings, dtype=np.float32),
+        split_draw=draws[np.asarray(pair_of_row).reshape(-1)],
         num_users=len(uniq_u),
         attrs=attrs,
         catalogue=occupied,
-        num_items=len(all_items),
+        num_items=len(declared),
         colliding_items=int(counts[counts > 1].sum()),
     )
 
@@ -303,15 +318,15 @@ def _region_weights() -> np.ndarray:
 class RatingData(ArrayData):
     """A site's ratings: ``x`` = (local user, item bucket) int64 pairs, ``y`` = rating.
 
-    Held-out data also carries what ranking metrics need: the user's generalised
-    attributes, their training items (excluded from the ranking) and the catalogue.
+    Held-out data also carries what the evaluation needs besides the ratings: the users'
+    generalised attributes and the declared catalogue. Nothing about the site's *training*
+    ratings: evaluation sums leave the site without DP noise (issue 18).
     """
 
     num_users: int = 0
     attrs: dict[str, np.ndarray] = field(default_factory=dict)
-    seen: tuple[np.ndarray, np.ndarray] | None = None  # training (user, bucket) pairs
-    catalogue: np.ndarray | None = None
-    collision_rate: float = 0.0
+    catalogue: np.ndarray | None = None  # declared item buckets (see Ratings)
+    collision_rate: float | None = None  # of the declared catalogue; None without one
 
 
 def partition_users(data: Ratings, num_sites: int, how: str, seed: int) -> list[np.ndarray]:
@@ -343,22 +358,22 @@ def partition_users(data: Ratings, num_sites: int, how: str, seed: int) -> list[
     return [np.sort(p) for p in np.array_split(perm, num_sites)]
 
 
-def held_out_mask(data: Ratings, fraction: float, seed: int) -> np.ndarray:
-    """Per-user split: round(fraction * n_u) of each user's ratings (>= 1 if n_u >= 2) are held out.
+def held_out_mask(data: Ratings, fraction: float) -> np.ndarray:
+    """A rating is held out iff its keyed draw is below ``fraction``: a per-record split.
 
-    The draw is over ratings in a canonical (user, item, rating) order, so it does not
-    depend on the order of rows in the file.
+    Neighbouring relation: add or remove one rating. The draw of a rating depends on its
+    own (user, item) and the federation key only, so a neighbouring dataset splits every
+    other rating the same way: one rating's protection is not group privacy over the
+    ratings it would have moved, and the held-out set is not reshuffled. (A per-user
+    quota, round(fraction * n_u), would move others whenever n_u changes.)
+
+    Each user's held-out share is Binomial(n_u, fraction) / n_u: ``fraction`` on average,
+    not exactly. A user may end with no held-out rating (not ranked; P = 0.8^n_u) or, rarely,
+    with none in training (P = 0.2^n_u: a cold-start user, evaluated with a user row that
+    DP-SGD touched only through noise); neither is patched, since moving a rating to the
+    other side would depend on the user's other ratings.
     """
-    canon = np.lexsort((data.rating, data.item, data.user))
-    draw = np.empty(len(canon))
-    draw[canon] = np.random.default_rng(seed).random(len(canon))
-    order = np.lexsort((draw, data.user))
-    counts = np.bincount(data.user, minlength=data.num_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - np.repeat(starts, counts)
-    k = np.where(counts >= 2, np.maximum(1, np.round(fraction * counts)), 0)
-    return rank < k[data.user]
+    return np.asarray(data.split_draw) < fraction
 
 
 def site_split(data: Ratings, users: np.ndarray, held: np.ndarray) -> tuple[RatingData, RatingData]:
@@ -370,7 +385,7 @@ def site_split(data: Ratings, users: np.ndarray, held: np.ndarray) -> tuple[Rati
     h = held[rows]
     attrs = {a: v[users] for a, v in data.attrs.items()}
 
-    def make(mask: np.ndarray, **extra) -> RatingData:
+    def make(mask: np.ndarray) -> RatingData:
         x = torch.as_tensor(np.stack([u[mask], i[mask]], axis=1), dtype=torch.long)
         return RatingData(
             x,
@@ -378,10 +393,7 @@ def site_split(data: Ratings, users: np.ndarray, held: np.ndarray) -> tuple[Rati
             num_users=len(users),
             attrs=attrs,
             catalogue=data.catalogue,
-            collision_rate=data.collision_rate,
-            **extra,
+            collision_rate=data.collision_rate if data.num_items else None,
         )
 
-    train = make(~h)
-    test = make(h, seen=(u[~h], i[~h]))
-    return train, test
+    return make(~h), make(h)

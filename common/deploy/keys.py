@@ -107,6 +107,20 @@ class Pseudonymizer:
         """The shared embedding row of an item: the same at every site holding the key."""
         return int.from_bytes(self._mac(b"privfed/item", raw)[:8], "big") % num_buckets
 
+    def split_draw(self, user: str, item: str) -> float:
+        """A rating's keyed draw in [0, 1): HMAC-SHA256 of ``(user, item)``, its top 53 bits / 2^53.
+
+        The rating is held out when the draw is below the held-out fraction, so its side
+        depends on nothing but itself and the key: adding or removing another rating moves
+        no rating (issue 18). The user id is length-prefixed, so ``("ab", "c")`` and
+        ``("a", "bc")`` differ; the domain keeps the draw independent of the pseudonyms.
+        Without the key the split cannot be predicted (HMAC is a PRF).
+        """
+        u = user.encode("utf-8")
+        h = hmac.HMAC(self._key, hashes.SHA256())
+        h.update(b"privfed/split\x00" + len(u).to_bytes(8, "big") + u + item.encode("utf-8"))
+        return (int.from_bytes(h.finalize()[:8], "big") >> 11) / 2**53
+
     def __repr__(self) -> str:  # never show the key in logs or tracebacks
         return "Pseudonymizer(<federation key>)"
 

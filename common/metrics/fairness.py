@@ -186,10 +186,12 @@ def yao_huang(sums: Mapping[str, float], pred_g: tuple[float, float], pred_h: tu
 
 
 def item_popularity(users: np.ndarray, items: np.ndarray, catalogue: np.ndarray, num_users: int) -> np.ndarray:
-    """Per catalogue item: the share of the site's users who rated it in training, in [0, 1].
+    """Per catalogue item: the share of ``num_users`` users with a (user, item) pair, in [0, 1].
 
-    ``users``/``items`` are the training (user, item) pairs; ``catalogue`` is sorted and
-    holds every item. A pair repeated (two items in one hash bucket) counts once.
+    ``catalogue`` is sorted and holds every item of ``items``. A pair repeated (two items
+    in one hash bucket) counts once. The recommender passes its *held-out* pairs and its
+    number of held-out users: popularity sent without DP noise must not be a function of
+    the training ratings (docs/PRIVACY.md).
     """
     pop = np.zeros(len(catalogue))
     if len(items) and num_users > 0:

@@ -101,7 +101,7 @@ def biased_ratings(
     held = rng.random(len(table)) < 0.25
     attrs = {"gender": gender, "age": np.full(users, "25-34", dtype=object)}
 
-    def make(mask: np.ndarray, **extra) -> RatingData:
+    def make(mask: np.ndarray) -> RatingData:
         x = torch.as_tensor(table[mask, :2], dtype=torch.long)
         return RatingData(
             x,
@@ -109,11 +109,9 @@ def biased_ratings(
             num_users=users,
             attrs=attrs,
             catalogue=np.arange(items),
-            **extra,
         )
 
-    seen = (table[~held, 0].astype(np.int64), table[~held, 1].astype(np.int64))
-    return make(~held), make(held, seen=seen)
+    return make(~held), make(held)
 
 
 def recsys_cfg(correction: str, dp: bool, **extra):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from common.metrics.fairness import (
     yao_huang_sums,
 )
 from common.tasks import get_task
-from common.tasks.recsys.evaluation import ranking
+from common.tasks.recsys.evaluation import ranked_items, ranking
 from tests.conftest import make_cfg
 from tests.unit.test_recsys import SMALL, _FixedScores, recsys_task
 
@@ -112,7 +113,7 @@ def test_yao_huang_with_shared_items_is_the_metric_over_site_item_cells():
 
 
 def test_popularity_and_coverage_by_hand():
-    # training pairs: item 0 by users 0, 1, 2 (user 1 twice: one hash bucket), item 2 by user 3; 4 users
+    # (held-out) pairs: item 0 by users 0, 1, 2 (user 1 twice: one hash bucket), item 2 by user 3; 4 users
     pop = item_popularity(np.array([0, 1, 1, 2, 3]), np.array([0, 0, 0, 0, 2]), np.arange(4), 4)
     assert pop.tolist() == [0.75, 0.0, 0.25, 0.0]
     m = popularity_bias(top_sum=1.0, top_n=8, held_sum=1.25, held_n=5)
@@ -127,7 +128,9 @@ def test_popularity_and_coverage_by_hand():
 
 
 def _fair_site() -> tuple[RatingData, _FixedScores]:
-    """4 users (0, 1: F; 2, 3: M), catalogue 0..3; see the test below for the hand computation."""
+    """4 users (0, 1: F; 2, 3: M), catalogue 0..3; see the test below for the hand computation.
+
+    Held-out data only: what the users trained on is not part of it (and not excluded)."""
     x = torch.tensor([[0, 1], [0, 2], [1, 2], [2, 1], [3, 1]])
     y = torch.tensor([4.0, 2.0, 5.0, 3.0, 1.0])
     site = RatingData(
@@ -135,10 +138,9 @@ def _fair_site() -> tuple[RatingData, _FixedScores]:
         y,
         num_users=4,
         attrs={"gender": np.array(["F", "F", "M", "M"], dtype=object), "age": np.array(["25-34"] * 4, dtype=object)},
-        seen=(np.array([0, 1, 1, 2, 3]), np.array([0, 0, 1, 0, 2])),
         catalogue=np.arange(4),
     )
-    scores = _FixedScores([[9, 3, 2, 5], [9, 9, 4, 1], [9, 2, 0, 1], [0, 3, 9, 1]])
+    scores = _FixedScores([[9, 3, 2, 1], [9, 9, 4, 1], [9, 2, 0, 1], [0, 3, 9, 1]])
     return site, scores
 
 
@@ -152,9 +154,11 @@ def test_recommender_fairness_metrics_on_a_hand_computed_site():
     )
     assert m["group.gender.M.rmse"] == pytest.approx(math.sqrt(5 / 2)) and m["group.gender.M.mae"] == pytest.approx(1.5)
     assert m["group.gender.F.pred"] == 9 and m["group.gender.M.pred"] == 5
-    # top-2: u0 {3, 1} (one hit at rank 2 of two relevant), u1 {2, 3}, u2 {1, 3}, u3 {1, 3} (hits at rank 1)
+    # top-2 over every catalogue item (none excluded): u0 {0, 1} (one hit at rank 2 of two
+    # relevant), u1 {0, 1} (relevant: 2; no hit), u2 {0, 1} and u3 {2, 1} (hits at rank 2)
     ndcg_u0 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
-    assert m["group.gender.F.ndcg_at_k"] == pytest.approx((ndcg_u0 + 1) / 2) and m["group.gender.M.ndcg_at_k"] == 1
+    assert m["group.gender.F.ndcg_at_k"] == pytest.approx(ndcg_u0 / 2)
+    assert m["group.gender.M.ndcg_at_k"] == pytest.approx(1 / math.log2(3))
     # Yao & Huang: only item 1 has both groups: d_F = 3 - 4 = -1, d_M = 2.5 - 2 = +0.5
     assert m["yh.gender.items"] == 1
     assert m["unfairness.gender.value"] == pytest.approx(1.5)
@@ -162,14 +166,14 @@ def test_recommender_fairness_metrics_on_a_hand_computed_site():
     assert m["unfairness.gender.underestimation"] == pytest.approx(1.0)
     assert m["unfairness.gender.overestimation"] == pytest.approx(0.5)
     assert m["unfairness.gender.non_parity"] == pytest.approx(abs(9 / 3 - 5 / 2))
-    # popularity (share of the 4 users who trained on the item): [3/4, 1/4, 1/4, 0]
-    # top slots: 1/4 + 0 + 1/4 + 0 + 1/4 + 0 + 1/4 + 0 = 1 over 8; held-out items 1, 2, 2, 1, 1: 5/4 over 5
+    # popularity (share of the 4 held-out users who hold the item out): [0, 3/4, 2/4, 0]
+    # top slots: (0 + 3/4) * 3 + 2/4 + 3/4 = 7/2 over 8; held-out items 1, 2, 2, 1, 1: 13/4 over 5
     assert (
-        m["pop_at_k"] == pytest.approx(0.125)
-        and m["pop_held_out"] == pytest.approx(0.25)
-        and m["pop_lift"] == pytest.approx(0.5)
+        m["pop_at_k"] == pytest.approx(7 / 16)
+        and m["pop_held_out"] == pytest.approx(13 / 20)
+        and m["pop_lift"] == pytest.approx((7 / 16) / (13 / 20))
     )
-    # recommended: items 1, 2, 3 of 4
+    # recommended: items 0, 1, 2 of 4
     assert m["coverage_site_mean"] == 0.75 and m["coverage_upper"] == 0.75
     # and the server's combination of this one site gives the same metrics
     combined = task.combine_metrics([(5, m)])
@@ -228,8 +232,11 @@ def _site_reference(task, s):
     with torch.no_grad():
         pred = model(test.x).clamp(1, 5).numpy().astype(np.float64)
         hits, ndcg, top = ranking(model, test, torch.device("cpu"), task.params.top_k)
-    users = test.x[:, 0].numpy()
-    pop = item_popularity(test.seen[0], test.seen[1], test.catalogue, test.num_users)
+    users, items = test.x[:, 0].numpy(), test.x[:, 1].numpy()
+    cat = ranked_items(test)
+    # popularity, written out: of the site's held-out users, the share holding the item out
+    holders = Counter(i for _, i in set(zip(users.tolist(), items.tolist())))
+    pop = np.array([holders[j] / len(set(users.tolist())) for j in cat.tolist()])
     return m, {
         "item": test.x[:, 1].numpy(),
         "pred": pred,
@@ -239,9 +246,9 @@ def _site_reference(task, s):
         "user_gender": test.attrs["gender"][np.unique(users)],
         "user_ndcg": ndcg,
         "top_pop": pop[top[top >= 0]],
-        "held_pop": pop[np.searchsorted(test.catalogue, test.x[:, 1].numpy())],
-        "union": set(top[top >= 0].tolist()),
-        "catalogue": len(test.catalogue),
+        "held_pop": pop[np.searchsorted(cat, items)],
+        "union": set(cat[top].ravel().tolist()),
+        "catalogue": len(cat),
     }
 
 

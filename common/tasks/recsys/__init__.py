@@ -22,15 +22,18 @@ the per-rating sensitivity bound would no longer hold.) Rating-level DP is **not
 user-level DP: a user with m ratings is protected with roughly m times the epsilon
 (group privacy), which for MovieLens users (20 to 737 ratings) is a weak guarantee.
 
-Evaluation (per site, on the held-out 20% of each user's ratings): RMSE and MAE, and
-HR@k / NDCG@k ranking the whole catalogue minus the user's training items, with the
-user's held-out items as relevant. Sites send sums and counts (not per-user values);
-the server combines them (:meth:`RecsysTask.combine_metrics`); under SecAgg+ they travel
-inside the masked fit vector (:meth:`RecsysTask.sum_keys`), so the server learns only
-their sums over sites. Group metrics
-(gender, age bucket) are sent only for groups of at least ``recsys.min-group-size`` users
-and reported only when the combined group reaches it too, with complementary suppression
-(:func:`suppressed_groups`) so that no small group can be recovered by subtraction.
+Evaluation (per site, on its held-out ratings: each rating is held out by a keyed draw
+of its own, ``data.test-fraction`` = 20% on average, :func:`common.data.ratings.held_out_mask`):
+RMSE and MAE, and HR@k / NDCG@k ranking the declared catalogue plus the site's held-out
+items, the user's training items *not* removed (evaluation reads no training rating, since
+its sums leave the site without DP noise), with the user's held-out items as relevant.
+Sites send sums and counts (not per-user values); the server combines them
+(:meth:`RecsysTask.combine_metrics`); under SecAgg+ they travel inside the masked fit
+vector (:meth:`RecsysTask.sum_keys`), so the server learns only their sums over sites.
+Group metrics (gender, age bucket) are sent only for groups of at least
+``recsys.min-group-size`` users and reported only when the combined group reaches it
+too, with complementary suppression (:func:`suppressed_groups`) so that no small group
+can be recovered by subtraction.
 
 Fairness (math in :mod:`common.metrics.fairness`, design in ``docs/FAIRNESS.md``):
 
@@ -44,7 +47,8 @@ Fairness (math in :mod:`common.metrics.fairness`, design in ``docs/FAIRNESS.md``
   and is a pooled-over-sites estimate otherwise;
 * popularity bias: mean popularity of the top-k recommended items (``pop_at_k``) and of
   held-out items (``pop_held_out``), and their ratio ``pop_lift``; an item's popularity is
-  the share of the site's users who rated it in training (site-local, so sums suffice);
+  the share of the site's held-out users who hold it out (site-local, so sums suffice;
+  held-out only, like every evaluation sum);
 * catalogue coverage, a union over sites, bounded from sums: ``coverage_site_mean``
   (the sites' mean coverage, a lower bound) and ``coverage_upper`` (an upper bound).
 

@@ -71,5 +71,5 @@ def cached_sites(
     fraction: float,
 ) -> tuple[tuple[RatingData, RatingData], ...]:
     data = _load(source, path, users_path, params, seed, key)
-    held = held_out_mask(data, fraction, seed)
+    held = held_out_mask(data, fraction)  # keyed per rating: no seed, stable under add/remove
     return tuple(site_split(data, users, held) for users in partition_users(data, num_sites, partition, seed))

@@ -1,10 +1,22 @@
 """What a recommender site computes on its held-out ratings: sums and counts, never per-user values.
 
-Ranking (HR@k, NDCG@k over the catalogue minus the user's training items), popularity
-and coverage sums, and error sums per group of at least ``recsys.min-group-size`` users
-(smaller groups withheld with complementary suppression, :func:`.metrics.suppressed_groups`).
-These are validation metrics, outside the DP guarantee (as for every task); under SecAgg+
-the server learns only their sums over sites.
+Ranking (HR@k, NDCG@k), popularity and coverage sums, and error sums per group of at least
+``recsys.min-group-size`` users (smaller groups withheld with complementary suppression,
+:func:`.metrics.suppressed_groups`). Under SecAgg+ the server learns only their sums over sites.
+
+Privacy: these sums leave the site without DP noise, so each is a function of the model
+(a DP output) and of the **held-out ratings only**; no training rating is read (issue 18):
+
+* the ranking covers :func:`ranked_items`, the declared catalogue plus the site's held-out
+  items, and does *not* remove each user's training items (that would make the top-k,
+  hence hits, DCG and coverage, a function of which training ratings exist). Hit rates
+  are therefore lower than under the usual "exclude seen items" protocol: an item the
+  user trained on can take a top-k slot and never counts as a hit;
+* an item's popularity is the share of the site's held-out users who hold it out.
+
+Adding or removing one training rating leaves every sum bit-identical for a fixed model
+(tests/unit/test_recsys_heldout.py). They are not covered by epsilon: held-out ratings are
+never trained on, and the split is per rating (:func:`common.data.ratings.held_out_mask`).
 """
 
 from __future__ import annotations
@@ -50,11 +62,25 @@ def group_sums(
     return out
 
 
+def ranked_items(data: RatingData) -> np.ndarray:
+    """The items ranked (sorted buckets): the declared catalogue and the held-out items.
+
+    Both are independent of the training ratings; the held-out items are added so that
+    every relevant item can be ranked (and a ``csv`` source, with no declared catalogue,
+    still has one: its held-out items).
+    """
+    declared = np.zeros(0, dtype=np.int64) if data.catalogue is None else np.asarray(data.catalogue, dtype=np.int64)
+    return np.union1d(declared, data.x[:, 1].numpy())
+
+
 def popularity_sums(data: RatingData, top: np.ndarray) -> dict[str, float]:
-    """Sums for popularity bias and coverage; ``top`` holds catalogue positions (-1: none)."""
-    assert data.catalogue is not None and data.seen is not None
-    cat = np.asarray(data.catalogue)
-    pop = item_popularity(data.seen[0], data.seen[1], cat, data.num_users)
+    """Sums for popularity bias and coverage; ``top`` holds positions in :func:`ranked_items`.
+
+    Popularity from held-out (user, item) pairs over the held-out users (n_ranked).
+    """
+    cat = ranked_items(data)
+    users, items = data.x[:, 0].numpy(), data.x[:, 1].numpy()
+    pop = item_popularity(users, items, cat, len(np.unique(users)))
     shown = top[top >= 0]
     return {
         "pop_at_k_sum": float(pop[shown].sum()),
@@ -68,13 +94,11 @@ def popularity_sums(data: RatingData, top: np.ndarray) -> dict[str, float]:
 def ranking(
     model: nn.Module, data: RatingData, device: torch.device, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per held-out user: hit@k (0/1), NDCG@k and the top-k (catalogue positions; -1 where
-    fewer than k items are left), ranking catalogue items they did not train on."""
-    assert data.catalogue is not None and data.seen is not None
-    cat = np.asarray(data.catalogue)
+    """Per held-out user: hit@k (0/1), NDCG@k and the top-k (positions in
+    :func:`ranked_items`), ranking every one of those items, training items included."""
+    cat = ranked_items(data)
     users = np.unique(data.x[:, 0].numpy())
     held_u, held_i = data.x[:, 0].numpy(), data.x[:, 1].numpy()
-    seen_u, seen_i = data.seen
     hits = np.zeros(len(users))
     ndcg = np.zeros(len(users))
     tops = np.full((len(users), min(k, len(cat))), -1, dtype=np.int64)
@@ -90,15 +114,13 @@ def ranking(
         relevant = np.zeros_like(scores, dtype=bool)
         m = np.isin(held_u, chunk)
         relevant[[row[u] for u in held_u[m]], np.searchsorted(cat, held_i[m])] = True
-        m = np.isin(seen_u, chunk)
-        scores[[row[u] for u in seen_u[m]], np.searchsorted(cat, seen_i[m])] = -np.inf
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        tops[start : start + len(chunk)] = np.where(np.isfinite(np.take_along_axis(scores, top, 1)), top, -1)
+        tops[start : start + len(chunk)] = top
         gains = np.take_along_axis(relevant, top, 1)
         n_rel = relevant.sum(1)
         ideal = np.array([discounts[: min(k, int(r))].sum() for r in n_rel])
         hits[start : start + len(chunk)] = gains.any(1)
         ndcg[start : start + len(chunk)] = np.where(
-            ideal > 0, (gains * discounts).sum(1) / np.maximum(ideal, 1e-12), 0.0
+            ideal > 0, (gains * discounts[: gains.shape[1]]).sum(1) / np.maximum(ideal, 1e-12), 0.0
         )
     return hits, ndcg, tops

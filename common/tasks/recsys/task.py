@@ -38,7 +38,7 @@ class RecsysTask(Task):
     partitions = ("region", "iid", "site")
     primary_metric = "rmse"
     needs_key = True
-    test_description = "held-out ratings at the sites (20% per user), combined from their sums"
+    test_description = "held-out ratings at the sites (keyed per rating, data.test-fraction), combined from their sums"
     plot_metrics = ("unfairness.gender.value", "unfairness.gender.non_parity", "pop_lift", "coverage_site_mean")
 
     params: RecsysConfig
@@ -133,10 +133,11 @@ class RecsysTask(Task):
             "n_ranked": float(len(hits)),
             "hits": float(hits.sum()),
             "dcg": float(dcg.sum()),
-            "item_collision_rate": data.collision_rate,
             **popularity_sums(data, top),
             **group_sums(data, pred, rating, dcg, p.min_group_size),
         }
+        if data.collision_rate is not None:  # of the declared (public) catalogue; csv has none
+            out["item_collision_rate"] = data.collision_rate
         return {**derived(out), **out}
 
     def sum_keys(self) -> tuple[str, ...]:
