@@ -368,10 +368,10 @@ def held_out_mask(data: Ratings, fraction: float) -> np.ndarray:
     quota, round(fraction * n_u), would move others whenever n_u changes.)
 
     Each user's held-out share is Binomial(n_u, fraction) / n_u: ``fraction`` on average,
-    not exactly. A user may end with no held-out rating (not ranked; P = 0.8^n_u) or, rarely,
-    with none in training (P = 0.2^n_u: a cold-start user, evaluated with a user row that
-    DP-SGD touched only through noise); neither is patched, since moving a rating to the
-    other side would depend on the user's other ratings.
+    not exactly. A user may end with no held-out rating (not ranked; P = (1 - fraction)^n_u)
+    or, rarely, with none in training (P = fraction^n_u: a cold-start user, evaluated with
+    a user row that DP-SGD touched only through noise); neither is patched, since moving a
+    rating to the other side would depend on the user's other ratings.
     """
     return np.asarray(data.split_draw) < fraction
 
