@@ -1,7 +1,19 @@
 """Loading site data and splitting it across simulated sites.
 
-Everything here is deterministic given the seed, so the server and every client
-compute the same split independently and no data has to be shipped around.
+Everything here is deterministic given the seed (and the split key), so the server and
+every client compute the same split independently and no data has to be shipped around.
+
+Two kinds of split live here:
+
+* **The simulation's data generation** (seeded): the server-held test split and the
+  partition of the rest across simulated sites. No deployed site runs these.
+* **A site's own train/validation split** (keyed, :func:`keyed_split`): each record's
+  side is decided by ``HMAC-SHA256(split key, domain || record)`` alone, so adding or
+  removing one record moves no other record between training and validation. The DP
+  neighbouring relation (add/remove one training image) then holds for the site's whole
+  dataset: a neighbour differs in that one record's training or validation membership
+  and in nothing else. (A seeded permutation, as before, moved about 13 of 200 images
+  when one image was added: the real protection was group privacy over all of them.)
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import hashes, hmac
 
 from common.config import DataConfig
 from common.errors import ConfigError, DataError
@@ -39,10 +52,19 @@ def to_device(batch: ArrayData, device: torch.device) -> ArrayData:
 
 @dataclass(frozen=True)
 class FederatedSplit:
-    """A server-held test split and one (train, validation) pair per site."""
+    """A server-held test split and one (train, validation) pair per site.
+
+    ``test`` is the whole server-held test split. It is itself divided (keyed, stable per
+    record) into ``classifier``, the images the evaluation classifier of
+    :mod:`common.metrics.image_quality` trains on, and ``quality``, the images FID, TSTR
+    and the class distribution are measured on, so no metric is scored on the
+    classifier's own training images and no site image ever reaches the classifier.
+    """
 
     test: ArrayData
     sites: tuple[tuple[ArrayData, ArrayData], ...]
+    classifier: ArrayData
+    quality: ArrayData
 
     def site_sizes(self) -> list[int]:
         return [len(train) for train, _ in self.sites]
@@ -160,28 +182,104 @@ def iid_partition(n: int, num_sites: int, seed: int) -> list[np.ndarray]:
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``range(n)`` into (rest, held-out fraction)."""
+    """Seeded split of ``range(n)`` into (rest, held-out fraction): the simulation's own
+    test split only (data generation, not a site step; see :func:`keyed_split`)."""
     perm = np.random.default_rng(seed).permutation(n)
     k = int(round(n * fraction))
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def federate(data: ArrayData, cfg: DataConfig, num_sites: int, seed: int) -> FederatedSplit:
+# Domain separation of every keyed hash in this module (the key itself is domain-separated too).
+_KEY_DOMAIN = b"privfed/image-split-key/v1"
+VALIDATION_DOMAIN = b"privfed/image-split/validation/v1"
+CLASSIFIER_DOMAIN = b"privfed/image-split/eval-classifier/v1"
+# The share of the server-held test split that trains the evaluation classifier; the rest
+# (the "quality" part) is where the classifier's metrics are measured.
+CLASSIFIER_FRACTION = 0.5
+
+
+def split_key(seed: int, secret: bytes | None = None) -> bytes:
+    """The 256-bit key of :func:`keyed_split`.
+
+    With a site-local ``secret`` (a deployed site's federation key, when its task has one)
+    the key is ``HMAC(secret, domain)``: nobody without the secret can tell which of a
+    site's images are held out, and it does not depend on the run config, so a dataset's
+    split stays the same from run to run. Without one, ``HMAC(domain, seed)`` from
+    ``federation.seed``: a simulation's split is then reproducible like the rest of its
+    data generation, and whoever knows the seed and an image can compute which side it is
+    on (which says nothing about whether the image is at the site at all).
+    """
+    if secret:
+        mac = hmac.HMAC(secret, hashes.SHA256())
+        mac.update(_KEY_DOMAIN + b"\x00site-secret")
+    else:
+        mac = hmac.HMAC(_KEY_DOMAIN, hashes.SHA256())
+        mac.update(b"seed\x00" + str(int(seed)).encode())
+    return mac.finalize()
+
+
+def record_positions(data: ArrayData, key: bytes, domain: bytes) -> np.ndarray:
+    """Per record, a position in [0, 1) that depends on that record and the key alone.
+
+    ``HMAC-SHA256(key, domain || 0x00 || len(image) || image || label)``, the image as its
+    float32 little-endian bytes, the label as 0x01 + int64 (0x00 when unlabelled): an
+    injective encoding, so two records share a position only when they are equal. The
+    first 53 bits of the digest give the position (a float64 represents them exactly).
+    """
+    x = np.ascontiguousarray(data.x.numpy(), dtype="<f4")
+    y = None if data.y is None else data.y.numpy().astype("<i8")
+    base = hmac.HMAC(key, hashes.SHA256())
+    base.update(domain + b"\x00" + int(x[0].nbytes if len(x) else 0).to_bytes(8, "little"))
+    out = np.empty(len(x), dtype=np.float64)
+    for i in range(len(x)):
+        mac = base.copy()
+        mac.update(x[i].tobytes())
+        mac.update(b"\x00" if y is None else b"\x01" + y[i].tobytes())
+        out[i] = (int.from_bytes(mac.finalize()[:8], "big") >> 11) / 2.0**53
+    return out
+
+
+def keyed_split(data: ArrayData, fraction: float, key: bytes, domain: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held out): a record is held out when its keyed position is below ``fraction``.
+
+    Stable per record: adding or removing one record changes no other record's side, and
+    the held-out share is ``fraction`` in expectation (Binomial, not exact).
+    """
+    held = record_positions(data, key, domain) < fraction
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def _site_split(site: ArrayData, cfg: DataConfig, key: bytes, who: str) -> tuple[ArrayData, ArrayData]:
+    """A site's (train, validation) by :func:`keyed_split`; one line when either is too small.
+
+    Validation examples must never be training examples (they are reported without
+    noise), and DP needs a real training set.
+    """
+    tr, va = keyed_split(site, cfg.val_fraction, key, VALIDATION_DOMAIN)
+    if len(va) == 0 or len(tr) < cfg.min_site_size:
+        raise ConfigError(
+            "data.val-fraction",
+            f"{who} has {len(site)} examples: {len(tr)} train / {len(va)} validation; "
+            f"need >= {cfg.min_site_size} train (data.min-site-size) and >= 1 validation",
+        )
+    return site.subset(tr), site.subset(va)
+
+
+def federate(
+    data: ArrayData, cfg: DataConfig, num_sites: int, seed: int, secret: bytes | None = None
+) -> FederatedSplit:
     """Server test split, then per-site partitions, then each site's validation split.
 
     ``data.partition = "site"`` (a deployed site's own file): all of it is this site's,
-    split into train and validation only; there is no server test split.
+    split into train and validation only; there is no server test split. The
+    train/validation split is keyed (:func:`split_key` from ``secret`` or ``seed``); the
+    test split and the partition are the simulation's seeded data generation.
     """
+    key = split_key(seed, secret)
     if cfg.partition == SITE_PARTITION:
-        tr, va = split_indices(len(data), cfg.val_fraction, seed + 1)
-        if len(va) == 0 or len(tr) < cfg.min_site_size:
-            raise ConfigError(
-                "data.val-fraction",
-                f"this site's data has {len(data)} examples: {len(tr)} train / {len(va)} validation; "
-                f"need >= {cfg.min_site_size} train (data.min-site-size) and >= 1 validation",
-            )
-        own = (data.subset(tr), data.subset(va))
-        return FederatedSplit(test=data.subset(np.zeros(0, dtype=np.int64)), sites=(own,) * num_sites)
+        own = _site_split(data, cfg, key, "this site's data")
+        empty = data.subset(np.zeros(0, dtype=np.int64))
+        return FederatedSplit(test=empty, sites=(own,) * num_sites, classifier=empty, quality=empty)
     min_total = num_sites * (cfg.min_site_size + 1)
     if len(data) * (1 - cfg.test_fraction) < min_total:
         raise ConfigError(
@@ -197,23 +295,16 @@ def federate(data: ArrayData, cfg: DataConfig, num_sites: int, seed: int) -> Fed
         parts = dirichlet_partition(pool.y.numpy(), num_sites, cfg.alpha, seed, min_part)
     else:
         parts = iid_partition(len(pool), num_sites, seed)
-    sites = []
-    for i, part in enumerate(parts):
-        site = pool.subset(part)
-        tr, va = split_indices(len(site), cfg.val_fraction, seed + 1 + i)
-        # Validation examples must never be training examples (they are reported
-        # without noise), and DP needs a real training set.
-        if len(va) == 0 or len(tr) < cfg.min_site_size:
-            raise ConfigError(
-                "data.val-fraction",
-                f"site {i} has {len(site)} examples: {len(tr)} train / {len(va)} validation; "
-                f"need >= {cfg.min_site_size} train (data.min-site-size) and >= 1 validation",
-            )
-        sites.append((site.subset(tr), site.subset(va)))
-    return FederatedSplit(test=data.subset(test_idx), sites=tuple(sites))
+    sites = tuple(_site_split(pool.subset(part), cfg, key, f"site {i}") for i, part in enumerate(parts))
+    test = data.subset(test_idx)
+    # The evaluation classifier's images: server-held, never a site's (finding 7 of issue 18).
+    quality_idx, classifier_idx = keyed_split(test, CLASSIFIER_FRACTION, key, CLASSIFIER_DOMAIN)
+    return FederatedSplit(
+        test=test, sites=sites, classifier=test.subset(classifier_idx), quality=test.subset(quality_idx)
+    )
 
 
 @lru_cache(maxsize=4)
-def cached_federated_split(cfg: DataConfig, num_sites: int, seed: int) -> FederatedSplit:
+def cached_federated_split(cfg: DataConfig, num_sites: int, seed: int, secret: bytes | None = None) -> FederatedSplit:
     """One split per process: simulated clients share a worker, so load once."""
-    return federate(load_images(cfg), cfg, num_sites, seed)
+    return federate(load_images(cfg), cfg, num_sites, seed, secret)

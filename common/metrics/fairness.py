@@ -119,6 +119,29 @@ def group_means(sums: Mapping[str, float], prefix: str, stat: str) -> dict[str, 
 # ------------------------------------------------------------------ Yao & Huang
 
 
+def suppressed_groups(sizes: Mapping[str, float], k: int, withheld: int = 0) -> set[str]:
+    """Which groups to withhold so that no group of fewer than k members can be recovered.
+
+    Groups under k members (users of the recommender, validation images of a class) are
+    withheld. The groups partition the members, and the overall sums are reported too, so
+    "overall minus the reported groups" gives the sum over the withheld ones: if those hold
+    fewer than k members together (counting ``withheld`` members already hidden upstream),
+    the next smallest groups are withheld as well until they do (complementary
+    suppression, as in statistical disclosure control). When all groups together hold
+    fewer than k, every group is withheld.
+    """
+    hidden = {g for g, n in sizes.items() if n < k}
+    if not hidden:
+        return hidden
+    mass = withheld + sum(sizes[g] for g in hidden)
+    for g in sorted(set(sizes) - hidden, key=lambda g: (sizes[g], g)):
+        if mass >= k:
+            break
+        hidden.add(g)
+        mass += sizes[g]
+    return hidden
+
+
 def yao_huang_item_terms(dev_g: np.ndarray, dev_h: np.ndarray) -> dict[str, np.ndarray]:
     """Per-item terms of the four item-level metrics, from ``d_g(j)`` and ``d_h(j)``."""
     return {

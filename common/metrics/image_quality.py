@@ -1,21 +1,22 @@
 """Sample-quality metrics for image generators that need no downloads.
 
-* An **evaluation classifier** (a small MLP) trained once on real training images. Its
-  penultimate layer is the feature space for the Fréchet distance, and its predictions
-  label generated images.
+* An **evaluation classifier** (a small MLP) trained once on the server-held classifier
+  part of the test split (:func:`server_classifier`). Its penultimate layer is the
+  feature space for the Fréchet distance, and its predictions label generated images.
 * **Classifier-FID**: the Fréchet distance between Gaussians fitted to the features of
-  real test images and of generated images,
+  real images of the test split's quality part and of generated images,
   ``|mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})``. It uses this classifier, not
   Inception, so its values are comparable only within privfed.
 * **TSTR**: train on synthetic, test on real. A logistic regression fitted on generated
-  images and their labels, scored on real test images.
+  images and their labels, scored on the real images of the quality part.
 * **Class distribution**: the share of generated images per predicted class, and its
   total-variation distance to the real class distribution (representation bias:
   ``TV = 1/2 sum_c |p_gen(c) - p_real(c)|``, 0 when every class is as frequent as in the
   real data, 1 when the generator only makes classes the data does not have).
 
-The classifier needs the sites' pooled training images, so these metrics exist only in
-simulation, on the server's test split (:func:`pooled_classifier`).
+The classifier and the metrics use only the server's test split (half to train the
+classifier, half to measure), never a site's image, so they need a server that holds
+labelled data: in privfed, the simulation (:func:`server_classifier`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class EvalClassifier(nn.Module):
 def train_classifier(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int = 0, epochs: int = 300
 ) -> EvalClassifier:
-    """Full-batch Adam on the real training images (a second on digits)."""
+    """Full-batch Adam on the given real images (a second on digits)."""
     with torch.random.fork_rng(), torch.enable_grad():  # callers may be inside no_grad
         torch.manual_seed(seed)
         clf = EvalClassifier(x.shape[1], num_classes)
@@ -79,26 +80,27 @@ def cached_classifier(
     return clf
 
 
-def pooled_classifier(task: ImageTask, num_classes: int | None = None) -> EvalClassifier:
-    """The run's evaluation classifier, trained once on the sites' pooled training images.
+def server_classifier(task: ImageTask, num_classes: int | None = None) -> EvalClassifier:
+    """The run's evaluation classifier, trained once on the server-held classifier part.
 
-    Cached on the task and as ``eval-classifier.pt`` in its run directory (when it has
-    one). ``num_classes`` defaults to the largest training label + 1.
+    Its training images are ``task.classifier_data()``: a keyed half of the server's own
+    test split, never a site's image, so it is a function of server data alone. It is
+    trained without noise, which is fine for data the server holds; it may therefore be
+    written to the run directory (``eval-classifier.pt``) and may decide things about the
+    run (the GAN's collapse guard, class-rebalanced sampling), because it carries nothing
+    about any site. Its metrics are measured on the other half, ``task.quality_data()``.
+    ``num_classes`` defaults to the largest label + 1.
     """
     clf = getattr(task, "_eval_classifier", None)
     if clf is None:
-        train = [t for t, _ in task._split.sites]
-        if train[0].y is None:
+        data = task.classifier_data()
+        if data.y is None:
             raise ConfigError("data.source", "the generators' quality metrics need labelled images")
-        labels = []
-        for t in train:
-            # One dataset split across the sites: all are labelled when the first is.
-            assert t.y is not None
-            labels.append(t.y)
-        x, y = torch.cat([t.x for t in train]), torch.cat(labels)
-        k = num_classes if num_classes is not None else int(y.max()) + 1
+        if len(data) == 0:
+            raise ConfigError("federation.central-eval", "the evaluation classifier needs the server's test split")
+        k = num_classes if num_classes is not None else int(data.y.max()) + 1
         path = task.artifacts_dir / "eval-classifier.pt" if task.artifacts_dir is not None else None
-        clf = task._eval_classifier = cached_classifier(path, x, y, k, task.cfg.federation.seed)
+        clf = task._eval_classifier = cached_classifier(path, data.x, data.y, k, task.cfg.federation.seed)
     return clf
 
 

@@ -13,18 +13,20 @@ if TYPE_CHECKING:
 
 
 class ImageTask(Task):
-    """A task whose sites hold images: the seeded federated split of common.data.arrays."""
+    """A task whose sites hold images: the federated split of common.data.arrays (seeded test
+    split and partition, keyed per-record train/validation split at each site)."""
 
     unit_of_privacy = "image"
     data_sources = ("digits", "npz")
     partitions = ("dirichlet", "iid", "site")
-    # The evaluation classifier, cached by common.metrics.image_quality.pooled_classifier on first
+    # The evaluation classifier, cached by common.metrics.image_quality.server_classifier on first
     # use (declared, not assigned; typed as its base class: naming it here would be an import cycle).
     _eval_classifier: nn.Module
 
     def __init__(self, cfg: RunConfig, key: bytes | None = None) -> None:
         super().__init__(cfg, key)
-        self._split = cached_federated_split(cfg.data, cfg.federation.num_sites, cfg.federation.seed)
+        # A site-local secret, when the site has one, keys its train/validation split.
+        self._split = cached_federated_split(cfg.data, cfg.federation.num_sites, cfg.federation.seed, key)
 
     @property
     def input_dim(self) -> int:
@@ -35,6 +37,14 @@ class ImageTask(Task):
 
     def server_test_data(self) -> ArrayData:
         return self._split.test
+
+    def classifier_data(self) -> ArrayData:
+        """The part of the server's test split that trains the evaluation classifier."""
+        return self._split.classifier
+
+    def quality_data(self) -> ArrayData:
+        """The rest of the server's test split: where the classifier's metrics are measured."""
+        return self._split.quality
 
     def site_sizes(self) -> list[int]:
         return self._split.site_sizes()

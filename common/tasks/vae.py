@@ -17,10 +17,17 @@ Representation bias (on labelled images; ``docs/FAIRNESS.md``):
   ``class.<c>.recon_sum`` and counts ``class.<c>.n`` a site sends (combined by adding
   them, so exact), and its disparity across classes ``recon_disparity.{mean, std,
   worst, best, gap, ratio}`` (:func:`common.metrics.fairness.spread`; gap = worst - best,
-  ratio = worst / best);
+  ratio = worst / best). A site sends a class only when it has at least
+  ``vae.min-group-size`` (k) validation images of it, with complementary suppression
+  (:func:`common.metrics.fairness.suppressed_groups`): the withheld classes together hold
+  at least k images, so subtracting the sent classes from the overall mean (``neg_elbo``
+  and ``recon_nll`` times the validation count) never isolates a small class. Its local
+  per-class means and disparity cover the sent classes only. The server's own test split
+  is not suppressed (server data);
 * on the server's test split only, ``class_tv``: the total-variation distance between
   the class distribution of generated images (labelled by the evaluation classifier of
-  :mod:`common.metrics.image_quality`) and that of the real test images.
+  :mod:`common.metrics.image_quality`, trained on the split's classifier part) and that
+  of the real images of its quality part.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from torch import nn
 
 from common.data.arrays import ArrayData
 from common.errors import ConfigError
-from common.metrics.fairness import group_means, spread, sum_statistics
+from common.metrics.fairness import group_means, spread, sum_statistics, suppressed_groups
 from common.tasks import register_task
 from common.tasks.images import ImageTask
 
@@ -45,6 +52,8 @@ class VAEConfig:
     latent_dim: int = 8
     hidden_dim: int = 128
     beta: float = 1.0
+    # Per-class validation sums of fewer images are not sent (complementary suppression).
+    min_group_size: int = 10
 
     def validate(self) -> None:
         if self.latent_dim < 1:
@@ -53,6 +62,8 @@ class VAEConfig:
             raise ConfigError("vae.hidden-dim", f"must be >= 1, got {self.hidden_dim}")
         if self.beta < 0:
             raise ConfigError("vae.beta", f"must be >= 0, got {self.beta}")
+        if self.min_group_size < 1:
+            raise ConfigError("vae.min-group-size", f"must be >= 1, got {self.min_group_size}")
 
 
 class VAE(nn.Module):
@@ -104,10 +115,20 @@ EVAL_SAMPLES = 2000
 DISPARITY_STATS = ("mean", "std", "worst", "best", "gap", "ratio")
 
 
-def class_sums(recon: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Per class present: the sum of reconstruction NLLs and the number of images."""
+def class_sums(recon: torch.Tensor, labels: torch.Tensor, min_group_size: int = 1) -> dict[str, float]:
+    """Per class present: the sum of reconstruction NLLs and the number of images.
+
+    Classes under ``min_group_size`` images are left out, with complementary suppression
+    (:func:`suppressed_groups`), so that no class of fewer images can be recovered from
+    these sums and the overall sum. (With the default 1 every class present is kept.)
+    """
     out: dict[str, float] = {}
-    for c in torch.unique(labels).tolist():
+    present = torch.unique(labels).tolist()
+    sizes = {str(c): float((labels == c).sum()) for c in present}
+    hidden = suppressed_groups(sizes, min_group_size)
+    for c in present:
+        if str(c) in hidden:
+            continue
         rows = labels == c
         out[f"class.{c}.recon_sum"] = float(recon[rows].double().sum())
         out[f"class.{c}.n"] = float(rows.sum())
@@ -164,24 +185,27 @@ class VAETask(ImageTask):
             "recon_mse": float(mse),
         }
         if data.y is not None:
-            sums = class_sums(recon.cpu(), data.y)
+            server = data is self.server_test_data()
+            # At a site, small classes are withheld (vae.min-group-size); the server's own data is not.
+            sums = class_sums(recon.cpu(), data.y, 1 if server else self.params.min_group_size)
             out.update({**class_recon_metrics(sums), **sums})
-            if data is self.server_test_data() and len(data):
-                out["class_tv"] = self._class_tv(model, data)
+            if server and len(self.quality_data()):
+                out["class_tv"] = self._class_tv(model)
         model.train()
         return out
 
-    def _class_tv(self, model: VAE, test: ArrayData) -> float:
-        """TV distance between the classes of generated images (decoded z ~ N(0, I)) and of ``test``."""
-        from common.metrics.image_quality import pooled_classifier, predicted_shares, real_shares, total_variation
+    def _class_tv(self, model: VAE) -> float:
+        """TV distance between the classes of generated images (decoded z ~ N(0, I)) and of the
+        real images of the test split's quality part (not those the classifier trained on)."""
+        from common.metrics.image_quality import predicted_shares, real_shares, server_classifier, total_variation
 
-        clf = pooled_classifier(self)
+        clf = server_classifier(self)
         k = clf.out.out_features
         device = next(model.parameters()).device
         gen = torch.Generator(device=device).manual_seed(4321)
         z = torch.randn(EVAL_SAMPLES, model.latent_dim, generator=gen, device=device)
         _, shares = predicted_shares(clf, torch.sigmoid(model.decoder(z)).cpu(), k)
-        return total_variation(shares, real_shares(test.y, k))
+        return total_variation(shares, real_shares(self.quality_data().y, k))
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
         """Example-weighted means of the sites' means; per-class metrics from summed class sums (exact)."""

@@ -255,7 +255,8 @@ def imbalanced_npz(tmp_path):
     return path
 
 
-def gan_task(path, target: str):
+def gan_task(path, target: str, min_group_size: int = 1):
+    """min_group_size 1: every class count sent (the default 10 withholds this data's rare class)."""
     cfg = make_cfg(
         **{
             "task": "gan",
@@ -268,6 +269,7 @@ def gan_task(path, target: str):
             "gan.hidden-dim": 8,
             "gan.latent-dim": 2,
             "gan.class-target": target,
+            "gan.min-group-size": min_group_size,
         }
     )
     return get_task("gan")(cfg)
@@ -297,6 +299,16 @@ def test_real_target_is_the_sum_of_the_sites_class_counts(imbalanced_npz):
     assert [combined[f"class.{c}.n"] for c in range(4)] == pooled.tolist()
     # once combined counts exist they are the target (here the same numbers)
     assert task.class_target() == pytest.approx(pooled / pooled.sum())
+    # with gan.min-group-size = k, no class of fewer than k is sent, and the withheld classes
+    # hold >= k images together (complementary suppression)
+    k = int(min(pooled)) + 1  # the rarest class falls under k at every site
+    small = gan_task(imbalanced_npz, "real", min_group_size=k)
+    for v in sites:
+        m = small.evaluate(model, v)
+        counts = np.bincount(v.y.numpy(), minlength=4)
+        assert all(m[f"class.{c}.n"] >= k for c in range(4) if f"class.{c}.n" in m)
+        withheld = [counts[c] for c in range(4) if f"class.{c}.n" not in m]
+        assert withheld and sum(withheld) >= k
     # without a target the sites send no class counts at all
     plain = gan_task(imbalanced_npz, "none")
     assert not any(k.startswith("class.") for k in plain.evaluate(plain.build_model(), sites[0]))

@@ -326,7 +326,9 @@ def test_vae_per_class_reconstruction_by_hand_and_combined_from_sums():
 
     from common.tasks.vae import negative_elbo_terms
 
-    task = get_task("vae")(make_cfg(**{"num-sites": 3, "vae.hidden-dim": 16, "vae.latent-dim": 2}))
+    # every class sent (vae.min-group-size = 1), so the combined sums are the pooled ones
+    cfg = make_cfg(**{"num-sites": 3, "vae.hidden-dim": 16, "vae.latent-dim": 2, "vae.min-group-size": 1})
+    task = get_task("vae")(cfg)
     torch.manual_seed(0)
     model = task.build_model().eval()
     results, recon, labels = [], [], []

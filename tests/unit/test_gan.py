@@ -127,9 +127,39 @@ def test_tstr_on_real_data_is_high_and_class_metrics_add_up():
     shares = class_shares(np.array([0, 0, 1, 3]), 4)
     assert shares.tolist() == [0.5, 0.25, 0.0, 0.25]
     assert total_variation(shares, np.full(4, 0.25)) == pytest.approx(0.25)
-    # the evaluation classifier is good at real digits, or its labels and features mean little
+    # the evaluation classifier is good at real digits it never saw (the quality part of the
+    # test split), or its labels and features mean little. It trains on about 180 images.
     clf = task.eval_classifier()
-    assert (clf(test.x).argmax(1) == test.y).float().mean() > 0.9
+    quality = task.quality_data()
+    assert (clf(quality.x).argmax(1) == quality.y).float().mean() > 0.88
+
+
+def test_eval_classifier_reads_no_site_image():
+    """Bit-identical whatever the sites hold: it trains on the server's classifier part only."""
+    import dataclasses
+
+    task = gan_task()
+    reference = task.eval_classifier().state_dict()
+    other = gan_task()
+    split = other._split
+    noisy = tuple((ArrayData(torch.rand_like(t.x), t.y), v) for t, v in split.sites)
+    other._split = dataclasses.replace(split, sites=noisy)
+    assert other.site_data(0)[0].x.shape == split.sites[0][0].x.shape
+    again = other.eval_classifier().state_dict()
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+    # and its metrics are measured on the other part of the test split
+    assert len(task.quality_data()) + len(task.classifier_data()) == len(task.server_test_data())
+
+
+def test_gan_class_counts_are_withheld_below_the_minimum():
+    from common.tasks.gan.classes import class_counts
+
+    labels = torch.tensor([0] * 12 + [1] * 3 + [2] * 20)
+    assert class_counts(labels, 4, 1) == {"class.0.n": 12.0, "class.1.n": 3.0, "class.2.n": 20.0, "class.3.n": 0.0}
+    # class 1 (3) and the empty class 3 are small; together 3 < 10, so class 0 goes too
+    assert class_counts(labels, 4, 10) == {"class.2.n": 20.0}
+    with pytest.raises(Exception, match="gan.min-group-size"):
+        gan_task(**{"gan.min-group-size": 0})
 
 
 def test_total_mode_collapse_is_a_failure(monkeypatch):

@@ -1,6 +1,7 @@
 """Conditional GAN on images, with DP on the only network that touches real data.
 
-Quality (server side, on the held-out test split; :mod:`common.metrics.image_quality`):
+Quality (server side, on the quality part of the held-out test split, with a classifier
+trained on its other part and never on a site's image; :mod:`common.metrics.image_quality`):
 classifier-FID, train-synthetic-test-real accuracy and the class distribution of
 generated images. A run whose samples are not finite, or whose samples all fall in one
 class (total mode collapse), ends as a failure.
@@ -30,7 +31,8 @@ is identical whatever the real data is, once D is held fixed.
 Class-rebalanced sampling (``gan.class-target``, docs/FAIRNESS.md): the
 conditioning labels of evaluated samples are drawn so that the generated classes follow a
 target, uniform or the real distribution (from the sites' summed validation class
-counts). Post-processing of the released generator; the sites' counts are validation
+counts, classes under ``gan.min-group-size`` withheld at each site). Post-processing of
+the released generator; the sites' counts are validation
 data, outside epsilon like the VAE's.
 """
 

@@ -30,6 +30,9 @@ class GANConfig:
     # Class proportions of generated samples: none (labels cycled evenly, no correction) |
     # uniform | real (from the sites' summed class counts).
     class_target: str = "none"
+    # With class-target "real": per-class validation counts of fewer images are not sent
+    # (complementary suppression, as the VAE's per-class sums).
+    min_group_size: int = 10
 
     def validate(self) -> None:
         for key, value, low in (
@@ -38,6 +41,7 @@ class GANConfig:
             ("features", self.features, 1),
             ("num-classes", self.num_classes, 1),
             ("g-steps", self.g_steps, 1),
+            ("min-group-size", self.min_group_size, 1),
         ):
             if value < low:
                 raise ConfigError(f"gan.{key}", f"must be >= {low}, got {value}")

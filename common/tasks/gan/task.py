@@ -36,6 +36,7 @@ from common.tasks.images import ImageTask
 
 if TYPE_CHECKING:
     from common.config import RunConfig
+    from common.metrics.image_quality import EvalClassifier
     from common.privacy.training import LocalSession
 
 
@@ -129,9 +130,10 @@ class GANTask(ImageTask):
     def evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
         """Discriminator losses; on the server's test split also FID, TSTR and classes.
 
-        Sites report only the discriminator's losses on their validation images: the
-        quality metrics need the evaluation classifier, which is trained on the pooled
-        training images and so exists only in simulation, at the server.
+        Sites report only the discriminator's losses on their validation images (and, with
+        ``gan.class-target = "real"``, their class counts of at least ``gan.min-group-size``).
+        The quality metrics need the evaluation classifier and labelled server data, so
+        they exist only at a server with a test split (in privfed, the simulation).
         """
         model = _gan(model)
         model.eval()
@@ -148,10 +150,10 @@ class GANTask(ImageTask):
             "d_fake": float(d_fake.mean()),
         }
         if data is self.server_test_data():
-            out.update(self._quality(model, data, device))
+            out.update(self._quality(model, device))
         elif self.params.class_target == "real":
             # Counts of the site's validation labels (sums, added up by the server).
-            out.update(class_counts(data.y, self.params.num_classes))
+            out.update(class_counts(data.y, self.params.num_classes, self.params.min_group_size))
         model.train()
         return out
 
@@ -169,16 +171,16 @@ class GANTask(ImageTask):
         """Per class, the number of real images over all sites: the sum of the sites' ``class.<c>.n``.
 
         Those are counts of each site's validation labels (additive sufficient statistics;
-        no label leaves a site on its own). A server without a test split combines the
-        sites' evaluation replies (:meth:`combine_metrics`) and keeps the sums. In
-        simulation the server evaluates on its own test split instead and does not combine
-        site replies, so it adds up the same per-site counts from the simulated split (it
-        already reads the sites' data there to train the evaluation classifier).
+        no label leaves a site on its own; classes under ``gan.min-group-size`` withheld at
+        the site, so small classes are under-counted). A server combines the sites'
+        evaluation replies (:meth:`combine_metrics`) and keeps the sums. Before the first
+        federated evaluation a simulation adds up the same suppressed per-site counts from
+        the simulated split: exactly what the sites would send, nothing more.
         """
         if self._site_class_counts is not None and self._site_class_counts.sum() > 0:
             return self._site_class_counts
-        k = self.params.num_classes
-        return sum((counts_vector(class_counts(val.y, k), k) for _, val in self._split.sites), np.zeros(k))
+        k, m = self.params.num_classes, self.params.min_group_size
+        return sum((counts_vector(class_counts(val.y, k, m), k) for _, val in self._split.sites), np.zeros(k))
 
     def class_target(self) -> np.ndarray | None:
         """The class distribution generated samples should have (gan.class-target), or None."""
@@ -217,7 +219,9 @@ class GANTask(ImageTask):
             weights = label_weights_for_target(confusion, target, MIN_LABEL_SHARE / k, SHIFT_COST)
         return torch.as_tensor(quota_labels(weights, n), device=device)
 
-    def _quality(self, model: GAN, test: ArrayData, device: torch.device) -> dict[str, float]:
+    def _quality(self, model: GAN, device: torch.device) -> dict[str, float]:
+        """FID, TSTR and class shares against the quality part of the server's test split
+        (never the images the evaluation classifier trained on, never a site's)."""
         from common.metrics.image_quality import (
             frechet_distance,
             predicted_shares,
@@ -227,6 +231,7 @@ class GANTask(ImageTask):
         )
 
         p = self.params
+        test = self.quality_data()
         clf = self.eval_classifier()
         gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
         # FID, TSTR and the class shares all use this one batch: with a class target, its
@@ -262,11 +267,12 @@ class GANTask(ImageTask):
             out["class_tv_target"] = total_variation(shares, target)
         return out
 
-    def eval_classifier(self):
-        """Trained once per run on the sites' pooled training images, cached in the run dir."""
-        from common.metrics.image_quality import pooled_classifier
+    def eval_classifier(self) -> EvalClassifier:
+        """Trained once per run on the classifier part of the server's test split (server data
+        only, never a site's image), cached in the run dir."""
+        from common.metrics.image_quality import server_classifier
 
-        return pooled_classifier(self, self.params.num_classes)
+        return server_classifier(self, self.params.num_classes)
 
     @torch.no_grad()
     def save_samples(self, model: nn.Module, path: Path) -> Path:

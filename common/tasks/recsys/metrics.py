@@ -10,10 +10,18 @@ group can be recovered by subtraction. Validation metrics, outside the DP guaran
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 from common.data.ratings import AGE_BUCKETS, UNKNOWN
-from common.metrics.fairness import YAO_HUANG_SUMS, coverage, popularity_bias, sum_statistics, yao_huang
+
+# suppressed_groups: shared with the image tasks' per-class sums, re-exported here.
+from common.metrics.fairness import (
+    YAO_HUANG_SUMS,
+    coverage,
+    popularity_bias,
+    sum_statistics,
+    suppressed_groups,
+    yao_huang,
+)
 
 GROUP_ATTRIBUTES = ("gender", "age")
 # Sums a site sends (all additive over sites; see docs/FAIRNESS.md).
@@ -52,27 +60,6 @@ def is_sum_key(key: str) -> bool:
     if key in SUM_KEYS or key.startswith(YH_PREFIX):
         return True
     return key.startswith("group.") and key.rpartition(".")[2] in GROUP_SUMS
-
-
-def suppressed_groups(sizes: Mapping[str, float], k: int, withheld: int = 0) -> set[str]:
-    """Which groups to withhold so that no group of fewer than k users can be recovered.
-
-    Groups under k users are withheld. The groups of one attribute partition the users,
-    and the overall sums are reported too, so "overall minus the reported groups" gives
-    the sum over the withheld ones: if those hold fewer than k users together (counting
-    ``withheld`` users already hidden upstream), the next smallest groups are withheld as
-    well until they do (complementary suppression, as in statistical disclosure control).
-    """
-    hidden = {g for g, n in sizes.items() if n < k}
-    if not hidden:
-        return hidden
-    mass = withheld + sum(sizes[g] for g in hidden)
-    for g in sorted(set(sizes) - hidden, key=lambda g: (sizes[g], g)):
-        if mass >= k:
-            break
-        hidden.add(g)
-        mass += sizes[g]
-    return hidden
 
 
 def derived(sums: dict[str, float]) -> dict[str, float]:
