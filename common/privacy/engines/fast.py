@@ -13,8 +13,11 @@ and the optimiser step are Opacus's (:mod:`common.privacy.engines.flat_optimizer
 Sensitivity: each example's gradient is clipped to ``C`` over all trained parameters
 jointly (squared norms summed over layers), so the released sum moves by at most ``C``
 when one example is added or removed. That holds only if every trained parameter belongs
-to a layer with a rule, each layer runs once per step, and each example is one row;
-the engine checks all three and refuses otherwise.
+to a layer with a rule and is one the rule clips (a ``Linear``'s weight and bias, an
+``Embedding``'s weight), each layer runs once per step, no parameter is used outside its
+layer's forward (``F.linear(h, emb.weight)``: that gradient would bypass the rule), and each
+example is one row; the engine checks all of these and refuses otherwise. Gradient buffers
+start at zero, so nothing a rule did not write can carry old memory into the release.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from common.privacy.accounting import RoundPlan
 from common.privacy.engines.base import StepEngine, register_engine
 from common.privacy.engines.flat_optimizer import FreshGradOptimizer
 from common.privacy.engines.rules import RULES, LayerRule
-from common.privacy.engines.shared import noise_kwargs, validate_private_model
+from common.privacy.engines.shared import noise_kwargs, refuse_unclipped_parameters, validate_private_model
 
 
 @register_engine("fast")
@@ -43,6 +46,8 @@ class FastDPStep(StepEngine):
         secure_mode: bool = False,
     ) -> None:
         validate_private_model(model)
+        # Unsupported layer types are refused below; on a supported one, only its rule's parameters.
+        refuse_unclipped_parameters(model, "fast", lambda m: RULES[type(m)].param_names if type(m) in RULES else None)
         self.layers: list[tuple[nn.Module, LayerRule, list]] = []
         seen: set[int] = set()
         for name, module in model.named_modules():
@@ -81,6 +86,8 @@ class FastDPStep(StepEngine):
                 "fast engine needs every trainable parameter on one device with one dtype (use dp.engine=opacus)",
             )
         self.sizes = [p.numel() for p in self.params]
+        names = {id(p): name for name, p in model.named_parameters()}
+        self.names = [names[id(p)] for p in self.params]
 
     def clipped_grad_sum(self, per_sample_loss: torch.Tensor) -> None:
         """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``."""
@@ -88,6 +95,15 @@ class FastDPStep(StepEngine):
             slot.clear()
         batch = per_sample_loss.shape[0]
         per_sample_loss.sum().backward()
+        # The capture functions give the rules' parameters no autograd gradient, so one here
+        # came from a use outside the layer's forward, which no rule clipped: refuse it
+        # rather than overwrite (drop) it.
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None:
+                raise RuntimeError(
+                    f"fast DP engine: {name} is used outside its layer's forward (e.g. F.linear(h, emb.weight)); "
+                    "per-example clipping cannot see that use, so use the parameter only through its layer"
+                )
         sq_norms = torch.zeros(batch, device=per_sample_loss.device, dtype=per_sample_loss.dtype)
         for module, rule, slot in self.layers:
             if len(slot) != 1:
@@ -106,7 +122,7 @@ class FastDPStep(StepEngine):
         scale = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         # A fresh buffer each step: nobody else can hold last step's gradients through it.
         ref = self.params[0]
-        flat = torch.empty(sum(self.sizes), dtype=ref.dtype, device=ref.device)
+        flat = torch.zeros(sum(self.sizes), dtype=ref.dtype, device=ref.device)
         out = {p: v.view_as(p) for p, v in zip(self.params, flat.split(self.sizes))}
         with torch.no_grad():  # saved activations may require grad; out= refuses autograd
             for module, rule, slot in self.layers:

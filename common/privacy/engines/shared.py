@@ -1,4 +1,4 @@
-"""What both DP engines share: the model check and Opacus's optimiser settings.
+"""What both DP engines share: the model checks and Opacus's optimiser settings.
 
 The check refuses models whose training would let un-noised information about examples
 out (layers mixing examples within a batch break the per-example sensitivity ``C``;
@@ -8,6 +8,8 @@ expected batch size q*n, which is what the accountant assumes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from opacus.validators import ModuleValidator
@@ -43,3 +45,29 @@ def validate_private_model(model: nn.Module) -> None:
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
         raise ConfigError("dp.engine", f"model has buffers ({', '.join(buffers[:3])}), which DP-SGD does not noise")
+
+
+def refuse_unclipped_parameters(
+    model: nn.Module, engine: str, clipped: Callable[[nn.Module], frozenset[str] | None]
+) -> None:
+    """Refuse a trainable parameter that the engine's per-layer code would not clip.
+
+    ``clipped(module)`` names the parameters the engine computes per-example gradients
+    for in ``module`` (None: all of them). Another trainable parameter on such a layer
+    (``lin.scale = nn.Parameter(...)``) would get no per-example gradient: the engine would
+    release a gradient for it that is not a clipped sum, or crash mid-round. One line, naming
+    the parameter by its path in the model.
+    """
+    for path, module in model.named_modules():
+        names = clipped(module)
+        if names is None:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad and pname not in names:
+                where = f"{path}.{pname}" if path else pname
+                raise ConfigError(
+                    "dp.engine",
+                    f"{engine} engine clips only {' and '.join(sorted(names, reverse=True))} of "
+                    f"{type(module).__name__}; {where} is another trainable parameter "
+                    "(freeze it, or give it a module of its own)",
+                )

@@ -21,6 +21,10 @@ from torch import nn
 class LayerRule(ABC):
     """Per-example gradient norms and clipped sums of one layer type."""
 
+    # The parameters (by attribute name) the rule clips. The engine refuses a layer with any
+    # other trainable parameter: the rule would neither clip it nor write its gradient.
+    param_names: frozenset[str] = frozenset()
+
     @abstractmethod
     def check(self, name: str, module: nn.Module) -> None:
         """Raise ConfigError when this layer's configuration is one the rule is not exact for."""
@@ -36,7 +40,9 @@ class LayerRule(ABC):
 
     @abstractmethod
     def write_grad(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: dict) -> None:
-        """Write sum_i scale_i * grad_i into ``out[param]`` for each trainable parameter."""
+        """Write sum_i scale_i * grad_i into ``out[param]`` for each trainable parameter.
+
+        ``out[param]`` starts at zero (a rule may accumulate into it)."""
 
 
 # Exactly these classes: a subclass may compute something else in its forward.

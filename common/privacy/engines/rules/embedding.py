@@ -38,6 +38,8 @@ class _CaptureEmbedding(torch.autograd.Function):
 class EmbeddingRule(LayerRule):
     """One row per example: squared norm ``|g_i|^2``, clipped sum ``index_add`` of ``c_i g_i``."""
 
+    param_names = frozenset({"weight"})
+
     def check(self, name: str, module: nn.Module) -> None:
         if module.padding_idx is not None or module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
             raise ConfigError(
@@ -63,4 +65,4 @@ class EmbeddingRule(LayerRule):
         return torch.linalg.vecdot(g, g)
 
     def write_grad(self, module: nn.Module, idx: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: dict) -> None:
-        out[module.weight].zero_().index_add_(0, idx, g * scale.unsqueeze(1))
+        out[module.weight].index_add_(0, idx, g * scale.unsqueeze(1))

@@ -44,6 +44,8 @@ class LinearRule(LayerRule):
     """Per-example gradient of ``y = a W^T + b`` is ``g a^T`` (and ``g``):
     squared norm ``|g|^2 |a|^2 (+ |g|^2)``, clipped sum ``(c * g)^T a``."""
 
+    param_names = frozenset({"weight", "bias"})
+
     def check(self, name: str, module: nn.Module) -> None:
         if not module.weight.requires_grad:
             raise ConfigError(
