@@ -21,7 +21,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from common.errors import ConfigError, PrivfedError
 from common.privacy.secagg_stats import FRACTION_BITS, SecureStats, secure_statistics
 from common.tasks import get_task
-from tests.conftest import make_cfg
+from tests.conftest import declared, make_cfg
 from tests.unit.test_recsys import KEY
 from tests.unit.test_recsys import SMALL as RECSYS_SMALL
 
@@ -129,6 +129,7 @@ def test_a_site_sends_its_sums_with_the_update_and_only_its_primary_metric_in_th
         "site-1",
         Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={}),
         KEY,
+        declared=declared(cfg, 1, KEY),
     )
     server_model = site.task.build_model()
     params = get_state(server_model, site.task.shared_keys(server_model))
@@ -205,7 +206,9 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
     plain = []
     for i in range(4):
         ctx = Context(run_id=1, node_id=i, node_config={"partition-id": i}, state=RecordDict(), run_config={})
-        _, n, metrics = SiteClient(plain_cfg, i, f"site-{i}", ctx, key).evaluate(sent[1], {})
+        _, n, metrics = SiteClient(plain_cfg, i, f"site-{i}", ctx, key, declared=declared(plain_cfg, i, key)).evaluate(
+            sent[1], {}
+        )
         assert "group.gender.F.sse" in metrics  # the plain reply carries the sums
         plain.append((n, metrics))
     expected = task.combine_metrics(plain)
