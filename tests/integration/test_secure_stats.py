@@ -218,6 +218,11 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
         assert lines[0]["test"][k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
 
     # Round 2's record describes model 1, which the sites' round-1 replies measured in the clear.
-    pooled = math.sqrt(sum(n * m["rmse"] ** 2 for n, m in replies[1]) / sum(n for n, _ in replies[1]))
+    # The replies' weight is each site's declared n-hat, not its held-out count: the test reads the counts itself.
+    keyed = get_task("recsys")(plain_cfg, key)
+    held_out = {f"site-{i}": len(keyed.site_data(i)[1]) for i in range(4)}
+    assert all(n == declared(plain_cfg, int(m["site_id"][5:]), key) for n, m in replies[1])
+    counts = [(held_out[m["site_id"]], m) for _, m in replies[1]]
+    pooled = math.sqrt(sum(n * m["rmse"] ** 2 for n, m in counts) / sum(n for n, _ in counts))
     assert lines[1]["test"]["rmse"] == pytest.approx(pooled, rel=1e-9)
     assert lines[1]["test"]["rmse"] != pytest.approx(lines[0]["test"]["rmse"], rel=1e-3)  # the model moved
