@@ -156,12 +156,8 @@ class Ledger:
         self._check_columns()
 
     def _check_columns(self) -> None:
-        """Refuse a ledger written before a column was added (the one migration path).
-
-        ``CREATE TABLE IF NOT EXISTS`` keeps an old table as it is, so a resumed older run
-        would otherwise fail mid-round, and its rows could not say what they now must
-        (e.g. their neighbouring relation). Naming the first missing column is enough.
-        """
+        """Refuse a ledger from before a column was added (the one migration path): its rows
+        cannot say what they now must (e.g. their neighbouring relation)."""
         have = {r[1] for r in self.conn.execute("PRAGMA table_info(ledger)")}
         missing = [f.name for f in fields(LedgerRow) if f.name not in have]
         if have and missing:
@@ -318,13 +314,8 @@ class Ledger:
             if row_digest(prev, values) != row.row_hash:
                 return Verification(False, len(rows), row.seq, "row content does not match its hash")
             if row.neighbouring not in NEIGHBOURING:
-                return Verification(
-                    False,
-                    len(rows),
-                    row.seq,
-                    f"neighbouring = {row.neighbouring!r}, but the accountants compute ε only for "
-                    f"{' / '.join(NEIGHBOURING)}",
-                )
+                why = f"neighbouring = {row.neighbouring!r}, but the accountants compute ε for {NEIGHBOURING[0]}"
+                return Verification(False, len(rows), row.seq, why)
             hist = histories.setdefault(row.site_id, [])
             if row.steps > 0:
                 hist.append(row.mechanism())
