@@ -5,8 +5,14 @@ Per round a site: checks its own epsilon budget against its own accounting histo
 and sends back
 
 * the *update* (local - global weights, a delta), and
-* its accountant inputs (n, q, sigma, C, steps, delta, accountant) so the server can
+* its accountant inputs (n-hat, q, sigma, C, steps, delta, accountant) so the server can
   write the ledger. Raw data, labels and per-example values never leave the site.
+
+The site's real number of records never leaves it either. The plan, the update's
+weight and the evaluation weight all use the site's *declared* public size n-hat
+(``declared-size`` in its node config; in a simulation the launcher declares each virtual
+site's training-split size), which is what makes the ledger's add/remove-one epsilon true.
+No timing is sent: how long a round takes depends on n and on the sampled batch sizes.
 
 The site keeps its own accounting history in the node's ``context.state``, which lives
 as long as the SuperNode's run, and, with a ``state-dir``, also on its own disk
@@ -18,8 +24,9 @@ reply it never received.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,13 +39,13 @@ from client.mods import InjectedDropout, make_fault_mod, secure_mod
 from client.state import SiteState, load_state, save_state, state_path
 from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
-from common.deploy.site_config import apply_site_overrides
+from common.deploy.site_config import apply_site_overrides, declared_size
 from common.errors import PrivfedError
 from common.faults import drops, event
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import CENTRAL_SITE_ID
-from common.privacy.plan import NoiseKey, plan_round, remember_noise
+from common.privacy.plan import NoiseKey, check_real_size, plan_round, remember_noise
 from common.privacy.training import run_local_round
 from common.protocol import Status, fit_metrics
 from common.runtime import cached_task, config_from, resolve_device, round_seed
@@ -47,6 +54,8 @@ from common.tasks.base import get_state, set_state
 STATE_KEY = "privfed.accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
 LOCAL_STATE_KEY = "privfed.local-model"
+# Site-local only (the SuperNode's own log): never in a reply.
+_LOG = logging.getLogger("privfed.site")
 
 
 class SiteClient(NumPyClient):
@@ -58,8 +67,12 @@ class SiteClient(NumPyClient):
         context: Context,
         key: bytes | None = None,
         state_dir: str = "",
+        *,
+        declared: int,
     ) -> None:
+        """``declared`` is the site's public size n-hat (:func:`declared_size`)."""
         self.cfg, self.site_index, self.site_id, self.ctx = cfg, site_index, site_id, context
+        self.declared = declared
         self.task = cached_task(cfg, key)
         self.train_data, self.val_data = self.task.site_data(site_index)
         self.device = resolve_device(cfg.federation.device)
@@ -154,7 +167,9 @@ class SiteClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         server_round = int(config.get("server-round", 0))
         self._restore(config)
-        plan = plan_round(self.cfg, len(self.train_data))
+        # n-hat only: the plan is sent and ledgered, and must not depend on the real n.
+        plan = plan_round(self.cfg, self.declared)
+        check_real_size(plan, len(self.train_data))  # delta < 1/n for the real n; says no n
         budget = self.cfg.dp.epsilon_budget
         model, keys = self._model(parameters)
         ctx = SiteContext(
@@ -210,7 +225,8 @@ class SiteClient(NumPyClient):
         delta = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
         # Clip (client-level DP), refuse what SecAgg+ could not check, injected upload faults,
         # evaluation sums, weight: see common/pipeline/build.py for the order and why.
-        out = self.pipeline.site(SiteUpdate(delta, len(self.train_data)), ctx)
+        # Weighted by n-hat: the weight is sent (FedAvg), the real n is not.
+        out = self.pipeline.site(SiteUpdate(delta, plan.dataset_size), ctx)
         # Under DP the training loss stays at the site: it is computed from the private
         # examples without noise, so sending it would fall outside the epsilon we claim.
         private_extras = {} if self.cfg.dp.enabled or self.cfg.central_dp.enabled else outcome.metrics
@@ -222,9 +238,10 @@ class SiteClient(NumPyClient):
             budget,
             Status.TRAINED,
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
-            train_seconds=time.perf_counter() - t0,
             history=before,
         )
+        # Timing reveals n and the sampled batch sizes: it stays in the site's own log.
+        _LOG.debug("round %s: local training took %.2f s", server_round, time.perf_counter() - t0)
         # Added after, not as fit_metrics(**extras): fit_metrics's str keywords (note, history) keep
         # a dict[str, float] out of **; same dict, same key order, as fit_metrics's own merge.
         clash = sorted(set(private_extras) & set(metrics))
@@ -246,7 +263,9 @@ class SiteClient(NumPyClient):
             # The sums go inside the masked fit vector; in the clear only the site's own
             # primary metric, which site-level fairness (and q-fedavg) needs per site.
             metrics = {k: v for k, v in metrics.items() if k == self.task.primary_metric}
-        return loss, len(self.val_data), {"site_id": self.site_id, **metrics, "history": history}
+        # The weight of this site's metrics in the server's mean: n-hat, not the real validation
+        # size (every site splits off the same fraction, so the weights are in proportion).
+        return loss, self.declared, {"site_id": self.site_id, **metrics, "history": history}
 
 
 class InjectedCrash(RuntimeError):
@@ -293,11 +312,33 @@ def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None
     return key
 
 
+def make_site(
+    base: Mapping[str, Any],
+    context: Context,
+    key: bytes | None = None,
+    state_dir: str | Path = "",
+    declared_sizes: Sequence[int] | None = None,
+) -> SiteClient:
+    """The site a SuperNode runs for one message (see :func:`build_client_app`).
+
+    Refuses, before loading any data, a site with no declared size n-hat (deployment).
+    """
+    # The run's config, then this site's own settings (data, device, a stricter budget).
+    cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
+    site_index, site_id = site_identity(cfg, context.node_config)
+    simulated = declared_sizes[site_index] if declared_sizes is not None else None
+    declared = declared_size(context.node_config, simulated)
+    site_secret = site_key(cfg, context.node_config, key)
+    folder = str(context.node_config.get("state-dir", "") or state_dir)
+    return SiteClient(cfg, site_index, site_id, context, site_secret, folder, declared=declared)
+
+
 def build_client_app(
     defaults: Mapping[str, Any] | None = None,
     key: bytes | None = None,
     state_dir: str | Path = "",
     noise: Mapping[NoiseKey, float] | None = None,
+    declared_sizes: Sequence[int] | None = None,
 ) -> ClientApp:
     """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config.
 
@@ -306,18 +347,16 @@ def build_client_app(
     sites keep their durable state; a deployed site names its own (``state-dir``).
     ``noise`` is the launcher's searched noise multipliers (:func:`common.privacy.plan.known_noise`),
     so each Ray worker does not search them again.
+    ``declared_sizes`` is the launcher's declaration of each virtual site's public size
+    n-hat (its training-split size: the launcher made the partition, so it knows them); a
+    deployed site declares its own (``declared-size``) and is refused without one.
     """
     base = dict(defaults or {})
     searched = dict(noise or {})
 
     def client_fn(context: Context) -> Client:
         remember_noise(searched)
-        # The run's config, then this site's own settings (data, device, a stricter budget).
-        cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
-        site_index, site_id = site_identity(cfg, context.node_config)
-        site_secret = site_key(cfg, context.node_config, key)
-        folder = str(context.node_config.get("state-dir", "") or state_dir)
-        return SiteClient(cfg, site_index, site_id, context, site_secret, folder).to_client()
+        return make_site(base, context, key, state_dir, declared_sizes).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
 

@@ -25,6 +25,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     init.add_argument(
         "--auth-key", required=True, help="the SuperNode private key; NAME.pub beside it is the public key"
     )
+    init.add_argument(
+        "--declared-size",
+        type=int,
+        required=True,
+        help="the site's public training-set size n-hat, declared before the run: q, steps, delta, sigma and the "
+        "update's weight derive from it, so the real size never leaves the site (docs/PRIVACY.md)",
+    )
     init.add_argument("--key-file", default="", help="federation key (keyed tasks)")
     init.add_argument("--data-path", default="")
     init.add_argument("--data-format", default="", help="digits, npz, movielens or csv")
@@ -62,6 +69,7 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
             ca_cert=str(Path(args.ca_cert).resolve()),
             auth_private_key=str(key.resolve()),
             auth_public_key=str(key.with_suffix(".pub").resolve()),
+            declared_size=args.declared_size,
             key_file=str(Path(args.key_file).resolve()) if args.key_file else "",
             data_path=str(Path(args.data_path).resolve()) if args.data_path else "",
             data_format=args.data_format,

@@ -24,8 +24,10 @@ def preflight(cfg: RunConfig, key: bytes | None = None) -> Task:
     secure_statistics(task.sum_keys(), cfg.secagg)  # SecAgg+ settings that cannot carry them exactly
     if task.needs_key and key is None:
         return task
-    for n in task.site_sizes():
-        plan = plan_round(cfg, n)
+    # The simulation launcher declares each site's n-hat = its training-split size (it made the
+    # partition), so these are the sizes the sites will plan with (client.app, declared_sizes).
+    for declared in task.site_sizes():
+        plan = plan_round(cfg, declared)
         if plan.steps * cfg.federation.rounds > MAX_STEPS:
             raise ConfigError(
                 "train.local-epochs", f"plans {plan.steps * cfg.federation.rounds} steps per site, above {MAX_STEPS}"

@@ -3,8 +3,11 @@
 A fit reply carries the update arrays plus these scalar metrics. The server accepts
 only what it can validate; anything else is rejected with a reason (never a crash).
 What the server sees from a site per round: the update (a delta of the shared
-weights), the example count, the accountant inputs, the site's own epsilon and a
-training loss. Nothing per-example.
+weights), its weight, the accountant inputs, the site's own epsilon and (without DP) a
+training loss. Nothing per-example, and nothing that depends on the site's real number of
+records: ``dataset_size`` and the weight are the site's declared public size n-hat, and
+no timing is sent (it would reveal n and the sampled batch sizes). The neighbouring
+relation is not sent: it is a property of the accountants (RoundPlan.neighbouring).
 """
 
 from __future__ import annotations

@@ -60,7 +60,10 @@ def independent_epsilon(history: list[tuple[float, float, int]], delta: float) -
         dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), k)
         for s, q, k in hist
     ]
-    acc = PLDAccountant()
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    # The relation every ledger row names (``add-remove``; Ledger.verify fails any other).
+    acc = PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)
     acc.compose(dp_accounting.ComposedDpEvent(events))
     return float(acc.get_epsilon(delta)), "dp-accounting PLD"
 

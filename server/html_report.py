@@ -85,7 +85,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     parts.append("<h2>Privacy spent per site</h2>")
     parts.append(
         _table(
-            ["site", "unit", "n", "q", "σ", "C", "steps", "δ", "accountant", "ε", "budget", "budget left"],
+            ["site", "unit", "n̂ (declared)", "q", "σ", "C", "steps", "δ", "accountant", "ε", "budget", "budget left"],
             [
                 [
                     s,

@@ -3,6 +3,9 @@
 Each row holds every input an accountant needs (q, sigma, steps, delta, accountant)
 and the epsilon the ledger computed from them with that accountant
 (:func:`common.privacy.accounting.epsilon`), so the numbers can be recomputed independently.
+``dataset_size`` is the site's declared public size n-hat (never its real size), and
+``neighbouring`` names the relation the epsilon is for (``add-remove``: one example added
+or removed, the site's size public by declaration; see docs/PRIVACY.md).
 
 Tamper evidence: ``row_hash = SHA-256(prev_hash || canonical JSON of the row)``.
 Any edit, insertion or deletion breaks the chain from that row on. SQLite triggers
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common.privacy.accounting import RoundPlan, epsilon
+from common.privacy.accounting import NEIGHBOURING, RoundPlan, epsilon
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,6 +41,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     steps            INTEGER NOT NULL,
     delta            REAL    NOT NULL,
     accountant       TEXT    NOT NULL,
+    neighbouring     TEXT    NOT NULL,
     eps_round        REAL    NOT NULL,
     eps_total        REAL    NOT NULL,
     eps_budget       REAL    NOT NULL,
@@ -81,6 +85,7 @@ class LedgerRow:
     steps: int
     delta: float
     accountant: str
+    neighbouring: str  # the relation eps is for (common.privacy.accounting.NEIGHBOURING)
     eps_round: float
     eps_total: float
     eps_budget: float
@@ -148,6 +153,18 @@ class Ledger:
         elif run_id is not None and stored != run_id:
             raise ValueError(f"{self.path} belongs to run {stored!r}, not {run_id!r}")
         self.run_id = stored
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        """Refuse a ledger from before a column was added (the one migration path): its rows
+        cannot say what they now must (e.g. their neighbouring relation)."""
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(ledger)")}
+        missing = [f.name for f in fields(LedgerRow) if f.name not in have]
+        if have and missing:
+            raise ValueError(
+                f"{self.path} was written by an older privfed (no ledger column {missing[0]!r}); "
+                "read it with that version, or start a new run"
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -259,6 +276,7 @@ class Ledger:
                     steps=s.steps_taken,
                     delta=p.delta,
                     accountant=p.accountant,
+                    neighbouring=p.neighbouring,
                     eps_round=epsilon([mech], p.delta, p.accountant),
                     eps_total=epsilon(history, p.delta, p.accountant),
                     eps_budget=s.eps_budget,
@@ -295,6 +313,9 @@ class Ledger:
                 return Verification(False, len(rows), row.seq, "prev_hash does not match the previous row")
             if row_digest(prev, values) != row.row_hash:
                 return Verification(False, len(rows), row.seq, "row content does not match its hash")
+            if row.neighbouring not in NEIGHBOURING:
+                why = f"neighbouring = {row.neighbouring!r}, but the accountants compute ε for {NEIGHBOURING[0]}"
+                return Verification(False, len(rows), row.seq, why)
             hist = histories.setdefault(row.site_id, [])
             if row.steps > 0:
                 hist.append(row.mechanism())

@@ -1,7 +1,7 @@
 """`privfed audit RUN_DIR`: the privacy officer's view of a run's ledger.
 
 Prints epsilon per round and per site (for the round and cumulative) with delta, the
-unit of privacy, the accountant and the budget left; exports CSV or JSON; and with
+unit of privacy, the accountant, the neighbouring relation and the budget left; exports CSV or JSON; and with
 ``--verify`` checks the hash chain, recomputes every epsilon from the recorded
 accountant inputs, and compares the ledger head with the head hashes recorded in
 ``metrics.jsonl``. Reading is read-only: auditing never modifies the ledger.
@@ -36,6 +36,7 @@ COLUMNS = [
     "steps",
     "delta",
     "accountant",
+    "neighbouring",
     "eps_round",
     "eps_total",
     "eps_budget",
@@ -128,9 +129,11 @@ def describe_units(rows: list[LedgerRow]) -> str:
     units = sorted({r.unit for r in rows})
     accountants = sorted({r.accountant for r in rows})
     deltas = sorted({r.delta for r in rows})
+    relations = sorted({r.neighbouring for r in rows})
     return (
         f"unit of privacy: one {' / '.join(units)} (sample-level DP-SGD per site); "
-        f"accountant: {', '.join(accountants)}; δ: {', '.join(f'{d:.1e}' for d in deltas)}"
+        f"accountant: {', '.join(accountants)}; δ: {', '.join(f'{d:.1e}' for d in deltas)}; "
+        f"neighbouring: {', '.join(relations)} (site sizes public by declaration)"
     )
 
 

@@ -169,6 +169,7 @@ class ReplyLedger:
             last.max_grad_norm,
             last.delta,
             last.accountant,
+            last.neighbouring,
         )
         self._catch_up(server_round + 1, site, last.unit, plan, last.eps_budget, history, rec)
 

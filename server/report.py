@@ -57,7 +57,8 @@ class Summary:
             else:
                 lines.append(
                     f"privacy: ε per site {min(eps):.3f} to {max(eps):.3f} at δ ≤ {max(r.delta for r in rows):.3g} "
-                    f"({r0.accountant.upper()} accountant, unit of privacy: one {r0.unit}, sample-level DP-SGD)"
+                    f"({r0.accountant.upper()} accountant, unit of privacy: one {r0.unit}, "
+                    f"{r0.neighbouring} neighbours, sample-level DP-SGD)"
                 )
         c = self.central
         if c is not None:
@@ -68,7 +69,7 @@ class Summary:
             )
             lines.append(
                 f"client-level DP: ε {c.eps_total:.3f} at δ = {c.delta:.3g}{extra} "
-                "(RDP accountant, unit of privacy: one site, "
+                f"(RDP accountant, unit of privacy: one site, {c.neighbouring} neighbours, "
                 f"DP-FedAvg σ={c.noise_multiplier:.4g}, C={c.max_grad_norm:g}, Poisson q={c.sample_rate:g} of "
                 f"{c.dataset_size} sites, {self.central_rounds} rounds; noise added by the server after aggregation)"
             )
@@ -274,9 +275,13 @@ def _markdown(
         "",
         f"Sample-level DP-SGD: the unit of privacy is one {unit} at a site. "
         "ε is cumulative over the rounds the site trained, from the named Opacus accountant, "
-        "at the δ shown. It says nothing about user-level or site-level privacy.",
+        "at the δ shown, for neighbouring datasets that differ by one added or removed example. "
+        "n̂ is the size each site declared before the run (in a simulation the launcher declares each "
+        "site's training-split size: it made the partition, so it knows them); q, steps, δ, σ and the "
+        "update's weight derive from n̂, and the real size never leaves the site. "
+        "It says nothing about user-level or site-level privacy.",
         "",
-        "| site | unit | n | q | σ | C | steps (total) | δ | accountant | ε | budget |",
+        "| site | unit | n̂ (declared) | q | σ | C | steps (total) | δ | accountant | ε | budget |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for site, r in sorted(s.eps_by_site.items()):

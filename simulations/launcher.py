@@ -105,11 +105,11 @@ def simulate(
     console = console or Console(highlight=False, soft_wrap=True)
     cfg = resolve(scenario, overrides)
     key = simulation_key(cfg, key_file, console)
-    preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
+    task = preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
     if not cfg.federation.run_dir:
         cfg = cfg.replace(run_dir=str(default_run_dir(cfg)))
     check_new_run_dir(Path(cfg.federation.run_dir))
-    return _run(cfg, key, console, verbose)
+    return _run(cfg, key, console, verbose, task.site_sizes())
 
 
 def resume(
@@ -131,11 +131,17 @@ def resume(
     key = simulation_key(cfg, key_file, console)
     if key is not None and not key_file and key_from_env() is None:
         raise ConfigError("key-file", f"task {cfg.task!r} needs the run's federation key to resume: pass --key-file")
-    preflight(cfg, key)
-    return _run(cfg, key, console, verbose)
+    task = preflight(cfg, key)
+    return _run(cfg, key, console, verbose, task.site_sizes())
 
 
-def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> Path:
+def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, sizes: list[int]) -> Path:
+    """Run the federation. ``sizes``: each virtual site's declared public size n-hat.
+
+    In a simulation the coordinator made the partition and knows every site's size, so the
+    launcher declares n-hat = the site's training-split size before the run; a deployed site
+    declares its own (docs/PRIVACY.md, "Dataset sizes are public by declaration").
+    """
     run_dir = Path(cfg.federation.run_dir)
     cores = os.cpu_count() or 1
     if cfg.federation.client_cpus > cores:
@@ -171,11 +177,16 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool) -> 
         f"{cfg.federation.rounds} rounds, {privacy}, C={dp.max_grad_norm:g}, budget ε={dp.epsilon_budget:g}"
     )
     console.print(f"run dir: {run_dir}")
+    console.print(
+        "[dim]site sizes: public by declaration (simulation: the launcher declares each site's training-split size)[/]"
+    )
     run_simulation(
         server_app=build_server_app(flat, console),
         # The virtual sites' durable state (client.state) lives beside the run.
         # The preflight's noise search travels with the app, so Ray workers skip it.
-        client_app=build_client_app(flat, key=key, state_dir=run_dir.resolve() / "site-state", noise=known_noise()),
+        client_app=build_client_app(
+            flat, key=key, state_dir=run_dir.resolve() / "site-state", noise=known_noise(), declared_sizes=sizes
+        ),
         num_supernodes=cfg.federation.num_sites,
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},

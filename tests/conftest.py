@@ -28,6 +28,13 @@ def make_cfg(**flat) -> RunConfig:
     return RunConfig.from_flat(flat)
 
 
+def declared(cfg: RunConfig, index: int, key: bytes | None = None) -> int:
+    """Site ``index``'s declared size n-hat as the simulation launcher declares it: its training-split size."""
+    from common.runtime import cached_task
+
+    return cached_task(cfg, key).site_sizes()[index]
+
+
 def simulation_processes() -> list[str]:
     """Ray/Flower processes of this user (a test must leave none behind)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout

@@ -8,6 +8,9 @@ see or change them.
 Site-local keys (node config), each optional except ``partition-id``:
 
     partition-id    this site's index (0 .. num-sites-1)
+    declared-size   required: the site's public training-set size n-hat, declared before
+                    the run; q, steps, delta, sigma and the FedAvg weight derive from it,
+                    so the real size never leaves the site (docs/PRIVACY.md)
     site-id         the pseudonym the ledger shows (default site-<partition-id>)
     key-file        the federation key (keyed tasks, e.g. the recommender)
     data-path       this site's own data file or folder; all of it is the site's
@@ -40,6 +43,29 @@ _OVERRIDES = {
     "users-path": "data.users-path",
     "device": "device",
 }
+
+
+DECLARED_SIZE = "declared-size"
+
+
+def declared_size(node_config: Mapping[str, Any], simulated: int | None = None) -> int:
+    """The site's declared public size n-hat: its node config's ``declared-size``, else
+    (simulation only) the size the launcher declared for it.
+
+    Add/remove-one DP needs the size a site's releases depend on to be public and fixed
+    before the run; refusing here, with one line, is what keeps the real n from being used.
+    The value itself is never repeated in the message.
+    """
+    value = node_config.get(DECLARED_SIZE, simulated)
+    if value is None:
+        raise ConfigError(
+            DECLARED_SIZE,
+            "missing from this site's node config: declare the site's public training-set size before the run "
+            "(`privfed site init --declared-size N`; see docs/PRIVACY.md)",
+        )
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(DECLARED_SIZE, "must be a positive integer (the site's public training-set size)")
+    return value
 
 
 def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
@@ -89,6 +115,8 @@ class SiteConfig:
     ca_cert: str
     auth_private_key: str
     auth_public_key: str
+    # The site's public training-set size n-hat (docs/PRIVACY.md); 0 = not declared, refused.
+    declared_size: int = 0
     key_file: str = ""
     data_path: str = ""
     data_format: str = ""
@@ -117,6 +145,12 @@ class SiteConfig:
         ):
             if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
                 raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
+        if self.declared_size < 1:
+            raise ConfigError(
+                DECLARED_SIZE,
+                "must be a positive integer: the site's public training-set size, declared before the run "
+                "(docs/PRIVACY.md)",
+            )
         if self.epsilon_budget < 0:
             raise ConfigError("epsilon-budget", f"must be >= 0 (0: the run's), got {self.epsilon_budget}")
         if self.device not in ("auto", "cpu", "cuda") and not (
@@ -129,6 +163,7 @@ class SiteConfig:
         # json.dumps quotes and escapes like a TOML basic string, which Flower parses.
         items: list[str] = [
             f"partition-id={self.partition_id}",
+            f"{DECLARED_SIZE}={self.declared_size}",
             f"site-id={json.dumps(self.site_id)}",
             f"device={json.dumps(self.device)}",
         ]

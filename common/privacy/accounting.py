@@ -26,6 +26,16 @@ from common.config.limits import auto_delta as auto_delta
 # Accountant name recorded for non-private training (sigma = 0): epsilon is infinite.
 NO_DP = "none"
 
+# The neighbouring relation of every epsilon computed here, as the ledger names it. Opacus's
+# RDP and PRV accountants analyse the Poisson-subsampled Gaussian for adding or removing one
+# example (one site, for client-level DP). That is the true relation only because nothing a
+# site releases depends on its real size: q, steps, sigma, delta, the normalisation and the
+# aggregation weight all derive from a size n-hat the site declared before the run
+# (RoundPlan.dataset_size). Were the real n released, datasets differing by one example would
+# be told apart by it, and only replace-one neighbours (a larger epsilon) would be honest.
+ADD_REMOVE = "add-remove"
+NEIGHBOURING = (ADD_REMOVE,)
+
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 
@@ -120,7 +130,14 @@ def remember_noise(table: dict[NoiseKey, float]) -> None:
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What one site's local DP training does in one round: every accountant input."""
+    """What one site's local DP training does in one round: every accountant input.
+
+    ``dataset_size`` is the site's *declared public* size n-hat, fixed before the run (the
+    site's ``declared-size``; in a simulation the launcher declares each site's training
+    split size), never the site's real number of records: every other field is derived from
+    it, so the plan, and everything sent or ledgered from it, is the same whatever the real
+    n. For client-level DP it is the number of sites.
+    """
 
     dataset_size: int
     sample_rate: float
@@ -129,6 +146,7 @@ class RoundPlan:
     max_grad_norm: float
     delta: float
     accountant: str
+    neighbouring: str = ADD_REMOVE
 
     @property
     def mechanism(self) -> Mechanism:

@@ -5,6 +5,11 @@ the ledger records it, the budget check spends it, and the step engines
 (:mod:`common.privacy.engines`) and the sampler (:mod:`common.privacy.training`) carry it
 out. Sensitivity: each noisy step releases a sum of per-example gradients clipped to
 ``max_grad_norm``, so one example changes it by at most ``C``; sigma is in units of ``C``.
+
+Neighbouring relation: add or remove one example. It holds because the plan depends on
+the site's *declared* size n-hat only, a public constant fixed before the run, never on
+the real number of records n: adding or removing a record changes the Poisson samples
+and nothing else (docs/PRIVACY.md, "Dataset sizes are public by declaration").
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ from common.privacy.accounting import (  # noqa: F401  (known_noise, remember_no
 )
 
 
-def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
-    """A site's accountant inputs for one round, from the config and its dataset size.
+def plan_round(cfg: RunConfig, declared_size: int) -> RoundPlan:
+    """A site's accountant inputs for one round, from the config and its declared size n-hat.
 
-    q = batch_size / n (Poisson rate), steps = ceil(local_epochs / q). With a target
-    epsilon, sigma is chosen so that ``rounds * steps`` such steps spend exactly the target.
+    q = batch_size / n-hat (Poisson rate over the site's real records), steps =
+    ceil(local_epochs / q), delta = dp.delta or auto_delta(n-hat). With a target epsilon,
+    sigma is chosen so that ``rounds * steps`` such steps spend exactly the target. Pass
+    n-hat, never ``len(train_data)``: the plan is sent and ledgered.
     """
-    n = dataset_size
+    n = declared_size
     q = min(1.0, cfg.train.batch_size / n)
     steps = max(1, math.ceil(cfg.train.local_epochs / q))
     dp = cfg.dp
@@ -44,6 +51,21 @@ def plan_round(cfg: RunConfig, dataset_size: int) -> RoundPlan:
     else:
         sigma = dp.noise_multiplier
     return RoundPlan(n, q, steps, sigma, dp.max_grad_norm, delta, dp.accountant)
+
+
+def check_real_size(plan: RoundPlan, real_size: int) -> None:
+    """Refuse, at the site and before training, a real size the plan's delta does not cover.
+
+    delta must stay below 1/n for the real n (a mechanism that publishes one random record
+    is (0, 1/n)-DP), and delta came from n-hat. The message names the key and never the
+    real n: it can reach the coordinator as the site's failure.
+    """
+    if plan.accountant != NO_DP and plan.delta * real_size >= 1.0:
+        raise ConfigError(
+            "declared-size",
+            f"is too far below this site's real training-set size for delta={plan.delta:g} (delta must be < 1/n): "
+            "declare a size closer to the real one, or set a smaller dp.delta (docs/PRIVACY.md)",
+        )
 
 
 # The noise search is cached in common.privacy.accounting (one cache for sample- and

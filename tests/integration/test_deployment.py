@@ -145,6 +145,8 @@ class Federation:
                 str(ca or self.pki / "ca.pem"),
                 "--auth-key",
                 str(self.pki / f"{key or name}.key"),
+                "--declared-size",  # the site's public size n-hat (docs/PRIVACY.md)
+                "300",
                 "--device",
                 "cpu",
             ),

@@ -61,8 +61,10 @@ def test_three_sites_two_rounds(two_rounds):
     assert ledger.verify().ok
     task = get_task("vae")(cfg)
     for r in rows:
+        # In a simulation the launcher declares each site's n-hat = its training-split size.
         n = len(task.site_data(int(r.site_id.split("-")[1]))[0])
         plan = plan_round(cfg, n)
+        assert r.neighbouring == "add-remove"
         assert (r.unit, r.dataset_size, r.sample_rate, r.noise_multiplier, r.steps) == (
             "image",
             n,

@@ -21,7 +21,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from common.errors import ConfigError, PrivfedError
 from common.privacy.secagg_stats import FRACTION_BITS, SecureStats, secure_statistics
 from common.tasks import get_task
-from tests.conftest import make_cfg
+from tests.conftest import declared, make_cfg
 from tests.unit.test_recsys import KEY
 from tests.unit.test_recsys import SMALL as RECSYS_SMALL
 
@@ -129,6 +129,7 @@ def test_a_site_sends_its_sums_with_the_update_and_only_its_primary_metric_in_th
         "site-1",
         Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={}),
         KEY,
+        declared=declared(cfg, 1, KEY),
     )
     server_model = site.task.build_model()
     params = get_state(server_model, site.task.shared_keys(server_model))
@@ -205,7 +206,9 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
     plain = []
     for i in range(4):
         ctx = Context(run_id=1, node_id=i, node_config={"partition-id": i}, state=RecordDict(), run_config={})
-        _, n, metrics = SiteClient(plain_cfg, i, f"site-{i}", ctx, key).evaluate(sent[1], {})
+        _, n, metrics = SiteClient(plain_cfg, i, f"site-{i}", ctx, key, declared=declared(plain_cfg, i, key)).evaluate(
+            sent[1], {}
+        )
         assert "group.gender.F.sse" in metrics  # the plain reply carries the sums
         plain.append((n, metrics))
     expected = task.combine_metrics(plain)
@@ -215,6 +218,11 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
         assert lines[0]["test"][k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
 
     # Round 2's record describes model 1, which the sites' round-1 replies measured in the clear.
-    pooled = math.sqrt(sum(n * m["rmse"] ** 2 for n, m in replies[1]) / sum(n for n, _ in replies[1]))
+    # The replies' weight is each site's declared n-hat, not its held-out count: the test reads the counts itself.
+    keyed = get_task("recsys")(plain_cfg, key)
+    held_out = {f"site-{i}": len(keyed.site_data(i)[1]) for i in range(4)}
+    assert all(n == declared(plain_cfg, int(m["site_id"][5:]), key) for n, m in replies[1])
+    counts = [(held_out[m["site_id"]], m) for _, m in replies[1]]
+    pooled = math.sqrt(sum(n * m["rmse"] ** 2 for n, m in counts) / sum(n for n, _ in counts))
     assert lines[1]["test"]["rmse"] == pytest.approx(pooled, rel=1e-9)
     assert lines[1]["test"]["rmse"] != pytest.approx(lines[0]["test"]["rmse"], rel=1e-3)  # the model moved

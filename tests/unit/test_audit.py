@@ -165,3 +165,35 @@ def test_report_out_may_be_a_directory(tmp_path):
     outdir.mkdir()
     assert cli(["report", str(run), "--out", str(outdir)]) == 0
     assert (outdir / "report.html").stat().st_size > 0
+
+
+def test_every_exported_row_names_its_neighbouring_relation(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=1)
+    assert cli(["audit", str(run), "--format", "json"]) == 0
+    assert {r["neighbouring"] for r in json.loads(capsys.readouterr().out)} == {"add-remove"}
+    assert cli(["audit", str(run)]) == 0
+    assert "neighbouring: add-remove" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_row_whose_relation_no_accountant_computes(tmp_path, capsys):
+    """A row claiming replace-one (re-hashed, head anchored): the audit names it, seq and relation."""
+    from server.ledger import HASHED_FIELDS, Ledger, row_digest
+
+    run = _run_dir(tmp_path, rounds=1)
+    rows = Ledger(run / "ledger.sqlite").rows()
+    prev, stmts = rows[0].prev_hash, []
+    for row in rows:
+        values = {k: getattr(row, k) for k in HASHED_FIELDS}
+        if row.seq == 2:
+            values["neighbouring"] = "replace-one"
+        new = row_digest(prev, values)
+        stmts.append(
+            f"UPDATE ledger SET neighbouring='{values['neighbouring']}', prev_hash='{prev}', "
+            f"row_hash='{new}' WHERE seq={row.seq}"
+        )
+        prev = new
+    tamper(run / "ledger.sqlite", *stmts)
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "ledger_head": prev}) + "\n")
+    assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED at row seq 2" in err and "neighbouring" in err and "Traceback" not in err

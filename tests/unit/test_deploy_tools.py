@@ -75,6 +75,7 @@ def _site(pki_dir, tmp_path, **kw) -> SiteConfig:
         ca_cert=str(pki_dir / "ca.pem"),
         auth_private_key=str(pki_dir / "site-0.key"),
         auth_public_key=str(pki_dir / "site-0.pub"),
+        declared_size=200,
     )
     values.update(kw)
     return SiteConfig(**values)
@@ -89,6 +90,7 @@ def test_site_config_round_trips_and_becomes_flowers_node_config(pki_dir, tmp_pa
     parsed = parse_config_args([site.node_config()])
     assert parsed == {
         "partition-id": 1,
+        "declared-size": 200,
         "site-id": "clinic-a",
         "device": "auto",
         "key-file": str(key),
@@ -244,6 +246,8 @@ def test_cli_init_then_check(pki_dir, tmp_path, capsys):
         str(pki_dir / "ca.pem"),
         "--auth-key",
         str(pki_dir / "site-0.key"),
+        "--declared-size",
+        "200",
     ]
     assert main(args) == 0
     assert main(args) == 2 and "already exists" in capsys.readouterr().err

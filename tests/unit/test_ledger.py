@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sqlite3
 
@@ -200,3 +201,29 @@ def test_opening_for_audit_is_read_only(tmp_path):
     led = Ledger(tmp_path / "l.sqlite")
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         led.record_round(2, [_spend("a")])
+
+
+def test_every_row_names_the_neighbouring_relation_of_its_plan(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    led.record_round(1, [_spend("a"), _spend("b", status="budget_exhausted", used=False)])
+    assert [r.neighbouring for r in led.rows()] == ["add-remove", "add-remove"]
+    assert led.verify().ok
+    # A plan claiming a relation the accountants do not compute is written as claimed and fails verification.
+    odd = dataclasses.replace(_spend("c"), plan=dataclasses.replace(_spend("c").plan, neighbouring="replace-one"))
+    led.record_round(2, [odd])
+    result = led.verify()
+    assert not result.ok and result.first_bad_seq == 3 and "neighbouring" in result.reason
+
+
+def test_a_ledger_from_before_the_neighbouring_column_is_refused_in_one_line(tmp_path):
+    from server.ledger import SCHEMA
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA.replace("    neighbouring     TEXT    NOT NULL,\n", ""))
+    conn.execute("INSERT INTO meta VALUES ('run_id', 'r')")
+    conn.commit()
+    conn.close()
+    for run_id in ("r", None):  # resuming it, and auditing it
+        with pytest.raises(ValueError, match="older privfed.*'neighbouring'"):
+            Ledger(path, run_id=run_id)

@@ -28,7 +28,7 @@ from common.errors import ConfigError, DataError
 from common.privacy.accounting import RoundPlan
 from common.privacy.engines import FastDPStep, OpacusDPStep
 from common.tasks import get_task
-from tests.conftest import make_cfg
+from tests.conftest import declared, make_cfg
 
 KEY = bytes(range(32))
 SMALL = {
@@ -413,7 +413,7 @@ def _recsys_site(**kw):
 
     cfg = make_cfg(**{**SMALL, "dp.noise-multiplier": 1.0, "rounds": 3, **kw})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
-    return SiteClient(cfg, 1, "site-1", ctx, KEY)
+    return SiteClient(cfg, 1, "site-1", ctx, KEY, declared=declared(cfg, 1, KEY))
 
 
 def test_user_tables_stay_at_the_site_and_persist_between_rounds():

@@ -17,7 +17,7 @@ from common.privacy.accounting import epsilon
 from common.protocol import MalformedReport, parse_fit_metrics
 from common.tasks.base import get_state
 from server.ledger import Ledger
-from tests.conftest import make_cfg, make_strategy
+from tests.conftest import declared, make_cfg, make_strategy
 from tests.unit.test_server_client import PLAN, _reply, _round
 
 
@@ -158,7 +158,7 @@ def test_a_malformed_history_is_rejected_with_a_reason(history):
 def _site(tmp_path, rnd_ctx=None):
     cfg = make_cfg(**{"num-sites": 3, "dp.noise-multiplier": 1.0, "dp.epsilon-budget": 50.0, "train.local-epochs": 0.5})
     ctx = rnd_ctx or Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    return SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"))
+    return SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"), declared=declared(cfg, 0))
 
 
 def test_site_history_survives_a_restart_and_travels_with_each_reply(tmp_path):
@@ -218,7 +218,7 @@ def test_a_failure_after_training_does_not_make_the_site_forget_its_spend(tmp_pa
         **{"num-sites": 3, "dp.noise-multiplier": 1.0, "dp.epsilon-budget": 50.0, "train.local-epochs": 0.5, **cfg_kw}
     )
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    site = SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"))
+    site = SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"), declared=declared(cfg, 0))
     model = site.task.build_model()
     params = get_state(model, site.task.shared_keys(model))
     site.fit(params, {"server-round": 1, "run-id": "r"})
@@ -282,7 +282,7 @@ def test_a_task_metric_named_like_a_reply_field_is_refused_not_merged(tmp_path, 
 
     cfg = make_cfg(**{"num-sites": 3, "dp.enabled": False, "train.local-epochs": 0.5})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    site = SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"))
+    site = SiteClient(cfg, 0, "site-0", ctx, state_dir=str(tmp_path / "state"), declared=declared(cfg, 0))
     model = site.task.build_model()
     params = get_state(model, site.task.shared_keys(model))
     _, _, honest = site.fit(params, {"server-round": 1, "run-id": "r"})

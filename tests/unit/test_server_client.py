@@ -15,7 +15,7 @@ from common.privacy.accounting import RoundPlan
 from common.protocol import Status as SiteStatus
 from common.protocol import fit_metrics
 from common.tasks.base import get_state
-from tests.conftest import make_cfg, make_strategy
+from tests.conftest import declared, make_cfg, make_strategy
 
 PLAN = RoundPlan(10, 0.5, 4, 1.2, 1.0, 1e-5, "rdp")
 
@@ -120,7 +120,7 @@ def test_run_stops_once_every_site_is_out_of_budget(tmp_path):
 def _site(budget, **kw):
     cfg = make_cfg(**{"num-sites": 3, "dp.noise-multiplier": 1.0, "dp.epsilon-budget": budget, **kw})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    return SiteClient(cfg, 0, "site-0", ctx)
+    return SiteClient(cfg, 0, "site-0", ctx, declared=declared(cfg, 0))
 
 
 def test_site_refuses_a_round_that_would_exceed_its_budget():

@@ -1,6 +1,8 @@
 """How much each site's update counts: the one place weighting is decided, at the site and at the server.
 
-Site: ``num_examples`` is the site's training-set size, or 1 under SecAgg+. Flower's
+Site: ``num_examples`` is the site's declared public size n-hat (never its real
+training-set size, which would tell add/remove neighbours apart; docs/PRIVACY.md), or 1
+under SecAgg+. Flower's
 ``secaggplus_mod`` scales every update by ``num_examples / max_weight`` before quantizing
 with a fixed absolute step, so weighting by example count would shrink small sites'
 updates towards the grid; with 1 (and ``max_weight`` 1) no precision is lost and the
@@ -40,7 +42,7 @@ class Weighting(Stage):
         return 1 if self.uniform else num_examples
 
     def check(self, arrays: list[np.ndarray], num_examples: int, dataset_size: int, ctx: ServerContext) -> str:
-        """The weight a site claims must be the size of the data it reported training on."""
+        """The weight a site claims must be the size it declared (n-hat, the plan's dataset_size)."""
         if num_examples != dataset_size:
             return f"num_examples={num_examples} but dataset_size={dataset_size}"
         return ""
