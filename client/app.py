@@ -12,7 +12,8 @@ The site keeps its own accounting history in the node's ``context.state``, which
 as long as the SuperNode's run, and, with a ``state-dir``, also on its own disk
 (:mod:`client.state`), so that it survives a restart or a resumed run. Each reply also
 carries the rounds the site trained before, so the server can ledger a round whose
-reply it never received.
+reply it never received. With a ``state-dir`` the budget check composes the dataset's
+lifetime history (every run), so a new run id does not reset the budget.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
 from client.mods import InjectedDropout, make_fault_mod, secure_mod
-from client.state import SiteState, load_state, save_state, state_path
+from client.state import LIFETIME_ACCOUNTANT, Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
-from common.deploy.site_config import apply_site_overrides
+from common.deploy.site_config import apply_site_overrides, dataset_identity, refuse_seeded_noise
 from common.errors import PrivfedError
 from common.faults import drops, event
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
@@ -42,6 +43,7 @@ from common.privacy.plan import NoiseKey, plan_round, remember_noise
 from common.privacy.training import run_local_round
 from common.protocol import Status, fit_metrics
 from common.runtime import cached_task, config_from, resolve_device, round_seed
+from common.seeds import RNG_OS, RNG_SEEDED
 from common.tasks.base import get_state, set_state
 
 STATE_KEY = "privfed.accounting"
@@ -58,6 +60,7 @@ class SiteClient(NumPyClient):
         context: Context,
         key: bytes | None = None,
         state_dir: str = "",
+        dataset_id: str = "",
     ) -> None:
         self.cfg, self.site_index, self.site_id, self.ctx = cfg, site_index, site_id, context
         self.task = cached_task(cfg, key)
@@ -65,6 +68,10 @@ class SiteClient(NumPyClient):
         self.device = resolve_device(cfg.federation.device)
         self.state_dir = state_dir
         self.state_file: Path | None = None
+        self.run_id = ""
+        # The dataset's history across runs (client.state.Lifetime); without a state-dir only
+        # this run's rounds are known, and a restart or a new run forgets them.
+        self.lifetime = Lifetime(state_dir, dataset_id or f"partition-{site_index}") if state_dir else None
         # What happens to the update before it leaves (clip, guard, evaluation sums, weight);
         # the server runs the same list in reverse.
         self.pipeline = build_pipeline(cfg, self.task)
@@ -79,6 +86,7 @@ class SiteClient(NumPyClient):
         The file was written before the failure and is the site's truth.
         """
         run_id = config.get("run-id")
+        self.run_id = run_id if isinstance(run_id, str) else ""
         if not self.state_dir or not isinstance(run_id, str) or not run_id:
             return
         self.state_file = state_path(self.state_dir, run_id, self.site_id)
@@ -89,7 +97,11 @@ class SiteClient(NumPyClient):
         if saved.local:
             self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=saved.local)
 
-    def _persist(self) -> None:
+    def _persist(self, plan: RoundPlan) -> None:
+        if self.lifetime is not None:
+            # First the lifetime history (what the budget checks), then this run's state.
+            r, sigma, q, steps = self._entries()[-1]
+            self.lifetime.record(LifetimeEntry(self.run_id, r, sigma, q, steps, plan.delta, plan.accountant))
         if self.state_file is None:
             return
         rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
@@ -133,6 +145,13 @@ class SiteClient(NumPyClient):
     def _history(self) -> list[tuple[float, float, int]]:
         return [(s, q, k) for _, s, q, k in self._entries()]
 
+    def _lifetime(self) -> list[tuple[float, float, int]]:
+        """Every round this site's dataset was trained on, in any run, this one included."""
+        if self.lifetime is None:
+            return self._history()
+        this_run = [LifetimeEntry(self.run_id, r, s, q, k, 0.0, "") for r, s, q, k in self._entries()]
+        return Lifetime.merged(self.lifetime.load(), this_run)
+
     def _set_history(self, entries: list[tuple[int, float, float, int]]) -> None:
         self.ctx.state.config_records[STATE_KEY] = ConfigRecord(
             {
@@ -168,10 +187,15 @@ class SiteClient(NumPyClient):
         # received is ledgered when it learns of it here).
         before = self._history_json()
 
+        seed = round_seed(self.cfg, self.site_index, server_round)
+        rng = RNG_OS if seed is None else RNG_SEEDED  # what this round's noise and sampling use
         spent = epsilon(self._history(), plan.delta, plan.accountant)
         if self.cfg.dp.enabled:
             projected = epsilon(self._history() + [plan.mechanism], plan.delta, plan.accountant)
-            if projected > budget:
+            # The budget bounds the dataset's whole life, not one run: the run id is the
+            # coordinator's, so a per-run budget would reset with every new one.
+            lifetime = epsilon(self._lifetime() + [plan.mechanism], plan.delta, LIFETIME_ACCOUNTANT)
+            if max(projected, lifetime) > budget:
                 # Say so, send a zero update with zero weight: nothing of the data leaves.
                 zeros = [np.zeros_like(p) for p in parameters]
                 metrics = fit_metrics(
@@ -182,7 +206,9 @@ class SiteClient(NumPyClient):
                     budget,
                     Status.BUDGET_EXHAUSTED,
                     eps_spent=spent,
-                    note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
+                    rng=rng,
+                    note=f"next round would reach eps={projected:.3g} in this run, {lifetime:.3g} over this "
+                    f"site's dataset's lifetime (every run), > budget {budget:g}",
                     history=before,
                 )
                 # Under SecAgg+ a zero update still takes part, so the sum stays recoverable;
@@ -201,11 +227,10 @@ class SiteClient(NumPyClient):
                 f"injected crash: site {self.site_index} failed in round {server_round} before training"
             )
         t0 = time.perf_counter()
-        seed = round_seed(self.cfg, self.site_index, server_round)
         outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
         self._remember(server_round, plan, outcome.steps_taken)
         self._keep_local(model, keys)
-        self._persist()  # before anything leaves the site
+        self._persist(plan)  # before anything leaves the site
         local = get_state(model, keys)
         delta = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
         # Clip (client-level DP), refuse what SecAgg+ could not check, injected upload faults,
@@ -222,6 +247,7 @@ class SiteClient(NumPyClient):
             budget,
             Status.TRAINED,
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
+            rng=rng,
             train_seconds=time.perf_counter() - t0,
             history=before,
         )
@@ -298,6 +324,7 @@ def build_client_app(
     key: bytes | None = None,
     state_dir: str | Path = "",
     noise: Mapping[NoiseKey, float] | None = None,
+    allow_seeded_noise: bool = False,
 ) -> ClientApp:
     """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config.
 
@@ -305,21 +332,38 @@ def build_client_app(
     deployed site reads its own (:func:`site_key`). ``state_dir`` is where the virtual
     sites keep their durable state; a deployed site names its own (``state-dir``).
     ``noise`` is the launcher's searched noise multipliers (:func:`common.privacy.plan.known_noise`),
-    so each Ray worker does not search them again.
+    so each Ray worker does not search them again. ``allow_seeded_noise``: the simulation
+    launcher's virtual sites accept ``dp.secure-rng = false``; a deployed site (this module's
+    ``app``) refuses it unless its node config says ``allow-seeded-noise = true``.
     """
     base = dict(defaults or {})
     searched = dict(noise or {})
 
     def client_fn(context: Context) -> Client:
         remember_noise(searched)
-        # The run's config, then this site's own settings (data, device, a stricter budget).
-        cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
-        site_index, site_id = site_identity(cfg, context.node_config)
-        site_secret = site_key(cfg, context.node_config, key)
-        folder = str(context.node_config.get("state-dir", "") or state_dir)
-        return SiteClient(cfg, site_index, site_id, context, site_secret, folder).to_client()
+        return site_client(context, base, key, state_dir, allow_seeded_noise).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
+
+
+def site_client(
+    context: Context,
+    defaults: Mapping[str, Any],
+    key: bytes | None = None,
+    state_dir: str | Path = "",
+    allow_seeded_noise: bool = False,
+) -> SiteClient:
+    """The site as its node config makes it: the run's config under this site's own rules."""
+    # The run's config, then this site's own settings (data, device, a stricter budget).
+    cfg = apply_site_overrides(config_from(defaults, context.run_config), context.node_config)
+    # Seeded noise only where the site itself (or the simulation launcher) allows it: the
+    # run config is the coordinator's, so it alone cannot make a site's noise predictable.
+    refuse_seeded_noise(cfg, context.node_config, virtual_site=allow_seeded_noise)
+    site_index, site_id = site_identity(cfg, context.node_config)
+    site_secret = site_key(cfg, context.node_config, key)
+    folder = str(context.node_config.get("state-dir", "") or state_dir)
+    dataset = dataset_identity(cfg, context.node_config, site_index)
+    return SiteClient(cfg, site_index, site_id, context, site_secret, folder, dataset)
 
 
 app = build_client_app()

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common.privacy.accounting import RoundPlan, epsilon
+from common.seeds import RNG_KINDS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     eps_budget       REAL    NOT NULL,
     used             INTEGER NOT NULL,
     status           TEXT    NOT NULL,
+    rng              TEXT    NOT NULL,
     recorded_at      TEXT    NOT NULL,
     prev_hash        TEXT    NOT NULL,
     row_hash         TEXT    NOT NULL,
@@ -66,6 +68,9 @@ class SiteSpend:
     eps_budget: float
     used: bool  # whether the update entered the aggregate
     status: str  # trained | budget_exhausted | ...
+    # os | seeded (common.seeds.RNG_KINDS): the randomness the noise and sampling came from,
+    # as the site reports it (the server's own for the client-level row).
+    rng: str
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class LedgerRow:
     eps_budget: float
     used: bool
     status: str
+    rng: str
     recorded_at: str
     prev_hash: str
     row_hash: str
@@ -264,6 +270,7 @@ class Ledger:
                     eps_budget=s.eps_budget,
                     used=bool(s.used),
                     status=s.status,
+                    rng=s.rng,
                     recorded_at=now,
                 )
                 values = {k: _canonical(v) for k, v in values.items()}
@@ -295,6 +302,8 @@ class Ledger:
                 return Verification(False, len(rows), row.seq, "prev_hash does not match the previous row")
             if row_digest(prev, values) != row.row_hash:
                 return Verification(False, len(rows), row.seq, "row content does not match its hash")
+            if row.rng not in RNG_KINDS:  # hashed like the rest, but a value no writer produces
+                return Verification(False, len(rows), row.seq, f"rng {row.rng!r} is not one of {', '.join(RNG_KINDS)}")
             hist = histories.setdefault(row.site_id, [])
             if row.steps > 0:
                 hist.append(row.mechanism())

@@ -22,7 +22,9 @@ def _run_dir(tmp_path, rounds=3):
     with (run / "metrics.jsonl").open("w") as fh:
         for r in range(1, rounds + 1):
             spends = [
-                SiteSpend(site, "image", RoundPlan(200, 0.1, 10, sigma, 1.0, 1e-5, "rdp"), 10, 5.0, True, "trained")
+                SiteSpend(
+                    site, "image", RoundPlan(200, 0.1, 10, sigma, 1.0, 1e-5, "rdp"), 10, 5.0, True, "trained", "os"
+                )
                 for site, sigma in (("site-0", 1.0), ("site-1", 2.0))
             ]
             led.record_round(r, spends)

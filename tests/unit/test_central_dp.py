@@ -22,6 +22,7 @@ from common.privacy.client_level import (
     update_norm,
 )
 from common.protocol import Status as SiteStatus
+from common.seeds import RNG_SEEDED
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
 from tests.conftest import make_cfg, make_strategy
@@ -41,7 +42,9 @@ def test_clip_update_bounds_the_global_norm_and_keeps_direction():
 
 
 def _central(tmp_path, budget=float("inf"), plan=PLAN, seed=0):
-    return CentralRelease(plan, budget, np.random.default_rng(seed)), Ledger(tmp_path / "l.sqlite", run_id="t")
+    return CentralRelease(plan, budget, np.random.default_rng(seed), RNG_SEEDED), Ledger(
+        tmp_path / "l.sqlite", run_id="t"
+    )
 
 
 def _release(central, rnd, total, ledger, *, empty):

@@ -15,7 +15,7 @@ from tests.conftest import tamper
 
 def _spend(site, sigma=1.1, q=0.05, steps=20, n=400, used=True, status="trained", accountant="rdp"):
     plan = RoundPlan(n, q, steps, sigma, 1.0, 1e-5, accountant)
-    return SiteSpend(site, "image", plan, steps if status == "trained" else 0, 10.0, used, status)
+    return SiteSpend(site, "image", plan, steps if status == "trained" else 0, 10.0, used, status, "os")
 
 
 def _written(path, rounds, sites=("a",)):
@@ -127,7 +127,7 @@ def test_round_is_written_atomically(tmp_path):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     led.record_round(1, [_spend("a")])
     bad = SiteSpend(
-        "b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained"
+        "b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained", "os"
     )
     with pytest.raises(ValueError):
         led.record_round(2, [_spend("a"), bad])  # site "a" sorts first and is written, then "b" fails
@@ -138,7 +138,7 @@ def test_round_is_written_atomically(tmp_path):
 def test_non_private_rows_record_infinite_epsilon(tmp_path):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     plan = RoundPlan(100, 0.32, 4, 0.0, 0.0, 0.0, "none")
-    row = led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained")])[0]
+    row = led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained", "os")])[0]
     assert math.isinf(row.eps_total) and led.verify().ok
 
 
@@ -170,7 +170,7 @@ def test_negative_zero_does_not_break_the_chain(tmp_path):
     """SQLite reads REAL -0.0 back as 0.0; hashing must not depend on the sign of zero."""
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     plan = RoundPlan(100, 0.32, 4, -0.0, -0.0, -0.0, "none")
-    led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained")])
+    led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained", "os")])
     led.close()
     assert Ledger(tmp_path / "l.sqlite").verify().ok
 
