@@ -250,6 +250,8 @@ class Ledger:
             prev = self.head()
             seq = (self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]) + 1
             for entry_round, s in entries:
+                if s.rng not in RNG_KINDS:  # the column states a fact; no other value is one
+                    raise ValueError(f"rng must be one of {', '.join(RNG_KINDS)}, got {s.rng!r}")
                 p = s.plan
                 mech = (p.noise_multiplier, p.sample_rate, s.steps_taken)
                 history = self.history(s.site_id) + [mech]

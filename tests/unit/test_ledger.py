@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sqlite3
 
+import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -200,3 +201,45 @@ def test_opening_for_audit_is_read_only(tmp_path):
     led = Ledger(tmp_path / "l.sqlite")
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         led.record_round(2, [_spend("a")])
+
+
+def test_the_rng_column_records_what_each_site_used(tmp_path):
+    """Issue 18, finding 5: the ledger says which kind of randomness each row's noise came from."""
+    from common.protocol import MalformedReport, parse_fit_metrics
+    from tests.unit.test_server_client import _reply, _round, _strategy
+
+    s = _strategy(tmp_path, [np.zeros(3, np.float32)], accountant="rdp")
+    update = [np.full(3, 0.1, np.float32)]
+    _round(s, 1, [_reply("a", update, rng="os"), _reply("b", update, node=2, rng="seeded")], [])
+    assert {r.site_id: r.rng for r in s.ledger.rows()} == {"a": "os", "b": "seeded"}
+    assert s.ledger.verify().ok
+    for bad in ("urandom", 1):  # a value that is not a fact about the noise is not accepted
+        with pytest.raises(MalformedReport, match="rng"):
+            parse_fit_metrics(_reply("a", update, rng=bad)[1].metrics)
+    with pytest.raises(MalformedReport, match="missing metric 'rng'"):
+        parse_fit_metrics(_reply("a", update, drop="rng")[1].metrics)
+    with pytest.raises(ValueError, match="rng"):
+        s.ledger.record_round(
+            2, [SiteSpend("c", "image", RoundPlan(400, 0.05, 4, 1.1, 1.0, 1e-5, "rdp"), 4, 10.0, True, "trained", "")]
+        )
+
+
+def test_verify_fails_on_an_rng_no_writer_produces(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    led.record_round(1, [_spend("a")])
+    led.close()
+    # A determined editor rewrites the value and re-hashes the chain: ε still recomputes, but
+    # the rng column must hold a fact.
+    from server.ledger import row_digest
+
+    conn = sqlite3.connect(tmp_path / "l.sqlite")
+    conn.execute("DROP TRIGGER ledger_no_update")
+    led = Ledger(tmp_path / "l.sqlite")
+    row = led.rows()[0]
+    led.close()
+    values = {**row.__dict__, "rng": "maybe"}
+    conn.execute("UPDATE ledger SET rng = 'maybe', row_hash = ? WHERE seq = 1", (row_digest(row.prev_hash, values),))
+    conn.commit()
+    conn.close()
+    result = Ledger(tmp_path / "l.sqlite").verify()
+    assert not result.ok and "rng" in result.reason
