@@ -18,7 +18,8 @@ The site keeps its own accounting history in the node's ``context.state``, which
 as long as the SuperNode's run, and, with a ``state-dir``, also on its own disk
 (:mod:`client.state`), so that it survives a restart or a resumed run. Each reply also
 carries the rounds the site trained before, so the server can ledger a round whose
-reply it never received.
+reply it never received. With a ``state-dir`` the budget check composes the dataset's
+lifetime history (every run), so a new run id does not reset the budget.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
 from client.mods import InjectedDropout, make_fault_mod, secure_mod
-from client.state import SiteState, load_state, save_state, state_path
+from client.state import LIFETIME_ACCOUNTANT, Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
-from common.deploy.site_config import apply_site_overrides, declared_size
+from common.deploy.site_config import apply_site_overrides, dataset_identity, declared_size, refuse_seeded_noise
 from common.errors import PrivfedError
 from common.faults import drops, event
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
@@ -49,6 +50,7 @@ from common.privacy.plan import NoiseKey, check_real_size, plan_round, remember_
 from common.privacy.training import run_local_round
 from common.protocol import Status, fit_metrics
 from common.runtime import cached_task, config_from, resolve_device, round_seed
+from common.seeds import RNG_OS, RNG_SEEDED
 from common.tasks.base import get_state, set_state
 
 STATE_KEY = "privfed.accounting"
@@ -67,6 +69,7 @@ class SiteClient(NumPyClient):
         context: Context,
         key: bytes | None = None,
         state_dir: str = "",
+        dataset_id: str = "",
         *,
         declared: int,
     ) -> None:
@@ -78,6 +81,10 @@ class SiteClient(NumPyClient):
         self.device = resolve_device(cfg.federation.device)
         self.state_dir = state_dir
         self.state_file: Path | None = None
+        self.run_id = ""
+        # The dataset's history across runs (client.state.Lifetime); without a state-dir only
+        # this run's rounds are known, and a restart or a new run forgets them.
+        self.lifetime = Lifetime(state_dir, dataset_id or f"partition-{site_index}") if state_dir else None
         # What happens to the update before it leaves (clip, guard, evaluation sums, weight);
         # the server runs the same list in reverse.
         self.pipeline = build_pipeline(cfg, self.task)
@@ -92,6 +99,7 @@ class SiteClient(NumPyClient):
         The file was written before the failure and is the site's truth.
         """
         run_id = config.get("run-id")
+        self.run_id = run_id if isinstance(run_id, str) else ""
         if not self.state_dir or not isinstance(run_id, str) or not run_id:
             return
         self.state_file = state_path(self.state_dir, run_id, self.site_id)
@@ -102,7 +110,11 @@ class SiteClient(NumPyClient):
         if saved.local:
             self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=saved.local)
 
-    def _persist(self) -> None:
+    def _persist(self, plan: RoundPlan) -> None:
+        if self.lifetime is not None:
+            # First the lifetime history (what the budget checks), then this run's state.
+            r, sigma, q, steps = self._entries()[-1]
+            self.lifetime.record(LifetimeEntry(self.run_id, r, sigma, q, steps, plan.delta, plan.accountant))
         if self.state_file is None:
             return
         rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
@@ -146,6 +158,13 @@ class SiteClient(NumPyClient):
     def _history(self) -> list[tuple[float, float, int]]:
         return [(s, q, k) for _, s, q, k in self._entries()]
 
+    def _lifetime(self) -> list[tuple[float, float, int]]:
+        """Every round this site's dataset was trained on, in any run, this one included."""
+        if self.lifetime is None:
+            return self._history()
+        this_run = [LifetimeEntry(self.run_id, r, s, q, k, 0.0, "") for r, s, q, k in self._entries()]
+        return Lifetime.merged(self.lifetime.load(), this_run)
+
     def _set_history(self, entries: list[tuple[int, float, float, int]]) -> None:
         self.ctx.state.config_records[STATE_KEY] = ConfigRecord(
             {
@@ -183,10 +202,15 @@ class SiteClient(NumPyClient):
         # received is ledgered when it learns of it here).
         before = self._history_json()
 
+        seed = round_seed(self.cfg, self.site_index, server_round)
+        rng = RNG_OS if seed is None else RNG_SEEDED  # what this round's noise and sampling use
         spent = epsilon(self._history(), plan.delta, plan.accountant)
         if self.cfg.dp.enabled:
             projected = epsilon(self._history() + [plan.mechanism], plan.delta, plan.accountant)
-            if projected > budget:
+            # The budget bounds the dataset's whole life, not one run: the run id is the
+            # coordinator's, so a per-run budget would reset with every new one.
+            lifetime = epsilon(self._lifetime() + [plan.mechanism], plan.delta, LIFETIME_ACCOUNTANT)
+            if max(projected, lifetime) > budget:
                 # Say so, send a zero update with zero weight: nothing of the data leaves.
                 zeros = [np.zeros_like(p) for p in parameters]
                 metrics = fit_metrics(
@@ -197,7 +221,9 @@ class SiteClient(NumPyClient):
                     budget,
                     Status.BUDGET_EXHAUSTED,
                     eps_spent=spent,
-                    note=f"next round would reach eps={projected:.3g} > budget {budget:g}",
+                    rng=rng,
+                    note=f"next round would reach eps={projected:.3g} in this run, {lifetime:.3g} over this "
+                    f"site's dataset's lifetime (every run), > budget {budget:g}",
                     history=before,
                 )
                 # Under SecAgg+ a zero update still takes part, so the sum stays recoverable;
@@ -216,11 +242,10 @@ class SiteClient(NumPyClient):
                 f"injected crash: site {self.site_index} failed in round {server_round} before training"
             )
         t0 = time.perf_counter()
-        seed = round_seed(self.cfg, self.site_index, server_round)
         outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
         self._remember(server_round, plan, outcome.steps_taken)
         self._keep_local(model, keys)
-        self._persist()  # before anything leaves the site
+        self._persist(plan)  # before anything leaves the site
         local = get_state(model, keys)
         delta = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]
         # Clip (client-level DP), refuse what SecAgg+ could not check, injected upload faults,
@@ -238,6 +263,7 @@ class SiteClient(NumPyClient):
             budget,
             Status.TRAINED,
             eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
+            rng=rng,
             history=before,
         )
         # Timing reveals n and the sampled batch sizes: it stays in the site's own log.
@@ -318,19 +344,25 @@ def make_site(
     key: bytes | None = None,
     state_dir: str | Path = "",
     declared_sizes: Sequence[int] | None = None,
+    allow_seeded_noise: bool = False,
 ) -> SiteClient:
-    """The site a SuperNode runs for one message (see :func:`build_client_app`).
+    """The site a SuperNode runs for one message (see :func:`build_client_app`): the run's
+    config under this site's own rules.
 
-    Refuses, before loading any data, a site with no declared size n-hat (deployment).
+    Refuses, before loading any data, a site with no declared size n-hat (deployment), and
+    seeded noise unless the site itself (or the simulation launcher) allows it.
     """
     # The run's config, then this site's own settings (data, device, a stricter budget).
     cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
+    # The run config is the coordinator's, so it alone cannot make a site's noise predictable.
+    refuse_seeded_noise(cfg, context.node_config, virtual_site=allow_seeded_noise)
     site_index, site_id = site_identity(cfg, context.node_config)
     simulated = declared_sizes[site_index] if declared_sizes is not None else None
     declared = declared_size(context.node_config, simulated)
     site_secret = site_key(cfg, context.node_config, key)
     folder = str(context.node_config.get("state-dir", "") or state_dir)
-    return SiteClient(cfg, site_index, site_id, context, site_secret, folder, declared=declared)
+    dataset = dataset_identity(cfg, context.node_config, site_index)
+    return SiteClient(cfg, site_index, site_id, context, site_secret, folder, dataset, declared=declared)
 
 
 def build_client_app(
@@ -339,6 +371,7 @@ def build_client_app(
     state_dir: str | Path = "",
     noise: Mapping[NoiseKey, float] | None = None,
     declared_sizes: Sequence[int] | None = None,
+    allow_seeded_noise: bool = False,
 ) -> ClientApp:
     """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config.
 
@@ -349,16 +382,19 @@ def build_client_app(
     so each Ray worker does not search them again.
     ``declared_sizes`` is the launcher's declaration of each virtual site's public size
     n-hat (its training-split size: the launcher made the partition, so it knows them); a
-    deployed site declares its own (``declared-size``) and is refused without one.
+    deployed site declares its own (``declared-size``) and is refused without one. ``allow_seeded_noise``: the simulation
+    launcher's virtual sites accept ``dp.secure-rng = false``; a deployed site (this module's
+    ``app``) refuses it unless its node config says ``allow-seeded-noise = true``.
     """
     base = dict(defaults or {})
     searched = dict(noise or {})
 
     def client_fn(context: Context) -> Client:
         remember_noise(searched)
-        return make_site(base, context, key, state_dir, declared_sizes).to_client()
+        return make_site(base, context, key, state_dir, declared_sizes, allow_seeded_noise).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
+
 
 
 app = build_client_app()

@@ -38,7 +38,18 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     init.add_argument("--users-path", default="")
     init.add_argument("--device", default="auto")
     init.add_argument(
-        "--epsilon-budget", type=float, default=0.0, help="a stricter budget than the run's (0: the run's)"
+        "--epsilon-budget",
+        type=float,
+        default=0.0,
+        help="a stricter budget than the run's, for the dataset's whole life over every run (0: the run's)",
+    )
+    init.add_argument(
+        "--dataset-id", default="", help="names the dataset whose lifetime budget this is (default: from its path)"
+    )
+    init.add_argument(
+        "--allow-seeded-noise",
+        action="store_true",
+        help="accept runs with dp.secure-rng=false (test federations only: the seed would reveal the noise)",
     )
     init.add_argument(
         "--state-dir",
@@ -76,6 +87,8 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
             users_path=str(Path(args.users_path).resolve()) if args.users_path else "",
             device=args.device,
             epsilon_budget=args.epsilon_budget,
+            dataset_id=args.dataset_id,
+            allow_seeded_noise=args.allow_seeded_noise,
             state_dir=str(Path(args.state_dir).resolve() if args.state_dir else out.resolve().parent / "privfed-state"),
         )
         site.validate()

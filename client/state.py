@@ -6,13 +6,22 @@ own disk, under ``state-dir`` (node config; in simulation the launcher picks a f
 the run directory). The file is keyed by the server's run id, so a new run starts a new
 history, and is replaced atomically after every round the site trains, before its
 reply leaves: the site never forgets a round it spent privacy on.
+
+The run id is the coordinator's choice, so that history cannot carry a budget: a new
+run id would reset it. Beside it the site keeps its dataset's **lifetime** history,
+``<state-dir>/datasets/<dataset-id>.json`` (:class:`Lifetime`), keyed by the dataset
+(``common.deploy.site_config.dataset_identity``), never by the run: every round it trained
+under any run, with the (sigma, q, steps, delta) it used. The budget check composes it.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -64,3 +73,79 @@ def save_state(path: Path, state: SiteState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"history": [list(h) for h in state.history], "local": state.local}
     write_atomically(path, lambda fh: torch.save(payload, fh))
+
+
+# The lifetime composition: RDP composes the rounds of any runs (its curve does not depend on
+# delta), converted to epsilon at the current round's delta.
+LIFETIME_ACCOUNTANT = "rdp"
+
+
+@dataclass(frozen=True)
+class LifetimeEntry:
+    """One round a site trained on its dataset, in any run."""
+
+    run_id: str
+    round: int
+    sigma: float
+    q: float
+    steps: int
+    delta: float
+    accountant: str
+
+    @property
+    def key(self) -> tuple[str, int] | None:
+        """(run id, round): one spend per round of a run, however often it is recorded
+        (a resumed run re-reads its history); None without a run id (never merged)."""
+        return (self.run_id, self.round) if self.run_id else None
+
+
+class Lifetime:
+    """A dataset's privacy history across every run: ``<state-dir>/datasets/<dataset-id>.json``.
+
+    Written atomically and durably (common.deploy.fileio.write_atomically) before a trained
+    round's reply leaves the site. A damaged file is an error, never a fresh budget.
+    """
+
+    def __init__(self, state_dir: str | Path, dataset_id: str) -> None:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", dataset_id) or "_"
+        if set(safe) == {"."}:
+            raise PrivfedError("dataset-id must not be '.' or '..' (it names a file under the site's state-dir)")
+        self.path = Path(state_dir) / "datasets" / f"{safe}.json"
+
+    def load(self) -> list[LifetimeEntry]:
+        if not self.path.is_file():
+            return []
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            entries = [
+                LifetimeEntry(str(e[0]), int(e[1]), float(e[2]), float(e[3]), int(e[4]), float(e[5]), str(e[6]))
+                for e in raw["rounds"]
+            ]
+            if not all(math.isfinite(e.sigma) and 0 < e.q <= 1 and e.steps >= 0 for e in entries):
+                raise ValueError("entry out of range")
+        except Exception as exc:  # truncated or foreign: refuse rather than forget spent privacy
+            raise PrivfedError(
+                f"lifetime history {self.path} cannot be read ({type(exc).__name__}); "
+                "move it aside only if you know this dataset's spend"
+            ) from None
+        return entries
+
+    def record(self, entry: LifetimeEntry) -> None:
+        """Add one trained round (replacing the same run's same round, so nothing counts twice)."""
+        entries = [e for e in self.load() if entry.key is None or e.key != entry.key] + [entry]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps({"rounds": [list(astuple(e)) for e in entries]}, indent=0).encode()
+
+        def write(fh: IO[bytes]) -> None:
+            fh.write(data)
+
+        write_atomically(self.path, write)
+
+    @staticmethod
+    def merged(saved: list[LifetimeEntry], this_run: list[LifetimeEntry]) -> list[tuple[float, float, int]]:
+        """The (sigma, q, steps) of every round on file plus this run's rounds not yet on it
+        (a run state written before the lifetime file existed). A round without a run id is
+        on file already: every trained round is recorded there before its reply leaves."""
+        known = {e.key for e in saved if e.key is not None}
+        extra = [e for e in this_run if e.key is not None and e.key not in known]
+        return [(e.sigma, e.q, e.steps) for e in saved + extra if e.steps > 0]

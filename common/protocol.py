@@ -21,6 +21,7 @@ from typing import Any
 
 from common.config import MAX_STEPS, MIN_DELTA, SIGMA_RANGE
 from common.privacy.accounting import NO_DP, RoundPlan
+from common.seeds import RNG_KINDS
 
 KNOWN_ACCOUNTANTS = ("rdp", "prv", NO_DP)
 
@@ -51,6 +52,7 @@ def fit_metrics(
     status: Status,
     *,
     eps_spent: float,
+    rng: str,
     note: str = "",
     history: str = "[]",
     **extra: float,
@@ -59,7 +61,9 @@ def fit_metrics(
 
     ``history`` is the JSON list ``[[round, sigma, q, steps], ...]`` of the rounds the site
     trained before this one: the server ledgers any of them it has no row for (a reply
-    that never arrived), so the ledger misses no spend the site knows of.
+    that never arrived), so the ledger misses no spend the site knows of. ``rng`` is the
+    kind of randomness the site's noise and Poisson sampling actually came from
+    (``common.seeds.RNG_KINDS``), for the ledger's ``rng`` column.
     """
     return {
         "site_id": site_id,
@@ -75,6 +79,7 @@ def fit_metrics(
         "accountant": plan.accountant,
         "eps_budget": eps_budget,
         "eps_spent": eps_spent,
+        "rng": rng,
         "note": note,
         "history": history,
         **{k: float(v) for k, v in extra.items()},
@@ -92,6 +97,7 @@ class SiteReport:
     eps_spent: float
     note: str
     extra: dict[str, float]
+    rng: str  # os | seeded: what the site's noise and sampling were drawn from
     # (round, sigma, q, steps) of the rounds the site trained before this reply.
     history: tuple[tuple[int, float, float, int], ...] = ()
 
@@ -147,7 +153,20 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         delta=vals["delta"],
         accountant=vals["accountant"],
     )
-    known = set(_PLAN_KEYS) | {"site_id", "unit", "status", "steps", "eps_budget", "eps_spent", "note", "history"}
+    rng = get("rng", str)
+    if rng not in RNG_KINDS:
+        raise MalformedReport(f"metric 'rng' must be one of {', '.join(RNG_KINDS)}")
+    known = set(_PLAN_KEYS) | {
+        "site_id",
+        "unit",
+        "status",
+        "steps",
+        "eps_budget",
+        "eps_spent",
+        "rng",
+        "note",
+        "history",
+    }
     extra = {
         k: float(v) for k, v in m.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
@@ -165,6 +184,7 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         eps_spent=eps_spent if not math.isnan(eps_spent) else math.inf,
         note=str(m.get("note", "")),
         extra=extra,
+        rng=rng,
         history=parse_history(m.get("history", "[]"), vals["accountant"]),
     )
 

@@ -17,6 +17,13 @@ import random
 
 import numpy as np
 
+# What a ledger row says about the randomness behind its noise and sampling (column ``rng``):
+# OS entropy, or a stream derived from federation.seed (reproducible, and removable by
+# anyone who knows the seed).
+RNG_OS = "os"
+RNG_SEEDED = "seeded"
+RNG_KINDS = (RNG_OS, RNG_SEEDED)
+
 # Tags of the server-side and fault streams (the site-round stream has none: [seed, site, round]).
 CENTRAL_NOISE = 0xCD
 SITE_SAMPLING = 0x5A

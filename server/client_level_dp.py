@@ -13,7 +13,7 @@ import numpy as np
 from common.config import RunConfig
 from common.privacy.accounting import RoundPlan
 from common.privacy.client_level import CENTRAL_SITE_ID, CENTRAL_UNIT, central_plan
-from common.seeds import central_noise_rng
+from common.seeds import RNG_OS, RNG_SEEDED, central_noise_rng
 from server.ledger import Ledger, LedgerRow, SiteSpend
 
 
@@ -29,16 +29,23 @@ class CentralRelease:
     """Adds N(0, (zC)^2) to each round's sum and divides by the expected sample, q N."""
 
     def __init__(
-        self, plan: RoundPlan, budget: float, rng: np.random.Generator | Callable[[int], np.random.Generator]
+        self,
+        plan: RoundPlan,
+        budget: float,
+        rng: np.random.Generator | Callable[[int], np.random.Generator],
+        rng_kind: str,
     ) -> None:
-        """``rng``: one generator, or a function giving each round its own (see :func:`noise_rng`)."""
+        """``rng``: one generator, or a function giving each round its own (see :func:`noise_rng`);
+        ``rng_kind``: what it draws from (the ledger row's ``rng``)."""
         self.plan = plan
         self.budget = budget
         self.rng = rng
+        self.rng_kind = rng_kind
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> CentralRelease:
-        return cls(central_plan(cfg), cfg.central_dp.epsilon_budget, lambda rnd: noise_rng(cfg, rnd))
+        kind = RNG_OS if cfg.dp.secure_rng else RNG_SEEDED
+        return cls(central_plan(cfg), cfg.central_dp.epsilon_budget, lambda rnd: noise_rng(cfg, rnd), kind)
 
     @property
     def clip_norm(self) -> float:
@@ -63,6 +70,7 @@ class CentralRelease:
             eps_budget=self.budget,
             used=not empty,
             status="noise_only" if empty else "released",
+            rng=self.rng_kind,
         )
         (row,) = ledger.record_round(rnd, [spend])
         return row

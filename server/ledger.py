@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common.privacy.accounting import NEIGHBOURING, RoundPlan, epsilon
+from common.seeds import RNG_KINDS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     eps_budget       REAL    NOT NULL,
     used             INTEGER NOT NULL,
     status           TEXT    NOT NULL,
+    rng              TEXT    NOT NULL,
     recorded_at      TEXT    NOT NULL,
     prev_hash        TEXT    NOT NULL,
     row_hash         TEXT    NOT NULL,
@@ -70,6 +72,9 @@ class SiteSpend:
     eps_budget: float
     used: bool  # whether the update entered the aggregate
     status: str  # trained | budget_exhausted | ...
+    # os | seeded (common.seeds.RNG_KINDS): the randomness the noise and sampling came from,
+    # as the site reports it (the server's own for the client-level row).
+    rng: str
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class LedgerRow:
     eps_budget: float
     used: bool
     status: str
+    rng: str
     recorded_at: str
     prev_hash: str
     row_hash: str
@@ -261,6 +267,8 @@ class Ledger:
             prev = self.head()
             seq = (self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]) + 1
             for entry_round, s in entries:
+                if s.rng not in RNG_KINDS:  # the column states a fact; no other value is one
+                    raise ValueError(f"rng must be one of {', '.join(RNG_KINDS)}, got {s.rng!r}")
                 p = s.plan
                 mech = (p.noise_multiplier, p.sample_rate, s.steps_taken)
                 history = self.history(s.site_id) + [mech]
@@ -282,6 +290,7 @@ class Ledger:
                     eps_budget=s.eps_budget,
                     used=bool(s.used),
                     status=s.status,
+                    rng=s.rng,
                     recorded_at=now,
                 )
                 values = {k: _canonical(v) for k, v in values.items()}
@@ -316,6 +325,8 @@ class Ledger:
             if row.neighbouring not in NEIGHBOURING:
                 why = f"neighbouring = {row.neighbouring!r}, but the accountants compute ε for {NEIGHBOURING[0]}"
                 return Verification(False, len(rows), row.seq, why)
+            if row.rng not in RNG_KINDS:  # hashed like the rest, but a value no writer produces
+                return Verification(False, len(rows), row.seq, f"rng {row.rng!r} is not one of {', '.join(RNG_KINDS)}")
             hist = histories.setdefault(row.site_id, [])
             if row.steps > 0:
                 hist.append(row.mechanism())

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.errors import PrivfedError
 from common.privacy.accounting import NO_DP
+from common.seeds import RNG_SEEDED
 from server.ledger import Ledger, LedgerRow, Verification
 from server.recorder import json_safe
 from server.report import read_metrics
@@ -43,6 +44,7 @@ COLUMNS = [
     "budget_left",
     "used",
     "status",
+    "rng",
     "recorded_at",
     "prev_hash",
     "row_hash",
@@ -90,7 +92,7 @@ def table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
     t = Table(title=escape(title))
-    for col in ("round", "site", "ε round", "ε total", "budget left", "δ", "σ", "steps", "used", "status"):
+    for col in ("round", "site", "ε round", "ε total", "budget left", "δ", "σ", "steps", "used", "status", "rng"):
         t.add_column(col, justify="left" if col in ("site", "used", "status") else "right", no_wrap=True)
     for r in rows:
         t.add_row(
@@ -104,6 +106,7 @@ def table(rows: list[dict[str, Any]], title: str):
             str(r["steps"]),
             "yes" if r["used"] else "no",
             r["status"],
+            r["rng"],
         )
     return t
 
@@ -130,10 +133,24 @@ def describe_units(rows: list[LedgerRow]) -> str:
     accountants = sorted({r.accountant for r in rows})
     deltas = sorted({r.delta for r in rows})
     relations = sorted({r.neighbouring for r in rows})
-    return (
+    text = (
         f"unit of privacy: one {' / '.join(units)} (sample-level DP-SGD per site); "
         f"accountant: {', '.join(accountants)}; δ: {', '.join(f'{d:.1e}' for d in deltas)}; "
         f"neighbouring: {', '.join(relations)} (site sizes public by declaration)"
+    )
+    return text + seeded_note(rows)
+
+
+def seeded_note(rows: list[LedgerRow]) -> str:
+    """A warning for rows whose noise was seeded: their ε holds only against whoever does not
+    know federation.seed (the seed regenerates the noise and the sample)."""
+    seeded = [r for r in rows if r.rng == RNG_SEEDED and r.accountant != NO_DP]
+    if not seeded:
+        return ""
+    sites = sorted({r.site_id for r in seeded})
+    return (
+        f"; SEEDED noise in {len(seeded)} of {len(rows)} rows ({', '.join(sites)}): "
+        "private only against those who do not know federation.seed"
     )
 
 

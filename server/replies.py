@@ -95,7 +95,14 @@ class ReplyLedger:
                 continue
             reports[report.site_id] = (report, res)
             self._catch_up(
-                server_round, report.site_id, report.unit, report.plan, report.eps_budget, report.history, rec
+                server_round,
+                report.site_id,
+                report.unit,
+                report.plan,
+                report.eps_budget,
+                report.history,
+                rec,
+                report.rng,
             )
             reason = ""
             if report.status is Status.TRAINED:
@@ -120,12 +127,15 @@ class ReplyLedger:
         eps_budget: float,
         history: tuple[tuple[int, float, float, int], ...],
         rec: RoundRecord,
+        rng: str,
     ) -> None:
         """Ledger the rounds this site says it trained but whose replies never arrived.
 
         Written at once, before this round's budget check, so that check sees them. The
         site's word can only add spend to its own rows (never remove any), so trusting it
-        errs on the side of overstating epsilon.
+        errs on the side of overstating epsilon. ``rng`` is the kind the site reports now:
+        a site's RNG is fixed for a run (``dp.secure-rng`` and its own refusal of seeded
+        noise), so its earlier rounds used the same.
         """
         known = self.ledger.rounds(site)
         # In a fit reply the history ends before server_round; in an evaluate reply it may
@@ -136,7 +146,7 @@ class ReplyLedger:
         rows = []
         for rnd, sigma, q, steps in sorted(set(missing)):
             spent = dataclasses.replace(plan, noise_multiplier=sigma, sample_rate=q, steps=steps)
-            rows.append((rnd, SiteSpend(site, unit, spent, steps, eps_budget, False, "lost")))
+            rows.append((rnd, SiteSpend(site, unit, spent, steps, eps_budget, False, "lost", rng)))
             rec.caught_up.append(f"{site}@{rnd}")
         rec.ledger_rows += self.ledger.record_round(server_round, [], catch_up=rows)
         log(
@@ -171,7 +181,7 @@ class ReplyLedger:
             last.accountant,
             last.neighbouring,
         )
-        self._catch_up(server_round + 1, site, last.unit, plan, last.eps_budget, history, rec)
+        self._catch_up(server_round + 1, site, last.unit, plan, last.eps_budget, history, rec, last.rng)
 
     def check_report(self, report: SiteReport) -> str:
         """Why a site's reported round cannot be used (accountant and budget), or ''."""
@@ -196,6 +206,7 @@ def spend(report: SiteReport, used: bool, reason: str) -> SiteSpend:
         eps_budget=report.eps_budget,
         used=used,
         status=status,
+        rng=report.rng,
     )
 
 

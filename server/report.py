@@ -14,6 +14,7 @@ from typing import Any
 from common.errors import DataError
 from common.plots import line_plot
 from common.privacy.client_level import CENTRAL_SITE_ID
+from common.seeds import RNG_SEEDED
 from server.eps_crosscheck import TOLERANCE, cross_check
 from server.ledger import Ledger, LedgerRow
 from server.membership_inference import violates_bound
@@ -76,8 +77,9 @@ class Summary:
         private = (rows and not math.isinf(max(r.eps_total for r in rows))) or c is not None
         if self.seeded_noise and private:
             lines.append(
-                "noise: seeded for reproducibility (dp.secure-rng=false): private only against "
-                "those who do not know the seed; deployments set dp.secure-rng=true"
+                "noise: seeded for reproducibility (dp.secure-rng=false, set by the simulation launcher; "
+                "the ledger's rng column says seeded): private only against those who do not know the seed; "
+                "dp.secure-rng=true (the default everywhere else) draws it from OS entropy"
             )
         lines.append(
             f"ledger: {self.ledger_rows} rows, hash chain and ε "
@@ -158,7 +160,8 @@ def write_summary(
         ledger_rows=check.rows,
         stop_reason=stop_reason,
         primary=primary,
-        seeded_noise=seeded_noise,
+        # What the sites and the server actually used (the ledger's rng column), not only the config.
+        seeded_noise=seeded_noise or any(r.rng == RNG_SEEDED for r in rows),
         mia=mia,
         cross_checks=tuple(cross_check(rows)),
         central=central[-1] if central else None,

@@ -25,6 +25,11 @@ from common.preflight import preflight
 from server.run_dir import check_new_run_dir, default_run_dir
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+# The one place seeded noise is the default: a simulation repeats exactly. dp.secure-rng
+# defaults to true everywhere else; the run report and the ledger's rng column say "seeded",
+# and the launcher's virtual sites are the only sites that accept it without their own
+# allow-seeded-noise (client.app.build_client_app). A scenario or an override may still set it.
+SIMULATION_DEFAULTS: dict[str, Any] = {"dp.secure-rng": False}
 _META_KEYS = ("description", "extends")
 
 
@@ -60,7 +65,7 @@ def describe(name: str) -> str:
 
 
 def resolve(scenario: str, overrides: Iterable[str] = ()) -> RunConfig:
-    flat = load_scenario(scenario)
+    flat = {**SIMULATION_DEFAULTS, **load_scenario(scenario)}
     for text in overrides:
         key, value = parse_override(text)
         flat[key] = value
@@ -184,8 +189,14 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, siz
         server_app=build_server_app(flat, console),
         # The virtual sites' durable state (client.state) lives beside the run.
         # The preflight's noise search travels with the app, so Ray workers skip it.
+        # Virtual sites accept seeded noise (a deployed site refuses it unless its node config allows it).
         client_app=build_client_app(
-            flat, key=key, state_dir=run_dir.resolve() / "site-state", noise=known_noise(), declared_sizes=sizes
+            flat,
+            key=key,
+            state_dir=run_dir.resolve() / "site-state",
+            noise=known_noise(),
+            allow_seeded_noise=True,
+            declared_sizes=sizes,
         ),
         num_supernodes=cfg.federation.num_sites,
         backend_config={

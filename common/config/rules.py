@@ -5,17 +5,21 @@ that read several sections (secure aggregation x central DP x aggregation x faul
 the task plug-in's declarations (its data sources, partitions, and whether its sites
 report a loss). The central-DP rule is a privacy argument: the run is
 (eps, delta + p)-DP where p is the all-or-nothing probability of
-:func:`common.privacy.client_level.all_or_nothing_probability`, so p must stay below delta.
+:func:`common.privacy.client_level.all_or_nothing_probability`, so p must stay below delta,
+under the worst case of the failures the config allows (injected dropouts, crashes, lost
+uploads, sample-level budgets that run out); where no p can be bounded, the config is refused.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from common.config.limits import MIN_SECURE_SITES
 from common.config.limits import require as _require
 from common.config.run import RunSections
-from common.privacy.client_level import all_or_nothing_probability, min_round_sites
+from common.errors import ConfigError
+from common.privacy.client_level import all_or_nothing_probability, allowed_failures, min_round_sites
 
 
 class TaskSpec(Protocol):
@@ -113,15 +117,7 @@ def check_secure(cfg: RunSections) -> None:
             "the masked sum would wrap around",
         )
     if cdp.enabled:
-        flip = all_or_nothing_probability(cfg)
-        delta = cdp.site_delta(fed.num_sites)
-        _require(
-            flip <= delta,
-            "fraction-fit",
-            f"with num-sites={fed.num_sites} and fraction-fit={fed.fraction_fit:g}, one site decides with probability "
-            f"{flip:.2g} over {fed.rounds} rounds whether a round's sum is released at all (a round needs "
-            f"{min_round_sites(cfg)} sites); that must stay below central-dp delta={delta:.2g}: sample more sites",
-        )
+        check_all_or_nothing(cfg)
         _require(
             cfg.uniform_weights,
             "weighting",
@@ -134,3 +130,49 @@ def check_secure(cfg: RunSections) -> None:
                 f"is {cdp.clip_norm} but secagg.clipping-range is {sa.clipping_range}: "
                 "clipped updates would be clipped again, per coordinate",
             )
+        check_budget_outlasts_run(cfg)
+
+
+def _why_minimum(cfg: RunSections) -> str:
+    m = min_round_sites(cfg)
+    why = "secagg.enabled" if cfg.secagg.enabled and m == 3 else f"min-fit-sites={cfg.federation.min_fit_sites}"
+    return f"central-dp.enabled releases a round's sum only with >= {m} sites ({why})"
+
+
+def check_all_or_nothing(cfg: RunSections) -> None:
+    """delta0, the chance that one site decides whether a round's sum is released, under the
+    worst case of the failures the config allows, must stay below central-dp delta."""
+    fed = cfg.federation
+    failures, fault_key = allowed_failures(cfg)
+    if min_round_sites(cfg) > 1 and failures is None:
+        raise ConfigError(
+            fault_key,
+            f"lets any number of sampled sites fail in a round, and {_why_minimum(cfg)}: one site could decide whether "
+            "the others' updates are released at all, which no delta bounds (name the sites with faults.dropout-sites "
+            "and keep delta0 below central-dp delta, or drop the minimum)",
+        )
+    flip = all_or_nothing_probability(cfg)
+    delta = cfg.central_dp.site_delta(fed.num_sites)
+    failing = f" and up to {failures} sampled site(s) failing ({fault_key})" if failures else ""
+    _require(
+        flip <= delta,
+        fault_key or "fraction-fit",
+        f"with num-sites={fed.num_sites}, fraction-fit={fed.fraction_fit:g}{failing}, one site decides with "
+        f"probability {flip:.2g} over {fed.rounds} rounds whether a round's sum is released at all "
+        f"({_why_minimum(cfg)}); that must stay below central-dp delta={delta:.2g}: "
+        + ("allow fewer failures" if failures else "sample more sites"),
+    )
+
+
+def check_budget_outlasts_run(cfg: RunSections) -> None:
+    """With all-or-nothing rounds, a site whose sample-level budget runs out mid-run stops
+    contributing, and then its presence can decide a round: the config must rule that out."""
+    dp = cfg.dp
+    if min_round_sites(cfg) <= 1 or not dp.enabled or dp.target_epsilon or math.isinf(dp.epsilon_budget):
+        return
+    raise ConfigError(
+        "dp.target-epsilon",
+        f"is 0, and {_why_minimum(cfg)}: a site whose dp.epsilon-budget runs out before the last round stops "
+        "contributing and can then decide whether a round is released; set dp.target-epsilon (<= dp.epsilon-budget, "
+        "so no site runs out) or dp.enabled=false",
+    )

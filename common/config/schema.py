@@ -212,8 +212,12 @@ class DPConfig:
     accountant: str = "rdp"
     # Cumulative epsilon a site may spend; a site whose next round would exceed it stops training.
     epsilon_budget: float = 10.0
-    # Opacus secure_mode noise (robust to floating-point attacks; slower).
-    secure_rng: bool = False
+    # Every noise and sampling generator seeded from OS entropy, and Opacus's secure_mode
+    # noise (robust to floating-point attacks). On by default: seeded noise can be removed by
+    # anyone who knows federation.seed. Only the simulation launcher turns it off, for
+    # reproducible runs, and a deployed site refuses that unless its own node config
+    # allows it (allow-seeded-noise; docs/PRIVACY.md).
+    secure_rng: bool = True
 
     def validate(self) -> None:
         _require(self.engine in ("fast", "opacus"), "dp.engine", f"must be fast or opacus, got {self.engine!r}")

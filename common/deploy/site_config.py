@@ -17,15 +17,23 @@ Site-local keys (node config), each optional except ``partition-id``:
     data-format     how to read it (digits, npz, movielens, csv; must suit the task)
     users-path      recommender: optional user-attributes CSV
     device          auto, cpu, cuda or cuda:N (overrides the run's)
-    epsilon-budget  a budget stricter than the run's (the lower one applies)
+    epsilon-budget  a budget stricter than the run's (the lower one applies); like the
+                    run's, it bounds the dataset's lifetime spend over every run (client.state)
     state-dir       where the site keeps its accounting history and site-local model
-                    between rounds (client.state); without it a restart forgets them
+                    between rounds, and its dataset's lifetime history across runs
+                    (client.state); without it a restart forgets them
+    dataset-id      the name of this site's dataset for its lifetime budget (default: derived
+                    from its data source and path, and its partition; :func:`dataset_identity`)
+    allow-seeded-noise  true: accept a run config with dp.secure-rng = false (test federations
+                    only); default false, the site refuses (:func:`refuse_seeded_noise`)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -105,6 +113,57 @@ def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunC
     return cfg
 
 
+def refuse_seeded_noise(cfg: RunConfig, node_config: Mapping[str, Any], *, virtual_site: bool = False) -> None:
+    """Refuse a run config that asks this site for seeded noise, unless the site allows it.
+
+    With ``dp.secure-rng = false`` every noise draw and Poisson sample of the site is a
+    function of (federation.seed, partition-id, round), all in the run config: whoever holds
+    it can regenerate the noise and subtract it, so the site's ε would hold against nobody
+    who matters. The coordinator writes the run config, so the site decides: only its own
+    node config (``allow-seeded-noise = true``) or the simulation launcher's virtual sites
+    (``virtual_site``) accept it. A run without noise (no DP at all) has nothing to seed.
+    """
+    if cfg.dp.secure_rng or not (cfg.dp.enabled or cfg.central_dp.enabled):
+        return
+    allowed = node_config.get("allow-seeded-noise", False)
+    if not isinstance(allowed, bool):
+        raise ConfigError("site allow-seeded-noise", "must be true or false")
+    if virtual_site or allowed:
+        return
+    raise ConfigError(
+        "dp.secure-rng",
+        "is false in the run config, which would seed this site's noise from federation.seed (anyone holding the "
+        "config could remove it); this site refuses (its allow-seeded-noise is false)",
+    )
+
+
+def dataset_identity(cfg: RunConfig, node_config: Mapping[str, Any], site_index: int) -> str:
+    """The name under which this site keeps its dataset's lifetime privacy history.
+
+    Declared by the site (``dataset-id``), or derived from where its data comes from: the
+    data source, the resolved data and users paths, and the partition index unless the
+    site's file is all its data (``data.partition = site``). Not from the content, so adding
+    or editing a record does not start a new budget; and not from anything else the run
+    config says (seed, alpha, task, num-sites), so a coordinator cannot reset a site's
+    budget by changing them. The derived name has the source in clear and a hash of the rest.
+    """
+    declared = node_config.get("dataset-id")
+    if declared not in (None, ""):
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(declared))
+        if set(safe) == {"."}:
+            raise ConfigError("site dataset-id", "must not be '.' or '..'")
+        return safe
+    d = cfg.data
+    where = {
+        "source": d.source,
+        "path": str(Path(d.path).expanduser().resolve()) if d.path else "",
+        "users-path": str(Path(d.users_path).expanduser().resolve()) if d.users_path else "",
+        "partition": "all" if d.partition == SITE_PARTITION else site_index,
+    }
+    digest = hashlib.sha256(json.dumps(where, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', d.source)}-{digest}"
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """What ``privfed site init`` writes and ``privfed site join`` reads."""
@@ -124,6 +183,8 @@ class SiteConfig:
     device: str = "auto"
     epsilon_budget: float = 0.0
     state_dir: str = ""
+    dataset_id: str = ""
+    allow_seeded_noise: bool = False
 
     def validate(self) -> None:
         if not self.site_id or any(c in self.site_id for c in " \"'="):
@@ -142,6 +203,7 @@ class SiteConfig:
             "users_path",
             "data_format",
             "state_dir",
+            "dataset_id",
         ):
             if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
                 raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
@@ -167,14 +229,16 @@ class SiteConfig:
             f"site-id={json.dumps(self.site_id)}",
             f"device={json.dumps(self.device)}",
         ]
-        for key in ("key_file", "data_path", "data_format", "users_path", "state_dir"):
+        for key in ("key_file", "data_path", "data_format", "users_path", "state_dir", "dataset_id"):
             value = getattr(self, key)
             if value:
-                if key != "data_format":
+                if key not in ("data_format", "dataset_id"):
                     value = str(Path(value).expanduser())
                 items.append(f"{key.replace('_', '-')}={json.dumps(value)}")
         if self.epsilon_budget:
             items.append(f"epsilon-budget={self.epsilon_budget!r}")
+        if self.allow_seeded_noise:
+            items.append("allow-seeded-noise=true")
         return " ".join(items)
 
     def to_toml(self) -> str:

@@ -98,18 +98,74 @@ def min_round_sites(cfg: RunSections) -> int:
     return max(cfg.federation.min_fit_sites, MIN_SECURE_SITES if cfg.secagg.enabled else 1)
 
 
+def allowed_failures(cfg: RunSections) -> tuple[int | None, str]:
+    """How many sampled sites the config lets fail to contribute in a faulted round, and the key.
+
+    (0, "") when no fault can take a site out of a round's sum; (None, key) when any number
+    can (a per-site rate: every sampled site may be hit at once). ``faults.dropout-sites``
+    names the sites exactly (it wins over ``dropout-rate``, as in common.faults.drops). A
+    delayed reply is a failure only when something stops waiting for it.
+    """
+    f, fed = cfg.faults, cfg.federation
+    if f.dropout_sites.strip():
+        listed = {int(p) for p in f.dropout_sites.split(",") if p.strip()}
+        count = len({i for i in listed if 0 <= i < fed.num_sites})
+        if count:
+            return count, "faults.dropout-sites"
+    elif f.dropout_rate > 0:
+        return None, "faults.dropout-rate"
+    if f.crash_rate > 0:
+        return None, "faults.crash-rate"
+    if f.corrupt_rate > 0:  # the server rejects a corrupted update: out of the sum
+        return None, "faults.corrupt-rate"
+    if f.delay_rate > 0 and f.delay_seconds > 0 and (fed.round_timeout > 0 or cfg.secagg.timeout > 0):
+        return None, "faults.delay-rate"
+    return 0, ""
+
+
+def _faulted_rounds(cfg: RunSections) -> int:
+    rounds = cfg.federation.rounds
+    listed = {int(p) for p in cfg.faults.rounds.split(",") if p.strip()}
+    return len({r for r in listed if 1 <= r <= rounds}) if listed else rounds
+
+
+def _binomial_mass(n: int, q: float, lo: int, hi: int) -> float:
+    """P(lo <= Bin(n, q) <= hi)."""
+    return sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(max(lo, 0), min(hi, n) + 1))
+
+
 def all_or_nothing_probability(cfg: RunSections) -> float:
     """Probability, over the run, that one site's presence decides whether a round's sum is released.
 
-    Under Poisson sampling with a minimum of m sites per round, adding a site to a sample
-    of exactly m - 1 others turns "no sum" into a sum of m updates: sensitivity m C, not
-    C. That happens with probability P(Bin(N - 1, q) = m - 1) per round; outside it each
-    round is the accounted Gaussian mechanism, so the run is (eps, delta + this)-DP.
-    With m = 1 there is no such event: an empty round still releases the noise.
+    Under Poisson sampling with a minimum of m sites per round, adding a site to a set of
+    exactly m - 1 other contributing sites turns "no sum" into a sum of m updates:
+    sensitivity m C, not C. Without failures the others number Bin(N - 1, q), so that
+    happens with probability P(Bin(N - 1, q) = m - 1) per round. If the config lets up to
+    D sampled sites fail in a round (dropouts, failed uploads: :func:`allowed_failures`),
+    the worst case over which of them fail can bring any sample of m - 1 .. m - 1 + D
+    others down to exactly m - 1, so a faulted round counts P(m - 1 <= Bin(N - 1, q) <=
+    m - 1 + D) (under SecAgg+ also the samples whose reconstruction threshold the failures
+    can undercut). Outside that event each round is the accounted Gaussian mechanism, so
+    the run is (eps, delta + this)-DP. With m = 1 there is no such event: an empty round
+    still releases the noise. Failures the config does not bound (a rate) give 1.
     """
     m = min_round_sites(cfg)
-    n, q = cfg.federation.num_sites - 1, cfg.federation.fraction_fit
+    fed = cfg.federation
+    n, q = fed.num_sites - 1, fed.fraction_fit
     if m <= 1 or m - 1 > n:
         return 0.0
-    p = math.comb(n, m - 1) * q ** (m - 1) * (1 - q) ** (n - m + 1)
-    return min(1.0, cfg.federation.rounds * p)
+    failures, _ = allowed_failures(cfg)
+    if failures is None:
+        return 1.0
+    clean = _binomial_mass(n, q, m - 1, m - 1)
+    if not failures:
+        return min(1.0, fed.rounds * clean)
+    hi = m - 1 + failures
+    if cfg.secagg.enabled:
+        # A round also halts below the reconstruction threshold t: with s sampled and up to
+        # D failures, one site decides when s - D can fall below t, i.e. for s < t + D
+        # (auto threshold s // 2 + 1: s <= 2 D + 1).
+        t = cfg.secagg.reconstruction_threshold
+        hi = max(hi, t - 1 + failures if t else 2 * failures + 1)
+    faulted = _faulted_rounds(cfg)
+    return min(1.0, (fed.rounds - faulted) * clean + faulted * _binomial_mass(n, q, m - 1, hi))

@@ -234,8 +234,24 @@ def test_tls_federation_with_node_auth_runs_two_rounds(federation):
     rows = ledger.rows()
     assert sorted((r.round, r.site_id) for r in rows) == [(rnd, s) for rnd in (1, 2) for s in sites]
     assert all(r.unit == "image" and r.noise_multiplier == 1.0 and r.used for r in rows)
+    assert all(r.rng == "os" for r in rows)  # dp.secure-rng is the default outside the simulation launcher
     assert ledger.verify(expected_head=lines[-1]["ledger_head"]).ok
     assert "rounds completed: 2" in r.stdout
+
+
+def test_sites_refuse_a_run_config_that_asks_for_seeded_noise(federation):
+    """Issue 18, finding 5: the coordinator's run config alone cannot seed a site's noise."""
+    run_dir = federation.root / "run-seeded"
+    overrides = (
+        f'num-sites={SITES} rounds=1 run-dir="{run_dir}" vae.hidden-dim=16 vae.latent-dim=2 '
+        "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 audit.mia=false central-eval=false dp.secure-rng=false"
+    )
+    r = federation.flwr("run", str(REPO), CONN, "--stream", "--run-config", overrides, timeout=400)
+    (federation.logs / "flwr-run-seeded.log").write_text(r.stdout + r.stderr)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines and not any(m["sites_trained"] for m in lines), lines
+    assert any("dp.secure-rng" in f for m in lines for f in m["failures"]), lines[-1]["failures"]
+    assert all(r.steps == 0 for r in Ledger(run_dir / "ledger.sqlite").rows())
 
 
 def _refused(federation, name: str, cmd: list[str]) -> tuple[int, str]:

@@ -44,7 +44,7 @@ from common.privacy.accounting import RoundPlan
 plan = RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "rdp")
 
 def spends(n):
-    return [L.SiteSpend(f"site-{i:03d}", "image", plan, 20, 10.0, True, "trained") for i in range(n)]
+    return [L.SiteSpend(f"site-{i:03d}", "image", plan, 20, 10.0, True, "trained", "os") for i in range(n)]
 
 def writer(command):
     n = command["sites"]
@@ -174,7 +174,8 @@ def test_sigkilled_writer_leaves_whole_rounds_and_a_valid_chain(tmp_path, writer
     led = Ledger(path, run_id=RUN_ID)
     plan = RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "rdp")
     last = led.record_round(
-        committed[-1] + 1, [SiteSpend(f"site-{i:03d}", "image", plan, 20, 10.0, True, "trained") for i in range(SITES)]
+        committed[-1] + 1,
+        [SiteSpend(f"site-{i:03d}", "image", plan, 20, 10.0, True, "trained", "os") for i in range(SITES)],
     )
     assert last[0].seq == committed[-1] * SITES + 1
     led.close()
@@ -209,7 +210,7 @@ def test_kill_after_pages_reached_the_database_file(tmp_path, writers):
 
 def _spend(site: str, status: object = "trained") -> SiteSpend:
     plan = RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "rdp")
-    return SiteSpend(site, "image", plan, 20, 10.0, True, status)  # type: ignore[arg-type]
+    return SiteSpend(site, "image", plan, 20, 10.0, True, status, "os")  # type: ignore[arg-type]
 
 
 def _fail_on_third_row(monkeypatch, exc: BaseException) -> None:

@@ -14,15 +14,17 @@ from simulations.cli import main as cli
 from tests.conftest import tamper
 
 
-def _run_dir(tmp_path, rounds=3):
+def _run_dir(tmp_path, rounds=3, rng="os"):
     """A run dir as the server writes it: ledger + metrics.jsonl with each round's head hash."""
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     led = Ledger(run / "ledger.sqlite", run_id="run")
     with (run / "metrics.jsonl").open("w") as fh:
         for r in range(1, rounds + 1):
             spends = [
-                SiteSpend(site, "image", RoundPlan(200, 0.1, 10, sigma, 1.0, 1e-5, "rdp"), 10, 5.0, True, "trained")
+                SiteSpend(
+                    site, "image", RoundPlan(200, 0.1, 10, sigma, 1.0, 1e-5, "rdp"), 10, 5.0, True, "trained", rng
+                )
                 for site, sigma in (("site-0", 1.0), ("site-1", 2.0))
             ]
             led.record_round(r, spends)
@@ -50,6 +52,15 @@ def test_csv_export(tmp_path, capsys):
     assert cli(["audit", str(run), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 2 and {"eps_round", "eps_total", "delta", "unit", "accountant", "budget_left"} <= set(rows[0])
+    assert [r["rng"] for r in rows] == ["os", "os"]
+
+
+def test_the_audit_says_which_rows_had_seeded_noise(tmp_path, capsys):
+    assert cli(["audit", str(_run_dir(tmp_path / "os", rounds=1))]) == 0
+    assert "SEEDED" not in capsys.readouterr().out
+    assert cli(["audit", str(_run_dir(tmp_path / "seeded", rounds=1, rng="seeded")), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "SEEDED noise in 2 of 2 rows (site-0, site-1)" in out and "federation.seed" in out
 
 
 def test_table_states_unit_accountant_and_delta(tmp_path, capsys):

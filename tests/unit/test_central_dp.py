@@ -22,6 +22,7 @@ from common.privacy.client_level import (
     update_norm,
 )
 from common.protocol import Status as SiteStatus
+from common.seeds import RNG_SEEDED
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
 from tests.conftest import make_cfg, make_strategy
@@ -41,7 +42,9 @@ def test_clip_update_bounds_the_global_norm_and_keeps_direction():
 
 
 def _central(tmp_path, budget=float("inf"), plan=PLAN, seed=0):
-    return CentralRelease(plan, budget, np.random.default_rng(seed)), Ledger(tmp_path / "l.sqlite", run_id="t")
+    return CentralRelease(plan, budget, np.random.default_rng(seed), RNG_SEEDED), Ledger(
+        tmp_path / "l.sqlite", run_id="t"
+    )
 
 
 def _release(central, rnd, total, ledger, *, empty):
@@ -206,3 +209,68 @@ def test_secure_sum_of_the_wrong_shape_is_discarded(tmp_path):
     replies = [_reply(x, bad, node=i) for i, x in enumerate("abc")]
     assert _round(s, 1, replies, []) is None
     assert "do not match the model's shapes" in s.records[1].failures[-1]
+
+
+# ------------------------------------------- delta0 under the failures the config allows
+def test_the_issues_dropout_config_is_refused_before_anything_starts(tmp_path, capsys):
+    """Issue 18, finding 4: with sites 1 and 2 of 5 dropping, every round's release hinged on
+    each survivor (3 updates or noise only), yet delta0 was reported as 0."""
+    from simulations.cli import main as cli_main
+
+    run_dir = tmp_path / "run"
+    code = cli_main(["simulate", "recsys-movielens-secure-cdp", 'faults.dropout-sites="1,2"', f"run-dir={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert "faults.dropout-sites" in err and "central-dp" in err and "secagg.enabled" in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "fault, key",
+    [
+        ({"faults.dropout-rate": 0.1}, "faults.dropout-rate"),
+        ({"faults.crash-rate": 0.05}, "faults.crash-rate"),
+        (
+            {"faults.delay-rate": 0.2, "faults.delay-seconds": 1.0, "round-timeout": 30.0},
+            "faults.delay-rate",
+        ),
+    ],
+)
+def test_failures_no_count_bounds_are_refused_with_all_or_nothing_rounds(fault, key):
+    base = {"num-sites": 200, "fraction-fit": 0.5, "central-dp.enabled": True, "dp.enabled": False}
+    with pytest.raises(ConfigError, match=f"config key '{key}': lets any number"):
+        make_cfg(**{**base, "secagg.enabled": True, **fault})
+    with pytest.raises(ConfigError, match=key):
+        make_cfg(**{**base, "min-fit-sites": 2, **fault})
+    make_cfg(**{**base, **fault})  # m = 1: an empty round releases noise too, nobody decides anything
+    make_cfg(**{**base, "secagg.enabled": True})  # without the fault, delta0 is negligible here
+
+
+def test_delta0_counts_every_sample_the_allowed_failures_can_bring_to_the_edge():
+    import math
+
+    def mass(n, q, lo, hi):
+        return sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(lo, hi + 1))
+
+    flat = {"num-sites": 10, "fraction-fit": 0.5, "rounds": 3, "secagg.enabled": True}
+    clean = all_or_nothing_probability(make_cfg(**flat))
+    assert clean == pytest.approx(3 * mass(9, 0.5, 2, 2))
+    # One named site may drop, in round 2 only: that round counts samples of 2 .. 3 others
+    # (a secure round with 4 sampled and one dropping can also fall below its threshold).
+    one = make_cfg(**{**flat, "faults.dropout-sites": "4", "faults.rounds": "2"})
+    assert all_or_nothing_probability(one) == pytest.approx(2 * mass(9, 0.5, 2, 2) + mass(9, 0.5, 2, 3))
+    assert all_or_nothing_probability(make_cfg(**{**flat, "faults.dropout-sites": "4"})) == pytest.approx(
+        3 * mass(9, 0.5, 2, 3)
+    )
+    # A site index outside the federation never drops: no extra window.
+    assert all_or_nothing_probability(make_cfg(**{**flat, "faults.dropout-sites": "99"})) == pytest.approx(clean)
+    assert all_or_nothing_probability(make_cfg(**{**flat, "faults.crash-rate": 0.1})) == 1.0
+
+
+def test_a_sample_level_budget_that_can_run_out_mid_run_is_refused_with_central_dp():
+    flat = {"num-sites": 200, "fraction-fit": 0.5, "central-dp.enabled": True, "secagg.enabled": True}
+    with pytest.raises(ConfigError, match="config key 'dp.target-epsilon': is 0.*dp.epsilon-budget runs out"):
+        make_cfg(**flat)  # sample-level DP-SGD on, its spend per site unknown until the data is
+    make_cfg(**{**flat, "dp.target-epsilon": 5.0, "dp.epsilon-budget": 5.0})  # spends exactly the planned target
+    make_cfg(**{**flat, "dp.enabled": False})
+    make_cfg(**{"num-sites": 200, "fraction-fit": 0.5, "central-dp.enabled": True})  # m = 1: nothing to decide

@@ -138,12 +138,20 @@ def test_unknown_scenario():
 
 def test_pyproject_flower_config_is_the_vae_digits_scenario():
     """`flwr run .` and `privfed simulate vae-digits` must run the same thing, and every key
-    must be present so `flwr run --run-config` can override it."""
+    must be present so `flwr run --run-config` can override it. One difference: `flwr run`
+    deploys, so its noise comes from OS entropy; the simulation launcher seeds it."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     from common.config import flatten
 
     flower = flatten(pyproject["tool"]["flwr"]["app"]["config"])
-    assert flower == resolve("vae-digits").to_flat()
+    assert flower == {**resolve("vae-digits").to_flat(), "dp.secure-rng": True}
+    assert flower["dp.secure-rng"] is True and resolve("vae-digits").dp.secure_rng is False
+
+
+def test_noise_is_secure_by_default_and_seeded_only_by_the_simulation_launcher():
+    assert RunConfig.from_flat({}).dp.secure_rng is True  # a deployment, a test, any other caller
+    assert resolve("vae-digits").dp.secure_rng is False  # reproducible simulations
+    assert resolve("vae-digits", ["dp.secure-rng=true"]).dp.secure_rng is True  # an override still wins
 
 
 def test_cli_prints_one_line_and_creates_nothing(tmp_path, capsys):

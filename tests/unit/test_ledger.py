@@ -6,6 +6,7 @@ import dataclasses
 import math
 import sqlite3
 
+import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -16,7 +17,7 @@ from tests.conftest import tamper
 
 def _spend(site, sigma=1.1, q=0.05, steps=20, n=400, used=True, status="trained", accountant="rdp"):
     plan = RoundPlan(n, q, steps, sigma, 1.0, 1e-5, accountant)
-    return SiteSpend(site, "image", plan, steps if status == "trained" else 0, 10.0, used, status)
+    return SiteSpend(site, "image", plan, steps if status == "trained" else 0, 10.0, used, status, "os")
 
 
 def _written(path, rounds, sites=("a",)):
@@ -128,7 +129,7 @@ def test_round_is_written_atomically(tmp_path):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     led.record_round(1, [_spend("a")])
     bad = SiteSpend(
-        "b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained"
+        "b", "image", RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "no-such-accountant"), 20, 10.0, True, "trained", "os"
     )
     with pytest.raises(ValueError):
         led.record_round(2, [_spend("a"), bad])  # site "a" sorts first and is written, then "b" fails
@@ -139,7 +140,7 @@ def test_round_is_written_atomically(tmp_path):
 def test_non_private_rows_record_infinite_epsilon(tmp_path):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     plan = RoundPlan(100, 0.32, 4, 0.0, 0.0, 0.0, "none")
-    row = led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained")])[0]
+    row = led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained", "os")])[0]
     assert math.isinf(row.eps_total) and led.verify().ok
 
 
@@ -171,7 +172,7 @@ def test_negative_zero_does_not_break_the_chain(tmp_path):
     """SQLite reads REAL -0.0 back as 0.0; hashing must not depend on the sign of zero."""
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     plan = RoundPlan(100, 0.32, 4, -0.0, -0.0, -0.0, "none")
-    led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained")])
+    led.record_round(1, [SiteSpend("a", "image", plan, 4, math.inf, True, "trained", "os")])
     led.close()
     assert Ledger(tmp_path / "l.sqlite").verify().ok
 
@@ -227,3 +228,43 @@ def test_a_ledger_from_before_the_neighbouring_column_is_refused_in_one_line(tmp
     for run_id in ("r", None):  # resuming it, and auditing it
         with pytest.raises(ValueError, match="older privfed.*'neighbouring'"):
             Ledger(path, run_id=run_id)
+def test_the_rng_column_records_what_each_site_used(tmp_path):
+    """Issue 18, finding 5: the ledger says which kind of randomness each row's noise came from."""
+    from common.protocol import MalformedReport, parse_fit_metrics
+    from tests.unit.test_server_client import _reply, _round, _strategy
+
+    s = _strategy(tmp_path, [np.zeros(3, np.float32)], accountant="rdp")
+    update = [np.full(3, 0.1, np.float32)]
+    _round(s, 1, [_reply("a", update, rng="os"), _reply("b", update, node=2, rng="seeded")], [])
+    assert {r.site_id: r.rng for r in s.ledger.rows()} == {"a": "os", "b": "seeded"}
+    assert s.ledger.verify().ok
+    for bad in ("urandom", 1):  # a value that is not a fact about the noise is not accepted
+        with pytest.raises(MalformedReport, match="rng"):
+            parse_fit_metrics(_reply("a", update, rng=bad)[1].metrics)
+    with pytest.raises(MalformedReport, match="missing metric 'rng'"):
+        parse_fit_metrics(_reply("a", update, drop="rng")[1].metrics)
+    with pytest.raises(ValueError, match="rng"):
+        s.ledger.record_round(
+            2, [SiteSpend("c", "image", RoundPlan(400, 0.05, 4, 1.1, 1.0, 1e-5, "rdp"), 4, 10.0, True, "trained", "")]
+        )
+
+
+def test_verify_fails_on_an_rng_no_writer_produces(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite", run_id="r")
+    led.record_round(1, [_spend("a")])
+    led.close()
+    # A determined editor rewrites the value and re-hashes the chain: ε still recomputes, but
+    # the rng column must hold a fact.
+    from server.ledger import row_digest
+
+    conn = sqlite3.connect(tmp_path / "l.sqlite")
+    conn.execute("DROP TRIGGER ledger_no_update")
+    led = Ledger(tmp_path / "l.sqlite")
+    row = led.rows()[0]
+    led.close()
+    values = {**row.__dict__, "rng": "maybe"}
+    conn.execute("UPDATE ledger SET rng = 'maybe', row_hash = ? WHERE seq = 1", (row_digest(row.prev_hash, values),))
+    conn.commit()
+    conn.close()
+    result = Ledger(tmp_path / "l.sqlite").verify()
+    assert not result.ok and "rng" in result.reason

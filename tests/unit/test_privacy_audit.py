@@ -19,7 +19,12 @@ def _rows(tmp_path, accountant="rdp"):
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     for r in (1, 2):
         led.record_round(
-            r, [SiteSpend("a", "image", RoundPlan(300, 0.1, 12, 1.3, 1.0, 1e-5, accountant), 12, 10.0, True, "trained")]
+            r,
+            [
+                SiteSpend(
+                    "a", "image", RoundPlan(300, 0.1, 12, 1.3, 1.0, 1e-5, accountant), 12, 10.0, True, "trained", "os"
+                )
+            ],
         )
     return led.rows()
 
@@ -38,7 +43,12 @@ def test_high_epsilon_rdp_ledger_is_not_flagged(tmp_path):
     """Far from the demo (eps ~ 66): RDP is >5% looser than PLD there, which is fine."""
     led = Ledger(tmp_path / "l.sqlite", run_id="r")
     led.record_round(
-        1, [SiteSpend("a", "image", RoundPlan(300, 0.15, 5000, 1.5, 1.0, 1e-5, "rdp"), 5000, math.inf, True, "trained")]
+        1,
+        [
+            SiteSpend(
+                "a", "image", RoundPlan(300, 0.15, 5000, 1.5, 1.0, 1e-5, "rdp"), 5000, math.inf, True, "trained", "os"
+            )
+        ],
     )
     (check,) = cross_check(led.rows())
     assert check.eps_recorded > 60 and check.eps_recorded > check.eps_independent * 1.03 and check.ok

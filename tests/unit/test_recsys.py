@@ -525,7 +525,7 @@ def test_a_seeded_site_repeats_exactly():
 
     updates = []
     for i in range(2):
-        site = _recsys_site()
+        site = _recsys_site(**{"dp.secure-rng": False})  # seeded: what the simulation launcher sets
         torch.manual_seed(0)  # the server's initial model, as the ServerApp seeds it
         server_model = site.task.build_model()
         params = get_state(server_model, site.task.shared_keys(server_model))

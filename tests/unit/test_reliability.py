@@ -197,7 +197,7 @@ def test_rows_after_the_recorded_head_pass_but_a_cut_does_not(tmp_path):
     from server.ledger import SiteSpend
 
     led = Ledger(tmp_path / "l.sqlite", run_id="t")
-    spend = SiteSpend("a", "image", PLAN, PLAN.steps, 10.0, True, "trained")
+    spend = SiteSpend("a", "image", PLAN, PLAN.steps, 10.0, True, "trained", "os")
     led.record_round(1, [spend])
     head = led.head()
     led.record_round(2, [spend])  # the server was killed before writing round 2's metrics line

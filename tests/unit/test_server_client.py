@@ -33,7 +33,7 @@ def _round(s, rnd, results, failures):
 def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=1, drop=None, **override):
     plan = RoundPlan(n, PLAN.sample_rate, PLAN.steps, PLAN.noise_multiplier, 1.0, 1e-5, "rdp")
     steps = plan.steps if status is SiteStatus.TRAINED else 0
-    metrics = fit_metrics(site, "image", plan, steps, 10.0, status, eps_spent=1.0, train_loss=0.5)
+    metrics = fit_metrics(site, "image", plan, steps, 10.0, status, eps_spent=1.0, rng="os", train_loss=0.5)
     if drop:
         metrics.pop(drop)
     metrics.update(override)
