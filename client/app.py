@@ -382,9 +382,9 @@ def build_client_app(
     so each Ray worker does not search them again.
     ``declared_sizes`` is the launcher's declaration of each virtual site's public size
     n-hat (its training-split size: the launcher made the partition, so it knows them); a
-    deployed site declares its own (``declared-size``) and is refused without one. ``allow_seeded_noise``: the simulation
-    launcher's virtual sites accept ``dp.secure-rng = false``; a deployed site (this module's
-    ``app``) refuses it unless its node config says ``allow-seeded-noise = true``.
+    deployed site declares its own (``declared-size``) and is refused without one.
+    ``allow_seeded_noise``: the simulation launcher's virtual sites accept ``dp.secure-rng = false``;
+    a deployed site (this module's ``app``) refuses it unless its node config says ``allow-seeded-noise = true``.
     """
     base = dict(defaults or {})
     searched = dict(noise or {})
@@ -394,7 +394,6 @@ def build_client_app(
         return make_site(base, context, key, state_dir, declared_sizes, allow_seeded_noise).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
-
 
 
 app = build_client_app()
