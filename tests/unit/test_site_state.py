@@ -40,7 +40,7 @@ def _lifetime_site(state_dir, budget=4.0, **node):
     on the same state-dir and dataset."""
     from flwr.app import Context, RecordDict
 
-    from client.app import site_client
+    from client.app import make_site
 
     defaults = {
         "num-sites": 3,
@@ -52,11 +52,16 @@ def _lifetime_site(state_dir, budget=4.0, **node):
     ctx = Context(
         run_id=1,
         node_id=1,
-        node_config={"partition-id": 0, "state-dir": str(state_dir), **node},
+        node_config={
+            "partition-id": 0,
+            "state-dir": str(state_dir),
+            "declared-size": 600,
+            **node,
+        },  # n-hat near the real ~430
         state=RecordDict(),
         run_config={},
     )
-    return site_client(ctx, defaults, allow_seeded_noise=True)
+    return make_site(defaults, ctx, allow_seeded_noise=True)
 
 
 def _params(site):
@@ -146,12 +151,16 @@ def test_the_dataset_id_comes_from_where_the_data_is_not_from_the_run(tmp_path):
 def _deployed(run_config, node=None, **kw):
     from flwr.app import Context, RecordDict
 
-    from client.app import site_client
+    from client.app import make_site
 
     ctx = Context(
-        run_id=1, node_id=1, node_config={"partition-id": 0, **(node or {})}, state=RecordDict(), run_config=run_config
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "declared-size": 200, **(node or {})},
+        state=RecordDict(),
+        run_config=run_config,
     )
-    return site_client(ctx, {"num-sites": 3, "dp.noise-multiplier": 1.0}, **kw)
+    return make_site({"num-sites": 3, "dp.noise-multiplier": 1.0}, ctx, **kw)
 
 
 def test_a_deployed_site_refuses_seeded_noise_from_the_run_config():
