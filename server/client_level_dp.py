@@ -63,6 +63,7 @@ class CentralRelease:
             eps_budget=self.budget,
             used=not empty,
             status="noise_only" if empty else "released",
+            mechanism="dp-fedavg",
         )
         (row,) = ledger.record_round(rnd, [spend])
         return row

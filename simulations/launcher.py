@@ -59,8 +59,14 @@ def describe(name: str) -> str:
     return str(doc.get("description", ""))
 
 
+# Simulations turn private metrics off unless a scenario or an override sets metrics.dp:
+# their metrics are the experiment's measurements, and the report then says "metrics not
+# private". Everything else (flwr run, a deployment) gets the schema's default, on.
+SIMULATION_DEFAULTS = {"metrics.dp": False}
+
+
 def resolve(scenario: str, overrides: Iterable[str] = ()) -> RunConfig:
-    flat = load_scenario(scenario)
+    flat = {**SIMULATION_DEFAULTS, **load_scenario(scenario)}
     for text in overrides:
         key, value = parse_override(text)
         flat[key] = value

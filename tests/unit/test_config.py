@@ -143,7 +143,9 @@ def test_pyproject_flower_config_is_the_vae_digits_scenario():
     from common.config import flatten
 
     flower = flatten(pyproject["tool"]["flwr"]["app"]["config"])
-    assert flower == resolve("vae-digits").to_flat()
+    # The one difference: `flwr run` (deployment) keeps private metrics on, the launcher turns them off.
+    assert flower == resolve("vae-digits", ["metrics.dp=true"]).to_flat()
+    assert flower["metrics.dp"] is True and resolve("vae-digits").metrics.dp is False
 
 
 def test_cli_prints_one_line_and_creates_nothing(tmp_path, capsys):
