@@ -52,7 +52,7 @@ def build_pipeline(cfg: RunConfig, task: Any = None) -> Pipeline:
         ClientLevelDP(cdp.clip_norm, sa) if cdp.enabled else None,
         SecAggGuard(sa.clipping_range) if sa.enabled else None,
         FaultInjection(cfg.faults, fed.seed) if faults_at_upload(cfg.faults) else None,
-        MetricsDP(bounds, cfg.metrics.noise_multiplier) if bounds is not None else None,
+        MetricsDP(bounds, cfg.metrics.noise_multiplier, in_fit=codec is not None) if bounds is not None else None,
         EvalSums(codec, private=private) if codec is not None else None,
         Weighting(secure=sa.enabled, uniform=cfg.uniform_weights),
         UpdateChecks(),

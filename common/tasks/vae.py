@@ -103,6 +103,9 @@ def negative_elbo_terms(
 # Generated images whose class distribution class_tv measures (as the GAN's default).
 EVAL_SAMPLES = 2000
 DISPARITY_STATS = ("mean", "std", "worst", "best", "gap", "ratio")
+# metrics.loss-bound = 0: one image's losses are clipped to this many nats under metrics.dp
+# (the 8x8 digits' neg ELBO is about 25-45 nats, so it clips almost nothing).
+DEFAULT_LOSS_BOUND = 100.0
 
 
 def class_sums(recon: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -191,7 +194,7 @@ class VAETask(ImageTask):
         return int(y.max()) + 1 if y is not None and len(y) else 0
 
     def metric_bounds(self) -> MetricBounds:
-        """Sums over validation images, each image's losses clipped to ``B = metrics.loss-bound``.
+        """Sums over validation images, each image's losses clipped to ``B = metrics.loss-bound`` (0: 100 nats).
 
         One image contributes at most B to ``neg_elbo_sum``, ``recon_nll_sum``, ``kl_sum`` and
         its class's ``recon_sum`` (all losses are >= 0 and clipped to [0, B]), at most 1 to
@@ -199,7 +202,7 @@ class VAETask(ImageTask):
         7 keys, so Delta = sqrt(7) in units of each key's bound. Every class of the public
         vocabulary is in the schema (a class a site lacks is sent as 0 plus noise).
         """
-        b = self.cfg.metrics.loss_bound
+        b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
         bounds = {"neg_elbo_sum": b, "recon_nll_sum": b, "kl_sum": b, "recon_mse_sum": 1.0, "n": 1.0}
         for c in range(self._classes()):
             bounds.update({f"class.{c}.recon_sum": b, f"class.{c}.n": 1.0})
@@ -216,7 +219,7 @@ class VAETask(ImageTask):
         recon, kl = negative_elbo_terms(model, x, gen)
         mu, _ = model.encode(x)
         mse = (torch.sigmoid(model.decoder(mu)) - x).pow(2).mean(dim=1)
-        b = self.cfg.metrics.loss_bound
+        b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
         recon_c = recon.double().clamp(0, b)
         out = {
             "neg_elbo_sum": float((recon + kl).double().clamp(0, b).sum()),

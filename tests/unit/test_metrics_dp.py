@@ -63,7 +63,7 @@ def test_release_sends_only_the_schema_and_refuses_non_finite_values():
 # ------------------------------------------------------------------ the site's stages
 def _secure_private_stages():
     sa = make_cfg(**{"secagg.enabled": True}).secagg
-    return MetricsDP(BOUNDS, 1.0), EvalSums(SecureStats(BOUNDS.keys, sa), private=True)
+    return MetricsDP(BOUNDS, 1.0, in_fit=True), EvalSums(SecureStats(BOUNDS.keys, sa), private=True)
 
 
 def test_eval_sums_refuses_un_noised_statistics_under_metrics_dp():
@@ -118,6 +118,14 @@ def test_site_evaluate_reply_carries_only_noisy_sums_and_the_release():
     # The release is in the site's own spend, composed with its training rounds.
     assert site._metrics_entries() == [(1, 10.0)]
     assert site._spend() == [metrics_mechanism(10.0)]
+
+
+def test_a_plain_fit_releases_and_charges_nothing():
+    """Without secure sums only the evaluate reply releases statistics (one row per round)."""
+    site = _site(**{"metrics.dp": True})
+    model = site.task.build_model()
+    _, _, metrics = site.fit(get_state(model, site.task.shared_keys(model)), {"server-round": 1})
+    assert not any(k.startswith("metrics_") for k in metrics) and site._metrics_entries() == []
 
 
 def test_site_without_budget_for_the_release_sends_nothing():
@@ -195,15 +203,17 @@ def test_vae_one_image_moves_each_sum_within_its_bound_and_few_keys():
         assert sum(d > 1e-9 for d in diff.values()) <= bounds.touched
 
 
-def test_recsys_one_held_out_rating_moves_each_sum_within_its_bound_and_few_keys():
+@pytest.mark.parametrize("error_bound", [0.0, 0.5])
+def test_recsys_one_held_out_rating_moves_each_sum_within_its_bound_and_few_keys(error_bound):
     from tests.unit.test_recsys import recsys_task
 
-    task = recsys_task(**{"metrics.dp": True})
+    task = recsys_task(**{"metrics.dp": True, "metrics.loss-bound": error_bound})
     _, held = task.site_data(0)
     torch.manual_seed(0)
     model = task.build_model(0)
     bounds = task.metric_bounds()
     assert bounds.touched == 14 and not {"hits", "dcg", "pop_at_k_sum"} & set(bounds.keys)
+    assert bounds.bounds["sae"] == (error_bound or 4.0)
     users = held.x[:, 0].numpy()
     # A user's only held-out rating (n_ranked and users move too), and one of many.
     counts = np.bincount(users)

@@ -33,9 +33,12 @@ from common.privacy.metrics_dp import MetricBounds, NoisyMetrics, noise_std_of_s
 class MetricsDP(Stage):
     name = "metrics_dp"
 
-    def __init__(self, bounds: MetricBounds, noise_multiplier: float) -> None:
+    def __init__(self, bounds: MetricBounds, noise_multiplier: float, in_fit: bool = False) -> None:
         self.bounds = bounds
         self.z = noise_multiplier
+        # Whether the fit reply carries the sums (SecAgg+ with eval_sums); otherwise only the
+        # evaluate reply releases statistics, and a fit must not release (or charge) anything.
+        self.in_fit = in_fit
 
     def noise(self, values: Mapping[str, float], rng: np.random.Generator | None) -> NoisyMetrics:
         """The released (noisy) values of the schema's keys; every other key is withheld."""
@@ -44,7 +47,7 @@ class MetricsDP(Stage):
         return release(values, self.bounds, self.z, rng)
 
     def before_training(self, ctx: SiteContext) -> None:
-        if ctx.evaluate is None or not ctx.metrics_allowed:
+        if not self.in_fit or ctx.evaluate is None or not ctx.metrics_allowed:
             return
         ctx.release = self.noise(ctx.evaluate(), ctx.metrics_rng)
 

@@ -50,18 +50,20 @@ DP_SUM_KEYS = ("sse", "sae", "n_ratings", "n_ranked")
 DP_GROUP_SUMS = ("sse", "sae", "pred", "n", "users")
 
 
-def dp_bounds(rating_min: float, rating_max: float) -> tuple[dict[str, float], int]:
+def dp_bounds(rating_min: float, rating_max: float, error_bound: float = 0.0) -> tuple[dict[str, float], int]:
     """Per-record bounds of the released sums for add/remove of one held-out rating, and how many it touches.
 
-    Predictions are clamped to the rating scale, so one rating's error is at most
-    ``B = rating_max - rating_min`` (sse: B^2, sae: B), its prediction at most
+    Predictions are clamped to the rating scale and, under metrics.dp, to within
+    ``error_bound`` of the rating (``metrics.loss-bound``; 0: the scale's width, no clip),
+    so one rating's error is at most ``B = min(error_bound, rating_max - rating_min)``
+    (sse: B^2, sae: B), its prediction (still on the scale) at most
     ``P = max(|rating_min|, |rating_max|)``; it adds 1 to ``n_ratings`` and, if it is its
     user's first held-out rating, 1 to ``n_ranked`` and to its groups' ``users``. It falls in
     exactly one group per attribute, so it touches 4 overall keys and 5 per attribute:
     ``touched = 4 + 5 * len(GROUP_ATTRIBUTES) = 14``. The schema covers every group of
     the public vocabulary, so no group appears or vanishes with the data.
     """
-    b = rating_max - rating_min
+    b = min(error_bound or math.inf, rating_max - rating_min)
     p = max(abs(rating_min), abs(rating_max))
     per = {"sse": b * b, "sae": b, "pred": p, "n": 1.0, "users": 1.0, "n_ratings": 1.0, "n_ranked": 1.0}
     bounds = {k: per[k] for k in DP_SUM_KEYS}

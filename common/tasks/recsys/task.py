@@ -121,16 +121,18 @@ class RecsysTask(Task):
 
     def metric_bounds(self) -> MetricBounds:
         """Under metrics.dp: error sums and counts, overall and per group (:func:`.metrics.dp_bounds`)."""
-        bounds, touched = dp_bounds(self.params.rating_min, self.params.rating_max)
+        bounds, touched = dp_bounds(self.params.rating_min, self.params.rating_max, self.cfg.metrics.loss_bound)
         return MetricBounds(bounds, touched)
 
     @torch.no_grad()
     def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
         """The sums without suppression at the site: which groups are sent must not depend on the
         data under metrics.dp (the noise hides small groups; the server suppresses on noisy counts)."""
-        return self._evaluate(model, data, 1)
+        return self._evaluate(model, data, 1, self.cfg.metrics.loss_bound)
 
-    def _evaluate(self, model: nn.Module, data: ArrayData, min_group_size: int) -> dict[str, float]:
+    def _evaluate(
+        self, model: nn.Module, data: ArrayData, min_group_size: int, error_bound: float = 0.0
+    ) -> dict[str, float]:
         if not isinstance(data, RatingData) or data.y is None:
             raise TypeError("recsys evaluation needs RatingData")
         p = self.params
@@ -138,6 +140,8 @@ class RecsysTask(Task):
         device = next(model.parameters()).device
         pred = model(data.x.to(device)).clamp(p.rating_min, p.rating_max).cpu().numpy().astype(np.float64)
         rating = data.y.numpy().astype(np.float64)
+        if error_bound:  # metrics.dp: each rating's error clipped (the prediction stays on the scale)
+            pred = np.clip(pred, rating - error_bound, rating + error_bound)
         err = pred - rating
         hits, dcg, top = ranking(model, data, device, p.top_k)
         model.train()
