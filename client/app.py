@@ -46,14 +46,17 @@ from common.faults import drops, event
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import CENTRAL_SITE_ID
+from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import NoiseKey, check_real_size, plan_round, remember_noise
 from common.privacy.training import run_local_round
 from common.protocol import Status, fit_metrics
 from common.runtime import cached_task, config_from, resolve_device, round_seed
-from common.seeds import RNG_OS, RNG_SEEDED
+from common.seeds import METRICS_EVALUATE, METRICS_FIT, RNG_OS, RNG_SEEDED, metrics_noise_rng
 from common.tasks.base import get_state, set_state
 
 STATE_KEY = "privfed.accounting"
+# (round, noise multiplier) of each metrics.dp release, charged to the same budget.
+METRICS_STATE_KEY = "privfed.metrics-accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
 LOCAL_STATE_KEY = "privfed.local-model"
 # Site-local only (the SuperNode's own log): never in a reply.
@@ -107,19 +110,31 @@ class SiteClient(NumPyClient):
         if saved is None:
             return
         self._set_history(saved.history)
+        self._set_metrics_history(saved.metrics)
         if saved.local:
             self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=saved.local)
 
-    def _persist(self, plan: RoundPlan) -> None:
+    def _persist(self, plan: RoundPlan, *, metrics_release: bool = False) -> None:
+        """Write the site's state: first the lifetime history (what the budget checks), then
+        this run's. A metrics release (metrics.dp) is a lifetime entry of its own, under the
+        run id's metrics twin, so it never collides with the round's DP-SGD entry."""
         if self.lifetime is not None:
-            # First the lifetime history (what the budget checks), then this run's state.
-            r, sigma, q, steps = self._entries()[-1]
-            self.lifetime.record(LifetimeEntry(self.run_id, r, sigma, q, steps, plan.delta, plan.accountant))
+            if metrics_release:
+                # Keyed by the release's position in the run, not its round: fit and evaluate may both release.
+                releases = self._metrics_entries()
+                z = releases[-1][1]
+                entry = LifetimeEntry(
+                    _metrics_run(self.run_id), len(releases), *metrics_mechanism(z), plan.delta, plan.accountant
+                )
+            else:
+                r, sigma, q, steps = self._entries()[-1]
+                entry = LifetimeEntry(self.run_id, r, sigma, q, steps, plan.delta, plan.accountant)
+            self.lifetime.record(entry)
         if self.state_file is None:
             return
         rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
         local = rec.to_torch_state_dict() if rec is not None else {}
-        save_state(self.state_file, SiteState(self._entries(), local))
+        save_state(self.state_file, SiteState(self._entries(), local, self._metrics_entries()))
 
     # ------------------------------------------------------------ site-local model state
     def _model(self, parameters: list[np.ndarray]) -> tuple[Any, list[str]]:
@@ -163,6 +178,10 @@ class SiteClient(NumPyClient):
         if self.lifetime is None:
             return self._history()
         this_run = [LifetimeEntry(self.run_id, r, s, q, k, 0.0, "") for r, s, q, k in self._entries()]
+        this_run += [
+            LifetimeEntry(_metrics_run(self.run_id), i, *metrics_mechanism(z), 0.0, "")
+            for i, (_, z) in enumerate(self._metrics_entries(), start=1)
+        ]
         return Lifetime.merged(self.lifetime.load(), this_run)
 
     def _set_history(self, entries: list[tuple[int, float, float, int]]) -> None:
@@ -174,6 +193,30 @@ class SiteClient(NumPyClient):
                 "steps": [int(e[3]) for e in entries],
             }
         )
+
+    def _metrics_entries(self) -> list[tuple[int, float]]:
+        """(round, noise multiplier) of every noisy metrics release this site made in this run."""
+        rec = self.ctx.state.config_records.get(METRICS_STATE_KEY)
+        if rec is None:
+            return []
+        return list(zip(cast(list[int], rec["round"]), cast(list[float], rec["z"])))
+
+    def _set_metrics_history(self, entries: list[tuple[int, float]]) -> None:
+        self.ctx.state.config_records[METRICS_STATE_KEY] = ConfigRecord(
+            {"round": [int(r) for r, _ in entries], "z": [float(z) for _, z in entries]}
+        )
+
+    def _spend(self) -> list[tuple[float, float, int]]:
+        """Everything this site released, for its budget: DP-SGD rounds and metrics releases,
+        composed by one accountant (sequential composition; docs/PRIVACY.md, "Private metrics")."""
+        return self._history() + [metrics_mechanism(z) for _, z in self._metrics_entries()]
+
+    def _metrics_affordable(self, plan: RoundPlan) -> bool:
+        """Whether one more metrics release stays within the budget (metrics.dp)."""
+        more = [metrics_mechanism(self.cfg.metrics.noise_multiplier)]
+        run = epsilon(self._spend() + more, plan.delta, plan.accountant)
+        lifetime = epsilon(self._lifetime() + more, plan.delta, LIFETIME_ACCOUNTANT)
+        return max(run, lifetime) <= self.cfg.dp.epsilon_budget
 
     def _history_json(self) -> str:
         """The rounds this site trained, as the reply's ``history`` (protocol.py)."""
@@ -191,22 +234,27 @@ class SiteClient(NumPyClient):
         check_real_size(plan, len(self.train_data))  # delta < 1/n for the real n; says no n
         budget = self.cfg.dp.epsilon_budget
         model, keys = self._model(parameters)
+        private = self.cfg.metrics.dp
+        evaluate = self.task.dp_evaluate if private else self.task.evaluate
         ctx = SiteContext(
             self.site_index,
             server_round,
-            evaluate=lambda: self.task.evaluate(model.to(self.device), self.val_data),
+            evaluate=lambda: evaluate(model.to(self.device), self.val_data),
             is_sum_key=self.task.is_sum_key,
+            metrics_rng=self._metrics_rng(server_round, METRICS_FIT) if private else None,
+            metrics_allowed=not private or self._metrics_affordable(plan),
         )
-        self.pipeline.before_training(ctx)  # evaluation sums of the model just received
+        self.pipeline.before_training(ctx)  # evaluation sums of the model just received (noised: metrics.dp)
+        released = self._charge_release(server_round, ctx.release, plan)
         # The rounds this site trained before, for the server's ledger (a reply it never
         # received is ledgered when it learns of it here).
         before = self._history_json()
 
         seed = round_seed(self.cfg, self.site_index, server_round)
         rng = RNG_OS if seed is None else RNG_SEEDED  # what this round's noise and sampling use
-        spent = epsilon(self._history(), plan.delta, plan.accountant)
+        spent = epsilon(self._spend(), plan.delta, plan.accountant)
         if self.cfg.dp.enabled:
-            projected = epsilon(self._history() + [plan.mechanism], plan.delta, plan.accountant)
+            projected = epsilon(self._spend() + [plan.mechanism], plan.delta, plan.accountant)
             # The budget bounds the dataset's whole life, not one run: the run id is the
             # coordinator's, so a per-run budget would reset with every new one.
             lifetime = epsilon(self._lifetime() + [plan.mechanism], plan.delta, LIFETIME_ACCOUNTANT)
@@ -226,6 +274,7 @@ class SiteClient(NumPyClient):
                     f"site's dataset's lifetime (every run), > budget {budget:g}",
                     history=before,
                 )
+                metrics.update(released)
                 # Under SecAgg+ a zero update still takes part, so the sum stays recoverable;
                 # its evaluation sums (validation data, not training data) still count.
                 ctx.trained = False
@@ -262,10 +311,11 @@ class SiteClient(NumPyClient):
             outcome.steps_taken,
             budget,
             Status.TRAINED,
-            eps_spent=epsilon(self._history(), plan.delta, plan.accountant),
+            eps_spent=epsilon(self._spend(), plan.delta, plan.accountant),
             rng=rng,
             history=before,
         )
+        metrics.update(released)  # the noisy metrics release of this reply (metrics.dp), if any
         # Timing reveals n and the sampled batch sizes: it stays in the site's own log.
         _LOG.debug("round %s: local training took %.2f s", server_round, time.perf_counter() - t0)
         # Added after, not as fit_metrics(**extras): fit_metrics's str keywords (note, history) keep
@@ -276,9 +326,42 @@ class SiteClient(NumPyClient):
         metrics.update({k: float(v) for k, v in private_extras.items()})
         return out.payload(), out.num_examples, metrics
 
+    def _metrics_rng(self, server_round: int, phase: int) -> np.random.Generator:
+        seed = None if self.cfg.dp.secure_rng else self.cfg.federation.seed
+        return metrics_noise_rng(seed, self.site_index, server_round, phase)
+
+    def _charge_release(self, server_round: int, release: Any, plan: RoundPlan) -> dict[str, float]:
+        """Record a noisy metrics release in the site's own history (on disk before it leaves);
+        the reply fields that let the server ledger it ({} when nothing was released)."""
+        if release is None:
+            return {}
+        self._set_metrics_history(self._metrics_entries() + [(server_round, release.noise_multiplier)])
+        self._persist(plan, metrics_release=True)
+        rng = RNG_OS if self.cfg.dp.secure_rng else RNG_SEEDED  # as _metrics_rng draws it
+        return {**release.reply_fields(), "metrics_delta": plan.delta, "metrics_rng": rng}
+
+    def _private_evaluate(self, model: Any, server_round: int) -> tuple[float, int, dict[str, Any]]:
+        """metrics.dp: the noisy release of the task's schema, or nothing (secure sums carry it, or no budget)."""
+        plan = plan_round(self.cfg, self.declared)
+        out: dict[str, Any] = {"site_id": self.site_id, "history": self._history_json()}
+        if self.pipeline.get("eval_sums") is not None:
+            return float("nan"), 1, out  # the (noisy) sums rode in the masked fit vector
+        if not self._metrics_affordable(plan):
+            return float("nan"), 1, out
+        stage = self.pipeline.get("metrics_dp")
+        values = self.task.dp_evaluate(model.to(self.device), self.val_data)
+        noisy = stage.noise(values, self._metrics_rng(server_round, METRICS_EVALUATE))
+        fields = self._charge_release(server_round, noisy, plan)
+        # The site's own primary metric from its noisy sums: post-processing, no further cost.
+        loss = float(self.task.combine_metrics([(1, noisy.values)]).get(self.task.primary_metric, float("nan")))
+        # num_examples = 1: the exact validation count would undo the noise on the count.
+        return loss, 1, {**out, **noisy.values, **fields, "eps_budget": self.cfg.dp.epsilon_budget}
+
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         self._restore(config)
         model, _ = self._model(parameters)
+        if self.cfg.metrics.dp:
+            return self._private_evaluate(model, int(config.get("server-round", 0)))
         metrics = self.task.evaluate(model.to(self.device), self.val_data)
         # A task may compute its primary metric only centrally (the GAN's FID); Flower still
         # wants a loss, and the server ignores a NaN one.
@@ -292,6 +375,11 @@ class SiteClient(NumPyClient):
         # The weight of this site's metrics in the server's mean: n-hat, not the real validation
         # size (every site splits off the same fraction, so the weights are in proportion).
         return loss, self.declared, {"site_id": self.site_id, **metrics, "history": history}
+
+
+def _metrics_run(run_id: str) -> str:
+    """The lifetime file's run id for a run's metrics releases (keys are (run id, round))."""
+    return f"{run_id}/metrics" if run_id else ""
 
 
 class InjectedCrash(RuntimeError):

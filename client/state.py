@@ -36,6 +36,9 @@ HistoryEntry = tuple[int, float, float, int]
 class SiteState:
     history: list[HistoryEntry] = field(default_factory=list)
     local: dict[str, torch.Tensor] = field(default_factory=dict)  # site-local model tensors
+    # (round, noise multiplier) of each noisy metrics release (metrics.dp), charged to the
+    # site's own budget like its training rounds.
+    metrics: list[tuple[int, float]] = field(default_factory=list)
 
 
 def state_path(state_dir: str | Path, run_id: str, site_id: str) -> Path:
@@ -60,18 +63,23 @@ def load_state(path: Path) -> SiteState | None:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         history = [(int(r), float(s), float(q), int(k)) for r, s, q, k in raw["history"]]
         local = {str(k): v for k, v in raw["local"].items()}
+        metrics = [(int(r), float(z)) for r, z in raw.get("metrics", [])]
     except Exception as exc:  # truncated or foreign file: refuse rather than forget spent privacy
         raise PrivfedError(
             f"site state {path} cannot be read ({type(exc).__name__}); move it aside only if you know this site's spend"
         ) from None
-    return SiteState(history, local)
+    return SiteState(history, local, metrics)
 
 
 def save_state(path: Path, state: SiteState) -> None:
     """Atomic and durable (the folder is fsync'ed too): the site never forgets a round it
     spent privacy on, even across a power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"history": [list(h) for h in state.history], "local": state.local}
+    payload = {
+        "history": [list(h) for h in state.history],
+        "local": state.local,
+        "metrics": [list(m) for m in state.metrics],
+    }
     write_atomically(path, lambda fh: torch.save(payload, fh))
 
 

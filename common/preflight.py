@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
-from common.privacy.accounting import epsilon
+from common.privacy.accounting import RoundPlan, epsilon
+from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import plan_round
 from common.privacy.secagg_stats import secure_statistics
 from common.tasks import Task, get_task
@@ -33,9 +34,27 @@ def preflight(cfg: RunConfig, key: bytes | None = None) -> Task:
                 "train.local-epochs", f"plans {plan.steps * cfg.federation.rounds} steps per site, above {MAX_STEPS}"
             )
         try:  # the whole planned run must be accountable, or no site could ever check its budget
-            epsilon([plan.mechanism] * cfg.federation.rounds, plan.delta, plan.accountant)
+            planned = epsilon([plan.mechanism] * cfg.federation.rounds, plan.delta, plan.accountant)
         except (ArithmeticError, ValueError, MemoryError) as exc:
             raise ConfigError(
                 "dp.noise-multiplier", f"the accountant cannot compute epsilon for this plan ({exc})"
             ) from None
+        if cfg.metrics.dp and cfg.dp.enabled:
+            check_metrics_budget(cfg, plan, planned)
     return task
+
+
+def check_metrics_budget(cfg: RunConfig, plan: RoundPlan, planned: float) -> None:
+    """metrics.dp: a site's planned DP-SGD rounds composed with one metrics release per round
+    must fit its budget, or the noise of the metrics makes the budget unreachable (the site
+    would stop before the last round). Refused here, before anything starts."""
+    rounds = cfg.federation.rounds
+    release = metrics_mechanism(cfg.metrics.noise_multiplier)
+    total = epsilon([plan.mechanism] * rounds + [release] * rounds, plan.delta, plan.accountant)
+    if total > cfg.dp.epsilon_budget:
+        raise ConfigError(
+            "metrics.noise-multiplier",
+            f"is {cfg.metrics.noise_multiplier:g}: {rounds} rounds of DP-SGD (eps={planned:.3g}) and "
+            f"{rounds} noisy metrics releases compose to eps={total:.3g} > dp.epsilon-budget "
+            f"{cfg.dp.epsilon_budget:g}; raise it, lower dp.target-epsilon, or set metrics.dp = false",
+        )

@@ -100,6 +100,7 @@ class SiteReport:
     rng: str  # os | seeded: what the site's noise and sampling were drawn from
     # (round, sigma, q, steps) of the rounds the site trained before this reply.
     history: tuple[tuple[int, float, float, int], ...] = ()
+    metrics: MetricsSpend | None = None  # a noisy metrics release in this reply (metrics.dp)
 
 
 class MalformedReport(ValueError):
@@ -167,6 +168,7 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         "note",
         "history",
     }
+    known |= {*METRICS_FIELDS, "metrics_rng"}
     extra = {
         k: float(v) for k, v in m.items() if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
@@ -186,7 +188,42 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         extra=extra,
         rng=rng,
         history=parse_history(m.get("history", "[]"), vals["accountant"]),
+        metrics=parse_metrics_spend(m),
     )
+
+
+# A noisy metrics release (metrics.dp) a reply declares, so the server can ledger it.
+METRICS_FIELDS = ("metrics_noise_multiplier", "metrics_l2_sensitivity", "metrics_delta")
+
+
+@dataclass(frozen=True)
+class MetricsSpend:
+    """One Gaussian release of a site's statistics: (z, q = 1, 1 step) at delta (common.privacy.metrics_dp)."""
+
+    noise_multiplier: float
+    l2_sensitivity: float
+    delta: float
+    rng: str  # os | seeded: where the release's noise came from (common.seeds.RNG_KINDS)
+
+
+def parse_metrics_spend(m: Mapping[str, Any]) -> MetricsSpend | None:
+    """The release a reply declares, or None when it carries no noisy statistics."""
+    if not any(k in m for k in METRICS_FIELDS):
+        return None
+    vals: dict[str, float] = {}
+    for key in METRICS_FIELDS:
+        v = m.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise MalformedReport(f"metric {key!r} must be a finite number")
+        vals[key] = float(v)
+    lo, hi = SIGMA_RANGE
+    z, sens, delta = vals["metrics_noise_multiplier"], vals["metrics_l2_sensitivity"], vals["metrics_delta"]
+    if not (lo <= z <= hi and sens > 0 and MIN_DELTA <= delta < 1):
+        raise MalformedReport(f"metrics release inputs out of range (z={z:g}, sensitivity={sens:g}, delta={delta:g})")
+    rng = m.get("metrics_rng")
+    if rng not in RNG_KINDS:
+        raise MalformedReport(f"metric 'metrics_rng' must be one of {', '.join(RNG_KINDS)}")
+    return MetricsSpend(z, sens, delta, str(rng))
 
 
 MAX_HISTORY = 100_000  # rounds; far above any run, bounds what a reply can make the server parse

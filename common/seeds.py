@@ -30,6 +30,9 @@ SITE_SAMPLING = 0x5A
 FAULT_DROPOUT = 0xFA
 FAULT_EVENT = 0xFB
 FAULT_CORRUPTION = 0xFC
+METRICS_NOISE = 0x3D
+# Phases of a round in which a site may release noisy metrics (metrics.dp).
+METRICS_FIT, METRICS_EVALUATE = 0, 1
 
 
 def site_round_seed(seed: int, site_index: int, server_round: int) -> int:
@@ -46,6 +49,13 @@ def central_noise_rng(seed: int, server_round: int) -> np.random.Generator:
 def site_sampling_rng(seed: int, server_round: int) -> random.Random:
     """The server's Poisson site sampling of one round."""
     return random.Random(int(np.random.SeedSequence([seed, SITE_SAMPLING, server_round]).generate_state(1)[0]))
+
+
+def metrics_noise_rng(seed: int | None, site_index: int, server_round: int, phase: int) -> np.random.Generator:
+    """A site's metrics.dp noise for one release; ``seed`` None (dp.secure-rng): OS entropy."""
+    if seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng(np.random.SeedSequence([seed, METRICS_NOISE, site_index, server_round, phase]))
 
 
 def fault_draw(seed: int, site_index: int, server_round: int, tag: int, *extra: int) -> np.random.Generator:

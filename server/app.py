@@ -157,6 +157,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
                 test_source=task.test_description,
                 plot_metrics=task.plot_metrics,
                 central_extra_delta=all_or_nothing_probability(cfg) if cfg.central_dp.enabled else 0.0,
+                metrics_private=cfg.metrics.dp,
             )
             recorder.ledger.close()
     if failure is not None:

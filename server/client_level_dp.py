@@ -71,6 +71,7 @@ class CentralRelease:
             used=not empty,
             status="noise_only" if empty else "released",
             rng=self.rng_kind,
+            mechanism="dp-fedavg",
         )
         (row,) = ledger.record_round(rnd, [spend])
         return row

@@ -12,12 +12,15 @@ import html
 import json
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from common.errors import DataError, PrivfedError
 from common.plots import line_plot
 from common.privacy.accounting import NO_DP
+from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
+from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from server.eps_crosscheck import cross_check
 from server.ledger_audit import open_ledger, verify_run
 from server.membership_inference import violates_bound
@@ -57,8 +60,12 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     samples = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
 
     last: dict[str, Any] = {}
+    latest: dict[str, float] = {}  # every row's cumulative ε, metrics releases included
     for r in rows:
-        last[r.site_id] = r
+        latest[r.site_id] = r.eps_total
+        if r.mechanism != METRICS_MECHANISM:
+            last[r.site_id] = r
+    last = {site: replace(r, eps_total=latest[site]) for site, r in last.items()}
     private = [r for r in last.values() if r.accountant != NO_DP]
     # Forged rows can hold inputs no accountant accepts; they already failed verification.
     checks = cross_check(rows) if verification.ok else []
@@ -82,6 +89,16 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         f'<span class="{status}">{html.escape(verdict)}</span>.</p>'
     )
 
+    releases = [r for r in rows if r.mechanism == METRICS_MECHANISM]
+    if releases:
+        parts.append(
+            f"<p><b>Private metrics:</b> {len(releases)} noisy release(s) of the sites' evaluation statistics "
+            f"({METRICS_MECHANISM}, σ = {releases[0].noise_multiplier:g}, unit: {html.escape(METRICS_UNIT)}), "
+            "each its own ledger row, composed into the site's ε below.</p>"
+        )
+    else:
+        parts.append("<p><b>Metrics not private:</b> the sites' evaluation statistics were sent without noise.</p>")
+    parts += _test_table(metrics)
     parts.append("<h2>Privacy spent per site</h2>")
     parts.append(
         _table(
@@ -94,7 +111,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
                     f"{r.sample_rate:.4f}",
                     f"{r.noise_multiplier:.4f}",
                     f"{r.max_grad_norm:g}",
-                    sum(x.steps for x in rows if x.site_id == s),
+                    sum(x.steps for x in rows if x.site_id == s and x.mechanism != METRICS_MECHANISM),
                     f"{r.delta:.1e}",
                     r.accountant,
                     _f(r.eps_total),
@@ -205,6 +222,18 @@ def _plot_site_disparity(path: Path, metrics: list[dict[str, Any]], primary: str
             xlabel="round",
             ylabel=primary,
         )
+
+
+def _test_table(metrics: list[dict[str, Any]]) -> list[str]:
+    """The last round's test metrics, with their noise std (metrics.dp) as error bars."""
+    last = next((m for m in reversed(metrics) if m.get("test")), None)
+    if last is None:
+        return []
+    std = last.get("test_std", {})
+    rows = [
+        [k, _f(v), f"± {_f(std[k])}" if k in std else "–"] for k, v in last["test"].items() if "." not in k or k in std
+    ]
+    return ["<h2>Final test metrics</h2>", _table(["metric", "value", "± noise std"], rows)]
 
 
 def _primary_metric(metrics: list[dict[str, Any]]) -> str:

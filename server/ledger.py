@@ -1,7 +1,9 @@
 """The privacy ledger: an append-only, hash-chained SQLite table, one row per (round, site).
 
-Each row holds every input an accountant needs (q, sigma, steps, delta, accountant)
-and the epsilon the ledger computed from them with that accountant
+Each row holds every input an accountant needs (q, sigma, steps, delta, accountant),
+the mechanism it charges (``dp-sgd`` training rounds, ``gaussian-metrics`` noisy
+evaluation statistics with q = 1 and one step; a site's cumulative epsilon composes all
+its rows, whatever the mechanism) and the epsilon the ledger computed from them with that accountant
 (:func:`common.privacy.accounting.epsilon`), so the numbers can be recomputed independently.
 ``dataset_size`` is the site's declared public size n-hat (never its real size), and
 ``neighbouring`` names the relation the epsilon is for (``add-remove``: one example added
@@ -26,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common.privacy.accounting import NEIGHBOURING, RoundPlan, epsilon
+from common.privacy.metrics_dp import DP_SGD
 from common.seeds import RNG_KINDS
 
 SCHEMA = """
@@ -50,9 +53,10 @@ CREATE TABLE IF NOT EXISTS ledger (
     status           TEXT    NOT NULL,
     rng              TEXT    NOT NULL,
     recorded_at      TEXT    NOT NULL,
+    mechanism        TEXT    NOT NULL,
     prev_hash        TEXT    NOT NULL,
     row_hash         TEXT    NOT NULL,
-    UNIQUE (round, site_id)
+    UNIQUE (round, site_id, mechanism)
 );
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
@@ -75,6 +79,9 @@ class SiteSpend:
     # os | seeded (common.seeds.RNG_KINDS): the randomness the noise and sampling came from,
     # as the site reports it (the server's own for the client-level row).
     rng: str
+    # What was released: "dp-sgd" (the site's training round), "gaussian-metrics" (its
+    # noisy evaluation statistics, common.privacy.metrics_dp), "dp-fedavg" (client-level).
+    mechanism: str = DP_SGD
 
 
 @dataclass(frozen=True)
@@ -98,10 +105,11 @@ class LedgerRow:
     status: str
     rng: str
     recorded_at: str
+    mechanism: str
     prev_hash: str
     row_hash: str
 
-    def mechanism(self) -> tuple[float, float, int]:
+    def accountant_input(self) -> tuple[float, float, int]:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
@@ -205,14 +213,16 @@ class Ledger:
         return [tuple(r) for r in cur.fetchall()]
 
     def rounds(self, site_id: str) -> set[int]:
-        """The rounds that have a row for this site."""
-        return {int(r[0]) for r in self.conn.execute("SELECT round FROM ledger WHERE site_id = ?", (site_id,))}
+        """The rounds that have a DP-SGD row for this site (a metrics row is not a training round)."""
+        cur = self.conn.execute("SELECT round FROM ledger WHERE site_id = ? AND mechanism = ?", (site_id, DP_SGD))
+        return {int(r[0]) for r in cur}
 
     def last_row(self, site_id: str) -> LedgerRow | None:
-        """The site's latest row, or None if it has none."""
+        """The site's latest DP-SGD row, or None if it has none."""
         cols = ", ".join(f.name for f in fields(LedgerRow))
         r = self.conn.execute(
-            f"SELECT {cols} FROM ledger WHERE site_id = ? ORDER BY seq DESC LIMIT 1", (site_id,)
+            f"SELECT {cols} FROM ledger WHERE site_id = ? AND mechanism = ? ORDER BY seq DESC LIMIT 1",
+            (site_id, DP_SGD),
         ).fetchone()
         return None if r is None else _row(r)
 
@@ -292,6 +302,7 @@ class Ledger:
                     status=s.status,
                     rng=s.rng,
                     recorded_at=now,
+                    mechanism=s.mechanism,
                 )
                 values = {k: _canonical(v) for k, v in values.items()}
                 row = LedgerRow(**values, prev_hash=prev, row_hash=row_digest(prev, values))
@@ -329,11 +340,11 @@ class Ledger:
                 return Verification(False, len(rows), row.seq, f"rng {row.rng!r} is not one of {', '.join(RNG_KINDS)}")
             hist = histories.setdefault(row.site_id, [])
             if row.steps > 0:
-                hist.append(row.mechanism())
+                hist.append(row.accountant_input())
             if recompute:
                 try:
                     checks = {
-                        "eps_round": epsilon([row.mechanism()], row.delta, row.accountant),
+                        "eps_round": epsilon([row.accountant_input()], row.delta, row.accountant),
                         "eps_total": epsilon(hist, row.delta, row.accountant),
                     }
                 except Exception as exc:  # forged inputs no accountant accepts: a failed row, not a crash

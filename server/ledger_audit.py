@@ -20,6 +20,8 @@ from typing import Any
 
 from common.errors import PrivfedError
 from common.privacy.accounting import NO_DP
+from common.privacy.metrics_dp import MECHANISM
+from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from common.seeds import RNG_SEEDED
 from server.ledger import Ledger, LedgerRow, Verification
 from server.recorder import json_safe
@@ -29,6 +31,7 @@ COLUMNS = [
     "seq",
     "round",
     "site_id",
+    "mechanism",
     "unit",
     "dataset_size",
     "sample_rate",
@@ -92,12 +95,26 @@ def table(rows: list[dict[str, Any]], title: str):
     from rich.table import Table
 
     t = Table(title=escape(title))
-    for col in ("round", "site", "ε round", "ε total", "budget left", "δ", "σ", "steps", "used", "status", "rng"):
+    for col in (
+        "round",
+        "site",
+        "mechanism",
+        "ε round",
+        "ε total",
+        "budget left",
+        "δ",
+        "σ",
+        "steps",
+        "used",
+        "status",
+        "rng",
+    ):
         t.add_column(col, justify="left" if col in ("site", "used", "status") else "right", no_wrap=True)
     for r in rows:
         t.add_row(
             str(r["round"]),
             escape(r["site_id"]),
+            escape(r["mechanism"]),
             _fmt(r["eps_round"]),
             _fmt(r["eps_total"]),
             _fmt(r["budget_left"]),
@@ -129,13 +146,19 @@ def verify_run(run_dir: Path, ledger: Ledger) -> Verification:
 def describe_units(rows: list[LedgerRow]) -> str:
     if all(r.accountant == NO_DP for r in rows):
         return "non-private run: no DP guarantee (ε = ∞)"
-    units = sorted({r.unit for r in rows})
+    units = sorted({r.unit for r in rows if r.mechanism != MECHANISM})
     accountants = sorted({r.accountant for r in rows})
     deltas = sorted({r.delta for r in rows})
     relations = sorted({r.neighbouring for r in rows})
+    metrics = any(r.mechanism == MECHANISM for r in rows)
     text = (
-        f"unit of privacy: one {' / '.join(units)} (sample-level DP-SGD per site); "
-        f"accountant: {', '.join(accountants)}; δ: {', '.join(f'{d:.1e}' for d in deltas)}; "
+        f"unit of privacy: one {' / '.join(units)} (sample-level DP-SGD per site)"
+        + (
+            f"; noisy metrics: {MECHANISM} rows, unit {METRICS_UNIT}, composed with them per site; "
+            if metrics
+            else "; "
+        )
+        + f"accountant: {', '.join(accountants)}; δ: {', '.join(f'{d:.1e}' for d in deltas)}; "
         f"neighbouring: {', '.join(relations)} (site sizes public by declaration)"
     )
     return text + seeded_note(rows)

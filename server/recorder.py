@@ -132,6 +132,9 @@ class RunRecorder:
             "delta": {r.site_id: r.delta for r in site_rows},
             "ledger_head": self.ledger.head(),
         }
+        if rec.test_std:
+            # metrics.dp: each test metric's noise std (delta method), its error bar.
+            line["test_std"] = rec.test_std
         if rec.caught_up:
             line["caught_up"] = rec.caught_up  # "site@round": spends ledgered late (lost replies)
         if rec.test_model_round is not None:

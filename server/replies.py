@@ -17,7 +17,17 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.supercore import log
 
 from common.privacy.accounting import NO_DP, RoundPlan
-from common.protocol import MalformedReport, SiteReport, Status, parse_fit_metrics, parse_history
+from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
+from common.privacy.metrics_dp import UNIT as METRICS_UNIT
+from common.protocol import (
+    MalformedReport,
+    MetricsSpend,
+    SiteReport,
+    Status,
+    parse_fit_metrics,
+    parse_history,
+    parse_metrics_spend,
+)
 from server.ledger import Ledger, LedgerRow, SiteSpend
 
 
@@ -40,6 +50,8 @@ class RoundRecord:
     test_model_round: int | None = None
     test_sites: list[str] = field(default_factory=list)  # whose statistics are in that sum
     site_val: dict[str, dict[str, float]] = field(default_factory=dict)
+    # metrics.dp: the noise std of each test metric, propagated from the sums' noise.
+    test_std: dict[str, float] = field(default_factory=dict)
     ledger_rows: list[LedgerRow] = field(default_factory=list)
     released: bool = False  # the central-DP mechanism ran this round
     secagg_seconds: dict[str, float] = field(default_factory=dict)  # per SecAgg+ stage
@@ -116,7 +128,25 @@ class ReplyLedger:
             if reason:
                 rec.rejected[report.site_id] = reason
             spends.append(spend(report, report.status is Status.TRAINED and not reason, reason))
+            if report.metrics is not None:  # its noisy evaluation sums, in the masked vector
+                spends.append(metrics_spend(report.site_id, report.metrics, report.eps_budget, report.plan.accountant))
         return spends, reports
+
+    def ledger_evaluation_release(self, server_round: int, metrics: dict[str, Any], rec: RoundRecord) -> None:
+        """An evaluate reply's noisy statistics (metrics.dp): its own ledger row, as the site declares it."""
+        site = metrics.get("site_id")
+        try:
+            release = parse_metrics_spend(metrics)
+        except MalformedReport as exc:
+            rec.failures.append(f"{site}: evaluate reply: {exc}")
+            return
+        if release is None or not isinstance(site, str) or self.ledger is None:
+            return
+        budget = metrics.get("eps_budget")
+        budget = float(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else float("inf")
+        rec.ledger_rows += self.ledger.record_round(
+            server_round, [metrics_spend(site, release, budget, self.accountant)]
+        )
 
     def _catch_up(
         self,
@@ -210,9 +240,17 @@ def spend(report: SiteReport, used: bool, reason: str) -> SiteSpend:
     )
 
 
+def metrics_spend(site: str, release: MetricsSpend, budget: float, accountant: str) -> SiteSpend:
+    """The ledger row of one noisy metrics release: (z, q = 1, 1 step); ``max_grad_norm``
+    holds its L2 sensitivity (in units of the per-key bounds) and ``dataset_size`` 0 (q = 1
+    needs no size, and the validation count is not sent)."""
+    plan = RoundPlan(0, 1.0, 1, release.noise_multiplier, release.l2_sensitivity, release.delta, accountant)
+    return SiteSpend(site, METRICS_UNIT, plan, 1, budget, True, "released", release.rng, mechanism=METRICS_MECHANISM)
+
+
 def settle(s: SiteSpend, used: bool, rejected: str) -> SiteSpend:
-    """A trained site's final status once the round's sum is known."""
-    if not s.used or used:
+    """A trained site's final status once the round's sum is known (metrics rows keep theirs)."""
+    if s.mechanism == METRICS_MECHANISM or not s.used or used:
         return s
     return dataclasses.replace(s, used=False, status="rejected" if rejected else "not_aggregated")
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from common.errors import DataError
 from common.plots import line_plot
 from common.privacy.client_level import CENTRAL_SITE_ID
+from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
+from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from common.seeds import RNG_SEEDED
 from server.eps_crosscheck import TOLERANCE, cross_check
 from server.ledger import Ledger, LedgerRow
@@ -37,6 +39,10 @@ class Summary:
     central: LedgerRow | None = None  # last client-level (central DP) row, unit "site"
     central_rounds: int = 0
     central_extra_delta: float = 0.0  # config.all_or_nothing_probability
+    # metrics.dp: whether the sites' statistics were noised; their error bars; releases per site.
+    metrics_private: bool = False
+    final_test_std: dict[str, float] = field(default_factory=dict)
+    metrics_releases: dict[str, int] = field(default_factory=dict)
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -74,6 +80,14 @@ class Summary:
                 f"DP-FedAvg σ={c.noise_multiplier:.4g}, C={c.max_grad_norm:g}, Poisson q={c.sample_rate:g} of "
                 f"{c.dataset_size} sites, {self.central_rounds} rounds; noise added by the server after aggregation)"
             )
+        if self.metrics_private:
+            n = sum(self.metrics_releases.values())
+            lines.append(
+                f"metrics: private (metrics.dp): {n} noisy release(s) ({METRICS_MECHANISM}, unit {METRICS_UNIT}), "
+                "each charged to its site's ledger and composed into the ε above; test metrics carry ± noise std"
+            )
+        else:
+            lines.append("metrics: not private (metrics.dp = false): the sites' evaluation statistics are exact")
         private = (rows and not math.isinf(max(r.eps_total for r in rows))) or c is not None
         if self.seeded_noise and private:
             lines.append(
@@ -138,6 +152,7 @@ def write_summary(
     test_source: str = "server-held split",
     plot_metrics: tuple[str, ...] = (),
     central_extra_delta: float = 0.0,
+    metrics_private: bool = False,
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
@@ -145,15 +160,27 @@ def write_summary(
     last: dict[str, LedgerRow] = {}
     steps: dict[str, int] = {}
     central = [r for r in rows if r.site_id == CENTRAL_SITE_ID]
+    latest: dict[str, float] = {}  # cumulative ε over every row of the site (metrics releases included)
+    releases: dict[str, int] = {}
     for r in rows:
         if r.site_id == CENTRAL_SITE_ID:
             continue
+        latest[r.site_id] = r.eps_total
+        if r.mechanism == METRICS_MECHANISM:
+            releases[r.site_id] = releases.get(r.site_id, 0) + 1
+            continue
         last[r.site_id] = r
         steps[r.site_id] = steps.get(r.site_id, 0) + r.steps
+    # The table shows each site's DP-SGD inputs with its whole cumulative ε.
+    last = {site: replace(r, eps_total=latest[site]) for site, r in last.items()}
+    final: dict[str, Any] = next((m for m in reversed(metrics) if m.get("test")), {})
     summary = Summary(
         run_dir=run_dir,
         rounds_completed=sum(1 for m in metrics if not m.get("interrupted")),
-        final_test=next((m["test"] for m in reversed(metrics) if m.get("test")), {}),
+        final_test=final.get("test", {}),
+        final_test_std=final.get("test_std", {}),
+        metrics_private=metrics_private,
+        metrics_releases=releases,
         eps_by_site=last,
         steps_by_site=steps,
         ledger_ok=check.ok,
@@ -270,8 +297,22 @@ def _markdown(
             f"; model of round {last['test_model_round']}: under SecAgg+ sites send these sums with the next "
             "round's update, so the final model's are not measured"
         )
-    out += ["", f"## Final test metrics ({test_source})", "", "| metric | value |", "|---|---|"]
-    out += [f"| {k} | {v:.4f} |" for k, v in s.final_test.items()]
+    out += ["", f"## Final test metrics ({test_source})", ""]
+    if s.final_test_std:
+        out += [
+            "metrics.dp: each site noised its sums before they left; ± is the noise std propagated to the",
+            "metric (delta method, first order; larger where the noise is not small against the sum).",
+            "",
+            "| metric | value | ± noise std |",
+            "|---|---|---|",
+        ]
+        out += [
+            f"| {k} | {v:.4f} | {s.final_test_std[k]:.4f} |" if k in s.final_test_std else f"| {k} | {v:.4f} | – |"
+            for k, v in s.final_test.items()
+        ]
+    else:
+        out += ["| metric | value |", "|---|---|"]
+        out += [f"| {k} | {v:.4f} |" for k, v in s.final_test.items()]
     out += [
         "",
         "## Privacy spent per site",

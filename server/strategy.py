@@ -35,6 +35,7 @@ from flwr.supercore import log
 
 from common.config import MIN_SECURE_SITES, RunConfig
 from common.errors import PrivfedError
+from common.metrics.error_bars import propagate
 from common.pipeline import Aggregate, Pipeline, ServerContext, build_pipeline
 from common.privacy.accounting import NO_DP
 from common.protocol import Status
@@ -219,6 +220,8 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
             # metrics are those of the previous round's model.
             rec.test = self.combine_sums(ctx.sums)
             rec.test_model_round, rec.test_sites = rec.round - 1, sorted(reports)
+            if ctx.sums_std:
+                rec.test_std = propagate(self.combine_sums, ctx.sums, ctx.sums_std)
         bad = sorted(rec.rejected)
         if bad:
             # A masked update cannot be taken out of the sum: the whole sum is unusable.
@@ -297,6 +300,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         rec = self.record(server_round)
         for _, res in results:
             self._catch_up_from_evaluation(server_round, dict(res.metrics), rec)
+            self.ledger_evaluation_release(server_round, dict(res.metrics), rec)
             site = res.metrics.get("site_id")
             if isinstance(site, str):
                 rec.site_val[site] = {
@@ -308,11 +312,29 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         # came from the masked vector (:meth:`_stage_secure`), not from here.
         if self.central_eval is None and self.combine_eval is not None and results and not self.secure_sums:
             rec.test = self.combine_eval([(res.num_examples, dict(res.metrics)) for _, res in results])
+            rec.test_std = self._error_bars([dict(res.metrics) for _, res in results])
         losses = [(res.num_examples, res.loss) for _, res in results if math.isfinite(res.loss)]
         if not losses:
             return None, {}
         total = sum(n for n, _ in losses)
         return sum(n * v for n, v in losses) / max(total, 1), {}
+
+    def _error_bars(self, replies: list[dict[str, Any]]) -> dict[str, float]:
+        """metrics.dp: each test metric's noise std, from the summed noisy sums of the replies that released."""
+        stage = self.pipeline.get("metrics_dp")
+        if stage is None or self.combine_sums is None:
+            return {}
+        released = [m for m in replies if "metrics_noise_multiplier" in m]
+        if not released:
+            return {}
+        keys = stage.bounds.keys
+        total = {k: sum(float(m.get(k, 0.0)) for m in released) for k in keys}
+        var = {k: 0.0 for k in keys}
+        for m in released:
+            z = float(m["metrics_noise_multiplier"])
+            for k in keys:
+                var[k] += stage.bounds.std(k, z) ** 2
+        return propagate(self.combine_sums, total, {k: math.sqrt(v) for k, v in var.items()})
 
     # -------------------------------------------------------------- stop
     def should_stop(self) -> bool:

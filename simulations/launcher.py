@@ -29,7 +29,9 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 # defaults to true everywhere else; the run report and the ledger's rng column say "seeded",
 # and the launcher's virtual sites are the only sites that accept it without their own
 # allow-seeded-noise (client.app.build_client_app). A scenario or an override may still set it.
-SIMULATION_DEFAULTS: dict[str, Any] = {"dp.secure-rng": False}
+# Simulations repeat exactly (seeded noise) and show exact metrics (metrics.dp off); the
+# run report says both. Deployments get neither default (common/config/schema.py).
+SIMULATION_DEFAULTS: dict[str, Any] = {"dp.secure-rng": False, "metrics.dp": False}
 _META_KEYS = ("description", "extends")
 
 
@@ -64,6 +66,9 @@ def describe(name: str) -> str:
     return str(doc.get("description", ""))
 
 
+# Simulations turn private metrics off unless a scenario or an override sets metrics.dp:
+# their metrics are the experiment's measurements, and the report then says "metrics not
+# private". Everything else (flwr run, a deployment) gets the schema's default, on.
 def resolve(scenario: str, overrides: Iterable[str] = ()) -> RunConfig:
     flat = {**SIMULATION_DEFAULTS, **load_scenario(scenario)}
     for text in overrides:

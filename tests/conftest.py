@@ -24,8 +24,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def make_cfg(**flat) -> RunConfig:
-    """A RunConfig from flat keys (tests spell keys as in TOML: 'dp.noise-multiplier')."""
-    return RunConfig.from_flat(flat)
+    """A RunConfig from flat keys (tests spell keys as in TOML: 'dp.noise-multiplier').
+
+    metrics.dp is off unless a test sets it, as in the simulation launcher (its default is on)."""
+    return RunConfig.from_flat({"metrics.dp": False, **flat})
 
 
 def declared(cfg: RunConfig, index: int, key: bytes | None = None) -> int:

@@ -35,6 +35,7 @@ from common.config.schema import (
     DPConfig,
     FaultsConfig,
     FederationConfig,
+    MetricsConfig,
     SecAggConfig,
     TrainConfig,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "DataConfig",
     "FaultsConfig",
     "FederationConfig",
+    "MetricsConfig",
     "RunConfig",
     "RunSections",
     "SecAggConfig",

@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from common.config.limits import MIN_SECURE_SITES
+from common.config.limits import AUTO_DELTA_CAP, MIN_SECURE_SITES
 from common.config.limits import require as _require
 from common.config.run import RunSections
 from common.errors import ConfigError
+from common.privacy.accounting import epsilon
 from common.privacy.client_level import all_or_nothing_probability, allowed_failures, min_round_sites
+from common.privacy.metrics_dp import metrics_mechanism
 
 
 class TaskSpec(Protocol):
@@ -37,6 +39,36 @@ def check_rules(cfg: RunSections, task: TaskSpec) -> None:
     """Every cross-section rule; raises the first violation as a one-line ConfigError."""
     check_secure(cfg)
     check_task(cfg, task)
+    check_metrics(cfg)
+
+
+def check_metrics(cfg: RunSections) -> None:
+    """metrics.dp: its releases are charged to the sites' DP-SGD ledger, so they need DP-SGD's
+    accountant, and their planned spend alone must leave room in the budget.
+
+    One release per round is (z, q = 1, 1 step); over the planned rounds their epsilon alone
+    (at the largest delta a site can use, which gives the smallest epsilon) must stay below
+    ``dp.epsilon-budget``, or no site could train a single round and release its metrics.
+    The per-site check with the DP-SGD plan composed in is in :mod:`common.preflight`.
+    """
+    m, dp = cfg.metrics, cfg.dp
+    if not m.dp:
+        return
+    _require(
+        dp.enabled,
+        "metrics.dp",
+        "needs dp.enabled = true (the metrics releases are charged to the sites' DP-SGD ledger); "
+        "set metrics.dp = false for a non-private run",
+    )
+    delta = dp.delta or AUTO_DELTA_CAP
+    z, q, _ = metrics_mechanism(m.noise_multiplier)
+    alone = epsilon([(z, q, cfg.federation.rounds)], delta, dp.accountant)
+    _require(
+        alone < dp.epsilon_budget,
+        "metrics.noise-multiplier",
+        f"is {m.noise_multiplier:g}: {cfg.federation.rounds} noisy metrics releases alone spend eps={alone:.3g} "
+        f">= dp.epsilon-budget {dp.epsilon_budget:g}; raise it (more noise) or set metrics.dp = false",
+    )
 
 
 def check_task(cfg: RunSections, task: TaskSpec) -> None:

@@ -20,6 +20,7 @@ from common.config.schema import (
     DPConfig,
     FaultsConfig,
     FederationConfig,
+    MetricsConfig,
     SecAggConfig,
     TrainConfig,
 )
@@ -33,6 +34,7 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "secagg": ("secagg", SecAggConfig),
     "central-dp": ("central_dp", CentralDPConfig),
     "faults": ("faults", FaultsConfig),
+    "metrics": ("metrics", MetricsConfig),
 }
 
 
@@ -48,6 +50,7 @@ class RunSections:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # The task plug-in's own dataclass (e.g. VAEConfig), under the task's name.
     task_params: Any = None
 

@@ -423,3 +423,32 @@ class FaultsConfig:
                 key,
                 f'must be comma-separated integers such as "0,3", got {text!r}',
             )
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Private metrics: Gaussian noise on every statistic a site releases per round.
+
+    With ``dp`` on (the default, for deployments; the simulation launcher turns it off
+    unless a scenario or override sets it), a site adds N(0, (noise-multiplier * Delta *
+    b_k)^2) to each released sum k (b_k: one record's largest contribution to it, Delta:
+    the square root of how many sums one record can touch) and charges the release to its
+    ledger as its own row (``common.privacy.metrics_dp``). ``loss-bound`` clips each
+    validation record's contribution before it is summed, in the task's unit: VAE: neg
+    ELBO, reconstruction NLL and KL in nats (0: 100); recommender: the absolute error of a
+    prediction in rating points (0: the rating scale's width, which clips nothing). A
+    smaller bound means less noise and a (downward) bias on large errors.
+    """
+
+    dp: bool = True
+    noise_multiplier: float = 10.0
+    loss_bound: float = 0.0
+
+    def validate(self) -> None:
+        if self.dp:
+            _require_sigma("metrics.noise-multiplier", self.noise_multiplier)
+        _require(
+            math.isfinite(self.loss_bound) and self.loss_bound >= 0,
+            "metrics.loss-bound",
+            f"must be a finite number > 0, or 0 for the task's default, got {self.loss_bound}",
+        )

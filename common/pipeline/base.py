@@ -52,6 +52,11 @@ class SiteContext:
     evaluate: Callable[[], dict[str, float]] | None = None
     is_sum_key: Callable[[str], bool] | None = None
     sums: list[np.ndarray] = field(default_factory=list)  # filled by before_training
+    # metrics.dp: the noise generator of this release, whether the site's budget allows it,
+    # and the release itself (common.privacy.metrics_dp.NoisyMetrics, set by the metrics_dp stage).
+    metrics_rng: np.random.Generator | None = None
+    metrics_allowed: bool = True
+    release: Any = None
 
 
 @dataclass
@@ -71,6 +76,7 @@ class ServerContext:
     global_arrays: list[np.ndarray]
     failures: list[str] = field(default_factory=list)
     sums: dict[str, float] | None = None  # evaluation sums split off a secure aggregate
+    sums_std: dict[str, float] | None = None  # their noise std under metrics.dp (the report's error bars)
     central: Any = None  # the client-level DP release (plan, per-round noise generator), or None
 
 

@@ -19,6 +19,7 @@ from torch import nn
 if TYPE_CHECKING:
     from common.config import RunConfig
     from common.data.arrays import ArrayData
+    from common.privacy.metrics_dp import MetricBounds
     from common.privacy.training import LocalSession
 
 
@@ -138,6 +139,20 @@ class Task(ABC):
     def combine_sums(self, sums: dict[str, float]) -> dict[str, float]:
         """Federation metrics from the secure sum over sites of the :meth:`sum_keys` values."""
         return self.combine_metrics([(1, sums)])
+
+    # ------------------------------------------------ private metrics (metrics.dp)
+    def metric_bounds(self) -> MetricBounds:
+        """What a site may release under ``metrics.dp``: a fixed public schema of sums over its
+        validation records, each key's per-record bound, and how many keys one record touches
+        (:mod:`common.privacy.metrics_dp`). Default: nothing (every statistic withheld)."""
+        from common.privacy.metrics_dp import MetricBounds
+
+        return MetricBounds({}, 0)
+
+    def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
+        """The site's values of :meth:`metric_bounds`'s keys, each record clipped to its bound
+        (default: :meth:`evaluate`, whose keys outside the schema are withheld)."""
+        return self.evaluate(model, data)
 
     def save_samples(self, model: nn.Module, path: Path) -> Path | None:
         """Draw a sample grid PNG if the task generates data; None otherwise."""

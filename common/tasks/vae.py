@@ -43,6 +43,7 @@ from torch import nn
 from common.data.arrays import ArrayData
 from common.errors import ConfigError
 from common.metrics.fairness import group_means, spread, sum_statistics, suppressed_groups
+from common.privacy.metrics_dp import MetricBounds
 from common.tasks import register_task
 from common.tasks.images import ImageTask
 
@@ -113,6 +114,9 @@ def negative_elbo_terms(
 # Generated images whose class distribution class_tv measures (as the GAN's default).
 EVAL_SAMPLES = 2000
 DISPARITY_STATS = ("mean", "std", "worst", "best", "gap", "ratio")
+# metrics.loss-bound = 0: one image's losses are clipped to this many nats under metrics.dp
+# (the 8x8 digits' neg ELBO is about 25-45 nats, so it clips almost nothing).
+DEFAULT_LOSS_BOUND = 100.0
 
 
 def class_sums(recon: torch.Tensor, labels: torch.Tensor, min_group_size: int = 1) -> dict[str, float]:
@@ -145,6 +149,18 @@ def class_recon_metrics(sums: dict[str, float]) -> dict[str, float]:
     disparity = spread(means)
     out = {f"class.{c}.recon_nll": v for c, v in means.items()}
     out.update({f"recon_disparity.{k}": disparity[k] for k in DISPARITY_STATS if k in disparity})
+    return out
+
+
+def dp_means(sums: dict[str, float]) -> dict[str, float]:
+    """The VAE's metrics from the (noisy) sums of :meth:`VAETask.dp_evaluate`, summed over sites."""
+    n = sums.get("n", 0.0)
+    out: dict[str, float] = {}
+    if n > 0:
+        for key in ("neg_elbo", "recon_nll", "kl", "recon_mse"):
+            out[key] = sums[key + "_sum"] / n
+    out.update(class_recon_metrics(sums))
+    out.update({k: v for k, v in sums.items() if k.endswith(".n") or k == "n"})
     return out
 
 
@@ -194,6 +210,52 @@ class VAETask(ImageTask):
         model.train()
         return out
 
+    # ------------------------------------------------ private metrics (metrics.dp)
+    def _classes(self) -> int:
+        """The public label vocabulary: classes of the server-held test split (digits: 10)."""
+        y = self.server_test_data().y
+        return int(y.max()) + 1 if y is not None and len(y) else 0
+
+    def metric_bounds(self) -> MetricBounds:
+        """Sums over validation images, each image's losses clipped to ``B = metrics.loss-bound`` (0: 100 nats).
+
+        One image contributes at most B to ``neg_elbo_sum``, ``recon_nll_sum``, ``kl_sum`` and
+        its class's ``recon_sum`` (all losses are >= 0 and clipped to [0, B]), at most 1 to
+        ``recon_mse_sum`` (pixels in [0, 1]) and 1 to ``n`` and its class's ``n``: it touches
+        7 keys, so Delta = sqrt(7) in units of each key's bound. Every class of the public
+        vocabulary is in the schema (a class a site lacks is sent as 0 plus noise).
+        """
+        b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
+        bounds = {"neg_elbo_sum": b, "recon_nll_sum": b, "kl_sum": b, "recon_mse_sum": 1.0, "n": 1.0}
+        for c in range(self._classes()):
+            bounds.update({f"class.{c}.recon_sum": b, f"class.{c}.n": 1.0})
+        return MetricBounds(bounds, 7 if self._classes() else 5)
+
+    @torch.no_grad()
+    def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
+        """:meth:`metric_bounds`'s sums on a site's validation images, each image clipped to its bound."""
+        model = _vae(model)
+        model.eval()
+        device = next(model.parameters()).device
+        x = data.x.to(device)
+        gen = torch.Generator(device=device).manual_seed(1234)
+        recon, kl = negative_elbo_terms(model, x, gen)
+        mu, _ = model.encode(x)
+        mse = (torch.sigmoid(model.decoder(mu)) - x).pow(2).mean(dim=1)
+        b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
+        recon_c = recon.double().clamp(0, b)
+        out = {
+            "neg_elbo_sum": float((recon + kl).double().clamp(0, b).sum()),
+            "recon_nll_sum": float(recon_c.sum()),
+            "kl_sum": float(kl.double().clamp(0, b).sum()),
+            "recon_mse_sum": float(mse.double().clamp(0, 1).sum()),
+            "n": float(len(x)),
+        }
+        if data.y is not None:
+            out.update(class_sums(recon_c.cpu(), data.y))
+        model.train()
+        return out
+
     def _class_tv(self, model: VAE) -> float:
         """TV distance between the classes of generated images (decoded z ~ N(0, I)) and of the
         real images of the test split's quality part (not those the classifier trained on)."""
@@ -208,7 +270,12 @@ class VAETask(ImageTask):
         return total_variation(shares, real_shares(self.quality_data().y, k))
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-        """Example-weighted means of the sites' means; per-class metrics from summed class sums (exact)."""
+        """Example-weighted means of the sites' means; per-class metrics from summed class sums (exact).
+
+        Under metrics.dp the sites send noisy sums (:meth:`dp_evaluate`): the means are their
+        summed sums over the summed count (post-processing of the noisy release)."""
+        if results and all("neg_elbo_sum" in m for _, m in results):
+            return dp_means(sum_statistics((m for _, m in results), lambda k: k.endswith(("_sum", ".n")) or k == "n"))
         per_class = ("class.", "recon_disparity.")
         means = super().combine_metrics(
             [(n, {k: v for k, v in m.items() if not k.startswith(per_class)}) for n, m in results]

@@ -144,8 +144,11 @@ def test_pyproject_flower_config_is_the_vae_digits_scenario():
     from common.config import flatten
 
     flower = flatten(pyproject["tool"]["flwr"]["app"]["config"])
-    assert flower == {**resolve("vae-digits").to_flat(), "dp.secure-rng": True}
+    # The differences: `flwr run` (deployment) draws noise from OS entropy and keeps private
+    # metrics on; the simulation launcher seeds the noise and turns private metrics off.
+    assert flower == {**resolve("vae-digits", ["metrics.dp=true"]).to_flat(), "dp.secure-rng": True}
     assert flower["dp.secure-rng"] is True and resolve("vae-digits").dp.secure_rng is False
+    assert flower["metrics.dp"] is True and resolve("vae-digits").metrics.dp is False
 
 
 def test_noise_is_secure_by_default_and_seeded_only_by_the_simulation_launcher():

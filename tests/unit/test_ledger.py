@@ -228,6 +228,8 @@ def test_a_ledger_from_before_the_neighbouring_column_is_refused_in_one_line(tmp
     for run_id in ("r", None):  # resuming it, and auditing it
         with pytest.raises(ValueError, match="older privfed.*'neighbouring'"):
             Ledger(path, run_id=run_id)
+
+
 def test_the_rng_column_records_what_each_site_used(tmp_path):
     """Issue 18, finding 5: the ledger says which kind of randomness each row's noise came from."""
     from common.protocol import MalformedReport, parse_fit_metrics

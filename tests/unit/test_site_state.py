@@ -189,4 +189,4 @@ def test_seeded_noise_only_where_the_site_allows_it_and_the_reply_says_which():
         _, _, m = allowed.fit(_params(allowed), {"server-round": 1})
         assert m["rng"] == "seeded"
     # Without noise there is nothing to seed: a non-private run is not refused for it.
-    assert not _deployed({"dp.secure-rng": False, "dp.enabled": False}).cfg.dp.enabled
+    assert not _deployed({"dp.secure-rng": False, "dp.enabled": False, "metrics.dp": False}).cfg.dp.enabled

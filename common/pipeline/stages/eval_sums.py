@@ -5,8 +5,11 @@ received, *before* training, on its validation split, and appends the sums as on
 array in exact fixed point on the quantization grid. The server learns only their sum over
 the sites that uploaded.
 
-Sensitivity: these are statistics of validation data, not of training data: they are not
-covered by, and do not consume, the training epsilon (docs/PRIVACY.md). They must not be
+Sensitivity: these are statistics of validation data. With ``metrics.dp`` (the default
+outside simulations) they are the noisy release of the ``metrics_dp`` stage, which runs
+before this one, charged to the site's ledger as its own ``gaussian-metrics`` row; this
+stage refuses to pack anything else. Without it they are not covered by any epsilon
+(docs/PRIVACY.md, "Private metrics"). They must not be
 clipped or noised by the client-level DP stage, so this stage comes after it at the site
 (the array is appended after the clip and the guard) and before it at the server (split
 off before any release). It assumes the secure aggregation after it is an exact modular
@@ -18,19 +21,27 @@ from __future__ import annotations
 
 from common.errors import PrivfedError
 from common.pipeline.base import Aggregate, ServerContext, SiteContext, SiteUpdate, Stage
+from common.privacy.metrics_dp import require_noisy
 from common.privacy.secagg_stats import SecureStats
 
 
 class EvalSums(Stage):
     name = "eval_sums"
 
-    def __init__(self, codec: SecureStats) -> None:
+    def __init__(self, codec: SecureStats, private: bool = False) -> None:
         self.codec = codec
+        self.private = private  # metrics.dp: only the metrics_dp stage's noisy release may be packed
 
     def before_training(self, ctx: SiteContext) -> None:
         """The sums of the model just received: the model the previous round's evaluate measured."""
-        if ctx.evaluate is not None:
+        if ctx.evaluate is None:
+            return
+        if not self.private:
             ctx.sums = [self.codec.pack(ctx.evaluate(), ctx.is_sum_key)]
+        elif not ctx.metrics_allowed:
+            ctx.sums = [self.codec.pack({})]  # over budget: zeros, nothing about the data released
+        else:
+            ctx.sums = [self.codec.pack(require_noisy(ctx.release).values)]
 
     def site(self, update: SiteUpdate, ctx: SiteContext) -> SiteUpdate:
         # Also for a budget-exhausted site's zero update: validation data, not training data.

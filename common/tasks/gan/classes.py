@@ -41,7 +41,8 @@ def class_counts(labels: torch.Tensor | None, num_classes: int, min_group_size: 
 
 
 def counts_vector(sums: dict[str, float], num_classes: int) -> np.ndarray:
-    return np.array([sums.get(f"class.{c}.n", 0.0) for c in range(num_classes)])
+    # >= 0: under metrics.dp the counts are noisy and can come out negative (post-processing).
+    return np.maximum(np.array([sums.get(f"class.{c}.n", 0.0) for c in range(num_classes)]), 0.0)
 
 
 def is_class_count(key: str) -> bool:

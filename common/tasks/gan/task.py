@@ -20,6 +20,7 @@ from torch import nn
 from common.data.arrays import ArrayData
 from common.errors import ConfigError, TrainingFailure
 from common.metrics.fairness import label_weights_for_target, quota_labels, sum_statistics
+from common.privacy.metrics_dp import MetricBounds
 from common.tasks import register_task
 from common.tasks.gan.classes import (
     CALIBRATION_SEED,
@@ -156,6 +157,14 @@ class GANTask(ImageTask):
             out.update(class_counts(data.y, self.params.num_classes, self.params.min_group_size))
         model.train()
         return out
+
+    def metric_bounds(self) -> MetricBounds:
+        """Under metrics.dp a site releases only its validation class counts (``gan.class-target =
+        "real"``): one image adds 1 to one count (Delta = 1). The discriminator's losses on
+        validation images are hinge values without a bound, so they are withheld."""
+        if self.params.class_target != "real":
+            return MetricBounds({}, 0)
+        return MetricBounds({f"class.{c}.n": 1.0 for c in range(self.params.num_classes)}, 1)
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
         """Example-weighted means, and the sites' class counts summed (kept for :meth:`class_target`)."""

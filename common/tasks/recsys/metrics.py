@@ -49,6 +49,38 @@ YH_PREFIX = f"yh.{YH_ATTRIBUTE}."  # a site's sums: items, and one sum per term
 GROUP_VALUES = {"gender": ("F", "M", UNKNOWN), "age": (*(name for _, name in AGE_BUCKETS), UNKNOWN)}
 
 
+# Under metrics.dp (common.privacy.metrics_dp): the sums a site releases, with noise. Ranking
+# (hits, dcg), popularity, coverage, Yao & Huang's item-level sums and the suppression count
+# are withheld: the ranking runs over a catalogue that one record can change (a new item
+# reorders every user's list), and the item-level terms are not sums of bounded per-record
+# contributions, so no per-record bound holds for them.
+DP_SUM_KEYS = ("sse", "sae", "n_ratings", "n_ranked")
+DP_GROUP_SUMS = ("sse", "sae", "pred", "n", "users")
+
+
+def dp_bounds(rating_min: float, rating_max: float, error_bound: float = 0.0) -> tuple[dict[str, float], int]:
+    """Per-record bounds of the released sums for add/remove of one held-out rating, and how many it touches.
+
+    Predictions are clamped to the rating scale and, under metrics.dp, to within
+    ``error_bound`` of the rating (``metrics.loss-bound``; 0: the scale's width, no clip),
+    so one rating's error is at most ``B = min(error_bound, rating_max - rating_min)``
+    (sse: B^2, sae: B), its prediction (still on the scale) at most
+    ``P = max(|rating_min|, |rating_max|)``; it adds 1 to ``n_ratings`` and, if it is its
+    user's first held-out rating, 1 to ``n_ranked`` and to its groups' ``users``. It falls in
+    exactly one group per attribute, so it touches 4 overall keys and 5 per attribute:
+    ``touched = 4 + 5 * len(GROUP_ATTRIBUTES) = 14``. The schema covers every group of
+    the public vocabulary, so no group appears or vanishes with the data.
+    """
+    b = min(error_bound or math.inf, rating_max - rating_min)
+    p = max(abs(rating_min), abs(rating_max))
+    per = {"sse": b * b, "sae": b, "pred": p, "n": 1.0, "users": 1.0, "n_ratings": 1.0, "n_ranked": 1.0}
+    bounds = {k: per[k] for k in DP_SUM_KEYS}
+    for a in GROUP_ATTRIBUTES:
+        for v in GROUP_VALUES[a]:
+            bounds.update({f"group.{a}.{v}.{s}": per[s] for s in DP_GROUP_SUMS})
+    return bounds, len(DP_SUM_KEYS) + len(DP_GROUP_SUMS) * len(GROUP_ATTRIBUTES)
+
+
 def sum_schema() -> tuple[str, ...]:
     """Every sum a site can send, for every group of the public vocabulary (86 keys)."""
     groups = tuple(f"group.{a}.{v}.{s}" for a in GROUP_ATTRIBUTES for v in GROUP_VALUES[a] for s in GROUP_SUMS)
@@ -67,19 +99,21 @@ def derived(sums: dict[str, float]) -> dict[str, float]:
     group), Yao & Huang's unfairness, popularity bias and coverage."""
     out: dict[str, float] = {}
     n = sums.get("n_ratings", 0.0)
+    # max(0, .): under metrics.dp a noisy squared-error sum can be negative.
     if n > 0:
-        out["rmse"] = math.sqrt(sums["sse"] / n)
+        out["rmse"] = math.sqrt(max(sums["sse"], 0.0) / n)
         out["mae"] = sums["sae"] / n
-    if sums.get("n_ranked", 0.0) > 0:
+    if sums.get("n_ranked", 0.0) > 0 and "hits" in sums:  # ranking sums are withheld under metrics.dp
         out["hr_at_k"] = sums["hits"] / sums["n_ranked"]
         out["ndcg_at_k"] = sums["dcg"] / sums["n_ranked"]
     for key in sums:
         if key.startswith("group.") and key.endswith(".n") and sums[key] > 0:
             prefix = key[:-1]
-            out[prefix + "rmse"] = math.sqrt(sums[prefix + "sse"] / sums[key])
+            out[prefix + "rmse"] = math.sqrt(max(sums[prefix + "sse"], 0.0) / sums[key])
             if prefix + "sae" in sums:
                 out[prefix + "mae"] = sums[prefix + "sae"] / sums[key]
-            out[prefix + "ndcg_at_k"] = sums[prefix + "dcg"] / sums[prefix + "users"]
+            if prefix + "dcg" in sums and sums.get(prefix + "users", 0.0) > 0:
+                out[prefix + "ndcg_at_k"] = sums[prefix + "dcg"] / sums[prefix + "users"]
 
     def group_pred(value: str) -> tuple[float, float]:  # (sum of predictions, ratings)
         prefix = f"group.{YH_ATTRIBUTE}.{value}."

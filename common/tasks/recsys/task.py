@@ -18,12 +18,13 @@ from torch import nn
 from common.data.arrays import ArrayData
 from common.data.ratings import RatingData
 from common.errors import ConfigError, PrivfedError
+from common.privacy.metrics_dp import MetricBounds
 from common.tasks import register_task
 from common.tasks.base import Task
 from common.tasks.recsys.config import RecsysConfig
 from common.tasks.recsys.data import cached_sites
 from common.tasks.recsys.evaluation import group_sums, popularity_sums, ranking
-from common.tasks.recsys.metrics import combine, derived, drop_unsent, is_sum_key, sum_schema
+from common.tasks.recsys.metrics import combine, derived, dp_bounds, drop_unsent, is_sum_key, sum_schema
 from common.tasks.recsys.model import LOCAL_PREFIXES, MODELS, BiasedMF, offset_groups
 
 if TYPE_CHECKING:
@@ -116,6 +117,22 @@ class RecsysTask(Task):
     # ----------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
+        return self._evaluate(model, data, self.params.min_group_size)
+
+    def metric_bounds(self) -> MetricBounds:
+        """Under metrics.dp: error sums and counts, overall and per group (:func:`.metrics.dp_bounds`)."""
+        bounds, touched = dp_bounds(self.params.rating_min, self.params.rating_max, self.cfg.metrics.loss_bound)
+        return MetricBounds(bounds, touched)
+
+    @torch.no_grad()
+    def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
+        """The sums without suppression at the site: which groups are sent must not depend on the
+        data under metrics.dp (the noise hides small groups; the server suppresses on noisy counts)."""
+        return self._evaluate(model, data, 1, self.cfg.metrics.loss_bound)
+
+    def _evaluate(
+        self, model: nn.Module, data: ArrayData, min_group_size: int, error_bound: float = 0.0
+    ) -> dict[str, float]:
         if not isinstance(data, RatingData) or data.y is None:
             raise TypeError("recsys evaluation needs RatingData")
         p = self.params
@@ -123,6 +140,8 @@ class RecsysTask(Task):
         device = next(model.parameters()).device
         pred = model(data.x.to(device)).clamp(p.rating_min, p.rating_max).cpu().numpy().astype(np.float64)
         rating = data.y.numpy().astype(np.float64)
+        if error_bound:  # metrics.dp: each rating's error clipped (the prediction stays on the scale)
+            pred = np.clip(pred, rating - error_bound, rating + error_bound)
         err = pred - rating
         hits, dcg, top = ranking(model, data, device, p.top_k)
         model.train()
@@ -134,7 +153,7 @@ class RecsysTask(Task):
             "hits": float(hits.sum()),
             "dcg": float(dcg.sum()),
             **popularity_sums(data, top),
-            **group_sums(data, pred, rating, dcg, p.min_group_size),
+            **group_sums(data, pred, rating, dcg, min_group_size),
         }
         if data.collision_rate is not None:  # of the declared (public) catalogue; csv has none
             out["item_collision_rate"] = data.collision_rate
