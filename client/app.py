@@ -28,7 +28,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
-from client.mods import InjectedDropout, make_fault_mod, secure_mod
+from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
 from client.state import SiteState, load_state, save_state, state_path
 from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
@@ -252,6 +252,8 @@ class SiteClient(NumPyClient):
 class InjectedCrash(RuntimeError):
     """A crash the run's ``[faults]`` section asked for: the ClientApp fails with an error."""
 
+    public_reason = "injected by [faults]"  # sent to the server (client.mods.failure_text)
+
 
 def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, str]:
     """(partition index, pseudonymous site id) from the SuperNode's node config."""
@@ -319,7 +321,8 @@ def build_client_app(
         folder = str(context.node_config.get("state-dir", "") or state_dir)
         return SiteClient(cfg, site_index, site_id, context, site_secret, folder).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
+    # failure_mod outermost: whatever fails inside, its message stays at the site.
+    return ClientApp(client_fn=client_fn, mods=[failure_mod, make_fault_mod(base), secure_mod])
 
 
 app = build_client_app()
