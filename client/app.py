@@ -36,7 +36,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
-from client.mods import InjectedDropout, make_fault_mod, secure_mod
+from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
 from client.state import LIFETIME_ACCOUNTANT, Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
@@ -385,6 +385,8 @@ def _metrics_run(run_id: str) -> str:
 class InjectedCrash(RuntimeError):
     """A crash the run's ``[faults]`` section asked for: the ClientApp fails with an error."""
 
+    public_reason = "injected by [faults]"  # sent to the server (client.mods.failure_text)
+
 
 def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, str]:
     """(partition index, pseudonymous site id) from the SuperNode's node config."""
@@ -481,7 +483,8 @@ def build_client_app(
         remember_noise(searched)
         return make_site(base, context, key, state_dir, declared_sizes, allow_seeded_noise).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[make_fault_mod(base), secure_mod])
+    # failure_mod outermost: whatever fails inside, its message stays at the site.
+    return ClientApp(client_fn=client_fn, mods=[failure_mod, make_fault_mod(base), secure_mod])
 
 
 app = build_client_app()

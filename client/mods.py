@@ -1,12 +1,14 @@
-"""Flower client mods: SecAgg+ when the server runs it, and injected dropouts.
+"""Flower client mods: the fixed failure text, SecAgg+ when the server runs it, injected dropouts.
 
-Both are plain Flower mods (``(msg, context, call_next) -> Message``), applied in the
-order ``fault_mod -> secure_mod -> ClientApp``, so an injected dropout at the unmask
-stage happens exactly where a real site that vanished after uploading would stop.
+All are plain Flower mods (``(msg, context, call_next) -> Message``), applied in the
+order ``failure_mod -> fault_mod -> secure_mod -> ClientApp``: an injected dropout at the
+unmask stage happens exactly where a real site that vanished after uploading would stop,
+and every failure, Flower's SecAgg+ included, leaves the site in the fixed form.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +22,49 @@ from common.faults import drops
 from common.pipeline.stages.faults import InjectedDropout
 from common.runtime import config_from
 
-__all__ = ["InjectedDropout", "make_fault_mod", "secure_mod", "secure_stage"]
+__all__ = [
+    "InjectedDropout",
+    "SiteFailure",
+    "failure_mod",
+    "failure_text",
+    "make_fault_mod",
+    "secure_mod",
+    "secure_stage",
+]
+
+log = logging.getLogger(__name__)
+
+
+class SiteFailure(Exception):
+    """What leaves a site whose ClientApp failed: :func:`failure_text`, nothing of the cause."""
+
+
+def failure_text(exc: BaseException) -> str:
+    """``site failed: <class>`` plus the class's own ``public_reason``, if it declares one.
+
+    Flower sends ``str(exception)`` to the server (in simulation with Ray's traceback), and
+    an exception's message may hold data values (a statistic, a dataset size, an update
+    norm). Only the class and a reason fixed in the class body (read from the class, not
+    the instance, so nothing computed at raise time) leave the site: release inventory
+    entry ``error/reason`` (common/privacy/release.py).
+    """
+    cls = type(exc)
+    public = getattr(cls, "public_reason", "")
+    return f"site failed: {cls.__name__}" + (f" ({public})" if isinstance(public, str) and public else "")
+
+
+def failure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost mod: a failure is logged in full at the site and raised again in the fixed form.
+
+    Still an exception (not an error reply built here), so Flower drops the node state the
+    failed call changed, as for any failing ClientApp (client.app's _restore relies on it).
+    """
+    try:
+        return call_next(msg, context)
+    except Exception as exc:
+        log.error("the ClientApp failed on a %s message", msg.metadata.message_type, exc_info=exc)
+        # from None: Ray's remote traceback (simulation) would otherwise carry the cause's text.
+        raise SiteFailure(failure_text(exc)) from None
 
 
 def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

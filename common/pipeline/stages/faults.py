@@ -22,6 +22,8 @@ from common.pipeline.base import SiteContext, SiteUpdate, Stage
 class InjectedDropout(PrivfedError):
     """A dropout the run's ``[faults]`` section asked for (tests and fault scenarios)."""
 
+    public_reason = "injected by [faults]"  # sent to the server (client.mods.failure_text)
+
 
 def corrupt(update: list[np.ndarray], kind: str) -> list[np.ndarray]:
     """A malformed update of the given kind (fault injection): what the server must reject."""

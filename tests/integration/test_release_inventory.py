@@ -1,0 +1,208 @@
+"""The release inventory (common/privacy/release.py), enforced on the messages sites really send.
+
+Where the messages are captured: as the ServerApp pulls them from Flower's in-memory grid
+(``InMemoryGrid.pull_messages``), i.e. after every client mod (Flower's ``secaggplus_mod``
+included), after Flower turned a failing ClientApp into an error reply and after the
+SuperLink stamped the metadata. A client mod, even the outermost one, sees neither the
+error reply (Flower builds it from the exception outside the ClientApp) nor the
+metadata the link adds; the server's view is the closest to the wire a simulation has.
+
+The runs use Flower's own simulation engine, ServerApp and ClientApp, with one part
+replaced: the Ray backend, by :class:`InProcessBackend`, which runs each ClientApp call
+through the same actor code in this process and round-trips every reply through Flower's
+wire format (``message_to_proto``). Starting Ray and its workers costs more than the runs
+themselves; what Ray adds to a message (its traceback in an error reason) is checked on
+its own in test_a_data_value_in_an_exception_does_not_leave_the_site.
+
+Each task runs twice, as briefly as every message kind allows: plain (2 sites, 1 round,
+no DP, so the training metrics are sent too; site 0 drops out before training, so an
+error reply is sent) and under SecAgg+ (3 sites, the minimum, 1 round, DP-SGD: setup,
+share-keys, masked-vector and unmask replies, evaluate replies).
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+
+import pytest
+import ray
+from flwr.server.superlink.fleet.vce.backend import Backend, raybackend
+from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from common.deploy.keys import write_key
+from common.privacy.release import Kind, classify, message_fields, unlisted
+from simulations.launcher import resolve, simulate
+
+pytestmark = pytest.mark.slow
+
+QUIET = ["sample-every=0", "audit.mia=false", "central-eval=false"]
+TASKS = {
+    "vae": ("vae-digits", ["vae.hidden-dim=16", "vae.latent-dim=2"]),
+    "gan": ("gan-digits", ["gan.features=256", "gan.hidden-dim=32", "gan.eval-samples=200"]),
+    "recsys": (
+        "recsys-synthetic",
+        ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512", "train.batch-size=128"],
+    ),
+}
+PLAIN = ["num-sites=2", "rounds=1", "dp.enabled=false", 'faults.dropout-sites="0"', "faults.dropout-stage=train"]
+SECURE = ["num-sites=3", "rounds=1", "secagg.enabled=true", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]
+# What the injected dropout's exception says; it must stay at the site.
+DROPOUT_MESSAGE = "leaves round 1 before training"
+
+
+class InProcessBackend(Backend):
+    """Flower's simulation backend without Ray: each message runs the ClientApp through the
+    actor code Ray would run (``VirtualClientEngineActor.run``), here, one at a time. The
+    node's context goes in as a copy, so a failing call leaves it unchanged, as under Ray,
+    and the reply goes through Flower's serialisation, as over the wire."""
+
+    def __init__(self, backend_config) -> None:
+        self.app_fn = None
+
+    def build(self, app_fn) -> None:
+        self.app_fn = app_fn
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    def is_worker_idle(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
+
+    def process_message(self, message, context):
+        ins = _over_the_wire(message)  # a copy: the ClientApp's mods edit the message they get
+        _, reply, updated = VirtualClientEngineActor().run(self.app_fn, ins, "0", copy.deepcopy(context))
+        return _over_the_wire(reply), updated
+
+
+def _over_the_wire(msg):
+    """The message as Flower serialises it (``message_to_proto`` leaves the id to the link)."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    wire = message_from_proto(message_to_proto(msg))
+    wire.metadata.__dict__["_message_id"] = msg.metadata.message_id
+    return wire
+
+
+def _capture(monkeypatch) -> tuple[set[str], list[str]]:
+    """The field names of every message the ServerApp pulls, and every error reason, read as
+    they are pulled: Flower's legacy conversion empties a reply's arrays once it reads them."""
+    monkeypatch.setattr(raybackend, "RayBackend", InProcessBackend)
+    fields: set[str] = set()
+    reasons: list[str] = []
+    original = InMemoryGrid.pull_messages
+
+    def recording_pull(self, message_ids):
+        msgs = list(original(self, message_ids))
+        for m in msgs:
+            fields.update(message_fields(m))
+            if m.has_error():
+                reasons.append(m.error.reason)
+        return msgs
+
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", recording_pull)  # the ServerApp runs in-process
+    return fields, reasons
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, task, secure):
+    scenario, extra = TASKS[task]
+    key_file = str(write_key(tmp_path / "fed.key")) if task == "recsys" else None
+    overrides = extra + QUIET + (SECURE if secure else PLAIN) + [f"run-dir={tmp_path / 'run'}"]
+    fields, reasons = _capture(monkeypatch)
+    simulate(scenario, overrides, key_file=key_file)
+
+    bad = unlisted(fields)
+    assert not bad, f"{task} ({'SecAgg+' if secure else 'plain'}) sends fields not in the release inventory: {bad}"
+
+    # The run sent every message kind it is here for (the check above is not vacuous).
+    kinds = {"config:fitres.metrics/site_id", "config:evaluateres.metrics/site_id", "metadata/created_at"}
+    if secure:
+        keys = ("pk1", "ctxts", "masked_params", "shares")
+        kinds |= {f"config:secaggplus_configs/{k}" for k in keys}
+    else:
+        kinds |= {"array:fitres.parameters/0", "config:fitres.metrics/train_seconds", "error/reason"}
+    assert kinds <= fields, sorted(kinds - fields)
+
+    # Error text: the fixed form, never the exception's own message.
+    assert len(reasons) == (0 if secure else 1)
+    for reason in reasons:
+        assert "site failed: InjectedDropout (injected by [faults])" in reason and DROPOUT_MESSAGE not in reason
+    if secure and task == "recsys":
+        # The eval_sums stage's appended vector: every key of its schema is inventoried.
+        from common.tasks import get_task
+
+        schema = get_task("recsys")(resolve(scenario, overrides), None).sum_keys()
+        assert schema and not unlisted(f"secure-sum/{k}" for k in schema)
+    assert not ray.is_initialized()  # the runs never started Ray (InProcessBackend)
+
+
+# ----------------------------------------------------------- in-process ClientApp
+def _site_app(monkeypatch, train):
+    """The real ClientApp (all its mods) of a no-DP VAE site, called in-process, and a fit message."""
+    import time
+
+    from flwr.app import Context, Message, Metadata, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    from client.app import build_client_app
+    from common.tasks.vae import VAETask
+
+    monkeypatch.setattr(VAETask, "train", train)
+    cfg = resolve("vae-digits", TASKS["vae"][1] + ["num-sites=2", "dp.enabled=false"])
+    task = VAETask(cfg)
+    model = task.build_model()
+    arrays = [v.detach().numpy() for v in model.state_dict().values()]
+    ins = FitIns(ndarrays_to_parameters(arrays), {"server-round": 1})
+    # An instruction as the SuperLink delivers it (the ServerApp's own constructor needs a run).
+    meta = Metadata(1, "m1", 0, 1, "", "1", time.time(), 600.0, MessageType.TRAIN)
+    msg = Message(content=fitins_to_recorddict(ins, keep_input=True), metadata=meta)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    return build_client_app(cfg.to_flat()), msg, ctx
+
+
+def test_a_site_that_adds_an_unlisted_metric_is_caught(monkeypatch):
+    def train(self, model, session):
+        for batch in session.batches():
+            session.step(self.per_sample_loss(model, batch))
+        return {"train_loss": 1.0, "rare_class_count": 1.0}  # a new statistic nobody decided on
+
+    app, msg, ctx = _site_app(monkeypatch, train)
+    reply = app(msg, ctx)
+    fields = message_fields(reply)
+    assert "config:fitres.metrics/train_loss" in fields
+    assert unlisted(fields) == ["config:fitres.metrics/rare_class_count"]
+    entry = classify("config:fitres.metrics/train_loss")
+    assert entry is not None and entry.kind is Kind.COVERED
+
+
+def test_a_data_value_in_an_exception_does_not_leave_the_site(monkeypatch):
+    """Flower sends the ClientApp's exception text: in simulation with Ray's remote traceback
+    (the cause's text included), in deployment ``str(type(ex)) + ":<'" + str(ex) + "'>"``."""
+    from flwr.clientapp.client_app import ClientAppException
+    from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
+
+    planted = "4.718281828"
+
+    def train(self, model, session):
+        raise ValueError(f"rating {planted} outside [1, 5]")  # a site's data value in the message
+
+    app, msg, ctx = _site_app(monkeypatch, train)
+    with pytest.raises(Exception) as deployed:
+        app(msg, ctx)
+    # What flwr-clientapp (deployment) puts in the error reply.
+    reason = str(type(deployed.value)) + ":<'" + str(deployed.value) + "'>"
+    assert str(deployed.value) == "site failed: ValueError" and planted not in reason
+    # What the simulation's actor raises, and the traceback Ray ships to the server with it.
+    with pytest.raises(ClientAppException) as simulated:
+        VirtualClientEngineActor().run(lambda: app, msg, "0", ctx)
+    shipped = "".join(traceback.format_exception(simulated.value))
+    assert "site failed: ValueError" in shipped and planted not in shipped
