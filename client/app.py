@@ -40,7 +40,13 @@ from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
 from client.state import LIFETIME_ACCOUNTANT, Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
-from common.deploy.site_config import apply_site_overrides, dataset_identity, declared_size, refuse_seeded_noise
+from common.deploy.site_config import (
+    apply_site_overrides,
+    dataset_identity,
+    declared_size,
+    refuse_exact_metrics,
+    refuse_seeded_noise,
+)
 from common.errors import PrivfedError
 from common.faults import drops, event
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
@@ -446,6 +452,8 @@ def make_site(
     cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
     # The run config is the coordinator's, so it alone cannot make a site's noise predictable.
     refuse_seeded_noise(cfg, context.node_config, virtual_site=allow_seeded_noise)
+    # Likewise exact metrics: virtual sites may send them, a deployed site only by its own choice.
+    refuse_exact_metrics(cfg, context.node_config, virtual_site=allow_seeded_noise)
     site_index, site_id = site_identity(cfg, context.node_config)
     simulated = declared_sizes[site_index] if declared_sizes is not None else None
     declared = declared_size(context.node_config, simulated)

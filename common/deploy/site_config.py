@@ -137,6 +137,28 @@ def refuse_seeded_noise(cfg: RunConfig, node_config: Mapping[str, Any], *, virtu
     )
 
 
+def refuse_exact_metrics(cfg: RunConfig, node_config: Mapping[str, Any], *, virtual_site: bool = False) -> None:
+    """Refuse a private run config that asks this site for exact (un-noised) metrics, unless the site allows it.
+
+    With ``metrics.dp = false`` the site's evaluation statistics leave it exactly, outside
+    ε (docs/PRIVACY.md, "Private metrics"). The run config is the coordinator's, so, as for
+    seeded noise, only the site's own node config (``allow-exact-metrics = true``) or the
+    simulation launcher's virtual sites accept it. A non-private run has no ε to keep.
+    """
+    if cfg.metrics.dp or not cfg.dp.enabled:
+        return
+    allowed = node_config.get("allow-exact-metrics", False)
+    if not isinstance(allowed, bool):
+        raise ConfigError("site allow-exact-metrics", "must be true or false")
+    if virtual_site or allowed:
+        return
+    raise ConfigError(
+        "metrics.dp",
+        "is false in the run config, which would send this site's evaluation statistics without noise, outside "
+        "its epsilon; this site refuses (its allow-exact-metrics is false)",
+    )
+
+
 def dataset_identity(cfg: RunConfig, node_config: Mapping[str, Any], site_index: int) -> str:
     """The name under which this site keeps its dataset's lifetime privacy history.
 

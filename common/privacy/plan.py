@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from common.config import RunConfig
+from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
 from common.privacy.accounting import (  # noqa: F401  (known_noise, remember_noise: re-exported)
     NO_DP,
@@ -39,7 +39,10 @@ def plan_round(cfg: RunConfig, declared_size: int) -> RoundPlan:
     """
     n = declared_size
     q = min(1.0, cfg.train.batch_size / n)
-    steps = max(1, math.ceil(cfg.train.local_epochs / q))
+    ratio = cfg.train.local_epochs / q
+    if not math.isfinite(ratio) or ratio > MAX_STEPS:
+        raise ConfigError("train.local-epochs", f"gives more than {MAX_STEPS} steps per round at q={q:.3g}")
+    steps = max(1, math.ceil(ratio))
     dp = cfg.dp
     if not dp.enabled:
         return RoundPlan(n, q, steps, 0.0, 0.0, 0.0, NO_DP)

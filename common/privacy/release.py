@@ -63,36 +63,56 @@ _DP_SGD = (
     "DP-SGD at the site (subsampled Gaussian, the named Opacus accountant); the ledger row "
     "(round, site_id) with the task's unit, plus the `all-sites` rows with central-dp"
 )
-_N = "finding 2 (exact n under add/remove); accounting branch: derived from the declared n̂ (PUBLIC)"
-_VAL = "validation data outside ε; metricsdp branch: Gaussian noise, own ledger rows (COVERED)"
-_HELD = "finding 1 (depends on training ratings); recsys branch (held-out only) + metricsdp branch"
+_N = "the site's declared size n̂ and the run config, both fixed before the run; the real n is never sent"
+_EXACT = (
+    "declared public by the site before the run: sent exact only with metrics.dp = false, which a deployed site "
+    "refuses unless its node config says allow-exact-metrics = true (simulation: the launcher, and the report "
+    "says 'metrics not private'); with metrics.dp these keys are not sent"
+)
+_NOISY = (
+    "metrics.dp (the default outside simulations): Gaussian mechanism on the task's schema, one "
+    "`gaussian-metrics` ledger row per release (unit: one validation example); with metrics.dp = false, "
+    "exact and declared public by the site (allow-exact-metrics)"
+)
+_HELD = "recommender, held-out ratings and the declared catalogue only (no training rating is read); " + _EXACT
 _RUN_CONFIG = "the run config (or the site's stricter node config), declared before the run"
 _FLOWER = "Flower 1.41's protocol, fixed before the run"
+_RELEASE = "the release's own parameters (z, √t, δ, rng): the run config and the task's public schema"
 
 # Recommender evaluation sums (common/tasks/recsys/metrics.py): sent per site in the clear
 # without SecAgg+, inside the masked vector (eval_sums stage) with it.
+_RECSYS_NOISY = "{sse,sae,n_ratings,n}"
 _RECSYS_SUMS = (
-    "{sse,sae,n_ratings,n_ranked,hits,dcg,groups_suppressed,pop_at_k_sum,pop_at_k_n,"
-    "pop_held_out_sum,coverage_sum,coverage_sites}"
+    "{n_ranked,hits,dcg,groups_suppressed,pop_at_k_sum,pop_at_k_n,pop_held_out_sum,coverage_sum,coverage_sites}"
 )
-_GROUP_SUMS = "group.<v>.<v>.{sse,sae,pred,n,users,dcg}"
+_GROUP_NOISY = "group.<v>.<v>.{sse,sae,n,users}"
+_GROUP_SUMS = "group.<v>.<v>.{pred,dcg}"
 _YH_SUMS = "yh.gender.<v>"
 _EM = "config:evaluateres.metrics/"
+_METRICS_RELEASE = "{metrics_noise_multiplier,metrics_l2_sensitivity,metrics_delta,metrics_rng}"
 
 INVENTORY: tuple[Release, ...] = (
     # ------------------------------------------------------------------ fit reply
     Release(FIT, "array:fitres.parameters/<i>", C, _DP_SGD, "the update (local − global), plain runs only"),
-    Release(FIT, "metric:fitres.num_examples/num_examples", U, _N, "n (plain), 1 (SecAgg+), 0 (out of budget)"),
+    Release(FIT, "metric:fitres.num_examples/num_examples", P, _N, "n̂ (plain), 1 (SecAgg+), 0 (out of budget)"),
     Release(FIT, "config:fitres.status/{code,message}", P, _FLOWER, "NumPyClient's constant success status"),
     Release(FIT, "config:fitres.metrics/site_id", P, "the site's operator (node config site-id)", "pseudonym"),
     Release(FIT, "config:fitres.metrics/unit", P, "the task's code", "the unit of privacy"),
     Release(FIT, "config:fitres.metrics/{accountant,max_grad_norm,eps_budget}", P, _RUN_CONFIG, "ledger inputs"),
-    Release(FIT, "config:fitres.metrics/dataset_size", U, _N, "the site's training-set size n"),
-    Release(FIT, "config:fitres.metrics/{sample_rate,steps_planned,delta}", U, _N, "q = B/n, steps(n), δ(n)"),
-    Release(FIT, "config:fitres.metrics/noise_multiplier", U, _N, "σ(n) under dp.target-epsilon"),
-    Release(FIT, "config:fitres.metrics/{steps,eps_spent,status,note}", U, _N, "functions of (σ, q, steps)"),
-    Release(FIT, "config:fitres.metrics/history", U, _N + "; rngbudget branch adds `rng`", "earlier (σ, q, steps)"),
-    Release(FIT, "config:fitres.metrics/train_seconds", U, "finding 9; accounting branch: REMOVED", "reveals n"),
+    Release(FIT, "config:fitres.metrics/dataset_size", P, _N, "the declared size n̂"),
+    Release(FIT, "config:fitres.metrics/{sample_rate,steps_planned,delta}", P, _N, "q = B/n̂, steps(n̂), δ(n̂)"),
+    Release(FIT, "config:fitres.metrics/noise_multiplier", P, _N, "σ(n̂) under dp.target-epsilon"),
+    Release(
+        FIT,
+        "config:fitres.metrics/{steps,eps_spent,status,note}",
+        P,
+        _N + "; the site's budget policy",
+        "functions of the declared plans and the budget",
+    ),
+    Release(FIT, "config:fitres.metrics/history", P, _N, "earlier (round, σ, q, steps)"),
+    Release(FIT, "config:fitres.metrics/rng", P, "the run config and the site's node config", "os / seeded"),
+    Release(FIT, "config:fitres.metrics/" + _METRICS_RELEASE, P, _RELEASE, "metrics.dp under SecAgg+"),
+    Release(FIT, "config:fitres.metrics/train_seconds", R, "removed in issue 18 (finding 9)", "revealed n"),
     Release(
         FIT,
         "config:fitres.metrics/{train_loss,d_real_loss,g_loss}",
@@ -101,34 +121,41 @@ INVENTORY: tuple[Release, ...] = (
         "the task's training metrics (Task.train)",
     ),
     # ------------------------------------------------------------- evaluate reply
-    Release(EVAL, "metric:evaluateres.loss/loss", U, _VAL, "the primary metric on validation data (NaN: GAN)"),
-    Release(EVAL, "metric:evaluateres.num_examples/num_examples", U, _N + "; " + _VAL, "validation count"),
+    Release(EVAL, "metric:evaluateres.loss/loss", C, _NOISY, "the primary metric (post-processed noisy sums)"),
+    Release(EVAL, "metric:evaluateres.num_examples/num_examples", P, _N, "n̂; 1 under metrics.dp"),
     Release(EVAL, "config:evaluateres.status/{code,message}", P, _FLOWER, "NumPyClient's constant success status"),
     Release(EVAL, _EM + "site_id", P, "the site's operator (node config site-id)", "pseudonym"),
-    Release(EVAL, _EM + "history", U, _N, "the rounds the site trained, as in the fit reply"),
-    Release(EVAL, _EM + "{neg_elbo,recon_nll,kl,recon_mse}", U, _VAL, "VAE: validation means"),
-    Release(EVAL, _EM + "class.<i>.{recon_sum,n,recon_nll}", U, "finding 6; images branch + " + _VAL, "VAE"),
-    Release(EVAL, _EM + "recon_disparity.<v>", U, "finding 6; images branch + " + _VAL, "VAE: per-class spread"),
-    Release(EVAL, _EM + "{d_loss,d_real,d_fake}", U, _VAL, "GAN: discriminator losses on validation images"),
-    Release(EVAL, _EM + "class.<i>.n", U, _VAL, "GAN (class-target real): validation labels per class"),
-    Release(EVAL, _EM + _RECSYS_SUMS, U, _HELD, "recommender: held-out sums (clear without SecAgg+)"),
-    Release(EVAL, _EM + _GROUP_SUMS, U, _HELD, "recommender: per-group sums, groups of ≥ k users"),
-    Release(EVAL, _EM + _YH_SUMS, U, _HELD, "recommender: Yao & Huang's sums"),
-    Release(EVAL, _EM + "item_collision_rate", U, _HELD, "recommender: from every rated item"),
+    Release(EVAL, _EM + "history", P, _N, "the rounds the site trained, as in the fit reply"),
+    Release(EVAL, _EM + "eps_budget", P, _RUN_CONFIG, "metrics.dp: the budget the release is charged to"),
+    Release(EVAL, _EM + _METRICS_RELEASE, P, _RELEASE, "metrics.dp: the release's parameters"),
+    Release(EVAL, _EM + "{neg_elbo_sum,recon_nll_sum,kl_sum,recon_mse_sum,n}", C, _NOISY, "VAE: clipped sums"),
+    Release(EVAL, _EM + "class.<i>.{recon_sum,n}", C, _NOISY + "; exact: classes of ≥ k only", "VAE / GAN"),
+    Release(EVAL, _EM + "{neg_elbo,recon_nll,kl,recon_mse}", P, _EXACT, "VAE: validation means"),
+    Release(EVAL, _EM + "class.<i>.recon_nll", P, _EXACT + "; classes of ≥ k only", "VAE: per-class means"),
+    Release(EVAL, _EM + "recon_disparity.<v>", P, _EXACT, "VAE: spread over the sent classes"),
+    Release(EVAL, _EM + "{d_loss,d_real,d_fake}", P, _EXACT, "GAN: discriminator losses on validation images"),
+    Release(EVAL, _EM + _RECSYS_NOISY, C, _NOISY, "recommender: error sums and counts"),
+    Release(EVAL, _EM + _GROUP_NOISY, C, _NOISY + "; exact: groups of ≥ k users", "recommender: per group"),
+    Release(EVAL, _EM + _RECSYS_SUMS, P, _HELD, "recommender: ranking, popularity, coverage sums"),
+    Release(EVAL, _EM + _GROUP_SUMS, P, _HELD, "recommender: per-group sums, groups of ≥ k users"),
+    Release(EVAL, _EM + _YH_SUMS, P, _HELD, "recommender: Yao & Huang's sums"),
+    Release(EVAL, _EM + "item_collision_rate", P, "the declared catalogue and the federation key", "recommender"),
     Release(
         EVAL,
         _EM + "{rmse,mae,hr_at_k,ndcg_at_k,pop_at_k,pop_held_out,pop_lift,coverage_site_mean,coverage_upper}",
-        U,
+        P,
         _HELD,
         "recommender: metrics derived from the sums (rmse alone under SecAgg+)",
     ),
-    Release(EVAL, _EM + "group.<v>.<v>.{rmse,mae,ndcg_at_k}", U, _HELD, "recommender: per-group metrics"),
-    Release(EVAL, _EM + "unfairness.gender.<v>", U, _HELD, "recommender: Yao & Huang's metrics"),
+    Release(EVAL, _EM + "group.<v>.<v>.{rmse,mae,ndcg_at_k}", P, _HELD, "recommender: per-group metrics"),
+    Release(EVAL, _EM + "unfairness.gender.<v>", P, _HELD, "recommender: Yao & Huang's metrics"),
     # --------------------------------------------------------------- secure sum
     Release(SUM, "secure-sum/update", C, _DP_SGD, "the sum of the updates of the sites that uploaded"),
-    Release(SUM, "secure-sum/" + _RECSYS_SUMS, U, _HELD, "recommender: eval_sums' appended vector, exact sum"),
-    Release(SUM, "secure-sum/" + _GROUP_SUMS, U, _HELD, "recommender: the schema's groups (0: not sent)"),
-    Release(SUM, "secure-sum/" + _YH_SUMS, U, _HELD, "recommender: Yao & Huang's sums"),
+    Release(SUM, "secure-sum/" + _RECSYS_NOISY, C, _NOISY, "recommender: eval_sums' appended vector, sum"),
+    Release(SUM, "secure-sum/" + _GROUP_NOISY, C, _NOISY, "recommender: the schema's groups (0: not sent)"),
+    Release(SUM, "secure-sum/" + _RECSYS_SUMS, P, _HELD, "recommender: eval_sums' appended vector, exact sum"),
+    Release(SUM, "secure-sum/" + _GROUP_SUMS, P, _HELD, "recommender: the schema's groups (0: not sent)"),
+    Release(SUM, "secure-sum/" + _YH_SUMS, P, _HELD, "recommender: Yao & Huang's sums"),
     # --------------------------------------------------------- SecAgg+ protocol
     Release(SECAGG, "config:secaggplus_configs/{pk1,pk2}", P, _FLOWER, "fresh key pairs per round, no data"),
     Release(SECAGG, "config:secaggplus_configs/{dsts,ctxts}", P, _FLOWER, "encrypted shares of fresh secrets"),
@@ -158,10 +185,10 @@ INVENTORY: tuple[Release, ...] = (
         "routing",
     ),
     Release(META, "metadata/{src_node_id,message_id}", P, "the SuperLink (node registration, content id)", "ids"),
-    Release(META, "metadata/{created_at,ttl}", U, "finding 9: timing; no branch yet", "reply time, deadline left"),
+    Release(META, "metadata/{created_at,ttl}", U, "timing (finding 9): not padded yet", "reply time, deadline left"),
     # ------------------------------------------------------ timing and participation
-    Release(TIME, "timing/reply-arrival", U, "finding 9; no branch yet", "training time grows with n, batch sizes"),
-    Release(TIME, "timing/clientapp-runtime", U, "finding 9; no branch yet", "flower-supernode sends each run's time"),
+    Release(TIME, "timing/reply-arrival", U, "timing (finding 9): not padded yet", "training time grows with n"),
+    Release(TIME, "timing/clientapp-runtime", U, "timing (finding 9): not padded yet", "flower-supernode reports it"),
     Release(
         TIME,
         "participation/replied",

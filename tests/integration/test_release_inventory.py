@@ -48,6 +48,8 @@ TASKS = {
 }
 PLAIN = ["num-sites=2", "rounds=1", "dp.enabled=false", 'faults.dropout-sites="0"', "faults.dropout-stage=train"]
 SECURE = ["num-sites=3", "rounds=1", "secagg.enabled=true", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]
+# DP-SGD with private metrics (metrics.dp, the deployment default): the noisy evaluation release.
+PRIVATE = ["num-sites=2", "rounds=1", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0", "metrics.dp=true"]
 # What the injected dropout's exception says; it must stay at the site.
 DROPOUT_MESSAGE = "leaves round 1 before training"
 
@@ -109,29 +111,33 @@ def _capture(monkeypatch) -> tuple[set[str], list[str]]:
     return fields, reasons
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+@pytest.mark.parametrize("mode", ["plain", "secagg", "private"])
 @pytest.mark.parametrize("task", list(TASKS))
-def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, task, secure):
+def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, task, mode):
     scenario, extra = TASKS[task]
+    secure = mode == "secagg"
     key_file = str(write_key(tmp_path / "fed.key")) if task == "recsys" else None
-    overrides = extra + QUIET + (SECURE if secure else PLAIN) + [f"run-dir={tmp_path / 'run'}"]
+    chosen = {"plain": PLAIN, "secagg": SECURE, "private": PRIVATE}[mode]
+    overrides = extra + QUIET + chosen + [f"run-dir={tmp_path / 'run'}"]
     fields, reasons = _capture(monkeypatch)
     simulate(scenario, overrides, key_file=key_file)
 
     bad = unlisted(fields)
-    assert not bad, f"{task} ({'SecAgg+' if secure else 'plain'}) sends fields not in the release inventory: {bad}"
+    assert not bad, f"{task} ({mode}) sends fields not in the release inventory: {bad}"
 
     # The run sent every message kind it is here for (the check above is not vacuous).
     kinds = {"config:fitres.metrics/site_id", "config:evaluateres.metrics/site_id", "metadata/created_at"}
     if secure:
         keys = ("pk1", "ctxts", "masked_params", "shares")
         kinds |= {f"config:secaggplus_configs/{k}" for k in keys}
-    else:
-        kinds |= {"array:fitres.parameters/0", "config:fitres.metrics/train_seconds", "error/reason"}
+    elif mode == "plain":
+        kinds |= {"array:fitres.parameters/0", "config:fitres.metrics/rng", "error/reason"}
+    elif task != "gan":  # private metrics: the evaluate reply carries the release (the GAN's schema is empty here)
+        kinds |= {"config:evaluateres.metrics/metrics_noise_multiplier", "config:evaluateres.metrics/metrics_rng"}
     assert kinds <= fields, sorted(kinds - fields)
 
     # Error text: the fixed form, never the exception's own message.
-    assert len(reasons) == (0 if secure else 1)
+    assert len(reasons) == (1 if mode == "plain" else 0)
     for reason in reasons:
         assert "site failed: InjectedDropout (injected by [faults])" in reason and DROPOUT_MESSAGE not in reason
     if secure and task == "recsys":
@@ -165,7 +171,9 @@ def _site_app(monkeypatch, train):
     # An instruction as the SuperLink delivers it (the ServerApp's own constructor needs a run).
     meta = Metadata(1, "m1", 0, 1, "", "1", time.time(), 600.0, MessageType.TRAIN)
     msg = Message(content=fitins_to_recorddict(ins, keep_input=True), metadata=meta)
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "declared-size": 500}, state=RecordDict(), run_config={}
+    )
     return build_client_app(cfg.to_flat()), msg, ctx
 
 
