@@ -52,6 +52,11 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         help="accept runs with dp.secure-rng=false (test federations only: the seed would reveal the noise)",
     )
     init.add_argument(
+        "--allow-exact-metrics",
+        action="store_true",
+        help="accept private runs with metrics.dp=false (evaluation statistics sent without noise, outside epsilon)",
+    )
+    init.add_argument(
         "--state-dir",
         default=None,
         help="where the site keeps its privacy history between rounds and restarts "
@@ -89,6 +94,7 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
             epsilon_budget=args.epsilon_budget,
             dataset_id=args.dataset_id,
             allow_seeded_noise=args.allow_seeded_noise,
+            allow_exact_metrics=args.allow_exact_metrics,
             state_dir=str(Path(args.state_dir).resolve() if args.state_dir else out.resolve().parent / "privfed-state"),
         )
         site.validate()

@@ -18,6 +18,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from common.errors import ConfigError
 from common.faults import drops
 from common.pipeline.stages.faults import InjectedDropout
 from common.runtime import config_from
@@ -44,12 +45,15 @@ def failure_text(exc: BaseException) -> str:
 
     Flower sends ``str(exception)`` to the server (in simulation with Ray's traceback), and
     an exception's message may hold data values (a statistic, a dataset size, an update
-    norm). Only the class and a reason fixed in the class body (read from the class, not
-    the instance, so nothing computed at raise time) leave the site: release inventory
-    entry ``error/reason`` (common/privacy/release.py).
+    norm). Only the class and its public reason leave the site: a reason fixed in the class
+    body, or, for a :class:`~common.errors.ConfigError`, the name of the config key (never
+    its message, which may quote a value): release inventory entry ``error/reason``
+    (common/privacy/release.py).
     """
     cls = type(exc)
     public = getattr(cls, "public_reason", "")
+    if isinstance(exc, ConfigError):  # the key's name, which the operator must see to fix it; not the message
+        public = f"config key '{exc.key}'"
     return f"site failed: {cls.__name__}" + (f" ({public})" if isinstance(public, str) and public else "")
 
 

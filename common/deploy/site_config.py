@@ -26,6 +26,9 @@ Site-local keys (node config), each optional except ``partition-id``:
                     from its data source and path, and its partition; :func:`dataset_identity`)
     allow-seeded-noise  true: accept a run config with dp.secure-rng = false (test federations
                     only); default false, the site refuses (:func:`refuse_seeded_noise`)
+    allow-exact-metrics  true: accept a private run config with metrics.dp = false (evaluation
+                    statistics sent exactly, outside epsilon); default false, the site refuses
+                    (:func:`refuse_exact_metrics`)
 """
 
 from __future__ import annotations
@@ -207,6 +210,7 @@ class SiteConfig:
     state_dir: str = ""
     dataset_id: str = ""
     allow_seeded_noise: bool = False
+    allow_exact_metrics: bool = False
 
     def validate(self) -> None:
         if not self.site_id or any(c in self.site_id for c in " \"'="):
@@ -261,6 +265,8 @@ class SiteConfig:
             items.append(f"epsilon-budget={self.epsilon_budget!r}")
         if self.allow_seeded_noise:
             items.append("allow-seeded-noise=true")
+        if self.allow_exact_metrics:
+            items.append("allow-exact-metrics=true")
         return " ".join(items)
 
     def to_toml(self) -> str:

@@ -99,7 +99,7 @@ def test_round_stamps_and_seconds():
 
 
 def test_scale_data_and_config(tmp_path):
-    """1,000 sites of 16 images each: the config validates and samples exactly K sites."""
+    """1,000 sites of 32 images each: the config validates and samples exactly K sites."""
     from common.data.arrays import cached_federated_split
     from simulations.launcher import resolve
 

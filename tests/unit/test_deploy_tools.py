@@ -100,11 +100,12 @@ def test_site_config_round_trips_and_becomes_flowers_node_config(pki_dir, tmp_pa
         "epsilon-budget": 4.0,
     }
     # The site's own policies travel the same way: its dataset's name and its consent to seeded noise.
-    policy = dataclasses.replace(site, dataset_id="clinic-a-ratings", allow_seeded_noise=True)
+    policy = dataclasses.replace(site, dataset_id="clinic-a-ratings", allow_seeded_noise=True, allow_exact_metrics=True)
     path.write_text(policy.to_toml())
     assert SiteConfig.load(path) == policy
     parsed = parse_config_args([policy.node_config()])
     assert parsed["dataset-id"] == "clinic-a-ratings" and parsed["allow-seeded-noise"] is True
+    assert parsed["allow-exact-metrics"] is True
     cmd = supernode_command(site, ["--max-retries", "0"])
     assert cmd[cmd.index("--root-certificates") + 1] == str(pki_dir / "ca.pem")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(pki_dir / "site-0.key")

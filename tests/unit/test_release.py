@@ -120,3 +120,8 @@ def test_failure_text_is_the_class_and_its_declared_reason_only():
     exc = _Secret("n=123")
     exc.public_reason = "n=123"  # type: ignore[attr-defined]
     assert failure_text(exc) == "site failed: _Secret"
+    # A config error names its key (what the operator must fix), never the message that may quote a value.
+    from common.errors import ConfigError
+
+    text = failure_text(ConfigError("data.val-fraction", "site 11 has 16 examples"))
+    assert text == "site failed: ConfigError (config key 'data.val-fraction')"

@@ -190,3 +190,17 @@ def test_seeded_noise_only_where_the_site_allows_it_and_the_reply_says_which():
         assert m["rng"] == "seeded"
     # Without noise there is nothing to seed: a non-private run is not refused for it.
     assert not _deployed({"dp.secure-rng": False, "dp.enabled": False, "metrics.dp": False}).cfg.dp.enabled
+
+
+def test_exact_metrics_only_where_the_site_allows_them():
+    """The coordinator's run config alone cannot turn a site's private metrics off (issue 18)."""
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'metrics.dp'.*allow-exact-metrics is false") as refused:
+        _deployed({"metrics.dp": False})
+    assert "\n" not in str(refused.value)
+    assert not _deployed({"metrics.dp": False}, {"allow-exact-metrics": True}).cfg.metrics.dp
+    assert not _deployed({"metrics.dp": False}, allow_seeded_noise=True).cfg.metrics.dp  # a virtual site
+    assert _deployed({}).cfg.metrics.dp  # the default: private metrics
+    with pytest.raises(ConfigError, match="allow-exact-metrics"):
+        _deployed({"metrics.dp": False}, {"allow-exact-metrics": "yes"})
