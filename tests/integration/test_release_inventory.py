@@ -114,6 +114,8 @@ def _capture(monkeypatch) -> tuple[set[str], list[str]]:
 @pytest.mark.parametrize("mode", ["plain", "secagg", "private"])
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, task, mode):
+    if mode == "private" and task == "gan":
+        pytest.skip("the GAN's metrics.dp schema is empty unless gan.class-target = real: nothing new to capture")
     scenario, extra = TASKS[task]
     secure = mode == "secagg"
     key_file = str(write_key(tmp_path / "fed.key")) if task == "recsys" else None
