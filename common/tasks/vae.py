@@ -164,6 +164,19 @@ def dp_means(sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _eval_terms(model: VAE, data: ArrayData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, per-image reconstruction NLL, per-image KL, decoded means) in eval mode (the caller
+    switches back to train). A fixed generator draws the same z noise every round, so curves
+    show the model, not Monte Carlo noise."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = data.x.to(device)
+    gen = torch.Generator(device=device).manual_seed(1234)
+    recon, kl = negative_elbo_terms(model, x, gen)
+    mu, _ = model.encode(x)
+    return x, recon, kl, torch.sigmoid(model.decoder(mu))
+
+
 def _vae(model: nn.Module) -> VAE:
     """The model as the ``VAE`` it is: the task's hooks get only models its ``build_model`` made
     (typed ``nn.Module`` by the ``Task`` interface). A static cast, no runtime check."""
@@ -186,14 +199,8 @@ class VAETask(ImageTask):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
         model = _vae(model)
-        model.eval()
-        device = next(model.parameters()).device
-        x = data.x.to(device)
-        # Fixed generator: the same z noise every round, so curves show the model, not MC noise.
-        gen = torch.Generator(device=device).manual_seed(1234)
-        recon, kl = negative_elbo_terms(model, x, gen)
-        mu, _ = model.encode(x)
-        mse = F.mse_loss(torch.sigmoid(model.decoder(mu)), x)
+        x, recon, kl, decoded = _eval_terms(model, data)
+        mse = F.mse_loss(decoded, x)
         out = {
             "neg_elbo": float((recon + kl).mean()),
             "recon_nll": float(recon.mean()),
@@ -235,13 +242,8 @@ class VAETask(ImageTask):
     def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
         """:meth:`metric_bounds`'s sums on a site's validation images, each image clipped to its bound."""
         model = _vae(model)
-        model.eval()
-        device = next(model.parameters()).device
-        x = data.x.to(device)
-        gen = torch.Generator(device=device).manual_seed(1234)
-        recon, kl = negative_elbo_terms(model, x, gen)
-        mu, _ = model.encode(x)
-        mse = (torch.sigmoid(model.decoder(mu)) - x).pow(2).mean(dim=1)
+        x, recon, kl, decoded = _eval_terms(model, data)
+        mse = (decoded - x).pow(2).mean(dim=1)
         b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
         recon_c = recon.double().clamp(0, b)
         out = {
