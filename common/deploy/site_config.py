@@ -116,50 +116,50 @@ def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunC
     return cfg
 
 
+def _site_consents(node_config: Mapping[str, Any], key: str, virtual_site: bool) -> bool:
+    """Whether this site's own node config (``key = true``) or the simulation launcher
+    (``virtual_site``) accepts a weaker setting the run config asks for. The coordinator
+    writes the run config, not the node config, so it cannot give this consent itself."""
+    allowed = node_config.get(key, False)
+    if not isinstance(allowed, bool):
+        raise ConfigError(f"site {key}", "must be true or false")
+    return virtual_site or allowed
+
+
 def refuse_seeded_noise(cfg: RunConfig, node_config: Mapping[str, Any], *, virtual_site: bool = False) -> None:
     """Refuse a run config that asks this site for seeded noise, unless the site allows it.
 
     With ``dp.secure-rng = false`` every noise draw and Poisson sample of the site is a
     function of (federation.seed, partition-id, round), all in the run config: whoever holds
     it can regenerate the noise and subtract it, so the site's ε would hold against nobody
-    who matters. The coordinator writes the run config, so the site decides: only its own
-    node config (``allow-seeded-noise = true``) or the simulation launcher's virtual sites
-    (``virtual_site``) accept it. A run without noise (no DP at all) has nothing to seed.
+    who matters. Only the site's consent (``allow-seeded-noise``) accepts it. A run without
+    noise (no DP at all) has nothing to seed.
     """
     if cfg.dp.secure_rng or not (cfg.dp.enabled or cfg.central_dp.enabled):
         return
-    allowed = node_config.get("allow-seeded-noise", False)
-    if not isinstance(allowed, bool):
-        raise ConfigError("site allow-seeded-noise", "must be true or false")
-    if virtual_site or allowed:
-        return
-    raise ConfigError(
-        "dp.secure-rng",
-        "is false in the run config, which would seed this site's noise from federation.seed (anyone holding the "
-        "config could remove it); this site refuses (its allow-seeded-noise is false)",
-    )
+    if not _site_consents(node_config, "allow-seeded-noise", virtual_site):
+        raise ConfigError(
+            "dp.secure-rng",
+            "is false in the run config, which would seed this site's noise from federation.seed (anyone holding the "
+            "config could remove it); this site refuses (its allow-seeded-noise is false)",
+        )
 
 
 def refuse_exact_metrics(cfg: RunConfig, node_config: Mapping[str, Any], *, virtual_site: bool = False) -> None:
     """Refuse a private run config that asks this site for exact (un-noised) metrics, unless the site allows it.
 
     With ``metrics.dp = false`` the site's evaluation statistics leave it exactly, outside
-    ε (docs/PRIVACY.md, "Private metrics"). The run config is the coordinator's, so, as for
-    seeded noise, only the site's own node config (``allow-exact-metrics = true``) or the
-    simulation launcher's virtual sites accept it. A non-private run has no ε to keep.
+    ε (docs/PRIVACY.md, "Private metrics"). Only the site's consent (``allow-exact-metrics``)
+    accepts it. A non-private run has no ε to keep.
     """
     if cfg.metrics.dp or not cfg.dp.enabled:
         return
-    allowed = node_config.get("allow-exact-metrics", False)
-    if not isinstance(allowed, bool):
-        raise ConfigError("site allow-exact-metrics", "must be true or false")
-    if virtual_site or allowed:
-        return
-    raise ConfigError(
-        "metrics.dp",
-        "is false in the run config, which would send this site's evaluation statistics without noise, outside "
-        "its epsilon; this site refuses (its allow-exact-metrics is false)",
-    )
+    if not _site_consents(node_config, "allow-exact-metrics", virtual_site):
+        raise ConfigError(
+            "metrics.dp",
+            "is false in the run config, which would send this site's evaluation statistics without noise, outside "
+            "its epsilon; this site refuses (its allow-exact-metrics is false)",
+        )
 
 
 def dataset_identity(cfg: RunConfig, node_config: Mapping[str, Any], site_index: int) -> str:

@@ -174,7 +174,7 @@ INVENTORY: tuple[Release, ...] = (
         "error/reason",
         P,
         "privfed's code (client/mods.py failure_text), before the run",
-        "`site failed: <exception class>` and a class-level public reason; never the exception's message",
+        "`site failed: <exception class>`, a class-level public reason or a config error's key; never the message",
     ),
     # ------------------------------------------------------------ message metadata
     Release(
