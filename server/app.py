@@ -19,6 +19,8 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from rich.console import Console
 
 from common.config import RunConfig
+from common.deploy.registry import Registry
+from common.deploy.signing import Ed25519PrivateKey, load_signing_key, public_hex
 from common.errors import ConfigError, PrivfedError, TrainingFailure
 from common.pipeline import build_pipeline
 from common.preflight import preflight
@@ -33,7 +35,7 @@ from server.ledger import Ledger
 from server.recorder import RunRecorder
 from server.report import Summary, write_summary
 from server.resume import ResumePoint, check_same_config, resume_point
-from server.run_dir import default_run_dir
+from server.run_dir import REGISTRY_FILE, default_run_dir
 from server.secagg import PrivfedSecAgg
 from server.strategy import DeltaFedAvg
 from server.workflow import RoundLoop
@@ -70,11 +72,20 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             set_state(eval_model, keys, arrays)
             return task.evaluate(eval_model, test)
 
+    registry, server_key = load_identities(cfg)
     n = cfg.federation.num_sites
     # The update's journey (clip, guard, evaluation sums, weighting, masking), the sites' too.
     pipeline = build_pipeline(cfg, task)
     strategy = DeltaFedAvg(
-        cfg, task, None, pipeline, initial_arrays=get_state(model, keys), central_eval=central_eval, run_id=run_dir.name
+        cfg,
+        task,
+        None,
+        pipeline,
+        initial_arrays=get_state(model, keys),
+        central_eval=central_eval,
+        run_id=run_dir.name,
+        registry=registry,
+        server_key=server_key,
     )
     recorder: RunRecorder | None = None
 
@@ -82,7 +93,9 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         # The run dir is created only once every site is there: a run that cannot
         # start leaves nothing behind.
         nonlocal recorder
-        recorder = RunRecorder(cfg, task, run_dir, console, resume=fed.resume)
+        recorder = RunRecorder(cfg, task, run_dir, console, resume=fed.resume, server_key=server_key)
+        if not (run_dir / REGISTRY_FILE).exists():  # the auditor's copy (simulation: already there)
+            registry.write(run_dir / REGISTRY_FILE)
         strategy.ledger = recorder.ledger
         task.artifacts_dir = run_dir  # e.g. the GAN's evaluation classifier is cached there
         if point is not None:
@@ -163,6 +176,26 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     if failure is not None:
         raise failure
     return summary
+
+
+def load_identities(cfg: RunConfig) -> tuple[Registry, Ed25519PrivateKey]:
+    """The federation registry and the coordinator's signing key, named by the run config."""
+    fed = cfg.federation
+    if not fed.registry:
+        raise ConfigError(
+            "registry",
+            "is empty: the server needs the federation registry (each site's public key and declared size; "
+            "docs/DEPLOYMENT.md) to know whose reply is whose",
+        )
+    if not fed.server_key:
+        raise ConfigError("server-key", "is empty: the server signs ledger heads and receipts with its own key")
+    registry = Registry.load(fed.registry)
+    server_key = load_signing_key(fed.server_key)
+    if public_hex(server_key) != registry.server_key:
+        raise ConfigError("server-key", "is not the key the registry's [server] public-key names")
+    if len(registry.sites) < fed.num_sites:
+        raise ConfigError("registry", f"registers {len(registry.sites)} site(s), but num-sites is {fed.num_sites}")
+    return registry, server_key
 
 
 def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:

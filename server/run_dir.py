@@ -20,10 +20,19 @@ def default_run_dir(cfg: RunConfig, now: str | None = None) -> Path:
     return Path("runs") / f"{now or datetime.now().strftime(STAMP_FORMAT)}-{cfg.scenario}"
 
 
+# What the simulation launcher writes into a new run dir just before the run starts: the
+# parties' keys and the registry (simulations/identities.py). Deployed: paths of their own.
+KEYS_DIR = "keys"
+REGISTRY_FILE = "registry.toml"
+SERVER_KEY_FILE = "server.key"
+PREPARED = (KEYS_DIR, REGISTRY_FILE)
+
+
 def check_new_run_dir(run_dir: Path) -> None:
-    """A new run needs an absent or empty directory: never mix two runs' ledgers."""
+    """A new run needs an absent or empty directory (but for the launcher's keys and
+    registry, :data:`PREPARED`): never mix two runs' ledgers."""
     check_not_a_file(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name not in PREPARED for p in run_dir.iterdir()):
         raise ConfigError("run-dir", f"{run_dir} already exists and is not empty")
 
 

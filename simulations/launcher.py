@@ -168,7 +168,14 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, siz
     from client.app import build_client_app
     from common.privacy.plan import known_noise
     from server.app import build_server_app
+    from simulations.identities import simulation_identities
 
+    # Every party's Ed25519 key and the registry (simulations/identities.py): the server
+    # trusts a reply's site id only when that site's key signed it, and weights it by the
+    # registered n-hat.
+    ids = simulation_identities(run_dir, sizes, resume=cfg.federation.resume)
+    if not (cfg.federation.resume and cfg.federation.registry):  # a resumed run keeps its config
+        cfg = cfg.replace(registry=str(ids.registry_path), server_key=str(ids.server_key_path))
     flat = cfg.to_flat()
     dp = cfg.dp
     privacy = (
@@ -202,6 +209,8 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, siz
             noise=known_noise(),
             allow_seeded_noise=True,
             declared_sizes=sizes,
+            signing_keys=ids.site_keys,
+            server_public_key=ids.server_public_key,
         ),
         num_supernodes=cfg.federation.num_sites,
         backend_config={

@@ -79,6 +79,13 @@ class FederationConfig:
     round_timeout: float = 0.0
     # Continue the run in run-dir from its last checkpoint (`privfed resume RUN_DIR`).
     resume: bool = False
+    # The federation registry (common.deploy.registry): each site's Ed25519 public key and
+    # declared size; the server trusts a reply's site id only when that key signed it.
+    # Empty in a simulation: the launcher writes RUN_DIR/registry.toml for its virtual sites.
+    registry: str = ""
+    # The coordinator's Ed25519 private key (PEM), which signs ledger heads and receipts.
+    # A path on the server's machine; simulation: RUN_DIR/keys/server.key.
+    server_key: str = ""
 
     def validate(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
