@@ -39,16 +39,35 @@ from flwr.client import Client, ClientApp, NumPyClient
 from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
 from client.state import LIFETIME_ACCOUNTANT, Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
+from common.deploy.fileio import write_atomically
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
+from common.deploy.receipts import RECEIPT, Receipt, ReceiptError, check_receipt, extends
+from common.deploy.signing import (
+    MASKED,
+    SIGNATURE,
+    Ed25519PrivateKey,
+    load_signing_key,
+    reply_claim,
+    sign,
+    update_digest,
+)
 from common.deploy.site_config import (
+    SERVER_KEY,
+    SIGNING_KEY,
+    PolicyRefusal,
+    SitePolicy,
     apply_site_overrides,
+    check_allowed_task,
+    check_server_key,
+    check_site_policy,
     dataset_identity,
     declared_size,
     refuse_exact_metrics,
     refuse_seeded_noise,
 )
-from common.errors import PrivfedError
+from common.errors import ConfigError, PrivfedError
 from common.faults import drops, event
+from common.identifiers import run_id_problem, site_id_problem
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import CENTRAL_SITE_ID
@@ -65,8 +84,41 @@ STATE_KEY = "privfed.accounting"
 METRICS_STATE_KEY = "privfed.metrics-accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
 LOCAL_STATE_KEY = "privfed.local-model"
+# The newest ledger receipt the site holds (without a state-dir: only in the node state).
+RECEIPT_STATE_KEY = "privfed.receipt"
 # Site-local only (the SuperNode's own log): never in a reply.
 _LOG = logging.getLogger("privfed.site")
+
+
+class ReceiptRefused(PrivfedError):
+    """The coordinator's ledger receipt does not verify against its key (server-key)."""
+
+    public_reason = "the coordinator's ledger receipt does not verify"
+
+
+class ReceiptContradiction(PrivfedError):
+    """The coordinator's ledger receipt does not extend the one the site kept: its history was rewritten."""
+
+    public_reason = "the coordinator's ledger receipt contradicts an earlier one"
+
+
+def instruction_run_id(config: Mapping[str, Any]) -> str:
+    """The instruction's run id ('' when it has none), refused unless it matches the strict
+    pattern (common.identifiers): it names folders under the site's state-dir."""
+    run_id = config.get("run-id", "")
+    if run_id == "":
+        return ""
+    problem = run_id_problem(run_id)
+    if problem:
+        raise ConfigError("run-id", problem)
+    return cast(str, run_id)
+
+
+def receipt_path(state_dir: str | Path, run_id: str, site_id: str) -> Path:
+    """``<state-dir>/receipts/<run-id>/<site-id>.json`` (both ids checked against their patterns)."""
+    if run_id_problem(run_id) or site_id_problem(site_id):
+        raise PrivfedError("receipt path: the run id or site id does not match its pattern")
+    return Path(state_dir) / "receipts" / run_id / f"{site_id}.json"
 
 
 class SiteClient(NumPyClient):
@@ -81,10 +133,20 @@ class SiteClient(NumPyClient):
         dataset_id: str = "",
         *,
         declared: int,
+        signing_key: Ed25519PrivateKey | None = None,
+        server_key: str = "",
     ) -> None:
-        """``declared`` is the site's public size n-hat (:func:`declared_size`)."""
+        """``declared`` is the site's public size n-hat (:func:`declared_size`).
+
+        ``signing_key`` signs every fit and evaluate reply (contract: common.deploy.signing);
+        ``server_key`` (64 hex) is the coordinator's public key the site checks receipts
+        against. :func:`make_site` always gives both to a deployed site; a SiteClient built
+        directly without them (unit tests) sends unsigned replies, which a server with a
+        registry refuses, and does not check receipts.
+        """
         self.cfg, self.site_index, self.site_id, self.ctx = cfg, site_index, site_id, context
         self.declared = declared
+        self.signing_key, self.server_key = signing_key, server_key
         self.task = cached_task(cfg, key)
         self.train_data, self.val_data = self.task.site_data(site_index)
         self.device = resolve_device(cfg.federation.device)
@@ -107,9 +169,8 @@ class SiteClient(NumPyClient):
         the in-memory history would miss the round the site had just spent privacy on.
         The file was written before the failure and is the site's truth.
         """
-        run_id = config.get("run-id")
-        self.run_id = run_id if isinstance(run_id, str) else ""
-        if not self.state_dir or not isinstance(run_id, str) or not run_id:
+        run_id = self.run_id = instruction_run_id(config)
+        if not self.state_dir or not run_id:
             return
         self.state_file = state_path(self.state_dir, run_id, self.site_id)
         saved = load_state(self.state_file)
@@ -231,10 +292,86 @@ class SiteClient(NumPyClient):
     def _remember(self, server_round: int, plan: RoundPlan, steps: int) -> None:
         self._set_history(self._entries() + [(server_round, plan.noise_multiplier, plan.sample_rate, steps)])
 
+    # ------------------------------------------------------------ receipts
+    def _kept_receipt(self) -> Receipt | None:
+        """The newest receipt this site accepted in this run (its disk, else its node state)."""
+        path = self._receipt_file()
+        if path is not None:
+            if not path.is_file():
+                return None
+            text = path.read_text(encoding="utf-8")
+        else:
+            rec = self.ctx.state.config_records.get(RECEIPT_STATE_KEY)
+            if rec is None:
+                return None
+            text = str(rec["text"])
+        try:
+            return check_receipt(text, self.server_key, self.site_id, self.run_id)
+        except ReceiptError:  # the site's own copy: damaged, or kept under another server key
+            raise PrivfedError(
+                f"the kept ledger receipt{f' {path}' if path else ''} no longer verifies; move it aside only if you "
+                "know why (it is this site's evidence of what the coordinator ledgered)"
+            ) from None
+
+    def _receipt_file(self) -> Path | None:
+        return receipt_path(self.state_dir, self.run_id, self.site_id) if self.state_dir and self.run_id else None
+
+    def _check_receipt(self, config: Mapping[str, Any]) -> None:
+        """Contract point 4: verify the instruction's receipt, refuse one that does not extend the
+        kept one (the coordinator rewrote what it showed this site), keep the newest."""
+        text = config.get(RECEIPT, "")
+        if text == "" or not self.server_key:  # no head signed yet; or a SiteClient without a server key
+            return
+        try:
+            new = check_receipt(text, self.server_key, self.site_id, self.run_id)
+        except ReceiptError as exc:
+            _LOG.error("refusing the instruction: %s", exc)
+            raise ReceiptRefused(str(exc)) from None
+        kept = self._kept_receipt()
+        if kept is not None:
+            reason = extends(kept, new)
+            if reason:
+                _LOG.error("refusing the instruction: the ledger receipt does not extend the kept one: %s", reason)
+                raise ReceiptContradiction(reason)
+            if kept.text == new.text:
+                return
+        path = self._receipt_file()
+        if path is None:
+            self.ctx.state.config_records[RECEIPT_STATE_KEY] = ConfigRecord({"text": new.text})
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = new.text.encode()
+
+        def write(fh: Any) -> None:
+            fh.write(data)
+
+        write_atomically(path, write)
+
+    def _begin(self, config: Mapping[str, Any]) -> None:
+        """Every instruction: the run id (strict), the site's durable state, the receipt."""
+        self._restore(config)
+        self._check_receipt(config)
+
+    # ------------------------------------------------------------ signing
+    def _signed(self, kind: str, config: Mapping[str, Any], arrays: list[np.ndarray], metrics: dict[str, Any]):
+        """The reply's metrics with the site's signature added LAST (contract point 1)."""
+        if self.signing_key is None:
+            return metrics
+        if kind == "evaluate":
+            update = ""
+        else:
+            update = MASKED if self.cfg.secagg.enabled else update_digest(arrays)
+        claim = reply_claim(self.run_id, int(config.get("server-round", 0)), kind, update, metrics)
+        return {**metrics, SIGNATURE: sign(self.signing_key, claim)}
+
     # ------------------------------------------------------------------- Flower
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
+        arrays, num_examples, metrics = self._fit(parameters, config)
+        return arrays, num_examples, self._signed("fit", config, arrays, metrics)
+
+    def _fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         server_round = int(config.get("server-round", 0))
-        self._restore(config)
+        self._begin(config)
         # n-hat only: the plan is sent and ledgered, and must not depend on the real n.
         plan = plan_round(self.cfg, self.declared)
         check_real_size(plan, len(self.train_data))  # delta < 1/n for the real n; says no n
@@ -364,7 +501,11 @@ class SiteClient(NumPyClient):
         return loss, 1, {**out, **noisy.values, **fields, "eps_budget": self.cfg.dp.epsilon_budget}
 
     def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
-        self._restore(config)
+        loss, num_examples, metrics = self._evaluate(parameters, config)
+        return loss, num_examples, self._signed("evaluate", config, [], metrics)
+
+    def _evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
+        self._begin(config)
         model, _ = self._model(parameters)
         if self.cfg.metrics.dp:
             return self._private_evaluate(model, int(config.get("server-round", 0)))
@@ -409,7 +550,38 @@ def site_identity(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[int, 
         raise PrivfedError(
             f"site-id {CENTRAL_SITE_ID!r} is reserved for the ledger's client-level DP rows; pick another"
         )
+    problem = site_id_problem(site_id)
+    if problem:
+        raise ConfigError("site-id", problem)
     return index, site_id
+
+
+def signing_identity(
+    node_config: Mapping[str, Any], site_index: int, signing_keys: Sequence[Ed25519PrivateKey] | None, server_key: str
+) -> tuple[Ed25519PrivateKey, str]:
+    """(the site's signing key, the coordinator's public key hex).
+
+    A deployed site reads its own: node config ``signing-key`` (a PEM path) and ``server-key``
+    (64 hex), and is refused without them. The simulation launcher hands its virtual sites
+    theirs (``signing_keys[partition-id]``, ``server_key``); a site's own node config wins.
+    """
+    path = node_config.get(SIGNING_KEY, "")
+    if isinstance(path, str) and path:
+        signer = load_signing_key(path)
+    elif signing_keys is not None and 0 <= site_index < len(signing_keys):
+        signer = signing_keys[site_index]
+    else:
+        raise ConfigError(
+            SIGNING_KEY,
+            "missing from this site's node config: the site signs every reply with its Ed25519 key "
+            "(`privfed site init` makes one; the coordinator registers its public key)",
+        )
+    given = node_config.get(SERVER_KEY, "")
+    if given not in ("", None) or signing_keys is None:
+        server_key = check_server_key(given)
+    elif server_key:
+        check_server_key(server_key)
+    return signer, server_key
 
 
 def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None = None) -> bytes | None:
@@ -441,26 +613,70 @@ def make_site(
     state_dir: str | Path = "",
     declared_sizes: Sequence[int] | None = None,
     allow_seeded_noise: bool = False,
+    signing_keys: Sequence[Ed25519PrivateKey] | None = None,
+    server_public_key: str = "",
 ) -> SiteClient:
     """The site a SuperNode runs for one message (see :func:`build_client_app`): the run's
     config under this site's own rules.
 
-    Refuses, before loading any data, a site with no declared size n-hat (deployment), and
-    seeded noise unless the site itself (or the simulation launcher) allows it.
+    Refuses, before loading any data: a site without its signing key or the coordinator's
+    key (deployment), or with no declared size n-hat (deployment); and, by the site's own
+    policy (:class:`~common.deploy.site_config.PolicyRefusal`, bound to the site's key so the
+    refusal can be signed once the instruction's run id and round are known): a task it does
+    not allow, seeded noise or exact metrics unless the site (or the simulation launcher)
+    allows them, and a plan outside its limits (sigma, delta, per-round epsilon, group size).
     """
+    node = context.node_config
     # The run's config, then this site's own settings (data, device, a stricter budget).
-    cfg = apply_site_overrides(config_from(base, context.run_config), context.node_config)
-    # The run config is the coordinator's, so it alone cannot make a site's noise predictable.
-    refuse_seeded_noise(cfg, context.node_config, virtual_site=allow_seeded_noise)
-    # Likewise exact metrics: virtual sites may send them, a deployed site only by its own choice.
-    refuse_exact_metrics(cfg, context.node_config, virtual_site=allow_seeded_noise)
-    site_index, site_id = site_identity(cfg, context.node_config)
-    simulated = declared_sizes[site_index] if declared_sizes is not None else None
-    declared = declared_size(context.node_config, simulated)
-    site_secret = site_key(cfg, context.node_config, key)
-    folder = str(context.node_config.get("state-dir", "") or state_dir)
-    dataset = dataset_identity(cfg, context.node_config, site_index)
-    return SiteClient(cfg, site_index, site_id, context, site_secret, folder, dataset, declared=declared)
+    cfg = apply_site_overrides(config_from(base, context.run_config), node)
+    site_index, site_id = site_identity(cfg, node)
+    signer, server_key = signing_identity(node, site_index, signing_keys, server_public_key)
+    policy = SitePolicy.from_node_config(node)
+    try:
+        check_allowed_task(cfg, policy)  # first: nothing of an unwanted task is even sized
+        # The run config is the coordinator's, so it alone cannot make a site's noise predictable.
+        refuse_seeded_noise(cfg, node, virtual_site=allow_seeded_noise)
+        # Likewise exact metrics: virtual sites may send them, a deployed site only by its own choice.
+        refuse_exact_metrics(cfg, node, virtual_site=allow_seeded_noise)
+        simulated = declared_sizes[site_index] if declared_sizes is not None else None
+        declared = declared_size(node, simulated)
+        check_site_policy(cfg, policy, declared)  # the plan at n-hat: no data read
+    except PolicyRefusal as exc:
+        raise exc.bind(signer, site_id) from None
+    site_secret = site_key(cfg, node, key)
+    folder = str(node.get("state-dir", "") or state_dir)
+    dataset = dataset_identity(cfg, node, site_index)
+    return SiteClient(
+        cfg,
+        site_index,
+        site_id,
+        context,
+        site_secret,
+        folder,
+        dataset,
+        declared=declared,
+        signing_key=signer,
+        server_key=server_key,
+    )
+
+
+class RefusingSite(NumPyClient):
+    """What a site that refused the run config by its policy answers every instruction with:
+    the refusal, signed for the instruction's run id and round (contract point 5). No data
+    is loaded; the run id is checked like any instruction's."""
+
+    def __init__(self, refusal: PolicyRefusal) -> None:
+        self.refusal = refusal
+
+    def _refuse(self, config: Mapping[str, Any]) -> Any:
+        run_id = instruction_run_id(config)
+        raise self.refusal.sign_for(run_id, int(config.get("server-round", 0)))
+
+    def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]) -> Any:
+        return self._refuse(config)
+
+    def evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]) -> Any:
+        return self._refuse(config)
 
 
 def build_client_app(
@@ -470,6 +686,8 @@ def build_client_app(
     noise: Mapping[NoiseKey, float] | None = None,
     declared_sizes: Sequence[int] | None = None,
     allow_seeded_noise: bool = False,
+    signing_keys: Sequence[Ed25519PrivateKey] | None = None,
+    server_public_key: str = "",
 ) -> ClientApp:
     """A ClientApp whose config is ``defaults`` overlaid by Flower's run_config.
 
@@ -483,13 +701,25 @@ def build_client_app(
     deployed site declares its own (``declared-size``) and is refused without one.
     ``allow_seeded_noise``: the simulation launcher's virtual sites accept ``dp.secure-rng = false``;
     a deployed site (this module's ``app``) refuses it unless its node config says ``allow-seeded-noise = true``.
+    ``signing_keys`` (indexed by partition id) and ``server_public_key`` (64 hex): the launcher's
+    keys for its virtual sites; a deployed site reads its own (``signing-key``, ``server-key``).
+
+    A run config the site's policy refuses is answered, per instruction, by a
+    :class:`RefusingSite`: the refusal needs the instruction's run id and round to be signed,
+    and Flower gives ``client_fn`` only the context, not the message.
     """
     base = dict(defaults or {})
     searched = dict(noise or {})
 
     def client_fn(context: Context) -> Client:
         remember_noise(searched)
-        return make_site(base, context, key, state_dir, declared_sizes, allow_seeded_noise).to_client()
+        try:
+            site: NumPyClient = make_site(
+                base, context, key, state_dir, declared_sizes, allow_seeded_noise, signing_keys, server_public_key
+            )
+        except PolicyRefusal as refusal:
+            site = RefusingSite(refusal)
+        return site.to_client()
 
     # failure_mod outermost: whatever fails inside, its message stays at the site.
     return ClientApp(client_fn=client_fn, mods=[failure_mod, make_fault_mod(base), secure_mod])

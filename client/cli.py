@@ -8,10 +8,16 @@ stay at the site: they reach the ClientApp only as the SuperNode's node config);
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from common.errors import PrivfedError
+
+if TYPE_CHECKING:
+    from common.deploy.signing import Ed25519PrivateKey
+    from common.deploy.site_config import SiteConfig
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -62,21 +68,75 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         help="where the site keeps its privacy history between rounds and restarts "
         "(default: privfed-state beside --out)",
     )
+    init.add_argument(
+        "--server-key",
+        required=True,
+        help="the coordinator's Ed25519 public key (64 hex digits): the site checks its ledger receipts against it",
+    )
+    init.add_argument(
+        "--signing-key",
+        default="",
+        help="this site's Ed25519 signing key (PEM); made if absent (default: NAME.signing.pem beside --out)",
+    )
+    init.add_argument(
+        "--allowed-tasks", default="", help="policy: comma-separated tasks this site trains (default any)"
+    )
+    init.add_argument("--min-noise-multiplier", type=float, default=0.0, help="policy: the smallest sigma accepted")
+    init.add_argument(
+        "--max-epsilon-per-round", type=float, default=0.0, help="policy: the largest epsilon one round may spend"
+    )
+    init.add_argument("--max-delta", type=float, default=0.0, help="policy: the largest delta accepted")
+    init.add_argument(
+        "--min-group-size", type=int, default=0, help="policy: floor on the task's min-group-size (0: none)"
+    )
     init.add_argument("--force", action="store_true")
+    verify = site_sub.add_parser(
+        "verify", help="compare this site's own history and kept receipt with the coordinator's ledger"
+    )
+    verify.add_argument("--state-dir", required=True, help="the site's state-dir")
+    verify.add_argument("--ledger", required=True, help="the ledger (ledger.sqlite) or the run folder holding it")
+    verify.add_argument("--run-id", default=None, help="the run to check (default: the ledger's)")
+    verify.add_argument("--site-id", default=None, help="the site to check (default: the only one in state-dir)")
+    verify.add_argument("--server-key", default="", help="the coordinator's public key: re-check the kept receipt")
     joinp = site_sub.add_parser("join", help="check a site config, then run flower-supernode with it")
     joinp.add_argument("config")
     joinp.add_argument("--check", action="store_true", help="only check and print the command")
 
 
-def run(command: str, args: argparse.Namespace, console: Console, err: Console, passthrough: list[str]) -> int:
-    from pathlib import Path
+def _site_signing_key(path: Path) -> Ed25519PrivateKey:
+    """The site's signing key at ``path``: loaded if it exists, else made (0600)."""
+    from common.deploy.signing import load_signing_key, write_signing_key
 
+    return load_signing_key(path) if path.exists() else write_signing_key(path)
+
+
+def registry_entry(site: SiteConfig, public_key: str) -> str:
+    """The site's ``[[site]]`` entry for the coordinator's registry (common.deploy.registry), as TOML."""
+    import tomli_w
+
+    entry = {"site-id": site.site_id, "public-key": public_key, "declared-size": site.declared_size}
+    return tomli_w.dumps({"site": [entry]}).strip()
+
+
+def run(command: str, args: argparse.Namespace, console: Console, err: Console, passthrough: list[str]) -> int:
+    from common.deploy.signing import public_hex
     from common.deploy.site_config import SiteConfig
 
+    if args.site_command == "verify":
+        from client.verify import verify_site
+
+        findings, summary = verify_site(
+            args.state_dir, args.ledger, run_id=args.run_id, site_id=args.site_id, server_key=args.server_key
+        )
+        for line in findings:
+            err.print(line, markup=False, highlight=False)
+        console.print(summary, markup=False, highlight=False)
+        return 1 if findings else 0
     if args.site_command == "init":
         out = Path(args.out)
         if out.exists() and not args.force:
             raise PrivfedError(f"site config '{out}': already exists (pass --force to replace it)")
+        signer_path = Path(args.signing_key) if args.signing_key else out.with_suffix(".signing.pem")
         key = Path(args.auth_key)
         site = SiteConfig(
             site_id=args.site_id,
@@ -96,10 +156,20 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
             allow_seeded_noise=args.allow_seeded_noise,
             allow_exact_metrics=args.allow_exact_metrics,
             state_dir=str(Path(args.state_dir).resolve() if args.state_dir else out.resolve().parent / "privfed-state"),
+            signing_key=str(signer_path.resolve()),
+            server_key=args.server_key.strip().lower(),
+            allowed_tasks=args.allowed_tasks,
+            min_noise_multiplier=args.min_noise_multiplier,
+            max_epsilon_per_round=args.max_epsilon_per_round,
+            max_delta=args.max_delta,
+            min_group_size=args.min_group_size,
         )
         site.validate()
+        signer = _site_signing_key(signer_path)
         out.write_text(site.to_toml())
         console.print(f"site config written to {out}; check it with `privfed site join {out} --check`")
+        console.print("The coordinator adds this entry to its federation registry (registry.toml):")
+        console.print(registry_entry(site, public_hex(signer)), markup=False, highlight=False)
         return 0
     from client.join import join
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.deploy.keys import load_key
 from common.deploy.pki import PkiError, check_certificate, check_private_key
+from common.deploy.signing import load_signing_key
 from common.deploy.site_config import SiteConfig
 from common.errors import DataError, PrivfedError
 
@@ -42,6 +43,7 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
         raise PkiError(site.auth_public_key, "SuperNode auth public key (auth-public-key) not found")
     if site.key_file:
         load_key(Path(site.key_file).expanduser())
+    load_signing_key(site.signing_key)  # present, Ed25519, readable by its owner only
     for label, value in (("data-path", site.data_path), ("users-path", site.users_path)):
         if value and not Path(value).expanduser().exists():
             raise DataError(value, f"not found (site config {label})")

@@ -49,12 +49,41 @@ def failure_text(exc: BaseException) -> str:
     body, or, for a :class:`~common.errors.ConfigError`, the name of the config key (never
     its message, which may quote a value): release inventory entry ``error/reason``
     (common/privacy/release.py).
+
+    A site's policy refusal (common.deploy.site_config.PolicyRefusal) also carries its signed
+    token (``refusal_token``: site id, run id, round, the refused key; no value), so the server
+    can ledger the refusal under the site it proves: appended after one space, and only when it
+    is exactly one well-formed refusal token (release inventory ``error/reason/signed-refusal``).
     """
     cls = type(exc)
     public = getattr(cls, "public_reason", "")
     if isinstance(exc, ConfigError):  # the key's name, which the operator must see to fix it; not the message
         public = f"config key '{exc.key}'"
-    return f"site failed: {cls.__name__}" + (f" ({public})" if isinstance(public, str) and public else "")
+    text = f"site failed: {cls.__name__}" + (f" ({public})" if isinstance(public, str) and public else "")
+    token = getattr(exc, "refusal_token", "")
+    if isinstance(exc, ConfigError) and _is_refusal_token(token, exc.key):
+        text += " " + token
+    return text
+
+
+def _is_refusal_token(token: object, key: str) -> bool:
+    """Whether ``token`` is one refusal token whose claim has exactly refusal_claim's fields, for ``key``."""
+    from common.deploy.signing import REFUSAL_TAG, parse_refusal, refusal_claim
+
+    if not isinstance(token, str) or not token.startswith(REFUSAL_TAG + ":"):
+        return False
+    parsed = parse_refusal(token)
+    if parsed is None:
+        return False
+    claim, sig = parsed
+    shape = refusal_claim("", 0, "", "")
+    return (
+        set(claim) == set(shape)
+        and claim.get("key") == key
+        and all(type(claim[k]) is type(shape[k]) for k in shape)
+        and token.endswith(":" + sig)
+        and len(token.split(":")) == 3
+    )
 
 
 def failure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

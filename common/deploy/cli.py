@@ -18,6 +18,11 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         new = keys_sub.add_parser("new", help="create a federation key for keyed identifier hashing (HMAC-SHA256)")
         new.add_argument("path", help="where to write it (mode 0600); give every site a copy, never the server")
         new.add_argument("--force", action="store_true", help="replace an existing key file")
+        signing = keys_sub.add_parser(
+            "signing", help="create an Ed25519 signing key (a site's or the server's) and print its public key"
+        )
+        signing.add_argument("path", help="where to write the private key (PEM, mode 0600); it never leaves its owner")
+        signing.add_argument("--force", action="store_true", help="replace an existing key file")
         return
     certs_sub = parser.add_subparsers(dest="certs_command", required=True)
     ca = certs_sub.add_parser("ca", help="create the federation's certificate authority (ca.pem, ca.key)")
@@ -31,6 +36,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(command: str, args: argparse.Namespace, console: Console, err: Console, passthrough: list[str]) -> int:
+    if command == "keys" and args.keys_command == "signing":
+        from common.deploy.signing import public_hex, write_signing_key
+
+        key = write_signing_key(args.path, force=args.force)
+        err.print(f"signing key written to {args.path} (mode 0600); its public key (register it):")
+        console.print(public_hex(key))
+        return 0
     if command == "keys":
         from common.deploy.keys import write_key
 

@@ -29,6 +29,22 @@ Site-local keys (node config), each optional except ``partition-id``:
     allow-exact-metrics  true: accept a private run config with metrics.dp = false (evaluation
                     statistics sent exactly, outside epsilon); default false, the site refuses
                     (:func:`refuse_exact_metrics`)
+    signing-key     required (deployment): the site's Ed25519 private key (PEM, mode 0600) that
+                    signs every reply (common.deploy.signing; `privfed site init` makes it)
+    server-key      required (deployment): the coordinator's Ed25519 public key, 64 hex digits;
+                    the site checks the ledger receipts it is sent against it
+
+The site's own policy (:class:`SitePolicy`), limits the coordinator's run config cannot
+loosen; a run config outside one is refused (:class:`PolicyRefusal`) before any data is read:
+
+    allowed-tasks          comma-separated task names this site trains (default: any)
+    min-noise-multiplier   the smallest DP-SGD sigma the site accepts
+    max-epsilon-per-round  the largest epsilon one round may spend (the plan's, at its delta)
+    max-delta              the largest delta the site accepts
+    min-group-size         a floor on the task's ``<task>.min-group-size`` (where it has one)
+
+Secure noise (``allow-seeded-noise``, default false) and a lifetime budget per dataset
+(``epsilon-budget``, independent of the run id: client.state.Lifetime) are policy too.
 """
 
 from __future__ import annotations
@@ -41,11 +57,15 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import RunConfig, coerce
 from common.data.arrays import SITE_PARTITION
 from common.errors import ConfigError, PrivfedError
+from common.identifiers import site_id_problem
+
+if TYPE_CHECKING:
+    from common.deploy.signing import Ed25519PrivateKey
 
 # Keys of the node config that change the run config at this site.
 _OVERRIDES = {
@@ -116,6 +136,117 @@ def apply_site_overrides(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunC
     return cfg
 
 
+class PolicyRefusal(ConfigError):
+    """A run config outside this site's own policy: refused at the site, never loosened by the coordinator.
+
+    ``key`` is the *run config* key refused (e.g. ``dp.noise-multiplier``); the message names
+    the site's limit, never a value. The refusal reaches the server's ledger as a signed token
+    in the failure text (client.mods.failure_text): :meth:`bind` gives the exception the site's
+    signing key and id, :meth:`sign_for` then builds ``refusal_token`` once the instruction's run
+    id and round are known (they travel in the message, not in the ClientApp's context).
+    """
+
+    refusal_token: str = ""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(key, message)
+        self._signer: Ed25519PrivateKey | None = None
+        self.site_id = ""
+
+    def bind(self, signer: Ed25519PrivateKey | None, site_id: str) -> PolicyRefusal:
+        self._signer, self.site_id = signer, site_id
+        return self
+
+    def sign_for(self, run_id: str, rnd: int) -> PolicyRefusal:
+        """Attach the signed token ("site S refused key K in round R of run U"); no-op without a key."""
+        from common.deploy.signing import refusal_claim, refusal_token
+
+        if self._signer is not None:
+            self.refusal_token = refusal_token(self._signer, refusal_claim(run_id, rnd, self.site_id, self.key))
+        return self
+
+
+POLICY_KEYS = ("allowed-tasks", "min-noise-multiplier", "max-epsilon-per-round", "max-delta", "min-group-size")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The site's own limits (node config; module docstring). 0 / empty: no limit."""
+
+    allowed_tasks: tuple[str, ...] = ()
+    min_noise_multiplier: float = 0.0
+    max_epsilon_per_round: float = 0.0
+    max_delta: float = 0.0
+    min_group_size: int = 0
+
+    @property
+    def needs_dp(self) -> bool:
+        return bool(self.min_noise_multiplier or self.max_epsilon_per_round or self.max_delta)
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
+        """Read and check the policy keys; a malformed one is the site's own error (ConfigError)."""
+        values: dict[str, Any] = {}
+        tasks = node_config.get("allowed-tasks", "")
+        if not isinstance(tasks, str):
+            raise ConfigError("site allowed-tasks", "must be a comma-separated string of task names")
+        values["allowed_tasks"] = tuple(t.strip() for t in tasks.split(",") if t.strip())
+        for key in ("min-noise-multiplier", "max-epsilon-per-round", "max-delta"):
+            v = node_config.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+                raise ConfigError(f"site {key}", "must be a finite number >= 0 (0: no limit)")
+            values[key.replace("-", "_")] = float(v)
+        if values["max_delta"] >= 1:
+            raise ConfigError("site max-delta", "must be < 1")
+        k = node_config.get("min-group-size", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError("site min-group-size", "must be an integer >= 0 (0: no floor)")
+        values["min_group_size"] = k
+        return cls(**values)
+
+
+def check_allowed_task(cfg: RunConfig, policy: SitePolicy) -> None:
+    """The first policy check: a task the site does not allow is refused before anything else."""
+    if policy.allowed_tasks and cfg.task not in policy.allowed_tasks:
+        raise PolicyRefusal("task", "is not one of the tasks this site allows (its allowed-tasks)")
+
+
+def check_site_policy(cfg: RunConfig, policy: SitePolicy, declared: int) -> None:
+    """Refuse a run config outside the site's limits (:class:`PolicyRefusal`, key = the run config key).
+
+    sigma, delta and the per-round epsilon are the *plan's* (common.privacy.plan.plan_round at the
+    site's declared size n-hat), so a sigma derived from ``dp.target-epsilon`` is checked as well as
+    an explicit one. Nothing here reads the site's data.
+    """
+    from common.privacy.accounting import epsilon
+    from common.privacy.plan import plan_round
+
+    floor = getattr(cfg.task_params, "min_group_size", None)
+    if policy.min_group_size and isinstance(floor, int) and floor < policy.min_group_size:
+        raise PolicyRefusal(f"{cfg.task}.min-group-size", "is below this site's floor (its min-group-size)")
+    if not policy.needs_dp:
+        return
+    if not cfg.dp.enabled:
+        raise PolicyRefusal(
+            "dp.enabled",
+            "is false, but this site's policy requires DP-SGD (min-noise-multiplier, max-epsilon-per-round "
+            "or max-delta)",
+        )
+    plan = plan_round(cfg, declared)
+    # The key that sets sigma: the target epsilon when sigma is derived from it.
+    sigma_key = "dp.target-epsilon" if cfg.dp.target_epsilon > 0 else "dp.noise-multiplier"
+    if policy.max_delta and plan.delta > policy.max_delta:
+        raise PolicyRefusal("dp.delta", "is above this site's limit (its max-delta)")
+    if policy.min_noise_multiplier and plan.noise_multiplier < policy.min_noise_multiplier:
+        raise PolicyRefusal(sigma_key, "gives a noise multiplier below this site's minimum (its min-noise-multiplier)")
+    if policy.max_epsilon_per_round:
+        per_round = epsilon([plan.mechanism], plan.delta, plan.accountant)
+        if not per_round <= policy.max_epsilon_per_round:
+            raise PolicyRefusal(
+                sigma_key, "gives a per-round epsilon above this site's limit (its max-epsilon-per-round)"
+            )
+
+
 def _site_consents(node_config: Mapping[str, Any], key: str, virtual_site: bool) -> bool:
     """Whether this site's own node config (``key = true``) or the simulation launcher
     (``virtual_site``) accepts a weaker setting the run config asks for. The coordinator
@@ -138,7 +269,7 @@ def refuse_seeded_noise(cfg: RunConfig, node_config: Mapping[str, Any], *, virtu
     if cfg.dp.secure_rng or not (cfg.dp.enabled or cfg.central_dp.enabled):
         return
     if not _site_consents(node_config, "allow-seeded-noise", virtual_site):
-        raise ConfigError(
+        raise PolicyRefusal(
             "dp.secure-rng",
             "is false in the run config, which would seed this site's noise from federation.seed (anyone holding the "
             "config could remove it); this site refuses (its allow-seeded-noise is false)",
@@ -155,7 +286,7 @@ def refuse_exact_metrics(cfg: RunConfig, node_config: Mapping[str, Any], *, virt
     if cfg.metrics.dp or not cfg.dp.enabled:
         return
     if not _site_consents(node_config, "allow-exact-metrics", virtual_site):
-        raise ConfigError(
+        raise PolicyRefusal(
             "metrics.dp",
             "is false in the run config, which would send this site's evaluation statistics without noise, outside "
             "its epsilon; this site refuses (its allow-exact-metrics is false)",
@@ -189,6 +320,24 @@ def dataset_identity(cfg: RunConfig, node_config: Mapping[str, Any], site_index:
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', d.source)}-{digest}"
 
 
+SERVER_KEY, SIGNING_KEY = "server-key", "signing-key"
+
+
+def check_server_key(value: object) -> str:
+    """The coordinator's public key as the site config / node config holds it (64 hex digits)."""
+    from common.deploy.signing import parse_public_key
+
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            SERVER_KEY, "missing: the coordinator's Ed25519 public key (64 hex digits), to check receipts"
+        )
+    try:
+        parse_public_key(value)
+    except PrivfedError:
+        raise ConfigError(SERVER_KEY, "must be an Ed25519 public key as 64 hex digits") from None
+    return value
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """What ``privfed site init`` writes and ``privfed site join`` reads."""
@@ -211,10 +360,21 @@ class SiteConfig:
     dataset_id: str = ""
     allow_seeded_noise: bool = False
     allow_exact_metrics: bool = False
+    # The site's Ed25519 signing key (PEM path) and the coordinator's public key (64 hex):
+    # both required, a deployed site without them is refused (client.app.signing_identity).
+    signing_key: str = ""
+    server_key: str = ""
+    # The site's policy (SitePolicy; 0 / "": no limit).
+    allowed_tasks: str = ""
+    min_noise_multiplier: float = 0.0
+    max_epsilon_per_round: float = 0.0
+    max_delta: float = 0.0
+    min_group_size: int = 0
 
     def validate(self) -> None:
-        if not self.site_id or any(c in self.site_id for c in " \"'="):
-            raise ConfigError("site-id", f"must be a non-empty name without spaces or quotes, got {self.site_id!r}")
+        problem = site_id_problem(self.site_id)
+        if problem:
+            raise ConfigError("site-id", problem)
         if self.partition_id < 0:
             raise ConfigError("partition-id", f"must be >= 0, got {self.partition_id}")
         host, sep, port = self.superlink.rpartition(":")
@@ -230,6 +390,8 @@ class SiteConfig:
             "data_format",
             "state_dir",
             "dataset_id",
+            "signing_key",
+            "allowed_tasks",
         ):
             if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
                 raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
@@ -241,6 +403,12 @@ class SiteConfig:
             )
         if self.epsilon_budget < 0:
             raise ConfigError("epsilon-budget", f"must be >= 0 (0: the run's), got {self.epsilon_budget}")
+        if not self.signing_key:
+            raise ConfigError(
+                "signing-key", "missing: the site signs its replies with it (`privfed site init` makes one)"
+            )
+        check_server_key(self.server_key)
+        SitePolicy.from_node_config(self._policy_items())
         if self.device not in ("auto", "cpu", "cuda") and not (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         ):
@@ -263,11 +431,27 @@ class SiteConfig:
                 items.append(f"{key.replace('_', '-')}={json.dumps(value)}")
         if self.epsilon_budget:
             items.append(f"epsilon-budget={self.epsilon_budget!r}")
+        if self.signing_key:
+            items.append(f"signing-key={json.dumps(str(Path(self.signing_key).expanduser()))}")
+        if self.server_key:
+            items.append(f"server-key={json.dumps(self.server_key)}")
+        for key, value in self._policy_items().items():
+            if value:  # floats by repr and ints as written are TOML numbers; the task list a basic string
+                items.append(f"{key}={json.dumps(value) if isinstance(value, str) else repr(value)}")
         if self.allow_seeded_noise:
             items.append("allow-seeded-noise=true")
         if self.allow_exact_metrics:
             items.append("allow-exact-metrics=true")
         return " ".join(items)
+
+    def _policy_items(self) -> dict[str, Any]:
+        return {
+            "allowed-tasks": self.allowed_tasks,
+            "min-noise-multiplier": self.min_noise_multiplier,
+            "max-epsilon-per-round": self.max_epsilon_per_round,
+            "max-delta": self.max_delta,
+            "min-group-size": self.min_group_size,
+        }
 
     def to_toml(self) -> str:
         import tomli_w

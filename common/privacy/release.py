@@ -74,6 +74,10 @@ _NOISY = (
     "`gaussian-metrics` ledger row per release (unit: one validation example); with metrics.dp = false, "
     "exact and declared public by the site (allow-exact-metrics)"
 )
+_SIGNED = (
+    "a function of the reply's other fields (released), the run id, the round and the site's signing key "
+    "(its public key is registered before the run)"
+)
 _HELD = "recommender, held-out ratings and the declared catalogue only (no training rating is read); " + _EXACT
 _RUN_CONFIG = "the run config (or the site's stricter node config), declared before the run"
 _FLOWER = "Flower 1.41's protocol, fixed before the run"
@@ -112,6 +116,13 @@ INVENTORY: tuple[Release, ...] = (
     Release(FIT, "config:fitres.metrics/history", P, _N, "earlier (round, σ, q, steps)"),
     Release(FIT, "config:fitres.metrics/rng", P, "the run config and the site's node config", "os / seeded"),
     Release(FIT, "config:fitres.metrics/" + _METRICS_RELEASE, P, _RELEASE, "metrics.dp under SecAgg+"),
+    Release(
+        FIT,
+        "config:fitres.metrics/signature",
+        P,
+        _SIGNED,
+        "the site's Ed25519 signature of the reply's claim (issue 19); reveals nothing more",
+    ),
     Release(FIT, "config:fitres.metrics/train_seconds", R, "removed in issue 18 (finding 9)", "revealed n"),
     Release(
         FIT,
@@ -126,6 +137,7 @@ INVENTORY: tuple[Release, ...] = (
     Release(EVAL, "config:evaluateres.status/{code,message}", P, _FLOWER, "NumPyClient's constant success status"),
     Release(EVAL, _EM + "site_id", P, "the site's operator (node config site-id)", "pseudonym"),
     Release(EVAL, _EM + "history", P, _N, "the rounds the site trained, as in the fit reply"),
+    Release(EVAL, _EM + "signature", P, _SIGNED, "the site's Ed25519 signature of the reply's claim (issue 19)"),
     Release(EVAL, _EM + "eps_budget", P, _RUN_CONFIG, "metrics.dp: the budget the release is charged to"),
     Release(EVAL, _EM + _METRICS_RELEASE, P, _RELEASE, "metrics.dp: the release's parameters"),
     Release(EVAL, _EM + "{neg_elbo_sum,recon_nll_sum,kl_sum,recon_mse_sum,n}", C, _NOISY, "VAE: clipped sums"),
@@ -175,6 +187,13 @@ INVENTORY: tuple[Release, ...] = (
         P,
         "privfed's code (client/mods.py failure_text), before the run",
         "`site failed: <exception class>`, a class-level public reason or a config error's key; never the message",
+    ),
+    Release(
+        ERROR,
+        "error/reason/signed-refusal",
+        P,
+        "the site's own policy (node config) and the instruction (run id, round), before the run",
+        "a policy refusal's signed token in the reason text: site id, refused config key, run id, round; no value",
     ),
     # ------------------------------------------------------------ message metadata
     Release(

@@ -27,6 +27,7 @@ import pytest
 from common.deploy import pki
 from server.ledger import Ledger
 from tests.conftest import simulation_processes
+from tests.site_keys import SERVER_PUBLIC
 
 pytestmark = pytest.mark.slow
 
@@ -148,6 +149,8 @@ class Federation:
                 str(self.pki / f"{key or name}.key"),
                 "--declared-size",  # the site's public size n-hat (docs/PRIVACY.md)
                 "300",
+                "--server-key",  # the coordinator's public key (issue 19)
+                SERVER_PUBLIC,
                 "--device",
                 "cpu",
             ),

@@ -16,6 +16,7 @@ from common.tasks import get_task
 from server.ledger import Ledger
 from simulations.launcher import resolve, simulate
 from tests.conftest import simulation_processes
+from tests.site_keys import site_keys
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,7 @@ def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
     with pytest.raises(PrivfedError) as info:
         run_simulation(
             build_server_app(flat),
-            build_client_app(flat),
+            build_client_app(flat, **site_keys()),
             num_supernodes=2,
             backend_config={"client_resources": {"num_cpus": 1}},
         )

@@ -34,6 +34,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from common.deploy.keys import write_key
 from common.privacy.release import Kind, classify, message_fields, unlisted
 from simulations.launcher import resolve, simulate
+from tests.site_keys import site_keys
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +177,7 @@ def _site_app(monkeypatch, train):
     ctx = Context(
         run_id=1, node_id=1, node_config={"partition-id": 0, "declared-size": 500}, state=RecordDict(), run_config={}
     )
-    return build_client_app(cfg.to_flat()), msg, ctx
+    return build_client_app(cfg.to_flat(), **site_keys()), msg, ctx
 
 
 def test_a_site_that_adds_an_unlisted_metric_is_caught(monkeypatch):

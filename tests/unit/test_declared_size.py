@@ -17,6 +17,7 @@ from common.errors import ConfigError
 from common.privacy.plan import check_real_size, plan_round
 from common.tasks.base import get_state
 from tests.conftest import make_cfg
+from tests.site_keys import site_keys
 
 CFG = {"num-sites": 3, "dp.epsilon-budget": 50.0, "train.local-epochs": 0.5}
 NHAT = 150  # declared; the real training splits of these sites are other sizes
@@ -125,5 +126,5 @@ def test_the_deployed_client_app_refuses_a_site_without_a_declared_size():
     """client.app:app has no launcher declaration to fall back on; the simulation's does."""
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     with pytest.raises(ConfigError, match="'declared-size': missing"):
-        make_site({}, ctx)
-    assert make_site({}, ctx, declared_sizes=[NHAT, 1, 1]).declared == NHAT
+        make_site({}, ctx, **site_keys())
+    assert make_site({}, ctx, declared_sizes=[NHAT, 1, 1], **site_keys()).declared == NHAT

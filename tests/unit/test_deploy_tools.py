@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -17,10 +18,12 @@ from flwr.common.config import parse_config_args
 from client.join import preflight_site, supernode_command
 from common.deploy import pki
 from common.deploy.keys import KeyFileError, write_key
+from common.deploy.signing import write_signing_key
 from common.deploy.site_config import SiteConfig, apply_site_overrides
 from common.errors import ConfigError, DataError, PrivfedError
 from simulations.cli import main
 from tests.conftest import make_cfg
+from tests.site_keys import SERVER_PUBLIC
 
 
 @pytest.fixture()
@@ -77,8 +80,12 @@ def _site(pki_dir, tmp_path, **kw) -> SiteConfig:
         auth_private_key=str(pki_dir / "site-0.key"),
         auth_public_key=str(pki_dir / "site-0.pub"),
         declared_size=200,
+        signing_key=str(tmp_path / "clinic-a.signing.pem"),
+        server_key=SERVER_PUBLIC,
     )
     values.update(kw)
+    if not Path(values["signing_key"]).exists():
+        write_signing_key(values["signing_key"])
     return SiteConfig(**values)
 
 
@@ -98,6 +105,8 @@ def test_site_config_round_trips_and_becomes_flowers_node_config(pki_dir, tmp_pa
         "data-path": str(tmp_path),
         "data-format": "csv",
         "epsilon-budget": 4.0,
+        "signing-key": str(tmp_path / "clinic-a.signing.pem"),
+        "server-key": SERVER_PUBLIC,
     }
     # The site's own policies travel the same way: its dataset's name and its consent to seeded noise.
     policy = dataclasses.replace(site, dataset_id="clinic-a-ratings", allow_seeded_noise=True, allow_exact_metrics=True)
@@ -256,6 +265,8 @@ def test_cli_init_then_check(pki_dir, tmp_path, capsys):
         str(pki_dir / "site-0.key"),
         "--declared-size",
         "200",
+        "--server-key",
+        SERVER_PUBLIC,
     ]
     assert main(args) == 0
     assert main(args) == 2 and "already exists" in capsys.readouterr().err

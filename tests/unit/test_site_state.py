@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from client.state import state_path
 from common.errors import PrivfedError
+from tests.site_keys import site_keys
 
 
 @pytest.mark.parametrize("run_id", ["..", ".", "...", "../..", "a/../../b", "/etc", "..\\..", "run/../../x"])
@@ -61,7 +62,7 @@ def _lifetime_site(state_dir, budget=4.0, **node):
         state=RecordDict(),
         run_config={},
     )
-    return make_site(defaults, ctx, allow_seeded_noise=True)
+    return make_site(defaults, ctx, allow_seeded_noise=True, **site_keys())
 
 
 def _params(site):
@@ -160,7 +161,7 @@ def _deployed(run_config, node=None, **kw):
         state=RecordDict(),
         run_config=run_config,
     )
-    return make_site({"num-sites": 3, "dp.noise-multiplier": 1.0}, ctx, **kw)
+    return make_site({"num-sites": 3, "dp.noise-multiplier": 1.0}, ctx, **{**site_keys(), **kw})
 
 
 def test_a_deployed_site_refuses_seeded_noise_from_the_run_config():
