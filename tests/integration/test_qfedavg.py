@@ -11,7 +11,7 @@ from flwr.common import Code, EvaluateRes, Status
 
 from common.errors import ConfigError
 from server.aggregation.qfedavg import qffl_step, site_losses
-from tests.conftest import make_cfg, make_strategy, simulation_processes
+from tests.conftest import make_cfg, make_strategy, signed, simulation_processes
 from tests.unit.test_server_client import _reply, _round
 
 
@@ -114,7 +114,7 @@ def _evaluated(s, rnd, losses):
         (SimpleNamespace(node_id=i), EvaluateRes(Status(Code.OK, ""), loss, 5, {"site_id": site, "loss": loss}))
         for i, (site, loss) in enumerate(losses.items())
     ]
-    s.aggregate_evaluate(rnd, results, [])
+    s.aggregate_evaluate(rnd, signed(s, rnd, results, "evaluate"), [])
 
 
 def test_rounds_use_the_previous_evaluation_and_fall_back_to_fedavg_then_the_mean(tmp_path):
