@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common import FitRes, parameters_to_ndarrays
+from flwr.common import EvaluateRes, FitRes, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.supercore import log
 
@@ -118,6 +119,8 @@ class Reply:
 
 
 Reports = dict[str, Reply]
+# What Flower hands over as a failure: an exception, or a reply whose status is an error.
+Failure = tuple[ClientProxy, FitRes] | tuple[ClientProxy, EvaluateRes] | BaseException
 
 
 class Refused(Exception):
@@ -347,9 +350,7 @@ class ReplyLedger:
         return rows
 
     # ------------------------------------------------------------- refusals
-    def refusals(
-        self, server_round: int, failures: list[tuple[ClientProxy, FitRes] | BaseException], rec: RoundRecord
-    ) -> list[SiteSpend]:
+    def refusals(self, server_round: int, failures: Sequence[Failure], rec: RoundRecord) -> list[SiteSpend]:
         """Signed policy refusals in the round's failures: one "refusal" row per site (nothing charged).
 
         A token counts only if its claim names this run and round and a registered site, and
@@ -365,7 +366,7 @@ class ReplyLedger:
                 continue
             claim, sig = found
             site, key = claim.get("site_id"), claim.get("key")
-            reg = None if site_id_problem(site) else self.registry.site(site)
+            reg = self.registry.site(site) if isinstance(site, str) and not site_id_problem(site) else None
             ok = (
                 reg is not None
                 and claim.get("run_id") == self.run_id
@@ -377,6 +378,7 @@ class ReplyLedger:
             if not ok:
                 rec.failures.append("a refusal token that does not verify against the registry (not ledgered)")
                 continue
+            assert isinstance(site, str)  # reg is not None
             if (server_round, site) in self.refused_rounds:
                 continue
             self.refused_rounds.add((server_round, site))
@@ -607,14 +609,14 @@ def settle(s: SiteSpend, used: bool, rejected: str) -> SiteSpend:
     return dataclasses.replace(s, used=False, status="rejected" if rejected else "not_aggregated")
 
 
-def _raw_failure_text(f: tuple[ClientProxy, FitRes] | BaseException) -> str:
+def _raw_failure_text(f: Failure) -> str:
     if isinstance(f, BaseException):
         return str(f)[:100_000]
     msg = f[1].status.message
     return msg[:100_000] if isinstance(msg, str) else ""
 
 
-def describe_failure(f: tuple[ClientProxy, FitRes] | BaseException) -> str:
+def describe_failure(f: Failure) -> str:
     """One bounded line for the round's failures: the first line of the failure text, printable
     ASCII only, at most 200 characters, a signed refusal token shortened to its name."""
     text = _TOKEN_RE.sub("[signed refusal]", _raw_failure_text(f)[:4096])
