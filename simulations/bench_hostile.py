@@ -67,7 +67,8 @@ def _reply(strategy: DeltaFedAvg, keys: dict[str, Any], site: str, rnd: int, his
 def measure(repeats: int = 5) -> tuple[float, float]:
     """(honest round ms, round with one hostile flooded reply ms): medians over ``repeats`` rounds each."""
     flood = json.dumps([[r, 1.2, 0.5, 4] for r in range(1, FLOOD + 1)])
-    honest, hostile = [], []
+    honest: list[float] = []
+    hostile: list[float] = []
     with tempfile.TemporaryDirectory(prefix="privfed-bench-hostile-") as tmp:
         strategy, keys = _strategy(Path(tmp))
         for rnd in range(1, 2 * repeats + 1):
