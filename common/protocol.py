@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from common.config import MAX_STEPS, MIN_DELTA, SIGMA_RANGE
+from common.identifiers import site_id_problem
 from common.privacy.accounting import NO_DP, RoundPlan
 from common.seeds import RNG_KINDS
 
@@ -104,10 +106,55 @@ class SiteReport:
 
 
 class MalformedReport(ValueError):
-    """A fit reply the server cannot use; the message is the reason it is rejected."""
+    """A fit reply the server cannot use; the message is the reason it is rejected.
+
+    The message names keys and fields only, never a value the reply carried (a hostile
+    site would otherwise write into the server's logs and metrics.jsonl)."""
 
 
-def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
+# Every string a reply carries is bounded before the server looks at it. A privacy unit is
+# a task's name for one record ("image", "rating"); a note is a short human-readable line.
+UNIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,31}")
+MAX_NOTE = 200
+MAX_METRIC_KEYS = 128  # a reply's metrics: the protocol's ~20 fields plus a task's few training metrics
+METRIC_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# Any string value but the history (bounded by the rounds begun, see history_limit): far
+# above any honest one (a note, a unit, an rng kind), bounds what a reply can make the server hash.
+MAX_STRING = 4096
+HISTORY_ENTRY_CHARS = 80  # "[123456, 1.2345678901234567, 0.12345678901234567, 1000000], " with room
+
+
+def note_of(raw: object) -> str:
+    """A reply's note, if it is at most MAX_NOTE printable ASCII characters; dropped ('') otherwise."""
+    if isinstance(raw, str) and len(raw) <= MAX_NOTE and all(" " <= c <= "~" for c in raw):
+        return raw
+    return ""
+
+
+def metrics_shape_problem(m: Mapping[str, Any], max_history_chars: int) -> str:
+    """Why a reply's metrics are too large or oddly named to look at further, or ''. Checked
+    before anything is parsed, hashed or verified, so its cost is bounded by these limits."""
+    if len(m) > MAX_METRIC_KEYS:
+        return f"more than {MAX_METRIC_KEYS} metrics"
+    for k, v in m.items():
+        if not isinstance(k, str) or not METRIC_KEY_RE.fullmatch(k):
+            return "a metric name is not 1-64 letters, digits or _.:-"
+        if isinstance(v, (str, bytes)):
+            limit = max_history_chars if k == "history" else MAX_STRING
+            if len(v) > limit:
+                return f"metric {k!r} is longer than {limit} characters"
+        elif isinstance(v, list):  # Flower metrics may hold lists of scalars
+            return f"metric {k!r} is a list; the protocol sends scalars and strings only"
+    return ""
+
+
+def parse_fit_metrics(m: Mapping[str, Any], *, max_round: int = 0) -> SiteReport:
+    """A fit reply's scalar metrics, validated; MalformedReport (naming the field) otherwise.
+
+    ``max_round``: the history may name rounds up to it, one entry each, at most that many
+    (the server passes the last round it began); 0: :data:`MAX_HISTORY`.
+    """
+
     def get(key: str, typ: type) -> Any:
         if key not in m:
             raise MalformedReport(f"missing metric {key!r}")
@@ -119,31 +166,36 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
         return v
 
     site_id = get("site_id", str)
+    if site_id_problem(site_id):
+        raise MalformedReport(f"metric 'site_id': {site_id_problem(site_id)}")
     try:
         status = Status(get("status", str))
     except ValueError:
-        raise MalformedReport(f"unknown status {m.get('status')!r}") from None
+        raise MalformedReport(f"metric 'status' must be one of {', '.join(s.value for s in Status)}") from None
+    unit = get("unit", str)
+    if not UNIT_RE.fullmatch(unit):
+        raise MalformedReport("metric 'unit' must be 1-32 letters, digits, spaces or _.-")
     vals = {k: get(k, t) for k, t in _PLAN_KEYS.items()}
     steps = get("steps", int)
     for key in ("sample_rate", "noise_multiplier", "max_grad_norm", "delta"):
         if not math.isfinite(vals[key]):
-            raise MalformedReport(f"metric {key!r} must be finite, got {vals[key]}")
+            raise MalformedReport(f"metric {key!r} must be finite")
     n, q, sigma = vals["dataset_size"], vals["sample_rate"], vals["noise_multiplier"]
     if n < 1 or not (0 < q <= 1) or sigma < 0 or vals["steps_planned"] < 1:
-        raise MalformedReport(f"accountant inputs out of range (n={n}, q={q}, sigma={sigma})")
+        raise MalformedReport("accountant inputs out of range (dataset_size, sample_rate or noise_multiplier)")
     if not (0 <= steps <= vals["steps_planned"]):
-        raise MalformedReport(f"steps={steps} outside [0, {vals['steps_planned']}]")
+        raise MalformedReport("metric 'steps' outside [0, steps_planned]")
     if vals["accountant"] not in KNOWN_ACCOUNTANTS:
-        raise MalformedReport(f"unknown accountant {vals['accountant']!r}")
+        raise MalformedReport(f"unknown accountant (metric 'accountant' must be one of {', '.join(KNOWN_ACCOUNTANTS)})")
     if vals["steps_planned"] > MAX_STEPS:
-        raise MalformedReport(f"steps_planned={vals['steps_planned']} above {MAX_STEPS}")
+        raise MalformedReport(f"metric 'steps_planned' above {MAX_STEPS}")
     if vals["accountant"] != NO_DP:
         lo, hi = SIGMA_RANGE
         if not lo <= sigma <= hi:
-            raise MalformedReport(f"noise_multiplier={sigma:g} outside [{lo:g}, {hi:g}]")
+            raise MalformedReport(f"metric 'noise_multiplier' outside [{lo:g}, {hi:g}]")
         if not (vals["max_grad_norm"] > 0 and MIN_DELTA <= vals["delta"] < 1.0 / n):
             raise MalformedReport(
-                f"DP inputs out of range (sigma={sigma}, C={vals['max_grad_norm']}, delta={vals['delta']}, n={n})"
+                "DP inputs out of range (max_grad_norm must be > 0, delta in [MIN_DELTA, 1/dataset_size))"
             )
     plan = RoundPlan(
         dataset_size=vals["dataset_size"],
@@ -175,19 +227,19 @@ def parse_fit_metrics(m: Mapping[str, Any]) -> SiteReport:
     eps_spent = get("eps_spent", float)
     eps_budget = get("eps_budget", float)
     if math.isnan(eps_budget) or eps_budget <= 0:
-        raise MalformedReport(f"metric 'eps_budget' must be > 0, got {eps_budget}")
+        raise MalformedReport("metric 'eps_budget' must be > 0")
     return SiteReport(
         site_id=site_id,
-        unit=get("unit", str),
+        unit=unit,
         status=status,
         plan=plan,
         steps_taken=steps,
         eps_budget=eps_budget,
         eps_spent=eps_spent if not math.isnan(eps_spent) else math.inf,
-        note=str(m.get("note", "")),
+        note=note_of(m.get("note", "")),
         extra=extra,
         rng=rng,
-        history=parse_history(m.get("history", "[]"), vals["accountant"]),
+        history=parse_history(m.get("history", "[]"), vals["accountant"], max_round),
         metrics=parse_metrics_spend(m),
     )
 
@@ -219,29 +271,47 @@ def parse_metrics_spend(m: Mapping[str, Any]) -> MetricsSpend | None:
     lo, hi = SIGMA_RANGE
     z, sens, delta = vals["metrics_noise_multiplier"], vals["metrics_l2_sensitivity"], vals["metrics_delta"]
     if not (lo <= z <= hi and sens > 0 and MIN_DELTA <= delta < 1):
-        raise MalformedReport(f"metrics release inputs out of range (z={z:g}, sensitivity={sens:g}, delta={delta:g})")
+        raise MalformedReport("metrics release inputs out of range (metrics_noise_multiplier, _l2_sensitivity, _delta)")
     rng = m.get("metrics_rng")
     if rng not in RNG_KINDS:
         raise MalformedReport(f"metric 'metrics_rng' must be one of {', '.join(RNG_KINDS)}")
     return MetricsSpend(z, sens, delta, str(rng))
 
 
-MAX_HISTORY = 100_000  # rounds; far above any run, bounds what a reply can make the server parse
+# Rounds a history may hold when the caller states no limit (the server states its own:
+# the last round it began); a run has far fewer.
+MAX_HISTORY = 10_000
 
 
-def parse_history(raw: Any, accountant: str) -> tuple[tuple[int, float, float, int], ...]:
-    """A site's earlier rounds (the ``history`` metric), validated like a round's inputs."""
-    if not isinstance(raw, str) or len(raw) > 64 * MAX_HISTORY:
+def history_limit(max_round: int) -> int:
+    """Characters a history of rounds 1..max_round may take: checked before it is parsed."""
+    return 2 + HISTORY_ENTRY_CHARS * max(max_round, 0)
+
+
+def parse_history(raw: Any, accountant: str, max_round: int = 0) -> tuple[tuple[int, float, float, int], ...]:
+    """A site's earlier rounds (the ``history`` metric), validated like a round's inputs.
+
+    Rounds are in [1, max_round] (``max_round`` 0: :data:`MAX_HISTORY`), each at most once;
+    the raw text is bounded by :func:`history_limit` before it is parsed, so a flooded
+    history costs a length check, not a parse.
+    """
+    limit = max_round if max_round > 0 else MAX_HISTORY
+    if not isinstance(raw, str):
         raise MalformedReport("metric 'history' must be a JSON string of [round, sigma, q, steps] entries")
+    if len(raw) > history_limit(limit):
+        raise MalformedReport("metric 'history' is longer than the rounds begun allow")
     try:
         items = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MalformedReport("metric 'history' is not valid JSON") from None
     if not isinstance(items, list):
         raise MalformedReport("metric 'history' must be a JSON list")
+    if len(items) > limit:
+        raise MalformedReport("metric 'history' has more entries than the rounds begun")
     out = []
+    seen: set[int] = set()
     lo, hi = SIGMA_RANGE
-    for item in items:
+    for i, item in enumerate(items):
         ok = isinstance(item, list) and len(item) == 4
         if ok:
             rnd, sigma, q, steps = item
@@ -250,12 +320,16 @@ def parse_history(raw: Any, accountant: str) -> tuple[tuple[int, float, float, i
                 and all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (sigma, q)
                 )
-                and rnd >= 1
                 and 0 < steps <= MAX_STEPS
                 and 0 < q <= 1
                 and (accountant == NO_DP or lo <= sigma <= hi)
             )
         if not ok:
-            raise MalformedReport(f"metric 'history' has an invalid entry {str(item)[:80]!r}")
+            raise MalformedReport(f"metric 'history' has an invalid entry (entry {i + 1})")
+        if not 1 <= rnd <= limit:
+            raise MalformedReport(f"metric 'history' names a round outside the rounds begun (entry {i + 1})")
+        if rnd in seen:
+            raise MalformedReport(f"metric 'history' names one round twice (entry {i + 1})")
+        seen.add(rnd)
         out.append((int(rnd), float(sigma), float(q), int(steps)))
     return tuple(out)

@@ -82,6 +82,8 @@ class SiteSpend:
     # What was released: "dp-sgd" (the site's training round), "gaussian-metrics" (its
     # noisy evaluation statistics, common.privacy.metrics_dp), "dp-fedavg" (client-level).
     mechanism: str = DP_SGD
+    claim: str = ""
+    signature: str = ""
 
 
 @dataclass(frozen=True)

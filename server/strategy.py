@@ -34,6 +34,9 @@ from flwr.server.strategy import FedAvg
 from flwr.supercore import log
 
 from common.config import MIN_SECURE_SITES, RunConfig
+from common.deploy.receipts import RECEIPT
+from common.deploy.registry import Registry
+from common.deploy.signing import Ed25519PrivateKey
 from common.errors import PrivfedError
 from common.metrics.error_bars import propagate
 from common.pipeline import Aggregate, Pipeline, ServerContext, build_pipeline
@@ -59,11 +62,18 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         initial_arrays: list[np.ndarray],
         central_eval: Callable[[int, list[np.ndarray]], dict[str, float]] | None = None,
         run_id: str = "",
+        registry: Registry,
+        server_key: Ed25519PrivateKey,
     ) -> None:
         """``task`` may be None (tests): then the primary metric is "loss" and sites' metrics are not combined.
 
         ``central_eval``: (round, arrays) -> metrics on a server-held test split, or None.
-        ``run_id`` names the sites' durable state (client.state), so a resumed run finds it.
+        ``run_id`` names the sites' durable state (client.state), so a resumed run finds it;
+        it is part of every claim a site signs.
+        ``registry``: the federation's sites, their keys and declared sizes: a reply counts
+        only once signed by the key of the site it names, and weighs that site's declared
+        size. ``server_key`` signs the receipts the instructions carry. Both are required:
+        there is no unsigned mode.
         """
         fed = cfg.federation
         super().__init__(
@@ -114,6 +124,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         self.staged: dict[int, Staged] = {}
         self.aggregation = get_aggregation(fed.aggregation, cfg)
         self.last_round = fed.rounds  # evaluated on every site, whatever fraction_evaluate
+        self.init_identity(registry, server_key, run_id)
 
     @property
     def secure_sums(self) -> bool:
@@ -138,6 +149,8 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
             instructions = super().configure_fit(server_round, parameters, client_manager)
         if self.secure:
             instructions = secure_minimum(instructions, rec.failures)
+        self.note_sampled(server_round, [c.node_id for c, _ in instructions])
+        instructions = self.with_receipts(instructions)
         rec.sampled = len(instructions)
         rec.released = self.central is not None  # the central mechanism runs whatever the sample
         if self.on_sample is not None:
@@ -159,6 +172,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         rec.failures += [describe_failure(f) for f in failures]
         rec.replies = len(results) + len(failures)
         spends, reports = self._reports(server_round, results)
+        spends += self.refusals(server_round, failures, rec)
         if self.secure:
             staged, why = self._stage_secure(results, reports, rec)
         else:
@@ -169,7 +183,13 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
             rec.failures.append(why)
         # The ledger is written before the model changes: privacy spent is recorded
         # whether or not the update is used.
-        rec.ledger_rows += self.ledger.record_round(server_round, spends)
+        rows = self.write_round(server_round, spends, rec)
+        rec.ledger_rows += rows
+        ledgered = {r.site_id for r in rows}
+        if staged is not None and not set(staged.sites) <= ledgered:
+            # An update whose spend is not in the ledger must not change the model.
+            rec.failures.append("round's sum discarded: a used update's spend could not be ledgered")
+            staged = None
         for site, reason in rec.rejected.items():
             log(WARNING, "round %s: rejected update from %s: %s", server_round, site, reason)
         if staged is not None:
@@ -182,19 +202,19 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         ctx.central = self.central
         weighting = self.pipeline.get("weighting")
         usable: Usable = {}
-        for site, (report, res) in sorted(reports.items()):
-            if report.status is not Status.TRAINED or site in rec.rejected:
+        for site, reply in sorted(reports.items()):
+            report, res, arrays = reply.report, reply.res, reply.arrays
+            if report.status is not Status.TRAINED or site in rec.rejected or arrays is None:
                 continue
             try:
-                arrays = parameters_to_ndarrays(res.parameters)
-            except Exception as exc:  # undecodable bytes: the site's problem, not the round's
-                reason = f"update cannot be decoded ({type(exc).__name__}: {exc})"[:300]
-            else:
                 reason = self.pipeline.check(arrays, res.num_examples, report.plan.dataset_size, ctx)
+            except Exception as exc:  # a check that fails on odd input: this update only
+                reason = f"update could not be checked ({type(exc).__name__})"
             if reason:
                 rec.rejected[site] = reason
             else:
-                usable[site] = (arrays, weighting.weight(res.num_examples))
+                # The weight is the registry's declared size (the reply's equals it, or it was refused).
+                usable[site] = (arrays, weighting.weight(self.registry.sites[site].declared_size))
         self.pipeline.check_round(usable, rec.rejected)
         if len(usable) < self.min_fit_sites:
             return (
@@ -226,7 +246,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         if bad:
             # A masked update cannot be taken out of the sum: the whole sum is unusable.
             return None, f"secure sum discarded: it contains the update of {', '.join(bad)}, which was rejected"
-        trained = sorted(s for s, (r, _) in reports.items() if r.status is Status.TRAINED)
+        trained = sorted(s for s, reply in reports.items() if reply.report.status is Status.TRAINED)
         # Zero updates of out-of-budget sites do not hide anything: count only trained ones.
         need = max(self.min_fit_sites, MIN_SECURE_SITES)
         if len(trained) < need:
@@ -288,8 +308,27 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         if server_round == self.last_round and self.fraction_evaluate < 1.0:
             # The final model's site-level fairness should cover every site, once.
             config = self.on_evaluate_config_fn(server_round) if self.on_evaluate_config_fn else {}
-            return [(c, EvaluateIns(parameters, config)) for _, c in sorted(client_manager.all().items())]
-        return super().configure_evaluate(server_round, parameters, client_manager)
+            return self.with_receipts(
+                [(c, EvaluateIns(parameters, config)) for _, c in sorted(client_manager.all().items())]
+            )
+        return self.with_receipts(super().configure_evaluate(server_round, parameters, client_manager))
+
+    def with_receipts(self, instructions):
+        """Each instruction to a node bound to a site carries that site's receipt (its rows and
+        the signed ledger head: contract point 4); each gets its own config dict."""
+        out = []
+        for client, ins in instructions:
+            config = dict(ins.config)
+            site = self.site_of(client.node_id)
+            if site is not None:
+                config[RECEIPT] = self.receipt(site)
+            out.append((client, type(ins)(ins.parameters, config)))
+        return out
+
+    def receipt(self, site: str) -> str:
+        """``Ledger.receipt(site, server_key)`` ('' before the ledger has signed a head)."""
+        make = getattr(self.ledger, "receipt", None)  # the ledger side of issue 19
+        return make(site, self.server_key) if make is not None else ""
 
     def aggregate_evaluate(
         self,
@@ -298,16 +337,21 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ):
         rec = self.record(server_round)
-        for _, res in results:
-            self._catch_up_from_evaluation(server_round, dict(res.metrics), rec)
-            self.ledger_evaluation_release(server_round, dict(res.metrics), rec)
-            site = res.metrics.get("site_id")
-            if isinstance(site, str):
-                rec.site_val[site] = {
-                    k: float(v)
-                    for k, v in res.metrics.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)
-                }
+        rec.failures += [describe_failure(f) for f in failures]
+        self.write_round(server_round, self.refusals(server_round, failures, rec), rec)
+        verified, seen = [], set()
+        for proxy, res in results:
+            site = self.evaluate_reply(server_round, proxy, dict(res.metrics), rec)
+            if not site or site in seen:  # refused, or a second reply for one site
+                continue
+            seen.add(site)
+            verified.append((proxy, res))
+            rec.site_val[site] = {
+                k: float(v)
+                for k, v in res.metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            }
+        results = verified
         # Under SecAgg+ with secure sums the replies hold no sums: the round's test metrics
         # came from the masked vector (:meth:`_stage_secure`), not from here.
         if self.central_eval is None and self.combine_eval is not None and results and not self.secure_sums:
@@ -338,8 +382,13 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
 
     # -------------------------------------------------------------- stop
     def should_stop(self) -> bool:
-        """True once every site's budget (or the central budget) cannot cover another round."""
-        return self.central_exhausted or len(self.exhausted_sites) >= self.num_sites
+        """True once every site's budget (or the central budget) cannot cover another round.
+
+        Only registered sites count, and only from verified replies: made-up ids cannot stop a run.
+        """
+        registered = set(self.registry.sites)
+        out = self.exhausted_sites & registered
+        return self.central_exhausted or (bool(out) and len(out) >= min(self.num_sites, len(registered)))
 
 
 def round_config(server_round: int, run_id: str) -> dict[str, Scalar]:

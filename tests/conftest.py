@@ -97,6 +97,8 @@ def make_strategy(
     primary_metric: str = "loss",
     ledger=None,
     task=None,
+    registry=None,
+    run_id: str = "",
     **kw,
 ):
     """A DeltaFedAvg as server.app builds it (config -> pipeline -> strategy), for strategy tests.
@@ -104,6 +106,8 @@ def make_strategy(
     Keyword arguments are config settings in Python spelling (``norm_outlier_factor=10.0``);
     the norm-outlier check is off unless asked for. ``central``: a CentralRelease to use
     instead of the config's (its plan and generator); ``poisson_rng`` likewise.
+    ``registry``: the federation registry (default: an empty one, which :func:`signed`
+    fills as replies name sites); the server key is :data:`SERVER_KEY`'s.
     """
     from common.pipeline import build_pipeline
     from server.ledger import Ledger
@@ -122,10 +126,99 @@ def make_strategy(
     if ledger is None and tmp_path is not None:
         ledger = Ledger(tmp_path / "ledger.sqlite", run_id="t")
     init = init if init is not None else [np.zeros(2, np.float32)]
-    s = DeltaFedAvg(cfg, task, ledger, build_pipeline(cfg, task), initial_arrays=init)
+    registry = registry if registry is not None else make_registry({})
+    s = DeltaFedAvg(
+        cfg,
+        task,
+        ledger,
+        build_pipeline(cfg, task),
+        initial_arrays=init,
+        run_id=run_id,
+        registry=registry,
+        server_key=server_key(),
+    )
     s.primary_metric = primary_metric
     if central is not None:
         s.central = central
     if poisson_rng is not None:
         s.poisson_rng = poisson_rng
     return s
+
+
+# ------------------------------------------------------------------ identity (issue 19)
+def _test_key(label: str):
+    """A deterministic Ed25519 key per label: the same site gets the same key in every test."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"privfed-test:{label}".encode()).digest())
+
+
+def site_key(site_id: str):
+    """Site ``site_id``'s signing key in tests (deterministic)."""
+    return _test_key(f"site:{site_id}")
+
+
+def server_key():
+    """The server's signing key in tests (deterministic)."""
+    return _test_key("server")
+
+
+def make_registry(sizes: dict[str, int]):
+    """A registry of the sites ``{site_id: declared size}``, each with :func:`site_key`'s key."""
+    from common.deploy.registry import RegisteredSite, Registry
+    from common.deploy.signing import public_hex
+
+    sites = [RegisteredSite(site, public_hex(site_key(site)), size) for site, size in sizes.items()]
+    return Registry.build(public_hex(server_key()), sites)
+
+
+def register(strategy, site_id: str, declared_size: int) -> None:
+    """Add a site to a strategy's registry (what the coordinator does before the run)."""
+    sizes = {s.site_id: s.declared_size for s in strategy.registry.sites.values()}
+    strategy.registry = make_registry({**sizes, site_id: declared_size})
+
+
+def sign_reply(metrics, key, run_id: str, rnd: int, kind: str, arrays=None, secure: bool = False):
+    """Sign a reply's metrics exactly as a site does (contract point 1), in place; returns them.
+
+    ``arrays``: the update the reply carries (plain fit); ``secure``: a SecAgg+ fit (the
+    digest is ``MASKED``); evaluate replies sign an empty digest. The signature goes last.
+    """
+    from common.deploy.signing import MASKED, SIGNATURE, reply_claim, sign, update_digest
+
+    if kind == "evaluate":
+        digest = ""
+    elif secure:
+        digest = MASKED
+    else:
+        digest = update_digest(arrays if arrays is not None else [])
+    metrics.pop(SIGNATURE, None)
+    metrics[SIGNATURE] = sign(key, reply_claim(run_id, rnd, kind, digest, metrics))
+    return metrics
+
+
+def signed(strategy, rnd: int, results, kind: str = "fit"):
+    """Sign each (proxy, FitRes/EvaluateRes) for ``strategy``'s run and round ``rnd`` with the
+    key of the site it names, registering a site the registry lacks at the reply's
+    ``dataset_size`` (for tests that are not about identity). Returns ``results``."""
+    from flwr.common import parameters_to_ndarrays
+
+    from common.identifiers import site_id_problem
+
+    for _, res in results:
+        site = res.metrics.get("site_id")
+        if site_id_problem(site):
+            continue
+        if strategy.registry.site(site) is None:
+            n = res.metrics.get("dataset_size")
+            register(strategy, site, n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1)
+        arrays = None
+        if kind == "fit" and not strategy.secure:
+            try:
+                arrays = parameters_to_ndarrays(res.parameters)
+            except Exception:
+                arrays = []  # undecodable: the server refuses it before it checks any signature
+        sign_reply(res.metrics, site_key(site), strategy.run_id, rnd, kind, arrays, secure=strategy.secure)
+    return results

@@ -11,7 +11,7 @@ from flwr.common import Code, EvaluateRes, Status
 
 from common.errors import ConfigError
 from server.aggregation.qfedavg import qffl_step, site_losses
-from tests.conftest import make_cfg, make_strategy, simulation_processes
+from tests.conftest import make_cfg, make_strategy, signed, simulation_processes
 from tests.unit.test_server_client import _reply, _round
 
 
@@ -108,13 +108,16 @@ def _strategy(tmp_path, init, **kw):
     return make_strategy(tmp_path, init, num_sites=3, **kw)
 
 
-def _evaluated(s, rnd, losses):
+def _evaluated(s, rnd, losses, nodes=None):
     """What the evaluate round hands the strategy: each site's validation loss."""
     results = [
-        (SimpleNamespace(node_id=i), EvaluateRes(Status(Code.OK, ""), loss, 5, {"site_id": site, "loss": loss}))
+        (
+            SimpleNamespace(node_id=nodes[site] if nodes else i),
+            EvaluateRes(Status(Code.OK, ""), loss, 5, {"site_id": site, "loss": loss}),
+        )
         for i, (site, loss) in enumerate(losses.items())
     ]
-    s.aggregate_evaluate(rnd, results, [])
+    s.aggregate_evaluate(rnd, signed(s, rnd, results, "evaluate"), [])
 
 
 def test_rounds_use_the_previous_evaluation_and_fall_back_to_fedavg_then_the_mean(tmp_path):
@@ -151,7 +154,7 @@ def test_the_worse_site_pulls_harder_than_under_fedavg(tmp_path):
         sub.mkdir()
         s = _strategy(sub, [np.zeros(1, np.float32)], aggregation=agg, qffl_q=1.0, qffl_lipschitz=0.1)
         _round(s, 1, [_reply("a", ups[0], node=1), _reply("b", ups[1], node=2)], [])
-        _evaluated(s, 1, {"a": 1.0, "b": 3.0})
+        _evaluated(s, 1, {"a": 1.0, "b": 3.0}, nodes={"a": 1, "b": 2})  # the nodes that trained
         before = s.global_arrays[0].copy()
         moved[agg] = float(
             (_round(s, 2, [_reply("a", ups[0], node=1), _reply("b", ups[1], node=2)], [])[0] - before)[0]

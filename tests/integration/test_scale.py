@@ -20,6 +20,7 @@ def _manager(n: int) -> SimpleClientManager:
     for i in range(n):
         proxy = Mock(spec=ClientProxy)
         proxy.cid = str(i)
+        proxy.node_id = i  # a real ClientProxy has one (instructions carry receipts by node)
         cm.register(proxy)
     return cm
 

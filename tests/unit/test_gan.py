@@ -199,7 +199,7 @@ def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_check
     from server.callbacks.divergence import Divergence
     from server.recorder import RunRecorder
     from server.workflow import RoundLoop
-    from tests.conftest import make_strategy
+    from tests.conftest import make_strategy, signed
     from tests.unit.test_server_client import _reply
 
     task = gan_task()
@@ -217,11 +217,11 @@ def test_a_round_where_every_update_is_nan_ends_the_run_and_keeps_the_last_check
         site_wait_seconds=1,
     )
     good = [np.zeros_like(a) for a in init]
-    strategy.aggregate_fit(1, [_reply("a", good), _reply("b", good, node=2)], [])
+    strategy.aggregate_fit(1, signed(strategy, 1, [_reply("a", good), _reply("b", good, node=2)]), [])
     assert loop.end_round(1, 0.1)
     ckpt = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     nan = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in init]
-    strategy.aggregate_fit(2, [_reply("a", nan), _reply("b", nan, node=2)], [])
+    strategy.aggregate_fit(2, signed(strategy, 2, [_reply("a", nan), _reply("b", nan, node=2)]), [])
     with pytest.raises(TrainingFailure, match="diverged in round 2"):
         loop.end_round(2, 0.1)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == ckpt  # still round 1's

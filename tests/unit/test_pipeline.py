@@ -21,7 +21,7 @@ from common.pipeline.stages.weighting import Weighting
 from common.privacy.accounting import RoundPlan
 from common.privacy.client_level import update_norm
 from common.privacy.secagg_stats import SecureStats
-from tests.conftest import make_cfg, make_strategy
+from tests.conftest import make_cfg, make_registry, make_strategy, server_key
 from tests.unit.test_server_client import _reply, _round
 
 SECURE = {"secagg.enabled": True}
@@ -196,8 +196,9 @@ def test_a_strategy_refuses_a_pipeline_built_from_another_config(tmp_path):
         **{"central-dp.enabled": True, "dp.enabled": False, "fraction-fit": 0.5, "num-sites": 10, "rounds": 2}
     )
     plain = make_cfg(**{"dp.enabled": False, "num-sites": 10})
+    ids = {"registry": make_registry({}), "server_key": server_key()}
     with Ledger(tmp_path / "l.sqlite", run_id="t") as ledger:
         with pytest.raises(PrivfedError, match="not the one the run config builds") as err:
-            DeltaFedAvg(cdp, None, ledger, build_pipeline(plain), initial_arrays=[np.zeros(3)])
+            DeltaFedAvg(cdp, None, ledger, build_pipeline(plain), initial_arrays=[np.zeros(3)], **ids)
         assert "\n" not in str(err.value)
-        DeltaFedAvg(cdp, None, ledger, build_pipeline(cdp), initial_arrays=[np.zeros(3)])  # the matching pair
+        DeltaFedAvg(cdp, None, ledger, build_pipeline(cdp), initial_arrays=[np.zeros(3)], **ids)  # the matching pair

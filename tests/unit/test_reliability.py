@@ -17,7 +17,7 @@ from common.privacy.accounting import epsilon
 from common.protocol import MalformedReport, parse_fit_metrics
 from common.tasks.base import get_state
 from server.ledger import Ledger
-from tests.conftest import declared, make_cfg, make_strategy
+from tests.conftest import declared, make_cfg, make_strategy, signed
 from tests.unit.test_server_client import PLAN, _reply, _round
 
 
@@ -263,13 +263,13 @@ def test_a_fit_reply_lost_in_the_last_round_is_ledgered_from_the_evaluate_reply(
     _round(s, 2, [_reply("a", _vec(1.0), history=json.dumps([[1, 1.2, 0.5, 4]]))], [])  # b's round-2 reply is lost
     hist = json.dumps([[1, 1.2, 0.5, 4], [2, 1.2, 0.5, 4]])
     res = EvaluateRes(Status(Code.OK, ""), 1.0, 5, {"site_id": "b", "loss": 1.0, "history": hist})
-    s.aggregate_evaluate(2, [(SimpleNamespace(node_id=2), res)], [])
+    s.aggregate_evaluate(2, signed(s, 2, [(SimpleNamespace(node_id=2), res)], "evaluate"), [])
     rows = [(r.round, r.site_id, r.status) for r in s.ledger.rows()]
     assert rows[-1] == (2, "b", "lost") and len(rows) == 4 and s.records[2].caught_up == ["b@2"]
     s.aggregate_evaluate(2, [(SimpleNamespace(node_id=2), res)], [])  # told twice: ledgered once
     assert s.ledger.count() == 4
     bad = EvaluateRes(Status(Code.OK, ""), 1.0, 5, {"site_id": "b", "loss": 1.0, "history": "[[2, 1.2]]"})
-    s.aggregate_evaluate(3, [(SimpleNamespace(node_id=2), bad)], [])
+    s.aggregate_evaluate(3, signed(s, 3, [(SimpleNamespace(node_id=2), bad)], "evaluate"), [])
     assert "evaluate reply" in s.records[3].failures[-1] and s.ledger.count() == 4
 
 

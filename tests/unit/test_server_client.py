@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,7 @@ from common.privacy.accounting import RoundPlan
 from common.protocol import Status as SiteStatus
 from common.protocol import fit_metrics
 from common.tasks.base import get_state
-from tests.conftest import declared, make_cfg, make_strategy
+from tests.conftest import declared, make_cfg, make_strategy, signed
 
 PLAN = RoundPlan(10, 0.5, 4, 1.2, 1.0, 1e-5, "rdp")
 
@@ -25,12 +26,17 @@ def _strategy(tmp_path, init, num_sites=3, min_fit_sites=1, accountant="none"):
 
 
 def _round(s, rnd, results, failures):
-    """What the round loop does: aggregate_fit stages the sum, end_fit applies it."""
-    s.aggregate_fit(rnd, results, failures)
+    """What the round loop does: aggregate_fit stages the sum, end_fit applies it (each
+    reply signed by the key of the site it names, as sites do)."""
+    s.aggregate_fit(rnd, signed(s, rnd, results), failures)
     return s.end_fit(rnd)
 
 
-def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=1, drop=None, **override):
+def _reply(site, arrays, n=10, status=SiteStatus.TRAINED, node=None, drop=None, **override):
+    """A site's fit reply (unsigned: :func:`_round` signs it for the round). ``node``: the
+    Flower node id it comes from, by default one per site name (a node answers for one site)."""
+    if node is None:
+        node = 1000 + zlib.crc32(site.encode()) % 1_000_000
     plan = RoundPlan(n, PLAN.sample_rate, PLAN.steps, PLAN.noise_multiplier, 1.0, 1e-5, "rdp")
     steps = plan.steps if status is SiteStatus.TRAINED else 0
     metrics = fit_metrics(site, "image", plan, steps, 10.0, status, eps_spent=1.0, rng="os", train_loss=0.5)
@@ -58,7 +64,6 @@ def test_fedavg_of_deltas_weighted_by_examples(tmp_path):
         ([np.array([np.inf, 0, 0], np.float32)], "NaN or Inf"),
         ([np.zeros(4, np.float32)], "shape"),
         ([np.zeros(3, np.float64)], "float64"),
-        ([np.zeros(3, np.float32), np.zeros(1, np.float32)], "expected 1 arrays"),
     ],
 )
 def test_malformed_update_is_rejected_with_a_reason_and_the_round_goes_on(tmp_path, bad, reason):
@@ -72,6 +77,17 @@ def test_malformed_update_is_rejected_with_a_reason_and_the_round_goes_on(tmp_pa
     assert rows["good"].used
 
 
+def test_an_update_with_the_wrong_array_count_is_refused_before_decoding(tmp_path):
+    """Sizes are checked before anything is decoded, so before the signature (which covers
+    the decoded update) can be verified: the reply is unproven, ledgered under no site."""
+    s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
+    two = [np.zeros(3, np.float32), np.zeros(1, np.float32)]
+    params = _round(s, 1, [_reply("good", [np.full(3, 2.0, np.float32)]), _reply("bad", two, node=2)], [])
+    assert np.allclose(params[0], 2.0)
+    assert "expected 1 arrays" in s.records[1].rejected["node-2"]
+    assert [r.site_id for r in s.ledger.rows()] == ["good"]
+
+
 def test_reply_without_accountant_inputs_is_rejected(tmp_path):
     s = _strategy(tmp_path, [np.zeros(3, dtype=np.float32)])
     _round(
@@ -83,7 +99,8 @@ def test_reply_without_accountant_inputs_is_rejected(tmp_path):
         ],
         [],
     )
-    assert "missing metric 'noise_multiplier'" in s.records[1].rejected["node-7"]
+    # Signed by x's key: the refusal names the site; without accountant inputs nothing is ledgered.
+    assert "missing metric 'noise_multiplier'" in s.records[1].rejected["x"]
     assert [r.site_id for r in s.ledger.rows()] == ["good"]
 
 
@@ -211,7 +228,7 @@ def test_bad_accountant_inputs_are_rejected_not_fatal(tmp_path, override, reason
         [],
     )
     assert np.allclose(params[0], 1.0)
-    assert reason in s.records[1].rejected["node-9"]
+    assert reason in s.records[1].rejected["bad"]
     assert s.ledger.verify().ok
 
 
@@ -249,7 +266,7 @@ def test_undecodable_update_is_rejected(tmp_path):
     res.parameters = Parameters(tensors=[b"not a numpy array"], tensor_type="numpy.ndarray")
     params = _round(s, 1, [_reply("good", [np.ones(3, np.float32)]), (proxy, res)], [])
     assert np.allclose(params[0], 1.0)
-    assert "cannot be decoded" in s.records[1].rejected["junk"]
+    assert "cannot be decoded" in s.records[1].rejected["node-5"]  # unproven: under its node
 
 
 def test_overflowing_aggregate_keeps_the_last_good_model(tmp_path):
