@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import math
 import re
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
@@ -430,11 +430,10 @@ class Ledger:
             histories: dict[str, list[tuple[float, float, int]]] = {}
             totals: dict[str, float] = {}
             taken: set[tuple[int, str, str]] = set()
-            rows: list[LedgerRow] = []
             for entry_round, s in entries:
                 where = f"ledger entry of site {s.site_id!r} (round {entry_round}, {s.mechanism})"
                 key = (int(entry_round), s.site_id, s.mechanism)
-                if key in taken or self._has_row(*key):
+                if key in taken or self._has_row(*key):  # an IntegrityError would say less
                     raise ValueError(f"{where}: the ledger already has this row; a row is written once")
                 taken.add(key)
                 why = self._claim_conflict(s, parsed)
@@ -452,7 +451,8 @@ class Ledger:
                         eps_round = epsilon([mech], p.delta, p.accountant)
                         eps_total = epsilon(hist + [mech], p.delta, p.accountant)
                     except Exception as exc:  # an input no accountant accepts: this entry, not a crash
-                        raise ValueError(f"{where}: ε cannot be computed from its inputs ({type(exc).__name__})")
+                        why = f"ε cannot be computed from its inputs ({type(exc).__name__})"
+                        raise ValueError(f"{where}: {why}") from None
                     if s.steps_taken > 0:
                         hist.append(mech)
                 totals[s.site_id] = eps_total
@@ -481,20 +481,19 @@ class Ledger:
                 )
                 values = {k: _canonical(v) for k, v in values.items()}
                 row = LedgerRow(**values, prev_hash=prev, row_hash=row_digest(prev, values))
-                rows.append(row)
-                prev, seq = row.row_hash, seq + 1
-            for _, s in entries:
+                # Written as computed, in the one transaction: an entry failing later rolls
+                # every row of the call back (the `with`), so the call is still all or nothing.
                 if s.claim:
                     self.conn.execute(
                         "INSERT OR IGNORE INTO claims VALUES (?, ?, ?, ?)",
                         (parsed[s.claim], s.site_id, s.claim, s.signature),
                     )
-            for row in rows:
                 self.conn.execute(
                     f"INSERT INTO ledger VALUES ({', '.join('?' * len(fields(LedgerRow)))})",
                     [_sql(v) for v in asdict(row).values()],
                 )
                 written.append(row)
+                prev, seq = row.row_hash, seq + 1
         return written
 
     def _has_row(self, rnd: int, site_id: str, mechanism: str) -> bool:
