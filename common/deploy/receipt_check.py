@@ -5,11 +5,12 @@ site: "at seq S the ledger's head was H, and these are your rows up to it". Its 
 is checked when the site receives it (``check_receipt``); this module checks, later, that
 a ledger someone shows still says the same:
 
+* every row of the site that the receipt lists is in the ledger at its seq, unchanged;
+* the ledger holds no row of the site up to that seq that the receipt does not list;
 * the ledger's row at the receipt's seq has the signed head as its hash (else the ledger
   was cut or rewritten before that point: every row hash after a change moves), or, when
-  only part of the ledger is shared, the ledger's signed head for that round is the same;
-* every row of the site that the receipt lists is in the ledger at its seq, unchanged;
-* the ledger holds no row of the site up to that seq that the receipt does not list.
+  only part of the ledger is shared, the ledger's signed head for that round is the same.
+  A shared part that holds neither cannot show that nothing was cut: that fails too.
 
 Used by ``privfed site verify`` (a site's own check) and by the auditor
 (:func:`server.ledger_audit.check_receipts_against_ledger`). Reasons name seqs, rounds and
@@ -39,7 +40,26 @@ def compare(ledger_rows: Sequence[Mapping[str, Any]], heads: Sequence[Mapping[st
         seq = r.get("seq")
         if isinstance(seq, int) and not isinstance(seq, bool):
             by_seq[seq] = r
-    # 1. The signed head is still the ledger's head at that seq.
+    # 1. Every row the receipt lists is there, unchanged.
+    listed: set[int] = set()
+    for kept in receipt.rows:
+        seq = kept.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return "the receipt lists a row without a seq"
+        listed.add(seq)
+        now = by_seq.get(seq)
+        if now is None:
+            return f"row seq {seq} of this site, in its receipt of round {receipt.round}, is not in the ledger"
+        changed = sorted(k for k, v in kept.items() if k in now and not _same(now[k], v))
+        missing = sorted(k for k in kept if k not in now)
+        if changed or missing:
+            what = ", ".join(changed + missing)
+            return f"row seq {seq} of this site differs from its receipt of round {receipt.round} ({what})"
+    # 2. No row of this site up to the signed seq that the site was never shown.
+    for seq, r in sorted(by_seq.items()):
+        if seq <= receipt.seq and r.get("site_id") == receipt.site_id and seq not in listed:
+            return f"row seq {seq} is this site's but not in its receipt of round {receipt.round} (inserted later)"
+    # 3. The signed head is still the ledger's head at that seq.
     checked_head = False
     if receipt.seq > 0 and receipt.seq in by_seq:
         if by_seq[receipt.seq].get("row_hash") != receipt.head:
@@ -66,25 +86,6 @@ def compare(ledger_rows: Sequence[Mapping[str, Any]], heads: Sequence[Mapping[st
             f"the ledger shown ends before seq {receipt.seq}, where the coordinator signed a head for this site "
             "(rows cut), or shares neither that row nor its signed head"
         )
-    # 2. Every row the receipt lists is there, unchanged.
-    listed: set[int] = set()
-    for kept in receipt.rows:
-        seq = kept.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            return "the receipt lists a row without a seq"
-        listed.add(seq)
-        now = by_seq.get(seq)
-        if now is None:
-            return f"row seq {seq} of this site, in its receipt of round {receipt.round}, is not in the ledger"
-        changed = sorted(k for k, v in kept.items() if k in now and not _same(now[k], v))
-        missing = sorted(k for k in kept if k not in now)
-        if changed or missing:
-            what = ", ".join(changed + missing)
-            return f"row seq {seq} of this site differs from its receipt of round {receipt.round} ({what})"
-    # 3. No row of this site up to the signed seq that the site was never shown.
-    for seq, r in sorted(by_seq.items()):
-        if seq <= receipt.seq and r.get("site_id") == receipt.site_id and seq not in listed:
-            return f"row seq {seq} is this site's but not in its receipt of round {receipt.round} (inserted later)"
     return ""
 
 

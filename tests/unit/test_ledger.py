@@ -221,7 +221,9 @@ def test_every_row_names_the_neighbouring_relation_of_its_plan(tmp_path):
     values = {k: getattr(row, k) for k in HASHED_FIELDS} | {"neighbouring": "replace-one"}
     digest = row_digest(row.prev_hash, values)
     led.close()
-    tamper(tmp_path / "l.sqlite", f"UPDATE ledger SET neighbouring = 'replace-one', row_hash = '{digest}' WHERE seq = 2")
+    tamper(
+        tmp_path / "l.sqlite", f"UPDATE ledger SET neighbouring = 'replace-one', row_hash = '{digest}' WHERE seq = 2"
+    )
     result = Ledger(tmp_path / "l.sqlite").verify()
     assert not result.ok and result.first_bad_seq == 2 and "neighbouring" in result.reason
 
