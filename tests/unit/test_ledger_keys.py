@@ -489,3 +489,65 @@ def test_a_ledger_from_before_the_claim_column_is_refused(tmp_path):
     for run_id in ("r", None):
         with pytest.raises(ValueError, match="older privfed.*'claim_id'"):
             Ledger(path, run_id=run_id)
+
+
+def test_the_recorder_signs_each_rounds_head_before_its_line(tmp_path, fed):
+    from server.recorder import RunRecorder
+    from server.resume import resume_point
+    from server.strategy import RoundRecord
+    from tests.unit.test_gan import gan_task
+
+    task = gan_task()
+    run = tmp_path / RUN
+    recorder = RunRecorder(task.cfg, task, run, server_key=fed.server)
+    led = recorder.ledger
+    led.record_round(1, _fit(fed, "site-1", 1))
+    recorder.write_round(1, RoundRecord(1), 0.1, {}, ok=False)
+    recorder.record_gap({2: True}, 0)
+    assert [(h["round"], h["seq"]) for h in led.heads()] == [(1, 1), (2, 1)]
+    recorder.write_round(1, RoundRecord(1), 0.1, {}, ok=False)  # written again (a resumed server): still one head
+    assert len(led.heads()) == 2
+    assert verify_against_keys(led, fed.registry).ok
+    assert check_receipt(led.receipt("site-1", fed.server), fed.registry.server_key, "site-1", RUN).seq == 1
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["ledger_head"] for x in lines][:2] == [h["head"] for h in led.heads()]
+    recorder.save_checkpoint(1)
+    assert resume_point(run, led, task.cfg.task, public_hex(fed.server)).next_round == 3
+    led.close()
+
+
+def test_rows_from_an_evaluate_reply_verify_and_a_forged_release_fails(tmp_path, fed):
+    led = Ledger(tmp_path / "l.sqlite", run_id=RUN)
+    led.record_round(1, _fit(fed, "site-1", 1))
+    # Round 2: the fit reply is lost; the evaluate reply's signed history reports it, and a
+    # noisy-metrics release, which the server ledgers from the same claim.
+    m = {
+        "site_id": "site-1",
+        "history": json.dumps([[1, 1.1, 0.05, 20], [2, 1.1, 0.05, 20]]),
+        "metrics_noise_multiplier": 3.0,
+        "metrics_l2_sensitivity": 1.0,
+        "metrics_delta": 1e-6,
+        "metrics_rng": "os",
+    }
+    claim, signature = _claimed(fed.sites["site-1"], "site-1", 2, m, kind="evaluate")
+    lost = SiteSpend("site-1", "image", _plan(1.1), 20, 10.0, False, "lost", "os", "dp-sgd", claim, signature)
+    led.record_round(3, [], catch_up=[(2, lost)])
+    release = RoundPlan(0, 1.0, 1, 3.0, 1.0, 1e-6, "rdp")
+    led.record_round(
+        2,
+        [SiteSpend("site-1", "metric", release, 1, 10.0, True, "released", "os", "gaussian-metrics", claim, signature)],
+    )
+    led.sign_head(3, fed.server)
+    assert led.verify().ok and verify_against_keys(led, fed.registry).ok, verify_against_keys(led, fed.registry)
+    assert len(led.claims()) == 2
+    led.close()
+    _rewrite(tmp_path / "l.sqlite", fed, edit=lambda v: v | ({"noise_multiplier": 6.0} if v["seq"] == 3 else {}))
+    own, keyed = _verify(tmp_path / "l.sqlite", fed)
+    assert own.ok and not keyed.ok and keyed.first_bad_seq == 3 and keyed.reason.startswith("noise_multiplier")
+    _rewrite(
+        tmp_path / "l.sqlite",
+        fed,
+        edit=lambda v: v | ({"delta": 1e-4} if v["seq"] == 2 else {"noise_multiplier": 3.0} if v["seq"] == 3 else {}),
+    )
+    own, keyed = _verify(tmp_path / "l.sqlite", fed)
+    assert own.ok and not keyed.ok and keyed.first_bad_seq == 2 and "delta" in keyed.reason
