@@ -36,6 +36,11 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
             help="the federation registry (TOML) holding the sites' and the server's public keys "
             "(default: RUN_DIR/registry.toml when it exists)",
         )
+        parser.add_argument(
+            "--receipts",
+            metavar="DIR",
+            help="with --verify: receipts the sites kept (*.json under DIR); fail if the ledger contradicts one",
+        )
         parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     else:  # report
         parser.add_argument("run_dir")
@@ -56,9 +61,12 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
 
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     """0: shown (and verified); 1: verification failed; 2: could not read the run."""
+    from common.errors import PrivfedError
     from server.ledger_audit import (
         audit_rows,
+        check_receipts_against_ledger,
         describe_units,
+        load_receipts,
         load_registry,
         open_ledger,
         render,
@@ -87,11 +95,20 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         heads = ledger.heads()
         registry = load_registry(args.run_dir, getattr(args, "registry", None))
         keyed = verify_against_keys(ledger, registry, rows) if registry is not None and result.ok else None
+        contradicted = ""
+        if getattr(args, "receipts", None) and result.ok:
+            if registry is None:
+                raise PrivfedError("--receipts needs a registry: the server's key checks each receipt")
+            kept = load_receipts(args.receipts, registry, ledger.run_id)
+            contradicted = check_receipts_against_ledger(ledger, kept)
     finally:
         ledger.close()
     if keyed is not None and not keyed.ok:
         where = f"row seq {keyed.first_bad_seq}" if keyed.first_bad_seq is not None else "ledger heads"
         err.print(f"[red]verification against keys FAILED at {where}:[/] {escape(keyed.reason)}")
+        return 1
+    if contradicted:
+        err.print(f"[red]verification against the sites' receipts FAILED:[/] {escape(contradicted)}")
         return 1
     if result.ok:
         err.print(
@@ -119,6 +136,8 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
                     f"verified against keys: every site row follows from a claim signed by its registered key, "
                     f"{len(heads)} signed head(s) verify under the server's key"
                 )
+                if getattr(args, "receipts", None):
+                    err.print("verified against the sites' receipts: every row and head they hold is in the ledger")
             else:
                 err.print("[yellow]not verified against keys: no registry[/] (self-consistency only)")
             return 0

@@ -405,8 +405,8 @@ class Ledger:
         site its rows (issue 19, finding 2).
         """
         rnd = _round_number(rnd, "round")
-        late = sorted(catch_up, key=lambda e: (_sort_round(e[0]), e[1].site_id))
-        entries = late + [(rnd, s) for s in sorted(spends, key=lambda s: s.site_id)]
+        late = sorted(catch_up, key=lambda e: (_sort_round(e[0]), str(e[1].site_id)))
+        entries = late + [(rnd, s) for s in sorted(spends, key=lambda s: str(s.site_id))]
         parsed: dict[str, str] = {}  # claim text -> claim_id, each parsed once
         for i, (entry_round, s) in enumerate(entries):
             why = spend_problem(s)

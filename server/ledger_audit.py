@@ -30,7 +30,7 @@ from typing import Any
 
 from common.deploy import signing
 from common.deploy.receipt_check import compare
-from common.deploy.receipts import Receipt
+from common.deploy.receipts import MAX_RECEIPT_BYTES, Receipt, ReceiptError, check_receipt
 from common.deploy.registry import Registry
 from common.errors import PrivfedError
 from common.privacy.accounting import NO_DP
@@ -346,6 +346,28 @@ def check_receipts_against_ledger(ledger: Ledger, receipts: list[Receipt]) -> st
         if why:
             return f"site {rec.site_id!r}, receipt of round {rec.round}: {why}"
     return ""
+
+
+def load_receipts(folder: str | Path, registry: Registry, run_id: str) -> list[Receipt]:
+    """Every receipt (``*.json``) under ``folder``, each checked against the server's key in
+    ``registry`` and meant for a registered site of this run; PrivfedError naming the file."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise PrivfedError(f"receipts '{root}': not a folder")
+    out = []
+    for path in sorted(root.rglob("*.json")):
+        try:
+            text = path.read_text(encoding="utf-8")
+            site = json.loads(text).get("site_id") if len(text) <= MAX_RECEIPT_BYTES else None
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            site = None
+        if not isinstance(site, str) or registry.site(site) is None:
+            raise PrivfedError(f"receipt '{path}': unreadable, or not for a registered site")
+        try:
+            out.append(check_receipt(text, registry.server_key, site, run_id))
+        except ReceiptError as exc:
+            raise PrivfedError(f"receipt '{path}': {exc}") from None
+    return out
 
 
 def load_registry(run_dir: Path, path: str | Path | None) -> Registry | None:

@@ -551,3 +551,32 @@ def test_rows_from_an_evaluate_reply_verify_and_a_forged_release_fails(tmp_path,
     )
     own, keyed = _verify(tmp_path / "l.sqlite", fed)
     assert own.ok and not keyed.ok and keyed.first_bad_seq == 2 and "delta" in keyed.reason
+
+
+def test_the_audit_checks_the_receipts_sites_hand_in(tmp_path, fed, capsys):
+    run = tmp_path / RUN
+    run.mkdir()
+    receipts: dict = {}
+    _build(run / "ledger.sqlite", fed, receipts)
+    fed.registry.write(run / "registry.toml")
+    kept = tmp_path / "receipts"
+    for site, rec in receipts.items():
+        (kept / site).mkdir(parents=True)
+        (kept / site / f"{RUN}.json").write_text(rec.text)
+
+    def audit() -> int:
+        with Ledger(run / "ledger.sqlite") as led:
+            (run / "metrics.jsonl").write_text(json.dumps({"round": ROUNDS, "ledger_head": led.head()}) + "\n")
+        return cli(["audit", str(run), "--verify", "--format", "csv", "--receipts", str(kept)])
+
+    assert audit() == 0
+    assert "verified against the sites' receipts" in capsys.readouterr().err
+    with Ledger(run / "ledger.sqlite") as led:
+        dropped = next(r for r in led.rows() if r.site_id == "site-2" and r.round == 3)
+    _rewrite(run / "ledger.sqlite", fed, keep=lambda v: v["seq"] != dropped.seq)
+    assert audit() == 1
+    err = capsys.readouterr().err
+    assert "receipts FAILED" in err and "site-1" in err  # the first receipt, in file order, that it contradicts
+    (kept / "site-1" / f"{RUN}.json").write_text(receipts["site-1"].text.replace('"round":3', '"round":2'))
+    assert audit() == 2
+    assert "does not verify" in capsys.readouterr().err
