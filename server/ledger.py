@@ -13,23 +13,47 @@ Tamper evidence: ``row_hash = SHA-256(prev_hash || canonical JSON of the row)``.
 Any edit, insertion or deletion breaks the chain from that row on. SQLite triggers
 refuse UPDATE and DELETE so that honest code cannot rewrite history by accident.
 Someone with write access who also recomputes every later hash is *not* detected
-by the chain alone; each round's head hash is therefore also written to
-``metrics.jsonl``, a second place to compare against.
+by the chain alone (the chain has no key); each round's head hash is also written to
+``metrics.jsonl``, but by the same process into the same folder.
+
+What does hold against a rewrite is keys (issue 19): every site row carries the id of the
+site's signed claim (table ``claims``: the claim text and the site's Ed25519 signature,
+stored once per reply), and the server signs each round's head with its own key (table
+``heads``) and sends each site a *receipt* (:meth:`Ledger.receipt`). An auditor checks
+rows against the sites' registered keys and heads against the server's
+(:func:`server.ledger_audit.verify_against_keys`); sites compare the receipts they kept
+(:mod:`common.deploy.receipt_check`). See docs/PRIVACY.md, "What the signed ledger proves".
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from common.deploy.signing import CLAIM_VERSION, Ed25519PrivateKey, sign
 from common.privacy.accounting import NEIGHBOURING, RoundPlan, epsilon
+from common.privacy.client_level import CENTRAL_SITE_ID
 from common.privacy.metrics_dp import DP_SGD
 from common.seeds import RNG_KINDS
+
+# A site that refused the run config by its own policy (a signed refusal): a row that
+# charges nothing (steps 0, eps_round 0, eps_total the site's running total).
+REFUSAL = "refusal"
+# What one row may hold, whatever a reply says (issue 19, finding 2): SQLite's INTEGER is
+# 64-bit, and every string lands in the ledger, metrics.jsonl and receipts.
+MAX_ROUND = 2**31 - 1
+MAX_TEXT = 128  # unit, status, mechanism, accountant, neighbouring
+MAX_CLAIM_BYTES = 8_000_000  # a claim holds a reply's metrics, its history included
+_ROW_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_@.-]{0,127}")  # site ids, and "<site>@node-<id>"
+_SIGNATURE_RE = re.compile(r"[0-9a-f]{128}")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,6 +78,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     rng              TEXT    NOT NULL,
     recorded_at      TEXT    NOT NULL,
     mechanism        TEXT    NOT NULL,
+    claim_id         TEXT    NOT NULL,
     prev_hash        TEXT    NOT NULL,
     row_hash         TEXT    NOT NULL,
     UNIQUE (round, site_id, mechanism)
@@ -61,6 +86,27 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
+CREATE TABLE IF NOT EXISTS claims (
+    claim_id  TEXT PRIMARY KEY,
+    site_id   TEXT NOT NULL,
+    claim     TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS claims_no_update BEFORE UPDATE ON claims
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS claims_no_delete BEFORE DELETE ON claims
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
+CREATE TABLE IF NOT EXISTS heads (
+    round     INTEGER,
+    seq       INTEGER,
+    head      TEXT,
+    signature TEXT,
+    PRIMARY KEY (round)
+);
+CREATE TRIGGER IF NOT EXISTS heads_no_update BEFORE UPDATE ON heads
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS heads_no_delete BEFORE DELETE ON heads
     BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;
 """
 
@@ -82,6 +128,9 @@ class SiteSpend:
     # What was released: "dp-sgd" (the site's training round), "gaussian-metrics" (its
     # noisy evaluation statistics, common.privacy.metrics_dp), "dp-fedavg" (client-level).
     mechanism: str = DP_SGD
+    # The site's signed claim this row follows from (common.deploy.signing.reply_claim or
+    # refusal_claim, as canonical JSON text) and its signature (hex); "" for the server's
+    # own rows, which the server's signed heads cover instead.
     claim: str = ""
     signature: str = ""
 
@@ -108,6 +157,7 @@ class LedgerRow:
     rng: str
     recorded_at: str
     mechanism: str
+    claim_id: str  # sha256 of the claim text in table ``claims``; "" for the server's own rows
     prev_hash: str
     row_hash: str
 
@@ -126,6 +176,69 @@ def row_digest(prev_hash: str, values: dict) -> str:
 
 def genesis_hash(run_id: str) -> str:
     return hashlib.sha256(f"privfed-ledger-v1:{run_id}".encode()).hexdigest()
+
+
+def head_claim(run_id: str, rnd: int, seq: int, head: str) -> dict[str, Any]:
+    """What the server signs for one round's head (:meth:`Ledger.sign_head`)."""
+    return {"v": CLAIM_VERSION, "run_id": run_id, "round": int(rnd), "seq": int(seq), "head": head}
+
+
+def receipt_row(row: LedgerRow) -> dict[str, Any]:
+    """One row as receipts carry it: its hashed fields (claim_id included) and its row_hash."""
+    return {**{k: getattr(row, k) for k in HASHED_FIELDS}, "row_hash": row.row_hash}
+
+
+def claim_id(claim: str) -> str:
+    """A claim's id in table ``claims``: the SHA-256 of its text."""
+    return _claim_id(claim)
+
+
+def spend_problem(s: SiteSpend) -> str:
+    """Why one spend cannot be ledgered, or ''. Names fields, never repeats a value.
+
+    The server calls it on each reply's spends before ledgering them, so that a reply the
+    ledger would refuse is refused with its reason, alone (:meth:`Ledger.record_round`
+    checks the same)."""
+    if not isinstance(s.site_id, str) or not (s.site_id == CENTRAL_SITE_ID or _ROW_ID_RE.fullmatch(s.site_id)):
+        return "site_id must be 1-128 letters, digits, '_', '-', '.' or '@'"
+    for name in ("unit", "status", "mechanism"):
+        v = getattr(s, name)
+        if not isinstance(v, str) or not 0 < len(v) <= MAX_TEXT or not v.isprintable():
+            return f"{name} must be printable text of 1-{MAX_TEXT} characters"
+    if s.rng not in RNG_KINDS:  # the column states a fact; no other value is one
+        return f"rng must be one of {', '.join(RNG_KINDS)}"
+    p = s.plan
+    if not isinstance(p.accountant, str) or not 0 < len(p.accountant) <= MAX_TEXT:
+        return f"accountant must be text of 1-{MAX_TEXT} characters"
+    if p.neighbouring not in NEIGHBOURING:
+        return f"neighbouring must be one of {', '.join(NEIGHBOURING)}"
+    if isinstance(p.dataset_size, bool) or not isinstance(p.dataset_size, int) or not 0 <= p.dataset_size < 2**62:
+        return "dataset_size must be a non-negative integer in range"
+    for name in ("sample_rate", "noise_multiplier", "max_grad_norm", "delta"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            return f"{name} must be a finite non-negative number"
+    if p.sample_rate > 1 or p.delta >= 1:
+        return "sample_rate must be at most 1 and delta below 1"
+    steps = s.steps_taken
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_ROUND:
+        return "steps must be a non-negative integer in range"
+    budget = s.eps_budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
+        return "eps_budget must be a number"
+    if not isinstance(s.used, bool):
+        return "used must be a bool"
+    if s.mechanism == REFUSAL and (steps != 0 or s.used):
+        return "a refusal row takes no steps and is not used"
+    if not isinstance(s.claim, str) or not isinstance(s.signature, str):
+        return "claim and signature must be text"
+    if s.site_id == CENTRAL_SITE_ID and s.claim:
+        return "the server's own row carries no site claim (its signed heads cover it)"
+    if s.claim and not _SIGNATURE_RE.fullmatch(s.signature):
+        return "signature must be 128 hex digits"
+    if not s.claim and s.signature:
+        return "a signature without its claim"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -153,6 +266,11 @@ class Ledger:
         else:
             self.conn = sqlite3.connect(self.path)
             _durable(self.conn)
+            try:
+                self._check_columns()  # an older ledger is refused before anything is added to it
+            except ValueError:
+                self.conn.close()
+                raise
             with self.conn:
                 self.conn.executescript(SCHEMA)
         try:
@@ -174,7 +292,10 @@ class Ledger:
     def _check_columns(self) -> None:
         """Refuse a ledger from before a column was added (the one migration path): its rows
         cannot say what they now must (e.g. their neighbouring relation)."""
-        have = {r[1] for r in self.conn.execute("PRAGMA table_info(ledger)")}
+        try:
+            have = {r[1] for r in self.conn.execute("PRAGMA table_info(ledger)")}
+        except sqlite3.DatabaseError:
+            return  # not a database at all: the run_id read reports it
         missing = [f.name for f in fields(LedgerRow) if f.name not in have]
         if have and missing:
             raise ValueError(
@@ -199,6 +320,16 @@ class Ledger:
     def rows(self) -> list[LedgerRow]:
         cur = self.conn.execute(f"SELECT {', '.join(f.name for f in fields(LedgerRow))} FROM ledger ORDER BY seq")
         return [_row(r) for r in cur.fetchall()]
+
+    def claims(self) -> dict[str, tuple[str, str, str]]:
+        """claim_id -> (site_id, claim text, signature), every claim the ledger holds."""
+        cur = self.conn.execute("SELECT claim_id, site_id, claim, signature FROM claims")
+        return {r[0]: (r[1], r[2], r[3]) for r in cur}
+
+    def heads(self) -> list[dict[str, Any]]:
+        """The server's signed heads, by round: ``{round, seq, head, signature}`` each."""
+        cur = self.conn.execute("SELECT round, seq, head, signature FROM heads ORDER BY round")
+        return [{"round": int(r[0]), "seq": int(r[1]), "head": r[2], "signature": r[3]} for r in cur]
 
     def count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
@@ -265,11 +396,29 @@ class Ledger:
         """Append one row per site for round ``rnd``, in one transaction (all or nothing).
 
         ``catch_up`` rows (earlier rounds whose replies never arrived, as the sites report
-        them) go first, each under its own round number.
+        them) go first, each under its own round number, which must be before ``rnd``.
+
+        Every entry is checked before anything is written (:func:`spend_problem`, the round
+        numbers, one row per (round, site, mechanism), ε computable): a bad one raises
+        ``ValueError`` naming its site and field, and nothing of the call is written. The
+        server ledgers each reply with its own call, so one bad reply never costs another
+        site its rows (issue 19, finding 2).
         """
-        entries = sorted(catch_up, key=lambda e: (e[0], e[1].site_id)) + [
-            (rnd, s) for s in sorted(spends, key=lambda s: s.site_id)
-        ]
+        rnd = _round_number(rnd, "round")
+        late = sorted(catch_up, key=lambda e: (_sort_round(e[0]), str(e[1].site_id)))
+        entries = late + [(rnd, s) for s in sorted(spends, key=lambda s: str(s.site_id))]
+        parsed: dict[str, str] = {}  # claim text -> claim_id, each parsed once
+        for i, (entry_round, s) in enumerate(entries):
+            why = spend_problem(s)
+            if not why and i < len(late):
+                r = entry_round
+                if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r < rnd:
+                    why = "a catch-up round must be an integer round before the one recorded"
+            if not why and s.claim and s.claim not in parsed:
+                why = _claim_problem(s.claim)
+                parsed[s.claim] = _claim_id(s.claim)
+            if why:
+                raise ValueError(f"ledger entry of site {_printable(s.site_id)!r}: {why}")
         written: list[LedgerRow] = []
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with self.conn:  # COMMIT, or ROLLBACK on any exception
@@ -278,15 +427,38 @@ class Ledger:
             self.conn.execute("BEGIN IMMEDIATE")
             prev = self.head()
             seq = (self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]) + 1
+            histories: dict[str, list[tuple[float, float, int]]] = {}
+            totals: dict[str, float] = {}
+            taken: set[tuple[int, str, str]] = set()
             for entry_round, s in entries:
-                if s.rng not in RNG_KINDS:  # the column states a fact; no other value is one
-                    raise ValueError(f"rng must be one of {', '.join(RNG_KINDS)}, got {s.rng!r}")
+                where = f"ledger entry of site {s.site_id!r} (round {entry_round}, {s.mechanism})"
+                key = (int(entry_round), s.site_id, s.mechanism)
+                if key in taken or self._has_row(*key):  # an IntegrityError would say less
+                    raise ValueError(f"{where}: the ledger already has this row; a row is written once")
+                taken.add(key)
+                why = self._claim_conflict(s, parsed)
+                if why:
+                    raise ValueError(f"{where}: {why}")
                 p = s.plan
-                mech = (p.noise_multiplier, p.sample_rate, s.steps_taken)
-                history = self.history(s.site_id) + [mech]
+                hist = histories.setdefault(s.site_id, self.history(s.site_id))
+                if s.site_id not in totals:
+                    totals[s.site_id] = self._last_total(s.site_id)
+                if s.mechanism == REFUSAL:
+                    eps_round, eps_total = 0.0, totals[s.site_id]  # charges nothing
+                else:
+                    mech = (p.noise_multiplier, p.sample_rate, s.steps_taken)
+                    try:
+                        eps_round = epsilon([mech], p.delta, p.accountant)
+                        eps_total = epsilon(hist + [mech], p.delta, p.accountant)
+                    except Exception as exc:  # an input no accountant accepts: this entry, not a crash
+                        why = f"ε cannot be computed from its inputs ({type(exc).__name__})"
+                        raise ValueError(f"{where}: {why}") from None
+                    if s.steps_taken > 0:
+                        hist.append(mech)
+                totals[s.site_id] = eps_total
                 values = dict(
                     seq=seq,
-                    round=entry_round,
+                    round=int(entry_round),
                     site_id=s.site_id,
                     unit=s.unit,
                     dataset_size=p.dataset_size,
@@ -297,17 +469,25 @@ class Ledger:
                     delta=p.delta,
                     accountant=p.accountant,
                     neighbouring=p.neighbouring,
-                    eps_round=epsilon([mech], p.delta, p.accountant),
-                    eps_total=epsilon(history, p.delta, p.accountant),
+                    eps_round=eps_round,
+                    eps_total=eps_total,
                     eps_budget=s.eps_budget,
                     used=bool(s.used),
                     status=s.status,
                     rng=s.rng,
                     recorded_at=now,
                     mechanism=s.mechanism,
+                    claim_id=parsed[s.claim] if s.claim else "",
                 )
                 values = {k: _canonical(v) for k, v in values.items()}
                 row = LedgerRow(**values, prev_hash=prev, row_hash=row_digest(prev, values))
+                # Written as computed, in the one transaction: an entry failing later rolls
+                # every row of the call back (the `with`), so the call is still all or nothing.
+                if s.claim:
+                    self.conn.execute(
+                        "INSERT OR IGNORE INTO claims VALUES (?, ?, ?, ?)",
+                        (parsed[s.claim], s.site_id, s.claim, s.signature),
+                    )
                 self.conn.execute(
                     f"INSERT INTO ledger VALUES ({', '.join('?' * len(fields(LedgerRow)))})",
                     [_sql(v) for v in asdict(row).values()],
@@ -316,6 +496,68 @@ class Ledger:
                 prev, seq = row.row_hash, seq + 1
         return written
 
+    def _has_row(self, rnd: int, site_id: str, mechanism: str) -> bool:
+        cur = self.conn.execute(
+            "SELECT 1 FROM ledger WHERE round = ? AND site_id = ? AND mechanism = ?", (rnd, site_id, mechanism)
+        )
+        return cur.fetchone() is not None
+
+    def _last_total(self, site_id: str) -> float:
+        """The site's running ε: its latest row's eps_total, whatever the mechanism (0 if none)."""
+        r = self.conn.execute(
+            "SELECT eps_total FROM ledger WHERE site_id = ? ORDER BY seq DESC LIMIT 1", (site_id,)
+        ).fetchone()
+        return 0.0 if r is None else float(r[0])
+
+    def _claim_conflict(self, s: SiteSpend, parsed: dict[str, str]) -> str:
+        """Why this claim clashes with a stored one of the same id (another site or signature;
+        never expected: Ed25519 signs deterministically and the server ledgers verified claims)."""
+        if not s.claim:
+            return ""
+        r = self.conn.execute("SELECT site_id, signature FROM claims WHERE claim_id = ?", (parsed[s.claim],))
+        stored = r.fetchone()
+        if stored is None or (stored[0] == s.site_id and stored[1] == s.signature):
+            return ""
+        return "its claim is ledgered already, under another site or with another signature"
+
+    # ------------------------------------------------------------ signed heads
+    def sign_head(self, rnd: int, key: Ed25519PrivateKey) -> dict[str, Any]:
+        """Sign the ledger's head now as round ``rnd``'s, with the server's key, and store it.
+
+        What is signed: ``{"v": 1, "run_id", "round", "seq", "head"}`` (:func:`head_claim`),
+        seq being the last row's (0 and the genesis hash for an empty ledger). One head per
+        round: signing a round again returns the head already stored (a resumed server
+        writing the line it was killed before), unchanged.
+        """
+        rnd = _round_number(rnd, "round")
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            stored = self.conn.execute("SELECT round, seq, head, signature FROM heads WHERE round = ?", (rnd,))
+            r = stored.fetchone()
+            if r is not None:
+                return {"round": int(r[0]), "seq": int(r[1]), "head": r[2], "signature": r[3]}
+            seq = int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0])
+            head = self.head()
+            signature = sign(key, head_claim(self.run_id, rnd, seq, head))
+            self.conn.execute("INSERT INTO heads VALUES (?, ?, ?, ?)", (rnd, seq, head, signature))
+        return {"round": rnd, "seq": seq, "head": head, "signature": signature}
+
+    def receipt(self, site_id: str, key: Ed25519PrivateKey) -> str:
+        """The server's receipt for one site (:func:`common.deploy.receipts.make_receipt`): the
+        latest signed head and every row of the site up to it; "" before any head is signed."""
+        from common.deploy.receipts import make_receipt
+
+        heads = self.heads()
+        if not heads:
+            return ""
+        last = heads[-1]  # by round; a later round's head is never behind an earlier one's
+        cols = ", ".join(f.name for f in fields(LedgerRow))
+        cur = self.conn.execute(
+            f"SELECT {cols} FROM ledger WHERE site_id = ? AND seq <= ? ORDER BY seq", (site_id, last["seq"])
+        )
+        rows = [receipt_row(_row(r)) for r in cur.fetchall()]
+        return make_receipt(key, self.run_id, site_id, last["round"], last["seq"], last["head"], rows)
+
     # ----------------------------------------------------------------- verify
     def verify(self, recompute: bool = True, expected_head: str | None = None) -> Verification:
         """Check the hash chain, that seq has no gaps, and (optionally) that every epsilon
@@ -323,6 +565,7 @@ class Ledger:
         also catches rows cut from the end, which a chain alone cannot."""
         prev = genesis_hash(self.run_id)
         histories: dict[str, list[tuple[float, float, int]]] = {}
+        totals: dict[str, float] = {}  # each site's running ε (a refusal row repeats it)
         rows = self.rows()
         position = {prev: 0}  # head hash -> rows up to it
         for expected_seq, row in enumerate(rows, start=1):
@@ -341,14 +584,23 @@ class Ledger:
             if row.rng not in RNG_KINDS:  # hashed like the rest, but a value no writer produces
                 return Verification(False, len(rows), row.seq, f"rng {row.rng!r} is not one of {', '.join(RNG_KINDS)}")
             hist = histories.setdefault(row.site_id, [])
-            if row.steps > 0:
+            running = totals.get(row.site_id, 0.0)
+            totals[row.site_id] = row.eps_total
+            if row.mechanism == REFUSAL:
+                if row.steps != 0 or row.used:
+                    return Verification(False, len(rows), row.seq, "a refusal row takes steps or is used")
+            elif row.steps > 0:
                 hist.append(row.accountant_input())
             if recompute:
                 try:
-                    checks = {
-                        "eps_round": epsilon([row.accountant_input()], row.delta, row.accountant),
-                        "eps_total": epsilon(hist, row.delta, row.accountant),
-                    }
+                    checks = (
+                        {"eps_round": 0.0, "eps_total": running}  # a refusal charges nothing
+                        if row.mechanism == REFUSAL
+                        else {
+                            "eps_round": epsilon([row.accountant_input()], row.delta, row.accountant),
+                            "eps_total": epsilon(hist, row.delta, row.accountant),
+                        }
+                    )
                 except Exception as exc:  # forged inputs no accountant accepts: a failed row, not a crash
                     return Verification(
                         False, len(rows), row.seq, f"ε cannot be recomputed from this row's inputs ({exc})"
@@ -430,6 +682,39 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
             disk.close()
     snapshot.execute("PRAGMA query_only=ON")  # as read-only as the file connection
     return snapshot
+
+
+def _claim_id(claim: str) -> str:
+    return hashlib.sha256(claim.encode()).hexdigest()
+
+
+def _claim_problem(claim: str) -> str:
+    if len(claim) > MAX_CLAIM_BYTES:
+        return f"its claim is longer than {MAX_CLAIM_BYTES} characters"
+    try:
+        obj = json.loads(claim)
+    except ValueError:
+        return "its claim is not JSON"
+    if not isinstance(obj, dict):
+        return "its claim is not a JSON object"
+    return ""
+
+
+def _round_number(rnd: object, what: str) -> int:
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not 1 <= rnd <= MAX_ROUND:
+        raise ValueError(f"{what} must be an integer in [1, {MAX_ROUND}]")
+    return rnd
+
+
+def _sort_round(r: object) -> int:
+    """Sort key of a catch-up round that may be anything (it is checked after sorting)."""
+    return r if isinstance(r, int) and not isinstance(r, bool) else 0
+
+
+def _printable(text: object) -> str:
+    """A site id for an error message: short and printable (it may be a hostile one)."""
+    t = str(text)
+    return t[:64] if t.isprintable() else "<unprintable>"
 
 
 def _canonical(v: object) -> object:

@@ -5,6 +5,16 @@ unit of privacy, the accountant, the neighbouring relation and the budget left; 
 ``--verify`` checks the hash chain, recomputes every epsilon from the recorded
 accountant inputs, and compares the ledger head with the head hashes recorded in
 ``metrics.jsonl``. Reading is read-only: auditing never modifies the ledger.
+
+Those checks only prove that the ledger agrees with itself: whoever can write the run
+directory can rewrite a row, recompute ε and the chain, and rewrite metrics.jsonl (issue
+19, finding 1). With the federation registry (``--registry``, default RUN/registry.toml)
+``--verify`` also checks the ledger against keys (:func:`verify_against_keys`): every
+site row follows from a claim signed by that site's registered key, and every signed
+head verifies under the server's key and is in the chain. The coordinator holds its own
+key, so what it alone can still do is listed in docs/PRIVACY.md ("What the signed ledger
+proves"); the receipts sites keep catch what they were shown
+(:func:`check_receipts_against_ledger`).
 """
 
 from __future__ import annotations
@@ -18,12 +28,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from common.deploy import signing
+from common.deploy.receipt_check import compare
+from common.deploy.receipts import MAX_RECEIPT_BYTES, Receipt, ReceiptError, check_receipt
+from common.deploy.registry import Registry
 from common.errors import PrivfedError
 from common.privacy.accounting import NO_DP
-from common.privacy.metrics_dp import MECHANISM
+from common.privacy.client_level import CENTRAL_SITE_ID
+from common.privacy.metrics_dp import DP_SGD, MECHANISM
 from common.privacy.metrics_dp import UNIT as METRICS_UNIT
+from common.protocol import MalformedReport, Status, parse_fit_metrics, parse_history, parse_metrics_spend
 from common.seeds import RNG_SEEDED
-from server.ledger import Ledger, LedgerRow, Verification
+from server.ledger import REFUSAL, Ledger, LedgerRow, Verification, claim_id, genesis_hash, head_claim, receipt_row
 from server.recorder import json_safe
 from server.report import read_metrics
 
@@ -141,6 +157,225 @@ def verify_run(run_dir: Path, ledger: Ledger) -> Verification:
             False, result.rows, None, "no ledger head recorded in metrics.jsonl: a cut tail would go unnoticed"
         )
     return result
+
+
+def verify_against_keys(ledger: Ledger, registry: Registry, rows: list[LedgerRow] | None = None) -> Verification:
+    """Check the ledger against keys, not against itself (run :meth:`Ledger.verify` first).
+
+    (a) every signed head verifies under ``registry.server_key``, is in the chain at its
+    seq, and no later round's head is behind an earlier one's; (b) every site row follows
+    from a claim signed by the key registered for its site: same run, same site, and the
+    row's accountant inputs are the claim's (:func:`row_problem`); (c) the server's own rows
+    (``all-sites``) come no later than the last signed head. The first failure names its
+    row (seq) and why, with field names only. A ledger with rows but no signed head fails.
+    """
+    rows = ledger.rows() if rows is None else rows
+    n = len(rows)
+    by_seq = {r.seq: r for r in rows}
+    heads = ledger.heads()
+    if rows and not heads:
+        return Verification(False, n, None, "no ledger head is signed by the server: nothing covers its own rows")
+    last_seq = 0
+    for h in heads:
+        body = head_claim(ledger.run_id, h["round"], h["seq"], h["head"])
+        if not signing.verify(registry.server_key, body, h["signature"]):
+            why = f"the signed head of round {h['round']} does not verify under the registry's server key"
+            return Verification(False, n, h["seq"] or None, why)
+        at = genesis_hash(ledger.run_id) if h["seq"] == 0 else getattr(by_seq.get(h["seq"]), "row_hash", None)
+        if at != h["head"]:
+            why = f"the signed head of round {h['round']} is not the chain's hash at its seq (rows rewritten or cut)"
+            return Verification(False, n, h["seq"] or None, why)
+        if h["seq"] < last_seq:
+            return Verification(False, n, h["seq"] or None, f"the signed head of round {h['round']} goes backwards")
+        last_seq = h["seq"]
+    claims = ledger.claims()
+    good: dict[str, dict[str, Any]] = {}  # claim_id -> the parsed claim, once its signature verified
+    previous: dict[str, LedgerRow] = {}  # each site's latest dp-sgd row so far
+    for row in rows:
+        if row.site_id == CENTRAL_SITE_ID:
+            why = ""
+            if row.claim_id:
+                why = "the server's own row names a site claim"
+            elif row.seq > last_seq:
+                why = "the server's own row comes after the last signed head (no key covers it)"
+        else:
+            why = _site_row_problem(ledger.run_id, registry, row, claims, good, previous.get(row.site_id))
+        if why:
+            return Verification(False, n, row.seq, why)
+        if row.mechanism == DP_SGD:
+            previous[row.site_id] = row
+    return Verification(True, n)
+
+
+def _site_row_problem(
+    run_id: str,
+    registry: Registry,
+    row: LedgerRow,
+    claims: dict[str, tuple[str, str, str]],
+    good: dict[str, dict[str, Any]],
+    previous: LedgerRow | None,
+) -> str:
+    site = registry.site(row.site_id)
+    if site is None:
+        return "its site_id is not in the registry"
+    if not row.claim_id:
+        return "it has no site claim (claim_id empty)"
+    if row.claim_id not in claims:
+        return "its claim_id names no stored claim"
+    claim_site, text, signature = claims[row.claim_id]
+    if claim_site != row.site_id:
+        return "its claim is stored for another site"
+    if row.claim_id not in good:
+        if claim_id(text) != row.claim_id:
+            return "its stored claim does not hash to its claim_id"
+        try:
+            claim = json.loads(text)
+        except ValueError:
+            return "its stored claim is not JSON"
+        if not isinstance(claim, dict) or not signing.verify(site.public_key, claim, signature):
+            return "its claim's signature does not verify under the site's registered key"
+        good[row.claim_id] = claim
+    return row_problem(run_id, row, good[row.claim_id], previous)
+
+
+def row_problem(run_id: str, row: LedgerRow, claim: dict[str, Any], previous: LedgerRow | None = None) -> str:
+    """Why ``row`` does not follow from the site's (verified) ``claim``, or ''.
+
+    ``previous``: the site's dp-sgd row before this one, where an evaluate reply's catch-up
+    rows took their δ and accountant from."""
+    if claim.get("run_id") != run_id:
+        return "its claim is for another run (run_id)"
+    kind, rnd = claim.get("kind"), claim.get("round")
+    if isinstance(rnd, bool) or not isinstance(rnd, int):
+        return "its claim has no round"
+    if row.mechanism == REFUSAL:
+        if kind != REFUSAL or claim.get("site_id") != row.site_id or rnd != row.round:
+            return "a refusal row needs the site's refusal claim for that round (kind, site_id, round)"
+        return ""
+    metrics = claim.get("metrics")
+    if kind not in ("fit", "evaluate") or not isinstance(metrics, dict):
+        return "its claim is not a fit or evaluate reply (kind, metrics)"
+    if metrics.get("site_id") != row.site_id:
+        return "its claim is another site's (metrics.site_id)"
+    try:
+        if row.mechanism == MECHANISM:
+            return _metrics_row_problem(row, kind, rnd, metrics)
+        if row.mechanism != DP_SGD:
+            return f"mechanism {row.mechanism!r} is not one a site claim accounts for"
+        if kind == "fit" and rnd == row.round:
+            return _fit_row_problem(row, metrics)
+        return _catch_up_problem(row, kind, rnd, metrics, previous)
+    except MalformedReport as exc:
+        return f"its claim's metrics do not parse ({str(exc).split(' got ')[0][:120]})"
+
+
+def _differs(row: LedgerRow, expected: dict[str, Any]) -> str:
+    bad = [k for k, v in expected.items() if getattr(row, k) != v]
+    return f"{', '.join(bad)} differ{'s' if len(bad) == 1 else ''} from the site's signed claim" if bad else ""
+
+
+def _fit_row_problem(row: LedgerRow, metrics: dict[str, Any]) -> str:
+    report = parse_fit_metrics(metrics)
+    p = report.plan
+    expected: dict[str, Any] = {
+        "dataset_size": p.dataset_size,
+        "sample_rate": p.sample_rate,
+        "noise_multiplier": p.noise_multiplier,
+        "max_grad_norm": p.max_grad_norm,
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "eps_budget": report.eps_budget,
+        "unit": report.unit,
+        "rng": report.rng,
+    }
+    # A site out of budget did not train: its row takes no steps, whatever the count says.
+    if not (report.status is Status.BUDGET_EXHAUSTED and row.steps == 0):
+        expected["steps"] = report.steps_taken
+    return _differs(row, expected)
+
+
+def _catch_up_problem(row: LedgerRow, kind: str, rnd: int, metrics: dict[str, Any], previous: LedgerRow | None) -> str:
+    """A round the site reported late (its reply lost): an entry of the claim's history."""
+    if row.round > rnd or (kind == "fit" and row.round == rnd):
+        return "a catch-up row must be for a round before its claim's"
+    if kind == "fit":
+        plan = parse_fit_metrics(metrics).plan
+        source: dict[str, Any] = {"delta": plan.delta, "accountant": plan.accountant}
+    elif previous is not None:
+        source = {"delta": previous.delta, "accountant": previous.accountant}
+    else:
+        return "a catch-up row from an evaluate reply needs an earlier dp-sgd row of the site"
+    entry = (row.round, row.noise_multiplier, row.sample_rate, row.steps)
+    if entry not in parse_history(metrics.get("history", "[]"), row.accountant):
+        return "(round, noise_multiplier, sample_rate, steps) is not an entry of the claim's history"
+    return _differs(row, source)
+
+
+def _metrics_row_problem(row: LedgerRow, kind: str, rnd: int, metrics: dict[str, Any]) -> str:
+    if rnd != row.round:
+        return "a metrics release row must be for its claim's round"
+    release = parse_metrics_spend(metrics)
+    if release is None:
+        return "its claim declares no metrics release"
+    expected: dict[str, Any] = {
+        "noise_multiplier": release.noise_multiplier,
+        "max_grad_norm": release.l2_sensitivity,
+        "delta": release.delta,
+        "rng": release.rng,
+        "sample_rate": 1.0,
+        "steps": 1,
+    }
+    if kind == "fit":
+        expected["accountant"] = parse_fit_metrics(metrics).plan.accountant
+    return _differs(row, expected)
+
+
+def check_receipts_against_ledger(ledger: Ledger, receipts: list[Receipt]) -> str:
+    """Why the ledger contradicts one of the sites' kept receipts (the first), or ''.
+
+    Each receipt should already have been checked with ``check_receipt`` (the server's
+    signature). A rewrite, a cut, a dropped or inserted row of the site before the signed
+    seq, or a re-signed (forked) ledger shows here, even when the ledger's own chain and
+    heads are consistent."""
+    rows = [{**receipt_row(r), "prev_hash": r.prev_hash} for r in ledger.rows()]
+    heads = ledger.heads()
+    for rec in receipts:
+        if rec.run_id != ledger.run_id:
+            return f"a receipt of site {rec.site_id!r} is for another run"
+        why = compare(rows, heads, rec)
+        if why:
+            return f"site {rec.site_id!r}, receipt of round {rec.round}: {why}"
+    return ""
+
+
+def load_receipts(folder: str | Path, registry: Registry, run_id: str) -> list[Receipt]:
+    """Every receipt (``*.json``) under ``folder``, each checked against the server's key in
+    ``registry`` and meant for a registered site of this run; PrivfedError naming the file."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise PrivfedError(f"receipts '{root}': not a folder")
+    out = []
+    for path in sorted(root.rglob("*.json")):
+        try:
+            text = path.read_text(encoding="utf-8")
+            site = json.loads(text).get("site_id") if len(text) <= MAX_RECEIPT_BYTES else None
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            site = None
+        if not isinstance(site, str) or registry.site(site) is None:
+            raise PrivfedError(f"receipt '{path}': unreadable, or not for a registered site")
+        try:
+            out.append(check_receipt(text, registry.server_key, site, run_id))
+        except ReceiptError as exc:
+            raise PrivfedError(f"receipt '{path}': {exc}") from None
+    return out
+
+
+def load_registry(run_dir: Path, path: str | Path | None) -> Registry | None:
+    """``path``, or RUN/registry.toml when it exists; None when there is no registry."""
+    if path is not None:
+        return Registry.load(path)
+    default = Path(run_dir) / "registry.toml"
+    return Registry.load(default) if default.is_file() else None
 
 
 def describe_units(rows: list[LedgerRow]) -> str:

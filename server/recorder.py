@@ -27,6 +27,7 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.deploy.fileio import write_atomically
+from common.deploy.signing import Ed25519PrivateKey
 from common.metrics.fairness import site_fairness
 from common.privacy.client_level import CENTRAL_SITE_ID
 from common.tasks import Task
@@ -40,10 +41,23 @@ if TYPE_CHECKING:
 
 class RunRecorder:
     def __init__(
-        self, cfg: RunConfig, task: Task, run_dir: Path, console: Console | None = None, *, resume: bool = False
+        self,
+        cfg: RunConfig,
+        task: Task,
+        run_dir: Path,
+        console: Console | None = None,
+        *,
+        resume: bool = False,
+        server_key: Ed25519PrivateKey | None = None,
     ) -> None:
-        """A new run directory, or (``resume``) the existing one of a stopped run."""
+        """A new run directory, or (``resume``) the existing one of a stopped run.
+
+        ``server_key``: the coordinator's Ed25519 key. With it, every round's ledger head is
+        signed (:meth:`Ledger.sign_head`) before the round's metrics line is written, so the
+        ledger can be verified against keys and sites get receipts; without it, no head is
+        signed and ``privfed audit --verify`` against a registry fails."""
         self.cfg, self.task, self.dir = cfg, task, run_dir
+        self.server_key = server_key
         self.console = console or Console(highlight=False, soft_wrap=True)
         if resume:
             check_resumable_run_dir(run_dir)
@@ -90,6 +104,7 @@ class RunRecorder:
                 "delta": {},
                 "ledger_head": self.ledger.head(),
             }
+            self.sign_head(rnd)
             self._append(line)
             self.console.print(f"[yellow]round {rnd:>3}: {note}[/]")
 
@@ -148,6 +163,9 @@ class RunRecorder:
             # Client-level DP: one site is the unit of privacy (common.privacy.client_level).
             line["central_dp"] = {"eps": central[0].eps_total, "delta": central[0].delta, "status": central[0].status}
         line.update(extra)
+        # Signed before the line and the checkpoint that carry the same head: a kill in
+        # between leaves a signed head the resumed server finds (sign_head is per round, once).
+        self.sign_head(rnd)
         if not ok:
             self._append(line)
             return
@@ -159,6 +177,11 @@ class RunRecorder:
         if every and rnd % every == 0:
             self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png")
         self.console.print(self._progress_line(rnd, line))
+
+    def sign_head(self, rnd: int) -> None:
+        """Sign the ledger's head as round ``rnd``'s, when the server has a key."""
+        if self.server_key is not None:
+            self.ledger.sign_head(rnd, self.server_key)
 
     def _eps_max(self) -> float:
         return max((v for k, v in self.ledger.spent().items() if k != CENTRAL_SITE_ID), default=0.0)

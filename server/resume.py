@@ -13,6 +13,11 @@ because sites may have trained in it and their spend may still be reported (and
 ledgered) later; re-running it would collide with those rows. Rows already in the
 ledger stay: privacy spent in an interrupted round was spent. The model continues from
 the checkpoint; the updates of rounds after it are lost, and say so in metrics.jsonl.
+
+Before continuing, the ledger is checked against what was written alongside it: its chain
+must be intact, the head stored in ``checkpoint.pt`` must be the chain's hash at the
+checkpoint's row count (a ledger cut or rewritten since the checkpoint is refused), and,
+given the server's key, every signed head must verify and sit in the chain at its seq.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig, flatten
+from common.deploy import signing
 from common.errors import ConfigError, PrivfedError
-from server.ledger import Ledger
+from server.ledger import Ledger, genesis_hash, head_claim
 from server.report import read_metrics
 
 
@@ -64,24 +70,70 @@ def check_same_config(cfg: RunConfig, run_dir: Path) -> None:
             )
 
 
-def resume_point(run_dir: Path, ledger: Ledger, task_name: str) -> ResumePoint:
+def resume_point(
+    run_dir: Path,
+    ledger: Ledger,
+    task_name: str,
+    server_key: str | signing.Ed25519PrivateKey | None = None,
+) -> ResumePoint:
+    """Where the run continues. ``server_key`` (the coordinator's key, or its public key as
+    hex): also check every signed ledger head against it (:func:`check_ledger`)."""
     ckpt_round, state = 0, None
     path = run_dir / "checkpoint.pt"
+    stored_head: tuple[int, str] | None = None
     if path.is_file():
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             ckpt_round, state = int(payload["round"]), dict(payload["state"])
             task = payload["task"]
+            if "ledger_head" in payload:
+                stored_head = (int(payload["ledger_rows"]), str(payload["ledger_head"]))
         except Exception as exc:  # written atomically, so this is damage from outside
             raise PrivfedError(f"{path} cannot be read ({type(exc).__name__}: {exc})"[:300]) from None
         if task != task_name:
             raise PrivfedError(f"{path} holds a {task!r} model, but the run's task is {task_name!r}")
+    check_ledger(ledger, stored_head, server_key)
     repair_metrics(run_dir / "metrics.jsonl")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     last_line = max((int(m.get("round", 0)) for m in metrics), default=0)
     reached = max(ckpt_round, last_line, ledger.last_round(), ledger.round_started())
     missing = {r: r > ckpt_round for r in range(last_line + 1, reached + 1)}
     return ResumePoint(ckpt_round, reached + 1, state, missing)
+
+
+def check_ledger(
+    ledger: Ledger,
+    checkpoint_head: tuple[int, str] | None,
+    server_key: str | signing.Ed25519PrivateKey | None = None,
+) -> None:
+    """Refuse to continue a ledger that was cut or rewritten since it was last written.
+
+    ``checkpoint_head``: (rows, head hash) as ``checkpoint.pt`` stored them. The chain must
+    be intact, and its hash after that many rows must be that head; with ``server_key``,
+    every signed head must verify under it and be the chain's hash at its seq."""
+    result = ledger.verify(recompute=False)  # ε is the audit's to recompute; this is the chain
+    if not result.ok:
+        where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "its end"
+        raise PrivfedError(f"{ledger.path}: the hash chain is broken at {where} ({result.reason}); not resuming")
+    hashes = {r.seq: r.row_hash for r in ledger.rows()}
+    hashes[0] = genesis_hash(ledger.run_id)
+    if checkpoint_head is not None:
+        rows, head = checkpoint_head
+        if hashes.get(rows) != head:
+            raise PrivfedError(
+                f"{ledger.path}: the ledger head stored in checkpoint.pt (after {rows} rows) is not in the "
+                "ledger's chain: the ledger was cut or rewritten since the checkpoint; not resuming"
+            )
+    if server_key is None:
+        return
+    public = server_key if isinstance(server_key, str) else signing.public_hex(server_key)
+    for h in ledger.heads():
+        body = head_claim(ledger.run_id, h["round"], h["seq"], h["head"])
+        if not signing.verify(public, body, h["signature"]) or hashes.get(h["seq"]) != h["head"]:
+            raise PrivfedError(
+                f"{ledger.path}: the signed ledger head of round {h['round']} does not verify under the "
+                "server's key or is not in the chain at its seq; not resuming"
+            )
 
 
 def repair_metrics(path: Path) -> None:

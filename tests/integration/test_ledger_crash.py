@@ -237,8 +237,8 @@ def test_exception_mid_round_leaves_no_partial_round(tmp_path, monkeypatch, case
     spends = [_spend(s) for s in "abcd"]  # rows are written in site order: a, b, then c fails
     expected: type[BaseException] = Exception
     if case == "unserialisable status":
-        spends[2] = _spend("c", status=object())  # json.dumps of the row fails
-        expected = TypeError
+        spends[2] = _spend("c", status=object())  # refused before the transaction, naming the site
+        expected = ValueError
     elif case == "hash raises":
         _fail_on_third_row(monkeypatch, OSError("disk on fire"))
         expected = OSError
@@ -246,8 +246,8 @@ def test_exception_mid_round_leaves_no_partial_round(tmp_path, monkeypatch, case
         _fail_on_third_row(monkeypatch, KeyboardInterrupt())
         expected = KeyboardInterrupt
     elif case == "duplicate site":
-        spends[3] = _spend("c")  # UNIQUE (round, site_id) refuses the second "c"
-        expected = ledger_mod.sqlite3.IntegrityError
+        spends[3] = _spend("c")  # one row per (round, site, mechanism): the second "c" is refused
+        expected = ValueError
     elif case == "unbindable value":
         real_sql, calls = ledger_mod._sql, [0]
 

@@ -209,11 +209,23 @@ def test_every_row_names_the_neighbouring_relation_of_its_plan(tmp_path):
     led.record_round(1, [_spend("a"), _spend("b", status="budget_exhausted", used=False)])
     assert [r.neighbouring for r in led.rows()] == ["add-remove", "add-remove"]
     assert led.verify().ok
-    # A plan claiming a relation the accountants do not compute is written as claimed and fails verification.
+    # A plan claiming a relation the accountants do not compute is refused before anything is written ...
     odd = dataclasses.replace(_spend("c"), plan=dataclasses.replace(_spend("c").plan, neighbouring="replace-one"))
-    led.record_round(2, [odd])
-    result = led.verify()
-    assert not result.ok and result.first_bad_seq == 3 and "neighbouring" in result.reason
+    with pytest.raises(ValueError, match="site 'c'.*neighbouring"):
+        led.record_round(2, [odd])
+    assert led.count() == 2
+    # ... and a row rewritten to claim one (its hash recomputed) fails verification.
+    from server.ledger import HASHED_FIELDS, row_digest
+
+    row = led.rows()[1]
+    values = {k: getattr(row, k) for k in HASHED_FIELDS} | {"neighbouring": "replace-one"}
+    digest = row_digest(row.prev_hash, values)
+    led.close()
+    tamper(
+        tmp_path / "l.sqlite", f"UPDATE ledger SET neighbouring = 'replace-one', row_hash = '{digest}' WHERE seq = 2"
+    )
+    result = Ledger(tmp_path / "l.sqlite").verify()
+    assert not result.ok and result.first_bad_seq == 2 and "neighbouring" in result.reason
 
 
 def test_a_ledger_from_before_the_neighbouring_column_is_refused_in_one_line(tmp_path):
