@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ from common.deploy.signing import (
     SIGNATURE,
     Ed25519PrivateKey,
     load_signing_key,
+    pem_signing_key,
+    private_bytes,
     reply_claim,
     sign,
     update_digest,
@@ -710,12 +712,14 @@ def build_client_app(
     """
     base = dict(defaults or {})
     searched = dict(noise or {})
+    # As PEM bytes: Ray pickles the app for its workers, and a key object cannot be pickled.
+    pems = _PemKeys(signing_keys) if signing_keys is not None else None
 
     def client_fn(context: Context) -> Client:
         remember_noise(searched)
         try:
             site: NumPyClient = make_site(
-                base, context, key, state_dir, declared_sizes, allow_seeded_noise, signing_keys, server_public_key
+                base, context, key, state_dir, declared_sizes, allow_seeded_noise, pems, server_public_key
             )
         except PolicyRefusal as refusal:
             site = RefusingSite(refusal)
@@ -723,6 +727,25 @@ def build_client_app(
 
     # failure_mod outermost: whatever fails inside, its message stays at the site.
     return ClientApp(client_fn=client_fn, mods=[failure_mod, make_fault_mod(base), secure_mod])
+
+
+class _PemKeys(Sequence[Ed25519PrivateKey]):
+    """The launcher's site keys, held as PEM bytes (picklable) and loaded one at a time."""
+
+    def __init__(self, keys: Sequence[Ed25519PrivateKey]) -> None:
+        self._pems = [private_bytes(k) for k in keys]
+
+    def __len__(self) -> int:
+        return len(self._pems)
+
+    @overload
+    def __getitem__(self, i: int) -> Ed25519PrivateKey: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Ed25519PrivateKey]: ...
+    def __getitem__(self, i: int | slice) -> Ed25519PrivateKey | Sequence[Ed25519PrivateKey]:
+        if isinstance(i, slice):
+            return [pem_signing_key(p) for p in self._pems[i]]
+        return pem_signing_key(self._pems[i])
 
 
 app = build_client_app()

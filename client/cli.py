@@ -98,6 +98,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     verify.add_argument("--run-id", default=None, help="the run to check (default: the ledger's)")
     verify.add_argument("--site-id", default=None, help="the site to check (default: the only one in state-dir)")
     verify.add_argument("--server-key", default="", help="the coordinator's public key: re-check the kept receipt")
+    verify.add_argument(
+        "--dataset-id",
+        dest="verify_dataset_id",
+        default="",
+        help="the dataset whose lifetime history to compare (default: the only one in state-dir)",
+    )
     joinp = site_sub.add_parser("join", help="check a site config, then run flower-supernode with it")
     joinp.add_argument("config")
     joinp.add_argument("--check", action="store_true", help="only check and print the command")
@@ -126,7 +132,12 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
         from client.verify import verify_site
 
         findings, summary = verify_site(
-            args.state_dir, args.ledger, run_id=args.run_id, site_id=args.site_id, server_key=args.server_key
+            args.state_dir,
+            args.ledger,
+            run_id=args.run_id,
+            site_id=args.site_id,
+            server_key=args.server_key,
+            dataset_id=args.verify_dataset_id,
         )
         for line in findings:
             err.print(line, markup=False, highlight=False)

@@ -73,14 +73,26 @@ def _only(folder: Path, what: str, pattern: str) -> str:
     return names[0]
 
 
-def site_history(state_dir: Path, run_id: str, site_id: str) -> tuple[dict[int, tuple[float, float, int]], list[str]]:
+def lifetime_files(state_dir: Path, dataset_id: str = "") -> list[str]:
+    """The dataset ids whose lifetime history is compared: the one named, else the only one
+    in ``state-dir`` (a deployed site keeps one); none when several are kept side by side
+    (a simulation's shared state dir) and none is named."""
+    if dataset_id:
+        return [dataset_id]
+    names = sorted(p.stem for p in (state_dir / "datasets").glob("*.json"))
+    return names if len(names) == 1 else []
+
+
+def site_history(
+    state_dir: Path, run_id: str, site_id: str, dataset_id: str = ""
+) -> tuple[dict[int, tuple[float, float, int]], list[str]]:
     """round -> (sigma, q, steps) of every round the site trained in ``run_id``: its run state,
-    completed by its lifetime files (every dataset); findings where the two disagree."""
+    completed by its dataset's lifetime history (:func:`lifetime_files`); findings where the two disagree."""
     state = load_state(state_path(state_dir, run_id, site_id))
     rounds = {r: (s, q, k) for r, s, q, k in (state.history if state else []) if k > 0}
     findings = []
-    for file in sorted((state_dir / "datasets").glob("*.json")):
-        for e in Lifetime(state_dir, file.stem).load():
+    for name in lifetime_files(state_dir, dataset_id):
+        for e in Lifetime(state_dir, name).load():
             if e.run_id != run_id or e.steps <= 0:
                 continue
             mine = rounds.setdefault(e.round, (e.sigma, e.q, e.steps))
@@ -154,6 +166,7 @@ def verify_site(
     run_id: str | None = None,
     site_id: str | None = None,
     server_key: str = "",
+    dataset_id: str = "",
 ) -> tuple[list[str], str]:
     """(findings, summary line). No finding: the ledger agrees with everything the site holds."""
     folder = Path(state_dir).expanduser()
@@ -169,7 +182,7 @@ def verify_site(
     site = site_id if site_id is not None else _only(folder / run, "site id", "*.pt")
     if site_id_problem(site):
         raise PrivfedError(f"site id: {site_id_problem(site)}")
-    rounds, disagree = site_history(folder, run, site)
+    rounds, disagree = site_history(folder, run, site, dataset_id)
     findings += disagree
     history_findings, matched = compare_history(rounds, rows, site)
     findings += history_findings

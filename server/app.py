@@ -54,10 +54,11 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         raise ConfigError("resume", "needs run-dir: the directory of the run to continue")
     run_dir = Path(fed.run_dir) if fed.run_dir else default_run_dir(cfg)
     point: ResumePoint | None = None
+    registry, server_key = load_identities(cfg)
     if fed.resume:
         check_same_config(cfg, run_dir)
         with Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name) as ledger:
-            point = resume_point(run_dir, ledger, cfg.task)
+            point = resume_point(run_dir, ledger, cfg.task, server_key=server_key)
         if point.next_round > fed.rounds:
             raise PrivfedError(f"{run_dir}: all {fed.rounds} rounds were already run; nothing to resume")
         if point.state is not None:
@@ -72,7 +73,6 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             set_state(eval_model, keys, arrays)
             return task.evaluate(eval_model, test)
 
-    registry, server_key = load_identities(cfg)
     n = cfg.federation.num_sites
     # The update's journey (clip, guard, evaluation sums, weighting, masking), the sites' too.
     pipeline = build_pipeline(cfg, task)

@@ -327,8 +327,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
 
     def receipt(self, site: str) -> str:
         """``Ledger.receipt(site, server_key)`` ('' before the ledger has signed a head)."""
-        make = getattr(self.ledger, "receipt", None)  # the ledger side of issue 19
-        return make(site, self.server_key) if make is not None else ""
+        return self.ledger.receipt(site, self.server_key) if self.ledger is not None else ""
 
     def aggregate_evaluate(
         self,

@@ -92,6 +92,14 @@ def write_signing_key(path: str | Path, key: Ed25519PrivateKey | None = None, fo
     return key
 
 
+def pem_signing_key(pem: bytes) -> Ed25519PrivateKey:
+    """An Ed25519 key from PEM bytes held in memory (the launcher's virtual sites)."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PrivfedError("signing key: not an Ed25519 key")
+    return key
+
+
 def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM file that only its owner can read."""
     p = Path(path).expanduser()
