@@ -22,6 +22,7 @@ from common.config import RunConfig
 from common.deploy.registry import Registry
 from common.deploy.signing import Ed25519PrivateKey, load_signing_key, public_hex
 from common.errors import ConfigError, PrivfedError, TrainingFailure
+from common.identifiers import run_id_problem
 from common.pipeline import build_pipeline
 from common.preflight import preflight
 from common.privacy.client_level import all_or_nothing_probability
@@ -53,6 +54,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     if fed.resume and not fed.run_dir:
         raise ConfigError("resume", "needs run-dir: the directory of the run to continue")
     run_dir = Path(fed.run_dir) if fed.run_dir else default_run_dir(cfg)
+    if run_id_problem(run_dir.name):  # the run id is the folder's name, and names a folder at every site
+        raise ConfigError("run-dir", f"its last component is the run id: {run_id_problem(run_dir.name)}")
     point: ResumePoint | None = None
     registry, server_key = load_identities(cfg)
     if fed.resume:

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from simulations.bench_util import machine_info
 
-SECTIONS = ("dp", "round", "scale")
+SECTIONS = ("dp", "round", "scale", "trust")
 DEFAULT_OUT = Path("bench-results/bench.json")
 DEFAULT_UTILITY_OUT = Path("bench-results/bench_utility.json")
 
@@ -164,7 +164,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of dp,round,scale")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of dp,round,scale,trust")
     p.add_argument("--utility", action="store_true", help="run section 4 (utility vs ε) only; slow")
     p.add_argument(
         "--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}, or {DEFAULT_UTILITY_OUT})"
@@ -273,6 +273,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             console.print(scale_table(report["scale"]))
             tables.append(scale_table(report["scale"]))
+        if "trust" in args.sections:
+            from simulations.bench_hostile import FLOOD
+            from simulations.bench_hostile import measure as hostile_measure
+            from simulations.bench_signing import measure as signing_measure
+
+            progress("[bold]5. trust[/]: signing and verifying (10 sites x 20 rounds), one hostile reply")
+            honest, hostile = hostile_measure()
+            report["trust"] = {
+                "signing": signing_measure(),
+                "hostile": {"honest_ms": honest, "hostile_ms": hostile, "history_entries": FLOOD, "goal_extra_ms": 50},
+            }
+            console.print(trust_table(report["trust"]))
+            tables.append(trust_table(report["trust"]))
     report["meta"]["seconds"] = round(time.perf_counter() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(_json_safe(report), indent=2))
@@ -286,6 +299,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"took {m['seconds']:.0f} s; written: {args.out}"
     )
     return report
+
+
+def trust_table(res: dict[str, Any]) -> Table:
+    """Section 5: what the signed ledger costs, and what one hostile reply costs the server."""
+    sig, h = res["signing"], res["hostile"]
+    t = Table(title=f"5. Trust: signed replies and ledger ({sig['sites']} sites x {sig['rounds']} rounds, median ms)")
+    for col in ("where", "what", "ms"):
+        t.add_column(col, justify="right" if col == "ms" else "left")
+    for where, part in (("site, per round", sig["site_ms"]), ("server, per round", sig["server_ms_per_round"])):
+        for what, ms in part.items():
+            t.add_row(where, what.replace("_", " "), f"{ms:.2f}")
+    for what, ms in sig["audit_ms"].items():
+        t.add_row("auditor, whole ledger", what.replace("_", " "), f"{ms:.1f}")
+    extra = h["hostile_ms"] - h["honest_ms"]
+    t.add_row("server", "aggregate_fit, 3 honest sites", f"{h['honest_ms']:.1f}")
+    t.add_row(
+        "server",
+        f"+ one hostile {h['history_entries']:,}-entry history (goal ≤ +{h['goal_extra_ms']} ms: {_goal(extra <= 50)})",
+        f"{h['hostile_ms']:.1f}",
+    )
+    return t
 
 
 def _json_safe(obj: Any) -> Any:

@@ -27,7 +27,6 @@ import pytest
 from common.deploy import pki
 from server.ledger import Ledger
 from tests.conftest import simulation_processes
-from tests.site_keys import SERVER_PUBLIC
 
 pytestmark = pytest.mark.slow
 
@@ -129,9 +128,28 @@ class Federation:
                 time.sleep(0.3)
         raise TimeoutError((self.logs / "superlink.log").read_text()[-2000:])
 
+    def coordinator_key(self) -> None:
+        """`privfed keys signing`: the coordinator's Ed25519 key; it prints the public key."""
+        self.server_key = self.root / "coordinator.key"
+        r = subprocess.run(
+            self.privfed("keys", "signing", str(self.server_key)),
+            check=True,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        self.server_public = next(line for line in r.stdout.split() if len(line) == 64)
+        self.registry_entries: list[str] = []
+
+    def write_registry(self) -> Path:
+        """The coordinator's registry: its own public key and the entry each site's `site init` printed."""
+        path = self.root / "registry.toml"
+        path.write_text(f'[server]\npublic-key = "{self.server_public}"\n\n' + "\n\n".join(self.registry_entries))
+        return path
+
     def site_config(self, name: str, partition: int, ca: Path | None = None, key: str | None = None) -> Path:
         out = self.root / f"{name}.toml"
-        subprocess.run(
+        r = subprocess.run(
             self.privfed(
                 "site",
                 "init",
@@ -149,16 +167,24 @@ class Federation:
                 str(self.pki / f"{key or name}.key"),
                 "--declared-size",  # the site's public size n-hat (docs/PRIVACY.md)
                 "300",
-                "--server-key",  # the coordinator's public key (issue 19)
-                SERVER_PUBLIC,
+                "--server-key",  # the coordinator's public key: receipts are checked against it
+                self.server_public,
+                "--state-dir",
+                str(self.root / f"state-{name}"),
                 "--device",
                 "cpu",
             ),
             check=True,
             env=self.env,
             capture_output=True,
+            text=True,
         )
+        # The entry the site sends the coordinator over a trusted channel.
+        self.registry_entries.append(r.stdout[r.stdout.index("[[site]]") :].strip())
         return out
+
+    def run_config(self, overrides: str) -> str:
+        return f'{overrides} registry="{self.root / "registry.toml"}" server-key="{self.server_key}"'
 
     def nodes_online(self) -> int:
         r = self.flwr("supernode", "list", CONN, "--format", "json", timeout=60)
@@ -196,12 +222,14 @@ def federation(tmp_path_factory):
         for i in range(SITES):
             pki.make_node_keys(fed.pki, f"clinic-{i}")
         pki.make_node_keys(fed.pki, "rogue")  # never registered
+        fed.coordinator_key()
         fed.start_superlink()
         for i in range(SITES):
             r = fed.flwr("supernode", "register", str(fed.pki / f"clinic-{i}.pub"), CONN, "--format", "json")
             assert json.loads(r.stdout)["success"], r.stdout + r.stderr
-        for i in range(SITES):
-            cfg = fed.site_config(f"clinic-{i}", i)
+        configs = [fed.site_config(f"clinic-{i}", i) for i in range(SITES)]
+        fed.write_registry()
+        for i, cfg in enumerate(configs):
             fed.spawn(
                 f"clinic-{i}",
                 fed.privfed("site", "join", str(cfg), "--", "--host", "127.0.0.1", "--port", str(_free_port())),
@@ -222,7 +250,9 @@ def test_tls_federation_with_node_auth_runs_two_rounds(federation):
         # as docs/DEPLOYMENT.md advises: the coordinator holds no test split, sites evaluate
         "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 audit.mia=false central-eval=false"
     )
-    r = federation.flwr("run", str(REPO), CONN, "--stream", "--run-config", overrides, timeout=400)
+    r = federation.flwr(
+        "run", str(REPO), CONN, "--stream", "--run-config", federation.run_config(overrides), timeout=400
+    )
     (federation.logs / "flwr-run.log").write_text(r.stdout + r.stderr)
     runs = json.loads(federation.flwr("ls", CONN, "--format", "json").stdout)["runs"]
     # `flwr run` exits 0 even when the ServerApp fails: the run's status is the verdict
@@ -247,6 +277,26 @@ def test_tls_federation_with_node_auth_runs_two_rounds(federation):
     assert all(r.rng == "os" for r in rows)  # dp.secure-rng is the default outside the simulation launcher
     assert ledger.verify(expected_head=lines[-1]["ledger_head"]).ok
     assert "rounds completed: 2" in r.stdout
+    # Issue 19: the auditor checks every row against the registered keys, and each site checks
+    # the coordinator's ledger against its own records and the receipt it kept.
+    audit = subprocess.run(
+        federation.privfed("audit", str(run_dir), "--verify", "--registry", str(federation.root / "registry.toml")),
+        env=federation.env,
+        capture_output=True,
+        text=True,
+    )
+    assert audit.returncode == 0 and "verified against keys" in audit.stdout + audit.stderr, audit.stderr[-2000:]
+    for site in sites:
+        check = subprocess.run(
+            federation.privfed(
+                "site", "verify", "--state-dir", str(federation.root / f"state-{site}"), "--ledger", str(run_dir)
+            ),
+            env=federation.env,
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0 and check.stdout.startswith("ok:"), check.stdout + check.stderr
+        assert "receipt up to round 1 holds" in check.stdout
 
 
 def test_sites_refuse_a_run_config_that_asks_for_seeded_noise(federation):
@@ -256,7 +306,9 @@ def test_sites_refuse_a_run_config_that_asks_for_seeded_noise(federation):
         f'num-sites={SITES} rounds=1 run-dir="{run_dir}" vae.hidden-dim=16 vae.latent-dim=2 '
         "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 audit.mia=false central-eval=false dp.secure-rng=false"
     )
-    r = federation.flwr("run", str(REPO), CONN, "--stream", "--run-config", overrides, timeout=400)
+    r = federation.flwr(
+        "run", str(REPO), CONN, "--stream", "--run-config", federation.run_config(overrides), timeout=400
+    )
     (federation.logs / "flwr-run-seeded.log").write_text(r.stdout + r.stderr)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines and not any(m["sites_trained"] for m in lines), lines
