@@ -313,7 +313,19 @@ def test_sites_refuse_a_run_config_that_asks_for_seeded_noise(federation):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines and not any(m["sites_trained"] for m in lines), lines
     assert any("dp.secure-rng" in f for m in lines for f in m["failures"]), lines[-1]["failures"]
-    assert all(r.steps == 0 for r in Ledger(run_dir / "ledger.sqlite").rows())
+    rows = Ledger(run_dir / "ledger.sqlite").rows()
+    assert all(r.steps == 0 for r in rows)
+    # Issue 19: each site's refusal reached the ledger as a row it signed (nothing charged),
+    # and the auditor can check it against the site's key.
+    refusals = {r.site_id for r in rows if r.mechanism == "refusal" and r.status == "refused"}
+    assert refusals == {f"clinic-{i}" for i in range(SITES)}, rows
+    audit = subprocess.run(
+        federation.privfed("audit", str(run_dir), "--verify", "--registry", str(federation.root / "registry.toml")),
+        env=federation.env,
+        capture_output=True,
+        text=True,
+    )
+    assert "verified against keys" in audit.stdout + audit.stderr, audit.stderr[-2000:]
 
 
 def _refused(federation, name: str, cmd: list[str]) -> tuple[int, str]:
