@@ -15,7 +15,7 @@ from flwr.common import Code, EvaluateRes, Status, ndarrays_to_parameters  # noq
 
 from common.deploy.receipt_check import compare
 from common.deploy.receipts import check_receipt, extends
-from common.deploy.signing import canonical, reply_claim, sign
+from common.deploy.signing import canonical, refusal_token, reply_claim, sign
 from common.privacy.accounting import RoundPlan
 from common.protocol import Status as SiteStatus
 from common.protocol import fit_metrics
@@ -162,3 +162,33 @@ def test_an_evaluate_reply_cannot_weight_itself(tmp_path):
     honest = [_eval(s, site, node, 1.0, 100) for site, node in (("a", 1), ("b", 2), ("c", 3))]
     loss, _ = s.aggregate_evaluate(1, [*honest, _eval(s, "m", 9, 99.0, 10**12)], [])
     assert loss < 30.0  # one of four sites at 99, the rest at 1: ~25.5 with equal weights
+
+
+# ------------------------------------------------------------------ malicious site: a refusal that poisons the audit
+@pytest.mark.xfail(
+    strict=True,
+    reason="OPEN: the server accepts a refusal claim whose round is 2.0 (or true for round 1: == compares "
+    "loosely), and the audit then refuses that row ('its claim has no round'): one site makes an honest "
+    "server's ledger fail `privfed audit --verify` for good",
+)
+def test_a_refusal_with_a_non_integer_round_is_not_ledgered(tmp_path):
+    """Malicious site. Its own, validly signed refusal token says ``"round": 2.0``. The server's
+    check ``claim.get("round") == server_round`` is true (2.0 == 2; ``True == 1`` in round 1),
+    so it ledgers a refusal row with that claim. ``row_problem`` demands an int round, so every
+    later ``privfed audit --verify`` of the honest server's ledger fails at that row. Fix: in
+    ``ReplyLedger.refusals`` require ``type(claim["round"]) is int`` (and a str run_id), i.e.
+    the same strictness the audit applies; better, rebuild ``refusal_claim(...)`` from the
+    server's own values and require it equal to the parsed claim (canonical bytes)."""
+    from tests.unit.test_hostile_sites import HONEST, _honest, _round
+
+    reg = make_registry({**{s: 100 for s in HONEST}, "m": 100})
+    led = Ledger(tmp_path / "ledger.sqlite", run_id="t")
+    s = make_strategy(tmp_path, [np.zeros(3, np.float32)], accountant="rdp", registry=reg, ledger=led, run_id="t")
+    s.last_round = 10
+    _round(s, 1, _honest(s, 1))
+    s.ledger.sign_head(1, server_key())
+    claim = {"v": 1, "run_id": "t", "round": 2.0, "kind": "refusal", "site_id": "m", "key": "dp.noise-multiplier"}
+    token = refusal_token(site_key("m"), claim)
+    _round(s, 2, _honest(s, 2), [RuntimeError(f"site failed: PolicyRefusal {token}")])
+    s.ledger.sign_head(2, server_key())
+    assert verify_against_keys(s.ledger, reg).ok
