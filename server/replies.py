@@ -370,6 +370,8 @@ class ReplyLedger:
             ok = (
                 reg is not None
                 and claim.get("run_id") == self.run_id
+                # An int, as the audit demands (2.0 == 2 and True == 1 would pass ==, then fail the audit).
+                and type(claim.get("round")) is int
                 and claim.get("round") == server_round
                 and isinstance(key, str)
                 and _CONFIG_KEY_RE.fullmatch(key) is not None

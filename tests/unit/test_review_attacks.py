@@ -165,14 +165,10 @@ def test_an_evaluate_reply_cannot_weight_itself(tmp_path):
 
 
 # ------------------------------------------------------------------ malicious site: a refusal that poisons the audit
-@pytest.mark.xfail(
-    strict=True,
-    reason="OPEN: the server accepts a refusal claim whose round is 2.0 (or true for round 1: == compares "
-    "loosely), and the audit then refuses that row ('its claim has no round'): one site makes an honest "
-    "server's ledger fail `privfed audit --verify` for good",
-)
 def test_a_refusal_with_a_non_integer_round_is_not_ledgered(tmp_path):
-    """Malicious site. Its own, validly signed refusal token says ``"round": 2.0``. The server's
+    """FIXED in this branch (server.replies.ReplyLedger.refusals).
+
+    Malicious site. Its own, validly signed refusal token says ``"round": 2.0``. The server's
     check ``claim.get("round") == server_round`` is true (2.0 == 2; ``True == 1`` in round 1),
     so it ledgers a refusal row with that claim. ``row_problem`` demands an int round, so every
     later ``privfed audit --verify`` of the honest server's ledger fails at that row. Fix: in
@@ -192,3 +188,5 @@ def test_a_refusal_with_a_non_integer_round_is_not_ledgered(tmp_path):
     _round(s, 2, _honest(s, 2), [RuntimeError(f"site failed: PolicyRefusal {token}")])
     s.ledger.sign_head(2, server_key())
     assert verify_against_keys(s.ledger, reg).ok
+    assert (2, "m", "refusal") not in {(r.round, r.site_id, r.mechanism) for r in s.ledger.rows()}
+    assert any("refusal token that does not verify" in f for f in s.records[2].failures)
