@@ -33,6 +33,7 @@ from server.callbacks.budget_stop import BudgetStop
 from server.callbacks.divergence import Divergence
 from server.callbacks.membership_inference import MembershipInference
 from server.ledger import Ledger
+from server.ledger_audit import verify_against_keys
 from server.recorder import RunRecorder
 from server.report import Summary, write_summary
 from server.resume import ResumePoint, check_same_config, resume_point
@@ -174,11 +175,20 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
                 plot_metrics=task.plot_metrics,
                 central_extra_delta=all_or_nothing_probability(cfg) if cfg.central_dp.enabled else 0.0,
                 metrics_private=cfg.metrics.dp,
+                keys_check=keys_verdict(recorder.ledger, registry),
             )
             recorder.ledger.close()
     if failure is not None:
         raise failure
     return summary
+
+
+def keys_verdict(ledger: Ledger, registry: Registry) -> str:
+    """The summary's line on the ledger checked against the registry's keys (the auditor's check)."""
+    check = verify_against_keys(ledger, registry)
+    if check.ok:
+        return "every row signed by its site's registered key, every head by the server's"
+    return f"FAILED verification against keys at row {check.first_bad_seq}: {check.reason}"
 
 
 def load_identities(cfg: RunConfig) -> tuple[Registry, Ed25519PrivateKey]:

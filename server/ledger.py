@@ -556,7 +556,8 @@ class Ledger:
             f"SELECT {cols} FROM ledger WHERE site_id = ? AND seq <= ? ORDER BY seq", (site_id, last["seq"])
         )
         rows = [receipt_row(_row(r)) for r in cur.fetchall()]
-        return make_receipt(key, self.run_id, site_id, last["round"], last["seq"], last["head"], rows)
+        chain = [(h["round"], h["seq"], h["head"]) for h in heads]
+        return make_receipt(key, self.run_id, site_id, last["round"], last["seq"], last["head"], rows, chain)
 
     # ----------------------------------------------------------------- verify
     def verify(self, recompute: bool = True, expected_head: str | None = None) -> Verification:

@@ -39,6 +39,9 @@ class Summary:
     central: LedgerRow | None = None  # last client-level (central DP) row, unit "site"
     central_rounds: int = 0
     central_extra_delta: float = 0.0  # config.all_or_nothing_probability
+    # Verification against the registry's keys (server.ledger_audit.verify_against_keys):
+    # "" not run, else its one-line verdict.
+    keys_check: str = ""
     # metrics.dp: whether the sites' statistics were noised; their error bars; releases per site.
     metrics_private: bool = False
     final_test_std: dict[str, float] = field(default_factory=dict)
@@ -98,6 +101,7 @@ class Summary:
         lines.append(
             f"ledger: {self.ledger_rows} rows, hash chain and ε "
             f"{'verified' if self.ledger_ok else 'FAILED verification'}"
+            + (f"; {self.keys_check}" if self.keys_check else "")
         )
         if self.cross_checks:
             worst = max(self.cross_checks, key=lambda c: c.shortfall)
@@ -153,6 +157,7 @@ def write_summary(
     plot_metrics: tuple[str, ...] = (),
     central_extra_delta: float = 0.0,
     metrics_private: bool = False,
+    keys_check: str = "",
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
@@ -194,6 +199,7 @@ def write_summary(
         central=central[-1] if central else None,
         central_rounds=len(central),
         central_extra_delta=central_extra_delta,
+        keys_check=keys_check,
     )
     (run_dir / "privacy-audit.json").write_text(
         json.dumps(

@@ -59,6 +59,13 @@ def compare(ledger_rows: Sequence[Mapping[str, Any]], heads: Sequence[Mapping[st
     for seq, r in sorted(by_seq.items()):
         if seq <= receipt.seq and r.get("site_id") == receipt.site_id and seq not in listed:
             return f"row seq {seq} is this site's but not in its receipt of round {receipt.round} (inserted later)"
+    # 3a. Every head the coordinator signed up to this receipt is still the chain's hash at its seq.
+    for rnd, seq, head in receipt.heads:
+        if seq > 0 and seq in by_seq and by_seq[seq].get("row_hash") != head:
+            return (
+                f"the ledger's row at seq {seq} is not the head the coordinator signed for round {rnd} "
+                f"(listed in this site's receipt of round {receipt.round}): the ledger was forked or rewritten"
+            )
     # 3. The signed head is still the ledger's head at that seq.
     checked_head = False
     if receipt.seq > 0 and receipt.seq in by_seq:

@@ -16,7 +16,13 @@ receipt), and anything about other sites' rows.
 The receipt format (JSON; the signature covers the canonical encoding of every other key):
 
     {"v": 1, "run_id": ..., "site_id": ..., "round": r, "seq": s, "head": "<hex>",
-     "rows": [{<ledger row fields>, "row_hash": ...}, ...], "signature": "<hex>"}
+     "rows": [{<ledger row fields>, "row_hash": ...}, ...],
+     "heads": [[round, seq, head], ...],   # every head signed so far, this one last
+     "signature": "<hex>"}
+
+A new receipt must repeat every head of the one the site kept: a coordinator that forks
+the ledger (rebuilds it without another site's row, say) and re-signs can leave this
+site's own rows intact, but not the heads it already signed for them.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ class Receipt:
     rows: tuple[dict[str, Any], ...]
     signature: str
     text: str  # as received: what the site stores
+    # Every head the server signed up to this one: (round, seq, head). A new receipt must
+    # repeat the ones a site kept, so a fork cannot replace the evidence a site holds.
+    heads: tuple[tuple[int, int, str], ...] = ()
 
     def row_hashes(self) -> list[str]:
         return [str(r.get("row_hash", "")) for r in self.rows]
@@ -60,8 +69,13 @@ def make_receipt(
     seq: int,
     head: str,
     rows: Sequence[Mapping[str, Any]],
+    heads: Sequence[tuple[int, int, str]] = (),
 ) -> str:
-    """The server's receipt for one site (JSON text)."""
+    """The server's receipt for one site (JSON text). ``heads``: every (round, seq, head)
+    the server signed up to this one (this one included, added if missing)."""
+    chain = [[int(r), int(s), str(h)] for r, s, h in heads]
+    if not chain or chain[-1] != [int(rnd), int(seq), head]:
+        chain.append([int(rnd), int(seq), head])
     body: dict[str, Any] = {
         "v": CLAIM_VERSION,
         "run_id": run_id,
@@ -70,6 +84,7 @@ def make_receipt(
         "seq": int(seq),
         "head": head,
         "rows": [dict(r) for r in rows],
+        "heads": chain,
     }
     return json.dumps({**body, "signature": sign(signer, body)}, sort_keys=True, separators=(",", ":"))
 
@@ -99,7 +114,18 @@ def check_receipt(text: object, server_key: str, site_id: str, run_id: str) -> R
     )
     if not ok or not isinstance(rows, list):
         raise ReceiptError("receipt: malformed (rows, seq, round or head)")
-    return Receipt(run_id, site_id, raw["round"], raw["seq"], raw["head"], tuple(rows), raw["signature"], text)
+    chain = raw.get("heads")
+    heads_ok = isinstance(chain, list) and all(
+        isinstance(h, list)
+        and len(h) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in h[:2])
+        and isinstance(h[2], str)
+        for h in chain
+    )
+    if not heads_ok or not isinstance(chain, list) or not chain or chain[-1] != [raw["round"], raw["seq"], raw["head"]]:
+        raise ReceiptError("receipt: malformed (heads: every signed head up to this one, this one last)")
+    heads = tuple((int(r), int(q), str(h)) for r, q, h in chain)
+    return Receipt(run_id, site_id, raw["round"], raw["seq"], raw["head"], tuple(rows), raw["signature"], text, heads)
 
 
 def extends(old: Receipt, new: Receipt) -> str:
@@ -108,6 +134,10 @@ def extends(old: Receipt, new: Receipt) -> str:
         return f"the new receipt's head (seq {new.seq}) is older than the kept one's (seq {old.seq})"
     if new.seq == old.seq and new.head != old.head:
         return f"two different heads were signed at seq {new.seq}"
+    now = {r: (q, h) for r, q, h in new.heads}
+    for r, q, h in old.heads:
+        if now.get(r) != (q, h):
+            return f"the head the coordinator signed for round {r} is missing or changed in its new receipt (a fork)"
     old_hashes, new_hashes = old.row_hashes(), new.row_hashes()
     if new_hashes[: len(old_hashes)] != old_hashes:
         return "a row of this site the coordinator signed for earlier has changed or vanished"

@@ -82,16 +82,24 @@ def test_a_receipt_verifies_only_for_its_site_and_run_and_must_extend_the_kept_o
     server = new_signing_key()
     rows = [{"site_id": "a", "row_hash": "h1"}, {"site_id": "a", "row_hash": "h2"}]
     first = check_receipt(make_receipt(server, "run-1", "a", 1, 3, "head3", rows[:1]), public_hex(server), "a", "run-1")
-    second = check_receipt(make_receipt(server, "run-1", "a", 2, 6, "head6", rows), public_hex(server), "a", "run-1")
+    chain = [(1, 3, "head3")]  # every head signed before: a new receipt repeats the kept ones
+    second = check_receipt(
+        make_receipt(server, "run-1", "a", 2, 6, "head6", rows, chain), public_hex(server), "a", "run-1"
+    )
+    assert second.heads == ((1, 3, "head3"), (2, 6, "head6"))
     assert extends(first, second) == ""
     rewritten = check_receipt(
-        make_receipt(server, "run-1", "a", 3, 8, "other", [{"site_id": "a", "row_hash": "h9"}]),
+        make_receipt(server, "run-1", "a", 3, 8, "other", [{"site_id": "a", "row_hash": "h9"}], second.heads),
         public_hex(server),
         "a",
         "run-1",
     )
     assert "changed or vanished" in extends(second, rewritten)
     assert "older" in extends(second, first)
+    fork = check_receipt(  # a fork: the site's own rows intact, an earlier head gone
+        make_receipt(server, "run-1", "a", 3, 8, "h8", rows, [(1, 3, "other3")]), public_hex(server), "a", "run-1"
+    )
+    assert "a fork" in extends(second, fork)
     text = make_receipt(server, "run-1", "a", 1, 3, "head3", rows[:1])
     for site, run, key in (("b", "run-1", server), ("a", "run-2", server), ("a", "run-1", new_signing_key())):
         with pytest.raises(ReceiptError):

@@ -76,11 +76,6 @@ def test_a_repeated_server_round_is_not_a_free_round_on_the_lifetime_budget(tmp_
 
 
 # ------------------------------------------------------------------ coordinator vs the site's receipts
-@pytest.mark.xfail(
-    strict=True,
-    reason="OPEN: a site keeps only the newest receipt and extends() cannot see that the new head's chain "
-    "no longer holds the head it was shown; a forked ledger replaces the site's evidence and site verify passes",
-)
 def test_a_forked_head_does_not_replace_the_evidence_the_site_kept(tmp_path, monkeypatch):
     """Coordinator. Round 1: a (seq 1), b (seq 2), head H2 signed; a is sent that receipt. The
     coordinator then rebuilds the ledger without b's row, chains on with round 2 (two rows, so

@@ -109,7 +109,8 @@ def test_a_run_id_outside_the_pattern_is_refused(tmp_path, run_id):
 # ------------------------------------------------------------------ receipts
 def _receipt(rows, seq, signer=SERVER_KEY, site_id="site-0", run_id="run-1", head=None):
     rows = [{"site_id": site_id, "round": i + 1, "row_hash": h} for i, h in enumerate(rows)]
-    return make_receipt(signer, run_id, site_id, len(rows), seq, head or f"head-{seq}", rows)
+    earlier = [(k, k, f"head-{k}") for k in range(1, min(seq, len(rows)))]  # the heads signed before
+    return make_receipt(signer, run_id, site_id, len(rows), seq, head or f"head-{seq}", rows, earlier)
 
 
 def test_a_good_receipt_is_kept_on_disk(tmp_path):

@@ -34,7 +34,7 @@ def _ledger(tmp_path, rows, run_id="run-1"):
     for seq, (rnd, site, sigma, q, steps, *mech) in enumerate(rows, start=1):
         conn.execute(
             "INSERT INTO ledger VALUES (?,?,?,'example',600,?,?,1.0,?,1e-5,'rdp','add-remove',0.1,0.1,8.0,1,"
-            "'trained','os','now',?,'p',?)",
+            "'trained','os','now',?,'','p',?)",
             (seq, rnd, site, q, sigma, steps, mech[0] if mech else "dp-sgd", f"h{seq}"),
         )
     conn.commit()
