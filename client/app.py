@@ -98,6 +98,18 @@ class ReceiptRefused(PrivfedError):
     public_reason = "the coordinator's ledger receipt does not verify"
 
 
+class RoundReplayed(PrivfedError):
+    """The coordinator asked this site to train a round it already trained in this run.
+
+    Rounds only go forward (a resumed run takes a new number, server.ledger.start_round), so
+    a repeated or earlier ``server-round`` is the coordinator's doing; training again under
+    the same (run id, round) would record the spend under a key the lifetime history
+    already holds. Refused: the site trains each round of a run at most once.
+    """
+
+    public_reason = "server-round is not after the last round this site trained in this run"
+
+
 class ReceiptContradiction(PrivfedError):
     """The coordinator's ledger receipt does not extend the one the site kept: its history was rewritten."""
 
@@ -374,6 +386,9 @@ class SiteClient(NumPyClient):
     def _fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         server_round = int(config.get("server-round", 0))
         self._begin(config)
+        trained = [r for r, *_ in self._entries()]
+        if trained and server_round <= max(trained):
+            raise RoundReplayed(f"server-round {server_round} after round {max(trained)} was trained")
         # n-hat only: the plan is sent and ledgered, and must not depend on the real n.
         plan = plan_round(self.cfg, self.declared)
         check_real_size(plan, len(self.train_data))  # delta < 1/n for the real n; says no n

@@ -139,8 +139,10 @@ class Lifetime:
         return entries
 
     def record(self, entry: LifetimeEntry) -> None:
-        """Add one trained round (replacing the same run's same round, so nothing counts twice)."""
-        entries = [e for e in self.load() if entry.key is None or e.key != entry.key] + [entry]
+        """Add one trained round. The same entry recorded again (a resumed run re-reads its
+        history) counts once; an entry under the same (run id, round) with other values is a
+        second spend and is kept beside the first: the history may over-count, never under-count."""
+        entries = [e for e in self.load() if e != entry] + [entry]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps({"rounds": [list(astuple(e)) for e in entries]}, indent=0).encode()
 

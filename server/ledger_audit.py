@@ -168,8 +168,10 @@ def verify_against_keys(ledger: Ledger, registry: Registry, rows: list[LedgerRow
     seq, and no later round's head is behind an earlier one's; (b) every site row follows
     from a claim signed by the key registered for its site: same run, same site, and the
     row's accountant inputs are the claim's (:func:`row_problem`); (c) the server's own rows
-    (``all-sites``) come no later than the last signed head. The first failure names its
-    row (seq) and why, with field names only. A ledger with rows but no signed head fails.
+    (``all-sites``) come no later than the last signed head; (d) every round a verified
+    claim's signed history names has a row (:func:`_unbacked_history`). The first failure
+    names its row (seq) and why, with field names only. A ledger with rows but no signed
+    head fails.
     """
     rows = ledger.rows() if rows is None else rows
     n = len(rows)
@@ -206,7 +208,33 @@ def verify_against_keys(ledger: Ledger, registry: Registry, rows: list[LedgerRow
             return Verification(False, n, row.seq, why)
         if row.mechanism == DP_SGD:
             previous[row.site_id] = row
+    why = _unbacked_history(rows, good)
+    if why:
+        return Verification(False, n, None, why)
     return Verification(True, n)
+
+
+def _unbacked_history(rows: list[LedgerRow], claims: dict[str, dict[str, Any]]) -> str:
+    """(d) Every round a verified claim's signed ``history`` names has a DP-SGD row of that site.
+
+    A site's reply lists every round it trained before; the server ledgers any it has no
+    row for. So a round named there but absent from the ledger was dropped after the fact,
+    however consistent the rest: the ledger itself holds the site's signature saying so."""
+    have = {(r.site_id.split("@node-")[0], r.round) for r in rows if r.mechanism == DP_SGD}
+    for claim in claims.values():
+        metrics = claim.get("metrics")
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("history"), str):
+            continue
+        site = metrics.get("site_id")
+        try:
+            entries = json.loads(metrics["history"])
+        except ValueError:
+            continue  # a history that does not parse was refused with its row (row_problem)
+        for entry in entries if isinstance(entries, list) else []:
+            rnd = entry[0] if isinstance(entry, list) and entry else None
+            if isinstance(rnd, int) and (site, rnd) not in have:
+                return f"site {site}'s signed history names round {rnd}, which has no row (dropped from the ledger)"
+    return ""
 
 
 _DUPLICATE = re.compile(r"(.+)@node-[0-9]+")

@@ -494,7 +494,8 @@ class ReplyLedger:
                 (rnd, SiteSpend(site, unit, spent, steps, eps_budget, False, "lost", rng, claim=claim, signature=sig))
             )
         try:
-            written = self.ledger.record_round(server_round, [], catch_up=rows)
+            # ``current``: an evaluate reply's history may name this very round (its fit reply lost).
+            written = self.ledger.record_round(current, [], catch_up=rows)
         except Exception as exc:
             raise Refused(f"its catch-up rows could not be ledgered ({type(exc).__name__})") from None
         rec.ledger_rows += written

@@ -338,29 +338,38 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         rec = self.record(server_round)
         rec.failures += [describe_failure(f) for f in failures]
         self.write_round(server_round, self.refusals(server_round, failures, rec), rec)
-        verified, seen = [], set()
+        # Only what the site signed counts: its metrics. ``num_examples`` and ``loss`` ride
+        # outside the signed claim, so the weight is the registry's declared size (1 under
+        # metrics.dp, where the replies carry noisy sums, as the sites send) and the loss is
+        # the signed primary metric.
+        verified: list[tuple[float, dict[str, Any]]] = []
+        seen: set[str] = set()
         for proxy, res in results:
             site = self.evaluate_reply(server_round, proxy, dict(res.metrics), rec)
             if not site or site in seen:  # refused, or a second reply for one site
                 continue
             seen.add(site)
-            verified.append((proxy, res))
+            weight = 1.0 if self.cfg.metrics.dp else float(self.registry.sites[site].declared_size)
+            verified.append((weight, dict(res.metrics)))
             rec.site_val[site] = {
                 k: float(v)
                 for k, v in res.metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             }
-        results = verified
         # Under SecAgg+ with secure sums the replies hold no sums: the round's test metrics
         # came from the masked vector (:meth:`_stage_secure`), not from here.
-        if self.central_eval is None and self.combine_eval is not None and results and not self.secure_sums:
-            rec.test = self.combine_eval([(res.num_examples, dict(res.metrics)) for _, res in results])
-            rec.test_std = self._error_bars([dict(res.metrics) for _, res in results])
-        losses = [(res.num_examples, res.loss) for _, res in results if math.isfinite(res.loss)]
+        if self.central_eval is None and self.combine_eval is not None and verified and not self.secure_sums:
+            rec.test = self.combine_eval(verified)
+            rec.test_std = self._error_bars([m for _, m in verified])
+        losses = [
+            (w, float(m[self.primary_metric]))
+            for w, m in verified
+            if isinstance(m.get(self.primary_metric), (int, float)) and math.isfinite(m[self.primary_metric])
+        ]
         if not losses:
             return None, {}
-        total = sum(n for n, _ in losses)
-        return sum(n * v for n, v in losses) / max(total, 1), {}
+        total = sum(w for w, _ in losses)
+        return sum(w * v for w, v in losses) / max(total, 1.0), {}
 
     def _error_bars(self, replies: list[dict[str, Any]]) -> dict[str, float]:
         """metrics.dp: each test metric's noise std, from the summed noisy sums of the replies that released."""

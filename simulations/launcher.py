@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -168,6 +169,7 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, siz
     from client.app import build_client_app
     from common.privacy.plan import known_noise
     from server.app import build_server_app
+    from server.run_dir import PREPARED
     from simulations.identities import simulation_identities
 
     # Every party's Ed25519 key and the registry (simulations/identities.py): the server
@@ -197,28 +199,34 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, siz
     console.print(
         "[dim]site sizes: public by declaration (simulation: the launcher declares each site's training-split size)[/]"
     )
-    run_simulation(
-        server_app=build_server_app(flat, console),
-        # The virtual sites' durable state (client.state) lives beside the run.
-        # The preflight's noise search travels with the app, so Ray workers skip it.
-        # Virtual sites accept seeded noise (a deployed site refuses it unless its node config allows it).
-        client_app=build_client_app(
-            flat,
-            key=key,
-            state_dir=run_dir.resolve() / "site-state",
-            noise=known_noise(),
-            allow_seeded_noise=True,
-            declared_sizes=sizes,
-            signing_keys=ids.site_keys,
-            server_public_key=ids.server_public_key,
-        ),
-        num_supernodes=cfg.federation.num_sites,
-        backend_config={
-            "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": verbose, "include_dashboard": False},
-        },
-        verbose_logging=verbose,
-    )
+    try:
+        run_simulation(
+            server_app=build_server_app(flat, console),
+            # The virtual sites' durable state (client.state) lives beside the run.
+            # The preflight's noise search travels with the app, so Ray workers skip it.
+            # Virtual sites accept seeded noise (a deployed site refuses it unless its node config allows it).
+            client_app=build_client_app(
+                flat,
+                key=key,
+                state_dir=run_dir.resolve() / "site-state",
+                noise=known_noise(),
+                allow_seeded_noise=True,
+                declared_sizes=sizes,
+                signing_keys=ids.site_keys,
+                server_public_key=ids.server_public_key,
+            ),
+            num_supernodes=cfg.federation.num_sites,
+            backend_config={
+                "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": verbose, "include_dashboard": False},
+            },
+            verbose_logging=verbose,
+        )
+    except BaseException:
+        # A run that never started leaves nothing behind: not even the keys made for it.
+        if not cfg.federation.resume and run_dir.is_dir() and all(p.name in PREPARED for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+        raise
     return run_dir
 
 

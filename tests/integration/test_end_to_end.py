@@ -14,9 +14,9 @@ from common.privacy.accounting import epsilon
 from common.privacy.plan import plan_round
 from common.tasks import get_task
 from server.ledger import Ledger
+from simulations.identities import simulation_identities
 from simulations.launcher import resolve, simulate
 from tests.conftest import simulation_processes
-from tests.site_keys import site_keys
 
 pytestmark = pytest.mark.slow
 
@@ -139,11 +139,15 @@ def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
     from server.app import build_server_app
 
     run_dir = tmp_path / "run"
-    flat = resolve("vae-digits", SMALL + ["rounds=1", "site-wait-seconds=3", f"run-dir={run_dir}"]).to_flat()
+    ids = simulation_identities(tmp_path / "ids", [100, 100, 100])  # the parties' keys, outside the run dir
+    overrides = [f"registry={ids.registry_path}", f"server-key={ids.server_key_path}"]
+    flat = resolve(
+        "vae-digits", SMALL + ["rounds=1", "site-wait-seconds=3", f"run-dir={run_dir}", *overrides]
+    ).to_flat()
     with pytest.raises(PrivfedError) as info:
         run_simulation(
             build_server_app(flat),
-            build_client_app(flat, **site_keys()),
+            build_client_app(flat, signing_keys=ids.site_keys, server_public_key=ids.server_public_key),
             num_supernodes=2,
             backend_config={"client_resources": {"num_cpus": 1}},
         )

@@ -1,7 +1,7 @@
 """Hostile review of issue 19 (signed replies, registry, keyed ledger, receipts, site policy).
 
-Each test is one attack that still works: marked ``xfail(strict=True)`` so it fails loudly
-once the hole is closed (then drop the mark). The attacker is named in each docstring.
+Each test is one attack found in review; each was a strict xfail until its hole was closed,
+and now asserts it is refused. The attacker is named in each docstring.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from flwr.common import Code, EvaluateRes, Status, ndarrays_to_parameters  # noqa: F401
 
 from common.deploy.receipt_check import compare
@@ -49,11 +48,6 @@ def _site(state_dir, budget: float):
     return _lifetime_site(state_dir, budget=budget)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OPEN: a coordinator that repeats server-round in a run resets the site's lifetime budget "
-    "(Lifetime.record replaces the same (run id, round) entry; the site never refuses a round it already trained)",
-)
 def test_a_repeated_server_round_is_not_a_free_round_on_the_lifetime_budget(tmp_path):
     """Coordinator. It sends ``server-round = 1`` in every instruction of a run. The site trains
     each time; the run-level check counts every round, but the lifetime history keeps ONE entry
@@ -113,11 +107,6 @@ def test_a_forked_head_does_not_replace_the_evidence_the_site_kept(tmp_path, mon
 
 
 # ------------------------------------------------------------------ auditor: rows missing
-@pytest.mark.xfail(
-    strict=True,
-    reason="OPEN: verify_against_keys does not check that each verified claim's signed history is "
-    "covered by rows; a dropped row the site's later signed history names goes unnoticed",
-)
 def test_the_audit_catches_a_dropped_row_that_a_later_signed_history_names(tmp_path):
     """Coordinator vs auditor. Site a's round-2 claim signs history [[1, σ, q, steps]]: it trained
     round 1. The coordinator drops a's round-1 row (ε of a round gone), re-chains and re-signs
@@ -140,11 +129,6 @@ def _eval(s, site: str, node: int, loss: float, n: int, rnd: int = 1):
     return SimpleNamespace(node_id=node), EvaluateRes(Status(Code.OK, ""), loss, n, metrics)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OPEN: aggregate_evaluate weights replies by their own num_examples (unsigned, not the "
-    "registry's declared size), and res.loss is outside the signed claim",
-)
 def test_an_evaluate_reply_cannot_weight_itself(tmp_path):
     """Malicious site (registered, correctly signed). Weight inflation was closed for fit
     (registry declared size), not for evaluate: its reply says num_examples = 10**12 and
