@@ -116,8 +116,8 @@ class MalformedReport(ValueError):
 # a task's name for one record ("image", "rating"); a note is a short human-readable line.
 UNIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,31}")
 MAX_NOTE = 200
-MAX_METRIC_KEYS = 128  # a reply's metrics: the protocol's ~20 fields plus a task's few training metrics
-METRIC_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+MAX_METRIC_KEYS = 512  # the protocol's ~20 fields plus a task's metrics (the recommender's per-group ones: ~60)
+METRIC_KEY_RE = re.compile(r"[A-Za-z0-9_.:<>+-]{1,64}")  # group names: "age.<18", "age.56+"
 # Any string value but the history (bounded by the rounds begun, see history_limit): far
 # above any honest one (a note, a unit, an rng kind), bounds what a reply can make the server hash.
 MAX_STRING = 4096
@@ -138,7 +138,7 @@ def metrics_shape_problem(m: Mapping[str, Any], max_history_chars: int) -> str:
         return f"more than {MAX_METRIC_KEYS} metrics"
     for k, v in m.items():
         if not isinstance(k, str) or not METRIC_KEY_RE.fullmatch(k):
-            return "a metric name is not 1-64 letters, digits or _.:-"
+            return "a metric name is not 1-64 letters, digits or _.:<>+-"
         if isinstance(v, (str, bytes)):
             limit = max_history_chars if k == "history" else MAX_STRING
             if len(v) > limit:

@@ -133,3 +133,23 @@ def test_the_launcher_makes_every_partys_key_once_and_a_resumed_run_loads_the_sa
         simulation_identities(run, [100, 120, 90], resume=True)
     with pytest.raises(PrivfedError, match="registry.toml"):
         simulation_identities(tmp_path / "other", [1], resume=True)
+
+
+def test_every_metric_a_site_sends_fits_the_servers_reply_limits():
+    """The server refuses oddly named or too many metrics before it verifies anything; an
+    honest site's evaluation must pass (the recommender's group keys hold '+': 'age.56+')."""
+    import secrets
+
+    from common.protocol import history_limit, metrics_shape_problem
+    from common.runtime import cached_task
+    from tests.conftest import make_cfg
+
+    flat = {"task": "recsys", "data.source": "synthetic", "data.partition": "iid", "num-sites": 2}
+    cfg = make_cfg(**flat, **{"recsys.synthetic-users": 100, "recsys.synthetic-items": 50})
+    task = cached_task(cfg, secrets.token_bytes(32))
+    _, val = task.site_data(0)
+    model = task.build_model(0)
+    exact, private = task.evaluate(model, val), task.dp_evaluate(model, val)
+    assert any("+" in k for k in exact) and any("<" in k for k in private)
+    for metrics in (exact, private):
+        assert metrics_shape_problem({"site_id": "site-0", **metrics}, history_limit(1)) == ""
