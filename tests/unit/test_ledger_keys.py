@@ -106,11 +106,9 @@ def _fit(fed: Federation, site: str, rnd: int, history: list | None = None, rele
     return out
 
 
-def _build(path, fed: Federation, receipts: dict | None = None) -> None:
-    """Four rounds, four signed sites, a client-level row per round, a head signed per round;
-    each site keeps the newest receipt it was sent (checked, and extending the one before)."""
-    led = Ledger(path, run_id=RUN)
-    central = SiteSpend(
+def _central() -> SiteSpend:
+    """The server's own client-level DP row (no site claim: its signed heads cover it)."""
+    return SiteSpend(
         CENTRAL_SITE_ID,
         "site",
         RoundPlan(4, 1.0, 1, 5.0, 1.0, 1e-5, "rdp"),
@@ -121,6 +119,13 @@ def _build(path, fed: Federation, receipts: dict | None = None) -> None:
         "os",
         "dp-fedavg",
     )
+
+
+def _build(path, fed: Federation, receipts: dict | None = None) -> None:
+    """Four rounds, four signed sites, a client-level row per round, a head signed per round;
+    each site keeps the newest receipt it was sent (checked, and extending the one before)."""
+    led = Ledger(path, run_id=RUN)
+    central = _central()
     for rnd in range(1, ROUNDS + 1):
         if receipts is not None:  # the instruction of this round carries the receipt of the last
             for site in SITES:
@@ -308,17 +313,7 @@ def test_a_row_without_claim_a_forged_signature_or_an_unsigned_central_row_fails
     keyed = verify_against_keys(led, fed.registry)
     assert not keyed.ok and keyed.first_bad_seq == 1 and "registered key" in keyed.reason
     # A server row written after the last signed head has no key behind it.
-    central = SiteSpend(
-        CENTRAL_SITE_ID,
-        "site",
-        RoundPlan(4, 1.0, 1, 5.0, 1.0, 1e-5, "rdp"),
-        1,
-        50.0,
-        True,
-        "released",
-        "os",
-        "dp-fedavg",
-    )
+    central = _central()
     led.close()
     path3 = tmp_path / "l3.sqlite"
     led = Ledger(path3, run_id=RUN)
