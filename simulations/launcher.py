@@ -115,11 +115,11 @@ def simulate(
     """Validate everything, then run the federation; returns the run directory."""
     console = console or Console(highlight=False, soft_wrap=True)
     cfg = resolve(scenario, overrides)
-    key = simulation_key(cfg, key_file, console)
-    task = preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
     if not cfg.federation.run_dir:
         cfg = cfg.replace(run_dir=str(default_run_dir(cfg)))
-    check_new_run_dir(Path(cfg.federation.run_dir))
+    check_new_run_dir(Path(cfg.federation.run_dir))  # first: it costs nothing, the preflight seconds
+    key = simulation_key(cfg, key_file, console)
+    task = preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
     return _run(cfg, key, console, verbose, task.site_sizes())
 
 
