@@ -60,6 +60,7 @@ from common.deploy.site_config import (
     SitePolicy,
     apply_site_overrides,
     check_allowed_task,
+    check_node_config_keys,
     check_server_key,
     check_site_policy,
     dataset_identity,
@@ -644,6 +645,7 @@ def make_site(
     allows them, and a plan outside its limits (sigma, delta, per-round epsilon, group size).
     """
     node = context.node_config
+    check_node_config_keys(node)  # a mistyped limit must not be silently ignored
     # The run's config, then this site's own settings (data, device, a stricter budget).
     cfg = apply_site_overrides(config_from(base, context.run_config), node)
     site_index, site_id = site_identity(cfg, node)

@@ -78,6 +78,52 @@ _OVERRIDES = {
 
 DECLARED_SIZE = "declared-size"
 
+# Every node-config key a site may set (the module docstring; SiteConfig.node_config writes
+# them), plus the ones Flower's simulation engine sets itself.
+NODE_CONFIG_KEYS = (
+    "partition-id",
+    "num-partitions",
+    DECLARED_SIZE,
+    "site-id",
+    "key-file",
+    "data-path",
+    "data-format",
+    "users-path",
+    "device",
+    "epsilon-budget",
+    "state-dir",
+    "dataset-id",
+    "allow-seeded-noise",
+    "allow-exact-metrics",
+    "signing-key",
+    "server-key",
+    "allowed-tasks",
+    "min-noise-multiplier",
+    "max-epsilon-per-round",
+    "max-delta",
+    "min-group-size",
+)
+
+
+def check_node_config_keys(node_config: Mapping[str, Any]) -> None:
+    """Refuse a node-config key privfed does not know, naming the closest known one.
+
+    A mistyped key (``epsilon_budget`` for ``epsilon-budget``) would otherwise be ignored
+    and the site would train under the run's weaker setting without a word: for a
+    privacy limit that is a silent loss of protection (issue 20, finding 7).
+    """
+    import difflib
+
+    for key in node_config:
+        if key not in NODE_CONFIG_KEYS:
+            close = difflib.get_close_matches(str(key).replace("_", "-"), NODE_CONFIG_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                str(key),
+                f"is not a privfed site setting{hint}; a mistyped setting would be ignored, so this site refuses "
+                "(docs/DEPLOYMENT.md lists the keys)",
+            )
+
 
 def declared_size(node_config: Mapping[str, Any], simulated: int | None = None) -> int:
     """The site's declared public size n-hat: its node config's ``declared-size``, else

@@ -176,3 +176,47 @@ def test_the_site_config_carries_keys_and_policy_to_the_node_config(tmp_path):
         with pytest.raises(ConfigError) as info:
             dataclasses.replace(site, **bad).validate()
         assert info.value.key == key
+
+
+def test_a_mistyped_node_config_key_is_refused_not_ignored(no_data):
+    """Issue 20, finding 7: `epsilon_budget = 4.0` (underscore) was ignored and the site trained
+    to the run's budget. Now it is refused before anything is read, naming the closest key."""
+    with pytest.raises(ConfigError) as info:
+        _make({"epsilon_budget": 4.0})
+    assert info.value.key == "epsilon_budget" and "did you mean 'epsilon-budget'" in str(info.value)
+    assert "4.0" not in str(info.value)  # the value never repeats (error text can reach the coordinator)
+    assert failure_text(info.value) == "site failed: ConfigError (config key 'epsilon_budget')"
+    with pytest.raises(ConfigError, match="not a privfed site setting"):
+        _make({"colour": "blue"})
+
+
+def test_every_key_privfed_site_join_writes_is_one_the_site_accepts(tmp_path):
+    from common.deploy.site_config import NODE_CONFIG_KEYS
+
+    site = SiteConfig(
+        "clinic-a",
+        0,
+        "h:1",
+        "ca",
+        "k",
+        "k.pub",
+        declared_size=300,
+        key_file="f.key",
+        data_path="d.csv",
+        data_format="csv",
+        users_path="u.csv",
+        epsilon_budget=4.0,
+        state_dir="st",
+        dataset_id="ds",
+        allow_seeded_noise=True,
+        allow_exact_metrics=True,
+        signing_key="s.pem",
+        server_key=SERVER_PUBLIC,
+        allowed_tasks="vae",
+        min_noise_multiplier=0.8,
+        max_epsilon_per_round=0.5,
+        max_delta=1e-5,
+        min_group_size=12,
+    )
+    parsed = parse_config_args([site.node_config()])
+    assert set(parsed) == set(NODE_CONFIG_KEYS) - {"num-partitions"}  # that one only Flower's simulation sets
