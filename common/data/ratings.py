@@ -150,10 +150,11 @@ def _check_rating(path: Path, line: int, text: str, lo: float, hi: float) -> flo
     try:
         value = float(text)
     except ValueError:
-        raise DataError(path, f"line {line}: rating {text!r} is not a number") from None
+        # Names the line and column, never the value: error text may reach an operator's log
+        # or, through a careless handler, the coordinator.
+        raise DataError(path, f"line {line}: column rating is not a number") from None
     if not math.isfinite(value) or not lo <= value <= hi:
-        # float() accepted surrounding whitespace; strip it, or a quoted "7\n" splits the message
-        raise DataError(path, f"line {line}: rating {text.strip()} is outside [{lo:g}, {hi:g}] (recsys.rating-min/max)")
+        raise DataError(path, f"line {line}: column rating is outside [{lo:g}, {hi:g}] (recsys.rating-min/max)")
     return value
 
 
@@ -164,7 +165,8 @@ def _read_rows(path: Path, delimiter: str, encoding: str = "utf-8") -> list[tupl
         with path.open(newline="", encoding=encoding) as fh:
             rows = [(i, row) for i, row in enumerate(csv.reader(fh, delimiter=delimiter), start=1) if row and any(row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
+        # The class only: a decode error's message quotes the offending byte.
+        raise DataError(path, f"cannot be read ({type(exc).__name__})") from None
     if not rows:
         raise DataError(path, "is empty")
     return rows
@@ -176,7 +178,7 @@ def _parse_age(path: Path, line: int, text: str) -> int | None:
     try:
         age = int(text)
     except ValueError:
-        raise DataError(path, f"line {line}: age {text!r} is not an integer") from None
+        raise DataError(path, f"line {line}: column age is not an integer") from None
     if not 0 <= age <= 130:  # the value is not echoed: error text can reach the coordinator
         raise DataError(path, f"line {line}: age is out of range [0, 130]")
     return age
