@@ -140,23 +140,15 @@ def test_a_malformed_policy_is_the_sites_own_error(node, key):
     assert info.value.key == key and not isinstance(info.value, PolicyRefusal)
 
 
+def _site_config(**fields) -> SiteConfig:
+    """A site config with its keys and every policy limit set; ``fields`` add or override."""
+    policy = {"min_noise_multiplier": 0.8, "max_epsilon_per_round": 0.5, "max_delta": 1e-5, "min_group_size": 12}
+    base = {"declared_size": 300, "signing_key": "s.pem", "server_key": SERVER_PUBLIC, "allowed_tasks": "vae"}
+    return SiteConfig("clinic-a", 0, "h:1", "ca", "k", "k.pub", **{**base, **policy, **fields})
+
+
 def test_the_site_config_carries_keys_and_policy_to_the_node_config(tmp_path):
-    site = SiteConfig(
-        "clinic-a",
-        0,
-        "h:1",
-        "ca",
-        "k",
-        "k.pub",
-        declared_size=300,
-        signing_key=str(tmp_path / "s.pem"),
-        server_key=SERVER_PUBLIC,
-        allowed_tasks="gan,vae",
-        min_noise_multiplier=0.8,
-        max_epsilon_per_round=0.5,
-        max_delta=1e-5,
-        min_group_size=12,
-    )
+    site = _site_config(signing_key=str(tmp_path / "s.pem"), allowed_tasks="gan,vae")
     site.validate()
     path = tmp_path / "site.toml"
     path.write_text(site.to_toml())
@@ -193,14 +185,7 @@ def test_a_mistyped_node_config_key_is_refused_not_ignored(no_data):
 def test_every_key_privfed_site_join_writes_is_one_the_site_accepts(tmp_path):
     from common.deploy.site_config import NODE_CONFIG_KEYS
 
-    site = SiteConfig(
-        "clinic-a",
-        0,
-        "h:1",
-        "ca",
-        "k",
-        "k.pub",
-        declared_size=300,
+    site = _site_config(
         key_file="f.key",
         data_path="d.csv",
         data_format="csv",
@@ -210,13 +195,6 @@ def test_every_key_privfed_site_join_writes_is_one_the_site_accepts(tmp_path):
         dataset_id="ds",
         allow_seeded_noise=True,
         allow_exact_metrics=True,
-        signing_key="s.pem",
-        server_key=SERVER_PUBLIC,
-        allowed_tasks="vae",
-        min_noise_multiplier=0.8,
-        max_epsilon_per_round=0.5,
-        max_delta=1e-5,
-        min_group_size=12,
     )
     parsed = parse_config_args([site.node_config()])
     assert set(parsed) == set(NODE_CONFIG_KEYS) - {"num-partitions"}  # that one only Flower's simulation sets
