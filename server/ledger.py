@@ -287,6 +287,9 @@ class Ledger:
         elif run_id is not None and stored != run_id:
             raise ValueError(f"{self.path} belongs to run {stored!r}, not {run_id!r}")
         self.run_id = stored
+        # site -> (round of the last signed head, its receipt): rows and heads up to a signed
+        # head never change, so a site's receipt is made once per head, not per instruction.
+        self._receipts: dict[str, tuple[int, str]] = {}
         self._check_columns()
 
     def _check_columns(self) -> None:
@@ -551,13 +554,18 @@ class Ledger:
         if not heads:
             return ""
         last = heads[-1]  # by round; a later round's head is never behind an earlier one's
+        kept = self._receipts.get(site_id)
+        if kept is not None and kept[0] == last["round"]:
+            return kept[1]
         cols = ", ".join(f.name for f in fields(LedgerRow))
         cur = self.conn.execute(
             f"SELECT {cols} FROM ledger WHERE site_id = ? AND seq <= ? ORDER BY seq", (site_id, last["seq"])
         )
         rows = [receipt_row(_row(r)) for r in cur.fetchall()]
         chain = [(h["round"], h["seq"], h["head"]) for h in heads]
-        return make_receipt(key, self.run_id, site_id, last["round"], last["seq"], last["head"], rows, chain)
+        text = make_receipt(key, self.run_id, site_id, last["round"], last["seq"], last["head"], rows, chain)
+        self._receipts[site_id] = (last["round"], text)
+        return text
 
     # ----------------------------------------------------------------- verify
     def verify(self, recompute: bool = True, expected_head: str | None = None) -> Verification:
