@@ -25,7 +25,7 @@ from typing import IO
 
 import torch
 
-from common.deploy.fileio import write_atomically
+from common.deploy.fileio import make_private_dir, write_atomically
 from common.errors import PrivfedError
 
 # (round, noise multiplier, sample rate, steps) for each round the site trained.
@@ -73,8 +73,9 @@ def load_state(path: Path) -> SiteState | None:
 
 def save_state(path: Path, state: SiteState) -> None:
     """Atomic and durable (the folder is fsync'ed too): the site never forgets a round it
-    spent privacy on, even across a power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    spent privacy on, even across a power loss. The folders are 0700 and the file 0600:
+    a site's history and local model are its own."""
+    make_private_dir(path.parent)
     payload = {
         "history": [list(h) for h in state.history],
         "local": state.local,
@@ -143,7 +144,7 @@ class Lifetime:
         history) counts once; an entry under the same (run id, round) with other values is a
         second spend and is kept beside the first: the history may over-count, never under-count."""
         entries = [e for e in self.load() if e != entry] + [entry]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
         data = json.dumps({"rounds": [list(astuple(e)) for e in entries]}, indent=0).encode()
 
         def write(fh: IO[bytes]) -> None:

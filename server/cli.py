@@ -20,7 +20,8 @@ import argparse
 import sys
 
 from rich.console import Console
-from rich.markup import escape
+
+from common.textsafe import console_text, csv_cell
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -84,7 +85,10 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         if args.format == "table":
             console.print(table(data, title=f"privacy ledger: {args.run_dir}"))
             if rows:
-                console.print(describe_units(rows))
+                console.print(console_text(describe_units(rows)))
+        elif args.format == "csv":
+            # A cell starting with = + - @ would run as a formula in a spreadsheet (OWASP guard).
+            sys.stdout.write(render([{k: csv_cell(v) for k, v in row.items()} for row in data], "csv"))
         else:
             sys.stdout.write(render(data, args.format))
             if args.format == "json":
@@ -105,10 +109,10 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         ledger.close()
     if keyed is not None and not keyed.ok:
         where = f"row seq {keyed.first_bad_seq}" if keyed.first_bad_seq is not None else "ledger heads"
-        err.print(f"[red]verification against keys FAILED at {where}:[/] {escape(keyed.reason)}")
+        err.print(f"[red]verification against keys FAILED at {where}:[/] {console_text(keyed.reason)}")
         return 1
     if contradicted:
-        err.print(f"[red]verification against the sites' receipts FAILED:[/] {escape(contradicted)}")
+        err.print(f"[red]verification against the sites' receipts FAILED:[/] {console_text(contradicted)}")
         return 1
     if result.ok:
         err.print(
@@ -127,7 +131,8 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         for c in checks:
             mark = "ok" if c.ok else "[red]UNDER-STATED[/]"
             err.print(
-                f"cross-check {escape(c.site_id)}: recorded ε={c.eps_recorded:.4f} ({c.accountant}), "
+                f"cross-check {console_text(c.site_id)}: recorded ε={c.eps_recorded:.4f} "
+                f"({console_text(c.accountant)}), "
                 f"{c.method} ε={c.eps_independent:.4f} ({-c.shortfall:+.2%}): {mark}"
             )
         if all(c.ok for c in checks):
@@ -144,5 +149,5 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         err.print("[red]verification FAILED:[/] a recorded ε is below the independent accountant's (under-stated)")
         return 1
     where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
-    err.print(f"[red]verification FAILED at {where}:[/] {escape(result.reason)}")
+    err.print(f"[red]verification FAILED at {where}:[/] {console_text(result.reason)}")
     return 1

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from common.deploy.fileio import write_text_atomically
 from common.errors import DataError, PrivfedError
 from common.plots import line_plot
 from common.privacy.accounting import NO_DP
@@ -24,7 +25,7 @@ from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from server.eps_crosscheck import cross_check
 from server.ledger_audit import open_ledger, verify_run
 from server.membership_inference import violates_bound
-from server.report import _plot_eps, _plot_utility, read_metrics
+from server.report import _plot_eps, _plot_utility, eval_kind, read_metrics
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
@@ -54,7 +55,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         t = Path(tmp)
         _plot_eps(t / "eps.png", rows)
         if primary:
-            _plot_utility(t / "utility.png", metrics, primary)
+            source = next((str(m["test_source"]) for m in reversed(metrics) if m.get("test_source")), "")
+            _plot_utility(t / "utility.png", metrics, primary, eval_kind(source))
             _plot_site_disparity(t / "fairness.png", metrics, primary)
         images = {p.stem: _b64(p) for p in t.glob("*.png")}
     samples = sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []
@@ -199,7 +201,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     if not out.parent.is_dir():
         raise PrivfedError(f"report --out '{out}': folder {out.parent} does not exist")
     try:
-        out.write_text(page, encoding="utf-8")
+        write_text_atomically(out, page)
     except OSError as exc:
         raise PrivfedError(f"report --out '{out}': cannot write ({exc.strerror})") from None
     return out
@@ -233,7 +235,12 @@ def _test_table(metrics: list[dict[str, Any]]) -> list[str]:
     rows = [
         [k, _f(v), f"± {_f(std[k])}" if k in std else "–"] for k, v in last["test"].items() if "." not in k or k in std
     ]
-    return ["<h2>Final test metrics</h2>", _table(["metric", "value", "± noise std"], rows)]
+    # What the numbers are (server.report.eval_source); runs from before it was recorded: a test split.
+    source = str(last.get("test_source", ""))
+    title = "Final test metrics" if eval_kind(source) == "test" else "Final metrics"
+    if source:
+        title += f" ({html.escape(source)})"
+    return [f"<h2>{title}</h2>", _table(["metric", "value", "± noise std"], rows)]
 
 
 def _primary_metric(metrics: list[dict[str, Any]]) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.deploy.fileio import PRIVATE_FILE, create_private_file
 from common.deploy.signing import CLAIM_VERSION, Ed25519PrivateKey, sign
 from common.privacy.accounting import NEIGHBOURING, RoundPlan, epsilon
 from common.privacy.client_level import CENTRAL_SITE_ID
@@ -264,6 +266,7 @@ class Ledger:
                 raise FileNotFoundError(f"{self.path}: no such ledger")
             self.conn = _open_read_only(self.path)
         else:
+            _private_files(self.path)
             self.conn = sqlite3.connect(self.path)
             _durable(self.conn)
             try:
@@ -654,6 +657,22 @@ def _durable(conn: sqlite3.Connection) -> None:
     """
     conn.execute("PRAGMA journal_mode=DELETE")
     conn.execute("PRAGMA synchronous=FULL")
+
+
+# SQLite's side files: the rollback journal this ledger uses, and WAL's two, should a
+# ledger ever have been opened in WAL mode by another tool.
+SIDE_FILES = ("-journal", "-wal", "-shm")
+
+
+def _private_files(path: Path) -> None:
+    """The ledger file 0600 before SQLite opens it (SQLite would create it 0644 under the
+    usual umask), and any side file already there too. SQLite creates a journal with the
+    database file's mode, so the journals it makes later are 0600 as well."""
+    create_private_file(path)
+    for suffix in SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        if side.is_file() and not side.is_symlink():
+            os.chmod(side, PRIVATE_FILE)
 
 
 def _open_read_only(path: Path) -> sqlite3.Connection:

@@ -26,13 +26,15 @@ import torch
 from rich.console import Console
 
 from common.config import RunConfig
-from common.deploy.fileio import write_atomically
+from common.deploy.fileio import create_private_file, make_private_dir, write_atomically, write_text_atomically
 from common.deploy.signing import Ed25519PrivateKey
 from common.metrics.fairness import site_fairness
 from common.privacy.client_level import CENTRAL_SITE_ID
 from common.tasks import Task
 from common.tasks.base import set_state
+from common.textsafe import console_text
 from server.ledger import Ledger
+from server.report import eval_kind, eval_source
 from server.run_dir import check_new_run_dir, check_resumable_run_dir
 
 if TYPE_CHECKING:
@@ -63,10 +65,14 @@ class RunRecorder:
             check_resumable_run_dir(run_dir)
         else:
             check_new_run_dir(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_nested()))
+            make_private_dir(run_dir)
+            write_text_atomically(run_dir / "config.toml", tomli_w.dumps(cfg.to_nested()))
+        make_private_dir(run_dir)  # a resumed run's too: runs before 0700 dirs were world-readable
         self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
         self.metrics_path = run_dir / "metrics.jsonl"
+        create_private_file(self.metrics_path)  # 0600 before the first append opens it
+        # What a round's "test" numbers are: the server's split, or the sites' pooled validation.
+        self.test_source = eval_source(cfg, task)
         self.model = task.build_model()
         self.keys = task.shared_keys(self.model)
 
@@ -136,6 +142,7 @@ class RunRecorder:
             "aggregated": rec.aggregated,
             "train_loss": rec.train_loss,
             "test": rec.test,
+            "test_source": self.test_source,
             "site_val": rec.site_val,
             # How evenly the primary metric is spread over the sites that evaluated.
             "site_fairness": site_fairness(
@@ -214,12 +221,18 @@ class RunRecorder:
         if line["sites_budget_exhausted"]:
             parts.append(f"[yellow]{len(line['sites_budget_exhausted'])} out of budget[/]")
         primary = self.task.primary_metric
+        name = console_text(primary)
         if primary in line["test"]:
-            of = f" (model of round {line['test_model_round']})" if "test_model_round" in line else ""
-            parts.append(f"test {primary} {line['test'][primary]:.3f}{of}")
+            # What the numbers are (server.report.eval_source): "test" only for a test split.
+            source = str(line.get("test_source", ""))
+            kind = eval_kind(source)
+            detail = source if kind == "test" else source[len(kind) :].lstrip(", ")
+            of = f"model of round {line['test_model_round']}" if "test_model_round" in line else ""
+            said = "; ".join(x for x in (detail, of) if x)
+            parts.append(f"{kind} {name} {line['test'][primary]:.3f}" + (f" ({console_text(said)})" if said else ""))
         vals = [v[primary] for v in line["site_val"].values() if primary in v]
         if vals:
-            parts.append(f"site val {primary} {np.mean(vals):.3f}")
+            parts.append(f"site val {name} {np.mean(vals):.3f}")
         if self.cfg.dp.enabled and line["delta"]:
             deltas = line["delta"].values()
             parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas):.3g}, per {self.task.unit_of_privacy})")

@@ -9,17 +9,47 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from common.deploy.fileio import write_text_atomically
 from common.errors import DataError
 from common.plots import line_plot
 from common.privacy.client_level import CENTRAL_SITE_ID
 from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
 from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from common.seeds import RNG_SEEDED
+from common.textsafe import md_cell
 from server.eps_crosscheck import TOLERANCE, cross_check
 from server.ledger import Ledger, LedgerRow
 from server.membership_inference import violates_bound
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+    from common.tasks import Task
+
+# What a round's "test" numbers are when the server did not evaluate on its own split.
+POOLED_VALIDATION = "pooled site validation"
+
+
+def eval_source(cfg: RunConfig, task: Task) -> str:
+    """What the "test" metrics of a round are, for the round line and summary.md.
+
+    With ``federation.central-eval`` on and a server-held split, the server measured them
+    (``task.test_description``). With it off, the sites' validation metrics are pooled
+    instead (issue 20, finding 7: they were labelled "server-held split"); a task whose
+    test data live at the sites (recsys) keeps its own description. Under ``metrics.dp``
+    pooled numbers are noisy, and the label says so.
+    """
+    held = task.server_test_data() is not None
+    if cfg.federation.central_eval and held:
+        return task.test_description
+    source = POOLED_VALIDATION if held else task.test_description
+    return f"{source}, noisy: metrics.dp" if cfg.metrics.dp else f"{source}, exact"
+
+
+def eval_kind(source: str) -> str:
+    """The word the round line and headline put before the metric: "test", or what it is."""
+    return POOLED_VALIDATION if source.startswith(POOLED_VALIDATION) else "test"
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,8 @@ class Summary:
     metrics_private: bool = False
     final_test_std: dict[str, float] = field(default_factory=dict)
     metrics_releases: dict[str, int] = field(default_factory=dict)
+    # What final_test is (:func:`eval_source`): a server-held split, or pooled site validation.
+    test_source: str = "server-held split"
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -56,7 +88,10 @@ class Summary:
         if primary in self.final_test:
             # Group metrics (dotted keys) are in summary.md; the headline stays one line.
             extras = ", ".join(f"{k} {v:.4f}" for k, v in self.final_test.items() if k != primary and "." not in k)
-            lines.append(f"final test {primary}: {self.final_test[primary]:.4f}" + (f" ({extras})" if extras else ""))
+            lines.append(
+                f"final {eval_kind(self.test_source)} {primary}: {self.final_test[primary]:.4f}"
+                + (f" ({extras})" if extras else "")
+            )
         rows = list(self.eps_by_site.values())
         if rows:
             eps = [r.eps_total for r in rows]
@@ -179,6 +214,8 @@ def write_summary(
     # The table shows each site's DP-SGD inputs with its whole cumulative ε.
     last = {site: replace(r, eps_total=latest[site]) for site, r in last.items()}
     final: dict[str, Any] = next((m for m in reversed(metrics) if m.get("test")), {})
+    # The recorder writes what the numbers are into each line (older runs: the caller's word).
+    test_source = str(final.get("test_source") or test_source)
     summary = Summary(
         run_dir=run_dir,
         rounds_completed=sum(1 for m in metrics if not m.get("interrupted")),
@@ -200,8 +237,10 @@ def write_summary(
         central_rounds=len(central),
         central_extra_delta=central_extra_delta,
         keys_check=keys_check,
+        test_source=test_source,
     )
-    (run_dir / "privacy-audit.json").write_text(
+    write_text_atomically(
+        run_dir / "privacy-audit.json",
         json.dumps(
             {
                 "membership_inference": mia,
@@ -212,7 +251,7 @@ def write_summary(
             },
             indent=2,
             default=str,
-        )
+        ),
     )
     _plot_eps(run_dir / "eps.png", [r for r in rows if r.site_id != CENTRAL_SITE_ID])
     if central:
@@ -226,7 +265,7 @@ def write_summary(
             if math.isinf(central[0].eps_budget)
             else {f"budget ε={central[0].eps_budget:g}": central[0].eps_budget},
         )
-    _plot_utility(run_dir / "utility.png", metrics, primary)
+    _plot_utility(run_dir / "utility.png", metrics, primary, eval_kind(test_source))
     if plot_metrics:
         series = {
             name: (
@@ -244,7 +283,7 @@ def write_summary(
                 xlabel="round",
                 ylabel="value",
             )
-    (run_dir / "summary.md").write_text(_markdown(summary, metrics, primary, scenario, run_dir, test_source))
+    write_text_atomically(run_dir / "summary.md", _markdown(summary, metrics, primary, scenario, run_dir, test_source))
     return summary
 
 
@@ -271,11 +310,11 @@ def _plot_eps(path: Path, rows: list[LedgerRow]) -> None:
     )
 
 
-def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str) -> None:
+def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str, kind: str = "test") -> None:
     xs = [_test_round(m) for m in metrics if primary in m.get("test", {})]
     if not xs:
         return
-    series = {"test": (xs, [m["test"][primary] for m in metrics if primary in m.get("test", {})])}
+    series = {kind: (xs, [m["test"][primary] for m in metrics if primary in m.get("test", {})])}
     val = [(m["round"], [v[primary] for v in m["site_val"].values() if primary in v]) for m in metrics]
     val = [(r, sum(v) / len(v)) for r, v in val if v]
     if val:
@@ -294,8 +333,10 @@ def _test_round(m: dict[str, Any]) -> int:
 def _markdown(
     s: Summary, metrics: list[dict[str, Any]], primary: str, scenario: str, run_dir: Path, test_source: str
 ) -> str:
-    out = [f"# privfed run `{run_dir.name}` (scenario `{scenario}`)", ""]
-    out += [f"- {line}" for line in s.headline()[1:]]
+    # Every value a site, a data file or a config chose goes through md_cell (common.textsafe):
+    # a failure string or metric name must not add rows, links or HTML to this page.
+    out = [f"# privfed run {md_cell(run_dir.name)} (scenario {md_cell(scenario)})", ""]
+    out += [f"- {md_cell(line)}" for line in s.headline()[1:]]
     unit = next(iter(s.eps_by_site.values())).unit if s.eps_by_site else "training example"
     last: dict[str, Any] = next((m for m in reversed(metrics) if m.get("test")), {})
     if "test_model_round" in last:
@@ -303,7 +344,17 @@ def _markdown(
             f"; model of round {last['test_model_round']}: under SecAgg+ sites send these sums with the next "
             "round's update, so the final model's are not measured"
         )
-    out += ["", f"## Final test metrics ({test_source})", ""]
+    if eval_kind(s.test_source) == "test":
+        out += ["", f"## Final test metrics ({md_cell(test_source)})", ""]
+    else:
+        out += [
+            "",
+            f"## Final metrics: {md_cell(test_source)}",
+            "",
+            "No server-held test split was evaluated (federation.central-eval = false): these are the sites' "
+            "validation metrics, pooled by the server.",
+            "",
+        ]
     if s.final_test_std:
         out += [
             "metrics.dp: each site noised its sums before they left; ± is the noise std propagated to the",
@@ -313,17 +364,19 @@ def _markdown(
             "|---|---|---|",
         ]
         out += [
-            f"| {k} | {v:.4f} | {s.final_test_std[k]:.4f} |" if k in s.final_test_std else f"| {k} | {v:.4f} | – |"
+            f"| {md_cell(k)} | {v:.4f} | {s.final_test_std[k]:.4f} |"
+            if k in s.final_test_std
+            else f"| {md_cell(k)} | {v:.4f} | – |"
             for k, v in s.final_test.items()
         ]
     else:
         out += ["| metric | value |", "|---|---|"]
-        out += [f"| {k} | {v:.4f} |" for k, v in s.final_test.items()]
+        out += [f"| {md_cell(k)} | {v:.4f} |" for k, v in s.final_test.items()]
     out += [
         "",
         "## Privacy spent per site",
         "",
-        f"Sample-level DP-SGD: the unit of privacy is one {unit} at a site. "
+        f"Sample-level DP-SGD: the unit of privacy is one {md_cell(unit)} at a site. "
         "ε is cumulative over the rounds the site trained, from the named Opacus accountant, "
         "at the δ shown, for neighbouring datasets that differ by one added or removed example. "
         "n̂ is the size each site declared before the run (in a simulation the launcher declares each "
@@ -336,15 +389,16 @@ def _markdown(
     ]
     for site, r in sorted(s.eps_by_site.items()):
         out.append(
-            f"| {site} | {r.unit} | {r.dataset_size} | {r.sample_rate:.4f} | {r.noise_multiplier:.4f} | "
-            f"{r.max_grad_norm:g} | {s.steps_by_site[site]} | {r.delta:.1e} | {r.accountant} | "
+            f"| {md_cell(site)} | {md_cell(r.unit)} | {r.dataset_size} | {r.sample_rate:.4f} | "
+            f"{r.noise_multiplier:.4f} | {r.max_grad_norm:g} | {s.steps_by_site[site]} | {r.delta:.1e} | "
+            f"{md_cell(r.accountant)} | "
             f"{r.eps_total:.4f} | {r.eps_budget:g} |"
         )
     fair = metrics[-1].get("site_fairness") if metrics else None
     if fair:
         out += [
             "",
-            f"## Site-level fairness of {primary} (final round, lower is better)",
+            f"## Site-level fairness of {md_cell(primary)} (final round, lower is better)",
             "",
             "| sites | mean | std | best | worst | worst − best | mean of worst 10% | Jain's index |",
             "|---|---|---|---|---|---|---|---|",
@@ -364,7 +418,8 @@ def _markdown(
             "|---|---|---|---|---|---|---|",
         ]
         out += [
-            f"| {c.site_id} | {c.accountant} | {c.eps_recorded:.4f} | {c.eps_independent:.4f} | {c.method} | "
+            f"| {md_cell(c.site_id)} | {md_cell(c.accountant)} | {c.eps_recorded:.4f} | {c.eps_independent:.4f} | "
+            f"{md_cell(c.method)} | "
             f"{-c.shortfall:+.2%} | {'yes' if c.ok else '**NO**'} |"
             for c in s.cross_checks
         ]
@@ -397,7 +452,7 @@ def _markdown(
             "|---|---|---|---|---|---|---|---|---|",
             f"| {c.dataset_size} | {c.sample_rate:g} | {c.noise_multiplier:.4f} | {c.max_grad_norm:g} | "
             f"{s.central_rounds} | "
-            f"{c.delta:.1e} | {c.accountant} | {c.eps_total:.4f} | {c.eps_budget:g} |",
+            f"{c.delta:.1e} | {md_cell(c.accountant)} | {c.eps_total:.4f} | {c.eps_budget:g} |",
         ]
     out += ["", "![epsilon per site](eps.png)", "", "![utility](utility.png)", ""]
     if (run_dir / "eps-site-level.png").exists():

@@ -22,6 +22,7 @@ given the server's key, every signed head must verify and sit in the chain at it
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,4 +143,9 @@ def repair_metrics(path: Path) -> None:
         return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+        # Truncated in place and fsync'ed: rewriting the file (write_bytes empties it first)
+        # could lose every line, each round's ledger head with them, to a crash meanwhile.
+        with path.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+            fh.flush()
+            os.fsync(fh.fileno())

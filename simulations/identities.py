@@ -4,6 +4,7 @@ A deployed federation gets its registry from the sites (``privfed site init`` pr
 site's entry, the coordinator collects them). A simulation plays every party on one
 machine, so the launcher makes the keys itself and writes what a deployment would hold:
 
+* ``RUN_DIR`` itself is 0700;
 * ``RUN_DIR/keys/server.key`` and ``RUN_DIR/keys/site-<i>.key`` (PEM, mode 0600, in a 0700
   folder): the parties' private keys. In a deployment no party ever holds another's; here
   one machine plays them all, which is what a simulation is;
@@ -15,11 +16,11 @@ A resumed run loads the same keys, so its sites' signatures still verify.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.deploy.fileio import make_private_dir
 from common.deploy.registry import RegisteredSite, Registry
 from common.deploy.signing import Ed25519PrivateKey, load_signing_key, public_hex, write_signing_key
 from common.errors import PrivfedError
@@ -64,9 +65,8 @@ def simulation_identities(run_dir: Path, sizes: Sequence[int], *, resume: bool =
         if public_hex(load_signing_key(server_path)) != registry.server_key:
             raise PrivfedError(f"{registry_path}: the server key in {keys} is not the registered one")
         return SimulationIdentities(registry, registry_path, server_path, site_keys)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    keys.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(keys, 0o700)
+    make_private_dir(run_dir)  # 0700: the ledger, keys and metrics in it are the coordinator's
+    make_private_dir(keys)
     server = write_signing_key(server_path, force=True)
     site_keys = [write_signing_key(keys / f"{site_name(i)}.key", force=True) for i in range(len(sizes))]
     registry = Registry.build(

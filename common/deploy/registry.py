@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.deploy.fileio import write_text_atomically
 from common.deploy.signing import parse_public_key
 from common.errors import ConfigError, PrivfedError
 from common.identifiers import site_id_problem
@@ -66,8 +67,10 @@ class Registry:
         return "# privfed federation registry: the sites' and the server's public keys\n" + tomli_w.dumps(body)
 
     def write(self, path: str | Path) -> Path:
+        """Atomically and durably (common.deploy.fileio): the run directory's copy is the
+        auditor's reference, so a crash must not leave it torn. Public keys only: 0644."""
         p = Path(path)
-        p.write_text(self.to_toml(), encoding="utf-8")
+        write_text_atomically(p, self.to_toml(), mode=0o644)
         return p
 
     @classmethod
