@@ -28,6 +28,7 @@ from common.preflight import preflight
 from common.privacy.client_level import all_or_nothing_probability
 from common.runtime import config_from, resolve_device
 from common.tasks.base import get_state, set_state
+from common.textsafe import console_text
 from server.callbacks import RoundOutcome
 from server.callbacks.budget_stop import BudgetStop
 from server.callbacks.divergence import Divergence
@@ -132,7 +133,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         round_outcome=outcome,
         record_round=record,
         callbacks=callbacks,
-        on_stop=lambda rnd, why: console.print(f"[yellow]stopping after round {rnd}: {why}[/]"),
+        on_stop=lambda rnd, why: console.print(f"[yellow]stopping after round {rnd}: {console_text(why)}[/]"),
         num_sites=n,
         site_wait_seconds=cfg.federation.site_wait_seconds,
         on_start=start,
@@ -150,7 +151,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         kept = (
             "checkpoint.pt holds the last good round" if (run_dir / "checkpoint.pt").exists() else "no round completed"
         )
-        console.print(f"[red]run failed: {exc}[/] ({kept})")
+        console.print(f"[red]run failed: {console_text(exc)}[/] ({kept})")
     finally:
         if recorder is not None:
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
@@ -222,7 +223,7 @@ def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console
         out = console or Console(highlight=False, soft_wrap=True)
         summary = run_federation(grid, context, cfg, out)
         for line in summary.headline():
-            out.print(line)
+            out.print(console_text(line))  # it carries failure strings and site ids
 
     return app
 
