@@ -3,13 +3,23 @@
 Every file is created with :mod:`common.deploy.fileio` (mode 0600 for secrets, no
 silent overwrite without ``--force``). The federation key goes to the sites only, never
 to the server: it is what keeps their pseudonyms unlinkable to raw identifiers.
+
+Certificate lifecycle: ``certs rotate`` renews the SuperLink's certificate under the same
+CA, ``certs status`` tells cron when one is due, ``certs protect-ca`` encrypts the CA key,
+and ``certs node-id`` finds the Flower node id of a site's key so that Flower's own
+``flwr supernode unregister`` can revoke it. A CA passphrase is read from a 0600 file or a
+named environment variable, never from argv (visible to every user in ``ps``).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from common.deploy.pki import CertStatus
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -26,13 +36,37 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         return
     certs_sub = parser.add_subparsers(dest="certs_command", required=True)
     ca = certs_sub.add_parser("ca", help="create the federation's certificate authority (ca.pem, ca.key)")
+    ca.add_argument("--days", type=int, default=None, help="validity in days (default: 5 years)")
     srv = certs_sub.add_parser("server", help="the SuperLink's TLS certificate, signed by the CA in --out")
     srv.add_argument("--host", action="append", required=True, help="a DNS name or IP sites dial (repeat)")
+    srv.add_argument("--days", type=int, default=None, help="validity in days (default: 90; renew with `rotate`)")
+    rot = certs_sub.add_parser(
+        "rotate", help="renew the SuperLink's certificate and key (same CA; the old pair is kept as *.prev)"
+    )
+    rot.add_argument("--host", action="append", help="a DNS name or IP sites dial (repeat; default: the current SANs)")
+    rot.add_argument("--days", type=int, default=None, help="validity in days (default: 90)")
+    rot.add_argument("--nginx-conf", help="the proxy's nginx.conf, to print the exact reload command")
+    status = certs_sub.add_parser(
+        "status", help="subject, SANs and days left of ca.pem and superlink.pem; exit 1 if due, 2 if expired"
+    )
+    status.add_argument("--warn-days", type=int, default=None, help="exit 1 when one expires within this (default 30)")
+    protect = certs_sub.add_parser("protect-ca", help="encrypt an existing unencrypted ca.key with a passphrase")
     node = certs_sub.add_parser("node", help="a SuperNode authentication key pair (NAME.key, NAME.pub)")
     node.add_argument("--name", required=True, help="e.g. the site id")
+    node_id = certs_sub.add_parser(
+        "node-id", help="the Flower node id registered for a site's .pub (to `flwr supernode unregister` it)"
+    )
+    node_id.add_argument("public_key", help="the site's NAME.pub")
+    node_id.add_argument("--database", required=True, help="the SuperLink's state file (flower-superlink --database)")
+    for cp in (ca, srv, rot, status, protect, node):
+        cp.add_argument("--out", required=True, help="folder for the files (the CA's folder for the others)")
     for cp in (ca, srv, node):
-        cp.add_argument("--out", required=True, help="folder for the files (the CA's folder for `server`)")
         cp.add_argument("--force", action="store_true", help="replace existing files")
+    for cp in (ca, srv, rot, protect):
+        # Never the passphrase itself as an argument: argv is visible to every user in `ps`.
+        pw = cp.add_mutually_exclusive_group()
+        pw.add_argument("--passphrase-file", help="file holding the CA key's passphrase (mode 0600)")
+        pw.add_argument("--passphrase-env", metavar="NAME", help="environment variable holding the CA passphrase")
 
 
 def run(command: str, args: argparse.Namespace, console: Console, err: Console, passthrough: list[str]) -> int:
@@ -52,23 +86,90 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
             "never to the server."
         )
         return 0
-    _certs(args, console)
-    return 0
+    return _certs(args, console, err)
 
 
-def _certs(args: argparse.Namespace, console: Console) -> None:
+def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
     from pathlib import Path
+
+    from rich.markup import escape
 
     from common.deploy import pki
 
+    cmd = args.certs_command
+    if cmd == "node-id":
+        found = pki.node_id_for_key(Path(args.database), Path(args.public_key))
+        if found is None:
+            err.print(f"{escape(args.public_key)}: no SuperNode registered with this key")
+            return 1
+        node, node_status = found
+        console.print(f"{node} ({node_status})")
+        return 0
     out = Path(args.out)
-    if args.certs_command == "ca":
-        files = pki.make_ca(out, force=args.force)
-        note = "keep ca.key offline at the coordinator; give every site ca.pem"
-    elif args.certs_command == "server":
-        files = pki.make_server_cert(out, args.host, force=args.force)
-        note = f"SANs: {', '.join(args.host)}; start flower-superlink with it (README: Deployment)"
+    if cmd == "status":
+        return _status(pki.folder_status(out, pki.WARN_DAYS if args.warn_days is None else args.warn_days), console)
+    passphrase = pki.read_passphrase(getattr(args, "passphrase_file", None), getattr(args, "passphrase_env", None))
+    files: tuple[Path, ...]
+    if cmd == "ca":
+        days = pki.CA_DAYS if args.days is None else args.days
+        files = pki.make_ca(out, force=args.force, days=days, passphrase=passphrase)
+        if passphrase is None:
+            err.print(
+                "warning: ca.key is stored unencrypted; recommended: --passphrase-file FILE (mode 0600), "
+                "or encrypt it later with `privfed certs protect-ca`"
+            )
+        note = f"valid {days} days; keep ca.key offline at the coordinator; give every site ca.pem"
+    elif cmd == "server":
+        days = pki.SERVER_DAYS if args.days is None else args.days
+        files = pki.make_server_cert(out, args.host, force=args.force, days=days, passphrase=passphrase)
+        note = f"SANs: {', '.join(args.host)}; valid {days} days (renew with `privfed certs rotate`)"
+    elif cmd == "rotate":
+        days = pki.SERVER_DAYS if args.days is None else args.days
+        r = pki.rotate_server_cert(out, args.host, days=days, passphrase=passphrase)
+        console.print(
+            escape(
+                f"wrote {r.cert}, {r.key} (SANs: {', '.join(r.hosts)}; valid until {r.not_after:%Y-%m-%d}); "
+                f"previous pair kept as {r.prev_cert}, {r.prev_key} (mode 0600)"
+            )
+        )
+        reload = f"nginx -s reload -c {args.nginx_conf}" if args.nginx_conf else "nginx -s reload -c <your nginx.conf>"
+        console.print(
+            escape(
+                f"next: reload the proxy so it serves the new certificate: {reload}\n"
+                "      without a proxy, restart flower-superlink with the new files instead\n"
+                "      sites need nothing: their ca.pem is unchanged"
+            )
+        )
+        return 0
+    elif cmd == "protect-ca":
+        if passphrase is None:
+            raise pki.PassphraseError("protect-ca needs --passphrase-file FILE or --passphrase-env NAME")
+        files = (pki.protect_ca_key(out, passphrase),)
+        note = "ca.key is now encrypted; `certs server` and `certs rotate` need the same passphrase option"
     else:
         files = pki.make_node_keys(out, args.name, force=args.force)
         note = f"the site keeps {args.name}.key; the coordinator registers {args.name}.pub"
-    console.print(f"wrote {', '.join(str(f) for f in files)} ({note})")
+    console.print(escape(f"wrote {', '.join(str(f) for f in files)} ({note})"))
+    return 0
+
+
+def _status(rows: list[CertStatus], console: Console) -> int:
+    """Print each certificate's state; the exit code is what cron acts on: 0 fine,
+    1 one is due for renewal, 2 one is expired or not signed by ca.pem."""
+    from rich.markup import escape
+
+    code = 0
+    for row in rows:
+        state = row.problem or "ok"
+        hosts = f"; SANs {', '.join(row.hosts)}" if row.hosts else ""
+        console.print(
+            escape(
+                f"{row.path}: {row.subject}{hosts}; not after {row.not_after:%Y-%m-%d %H:%M} UTC "
+                f"({row.days_left:.0f} days left): {state}"
+            ),
+            soft_wrap=True,
+        )
+        if row.problem is None:
+            continue
+        code = max(code, 1 if row.problem.startswith("expires within") else 2)
+    return code
