@@ -39,7 +39,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
 from client.state import LIFETIME_ACCOUNTANT, Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
-from common.deploy.fileio import write_atomically
+from common.deploy.fileio import make_private_dir, write_atomically
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
 from common.deploy.receipts import RECEIPT, Receipt, ReceiptError, check_receipt, extends
 from common.deploy.signing import (
@@ -354,7 +354,7 @@ class SiteClient(NumPyClient):
         if path is None:
             self.ctx.state.config_records[RECEIPT_STATE_KEY] = ConfigRecord({"text": new.text})
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)  # 0700, whatever the umask (docs/DEPLOYMENT.md, file modes)
         data = new.text.encode()
 
         def write(fh: Any) -> None:

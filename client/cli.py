@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 
+from common.deploy.fileio import write_text_atomically
 from common.errors import PrivfedError
 
 if TYPE_CHECKING:
@@ -104,6 +105,17 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         default="",
         help="the dataset whose lifetime history to compare (default: the only one in state-dir)",
     )
+    approve = site_sub.add_parser(
+        "approve", help="approve the coordinator's signed app: add its hash to the site config's approved-apps"
+    )
+    approve.add_argument("config", help="the site config to update")
+    approve.add_argument("--signature", required=True, help="the coordinator's signature (`privfed app sign`)")
+    approve.add_argument(
+        "--fab-hash", default="", help="the app's SHA-256 (default: this site's own build of --app, which must match)"
+    )
+    approve.add_argument(
+        "--app", default="", help="the privfed checkout this site runs (default: the one installed here)"
+    )
     joinp = site_sub.add_parser("join", help="check a site config, then run flower-supernode with it")
     joinp.add_argument("config")
     joinp.add_argument("--check", action="store_true", help="only check and print the command")
@@ -122,6 +134,38 @@ def registry_entry(site: SiteConfig, public_key: str) -> str:
 
     entry = {"site-id": site.site_id, "public-key": public_key, "declared-size": site.declared_size}
     return tomli_w.dumps({"site": [entry]}).strip()
+
+
+def _approve(args: argparse.Namespace, console: Console) -> int:
+    """Check the coordinator's signature over the app hash, and that this site's own install
+    builds to that hash; then pin it in the site config (common.deploy.app_approval)."""
+    import dataclasses
+
+    from client.supervisor import INSTALLED_ROOT
+    from common.deploy.app_approval import add_approved, build_fab, check_hash, check_signature, fab_hash_of
+    from common.deploy.fileio import write_atomically
+    from common.deploy.site_config import SiteConfig
+
+    site = SiteConfig.load(args.config)
+    app = Path(args.app) if args.app else INSTALLED_ROOT
+    local = fab_hash_of(build_fab(app))
+    fab_hash = check_hash(args.fab_hash, "--fab-hash") if args.fab_hash else local
+    if fab_hash != local:
+        raise PrivfedError(
+            f"--fab-hash: the signed app is not the one installed here ({app} builds to {local[:16]}): check out the "
+            "coordinator's commit, or pass --app with the checkout you reviewed"
+        )
+    check_signature(site.server_key, fab_hash, args.signature)
+    updated = dataclasses.replace(site, approved_apps=add_approved(site.approved_apps, fab_hash))
+    path = Path(args.config)
+    text = updated.to_toml().encode()
+
+    def fill(fh: IO[bytes]) -> None:
+        fh.write(text)
+
+    write_atomically(path, fill)  # 0600, as `site init` writes it
+    console.print(f"approved app {fab_hash} in {path}; this site runs only its approved apps", markup=False)
+    return 0
 
 
 def run(command: str, args: argparse.Namespace, console: Console, err: Console, passthrough: list[str]) -> int:
@@ -143,6 +187,8 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
             err.print(line, markup=False, highlight=False)
         console.print(summary, markup=False, highlight=False)
         return 1 if findings else 0
+    if args.site_command == "approve":
+        return _approve(args, console)
     if args.site_command == "init":
         out = Path(args.out)
         if out.exists() and not args.force:
@@ -177,13 +223,20 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
         )
         site.validate()
         signer = _site_signing_key(signer_path)
-        out.write_text(site.to_toml())
+        write_text_atomically(out, site.to_toml())  # 0600: it names the site's key files and data
         console.print(f"site config written to {out}; check it with `privfed site join {out} --check`")
         console.print("The coordinator adds this entry to its federation registry (registry.toml):")
         console.print(registry_entry(site, public_hex(signer)), markup=False, highlight=False)
         return 0
+    import shlex
+
     from client.join import join
 
-    cmd = join(args.config, passthrough, dry_run=args.check)
-    console.print("ok: certificates, keys, data and SuperLink reachable\n" + " ".join(cmd))
+    supernode, supervisor = join(args.config, passthrough, dry_run=args.check)
+    # Quoted as a shell would need them (the node config holds spaces and quotes): pasteable.
+    console.print("ok: certificates, keys, approved apps, data and SuperLink reachable", markup=False)
+    console.print("# the site's SuperNode (this process becomes it):", markup=False, highlight=False)
+    console.print(shlex.join(supernode), markup=False, highlight=False)
+    console.print("# the site's SuperExec, started beside it (approved apps only):", markup=False, highlight=False)
+    console.print(shlex.join(supervisor), markup=False, highlight=False)
     return 0

@@ -24,7 +24,7 @@ from common.deploy.keys import load_key
 from common.deploy.pki import PkiError, check_certificate, check_private_key
 from common.deploy.signing import load_signing_key
 from common.deploy.site_config import SiteConfig
-from common.errors import DataError, PrivfedError
+from common.errors import ConfigError, DataError, PrivfedError
 
 
 def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
@@ -44,6 +44,12 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
     if site.key_file:
         load_key(Path(site.key_file).expanduser())
     load_signing_key(site.signing_key)  # present, Ed25519, readable by its owner only
+    if not site.approved_apps:
+        raise ConfigError(
+            "approved-apps",
+            "empty: this site would run no app; approve the coordinator's signed app first "
+            "(`privfed site approve SITE_CONFIG --signature SIG`, docs/DEPLOYMENT.md)",
+        )
     for label, value in (("data-path", site.data_path), ("users-path", site.users_path)):
         if value and not Path(value).expanduser().exists():
             raise DataError(value, f"not found (site config {label})")
@@ -86,8 +92,52 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
         ) from None
 
 
+# flower-supernode flags that `privfed site join` sets itself: passing them after `--` would
+# undo the approved-app guard (a SuperExec of Flower's own, or runtime installs of the app's
+# dependencies) or Flower's FAB check that cannot work with an open-source SuperLink.
+_RESERVED_FLAGS = (
+    "--isolation",
+    "--trusted-entities",
+    "--allow-runtime-dependency-installation",
+    "--insecure",
+    "--superlink",
+    "--root-certificates",
+    "--auth-supernode-private-key",
+    "--node-config",
+)
+DEFAULT_RUNTIME = ("127.0.0.1", 9094)  # flower-supernode's own default for its runtime API
+
+
+def _flag_value(extra: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(extra):
+        if arg == flag and i + 1 < len(extra):
+            return extra[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def runtime_address(extra: list[str]) -> str:
+    """The SuperNode's local runtime API, where the site's SuperExec connects (``--host``/``--port``)."""
+    host = _flag_value(extra, "--host") or DEFAULT_RUNTIME[0]
+    port = _flag_value(extra, "--port") or str(DEFAULT_RUNTIME[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[str]:
-    """The ``flower-supernode`` command line for this site (TLS and node authentication on)."""
+    """The ``flower-supernode`` command line for this site (TLS and node authentication on).
+
+    ``--isolation process``: the SuperNode starts no SuperExec of its own; the site's
+    (client.supervisor) starts ClientApps, for approved apps only.
+    """
+    extra = list(extra or [])
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in _RESERVED_FLAGS:
+            raise PrivfedError(
+                f"flower-supernode flag {flag}: set by `privfed site join` from the site config (it keeps the site "
+                "on its approved apps); remove it after `--`"
+            )
     exe = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
     if not Path(exe).is_file():
         raise PrivfedError(
@@ -105,17 +155,44 @@ def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[
         str(Path(site.auth_private_key).expanduser()),
         "--node-config",
         site.node_config(),
-        *(extra or []),
+        "--isolation",
+        "process",
+        *extra,
     ]
 
 
-def join(config_path: str | Path, extra: list[str] | None = None, dry_run: bool = False) -> list[str]:
-    """Check everything, then replace this process with the site's SuperNode."""
+def supervisor_command(site: SiteConfig, extra: list[str] | None = None, parent_pid: int | None = None) -> list[str]:
+    """The site's SuperExec (client.supervisor): it starts ClientApps for ``approved-apps`` only."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "client.supervisor",
+        "--runtime-api-address",
+        runtime_address(list(extra or [])),
+        "--approved-apps",
+        site.approved_apps,
+    ]
+    return [*cmd, "--parent-pid", str(parent_pid)] if parent_pid is not None else cmd
+
+
+def join(config_path: str | Path, extra: list[str] | None = None, dry_run: bool = False) -> list[list[str]]:
+    """Check everything, then start the site's SuperExec and replace this process with its SuperNode.
+
+    Returns the two command lines (SuperNode, SuperExec); with ``dry_run`` nothing starts.
+    """
     site = SiteConfig.load(config_path)
     preflight_site(site)
     cmd = supernode_command(site, extra)
-    if not dry_run:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(cmd[0], cmd)  # the SuperNode keeps this PID: stop it as you would this command
-    return cmd
+    if dry_run:
+        return [cmd, supervisor_command(site, extra)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    me = os.getpid()
+    supervisor = supervisor_command(site, extra, parent_pid=me)
+    if os.fork() == 0:  # the SuperExec: a child of the SuperNode-to-be, in its process group
+        try:
+            os.execv(supervisor[0], supervisor)
+        finally:
+            os._exit(127)
+    os.execv(cmd[0], cmd)  # the SuperNode keeps this PID: stop it (and its group) as you would this command
+    raise AssertionError("unreachable")

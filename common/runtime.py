@@ -29,7 +29,25 @@ def resolve_device(name: str) -> torch.device:
 
 def config_from(defaults: Mapping[str, Any], run_config: Mapping[str, Any]) -> RunConfig:
     """Flower's run_config over the launcher's values (run_simulation passes none)."""
-    return _cached_config(tuple(sorted({**defaults, **run_config}.items())))
+    return _cached_config(tuple(sorted(drop_inactive_tasks({**defaults, **run_config}).items())))
+
+
+def drop_inactive_tasks(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config without the tables of tasks the run does not use.
+
+    Flower accepts a ``flwr run --run-config`` override only for a key the app's pyproject
+    lists, so the deployed app lists every task's table (``vae.*``, ``gan.*``, ``recsys.*``)
+    for any task to be deployable. Only the table of the task ``task`` names configures the
+    run; the others are inert (a model the run does not build) and are dropped here. Each
+    key still had to be one the app lists, so a mistyped key is still refused (by Flower,
+    and for the active table by RunConfig.from_flat).
+    """
+    from common.config.loading import registered_tasks
+    from common.config.schema import FederationConfig
+
+    active = str(flat.get("task", FederationConfig.task))
+    inactive = tuple(f"{name}." for name in registered_tasks() if name != active)
+    return {k: v for k, v in flat.items() if not k.startswith(inactive)}
 
 
 @lru_cache(maxsize=8)

@@ -109,10 +109,11 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
 
 
 def table(rows: list[dict[str, Any]], title: str):
-    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=escape(title))
+    from common.textsafe import console_text
+
+    t = Table(title=console_text(title))
     for col in (
         "round",
         "site",
@@ -131,8 +132,8 @@ def table(rows: list[dict[str, Any]], title: str):
     for r in rows:
         t.add_row(
             str(r["round"]),
-            escape(r["site_id"]),
-            escape(r["mechanism"]),
+            console_text(r["site_id"]),
+            console_text(r["mechanism"]),
             _fmt(r["eps_round"]),
             _fmt(r["eps_total"]),
             _fmt(r["budget_left"]),
@@ -140,8 +141,8 @@ def table(rows: list[dict[str, Any]], title: str):
             f"{r['noise_multiplier']:.3f}",
             str(r["steps"]),
             "yes" if r["used"] else "no",
-            r["status"],
-            r["rng"],
+            console_text(r["status"]),
+            console_text(r["rng"]),
         )
     return t
 

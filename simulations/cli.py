@@ -39,7 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("server.cli", "write a self-contained HTML privacy report for a run"),
     "keys": ("common.deploy.cli", "create secret keys"),
     "certs": ("common.deploy.cli", "deployment certificates and SuperNode keys (cryptography)"),
-    "site": ("client.cli", "partner-site configuration and joining"),
+    "site": ("client.cli", "partner-site configuration, app approval and joining"),
+    "app": ("common.deploy.app_cli", "hash and sign the app the sites will run (coordinator)"),
+    "coordinator": ("server.coordinator", "start the SuperLink and the sites' proxy (coordinator)"),
 }
 
 

@@ -49,6 +49,8 @@ def simulation_processes() -> list[str]:
         "flwr-simulation",
         "flwr-serverapp",
         "flwr-clientapp",
+        "privfed-clientapp",
+        "client.supervisor",
     )
     # Only this checkout's (its venv is in the command line): another checkout's run on the
     # same machine is not this suite's leftover.

@@ -43,6 +43,10 @@ loosen; a run config outside one is refused (:class:`PolicyRefusal`) before any 
     max-delta              the largest delta the site accepts
     min-group-size         a floor on the task's ``<task>.min-group-size`` (where it has one)
 
+Which code runs at the site is policy too, but not a node-config key: ``approved-apps`` in
+the site config lists the app hashes the site approved (common.deploy.app_approval), and
+``privfed site join`` starts a SuperExec that refuses every other app (client.supervisor).
+
 Secure noise (``allow-seeded-noise``, default false) and a lifetime budget per dataset
 (``epsilon-budget``, independent of the run id: client.state.Lifetime) are policy too.
 """
@@ -416,6 +420,10 @@ class SiteConfig:
     max_epsilon_per_round: float = 0.0
     max_delta: float = 0.0
     min_group_size: int = 0
+    # The apps this site runs (common.deploy.app_approval): comma-separated SHA-256 hashes of
+    # FABs it approved with `privfed site approve`. Read by `privfed site join` (the site's
+    # SuperExec checks every FAB against it), never sent: not a node-config key.
+    approved_apps: str = ""
 
     def validate(self) -> None:
         problem = site_id_problem(self.site_id)
@@ -454,6 +462,12 @@ class SiteConfig:
                 "signing-key", "missing: the site signs its replies with it (`privfed site init` makes one)"
             )
         check_server_key(self.server_key)
+        from common.deploy.app_approval import AppApprovalError, parse_approved
+
+        try:
+            parse_approved(self.approved_apps)
+        except AppApprovalError:
+            raise ConfigError("approved-apps", "must be comma-separated SHA-256 hashes (64 hex digits each)") from None
         SitePolicy.from_node_config(self._policy_items())
         if self.device not in ("auto", "cpu", "cuda") and not (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
