@@ -18,7 +18,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError, error_code, public_word
 from common.faults import drops
 from common.pipeline.stages.faults import InjectedDropout
 from common.runtime import config_from
@@ -41,14 +41,21 @@ class SiteFailure(Exception):
 
 
 def failure_text(exc: BaseException) -> str:
-    """``site failed: <class>`` plus the class's own ``public_reason``, if it declares one.
+    """``site failed: <class> [<code>]`` plus a public location or reason, built from fields only.
 
     Flower sends ``str(exception)`` to the server (in simulation with Ray's traceback), and
     an exception's message may hold data values (a statistic, a dataset size, an update
-    norm). Only the class and its public reason leave the site: a reason fixed in the class
-    body, or, for a :class:`~common.errors.ConfigError`, the name of the config key (never
-    its message, which may quote a value): release inventory entry ``error/reason``
-    (common/privacy/release.py).
+    norm) or a local path. Only these leave the site (release inventory entry ``error/reason``,
+    common/privacy/release.py):
+
+    * the class name and its stable code (:func:`common.errors.error_code`);
+    * for a :class:`~common.errors.ConfigError`, the name of the config key (never its
+      message, which may quote a value);
+    * for a :class:`~common.errors.DataError`, the file's role, line and column
+      (:meth:`~common.errors.DataError.public_location`; never the path or the field);
+    * otherwise a reason fixed in the class body (``public_reason``), if it declares one.
+
+    The full message stays in the site's own log (:func:`failure_mod`).
 
     A site's policy refusal (common.deploy.site_config.PolicyRefusal) also carries its signed
     token (``refusal_token``: site id, run id, round, the refused key; no value), so the server
@@ -58,8 +65,12 @@ def failure_text(exc: BaseException) -> str:
     cls = type(exc)
     public = getattr(cls, "public_reason", "")
     if isinstance(exc, ConfigError):  # the key's name, which the operator must see to fix it; not the message
-        public = f"config key '{exc.key}'"
-    text = f"site failed: {cls.__name__}" + (f" ({public})" if isinstance(public, str) and public else "")
+        public = f"config key '{public_word(exc.key) or '?'}'"
+    elif isinstance(exc, DataError):
+        public = exc.public_location()
+    text = f"site failed: {cls.__name__} [{error_code(exc)}]"
+    if isinstance(public, str) and public:
+        text += f" ({public})"
     token = getattr(exc, "refusal_token", "")
     if isinstance(exc, ConfigError) and _is_refusal_token(token, exc.key):
         text += " " + token

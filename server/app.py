@@ -19,6 +19,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from rich.console import Console
 
 from common.config import RunConfig
+from common.config.rules import check_deployment
 from common.deploy.registry import Registry
 from common.deploy.signing import Ed25519PrivateKey, load_signing_key, public_hex
 from common.errors import ConfigError, PrivfedError, TrainingFailure
@@ -212,6 +213,21 @@ def load_identities(cfg: RunConfig) -> tuple[Registry, Ed25519PrivateKey]:
     return registry, server_key
 
 
+def is_simulation(grid: Grid) -> bool:
+    """Whether this ServerApp runs in a Flower simulation, told by the grid Flower gave it.
+
+    Flower itself picks the grid: its simulation engine (``privfed simulate``, and
+    ``flwr run`` against a simulation runtime) drives the ServerApp through an
+    ``InMemoryGrid``; a SuperLink's ServerApp process talks to the sites through an
+    ``HttpGrid``. No setting the run config could carry decides it, so a deployment
+    cannot pass for a simulation, and anything not known to be a simulation is checked
+    as a deployment.
+    """
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:
     """A ServerApp whose config is ``defaults`` overlaid by Flower's run_config."""
     base = dict(defaults or {})
@@ -220,6 +236,8 @@ def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config_from(base, context.run_config)
+        if not is_simulation(grid):
+            check_deployment(cfg)  # every wait for the sites has a limit
         out = console or Console(highlight=False, soft_wrap=True)
         summary = run_federation(grid, context, cfg, out)
         for line in summary.headline():

@@ -42,6 +42,31 @@ def check_rules(cfg: RunSections, task: TaskSpec) -> None:
     check_metrics(cfg)
 
 
+def check_deployment(cfg: RunSections) -> None:
+    """The rules for a run under a real SuperLink, which a simulation need not follow.
+
+    Every wait for the sites has a limit (issue 20, finding 2): with ``round-timeout = 0``
+    one silent site hangs the federation for ever, and with ``secagg.timeout = 0`` (secure
+    rounds only) so does one site that stops mid-protocol. A simulation's sites are this
+    machine's processes, so its runs may wait without a limit (the launcher's tests do).
+    The ServerApp calls this when its grid is not Flower's in-memory (simulation) grid.
+    """
+    fed = cfg.federation
+    _require(
+        fed.round_timeout > 0,
+        "round-timeout",
+        f"must be > 0 in a deployment (0 waits for ever on a silent site), got {fed.round_timeout:g}; "
+        "the default is 900 seconds",
+    )
+    if cfg.secagg.enabled:
+        _require(
+            cfg.secagg.timeout > 0,
+            "secagg.timeout",
+            f"must be > 0 in a deployment (0 waits for ever on a silent site), got {cfg.secagg.timeout:g}; "
+            "the default is 900 seconds",
+        )
+
+
 def check_metrics(cfg: RunSections) -> None:
     """metrics.dp: its releases are charged to the sites' DP-SGD ledger, so they need DP-SGD's
     accountant, and their planned spend alone must leave room in the budget.

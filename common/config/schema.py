@@ -75,8 +75,13 @@ class FederationConfig:
     max_update_norm: float = 0.0
     # ... or above this many times the round's median update norm (0: off; needs 3 updates).
     norm_outlier_factor: float = 10.0
-    # Seconds a round waits for replies; a site that has not answered is left out (0: no limit).
-    round_timeout: float = 0.0
+    # Seconds each wait of a round (the fit replies, then the evaluate replies) lasts; a site
+    # that has not answered by then is left out of that round, not the run (it may join the
+    # next). 0: no limit, which only a simulation may use: a deployment refuses it
+    # (common.config.rules.check_deployment), since one silent site would hang the federation.
+    # 900 s: a round of the deployed models on a CPU site takes ~20-30 s, so only a site
+    # some 30 times slower than that, or gone, is dropped.
+    round_timeout: float = 900.0
     # Continue the run in run-dir from its last checkpoint (`privfed resume RUN_DIR`).
     resume: bool = False
     # The federation registry (common.deploy.registry): each site's Ed25519 public key and
@@ -114,7 +119,11 @@ class FederationConfig:
             "norm-outlier-factor",
             f"must be 0 (off) or > 1, got {self.norm_outlier_factor}",
         )
-        _require(self.round_timeout >= 0, "round-timeout", f"must be >= 0 (0: no limit), got {self.round_timeout}")
+        _require(
+            self.round_timeout >= 0,
+            "round-timeout",
+            f"must be >= 0 (0: no limit, simulation only), got {self.round_timeout}",
+        )
         _require(self.num_sites >= 1, "num-sites", f"must be >= 1, got {self.num_sites}")
         _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _require(
@@ -298,8 +307,11 @@ class SecAggConfig:
     clipping_range: float = 8.0
     quantization_range: int = 1 << 22
     modulus_range: int = 1 << 32
-    # Seconds to wait for replies at each SecAgg+ stage; 0 waits for every sampled site.
-    timeout: float = 0.0
+    # Seconds to wait for replies at each SecAgg+ stage; a site that has not answered is
+    # dropped from the protocol (its share is reconstructed if enough remain). 0 waits for
+    # every sampled site, which a deployment refuses (common.config.rules.check_deployment).
+    # 900 s, as round-timeout: the masked training stage takes a round's time (~20-30 s on a CPU site).
+    timeout: float = 900.0
 
     def validate(self) -> None:
         _require(
@@ -329,7 +341,9 @@ class SecAggConfig:
             f"must be a power of two above secagg.quantization-range={self.quantization_range}, "
             f"got {self.modulus_range}",
         )
-        _require(self.timeout >= 0, "secagg.timeout", f"must be >= 0, got {self.timeout}")
+        _require(
+            self.timeout >= 0, "secagg.timeout", f"must be >= 0 (0: no limit, simulation only), got {self.timeout}"
+        )
 
     @property
     def step(self) -> float:

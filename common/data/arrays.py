@@ -29,6 +29,9 @@ from cryptography.hazmat.primitives import hashes, hmac
 from common.config import DataConfig
 from common.errors import ConfigError, DataError
 
+# The npz file's role in a site's error to the coordinator (common.errors.DataError.public_location).
+IMAGE_ARCHIVE = "image archive"
+
 
 @dataclass(frozen=True)
 class ArrayData:
@@ -93,44 +96,59 @@ def load_npz_images(path: str | Path) -> ArrayData:
     if not str(path):
         raise ConfigError("data.path", "is required when data.source is npz")
     if not p.is_file():
-        raise DataError(p, "not found")
+        raise DataError(p, "not found", role=IMAGE_ARCHIVE, code=DataError.MISSING)
     try:
         loaded = np.load(p, allow_pickle=False)
         if isinstance(loaded, np.ndarray):  # np.load also reads a single-array .npy file
             raise DataError(
-                p, "is a single .npy array, not an .npz archive; write one with numpy.savez(path, x=..., y=...)"
+                p,
+                "is a single .npy array, not an .npz archive; write one with numpy.savez(path, x=..., y=...)",
+                role=IMAGE_ARCHIVE,
             )
         with loaded as z:
             arrays = {k: z[k] for k in z.files}
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged archive fails in zipfile, zlib or the .npy parser, in many types
-        raise DataError(p, f"not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+        # The class only: a parser's message may quote the file's bytes.
+        raise DataError(p, f"not a readable .npz archive ({type(exc).__name__})", role=IMAGE_ARCHIVE) from None
     if "x" not in arrays:
-        raise DataError(p, f"has no array 'x' (found: {', '.join(sorted(arrays)) or 'none'})")
+        raise DataError(
+            p, f"has no array 'x' (found: {', '.join(sorted(arrays)) or 'none'})", role=IMAGE_ARCHIVE, column="x"
+        )
     for name in ("x", "y"):  # a member that is not an .npy file comes back as its raw bytes
         if name in arrays and not isinstance(arrays[name], np.ndarray):
-            raise DataError(p, f"member '{name}' is not a NumPy array (.npy)")
+            raise DataError(p, f"member '{name}' is not a NumPy array (.npy)", role=IMAGE_ARCHIVE, column=name)
     x = arrays["x"]
     if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
         raise DataError(
-            p, f"'x' must have shape (N, ...) with N >= 1 and at least one value per example, got {x.shape}"
+            p,
+            f"'x' must have shape (N, ...) with N >= 1 and at least one value per example, got {x.shape}",
+            role=IMAGE_ARCHIVE,
+            column="x",
         )
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32)
         if not np.isfinite(x).all():
-            raise DataError(p, "'x' contains NaN or Inf")
-        if x.min() < 0 or x.max() > 1:
-            raise DataError(p, f"'x' values must lie in [0, 1] (or be uint8), got [{x.min():g}, {x.max():g}]")
+            raise DataError(p, "'x' contains NaN or Inf", role=IMAGE_ARCHIVE, column="x", code=DataError.PARSE)
+        if x.min() < 0 or x.max() > 1:  # the values are not echoed: they are the site's data
+            raise DataError(
+                p, "'x' values must lie in [0, 1] (or be uint8)", role=IMAGE_ARCHIVE, column="x", code=DataError.PARSE
+            )
     else:
-        raise DataError(p, f"'x' must be numeric, got dtype {x.dtype}")
+        raise DataError(p, f"'x' must be numeric, got dtype {x.dtype}", role=IMAGE_ARCHIVE, column="x")
     y = None
     if "y" in arrays:
         yy = arrays["y"]
         if yy.shape != (x.shape[0],) or not np.issubdtype(yy.dtype, np.integer):
-            raise DataError(p, f"'y' must be integers of shape ({x.shape[0]},), got {yy.dtype} {yy.shape}")
+            raise DataError(
+                p,
+                f"'y' must be integers of shape ({x.shape[0]},), got {yy.dtype} {yy.shape}",
+                role=IMAGE_ARCHIVE,
+                column="y",
+            )
         y = torch.as_tensor(yy.astype(np.int64))
     return ArrayData(torch.as_tensor(x.reshape(x.shape[0], -1)), y)
 

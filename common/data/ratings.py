@@ -146,41 +146,74 @@ def pseudonymise(
 # ------------------------------------------------------------------- loaders
 
 
-def _check_rating(path: Path, line: int, text: str, lo: float, hi: float) -> float:
+# The roles a loader names its files by: what a site's error tells the coordinator
+# instead of the path (common.errors.DataError.public_location).
+RATINGS_FILE = "ratings file"
+USERS_FILE = "users file"
+ITEMS_FILE = "item list"
+MOVIELENS_FOLDER = "MovieLens folder"
+
+
+def _check_rating(path: Path, role: str, line: int, text: str, lo: float, hi: float) -> float:
+    # Names the line and column, never the value: a site's error reaches the coordinator
+    # as its code, role, line and column (client.mods.failure_text).
     try:
         value = float(text)
     except ValueError:
-        # Names the line and column, never the value: error text may reach an operator's log
-        # or, through a careless handler, the coordinator.
-        raise DataError(path, f"line {line}: column rating is not a number") from None
+        raise DataError(
+            path,
+            f"line {line}: column rating is not a number",
+            role=role,
+            line=line,
+            column="rating",
+            code=DataError.PARSE,
+        ) from None
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise DataError(path, f"line {line}: column rating is outside [{lo:g}, {hi:g}] (recsys.rating-min/max)")
+        raise DataError(
+            path,
+            f"line {line}: column rating is outside [{lo:g}, {hi:g}] (recsys.rating-min/max)",
+            role=role,
+            line=line,
+            column="rating",
+            code=DataError.PARSE,
+        )
     return value
 
 
-def _read_rows(path: Path, delimiter: str, encoding: str = "utf-8") -> list[tuple[int, list[str]]]:
+def _read_rows(path: Path, role: str, delimiter: str, encoding: str = "utf-8") -> list[tuple[int, list[str]]]:
     if not path.is_file():
-        raise DataError(path, "not found")
+        raise DataError(path, "not found", role=role, code=DataError.MISSING)
+    line = 0
     try:
         with path.open(newline="", encoding=encoding) as fh:
-            rows = [(i, row) for i, row in enumerate(csv.reader(fh, delimiter=delimiter), start=1) if row and any(row)]
+            reader = csv.reader(fh, delimiter=delimiter)
+            rows = []
+            for row in reader:
+                line = reader.line_num
+                if row and any(row):
+                    rows.append((line, row))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        # The class only: a decode error's message quotes the offending byte.
-        raise DataError(path, f"cannot be read ({type(exc).__name__})") from None
+        # The class only: a decode error's message quotes the offending byte. The line is the
+        # last one read whole (a decode error is in the block after it, not necessarily the line).
+        raise DataError(path, f"cannot be read ({type(exc).__name__})", role=role) from None
     if not rows:
-        raise DataError(path, "is empty")
+        raise DataError(path, "is empty", role=role, code=DataError.MISSING)
     return rows
 
 
-def _parse_age(path: Path, line: int, text: str) -> int | None:
+def _parse_age(path: Path, role: str, line: int, text: str) -> int | None:
     if not text.strip():
         return None
     try:
         age = int(text)
     except ValueError:
-        raise DataError(path, f"line {line}: column age is not an integer") from None
-    if not 0 <= age <= 130:  # the value is not echoed: error text can reach the coordinator
-        raise DataError(path, f"line {line}: age is out of range [0, 130]")
+        raise DataError(
+            path, f"line {line}: column age is not an integer", role=role, line=line, column="age", code=DataError.PARSE
+        ) from None
+    if not 0 <= age <= 130:  # the value is not echoed
+        raise DataError(
+            path, f"line {line}: age is out of range [0, 130]", role=role, line=line, column="age", code=DataError.PARSE
+        )
     return age
 
 
@@ -190,29 +223,40 @@ def load_movielens(
     """MovieLens 100K (``u.data``, ``u.user``, optional ``u.item``) from ``folder``."""
     root = Path(folder)
     if not root.is_dir():
-        raise DataError(root, "MovieLens folder not found (set data.path to the ml-100k folder)")
+        raise DataError(
+            root,
+            "MovieLens folder not found (set data.path to the ml-100k folder)",
+            role=MOVIELENS_FOLDER,
+            code=DataError.MISSING,
+        )
     lo, hi = rating_range
     users: list[str] = []
     items: list[str] = []
     values: list[float] = []
-    for line, row in _read_rows(root / "u.data", "\t"):
+    for line, row in _read_rows(root / "u.data", RATINGS_FILE, "\t"):
         if len(row) < 3:
             raise DataError(
-                root / "u.data", f"line {line}: expected user, item, rating, timestamp; got {len(row)} field(s)"
+                root / "u.data",
+                f"line {line}: expected user, item, rating, timestamp; got {len(row)} field(s)",
+                role=RATINGS_FILE,
+                line=line,
             )
         users.append(row[0].strip())
         items.append(row[1].strip())
-        values.append(_check_rating(root / "u.data", line, row[2], lo, hi))
+        values.append(_check_rating(root / "u.data", RATINGS_FILE, line, row[2], lo, hi))
     attrs: dict[str, tuple[str | None, int | None, str | None]] = {}
-    for line, row in _read_rows(root / "u.user", "|"):
+    for line, row in _read_rows(root / "u.user", USERS_FILE, "|"):
         if len(row) < 5:
             raise DataError(
-                root / "u.user", f"line {line}: expected id|age|gender|occupation|zip; got {len(row)} field(s)"
+                root / "u.user",
+                f"line {line}: expected id|age|gender|occupation|zip; got {len(row)} field(s)",
+                role=USERS_FILE,
+                line=line,
             )
-        attrs[row[0].strip()] = (row[2], _parse_age(root / "u.user", line, row[1]), row[4])
+        attrs[row[0].strip()] = (row[2], _parse_age(root / "u.user", USERS_FILE, line, row[1]), row[4])
     catalogue: list[str] = []
     if (root / "u.item").is_file():  # titles are Latin-1
-        catalogue = [row[0].strip() for _, row in _read_rows(root / "u.item", "|", encoding="latin-1")]
+        catalogue = [row[0].strip() for _, row in _read_rows(root / "u.item", ITEMS_FILE, "|", encoding="latin-1")]
     return pseudonymise(users, items, np.asarray(values), attrs, catalogue, pseudo, num_buckets)
 
 
@@ -225,36 +269,60 @@ def load_ratings_csv(
 ) -> Ratings:
     """Bring-your-own ratings: a CSV with header ``user,item,rating[,timestamp]``."""
     p = Path(path)
-    rows = _read_rows(p, ",")
+    rows = _read_rows(p, RATINGS_FILE, ",")
     header = [h.strip().lower() for h in rows[0][1]]
     missing = [c for c in ("user", "item", "rating") if c not in header]
     if missing:
-        raise DataError(p, f"line 1: header lacks column(s) {', '.join(missing)} (need user,item,rating[,timestamp])")
+        raise DataError(
+            p,
+            f"line {rows[0][0]}: header lacks column(s) {', '.join(missing)} (need user,item,rating[,timestamp])",
+            role=RATINGS_FILE,
+            line=rows[0][0],
+            column=missing[0],
+        )
     cu, ci, cr = header.index("user"), header.index("item"), header.index("rating")
     lo, hi = rating_range
     users, items, values = [], [], []
     for line, row in rows[1:]:
         if len(row) < len(header):
-            raise DataError(p, f"line {line}: expected {len(header)} fields, got {len(row)}")
-        if not row[cu].strip() or not row[ci].strip():
-            raise DataError(p, f"line {line}: empty user or item id")
+            raise DataError(
+                p, f"line {line}: expected {len(header)} fields, got {len(row)}", role=RATINGS_FILE, line=line
+            )
+        for name, index in (("user", cu), ("item", ci)):
+            if not row[index].strip():
+                raise DataError(
+                    p,
+                    f"line {line}: column {name} is empty",
+                    role=RATINGS_FILE,
+                    line=line,
+                    column=name,
+                    code=DataError.PARSE,
+                )
         users.append(row[cu].strip())
         items.append(row[ci].strip())
-        values.append(_check_rating(p, line, row[cr], lo, hi))
+        values.append(_check_rating(p, RATINGS_FILE, line, row[cr], lo, hi))
     if not users:
-        raise DataError(p, "has a header but no ratings")
+        raise DataError(p, "has a header but no ratings", role=RATINGS_FILE, code=DataError.MISSING)
     attrs: dict[str, tuple[str | None, int | None, str | None]] = {}
     if users_path:
         up = Path(users_path)
-        urows = _read_rows(up, ",")
+        urows = _read_rows(up, USERS_FILE, ",")
         uh = [h.strip().lower() for h in urows[0][1]]
         if "user" not in uh:
-            raise DataError(up, "line 1: header lacks column user (need user[,gender][,age][,zip])")
+            raise DataError(
+                up,
+                f"line {urows[0][0]}: header lacks column user (need user[,gender][,age][,zip])",
+                role=USERS_FILE,
+                line=urows[0][0],
+                column="user",
+            )
         col = {c: uh.index(c) for c in ("user", "gender", "age", "zip") if c in uh}
         for line, row in urows[1:]:
             if len(row) < len(uh):
-                raise DataError(up, f"line {line}: expected {len(uh)} fields, got {len(row)}")
-            age = _parse_age(up, line, row[col["age"]]) if "age" in col else None
+                raise DataError(
+                    up, f"line {line}: expected {len(uh)} fields, got {len(row)}", role=USERS_FILE, line=line
+                )
+            age = _parse_age(up, USERS_FILE, line, row[col["age"]]) if "age" in col else None
             attrs[row[col["user"]].strip()] = (
                 row[col["gender"]] if "gender" in col else None,
                 age,

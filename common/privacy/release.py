@@ -186,7 +186,9 @@ INVENTORY: tuple[Release, ...] = (
         "error/reason",
         P,
         "privfed's code (client/mods.py failure_text), before the run",
-        "`site failed: <exception class>`, a class-level public reason or a config error's key; never the message",
+        "`site failed: <exception class> [<code>]` (common/errors.py ERROR_CODES), then a config error's key, "
+        "a data error's file role, line and column name, or a class-level public reason; "
+        "never the message, a field value or a local path",
     ),
     Release(
         ERROR,

@@ -89,3 +89,111 @@ def test_no_raw_identifier_or_key_reaches_the_server(tmp_path, monkeypatch, caps
     # and the scan is real: the planted ids are in the site's input
     assert f"LEAKU-{tag}-000".encode() in (tmp_path / "ratings.csv").read_bytes()
     assert simulation_processes() == []
+
+
+# ----------------------------------------------------------- corrupt files (issue 20, finding 3)
+def _corrupt_site_reasons(tmp_path, scenario: str, overrides: list[str], key: bytes | None) -> list[str]:
+    """The error text a site with a corrupt data file sends, as the coordinator receives it:
+    the deployed form (flwr-clientapp: ``str(type(ex)) + ":<'" + str(ex) + "'>"``) and the
+    simulation's (the actor's exception with the traceback Ray ships)."""
+    import time
+    import traceback
+
+    from flwr.app import Context, Message, Metadata, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.clientapp.client_app import ClientAppException
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+    from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
+
+    from client.app import build_client_app
+    from simulations.launcher import resolve
+    from tests.site_keys import site_keys
+
+    cfg = resolve(scenario, ["num-sites=2", "dp.enabled=false", *overrides])
+    ins = FitIns(ndarrays_to_parameters([np.zeros(3, np.float32)]), {"server-round": 1, "run-id": "r"})
+    meta = Metadata(1, "m1", 0, 1, "", "1", time.time(), 600.0, MessageType.TRAIN)
+    msg = Message(content=fitins_to_recorddict(ins, keep_input=True), metadata=meta)
+
+    def ctx() -> Context:
+        node = {"partition-id": 0, "declared-size": 500}
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    app = build_client_app(cfg.to_flat(), key=key, state_dir=str(tmp_path / "state"), **site_keys())
+    with pytest.raises(Exception) as deployed:
+        app(msg, ctx())
+    with pytest.raises(ClientAppException) as simulated:
+        VirtualClientEngineActor().run(lambda: app, msg, "0", ctx())
+    return [
+        str(type(deployed.value)) + ":<'" + str(deployed.value) + "'>",
+        "".join(traceback.format_exception(simulated.value)),
+    ]
+
+
+def _corrupt_ratings(tmp_path, tag: str, bad_row: str | None = None, bad_user: str | None = None):
+    """A valid ratings file (and users file) of 30 users, with one bad row or user line planted."""
+    ratings = ["user,item,rating"] + [f"u{u},i{u % 7},{1 + u % 5}" for u in range(30)]
+    users = ["user,gender,age,zip"] + [f"u{u},F,{20 + u},10001" for u in range(30)]
+    if bad_row is not None:
+        ratings.insert(12, bad_row)  # file line 13
+    if bad_user is not None:
+        users.insert(4, bad_user)  # file line 5
+    folder = tmp_path / f"site-{tag}-data"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("\n".join(ratings) + "\n")
+    (folder / "users.csv").write_text("\n".join(users) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, expected, needles",
+    [
+        ("name-in-age", "(users file, line 5, column age)", ["Jane Doe", "Jane"]),
+        ("bad-rating", "(ratings file, line 13, column rating)", ["98.7654"]),
+        ("raw-id-in-bad-row", "(ratings file, line 13, column rating)", ["RAWID-"]),
+        ("raw-id-in-short-row", "(ratings file, line 13)", ["RAWID-"]),
+    ],
+)
+def test_a_corrupt_ratings_file_reaches_the_server_as_code_role_and_line_only(tmp_path, case, expected, needles):
+    tag = secrets.token_hex(4)
+    raw = f"RAWID-{tag}-77"
+    rows = {
+        "name-in-age": (None, "u99,F,Jane Doe,10001"),
+        "bad-rating": (f"u5,i3,98.7654{tag}", None),
+        "raw-id-in-bad-row": (f"{raw},i3,five", None),
+        "raw-id-in-short-row": (f"{raw},i3", None),
+    }[case]
+    folder = _corrupt_ratings(tmp_path, tag, *rows)
+    overrides = [
+        "data.source=csv",
+        f"data.path={folder / 'ratings.csv'}",
+        f"data.users-path={folder / 'users.csv'}",
+        "data.partition=iid",
+        "recsys.num-buckets=512",
+    ]
+    key = load_key(write_key(tmp_path / "fed.key"))
+    code = "E-DATA-FORMAT" if case == "raw-id-in-short-row" else "E-DATA-PARSE"
+    for reason in _corrupt_site_reasons(tmp_path, "recsys-synthetic", overrides, key):
+        assert f"site failed: DataError [{code}] {expected}" in reason, reason[-400:]
+        for needle in [*needles, raw, tag, str(tmp_path), folder.name, "ratings.csv", "users.csv"]:
+            assert needle not in reason, f"{needle!r} reached the server"
+
+
+def test_a_truncated_image_archive_reaches_the_server_as_code_and_role_only(tmp_path):
+    folder = tmp_path / f"site-{secrets.token_hex(4)}-images"
+    folder.mkdir()
+    good = folder / "good.npz"
+    np.savez(good, x=np.random.default_rng(0).random((40, 64)).astype(np.float32), y=np.zeros(40, np.int64))
+    truncated = folder / "images.npz"
+    truncated.write_bytes(good.read_bytes()[:300])
+    overrides = [
+        "data.source=npz",
+        f"data.path={truncated}",
+        "data.partition=iid",
+        "vae.hidden-dim=16",
+        "vae.latent-dim=2",
+    ]
+    for reason in _corrupt_site_reasons(tmp_path, "vae-digits", overrides, None):
+        assert "site failed: DataError [E-DATA-FORMAT] (image archive)" in reason, reason[-400:]
+        for needle in [str(tmp_path), folder.name, "images.npz", "BadZipFile"]:
+            assert needle not in reason, f"{needle!r} reached the server"

@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from common.data.ratings import (
+    MOVIELENS_FOLDER,
     RatingData,
     Ratings,
     held_out_mask,
@@ -51,7 +52,12 @@ def _load(source: str, path: str, users_path: str, params: RecsysConfig, seed: i
     if source == "movielens":
         folder = Path(path) if path else default_movielens_path()
         if folder is None:
-            raise DataError("../shared/data/ml-100k", "MovieLens 100K not found; set data.path to the ml-100k folder")
+            raise DataError(
+                "../shared/data/ml-100k",
+                "MovieLens 100K not found; set data.path to the ml-100k folder",
+                role=MOVIELENS_FOLDER,
+                code=DataError.MISSING,
+            )
         return load_movielens(folder, pseudo, params.num_buckets, rng)
     if not path:
         raise ConfigError("data.path", "is required when data.source is csv")
