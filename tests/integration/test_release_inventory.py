@@ -142,7 +142,9 @@ def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, tas
     # Error text: the fixed form, never the exception's own message.
     assert len(reasons) == (1 if mode == "plain" else 0)
     for reason in reasons:
-        assert "site failed: InjectedDropout (injected by [faults])" in reason and DROPOUT_MESSAGE not in reason
+        assert (
+            "site failed: InjectedDropout [E-FAULT] (injected by [faults])" in reason and DROPOUT_MESSAGE not in reason
+        )
     if secure and task == "recsys":
         # The eval_sums stage's appended vector: every key of its schema is inventoried.
         from common.tasks import get_task
@@ -211,9 +213,9 @@ def test_a_data_value_in_an_exception_does_not_leave_the_site(monkeypatch):
         app(msg, ctx)
     # What flwr-clientapp (deployment) puts in the error reply.
     reason = str(type(deployed.value)) + ":<'" + str(deployed.value) + "'>"
-    assert str(deployed.value) == "site failed: ValueError" and planted not in reason
+    assert str(deployed.value) == "site failed: ValueError [E-INTERNAL]" and planted not in reason
     # What the simulation's actor raises, and the traceback Ray ships to the server with it.
     with pytest.raises(ClientAppException) as simulated:
         VirtualClientEngineActor().run(lambda: app, msg, "0", ctx)
     shipped = "".join(traceback.format_exception(simulated.value))
-    assert "site failed: ValueError" in shipped and planted not in shipped
+    assert "site failed: ValueError [E-INTERNAL]" in shipped and planted not in shipped

@@ -114,14 +114,17 @@ class _Secret(PrivfedError):
 
 
 def test_failure_text_is_the_class_and_its_declared_reason_only():
-    assert failure_text(ValueError("rating 4.5 for user 17")) == "site failed: ValueError"
-    assert failure_text(InjectedDropout("site 3 leaves")) == "site failed: InjectedDropout (injected by [faults])"
+    assert failure_text(ValueError("rating 4.5 for user 17")) == "site failed: ValueError [E-INTERNAL]"
+    assert (
+        failure_text(InjectedDropout("site 3 leaves"))
+        == "site failed: InjectedDropout [E-FAULT] (injected by [faults])"
+    )
     # A reason set on the instance at raise time (which could hold a value) is not read.
     exc = _Secret("n=123")
     exc.public_reason = "n=123"  # type: ignore[attr-defined]
-    assert failure_text(exc) == "site failed: _Secret"
+    assert failure_text(exc) == "site failed: _Secret [E-SITE]"
     # A config error names its key (what the operator must fix), never the message that may quote a value.
     from common.errors import ConfigError
 
     text = failure_text(ConfigError("data.val-fraction", "site 11 has 16 examples"))
-    assert text == "site failed: ConfigError (config key 'data.val-fraction')"
+    assert text == "site failed: ConfigError [E-CONFIG] (config key 'data.val-fraction')"

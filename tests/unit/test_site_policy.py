@@ -60,7 +60,7 @@ def test_each_limit_refuses_with_the_key_and_no_value(no_data, node, run_config,
     if value is not None:
         assert value not in str(exc)
     text = failure_text(exc.sign_for("run-7", 4))
-    assert text.startswith(f"site failed: PolicyRefusal (config key '{key}') signed-refusal:")
+    assert text.startswith(f"site failed: PolicyRefusal [E-POLICY] (config key '{key}') signed-refusal:")
     parsed = parse_refusal(text)
     assert parsed is not None
     claim, sig = parsed
@@ -114,7 +114,7 @@ def test_the_refusing_site_signs_for_the_instruction_and_checks_its_run_id():
 def test_failure_text_carries_only_a_well_formed_token_for_the_refused_key():
     exc = PolicyRefusal("dp.delta", "is above")
     exc.refusal_token = "signed-refusal: rating 4.5 for user 17"
-    assert failure_text(exc) == "site failed: PolicyRefusal (config key 'dp.delta')"
+    assert failure_text(exc) == "site failed: PolicyRefusal [E-POLICY] (config key 'dp.delta')"
     # A token for another key, or with extra claim fields, is not appended.
     exc.refusal_token = refusal_token(SITE_KEYS[0], refusal_claim("r", 1, "site-0", "task"))
     assert "signed-refusal" not in failure_text(exc)
@@ -177,7 +177,7 @@ def test_a_mistyped_node_config_key_is_refused_not_ignored(no_data):
         _make({"epsilon_budget": 4.0})
     assert info.value.key == "epsilon_budget" and "did you mean 'epsilon-budget'" in str(info.value)
     assert "4.0" not in str(info.value)  # the value never repeats (error text can reach the coordinator)
-    assert failure_text(info.value) == "site failed: ConfigError (config key 'epsilon_budget')"
+    assert failure_text(info.value) == "site failed: ConfigError [E-CONFIG] (config key 'epsilon_budget')"
     with pytest.raises(ConfigError, match="not a privfed site setting"):
         _make({"colour": "blue"})
 

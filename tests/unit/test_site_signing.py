@@ -102,7 +102,7 @@ def test_a_run_id_outside_the_pattern_is_refused(tmp_path, run_id):
     with pytest.raises(ConfigError) as info:
         site.evaluate(_params(site), {"server-round": 1, "run-id": run_id})
     assert info.value.key == "run-id"
-    assert failure_text(info.value) == "site failed: ConfigError (config key 'run-id')"
+    assert failure_text(info.value) == "site failed: ConfigError [E-CONFIG] (config key 'run-id')"
     assert list(tmp_path.iterdir()) == []  # nothing written anywhere
 
 
@@ -129,7 +129,10 @@ def test_a_receipt_with_a_bad_signature_is_refused(tmp_path):
     forged = _receipt(["a"], 1, signer=new_signing_key())
     with pytest.raises(ReceiptRefused) as info:
         site.evaluate(_params(site), {"server-round": 2, "run-id": "run-1", "receipt": forged})
-    assert failure_text(info.value) == "site failed: ReceiptRefused (the coordinator's ledger receipt does not verify)"
+    assert (
+        failure_text(info.value)
+        == "site failed: ReceiptRefused [E-RECEIPT] (the coordinator's ledger receipt does not verify)"
+    )
     assert not receipt_path(tmp_path, "run-1", "site-0").exists()
     other_site = _receipt(["a"], 1, site_id="site-1")
     with pytest.raises(ReceiptRefused):
@@ -156,6 +159,9 @@ def test_a_receipt_that_does_not_extend_the_kept_one_is_refused(tmp_path, state_
         with pytest.raises(ReceiptContradiction) as info:
             again.evaluate(_params(again), {"server-round": 4, "run-id": "run-1", "receipt": bad})
         text = failure_text(info.value)
-        assert text == "site failed: ReceiptContradiction (the coordinator's ledger receipt contradicts an earlier one)"
+        assert (
+            text
+            == "site failed: ReceiptContradiction [E-RECEIPT] (the coordinator's ledger receipt contradicts an earlier one)"
+        )
     if state_dir:
         assert receipt_path(tmp_path, "run-1", "site-0").read_text() == kept
