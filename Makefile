@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.privfed-installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench bench-utility bench-dp bench-secagg install clean
+.PHONY: demo test lint bench bench-utility bench-dp bench-secagg bench-proxy install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-dp: $(STAMP)
 
 bench-secagg: $(STAMP)
 	$(PY) -m simulations.bench_secagg
+
+# the sites' proxy (Debian's nginx) against the SuperLink without it (~90 s; needs nginx)
+bench-proxy: $(STAMP)
+	$(PY) -m simulations.bench_proxy
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -494,7 +494,9 @@ class SiteClient(NumPyClient):
     def _charge_release(self, server_round: int, release: Any, plan: RoundPlan) -> dict[str, float]:
         """Record a noisy metrics release in the site's own history (on disk before it leaves);
         the reply fields that let the server ledger it ({} when nothing was released)."""
-        if release is None:
+        if release is None or not release.values:
+            # Nothing released (e.g. the GAN without gan.class-target): nothing to charge, and no
+            # release fields, which the server would refuse (a release of sensitivity 0).
             return {}
         self._set_metrics_history(self._metrics_entries() + [(server_round, release.noise_multiplier)])
         self._persist(plan, metrics_release=True)

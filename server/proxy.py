@@ -105,7 +105,11 @@ error_log {f / "error.log"} warn;
 events {{ worker_connections 1024; }}
 
 http {{
-    access_log {f / "access.log"};
+    # rt: the request's time at the proxy; urt: the part spent waiting for the SuperLink.
+    # Their difference is what the proxy adds (simulations/bench_proxy.py reads it).
+    log_format timed '$remote_addr [$time_local] "$request" $status $request_length $bytes_sent '
+                     'rt=$request_time urt=$upstream_response_time';
+    access_log {f / "access.log"} timed;
     client_body_temp_path {f / "tmp-body"};
     proxy_temp_path {f / "tmp-proxy"};
     fastcgi_temp_path {f / "tmp-fastcgi"};

@@ -7,10 +7,17 @@ privfed config <scenario> [key=value ...]     print the resolved config (TOML)
 privfed audit RUN_DIR [--verify] [--format table|csv|json]
                                               epsilon per round and site; verify the ledger
 privfed report RUN_DIR [--out FILE]           self-contained HTML report with plots
-privfed keys new PATH [--force]               create a federation key (mode 0600)
-privfed certs ca|server|node --out DIR ...    CA, SuperLink TLS certificate, SuperNode auth keys
+privfed keys new|signing PATH [--force]       create a federation key / an Ed25519 signing key
+privfed certs ca|server|node|rotate|status|protect-ca|node-id --out DIR ...
+                                              CA, SuperLink TLS certificate, SuperNode auth keys
+privfed coordinator superlink|proxy|flwr-config --pki DIR ...
+                                              the SuperLink (loopback), the sites' nginx proxy
+privfed app hash|sign [--app DIR]             the app's hash; the coordinator's signature of it
 privfed site init --out FILE ...              write a partner site's config
-privfed site join FILE [-- SUPERNODE FLAGS]   check it, then run the site's flower-supernode
+privfed site approve FILE --signature SIG     approve the coordinator's signed app
+privfed site join FILE [-- SUPERNODE FLAGS]   check it, then run the site's SuperNode and SuperExec
+privfed site verify --state-dir DIR --ledger RUN_DIR
+                                              check the coordinator's ledger against the site's records
 
 Each command's flags and handler live with what it drives (see ``COMMANDS``); a module
 is imported only when its command runs, so ``privfed --help`` imports none of them.

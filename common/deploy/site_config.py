@@ -532,7 +532,11 @@ class SiteConfig:
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise ConfigError(unknown[0], f"unknown key in site config {p}")
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0].replace("_", "-"), list(known), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(unknown[0], f"unknown key in site config {p}{hint}")
         values: dict[str, Any] = {}
         for key, value in raw.items():
             values[known[key].name] = coerce(key, value, known[key])  # the run config's type rules

@@ -475,9 +475,8 @@ def test_a_revoked_site_is_shut_out(federation):
     """Issue 20, item 7: the coordinator unregisters a site's key; its running SuperNode is
     refused at its next call and stops, and the same key cannot join again."""
     site = "clinic-2"
-    found = federation.privfed(
-        "certs", "node-id", str(federation.pki / f"{site}.pub"), "--database", str(federation.root / "superlink/state.db")
-    ).stdout
+    database = str(federation.root / "superlink" / "state.db")
+    found = federation.privfed("certs", "node-id", str(federation.pki / f"{site}.pub"), "--database", database).stdout
     assert str(federation.node_ids[site]) in found
     r = federation.flwr("supernode", "unregister", str(federation.node_ids[site]), ADMIN, "--format", "json")
     assert json.loads(r.stdout)["success"], r.stdout

@@ -143,7 +143,20 @@ def test_pyproject_flower_config_is_the_vae_digits_scenario():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     from common.config import flatten
 
-    flower = flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    from dataclasses import fields
+
+    from common.config.limits import key_of
+    from common.config.loading import registered_tasks
+    from common.runtime import drop_inactive_tasks
+
+    listed = flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    # Every task's table is listed (so `flwr run` can deploy any task), the others at their defaults.
+    for name in ("gan", "recsys"):
+        cls = registered_tasks()[name].config_cls
+        assert {k: v for k, v in listed.items() if k.startswith(name + ".")} == {
+            f"{name}.{key_of(f.name)}": getattr(cls(), f.name) for f in fields(cls)
+        }
+    flower = drop_inactive_tasks(listed)
     # The differences: `flwr run` (deployment) draws noise from OS entropy and keeps private
     # metrics on; the simulation launcher seeds the noise and turns private metrics off.
     assert flower == {**resolve("vae-digits", ["metrics.dp=true"]).to_flat(), "dp.secure-rng": True}

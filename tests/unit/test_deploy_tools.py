@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import shlex
 import socket
 from pathlib import Path
 
@@ -17,13 +18,16 @@ from flwr.common.config import parse_config_args
 
 from client.join import preflight_site, supernode_command
 from common.deploy import pki
+from common.deploy.app_approval import build_fab, fab_hash_of, sign_app
 from common.deploy.keys import KeyFileError, write_key
-from common.deploy.signing import write_signing_key
+from common.deploy.signing import new_signing_key, write_signing_key
 from common.deploy.site_config import SiteConfig, apply_site_overrides
 from common.errors import ConfigError, DataError, PrivfedError
 from simulations.cli import main
 from tests.conftest import make_cfg
-from tests.site_keys import SERVER_PUBLIC
+from tests.site_keys import SERVER_KEY, SERVER_PUBLIC
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -82,6 +86,7 @@ def _site(pki_dir, tmp_path, **kw) -> SiteConfig:
         declared_size=200,
         signing_key=str(tmp_path / "clinic-a.signing.pem"),
         server_key=SERVER_PUBLIC,
+        approved_apps="ab" * 32,
     )
     values.update(kw)
     if not Path(values["signing_key"]).exists():
@@ -230,6 +235,7 @@ def test_operator_errors_are_one_line_each(pki_dir, tmp_path, superlink):
         (dict(data_path=str(tmp_path / "missing")), DataError, "not found \\(site config data-path\\)"),
         (dict(key_file=str(tmp_path / "none.key")), KeyFileError, "not found"),
         (dict(superlink=f"127.0.0.1:{_closed_port()}"), PrivfedError, "unreachable"),
+        (dict(approved_apps=""), ConfigError, "approved-apps': empty: this site would run no app"),
     ]
     for change, exc_type, match in cases:
         kw = {"superlink": superlink, **change}
@@ -270,9 +276,35 @@ def test_cli_init_then_check(pki_dir, tmp_path, capsys):
     ]
     assert main(args) == 0
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert (out.stat().st_mode & 0o777) == 0o600  # it names the site's key files and data
+    # Not joinable before the site approves an app (issue 20, item 2).
+    assert main(["site", "join", str(out), "--check"]) == 2
+    assert "approved-apps" in capsys.readouterr().err
+    # The coordinator's signature over this checkout's FAB: approved once, and only that.
+    fab_hash = fab_hash_of(build_fab(REPO))
+    good = sign_app(SERVER_KEY, fab_hash)
+    forged = sign_app(new_signing_key(), fab_hash)
+    assert main(["site", "approve", str(out), "--signature", forged]) == 2
+    assert "not the coordinator's signature" in capsys.readouterr().err
+    other = "cd" * 32  # a hash this checkout does not build to, even if signed
+    assert main(["site", "approve", str(out), "--signature", sign_app(SERVER_KEY, other), "--fab-hash", other]) == 2
+    assert "not the one installed here" in capsys.readouterr().err
+    assert SiteConfig.load(out).approved_apps == ""  # nothing was approved by the refusals
+    assert main(["site", "approve", str(out), "--signature", good]) == 0
+    assert main(["site", "approve", str(out), "--signature", good, "--fab-hash", fab_hash]) == 0  # idempotent
+    capsys.readouterr()
+    assert SiteConfig.load(out).approved_apps == fab_hash
     assert main(["site", "join", str(out), "--check", "--", "--max-retries", "0"]) == 0
     printed = capsys.readouterr().out
-    assert "flower-supernode" in printed and "--max-retries 0" in printed
+    commands = [shlex.split(line) for line in printed.splitlines() if line.startswith("/")]
+    supernode, supervisor = commands  # each pasteable: shlex gives back the exact argv
+    assert supernode[0].endswith("flower-supernode") and supernode[-2:] == ["--max-retries", "0"]
+    assert supernode[supernode.index("--isolation") + 1] == "process"
+    assert parse_config_args([supernode[supernode.index("--node-config") + 1]])["site-id"] == "clinic-a"
+    assert supervisor[1:3] == ["-m", "client.supervisor"] and fab_hash in supervisor
+    # A flag after `--` that would undo the guard is refused, in one line.
+    assert main(["site", "join", str(out), "--check", "--", "--isolation", "subprocess"]) == 2
+    assert "--isolation" in capsys.readouterr().err
     listener.close()
     assert main(["site", "join", str(out), "--check"]) == 2  # the SuperLink is gone
     assert "unreachable" in capsys.readouterr().err

@@ -120,6 +120,17 @@ def test_site_evaluate_reply_carries_only_noisy_sums_and_the_release():
     assert site._spend() == [metrics_mechanism(10.0)]
 
 
+def test_a_site_that_releases_nothing_sends_no_release_the_server_would_refuse():
+    """The GAN under metrics.dp without gan.class-target releases no statistics. Its evaluate
+    reply carried release fields of sensitivity 0 anyway, which the server refused as out of
+    range, so every GAN evaluate reply of a deployed run failed (found by the deployment test)."""
+    site = _site(task="gan", **{"metrics.dp": True, "central-eval": False, "gan.features": 64})
+    model = site.task.build_model()
+    _, _, reply = site.evaluate(get_state(model, site.task.shared_keys(model)), {"server-round": 1})
+    assert not any(k.startswith("metrics_") for k in reply)
+    assert parse_metrics_spend(reply) is None and site._metrics_entries() == []
+
+
 def test_a_plain_fit_releases_and_charges_nothing():
     """Without secure sums only the evaluate reply releases statistics (one row per round)."""
     site = _site(**{"metrics.dp": True})

@@ -160,8 +160,8 @@ def test_a_receipt_that_does_not_extend_the_kept_one_is_refused(tmp_path, state_
             again.evaluate(_params(again), {"server-round": 4, "run-id": "run-1", "receipt": bad})
         text = failure_text(info.value)
         assert (
-            text
-            == "site failed: ReceiptContradiction [E-RECEIPT] (the coordinator's ledger receipt contradicts an earlier one)"
+            text == "site failed: ReceiptContradiction [E-RECEIPT] "
+            "(the coordinator's ledger receipt contradicts an earlier one)"
         )
     if state_dir:
         assert receipt_path(tmp_path, "run-1", "site-0").read_text() == kept
