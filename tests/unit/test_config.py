@@ -141,10 +141,9 @@ def test_pyproject_flower_config_is_the_vae_digits_scenario():
     must be present so `flwr run --run-config` can override it. One difference: `flwr run`
     deploys, so its noise comes from OS entropy; the simulation launcher seeds it."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    from common.config import flatten
-
     from dataclasses import fields
 
+    from common.config import flatten
     from common.config.limits import key_of
     from common.config.loading import registered_tasks
     from common.runtime import drop_inactive_tasks
