@@ -132,6 +132,12 @@ http {{
         # The Fleet API: what SuperNodes call. Every request carries the node's signature
         # headers, forwarded unchanged; the SuperLink checks them against registered keys.
         location {FLEET_PREFIX} {{
+            # nginx matches locations on the decoded, dot-segment-merged path but forwards
+            # the raw one: a raw path that is not exactly /v1/fleet/<endpoint> (dot segments,
+            # %-escapes, a query) is refused, so the SuperLink routes exactly what matched here.
+            if ($request_uri !~ "^/v1/fleet/[a-z][a-z-]*$") {{
+                return 403;
+            }}
             limit_except POST {{ deny all; }}
             proxy_pass https://superlink;
             proxy_http_version 1.1;
