@@ -192,6 +192,15 @@ INVENTORY: tuple[Release, ...] = (
     ),
     Release(
         ERROR,
+        "error/reason/app-not-approved",
+        P,
+        "the coordinator's own run (it chose the app), before the run",
+        "`AppNotApproved: app not approved by this site (fab-hash <16 hex>)` (client/supervisor.py): fixed text "
+        "and the run's FAB hash, which the coordinator submitted; sent by Flower's ClientApp runner, before any "
+        "site data is read",
+    ),
+    Release(
+        ERROR,
         "error/reason/signed-refusal",
         P,
         "the site's own policy (node config) and the instruction (run id, round), before the run",

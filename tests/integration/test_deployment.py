@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -177,15 +178,20 @@ class Federation:
         cmd = [str(BIN / "privfed"), "site", "join", str(config), "--", "--host", "127.0.0.1"]
         return self.spawn(name, [*cmd, "--port", str(_free_port()), *extra])
 
-    def run(self, name: str, overrides: str, app: Path = REPO) -> tuple[subprocess.CompletedProcess, Path]:
+    def submit(self, name: str, overrides: str, app: Path = REPO) -> tuple[subprocess.Popen, Path]:
+        """`flwr run` in the background: the runs share the SuperLink and the sites, as a
+        coordinator's concurrent runs would, and their rounds overlap (most of a deployed
+        round is Flower's 3 s message polls and ClientApp process starts)."""
         run_dir = self.root / name
         config = (
             f'num-sites={SITES} run-dir="{run_dir}" audit.mia=false central-eval=false '
             f'registry="{self.root / "registry.toml"}" server-key="{self.root / "coordinator.key"}" {overrides}'
         )
-        r = self.flwr("run", str(app), ADMIN, "--stream", "--run-config", config)
-        (self.logs / f"flwr-run-{name}.log").write_text(r.stdout + r.stderr)
-        return r, run_dir
+        log = open(self.logs / f"flwr-run-{name}.log", "w")
+        cmd = [str(BIN / "flwr"), "run", str(app), ADMIN, "--stream", "--run-config", config]
+        p = subprocess.Popen(cmd, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, text=True)
+        self.procs.append(p)
+        return p, run_dir
 
     def runs(self) -> list[dict]:
         return json.loads(self.flwr("ls", ADMIN, "--format", "json").stdout)["runs"]
@@ -288,6 +294,60 @@ def federation(tmp_path_factory):
         fed.teardown()
 
 
+TASKS = {
+    "vae": "vae.hidden-dim=16 vae.latent-dim=2 dp.target-epsilon=0.0 dp.noise-multiplier=1.0",
+    "gan": 'task="gan" gan.features=256 gan.hidden-dim=32 gan.latent-dim=8 gan.eval-samples=200 '
+    "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 train.batch-size=32",
+    "recsys": 'task="recsys" data.source="synthetic" data.partition="iid" recsys.synthetic-users=120 '
+    "recsys.synthetic-items=60 recsys.num-buckets=4096 recsys.min-group-size=2 train.batch-size=64 "
+    "dp.target-epsilon=0.0 dp.noise-multiplier=1.0",
+}
+UNITS = {"vae": "image", "gan": "image", "recsys": "rating"}
+
+
+@dataclass
+class Run:
+    output: str
+    run_dir: Path
+    status: str
+    marker: Path | None = None
+
+
+def _altered_app(root: Path) -> tuple[Path, Path]:
+    """A copy of the app with one added line that would leave a marker file when imported."""
+    evil, marker = root / "altered-app", root / "IMPORTED"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (evil / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, evil / rel)
+    with open(evil / "client" / "app.py", "a") as fh:
+        fh.write(f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    return evil, marker
+
+
+@pytest.fixture(scope="module")
+def runs(federation) -> dict[str, Run]:
+    """Two rounds of each task with the signed app, and one round of an altered app, all
+    submitted at once from the coordinator's admin address."""
+    t = time.monotonic()
+    evil, marker = _altered_app(federation.root)
+    started = {f"run-{task}": federation.submit(f"run-{task}", f"rounds=2 {TASKS[task]}") for task in TASKS}
+    started["run-altered"] = federation.submit("run-altered", f"rounds=1 {TASKS['vae']}", app=evil)
+    for p, _ in started.values():
+        p.wait(timeout=900)
+    federation.step("5 four runs at once (2 rounds of each task, 1 altered)", t)
+    statuses = {str(r["run-id"]): r["status"] for r in federation.runs()}
+    out: dict[str, Run] = {}
+    for name, (_, run_dir) in started.items():
+        text = (federation.logs / f"flwr-run-{name}.log").read_text()
+        run_id = text.split("Successfully started run ", 1)[1].split()[0] if "Successfully started run" in text else ""
+        out[name] = Run(text, run_dir, statuses.get(run_id, "not started"), marker if name == "run-altered" else None)
+    return out
+
+
 def _http(port: int, path: str, ca: Path, method: str = "POST") -> int:
     ctx = ssl.create_default_context(cafile=str(ca))
     req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b"" if method == "POST" else None)
@@ -323,25 +383,12 @@ def test_a_site_reaches_the_fleet_api_only(federation):
     assert _http(federation.admin_port, "/v1/control/list-runs", ca) != 403
 
 
-TASKS = {
-    "vae": "vae.hidden-dim=16 vae.latent-dim=2 dp.target-epsilon=0.0 dp.noise-multiplier=1.0",
-    "gan": 'task="gan" gan.features=256 gan.hidden-dim=32 gan.latent-dim=8 gan.eval-samples=200 '
-    "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 train.batch-size=32",
-    "recsys": 'task="recsys" data.source="synthetic" data.partition="iid" recsys.synthetic-users=120 '
-    "recsys.synthetic-items=60 recsys.num-buckets=4096 recsys.min-group-size=2 train.batch-size=64 "
-    "dp.target-epsilon=0.0 dp.noise-multiplier=1.0",
-}
-UNITS = {"vae": "image", "gan": "image", "recsys": "rating"}
-
-
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_each_task_runs_two_rounds_through_the_proxy(federation, task):
-    t = time.monotonic()
-    r, run_dir = federation.run(f"run-{task}", f"rounds=2 {TASKS[task]}")
-    federation.step(f"5 flwr run, 2 rounds ({task})", t)
+def test_each_task_runs_two_rounds_through_the_proxy(federation, runs, task):
+    run = runs[f"run-{task}"]
+    run_dir = run.run_dir
     # `flwr run` exits 0 even when the ServerApp fails: the run's status is the verdict
-    status = federation.runs()[-1]["status"]
-    assert r.returncode == 0 and status == "finished:completed", r.stdout[-3000:] + r.stderr[-2000:]
+    assert run.status == "finished:completed", run.output[-3000:]
 
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     sites = [f"clinic-{i}" for i in range(SITES)]
@@ -362,7 +409,7 @@ def test_each_task_runs_two_rounds_through_the_proxy(federation, task):
     assert released == (set() if task == "gan" else set(sites))
     assert all(row.rng == "os" for row in every)  # dp.secure-rng is the deployment default
     assert ledger.verify(expected_head=lines[-1]["ledger_head"]).ok
-    assert "rounds completed: 2" in r.stdout
+    assert "rounds completed: 2" in run.output
     # Issue 19: the auditor checks every row against the registered keys, and each site checks
     # the coordinator's ledger against its own records and the receipt it kept.
     check = verify_against_keys(ledger, Registry.load(federation.root / "registry.toml"))
@@ -375,28 +422,17 @@ def test_each_task_runs_two_rounds_through_the_proxy(federation, task):
     assert ((run_dir / "ledger.sqlite").stat().st_mode & 0o777) == 0o600
 
 
-def test_an_app_the_sites_did_not_approve_never_runs(federation, tmp_path):
+def test_an_app_the_sites_did_not_approve_never_runs(federation, runs):
     """Issue 20, item 2: the coordinator submits an altered copy of the app (one added line
     that would leave a marker file when imported). Every site refuses it before any of its
     code is unpacked or imported; no site trains; the coordinator sees why."""
-    evil = tmp_path / "altered-app"
-    marker = tmp_path / "IMPORTED"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (evil / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, evil / rel)
-    with open(evil / "client" / "app.py", "a") as fh:
-        fh.write(f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
-    r, run_dir = federation.run("run-altered", f"rounds=1 {TASKS['vae']}", app=evil)
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run = runs["run-altered"]
+    lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines and not any(m["sites_trained"] for m in lines), lines
     failures = [f for m in lines for f in m["failures"]]
     assert failures and all("AppNotApproved" in f and "app not approved by this site" in f for f in failures)
-    assert not marker.exists()  # the altered code never ran at any site
-    assert not any(row.mechanism == "dp-sgd" for row in Ledger(run_dir / "ledger.sqlite").rows())
+    assert run.marker is not None and not run.marker.exists()  # the altered code never ran at any site
+    assert not any(row.mechanism == "dp-sgd" for row in Ledger(run.run_dir / "ledger.sqlite").rows())
     for i in range(SITES):
         assert "refused app" in (federation.logs / f"clinic-{i}.log").read_text()
 
