@@ -45,7 +45,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     )
     rot.add_argument("--host", action="append", help="a DNS name or IP sites dial (repeat; default: the current SANs)")
     rot.add_argument("--days", type=int, default=None, help="validity in days (default: 90)")
-    rot.add_argument("--nginx-conf", help="the proxy's nginx.conf, to print the exact reload command")
+    rot.add_argument(
+        "--proxy-dir", help="the proxy's folder (`privfed coordinator proxy --dir`), for the reload command"
+    )
     status = certs_sub.add_parser(
         "status", help="subject, SANs and days left of ca.pem and superlink.pem; exit 1 if due, 2 if expired"
     )
@@ -132,11 +134,11 @@ def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
                 f"previous pair kept as {r.prev_cert}, {r.prev_key} (mode 0600)"
             )
         )
-        reload = f"nginx -s reload -c {args.nginx_conf}" if args.nginx_conf else "nginx -s reload -c <your nginx.conf>"
+        reload = f"privfed coordinator proxy --reload --dir {args.proxy_dir or '<the proxy dir>'} --pki {out}"
         console.print(
             escape(
                 f"next: reload the proxy so it serves the new certificate: {reload}\n"
-                "      without a proxy, restart flower-superlink with the new files instead\n"
+                "      the SuperLink behind it serves its copy until it restarts (the proxy checks it against ca.pem)\n"
                 "      sites need nothing: their ca.pem is unchanged"
             )
         )

@@ -194,9 +194,9 @@ def test_rotation_keeps_the_ca_and_the_sans_and_the_previous_pair(locked, tmp_pa
     old_pem, old_key = (locked / "superlink.pem").read_bytes(), (locked / "superlink.key").read_bytes()
     ca_pem = (locked / "ca.pem").read_bytes()
     args = ["certs", "rotate", "--out", str(locked), "--passphrase-file", str(_pwfile(tmp_path))]
-    assert main([*args, "--nginx-conf", "/etc/privfed/nginx.conf"]) == 0
+    assert main([*args, "--proxy-dir", "/var/lib/privfed/proxy"]) == 0
     out = capsys.readouterr().out
-    assert "nginx -s reload -c /etc/privfed/nginx.conf" in out and "ca.pem is unchanged" in out
+    assert "privfed coordinator proxy --reload --dir /var/lib/privfed/proxy" in out and "ca.pem is unchanged" in out
     assert (locked / "ca.pem").read_bytes() == ca_pem
     new = _cert(locked / "superlink.pem")
     assert new.serial_number != _cert(locked / "superlink.pem.prev").serial_number
