@@ -157,3 +157,59 @@ def test_build_fab_matches_flower_with_negated_gitignore_patterns(tmp_path, giti
         (app / rel).parent.mkdir(parents=True, exist_ok=True)
         (app / rel).write_text(f"# {rel}\n")
     assert build_fab(app) == build_fab_from_disk(app)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding: `privfed coordinator superlink` passes the operator's whole environment to
+# flower-superlink. flwr 1.41 still starts its legacy gRPC Control API when
+# FLWR_INTERNAL_GRPC_CONTROL_API=1 (and the gRPC Fleet API on FLWR_INTERNAL_GRPC_FLEET_API=1),
+# bound to --control-api-address, default 0.0.0.0:9093: every interface, past the proxy.
+# Reproduced live: with the variable set, the SuperLink listened on *:9093 and answered a gRPC
+# ListRuns holding only ca.pem, while --admin was 127.0.0.1.
+def test_the_superlink_never_inherits_flowers_legacy_grpc_switches(monkeypatch, tmp_path):
+    import os
+
+    from server import coordinator
+
+    seen = {}
+
+    def fake_execve(path, argv, env):
+        seen.update(env)
+        raise SystemExit(0)
+
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
+    monkeypatch.setattr(os, "execve", fake_execve)
+    with pytest.raises(SystemExit):
+        coordinator._exec(["/bin/true"])
+    assert not any(k.startswith("FLWR_INTERNAL_GRPC") for k in seen), "the legacy gRPC APIs would bind 0.0.0.0"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding: pre-authentication memory exhaustion through the proxy. Node authentication happens
+# in the SuperLink *after* Flower's ProtobufTranslationMiddleware has read the whole body into
+# memory (`await request.body()`), and the proxy lets anyone who completes a TLS handshake
+# (no client certificate, no node key) send 256 MB to any Fleet endpoint over up to 1024
+# connections. Reproduced live: 4 concurrent 200 MB POSTs to /v1/fleet/push-object with no
+# auth headers (each answered 400) took the SuperLink from 516 MB to 1.9 GB RSS, which it kept.
+def test_the_proxy_bounds_what_an_unauthenticated_client_can_make_the_superlink_buffer(tmp_path):
+    from pathlib import Path
+
+    from common.deploy import pki
+    from server import proxy
+
+    pki.make_ca(tmp_path)
+    pki.make_server_cert(tmp_path, ["localhost", "127.0.0.1"])
+    text = proxy.render(
+        proxy.ProxyPlan(
+            listen="0.0.0.0:9092",
+            superlink="127.0.0.1:9093",
+            cert=Path(tmp_path / "superlink.pem"),
+            key=Path(tmp_path / "superlink.key"),
+            ca=Path(tmp_path / "ca.pem"),
+            folder=tmp_path / "proxy",
+        )
+    )
+    # Any one of: client certificates at the proxy, a per-address connection/rate limit, or a
+    # small body limit everywhere but push-object.
+    assert "ssl_verify_client on" in text or "limit_conn " in text or "limit_req " in text
