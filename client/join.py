@@ -8,6 +8,9 @@ world-readable, a data path that does not exist, a SuperLink that does not answe
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import shutil
 import socket
@@ -20,6 +23,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from client.supervisor import INSTALLED_ROOT
+from common.deploy.app_approval import parse_approved
 from common.deploy.keys import load_key
 from common.deploy.pki import PkiError, check_certificate, check_private_key
 from common.deploy.signing import load_signing_key
@@ -49,6 +54,15 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
             "approved-apps",
             "empty: this site would run no app; approve the coordinator's signed app first "
             "(`privfed site approve SITE_CONFIG --signature SIG`, docs/DEPLOYMENT.md)",
+        )
+    from client.supervisor import installed_app_hash
+
+    installed = installed_app_hash()
+    if installed not in parse_approved(site.approved_apps):
+        raise ConfigError(
+            "approved-apps",
+            f"the privfed installed here ({INSTALLED_ROOT}) builds to app {installed[:16]}, which this site has not "
+            "approved: it runs only approved code (check out the approved commit, or approve this one)",
         )
     for label, value in (("data-path", site.data_path), ("users-path", site.users_path)):
         if value and not Path(value).expanduser().exists():
@@ -92,35 +106,47 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
         ) from None
 
 
-# flower-supernode flags that `privfed site join` sets itself: passing them after `--` would
-# undo the approved-app guard (a SuperExec of Flower's own, or runtime installs of the app's
-# dependencies) or Flower's FAB check that cannot work with an open-source SuperLink.
-_RESERVED_FLAGS = (
-    "--isolation",
-    "--trusted-entities",
-    "--allow-runtime-dependency-installation",
-    "--insecure",
-    "--superlink",
-    "--root-certificates",
-    "--auth-supernode-private-key",
-    "--node-config",
-)
-DEFAULT_RUNTIME = ("127.0.0.1", 9094)  # flower-supernode's own default for its runtime API
+# The flower-supernode settings a site may pass after `--`: how it retries and where its
+# local runtime API and health check listen. Everything else is set by `privfed site join`
+# from the site config (or must stay Flower's default): changing it would undo the
+# approved-app guard (`--isolation`, `--allow-runtime-dependency-installation`), weaken TLS
+# (`--insecure`, `--root-certificates`), swap the node config and its policy (`--node-config`)
+# or Flower's FAB check that cannot work with an open-source SuperLink (`--trusted-entities`).
+_SITE_MAY_SET = ("max_retries", "max_wait_time", "host", "port", "health_server_address")
 
 
-def _flag_value(extra: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(extra):
-        if arg == flag and i + 1 < len(extra):
-            return extra[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+def _supernode_flags(extra: list[str]) -> argparse.Namespace:
+    """``extra`` as flower-supernode itself parses it (its own parser: abbreviations such as
+    ``--isol`` count as what they abbreviate); a setting outside :data:`_SITE_MAY_SET` is refused."""
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    parser = _parse_args_run_supernode()
+    unset = object()  # tells a flag given (even at Flower's default value) from one left out
+    defaults = {a.dest: a.default for a in parser._actions}
+    parser.set_defaults(**{dest: unset for dest in defaults if dest not in ("help", "version")})
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as errors:
+            parsed = parser.parse_args(extra)
+    except SystemExit:
+        last = (errors.getvalue().strip().splitlines() or ["not valid"])[-1]
+        raise PrivfedError(f"flower-supernode flags after `--`: {last.split(': error: ')[-1]}") from None
+    given = {dest for dest, value in vars(parsed).items() if value is not unset}
+    for action in parser._actions:
+        if action.dest in given and action.dest not in _SITE_MAY_SET:
+            raise PrivfedError(
+                f"flower-supernode flag {action.option_strings[-1]}: set by `privfed site join` from the site config "
+                "(it keeps the site on its approved apps, its TLS and its node config); remove it after `--`"
+            )
+    for dest in set(defaults) - given:
+        setattr(parsed, dest, defaults[dest])  # left out: Flower's default
+    return parsed
 
 
 def runtime_address(extra: list[str]) -> str:
-    """The SuperNode's local runtime API, where the site's SuperExec connects (``--host``/``--port``)."""
-    host = _flag_value(extra, "--host") or DEFAULT_RUNTIME[0]
-    port = _flag_value(extra, "--port") or str(DEFAULT_RUNTIME[1])
+    """The SuperNode's local runtime API, where the site's SuperExec connects (``--host``/``--port``,
+    as flower-supernode parses them)."""
+    flags = _supernode_flags(extra)
+    host, port = str(flags.host), int(flags.port)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -131,13 +157,7 @@ def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[
     (client.supervisor) starts ClientApps, for approved apps only.
     """
     extra = list(extra or [])
-    for arg in extra:
-        flag = arg.split("=", 1)[0]
-        if flag in _RESERVED_FLAGS:
-            raise PrivfedError(
-                f"flower-supernode flag {flag}: set by `privfed site join` from the site config (it keeps the site "
-                "on its approved apps); remove it after `--`"
-            )
+    _supernode_flags(extra)  # refuses any setting the site may not change
     exe = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
     if not Path(exe).is_file():
         raise PrivfedError(
@@ -145,6 +165,7 @@ def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[
         )
     return [
         exe,
+        *extra,  # first: argparse keeps the last value, so none of the settings below can be overridden
         "--superlink",
         site.superlink,
         "--root-certificates",
@@ -157,7 +178,6 @@ def supernode_command(site: SiteConfig, extra: list[str] | None = None) -> list[
         site.node_config(),
         "--isolation",
         "process",
-        *extra,
     ]
 
 

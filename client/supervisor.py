@@ -54,6 +54,24 @@ class AppNotApproved(Exception):
         )
 
 
+class InstalledAppDiffers(Exception):
+    """The run's app is approved, but the privfed installed at this site no longer builds to
+    it (its checkout changed since the approval): the site runs only code it approved."""
+
+    def __init__(self, fab_hash: str) -> None:
+        super().__init__(
+            f"the app installed at this site is not the run's app (fab-hash {fab_hash[:16]}); the site runs only "
+            "the approved code"
+        )
+
+
+def installed_app_hash() -> str:
+    """The hash of the FAB this site's installed privfed checkout builds to (what runs here)."""
+    from common.deploy.app_approval import build_fab
+
+    return fab_hash_of(build_fab(INSTALLED_ROOT))
+
+
 class UnguardedFlower(RuntimeError):
     """This Flower release lacks an attribute the guard wraps: refuse rather than run unguarded."""
 
@@ -87,7 +105,11 @@ def guard_runner(approved: frozenset[str]) -> None:
             print(f"privfed: refused app {fab_hash}: not in this site's approved-apps", file=sys.stderr)
             raise AppNotApproved(fab_hash)
         # Approved: nothing is unpacked. The code that runs is the site's installed privfed,
-        # which the approval tied to this FAB (`privfed site approve` builds it and compares).
+        # rebuilt here (0.1 s) so that it is exactly this FAB, not a checkout edited since.
+        installed = installed_app_hash()
+        if installed != fab_hash:
+            print(f"privfed: refused app {fab_hash}: the installed privfed builds to {installed}", file=sys.stderr)
+            raise InstalledAppDiffers(fab_hash)
 
     def installed_app(*args: Any, **kwargs: Any) -> Any:
         def load(fab_id: str, fab_version: str, fab_hash: str) -> Any:

@@ -106,7 +106,9 @@ def superlink_command(pki: str, database: str, admin: str = DEFAULT_ADMIN) -> li
 
 
 def _exec(cmd: list[str]) -> None:
-    env = dict(os.environ)
+    # Flower's legacy gRPC switches (FLWR_INTERNAL_GRPC_CONTROL_API=1 and the like) would start
+    # a second Control API on 0.0.0.0:9093, past the proxy: never inherited.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_GRPC")}
     # The SuperLink starts flower-superexec and flwr-serverapp by name: the venv's bin first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     sys.stdout.flush()

@@ -39,9 +39,12 @@ from common.errors import PrivfedError
 # gets 403 at the proxy and never reaches the SuperLink.
 FLEET_PREFIX = "/v1/fleet/"
 HEALTH_PATH = "/health"
-# A model update travels in one push-object request; the largest model privfed ships is
-# well under this. A bound keeps one site from filling the coordinator's disk buffers.
-MAX_BODY = "256m"
+# Body bounds: Flower sends a model in chunks of at most 5 MB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE),
+# one per push-object request; every other Fleet request is a small message.
+MAX_CHUNK_BODY = "16m"
+MAX_MESSAGE_BODY = "2m"
+MAX_CONNECTIONS = 16
+RATE, BURST = "50r/s", 200
 CONFIG_NAME = "nginx.conf"
 
 
@@ -87,6 +90,30 @@ def _split(address: str, flag: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# The proxying every Fleet location shares (one copy, formatted into each).
+_FLEET_PASS = """            # nginx matches locations on the decoded, dot-segment-merged path but forwards
+            # the raw one: a raw path that is not exactly /v1/fleet/<endpoint> (dot segments,
+            # %-escapes, a query) is refused, so the SuperLink routes exactly what matched here.
+            if ($request_uri !~ "^/v1/fleet/[a-z][a-z-]*$") {{
+                return 403;
+            }}
+            limit_except POST {{ deny all; }}
+            proxy_pass https://superlink;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name {name};
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+            proxy_read_timeout 300s;
+            proxy_send_timeout 300s;
+            # Stream both ways, never to temp files: an update is not written to the
+            # coordinator's disk by the proxy, and nginx's workers need no writable folder.
+            proxy_request_buffering off;
+            proxy_buffering off;"""
+
+
 def render(plan: ProxyPlan) -> str:
     """nginx.conf for ``plan``: Fleet API and health to the SuperLink, 403 for everything else."""
     listen_host, listen_port = _split(plan.listen, "--listen")
@@ -98,6 +125,7 @@ def render(plan: ProxyPlan) -> str:
     f = plan.folder
     listen = f"[{listen_host.strip('[]')}]:{listen_port}" if ":" in listen_host.strip("[]") else plan.listen
     upstream = f"[{up_host.strip('[]')}]:{up_port}" if ":" in up_host.strip("[]") else plan.superlink
+    fleet = _FLEET_PASS.format(ca=plan.ca, name=name)
     return f"""# Rendered by `privfed coordinator proxy` (server/proxy.py). Sites reach the Fleet API only.
 worker_processes 1;
 pid {f / "nginx.pid"};
@@ -117,6 +145,13 @@ http {{
     scgi_temp_path {f / "tmp-scgi"};
     server_tokens off;
 
+    # Per client address: a site needs a few connections and, while it ships a model, a
+    # few dozen requests a second; 429 beyond that.
+    limit_conn_zone $binary_remote_addr zone=per_address:10m;
+    limit_req_zone $binary_remote_addr zone=fleet_rate:10m rate={RATE};
+    limit_conn_status 429;
+    limit_req_status 429;
+
     upstream superlink {{
         server {upstream};
         keepalive 16;
@@ -127,32 +162,22 @@ http {{
         ssl_certificate {plan.cert};
         ssl_certificate_key {plan.key};
         ssl_protocols TLSv1.2 TLSv1.3;
-        client_max_body_size {MAX_BODY};
+        limit_conn per_address {MAX_CONNECTIONS};
+        limit_req zone=fleet_rate burst={BURST} nodelay;
 
         # The Fleet API: what SuperNodes call. Every request carries the node's signature
         # headers, forwarded unchanged; the SuperLink checks them against registered keys.
+        # push-object carries one chunk of a model (Flower splits arrays at 5 MB); every other
+        # endpoint a small message. The SuperLink reads a whole body before it checks the
+        # node's signature, so these bounds, and the per-address limits above, are what an
+        # unauthenticated client can make it hold.
+        location = {FLEET_PREFIX}push-object {{
+            client_max_body_size {MAX_CHUNK_BODY};
+{fleet}
+        }}
         location {FLEET_PREFIX} {{
-            # nginx matches locations on the decoded, dot-segment-merged path but forwards
-            # the raw one: a raw path that is not exactly /v1/fleet/<endpoint> (dot segments,
-            # %-escapes, a query) is refused, so the SuperLink routes exactly what matched here.
-            if ($request_uri !~ "^/v1/fleet/[a-z][a-z-]*$") {{
-                return 403;
-            }}
-            limit_except POST {{ deny all; }}
-            proxy_pass https://superlink;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_ssl_trusted_certificate {plan.ca};
-            proxy_ssl_verify on;
-            proxy_ssl_name {name};
-            proxy_ssl_server_name on;
-            proxy_ssl_session_reuse on;
-            proxy_read_timeout 300s;
-            proxy_send_timeout 300s;
-            # Stream both ways, never to temp files: an update is not written to the
-            # coordinator's disk by the proxy, and nginx's workers need no writable folder.
-            proxy_request_buffering off;
-            proxy_buffering off;
+            client_max_body_size {MAX_MESSAGE_BODY};
+{fleet}
         }}
 
         location = {HEALTH_PATH} {{

@@ -57,6 +57,13 @@ def _app_files(root: Path) -> dict[str, Path]:
     from flwr.cli.utils import APP_PUBLISH_EXCLUDE_PATTERNS, build_pathspec, load_gitignore_patterns
 
     ignore = root / ".gitignore"
+    patterns = ignore.read_text(errors="replace").splitlines() if ignore.is_file() else []
+    if any(p.strip().startswith("!") for p in patterns):
+        # A negation can re-include a file inside an ignored folder, which Flower (filtering
+        # file by file) keeps: no pruning then, Flower's own walk.
+        from flwr.cli.utils import collect_files
+
+        return collect_files(root)
     specs = [
         build_pathspec(tuple(load_gitignore_patterns(ignore.read_bytes() if ignore.is_file() else b""))),
         build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS),

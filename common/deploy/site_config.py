@@ -346,12 +346,20 @@ def refuse_exact_metrics(cfg: RunConfig, node_config: Mapping[str, Any], *, virt
 def dataset_identity(cfg: RunConfig, node_config: Mapping[str, Any], site_index: int) -> str:
     """The name under which this site keeps its dataset's lifetime privacy history.
 
-    Declared by the site (``dataset-id``), or derived from where its data comes from: the
-    data source, the resolved data and users paths, and the partition index unless the
-    site's file is all its data (``data.partition = site``). Not from the content, so adding
-    or editing a record does not start a new budget; and not from anything else the run
-    config says (seed, alpha, task, num-sites), so a coordinator cannot reset a site's
-    budget by changing them. The derived name has the source in clear and a hash of the rest.
+    Declared by the site (``dataset-id``), or derived from where its data comes from, and
+    only from what the coordinator cannot change:
+
+    * a site with its own file: the resolved ``data-path`` and ``users-path`` of its node
+      config, nothing of the run config (not even the format to read them in);
+    * otherwise (embedded demo data, or a simulation whose launcher names the file): the data
+      source, the data path, the users path only for the recommender (the one task that reads
+      it: a VAE site given a users path would otherwise take a new budget per new string), and
+      the partition index unless the site's file is all its data.
+
+    Never the content, so adding or editing a record does not start a new budget; never the
+    seed, alpha, task or run id. A deployed site also refuses a run config that names a file
+    (:func:`refuse_run_config_paths`). The derived name has the source in clear and a hash of
+    the rest.
     """
     declared = node_config.get("dataset-id")
     if declared not in (None, ""):
@@ -359,15 +367,53 @@ def dataset_identity(cfg: RunConfig, node_config: Mapping[str, Any], site_index:
         if set(safe) == {"."}:
             raise ConfigError("site dataset-id", "must not be '.' or '..'")
         return safe
+
+    def resolved(value: object) -> str:
+        return str(Path(str(value)).expanduser().resolve()) if value else ""
+
     d = cfg.data
-    where = {
-        "source": d.source,
-        "path": str(Path(d.path).expanduser().resolve()) if d.path else "",
-        "users-path": str(Path(d.users_path).expanduser().resolve()) if d.users_path else "",
-        "partition": "all" if d.partition == SITE_PARTITION else site_index,
-    }
+    own = node_config.get("data-path")
+    if own:
+        # The same fields, and so the same name, as before the run config was left out: a
+        # site that names its format keeps its lifetime history across this change.
+        fmt = str(node_config.get("data-format") or "")
+        where: dict[str, Any] = {
+            "source": fmt,
+            "path": resolved(own),
+            "users-path": resolved(node_config.get("users-path")),
+            "partition": "all",
+        }
+        label = fmt or "site"
+    else:
+        where = {
+            "source": d.source,
+            "path": resolved(d.path),
+            "users-path": resolved(d.users_path) if cfg.task == "recsys" else "",
+            "partition": "all" if d.partition == SITE_PARTITION else site_index,
+        }
+        label = d.source
     digest = hashlib.sha256(json.dumps(where, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', d.source)}-{digest}"
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', label)}-{digest}"
+
+
+def refuse_run_config_paths(cfg: RunConfig, *, virtual_site: bool = False) -> None:
+    """A deployed site reads only the files its own site config names: refuse a run config
+    (the coordinator's, before this site's overrides) that names a file at the site.
+
+    A path from the coordinator would choose which of the site's files are read (and the
+    coded error of a missing or malformed one would tell the coordinator about the site's
+    files), and it would change the derived dataset id, a fresh lifetime budget per new
+    string. The simulation launcher names its virtual sites' files itself.
+    """
+    if virtual_site:
+        return
+    for key, value in (("data.path", cfg.data.path), ("data.users-path", cfg.data.users_path)):
+        if value:
+            raise PolicyRefusal(
+                key,
+                "names a file at this site; a deployed site reads only the files its own site config names "
+                "(data-path, users-path)",
+            )
 
 
 SERVER_KEY, SIGNING_KEY = "server-key", "signing-key"

@@ -17,6 +17,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from flwr.common.config import parse_config_args
 
 from client.join import preflight_site, supernode_command
+from client.supervisor import installed_app_hash
 from common.deploy import pki
 from common.deploy.app_approval import build_fab, fab_hash_of, sign_app
 from common.deploy.keys import KeyFileError, write_key
@@ -86,7 +87,7 @@ def _site(pki_dir, tmp_path, **kw) -> SiteConfig:
         declared_size=200,
         signing_key=str(tmp_path / "clinic-a.signing.pem"),
         server_key=SERVER_PUBLIC,
-        approved_apps="ab" * 32,
+        approved_apps=installed_app_hash(),  # the privfed installed here, approved
     )
     values.update(kw)
     if not Path(values["signing_key"]).exists():
@@ -123,7 +124,7 @@ def test_site_config_round_trips_and_becomes_flowers_node_config(pki_dir, tmp_pa
     cmd = supernode_command(site, ["--max-retries", "0"])
     assert cmd[cmd.index("--root-certificates") + 1] == str(pki_dir / "ca.pem")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(pki_dir / "site-0.key")
-    assert cmd[-2:] == ["--max-retries", "0"] and "--insecure" not in cmd
+    assert cmd[1:3] == ["--max-retries", "0"] and "--insecure" not in cmd  # the site's flags first: ours win
 
 
 @pytest.mark.parametrize(
@@ -236,6 +237,7 @@ def test_operator_errors_are_one_line_each(pki_dir, tmp_path, superlink):
         (dict(key_file=str(tmp_path / "none.key")), KeyFileError, "not found"),
         (dict(superlink=f"127.0.0.1:{_closed_port()}"), PrivfedError, "unreachable"),
         (dict(approved_apps=""), ConfigError, "approved-apps': empty: this site would run no app"),
+        (dict(approved_apps="ab" * 32), ConfigError, "builds to app [0-9a-f]{16}, which this site has not approved"),
     ]
     for change, exc_type, match in cases:
         kw = {"superlink": superlink, **change}
@@ -298,7 +300,7 @@ def test_cli_init_then_check(pki_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     commands = [shlex.split(line) for line in printed.splitlines() if line.startswith("/")]
     supernode, supervisor = commands  # each pasteable: shlex gives back the exact argv
-    assert supernode[0].endswith("flower-supernode") and supernode[-2:] == ["--max-retries", "0"]
+    assert supernode[0].endswith("flower-supernode") and supernode[1:3] == ["--max-retries", "0"]
     assert supernode[supernode.index("--isolation") + 1] == "process"
     assert parse_config_args([supernode[supernode.index("--node-config") + 1]])["site-id"] == "clinic-a"
     assert supervisor[1:3] == ["-m", "client.supervisor"] and fab_hash in supervisor

@@ -71,15 +71,18 @@ def test_approved_apps_parse_strictly_and_add_once():
             parse_approved(bad)
 
 
+INSTALLED_FAB = build_fab(REPO)  # what this checkout is, as an app
+
+
 @pytest.fixture
 def guarded(monkeypatch):
-    """Flower's ClientApp runner with the site's guard installed, restored afterwards."""
+    """Flower's ClientApp runner with the site's guard installed, restored afterwards; the
+    approved apps: this checkout, and one that is not what is installed here."""
     import flwr.supernode.runtime.run_clientapp as runner
 
     for name in ("install_from_fab", "get_project_dir", "get_load_client_app_fn"):
         monkeypatch.setattr(runner, name, getattr(runner, name))
-    approved = fab_hash_of(b"the approved fab")
-    supervisor.guard_runner(frozenset({approved}))
+    supervisor.guard_runner(frozenset({fab_hash_of(INSTALLED_FAB), fab_hash_of(b"approved, not installed")}))
     return runner
 
 
@@ -98,8 +101,11 @@ def test_an_approved_fab_runs_the_sites_installed_clientapp(guarded, tmp_path, m
     from client.app import app as installed
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
-    assert guarded.install_from_fab(b"the approved fab", skip_prompt=True) is None
+    assert guarded.install_from_fab(INSTALLED_FAB, skip_prompt=True) is None
     assert list(tmp_path.iterdir()) == []  # not unpacked: the FAB's code is never on disk
+    # An approved app that is not the code installed here (its checkout changed since): refused.
+    with pytest.raises(supervisor.InstalledAppDiffers):
+        guarded.install_from_fab(b"approved, not installed", skip_prompt=True)
     load = guarded.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
     assert load("privfed/privfed", "1.0", "x" * 64) is installed
     assert guarded.get_project_dir("privfed/privfed", "1.0", "x" * 64) == supervisor.INSTALLED_ROOT
@@ -146,9 +152,13 @@ def test_the_proxy_passes_the_fleet_api_and_health_only(pki_dir, tmp_path):
     )
     text = proxy.render(plan)
     locations = [line.split()[1:-1] for line in text.splitlines() if line.strip().startswith("location")]
-    assert locations == [["/v1/fleet/"], ["=", "/health"], ["/"]]
+    assert locations == [["=", "/v1/fleet/push-object"], ["/v1/fleet/"], ["=", "/health"], ["/"]]
     assert "return 403;" in text.split("location / {", 1)[1]
-    assert text.count("proxy_ssl_verify on;") == 2 and "proxy_ssl_name localhost;" in text
+    assert text.count("proxy_ssl_verify on;") == 3 and "proxy_ssl_name localhost;" in text
+    # What an unauthenticated client can make the SuperLink buffer (it reads a body before it
+    # checks the node's signature): bounded per request, per connection count and rate.
+    assert "client_max_body_size 16m;" in text and "client_max_body_size 2m;" in text
+    assert "limit_conn per_address 16;" in text and "limit_req zone=fleet_rate" in text
     with pytest.raises(PrivfedError, match="loopback"):
         proxy.render(plan.__class__(**{**plan.__dict__, "superlink": "10.0.0.5:9093"}))
     if shutil.which("nginx") or Path("/usr/sbin/nginx").is_file():
@@ -200,3 +210,25 @@ def test_inactive_task_tables_are_dropped_from_a_deployed_run_config():
     assert config_from(listed, {"task": "gan", "gan.features": 256}).task_params.features == 256
     recsys = config_from(listed, {"task": "recsys", "data.source": "synthetic", "data.partition": "iid"})
     assert recsys.task == "recsys"
+
+
+@pytest.mark.parametrize("key", ["data.path", "data.users-path"])
+def test_a_deployed_site_refuses_a_run_config_that_names_its_files(tmp_path, key):
+    """Review of issue 20, finding 1: which of a site's files are read, and so the name of its
+    lifetime budget, is the site's choice (its node config), never the coordinator's."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import make_site
+    from common.deploy.site_config import PolicyRefusal
+    from tests.site_keys import site_keys
+
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "declared-size": 600, "state-dir": str(tmp_path)},
+        state=RecordDict(),
+        run_config={key: str(tmp_path / "any.csv")},
+    )
+    with pytest.raises(PolicyRefusal) as refused:
+        make_site({"num-sites": 3}, ctx, **site_keys())  # a deployed site: no launcher consent
+    assert refused.value.key == key and str(tmp_path) not in str(refused.value)
