@@ -650,15 +650,14 @@ def make_site(
     node = context.node_config
     check_node_config_keys(node)  # a mistyped limit must not be silently ignored
     # The run's config, then this site's own settings (data, device, a stricter budget).
-    requested = config_from(base, context.run_config)  # the coordinator's, before the site's own settings
-    cfg = apply_site_overrides(requested, node)
+    cfg = apply_site_overrides(config_from(base, context.run_config), node)
     site_index, site_id = site_identity(cfg, node)
     signer, server_key = signing_identity(node, site_index, signing_keys, server_public_key)
     policy = SitePolicy.from_node_config(node)
     try:
         check_allowed_task(cfg, policy)  # first: nothing of an unwanted task is even sized
         # Which of the site's files are read is the site's choice, never the run config's.
-        refuse_run_config_paths(requested, virtual_site=allow_seeded_noise)
+        refuse_run_config_paths(context.run_config, virtual_site=allow_seeded_noise)
         # The run config is the coordinator's, so it alone cannot make a site's noise predictable.
         refuse_seeded_noise(cfg, node, virtual_site=allow_seeded_noise)
         # Likewise exact metrics: virtual sites may send them, a deployed site only by its own choice.

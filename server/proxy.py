@@ -191,6 +191,9 @@ http {{
 
         # The Control API (flwr run / ls / supernode register) and the runtime API: never from a site.
         location / {{
+            # 403 whatever the body's size (an app submitted by `flwr run` is megabytes): the
+            # refusal is not read into memory, and it names the reason, not the size.
+            client_max_body_size 0;
             return 403;
         }}
     }}

@@ -396,19 +396,20 @@ def dataset_identity(cfg: RunConfig, node_config: Mapping[str, Any], site_index:
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', label)}-{digest}"
 
 
-def refuse_run_config_paths(cfg: RunConfig, *, virtual_site: bool = False) -> None:
+def refuse_run_config_paths(run_config: Mapping[str, Any], *, virtual_site: bool = False) -> None:
     """A deployed site reads only the files its own site config names: refuse a run config
-    (the coordinator's, before this site's overrides) that names a file at the site.
+    (Flower's, i.e. the coordinator's) that names a file at the site.
 
     A path from the coordinator would choose which of the site's files are read (and the
     coded error of a missing or malformed one would tell the coordinator about the site's
-    files), and it would change the derived dataset id, a fresh lifetime budget per new
-    string. The simulation launcher names its virtual sites' files itself.
+    files), and it would change the derived dataset id: a fresh lifetime budget per new
+    string. The simulation launcher names its virtual sites' files itself, in the ClientApp's
+    own configuration, not in the run config.
     """
     if virtual_site:
         return
-    for key, value in (("data.path", cfg.data.path), ("data.users-path", cfg.data.users_path)):
-        if value:
+    for key in ("data.path", "data.users-path"):
+        if run_config.get(key):
             raise PolicyRefusal(
                 key,
                 "names a file at this site; a deployed site reads only the files its own site config names "

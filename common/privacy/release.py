@@ -195,9 +195,8 @@ INVENTORY: tuple[Release, ...] = (
         "error/reason/app-not-approved",
         P,
         "the coordinator's own run (it chose the app), before the run",
-        "`AppNotApproved: app not approved by this site (fab-hash <16 hex>)` (client/supervisor.py): fixed text "
-        "and the run's FAB hash, which the coordinator submitted; sent by Flower's ClientApp runner, before any "
-        "site data is read",
+        "`AppNotApproved` / `InstalledAppDiffers` (client/supervisor.py): fixed text and the run's FAB hash "
+        "(16 hex), which the coordinator submitted; sent by Flower's ClientApp runner before any site data is read",
     ),
     Release(
         ERROR,

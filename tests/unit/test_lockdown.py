@@ -188,13 +188,15 @@ def test_the_coordinator_commands_print_their_checks_in_one_line(pki_dir, tmp_pa
 
     assert main(["coordinator", "superlink", "--pki", str(pki_dir), "--database", ":flwr-in-memory:", "--check"]) == 0
     assert main(["coordinator", "superlink", "--pki", str(tmp_path), "--database", "x.db", "--check"]) == 2
+    import sys
+
     out = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "privfed"), "coordinator", "flwr-config", "--pki", str(pki_dir)],
+        [str(Path(sys.executable).with_name("privfed")), "coordinator", "flwr-config", "--pki", str(pki_dir)],
         capture_output=True,
         text=True,
+        check=True,
     )
-    if out.returncode == 0:  # the installed CLI (absent in an unusual checkout layout)
-        assert 'address = "127.0.0.1:9093"' in out.stdout
+    assert 'address = "127.0.0.1:9093"' in out.stdout and str(pki_dir / "ca.pem") in out.stdout
 
 
 def test_inactive_task_tables_are_dropped_from_a_deployed_run_config():
