@@ -44,7 +44,7 @@ HEALTH_PATH = "/health"
 MAX_CHUNK_BODY = "16m"
 MAX_MESSAGE_BODY = "2m"
 MAX_CONNECTIONS = 16
-RATE, BURST = "50r/s", 200
+RATE, BURST = "100r/s", 500
 CONFIG_NAME = "nginx.conf"
 
 
