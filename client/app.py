@@ -71,10 +71,9 @@ from common.deploy.site_config import (
 )
 from common.errors import ConfigError, PrivfedError
 from common.faults import drops, event
-from common.identifiers import run_id_problem, site_id_problem
+from common.identifiers import CENTRAL_SITE_ID, run_id_problem, site_id_problem
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
 from common.privacy.accounting import RoundPlan, epsilon
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import NoiseKey, check_real_size, plan_round, remember_noise
 from common.privacy.training import run_local_round

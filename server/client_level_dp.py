@@ -11,8 +11,9 @@ from collections.abc import Callable
 import numpy as np
 
 from common.config import RunConfig
+from common.identifiers import CENTRAL_SITE_ID
 from common.privacy.accounting import RoundPlan
-from common.privacy.client_level import CENTRAL_SITE_ID, CENTRAL_UNIT, central_plan
+from common.privacy.client_level import CENTRAL_UNIT, central_plan
 from common.seeds import RNG_OS, RNG_SEEDED, central_noise_rng
 from server.ledger import Ledger, LedgerRow, SiteSpend
 

@@ -41,8 +41,8 @@ from typing import Any
 
 from common.deploy.fileio import PRIVATE_FILE, create_private_file
 from common.deploy.signing import CLAIM_VERSION, Ed25519PrivateKey, sign
+from common.identifiers import CENTRAL_SITE_ID
 from common.privacy.accounting import NEIGHBOURING, RoundPlan, epsilon
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.privacy.metrics_dp import DP_SGD
 from common.seeds import RNG_KINDS
 

@@ -35,8 +35,8 @@ from common.deploy.receipt_check import compare
 from common.deploy.receipts import MAX_RECEIPT_BYTES, Receipt, ReceiptError, check_receipt
 from common.deploy.registry import Registry
 from common.errors import PrivfedError
+from common.identifiers import CENTRAL_SITE_ID
 from common.privacy.accounting import NO_DP
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.privacy.metrics_dp import DP_SGD, MECHANISM
 from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from common.protocol import MalformedReport, Status, parse_fit_metrics, parse_history, parse_metrics_spend

@@ -28,8 +28,8 @@ from rich.console import Console
 from common.config import RunConfig
 from common.deploy.fileio import create_private_file, make_private_dir, write_atomically, write_text_atomically
 from common.deploy.signing import Ed25519PrivateKey
+from common.identifiers import CENTRAL_SITE_ID
 from common.metrics.fairness import site_fairness
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.tasks import Task
 from common.tasks.base import set_state
 from common.textsafe import console_text

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from common.deploy.fileio import write_text_atomically
 from common.errors import DataError
+from common.identifiers import CENTRAL_SITE_ID
 from common.plots import line_plot
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
 from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from common.seeds import RNG_SEEDED

@@ -51,3 +51,8 @@ def require_sigma(key: str, sigma: float) -> None:
         key,
         f"must be in [{lo:g}, {hi:g}] (outside it the accountants cannot compute epsilon), got {sigma:g}",
     )
+
+
+# data.partition = "site": the site's own file is all its data, nothing is partitioned
+# (common.data.arrays splits by it; common.deploy.site_config sets it for a site's data-path).
+SITE_PARTITION = "site"

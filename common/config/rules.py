@@ -19,9 +19,9 @@ from common.config.limits import AUTO_DELTA_CAP, MIN_SECURE_SITES
 from common.config.limits import require as _require
 from common.config.run import RunSections
 from common.errors import ConfigError
-from common.privacy.accounting import epsilon
-from common.privacy.client_level import all_or_nothing_probability, allowed_failures, min_round_sites
-from common.privacy.metrics_dp import metrics_mechanism
+
+# The accountants (Opacus, ~2.5 s to import) load only when a rule needs them, so a command
+# that only reads a config (`privfed site init`, `site approve`) does not pay for them.
 
 
 class TaskSpec(Protocol):
@@ -85,6 +85,9 @@ def check_metrics(cfg: RunSections) -> None:
         "needs dp.enabled = true (the metrics releases are charged to the sites' DP-SGD ledger); "
         "set metrics.dp = false for a non-private run",
     )
+    from common.privacy.accounting import epsilon
+    from common.privacy.metrics_dp import metrics_mechanism
+
     delta = dp.delta or AUTO_DELTA_CAP
     z, q, _ = metrics_mechanism(m.noise_multiplier)
     alone = epsilon([(z, q, cfg.federation.rounds)], delta, dp.accountant)
@@ -191,6 +194,8 @@ def check_secure(cfg: RunSections) -> None:
 
 
 def _why_minimum(cfg: RunSections) -> str:
+    from common.privacy.client_level import min_round_sites
+
     m = min_round_sites(cfg)
     why = "secagg.enabled" if cfg.secagg.enabled and m == 3 else f"min-fit-sites={cfg.federation.min_fit_sites}"
     return f"central-dp.enabled releases a round's sum only with >= {m} sites ({why})"
@@ -199,6 +204,8 @@ def _why_minimum(cfg: RunSections) -> str:
 def check_all_or_nothing(cfg: RunSections) -> None:
     """delta0, the chance that one site decides whether a round's sum is released, under the
     worst case of the failures the config allows, must stay below central-dp delta."""
+    from common.privacy.client_level import all_or_nothing_probability, allowed_failures, min_round_sites
+
     fed = cfg.federation
     failures, fault_key = allowed_failures(cfg)
     if min_round_sites(cfg) > 1 and failures is None:
@@ -224,6 +231,8 @@ def check_all_or_nothing(cfg: RunSections) -> None:
 def check_budget_outlasts_run(cfg: RunSections) -> None:
     """With all-or-nothing rounds, a site whose sample-level budget runs out mid-run stops
     contributing, and then its presence can decide a round: the config must rule that out."""
+    from common.privacy.client_level import min_round_sites
+
     dp = cfg.dp
     if min_round_sites(cfg) <= 1 or not dp.enabled or dp.target_epsilon or math.isinf(dp.epsilon_budget):
         return

@@ -27,6 +27,7 @@ import torch
 from cryptography.hazmat.primitives import hashes, hmac
 
 from common.config import DataConfig
+from common.config.limits import SITE_PARTITION  # noqa: F401 (re-exported: its old home)
 from common.errors import ConfigError, DataError
 
 # The npz file's role in a site's error to the coordinator (common.errors.DataError.public_location).
@@ -164,7 +165,6 @@ def load_images(cfg: DataConfig) -> ArrayData:
 # ---------------------------------------------------------------- partitioning
 
 # A deployed site whose data file holds only its own data (set from its site config).
-SITE_PARTITION = "site"
 
 
 def dirichlet_partition(

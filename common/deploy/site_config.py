@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import RunConfig, coerce
-from common.data.arrays import SITE_PARTITION
+from common.config.limits import SITE_PARTITION
 from common.errors import ConfigError, PrivfedError
 from common.identifiers import site_id_problem
 

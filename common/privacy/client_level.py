@@ -27,7 +27,6 @@ from common.config.schema import SecAggConfig
 from common.privacy.accounting import RoundPlan, cached_noise_for_target
 
 # One ledger row per round carries the central mechanism under this pseudo-site id.
-CENTRAL_SITE_ID = "all-sites"
 CENTRAL_UNIT = "site"
 CENTRAL_ACCOUNTANT = "rdp"
 

@@ -300,7 +300,7 @@ def federation(tmp_path_factory):
 
 TASKS = {
     "vae": "vae.hidden-dim=16 vae.latent-dim=2 dp.target-epsilon=0.0 dp.noise-multiplier=1.0",
-    "gan": 'task="gan" gan.features=256 gan.hidden-dim=32 gan.latent-dim=8 gan.eval-samples=200 '
+    "gan": 'task="gan" gan.features=256 gan.hidden-dim=32 gan.latent-dim=8 gan.eval-samples=64 '
     "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 train.batch-size=32",
     "recsys": 'task="recsys" data.source="synthetic" data.partition="iid" recsys.synthetic-users=120 '
     "recsys.synthetic-items=60 recsys.num-buckets=4096 recsys.min-group-size=2 train.batch-size=64 "

@@ -10,11 +10,11 @@ import pytest
 from flwr.common import ndarrays_to_parameters
 
 from common.errors import ConfigError
+from common.identifiers import CENTRAL_SITE_ID
 from common.pipeline import Aggregate, ServerContext
 from common.pipeline.stages.client_level_dp import ClientLevelDP
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.client_level import (
-    CENTRAL_SITE_ID,
     all_or_nothing_probability,
     central_plan,
     clip_update,

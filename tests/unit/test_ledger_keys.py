@@ -28,8 +28,8 @@ from common.deploy.signing import (
     update_digest,
 )
 from common.errors import PrivfedError
+from common.identifiers import CENTRAL_SITE_ID
 from common.privacy.accounting import RoundPlan, epsilon
-from common.privacy.client_level import CENTRAL_SITE_ID
 from common.protocol import Status, fit_metrics
 from server.ledger import (
     HASHED_FIELDS,
