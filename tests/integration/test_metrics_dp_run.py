@@ -16,9 +16,13 @@ pytestmark = pytest.mark.slow
 
 def test_secure_recsys_run_with_private_metrics(tmp_path):
     run_dir = tmp_path / "run"
+    # A small catalogue (as in test_secagg): SecAgg+ masks every coordinate, and the default
+    # 131072 item buckets are most of the run's time; nothing checked here depends on the size.
+    small = ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512"]
+    small += ["train.batch-size=128"]
     simulate(
         "recsys-synthetic",
-        ["rounds=2", "metrics.dp=true", "dp.epsilon-budget=9", "secagg.enabled=true", f"run-dir={run_dir}"],
+        small + ["rounds=2", "metrics.dp=true", "dp.epsilon-budget=9", "secagg.enabled=true", f"run-dir={run_dir}"],
     )
     with Ledger(run_dir / "ledger.sqlite") as ledger:
         rows = ledger.rows()
