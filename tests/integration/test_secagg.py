@@ -35,7 +35,15 @@ TASKS = {
     ),
     "recsys": (
         "recsys-synthetic",
-        ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512", "train.batch-size=128"],
+        [
+            "recsys.synthetic-users=200",
+            "recsys.synthetic-items=80",
+            "recsys.num-buckets=512",
+            "train.batch-size=128",
+            # A fixed noise multiplier (as the VAE and GAN here): no noise search in the preflight.
+            "dp.target-epsilon=0.0",
+            "dp.noise-multiplier=1.0",
+        ],
     ),
 }
 # SecAgg+ quantizes each coordinate with stochastic rounding onto a grid of step
