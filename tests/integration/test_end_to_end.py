@@ -142,7 +142,7 @@ def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
     ids = simulation_identities(tmp_path / "ids", [100, 100, 100])  # the parties' keys, outside the run dir
     overrides = [f"registry={ids.registry_path}", f"server-key={ids.server_key_path}"]
     flat = resolve(
-        "vae-digits", SMALL + ["rounds=1", "site-wait-seconds=3", f"run-dir={run_dir}", *overrides]
+        "vae-digits", SMALL + ["rounds=1", "site-wait-seconds=1", f"run-dir={run_dir}", *overrides]
     ).to_flat()
     with pytest.raises(PrivfedError) as info:
         run_simulation(

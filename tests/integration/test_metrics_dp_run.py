@@ -16,9 +16,17 @@ pytestmark = pytest.mark.slow
 
 def test_secure_recsys_run_with_private_metrics(tmp_path):
     run_dir = tmp_path / "run"
+    # A small catalogue (as in test_secagg): SecAgg+ masks every coordinate, and the default
+    # 131072 item buckets are most of the run's time; nothing checked here depends on the size.
+    small = ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512"]
+    small += ["train.batch-size=128"]
+    # A fixed noise multiplier: no noise search in the preflight (two rounds spend about 3.9
+    # per site, and the metrics releases on top still fit the budget of 9). The preflight's
+    # metrics-budget check with a target epsilon is tests/unit/test_metrics_dp.py's.
+    small += ["dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]
     simulate(
         "recsys-synthetic",
-        ["rounds=2", "metrics.dp=true", "dp.epsilon-budget=9", "secagg.enabled=true", f"run-dir={run_dir}"],
+        small + ["rounds=2", "metrics.dp=true", "dp.epsilon-budget=9", "secagg.enabled=true", f"run-dir={run_dir}"],
     )
     with Ledger(run_dir / "ledger.sqlite") as ledger:
         rows = ledger.rows()

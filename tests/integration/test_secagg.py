@@ -35,7 +35,15 @@ TASKS = {
     ),
     "recsys": (
         "recsys-synthetic",
-        ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512", "train.batch-size=128"],
+        [
+            "recsys.synthetic-users=200",
+            "recsys.synthetic-items=80",
+            "recsys.num-buckets=512",
+            "train.batch-size=128",
+            # A fixed noise multiplier (as the VAE and GAN here): no noise search in the preflight.
+            "dp.target-epsilon=0.0",
+            "dp.noise-multiplier=1.0",
+        ],
     ),
 }
 # SecAgg+ quantizes each coordinate with stochastic rounding onto a grid of step
@@ -78,7 +86,16 @@ FIVE = VAE + ["num-sites=5", "rounds=1", "weighting=uniform"]
 WITHOUT_0_AND_3 = ['faults.dropout-sites="0,3"', "faults.dropout-stage=upload"]
 
 
-def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path):
+@pytest.fixture(scope="module")
+def plain_without_0_and_3(tmp_path_factory) -> dict:
+    """The plain FedAvg model of sites 1, 2 and 4 (0 and 3 drop before uploading), shared to
+    save a run: the upload dropouts and the setup dropouts are both checked against it."""
+    state, lines = _run(tmp_path_factory.mktemp("plain3"), "plain3", "vae-digits", FIVE + WITHOUT_0_AND_3)
+    assert lines[0]["sites_used"] == ["site-1", "site-2", "site-4"]
+    return state
+
+
+def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path, plain_without_0_and_3):
     """VAE, 5 sites, threshold 3: two sites may vanish after masking, or before uploading."""
     base = FIVE
     plain, _ = _run(tmp_path, "plain", "vae-digits", base)
@@ -92,23 +109,29 @@ def test_dropouts_within_tolerance_recover_the_survivors_sum(tmp_path):
     assert lines[0]["aggregated"] and len(lines[0]["sites_used"]) == 5
     assert _max_diff(after_mask, plain) < STEP
 
-    dropped = base + WITHOUT_0_AND_3
-    plain3, _ = _run(tmp_path, "plain3", "vae-digits", dropped)
-    secure3, lines = _run(tmp_path, "secure3", "vae-digits", dropped + ["secagg.enabled=true"])
+    plain3 = plain_without_0_and_3
+    secure3, lines = _run(tmp_path, "secure3", "vae-digits", base + WITHOUT_0_AND_3 + ["secagg.enabled=true"])
     assert lines[0]["sites_used"] == ["site-1", "site-2", "site-4"]
     assert _max_diff(secure3, plain3) < STEP
     # The tolerance is tight enough to tell these two aggregates apart.
     assert _max_diff(plain3, plain) > 100 * STEP
 
 
-def test_a_site_offline_at_setup_leaves_a_round_of_the_others(tmp_path):
+def test_a_site_offline_at_setup_leaves_a_round_of_the_others(tmp_path, plain_without_0_and_3):
     """Flower 1.41 alone fails the whole round here (it asks survivors for shares of a site
-    that never shared its keys); server/secagg.py forgets such sites before anyone trains."""
-    base = FIVE + ['faults.dropout-sites="0"']
-    secure, lines = _run(tmp_path, "secure", "vae-digits", base + ["secagg.enabled=true", "faults.dropout-stage=setup"])
-    plain, _ = _run(tmp_path, "plain", "vae-digits", base + ["faults.dropout-stage=train"])
-    assert lines[0]["aggregated"] and lines[0]["sites_used"] == ["site-1", "site-2", "site-3", "site-4"]
-    assert _max_diff(secure, plain) < STEP
+    that never shared its keys); server/secagg.py forgets such sites before anyone trains.
+
+    Two sites (0 and 3) are offline, the most threshold 3 of 5 tolerates, so the plain run of
+    the other three is the one the upload-dropout test uses (a plain site that drops before
+    uploading or before training contributes nothing either way)."""
+    secure, lines = _run(
+        tmp_path,
+        "secure",
+        "vae-digits",
+        FIVE + ['faults.dropout-sites="0,3"', "secagg.enabled=true", "faults.dropout-stage=setup"],
+    )
+    assert lines[0]["aggregated"] and lines[0]["sites_used"] == ["site-1", "site-2", "site-4"]
+    assert _max_diff(secure, plain_without_0_and_3) < STEP
 
 
 def test_below_threshold_round_fails_cleanly_and_ledgers_the_spend(tmp_path):

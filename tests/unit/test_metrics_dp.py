@@ -263,7 +263,9 @@ def test_unaffordable_metrics_noise_is_refused_before_the_run():
     with pytest.raises(ConfigError, match=r"^config key 'metrics.dp': needs dp.enabled"):
         make_cfg(**{"metrics.dp": True, "dp.enabled": False})
     # Affordable alone but not with the planned DP-SGD spend: refused by the preflight.
-    cfg = make_cfg(**{"metrics.dp": True, "dp.target-epsilon": 9.9, "dp.epsilon-budget": 10.0})
+    # Two sites, not the default eight: the preflight searches each site's noise multiplier
+    # (about a second each) and the refusal and the acceptance are per site.
+    cfg = make_cfg(**{"metrics.dp": True, "num-sites": 2, "dp.target-epsilon": 9.9, "dp.epsilon-budget": 10.0})
     with pytest.raises(ConfigError, match=r"^config key 'metrics.noise-multiplier': .*compose to eps="):
         preflight(cfg)
-    preflight(make_cfg(**{"metrics.dp": True, "dp.target-epsilon": 8.0, "dp.epsilon-budget": 10.0}))
+    preflight(make_cfg(**{"metrics.dp": True, "num-sites": 2, "dp.target-epsilon": 8.0, "dp.epsilon-budget": 10.0}))
