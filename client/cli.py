@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -143,7 +143,6 @@ def _approve(args: argparse.Namespace, console: Console) -> int:
 
     from client.supervisor import INSTALLED_ROOT
     from common.deploy.app_approval import add_approved, build_fab, check_hash, check_signature, fab_hash_of
-    from common.deploy.fileio import write_atomically
     from common.deploy.site_config import SiteConfig
 
     site = SiteConfig.load(args.config)
@@ -158,12 +157,7 @@ def _approve(args: argparse.Namespace, console: Console) -> int:
     check_signature(site.server_key, fab_hash, args.signature)
     updated = dataclasses.replace(site, approved_apps=add_approved(site.approved_apps, fab_hash))
     path = Path(args.config)
-    text = updated.to_toml().encode()
-
-    def fill(fh: IO[bytes]) -> None:
-        fh.write(text)
-
-    write_atomically(path, fill)  # 0600, as `site init` writes it
+    write_text_atomically(path, updated.to_toml())  # 0600, as `site init` writes it
     console.print(f"approved app {fab_hash} in {path}; this site runs only its approved apps", markup=False)
     return 0
 

@@ -23,7 +23,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from client.supervisor import INSTALLED_ROOT
+from client.supervisor import INSTALLED_ROOT, installed_app_hash
 from common.deploy.app_approval import parse_approved
 from common.deploy.keys import load_key
 from common.deploy.pki import PkiError, check_certificate, check_private_key
@@ -55,8 +55,6 @@ def preflight_site(site: SiteConfig, connect_timeout: float = 5.0) -> None:
             "empty: this site would run no app; approve the coordinator's signed app first "
             "(`privfed site approve SITE_CONFIG --signature SIG`, docs/DEPLOYMENT.md)",
         )
-    from client.supervisor import installed_app_hash
-
     installed = installed_app_hash()
     if installed not in parse_approved(site.approved_apps):
         raise ConfigError(

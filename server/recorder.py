@@ -65,9 +65,9 @@ class RunRecorder:
             check_resumable_run_dir(run_dir)
         else:
             check_new_run_dir(run_dir)
-            make_private_dir(run_dir)
-            write_text_atomically(run_dir / "config.toml", tomli_w.dumps(cfg.to_nested()))
         make_private_dir(run_dir)  # a resumed run's too: runs before 0700 dirs were world-readable
+        if not resume:
+            write_text_atomically(run_dir / "config.toml", tomli_w.dumps(cfg.to_nested()))
         self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
         self.metrics_path = run_dir / "metrics.jsonl"
         create_private_file(self.metrics_path)  # 0600 before the first append opens it

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.site_keys import site_keys
-
 
 # --------------------------------------------------------------------------------------------
 # Finding: the coordinator resets a site's *lifetime* privacy budget through the run config.
@@ -22,25 +20,10 @@ from tests.site_keys import site_keys
 # A VAE/GAN site never reads that file, so any string works: one fresh value per run, one fresh
 # lifetime budget per run.
 def _site(state_dir, run_config, budget=4.0):
-    from flwr.app import Context, RecordDict
+    """test_site_state's lifetime site (same settings as its rotating-run-ids test), under a run config."""
+    from tests.unit.test_site_state import _lifetime_site
 
-    from client.app import make_site
-
-    defaults = {
-        "num-sites": 3,
-        "dp.noise-multiplier": 1.0,
-        "dp.epsilon-budget": budget,
-        "train.local-epochs": 0.5,
-        "dp.secure-rng": False,  # reproducible; the virtual site below allows it
-    }
-    ctx = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 0, "state-dir": str(state_dir), "declared-size": 600},
-        state=RecordDict(),
-        run_config=run_config,
-    )
-    return make_site(defaults, ctx, allow_seeded_noise=True, **site_keys())
+    return _lifetime_site(state_dir, budget, run_config=run_config)
 
 
 def test_the_run_config_cannot_rename_the_sites_dataset():

@@ -36,9 +36,9 @@ def test_any_run_and_site_id_stays_inside_state_dir(tmp_path_factory, run_id, si
 
 
 # ------------------------------------------------------------ lifetime budget per dataset
-def _lifetime_site(state_dir, budget=4.0, **node):
+def _lifetime_site(state_dir, budget=4.0, run_config=None, **node):
     """A fresh SiteClient (a new node state, as each new run or a restarted SuperNode has)
-    on the same state-dir and dataset."""
+    on the same state-dir and dataset (``run_config``: what the coordinator's run config says)."""
     from flwr.app import Context, RecordDict
 
     from client.app import make_site
@@ -60,7 +60,7 @@ def _lifetime_site(state_dir, budget=4.0, **node):
             **node,
         },  # n-hat near the real ~430
         state=RecordDict(),
-        run_config={},
+        run_config=run_config or {},
     )
     return make_site(defaults, ctx, allow_seeded_noise=True, **site_keys())
 
