@@ -36,22 +36,36 @@ IMAGE_ARCHIVE = "image archive"
 
 @dataclass(frozen=True)
 class ArrayData:
-    """In-memory examples: ``x`` float32 in [0, 1], ``y`` int64 labels or None."""
+    """In-memory examples: ``x`` float32 in [0, 1], ``y`` int64 labels or None.
+
+    ``person``: for data with a person key, each record's person as a local index
+    (int64, 0..persons-1) at the site; user-level DP (``dp.unit = "user"``) samples and
+    clips by it. None when the records carry no person key.
+    """
 
     x: torch.Tensor
     y: torch.Tensor | None
+    person: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def subset(self, idx: np.ndarray) -> ArrayData:
         t = torch.as_tensor(idx, dtype=torch.long)
-        return ArrayData(self.x[t], None if self.y is None else self.y[t])
+        return ArrayData(self.x[t], _take(self.y, t), _take(self.person, t))
+
+
+def _take(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t[idx]
 
 
 def to_device(batch: ArrayData, device: torch.device) -> ArrayData:
     """The batch with its tensors on ``device``."""
-    return ArrayData(batch.x.to(device), None if batch.y is None else batch.y.to(device))
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return ArrayData(batch.x.to(device), move(batch.y), move(batch.person))
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ class Task(ABC):
     def server_test_data(self) -> ArrayData | None:
         """The server-held test split (simulation only), or None."""
 
+    def has_person_key(self) -> bool:
+        """True when every training record carries its person (``ArrayData.person``), so that
+        ``dp.unit = "user"`` can sample and clip per person. Default: no person key."""
+        return False
+
     def site_sizes(self) -> list[int]:
         """Training-set size of every site; used to validate delta before a run starts."""
         return [len(self.site_data(i)[0]) for i in range(self.cfg.federation.num_sites)]
