@@ -392,7 +392,7 @@ class SiteClient(NumPyClient):
             raise RoundReplayed(f"server-round {server_round} after round {max(trained)} was trained")
         # n-hat only: the plan is sent and ledgered, and must not depend on the real n.
         plan = plan_round(self.cfg, self.declared)
-        check_real_size(plan, len(self.train_data))  # delta < 1/n for the real n; says no n
+        check_real_size(plan, self.task.unit_count(self.train_data))  # delta < 1/n for the real n; says no n
         budget = self.cfg.dp.epsilon_budget
         model, keys = self._model(parameters)
         private = self.cfg.metrics.dp
@@ -424,7 +424,7 @@ class SiteClient(NumPyClient):
                 zeros = [np.zeros_like(p) for p in parameters]
                 metrics = fit_metrics(
                     self.site_id,
-                    self.task.unit_of_privacy,
+                    self.task.privacy_unit,
                     plan,
                     0,
                     budget,
@@ -467,7 +467,7 @@ class SiteClient(NumPyClient):
         private_extras = {} if self.cfg.dp.enabled or self.cfg.central_dp.enabled else outcome.metrics
         metrics = fit_metrics(
             self.site_id,
-            self.task.unit_of_privacy,
+            self.task.privacy_unit,
             plan,
             outcome.steps_taken,
             budget,

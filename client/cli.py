@@ -90,6 +90,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     init.add_argument(
         "--min-group-size", type=int, default=0, help="policy: floor on the task's min-group-size (0: none)"
     )
+    init.add_argument(
+        "--privacy-unit",
+        choices=("record", "user"),
+        default="record",
+        help="policy: user trains only under user-level DP (dp.unit = user); record accepts either",
+    )
     init.add_argument("--force", action="store_true")
     verify = site_sub.add_parser(
         "verify", help="compare this site's own history and kept receipt with the coordinator's ledger"
@@ -214,6 +220,7 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
             max_epsilon_per_round=args.max_epsilon_per_round,
             max_delta=args.max_delta,
             min_group_size=args.min_group_size,
+            privacy_unit="" if args.privacy_unit == "record" else args.privacy_unit,
         )
         site.validate()
         signer = _site_signing_key(signer_path)

@@ -235,9 +235,9 @@ class RunRecorder:
             parts.append(f"site val {name} {np.mean(vals):.3f}")
         if self.cfg.dp.enabled and line["delta"]:
             deltas = line["delta"].values()
-            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas):.3g}, per {self.task.unit_of_privacy})")
+            parts.append(f"max ε {line['eps_max']:.3f} (δ≤{max(deltas):.3g}, per {self.task.privacy_unit})")
         elif self.cfg.dp.enabled:
-            parts.append(f"max ε so far {line['eps_max']:.3f} (per {self.task.unit_of_privacy})")
+            parts.append(f"max ε so far {line['eps_max']:.3f} (per {self.task.privacy_unit})")
         if not self.cfg.dp.enabled and "central_dp" not in line:
             parts.append("no DP (ε=∞)")
         if line["failures"]:

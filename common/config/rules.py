@@ -33,6 +33,7 @@ class TaskSpec(Protocol):
     partitions: tuple[str, ...]
     primary_metric: str
     site_primary_loss: bool
+    person_sources: tuple[str, ...]
 
 
 def check_rules(cfg: RunSections, task: TaskSpec) -> None:
@@ -111,6 +112,12 @@ def check_task(cfg: RunSections, task: TaskSpec) -> None:
         cfg.data.source in task.data_sources,
         "data.source",
         f"must be one of {', '.join(task.data_sources)} for task {task.name!r}, got {cfg.data.source!r}",
+    )
+    _require(
+        not (cfg.dp.enabled and cfg.dp.unit == "user") or cfg.data.source in task.person_sources,
+        "dp.unit",
+        f"is user, but task {task.name!r} with data.source {cfg.data.source!r} has no person key "
+        f"(user-level DP needs one: {', '.join(task.person_sources) or 'no source of this task has one'})",
     )
     _require(
         cfg.data.partition in task.partitions,

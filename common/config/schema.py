@@ -82,6 +82,11 @@ class FederationConfig:
     # 900 s: a round of the deployed models on a CPU site takes ~20-30 s, so only a site
     # some 30 times slower than that, or gone, is dropped.
     round_timeout: float = 900.0
+    # A declaration about the federation's people, for the report only: no person has
+    # records at more than this many sites (0: undeclared, so any person may be at every
+    # site). Under dp.unit = user the report shows a person's worst-case epsilon composed
+    # over that many sites (docs/PRIVACY.md, "The same person at several sites").
+    max_sites_per_person: int = 0
     # Continue the run in run-dir from its last checkpoint (`privfed resume RUN_DIR`).
     resume: bool = False
     # The federation registry (common.deploy.registry): each site's Ed25519 public key and
@@ -125,6 +130,11 @@ class FederationConfig:
             f"must be >= 0 (0: no limit, simulation only), got {self.round_timeout}",
         )
         _require(self.num_sites >= 1, "num-sites", f"must be >= 1, got {self.num_sites}")
+        _require(
+            self.max_sites_per_person >= 0,
+            "max-sites-per-person",
+            f"must be >= 0 (0: undeclared), got {self.max_sites_per_person}",
+        )
         _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _require(
             0.0 < self.fraction_fit <= 1.0,
@@ -209,9 +219,14 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
 
 
+# dp.unit: one training record, or all of one person's records (user-level DP).
+RECORD_UNIT, USER_UNIT = "record", "user"
+DP_UNITS = (RECORD_UNIT, USER_UNIT)
+
+
 @dataclass(frozen=True)
 class DPConfig:
-    """Sample-level DP-SGD at each site (unit of privacy: one training example)."""
+    """DP-SGD at each site; the unit of privacy is one training record, or one person (``unit``)."""
 
     enabled: bool = True
     # fast: privfed's fused per-sample clipping (one backward pass); opacus: Opacus hooks.
@@ -234,9 +249,29 @@ class DPConfig:
     # reproducible runs, and a deployed site refuses that unless its own node config
     # allows it (allow-seeded-noise; docs/PRIVACY.md).
     secure_rng: bool = True
+    # The unit of privacy: record (one training record: an image, a rating, a row) or user
+    # (all of one person's records, for data with a person key: sampled, clipped and
+    # accounted per person; docs/PRIVACY.md, "User-level DP").
+    unit: str = "record"
+    # dp.unit = user: at most this many of a person's records enter one step's gradient,
+    # and at most this many of their held-out records enter an evaluation sum. It bounds
+    # the work and the evaluation's sensitivity; the training guarantee does not depend on
+    # it (a person's whole gradient is clipped to dp.max-grad-norm).
+    max_records_per_user: int = 32
 
     def validate(self) -> None:
         _require(self.engine in ("fast", "opacus"), "dp.engine", f"must be fast or opacus, got {self.engine!r}")
+        _require(self.unit in DP_UNITS, "dp.unit", f"must be one of {', '.join(DP_UNITS)}, got {self.unit!r}")
+        _require(
+            self.max_records_per_user >= 1,
+            "dp.max-records-per-user",
+            f"must be >= 1 (each sampled person contributes up to this many records), got {self.max_records_per_user}",
+        )
+        _require(
+            not (self.enabled and self.unit == USER_UNIT and self.engine == "opacus"),
+            "dp.engine",
+            "is opacus, which clips per example and has no user-level clipping; dp.unit = user needs dp.engine = fast",
+        )
         _require(
             self.noise_multiplier >= 0,
             "dp.noise-multiplier",

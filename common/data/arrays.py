@@ -18,9 +18,11 @@ Two kinds of split live here:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, hmac
 from common.config import DataConfig
 from common.config.limits import SITE_PARTITION  # noqa: F401 (re-exported: its old home)
 from common.errors import ConfigError, DataError
+
+_D = TypeVar("_D", bound="ArrayData")
 
 # The npz file's role in a site's error to the coordinator (common.errors.DataError.public_location).
 IMAGE_ARCHIVE = "image archive"
@@ -57,6 +61,26 @@ class ArrayData:
 
 def _take(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[idx]
+
+
+def capped_per_person(data: _D, cap: int) -> _D:
+    """``data`` with only the first ``cap`` records of each person (in the data's order).
+
+    User-level DP evaluation: a person then adds at most ``cap`` records to any sum, and
+    which of their records count depends on their own records only.
+    """
+    if data.person is None:
+        raise ValueError("capped_per_person needs the records' person key")
+    person = data.person
+    order = torch.argsort(person, stable=True)
+    sizes = torch.bincount(person)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel()) - starts[person[order]]
+    keep = rank < cap
+    if bool(keep.all()):
+        return data
+    return dataclasses.replace(data, x=data.x[keep], y=_take(data.y, keep), person=person[keep])
 
 
 def to_device(batch: ArrayData, device: torch.device) -> ArrayData:

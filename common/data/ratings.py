@@ -460,6 +460,7 @@ def site_split(data: Ratings, users: np.ndarray, held: np.ndarray) -> tuple[Rati
         return RatingData(
             x,
             torch.as_tensor(r[mask]),
+            x[:, 0],  # the person key: the rating's (pseudonymous, site-local) user
             num_users=len(users),
             attrs=attrs,
             catalogue=data.catalogue,

@@ -42,6 +42,9 @@ loosen; a run config outside one is refused (:class:`PolicyRefusal`) before any 
     max-epsilon-per-round  the largest epsilon one round may spend (the plan's, at its delta)
     max-delta              the largest delta the site accepts
     min-group-size         a floor on the task's ``<task>.min-group-size`` (where it has one)
+    privacy-unit           user: this site trains only under user-level DP (``dp.unit = "user"``);
+                           a run config asking for record-level DP, whose epsilon protects one
+                           record and a person only by group privacy, is refused (default: any)
 
 Which code runs at the site is policy too, but not a node-config key: ``approved-apps`` in
 the site config lists the app hashes the site approved (common.deploy.app_approval), and
@@ -106,6 +109,7 @@ NODE_CONFIG_KEYS = (
     "max-epsilon-per-round",
     "max-delta",
     "min-group-size",
+    "privacy-unit",
 )
 
 
@@ -228,10 +232,11 @@ class SitePolicy:
     max_epsilon_per_round: float = 0.0
     max_delta: float = 0.0
     min_group_size: int = 0
+    privacy_unit: str = ""
 
     @property
     def needs_dp(self) -> bool:
-        return bool(self.min_noise_multiplier or self.max_epsilon_per_round or self.max_delta)
+        return bool(self.min_noise_multiplier or self.max_epsilon_per_round or self.max_delta or self.privacy_unit)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
@@ -252,6 +257,10 @@ class SitePolicy:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ConfigError("site min-group-size", "must be an integer >= 0 (0: no floor)")
         values["min_group_size"] = k
+        unit = node_config.get("privacy-unit", "")
+        if unit not in ("", "record", "user"):
+            raise ConfigError("site privacy-unit", "must be record or user (empty: either)")
+        values["privacy_unit"] = "" if unit == "record" else unit
         return cls(**values)
 
 
@@ -279,9 +288,11 @@ def check_site_policy(cfg: RunConfig, policy: SitePolicy, declared: int) -> None
     if not cfg.dp.enabled:
         raise PolicyRefusal(
             "dp.enabled",
-            "is false, but this site's policy requires DP-SGD (min-noise-multiplier, max-epsilon-per-round "
-            "or max-delta)",
+            "is false, but this site's policy requires DP-SGD (min-noise-multiplier, max-epsilon-per-round, "
+            "max-delta or privacy-unit)",
         )
+    if policy.privacy_unit == "user" and cfg.dp.unit != "user":
+        raise PolicyRefusal("dp.unit", "is not user, but this site trains only under user-level DP (its privacy-unit)")
     plan = plan_round(cfg, declared)
     # The key that sets sigma: the target epsilon when sigma is derived from it.
     sigma_key = "dp.target-epsilon" if cfg.dp.target_epsilon > 0 else "dp.noise-multiplier"
@@ -467,6 +478,7 @@ class SiteConfig:
     max_epsilon_per_round: float = 0.0
     max_delta: float = 0.0
     min_group_size: int = 0
+    privacy_unit: str = ""
     # The apps this site runs (common.deploy.app_approval): comma-separated SHA-256 hashes of
     # FABs it approved with `privfed site approve`. Read by `privfed site join` (the site's
     # SuperExec checks every FAB against it), never sent: not a node-config key.
@@ -493,6 +505,7 @@ class SiteConfig:
             "dataset_id",
             "signing_key",
             "allowed_tasks",
+            "privacy_unit",
         ):
             if '"' in getattr(self, key):  # Flower's --node-config parser cannot carry a double quote
                 raise ConfigError(key.replace("_", "-"), f"must not contain a double quote, got {getattr(self, key)!r}")
@@ -558,6 +571,7 @@ class SiteConfig:
             "max-epsilon-per-round": self.max_epsilon_per_round,
             "max-delta": self.max_delta,
             "min-group-size": self.min_group_size,
+            "privacy-unit": self.privacy_unit,
         }
 
     def to_toml(self) -> str:

@@ -6,7 +6,8 @@ the ledger records it, the budget check spends it, and the step engines
 out. Sensitivity: each noisy step releases a sum of per-example gradients clipped to
 ``max_grad_norm``, so one example changes it by at most ``C``; sigma is in units of ``C``.
 
-Neighbouring relation: add or remove one example. It holds because the plan depends on
+Neighbouring relation: add or remove one example (under ``dp.unit = "user"``: one person,
+all of their records; n-hat then counts persons and q samples persons). It holds because the plan depends on
 the site's *declared* size n-hat only, a public constant fixed before the run, never on
 the real number of records n: adding or removing a record changes the Poisson samples
 and nothing else (docs/PRIVACY.md, "Dataset sizes are public by declaration").
@@ -47,8 +48,9 @@ def plan_round(cfg: RunConfig, declared_size: int) -> RoundPlan:
     if not dp.enabled:
         return RoundPlan(n, q, steps, 0.0, 0.0, 0.0, NO_DP)
     delta = dp.delta or auto_delta(n)
+    unit = "person" if dp.unit == "user" else "record"
     if delta >= 1.0 / n:
-        raise ConfigError("dp.delta", f"is {delta:g} but must be < 1/n = {1.0 / n:.3g} for a site with n={n} examples")
+        raise ConfigError("dp.delta", f"is {delta:g} but must be < 1/n = {1.0 / n:.3g} for a site with n={n} {unit}s (its declared size)")
     if dp.target_epsilon > 0:
         sigma = _cached_noise(dp.target_epsilon, delta, q, steps * cfg.federation.rounds, dp.accountant)
     else:

@@ -13,18 +13,61 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from common.config import RunConfig
+from common.config.schema import USER_UNIT
 from common.data.arrays import ArrayData, to_device
 from common.privacy.accounting import NO_DP, RoundPlan
 from common.privacy.engines import StepEngine, make_engine
+from common.privacy.engines.rules import PersonGroups
+
+
+class PersonSampler:
+    """User-level batches: Poisson sampling over persons, then up to ``cap`` records of each.
+
+    Each step samples every person independently with rate q (Opacus's sampler, over the
+    site's persons rather than its records) and takes up to ``cap`` of each sampled
+    person's records: all of them when they have at most ``cap``, else a window of ``cap``
+    consecutive records, at a uniformly random start, in an order shuffled once per round.
+    Which records a person contributes depends only on that person's own records and the
+    sampler's randomness, and the engine clips the person's summed gradient as a whole, so
+    adding or removing one person changes the step's sum by at most C (sensitivity over
+    persons; the cap bounds the work and nothing in the guarantee).
+    """
+
+    def __init__(self, person: torch.Tensor, cap: int, generator: torch.Generator | None) -> None:
+        n = person.shape[0]
+        shuffled = torch.randperm(n, generator=generator)
+        # Records grouped by person (stable sort keeps the shuffle inside each person).
+        self.order = shuffled[torch.argsort(person[shuffled], stable=True)]
+        _, self.sizes = torch.unique_consecutive(person[self.order], return_counts=True)
+        self.starts = torch.cumsum(self.sizes, 0) - self.sizes
+        self.cap, self.generator = cap, generator
+
+    @property
+    def persons(self) -> int:
+        return int(self.sizes.numel())
+
+    def take(self, sampled: torch.Tensor) -> tuple[torch.Tensor, PersonGroups]:
+        """The records of the sampled persons (indices into the data), and their person groups."""
+        sizes = self.sizes[sampled]
+        take = sizes.clamp(max=self.cap)
+        count = int(sampled.numel())
+        owner = torch.repeat_interleave(torch.arange(count), take)  # batch-local person of each record
+        first = torch.cumsum(take, 0) - take
+        j = torch.arange(owner.numel()) - first[owner]  # 0..take-1 within the person
+        offset = (torch.rand(count, generator=self.generator) * sizes).long()  # window start
+        pos = self.starts[sampled][owner] + (offset[owner] + j) % sizes[owner]
+        return self.order[pos], PersonGroups(owner, count, j, int(take.max()) if count else 0)
 
 
 class LocalSession:
     """Hands a task its batches and takes exactly one optimiser step per batch.
 
     Under DP the batches are Poisson samples with rate ``plan.sample_rate`` (Opacus's
-    sampler), and there are ``plan.steps`` of them. The session counts the noisy steps
-    actually taken; that count, not the plan, is what the ledger records. Taking two
-    steps on one sampled batch would break the accounting, so it raises.
+    sampler), and there are ``plan.steps`` of them: of records, or under user-level DP of
+    persons (:class:`PersonSampler`, given as ``persons``), whose groups the session hands
+    the engine with the batch's losses. The session counts the noisy steps actually taken;
+    that count, not the plan, is what the ledger records. Taking two steps on one sampled
+    batch would break the accounting, so it raises.
     """
 
     def __init__(
@@ -35,24 +78,46 @@ class LocalSession:
         engine: StepEngine,
         device: torch.device,
         generator: torch.Generator | None,
+        persons: PersonSampler | None = None,
     ) -> None:
         self.data, self.plan, self.batch_size = data, plan, batch_size
         self.engine, self.device, self.generator = engine, device, generator
+        self.persons = persons
         self.steps_taken = 0
         self._batch_pending = False
+        self._groups: PersonGroups | None = None
 
     def batches(self) -> Iterator[ArrayData]:
-        n = len(self.data)
-        if self.plan.accountant != NO_DP:
-            sampler = UniformWithReplacementSampler(
-                num_samples=n, sample_rate=self.plan.sample_rate, generator=self.generator, steps=self.plan.steps
-            )
-            index_batches: Iterator = (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
+        if self.plan.accountant == NO_DP:
+            index_batches: Iterator = self._shuffled()
+        elif self.persons is not None:
+            index_batches = self._by_person(self.persons)
         else:
-            index_batches = self._shuffled()
+            sampler = UniformWithReplacementSampler(
+                num_samples=len(self.data),
+                sample_rate=self.plan.sample_rate,
+                generator=self.generator,
+                steps=self.plan.steps,
+            )
+            index_batches = (torch.as_tensor(idx, dtype=torch.long) for idx in sampler)
+        d = self.data
         for idx in index_batches:
             self._batch_pending = True
-            yield to_device(ArrayData(self.data.x[idx], None if self.data.y is None else self.data.y[idx]), self.device)
+            yield to_device(ArrayData(d.x[idx], None if d.y is None else d.y[idx]), self.device)
+
+    def _by_person(self, persons: PersonSampler) -> Iterator[torch.Tensor]:
+        sampler = UniformWithReplacementSampler(
+            num_samples=persons.persons,
+            sample_rate=self.plan.sample_rate,
+            generator=self.generator,
+            steps=self.plan.steps,
+        )
+        for sampled in sampler:
+            idx, groups = persons.take(torch.as_tensor(sampled, dtype=torch.long))
+            self._groups = PersonGroups(
+                groups.index.to(self.device), groups.count, groups.position.to(self.device), groups.width
+            )
+            yield idx
 
     def _shuffled(self) -> Iterator[torch.Tensor]:
         """Non-private baseline: plain shuffled minibatches, the same number of steps."""
@@ -71,7 +136,7 @@ class LocalSession:
         if self.steps_taken >= self.plan.steps:
             raise RuntimeError(f"LocalSession.step: the round's plan allows {self.plan.steps} steps (DP accounting)")
         self._batch_pending = False
-        self.engine.step(per_sample_loss)
+        self.engine.step(per_sample_loss, self._groups)
         self.steps_taken += 1
 
 
@@ -131,7 +196,12 @@ def run_local_round(
     engine = make_engine(cfg.dp.engine, private, optimizer, plan, generator=noise_gen, secure_mode=secure)
     # The sampler draws on CPU; keep its generator there.
     sample_gen = torch.Generator().manual_seed(sample_seed)
-    session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen)
+    persons = None
+    if cfg.dp.unit == USER_UNIT and plan.accountant != NO_DP:
+        if data.person is None:  # Task.unit_count refuses this first, naming dp.unit
+            raise RuntimeError("user-level DP needs the records' person key")
+        persons = PersonSampler(data.person, cfg.dp.max_records_per_user, sample_gen)
+    session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen, persons)
     # Tasks draw their own randomness (VAE reparameterisation, GAN latents) from torch's
     # global RNG; seed it inside a forked RNG state so the caller's state is untouched.
     devices = [device.index or 0] if device.type == "cuda" else []

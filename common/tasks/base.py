@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.config.schema import USER_UNIT
+from common.errors import ConfigError
+
 if TYPE_CHECKING:
     from common.config import RunConfig
     from common.data.arrays import ArrayData
@@ -32,6 +35,9 @@ class Task(ABC):
     # The dataclass for the task's own ``[<name>]`` config table.
     config_cls: ClassVar[type]
     data_sources: ClassVar[tuple[str, ...]] = ()
+    # The data sources whose records carry a person key (``dp.unit = "user"`` is refused on
+    # the others); a source may still lack one in a given file (:meth:`has_person_key`).
+    person_sources: ClassVar[tuple[str, ...]] = ()
     # Values of data.partition the task understands.
     partitions: ClassVar[tuple[str, ...]] = ()
     # The evaluation metric that is "the" utility (lower is better), centrally and at sites.
@@ -67,9 +73,27 @@ class Task(ABC):
         ``dp.unit = "user"`` can sample and clip per person. Default: no person key."""
         return False
 
+    @property
+    def privacy_unit(self) -> str:
+        """The unit of privacy of this run, as every ledger row names it: the task's record
+        (:attr:`unit_of_privacy`), or ``user`` under ``dp.unit = "user"``."""
+        return USER_UNIT if self.cfg.dp.unit == USER_UNIT else self.unit_of_privacy
+
+    def unit_count(self, data: ArrayData) -> int:
+        """How many privacy units ``data`` holds: its records, or its distinct persons under
+        ``dp.unit = "user"`` (the n that q, delta and the site's declared size count)."""
+        if self.cfg.dp.unit != USER_UNIT:
+            return len(data)
+        if data.person is None or not self.has_person_key():
+            raise ConfigError(
+                "dp.unit", f"is user, but this site's {self.name} records carry no person key (use dp.unit = record)"
+            )
+        return int(torch.unique(data.person).numel())
+
     def site_sizes(self) -> list[int]:
-        """Training-set size of every site; used to validate delta before a run starts."""
-        return [len(self.site_data(i)[0]) for i in range(self.cfg.federation.num_sites)]
+        """Privacy units (:meth:`unit_count`) in every site's training split; the simulation
+        declares them as the sites' sizes n-hat, and delta is validated against them."""
+        return [self.unit_count(self.site_data(i)[0]) for i in range(self.cfg.federation.num_sites)]
 
     # ---------------------------------------------------------------- model
     @abstractmethod

@@ -124,7 +124,7 @@ def test_round_line_says_no_dp_only_for_a_non_private_run(dp, failures):
     from tests.conftest import make_cfg
 
     fake = SimpleNamespace(
-        cfg=make_cfg(**{"dp.enabled": dp}), task=SimpleNamespace(primary_metric="neg_elbo", unit_of_privacy="image")
+        cfg=make_cfg(**{"dp.enabled": dp}), task=SimpleNamespace(primary_metric="neg_elbo", privacy_unit="image")
     )
     line = {
         "sites_trained": ["a"],

@@ -50,6 +50,7 @@ def no_data(monkeypatch):
         ({"min-noise-multiplier": 1.5}, {"dp.enabled": False, "metrics.dp": False}, "dp.enabled", "1.5"),
         ({}, {"dp.secure-rng": False}, "dp.secure-rng", None),
         ({}, {"metrics.dp": False}, "metrics.dp", None),
+        ({"privacy-unit": "user"}, {}, "dp.unit", None),  # record-level DP at a site that promised persons
     ],
 )
 def test_each_limit_refuses_with_the_key_and_no_value(no_data, node, run_config, key, value):
@@ -132,6 +133,7 @@ def test_failure_text_carries_only_a_well_formed_token_for_the_refused_key():
         ({"min-group-size": 2.5}, "site min-group-size"),
         ({"allowed-tasks": 3}, "site allowed-tasks"),
         ({"max-epsilon-per-round": -1.0}, "site max-epsilon-per-round"),
+        ({"privacy-unit": "rating"}, "site privacy-unit"),
     ],
 )
 def test_a_malformed_policy_is_the_sites_own_error(node, key):
@@ -195,6 +197,7 @@ def test_every_key_privfed_site_join_writes_is_one_the_site_accepts(tmp_path):
         dataset_id="ds",
         allow_seeded_noise=True,
         allow_exact_metrics=True,
+        privacy_unit="user",
     )
     parsed = parse_config_args([site.node_config()])
     assert set(parsed) == set(NODE_CONFIG_KEYS) - {"num-partitions"}  # that one only Flower's simulation sets

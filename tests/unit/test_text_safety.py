@@ -200,7 +200,7 @@ def test_the_audit_table_shows_hostile_units_as_text(tmp_path, capsys):
 
 def _round_line(test_source: str, primary: str = "loss") -> str:
     fake = SimpleNamespace(
-        cfg=make_cfg(**{"dp.enabled": False}), task=SimpleNamespace(primary_metric=primary, unit_of_privacy="image")
+        cfg=make_cfg(**{"dp.enabled": False}), task=SimpleNamespace(primary_metric=primary, privacy_unit="image")
     )
     line = {
         "sites_trained": ["a"],

@@ -18,6 +18,12 @@ to a layer with a rule and is one the rule clips (a ``Linear``'s weight and bias
 layer's forward (``F.linear(h, emb.weight)``: that gradient would bypass the rule), and each
 example is one row; the engine checks all of these and refuses otherwise. Gradient buffers
 start at zero, so nothing a rule did not write can carry old memory into the release.
+
+User-level DP (``groups``): a person's loss is the sum of their examples' losses, so their
+gradient is the sum of the per-example gradients; each rule returns that sum's squared norm
+per person (:class:`~common.privacy.engines.rules.base.PersonGroups`), the person's clip
+factor scales every one of their examples, and the clipped sum is written as before. One
+person then moves the release by at most ``C`` (add/remove one person).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from common.errors import ConfigError
 from common.privacy.accounting import RoundPlan
 from common.privacy.engines.base import StepEngine, register_engine
 from common.privacy.engines.flat_optimizer import FreshGradOptimizer
-from common.privacy.engines.rules import RULES, LayerRule
+from common.privacy.engines.rules import RULES, LayerRule, PersonGroups
 from common.privacy.engines.shared import noise_kwargs, refuse_unclipped_parameters, validate_private_model
 
 
@@ -89,8 +95,9 @@ class FastDPStep(StepEngine):
         names = {id(p): name for name, p in model.named_parameters()}
         self.names = [names[id(p)] for p in self.params]
 
-    def clipped_grad_sum(self, per_sample_loss: torch.Tensor) -> None:
-        """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``."""
+    def clipped_grad_sum(self, per_sample_loss: torch.Tensor, groups: PersonGroups | None = None) -> None:
+        """Backward once, then write sum_i clip_C(grad_i) into each parameter's ``.grad``; with
+        ``groups``, sum_u clip_C(sum_{i in u} grad_i) over the batch's persons u."""
         for _, _, slot in self.layers:
             slot.clear()
         batch = per_sample_loss.shape[0]
@@ -104,7 +111,10 @@ class FastDPStep(StepEngine):
                     f"fast DP engine: {name} is used outside its layer's forward (e.g. F.linear(h, emb.weight)); "
                     "per-example clipping cannot see that use, so use the parameter only through its layer"
                 )
-        sq_norms = torch.zeros(batch, device=per_sample_loss.device, dtype=per_sample_loss.dtype)
+        if groups is not None and groups.index.shape[0] != batch:
+            raise RuntimeError(f"fast DP engine: {groups.index.shape[0]} person indices for {batch} examples")
+        units = batch if groups is None else groups.count
+        sq_norms = torch.zeros(units, device=per_sample_loss.device, dtype=per_sample_loss.dtype)
         for module, rule, slot in self.layers:
             if len(slot) != 1:
                 raise RuntimeError(
@@ -118,8 +128,10 @@ class FastDPStep(StepEngine):
                     f"fast DP engine: a {type(module).__name__} layer saw {a.shape[0]} rows for {batch} examples; "
                     "models that reshape the batch need dp.engine=opacus"
                 )
-            sq_norms = sq_norms + rule.sq_norms(module, a, g)
+            sq_norms = sq_norms + rule.sq_norms(module, a, g, groups)
         scale = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
+        if groups is not None:  # every example of a person carries the person's clip factor
+            scale = scale[groups.index]
         # A fresh buffer each step: nobody else can hold last step's gradients through it.
         ref = self.params[0]
         flat = torch.zeros(sum(self.sizes), dtype=ref.dtype, device=ref.device)
@@ -132,9 +144,9 @@ class FastDPStep(StepEngine):
             p.grad = out[p]
         self.optimizer.flat = flat
 
-    def step(self, per_sample_loss: torch.Tensor) -> None:
+    def step(self, per_sample_loss: torch.Tensor, groups: PersonGroups | None = None) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.clipped_grad_sum(per_sample_loss)
+        self.clipped_grad_sum(per_sample_loss, groups)
         self.optimizer.step()
 
     def close(self) -> None:

@@ -23,8 +23,10 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from common.errors import ConfigError
 from common.privacy.accounting import RoundPlan
 from common.privacy.engines.base import StepEngine, register_engine
+from common.privacy.engines.rules.base import PersonGroups
 from common.privacy.engines.shared import noise_kwargs, refuse_unclipped_parameters, validate_private_model
 
 # Torch warns when a full backward hook fires and no input of the module requires grad (the
@@ -81,7 +83,9 @@ class OpacusDPStep(StepEngine):
         names = {id(p): name for name, p in model.named_parameters()}
         self.named = [(names[id(p)], p) for p in self.optimizer.params]
 
-    def step(self, per_sample_loss: torch.Tensor) -> None:
+    def step(self, per_sample_loss: torch.Tensor, groups: PersonGroups | None = None) -> None:
+        if groups is not None:  # the config refuses this pairing; never clip per example by mistake
+            raise ConfigError("dp.engine", "opacus clips per example; user-level DP (dp.unit = user) needs fast")
         self.optimizer.zero_grad(set_to_none=True)
         per_sample_loss.sum().backward()
         self._check_captured()

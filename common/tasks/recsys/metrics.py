@@ -58,7 +58,9 @@ DP_SUM_KEYS = ("sse", "sae", "n_ratings", "n_ranked")
 DP_GROUP_SUMS = ("sse", "sae", "pred", "n", "users")
 
 
-def dp_bounds(rating_min: float, rating_max: float, error_bound: float = 0.0) -> tuple[dict[str, float], int]:
+def dp_bounds(
+    rating_min: float, rating_max: float, error_bound: float = 0.0, per_user: int = 1
+) -> tuple[dict[str, float], int]:
     """Per-record bounds of the released sums for add/remove of one held-out rating, and how many it touches.
 
     Predictions are clamped to the rating scale and, under metrics.dp, to within
@@ -70,10 +72,16 @@ def dp_bounds(rating_min: float, rating_max: float, error_bound: float = 0.0) ->
     exactly one group per attribute, so it touches 4 overall keys and 5 per attribute:
     ``touched = 4 + 5 * len(GROUP_ATTRIBUTES) = 14``. The schema covers every group of
     the public vocabulary, so no group appears or vanishes with the data.
+
+    Under user-level DP (add/remove one user, ``per_user`` = ``dp.max-records-per-user``)
+    the evaluation reads at most ``per_user`` held-out ratings of each user, all in the
+    user's groups: the per-rating sums move by up to ``per_user`` times their bound, the
+    user counts by 1, and the keys touched are the same 14.
     """
     b = min(error_bound or math.inf, rating_max - rating_min)
     p = max(abs(rating_min), abs(rating_max))
-    per = {"sse": b * b, "sae": b, "pred": p, "n": 1.0, "users": 1.0, "n_ratings": 1.0, "n_ranked": 1.0}
+    m = float(per_user)
+    per = {"sse": m * b * b, "sae": m * b, "pred": m * p, "n": m, "users": 1.0, "n_ratings": m, "n_ranked": 1.0}
     bounds = {k: per[k] for k in DP_SUM_KEYS}
     for a in GROUP_ATTRIBUTES:
         for v in GROUP_VALUES[a]:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.data.arrays import ArrayData
+from common.config.schema import USER_UNIT
+from common.data.arrays import ArrayData, capped_per_person
 from common.data.ratings import RatingData
 from common.errors import ConfigError, PrivfedError
 from common.privacy.metrics_dp import MetricBounds
@@ -36,6 +37,7 @@ class RecsysTask(Task):
     config_cls = RecsysConfig
     unit_of_privacy = "rating"
     data_sources = ("synthetic", "movielens", "csv")
+    person_sources = data_sources  # every rating names its user
     partitions = ("region", "iid", "site")
     primary_metric = "rmse"
     needs_key = True
@@ -67,7 +69,10 @@ class RecsysTask(Task):
         return None  # held-out ratings belong to users, who live at the sites
 
     def site_sizes(self) -> list[int]:
-        return [len(train) for train, _ in self._split()]
+        return [self.unit_count(train) for train, _ in self._split()]
+
+    def has_person_key(self) -> bool:
+        return True  # the pseudonymised user of each rating (RatingData.person)
 
     # ---------------------------------------------------------------- model
     @property
@@ -121,8 +126,14 @@ class RecsysTask(Task):
 
     def metric_bounds(self) -> MetricBounds:
         """Under metrics.dp: error sums and counts, overall and per group (:func:`.metrics.dp_bounds`)."""
-        bounds, touched = dp_bounds(self.params.rating_min, self.params.rating_max, self.cfg.metrics.loss_bound)
+        p = self.params
+        bounds, touched = dp_bounds(p.rating_min, p.rating_max, self.cfg.metrics.loss_bound, self._per_user_cap())
         return MetricBounds(bounds, touched)
+
+    def _per_user_cap(self) -> int:
+        """Held-out ratings one user may add to the evaluation sums: 1 per rating (record-level
+        DP), up to ``dp.max-records-per-user`` per user under user-level DP."""
+        return self.cfg.dp.max_records_per_user if self.cfg.dp.unit == USER_UNIT else 1
 
     @torch.no_grad()
     def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
@@ -136,6 +147,9 @@ class RecsysTask(Task):
         if not isinstance(data, RatingData) or data.y is None:
             raise TypeError("recsys evaluation needs RatingData")
         p = self.params
+        if self.cfg.dp.unit == USER_UNIT:  # per-user sums: each user's first held-out ratings only
+            data = capped_per_person(data, self._per_user_cap())
+        assert data.y is not None  # checked above; capping keeps it
         model.eval()
         device = next(model.parameters()).device
         pred = model(data.x.to(device)).clamp(p.rating_min, p.rating_max).cpu().numpy().astype(np.float64)

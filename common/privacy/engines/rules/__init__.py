@@ -6,6 +6,6 @@ file here and importing it below.
 """
 
 from common.privacy.engines.rules import embedding, linear  # noqa: F401  (register their rules)
-from common.privacy.engines.rules.base import RULES, LayerRule, register_rule
+from common.privacy.engines.rules.base import RULES, LayerRule, PersonGroups, register_rule
 
-__all__ = ["RULES", "LayerRule", "register_rule"]
+__all__ = ["RULES", "LayerRule", "PersonGroups", "register_rule"]

@@ -12,10 +12,38 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class PersonGroups:
+    """Which person each example of a batch belongs to, for user-level clipping.
+
+    ``index[i]`` is example i's person, 0..count-1, and a person's examples are contiguous
+    (the sampler emits them so); ``position[i]`` is i's place among its person's examples and
+    ``width`` the most examples any person has in the batch. A rule then returns one squared
+    norm per *person*: the norm of the sum of that person's per-example gradients, which is
+    the person's gradient (their loss is the sum of their records' losses).
+    """
+
+    index: torch.Tensor
+    count: int
+    position: torch.Tensor
+    width: int
+
+    @classmethod
+    def from_sorted(cls, index: torch.Tensor, count: int) -> PersonGroups:
+        """From a non-decreasing ``index`` (each person's examples contiguous)."""
+        if index.numel() and bool((index[1:] < index[:-1]).any()):
+            raise ValueError("PersonGroups: each person's examples must be contiguous and in order")
+        sizes = torch.bincount(index, minlength=count) if index.numel() else index.new_zeros(count)
+        starts = torch.cumsum(sizes, 0) - sizes
+        position = torch.arange(index.numel(), device=index.device) - starts[index]
+        return cls(index, count, position, int(sizes.max()) if count else 0)
 
 
 class LayerRule(ABC):
@@ -35,8 +63,11 @@ class LayerRule(ABC):
         instead of computing parameter gradients (only in training mode with grad enabled)."""
 
     @abstractmethod
-    def sq_norms(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Each example's squared gradient norm over the layer's trainable parameters, shape (B,)."""
+    def sq_norms(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, groups: PersonGroups | None = None
+    ) -> torch.Tensor:
+        """Each example's squared gradient norm over the layer's trainable parameters, shape (B,);
+        with ``groups``, each person's (the norm of the sum of their examples' gradients), shape (count,)."""
 
     @abstractmethod
     def write_grad(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: dict) -> None:

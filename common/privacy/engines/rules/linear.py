@@ -4,6 +4,10 @@ The per-example gradient of ``y = a W^T + b`` is the outer product ``g a^T`` (an
 for the bias), so its squared norm is ``|g|^2 |a|^2 (+ |g|^2)`` exactly and the clipped
 sum is one matmul ``(c * g)^T a``. Exact only when each example is one row of the input;
 other shapes are refused.
+
+Per person (user-level DP) the gradient is ``sum_{i in u} g_i a_i^T``, whose squared norm
+is ``sum_{i,j in u} (g_i . g_j)(a_i . a_j)`` (plus ``sum_{i,j} g_i . g_j`` for the bias): two
+Gram matrices per person, at the cost of per-example clipping times the examples per person.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from common.privacy.engines.rules.base import LayerRule, register_rule
+from common.privacy.engines.rules.base import LayerRule, PersonGroups, register_rule
 
 
 class _CaptureLinear(torch.autograd.Function):
@@ -33,6 +37,13 @@ class _CaptureLinear(torch.autograd.Function):
         ctx.slot.append((x, grad_out))
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
+
+
+def _padded(x: torch.Tensor, groups: PersonGroups) -> torch.Tensor:
+    """(count, width, features): each person's rows, zero-padded (zeros add nothing to a Gram)."""
+    out = x.new_zeros(groups.count, groups.width, x.shape[1])
+    out[groups.index, groups.position] = x
+    return out
 
 
 def _trainable_bias(module: nn.Module) -> bool:
@@ -62,9 +73,18 @@ class LinearRule(LayerRule):
 
         module.forward = types.MethodType(forward, module)
 
-    def sq_norms(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def sq_norms(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, groups: PersonGroups | None = None
+    ) -> torch.Tensor:
         bias_term = 1.0 if _trainable_bias(module) else 0.0
-        return torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + bias_term)
+        if groups is None:
+            return torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + bias_term)
+        # |sum_{i in u} g_i a_i^T|_F^2 = sum_{i,j in u} (g_i . g_j)(a_i . a_j) (+ (g_i . g_j) for the
+        # bias): two Gram matrices per person, never the (out x in) gradient itself.
+        pa, pg = _padded(a, groups), _padded(g, groups)
+        gram_a = torch.bmm(pa, pa.transpose(1, 2))
+        gram_g = torch.bmm(pg, pg.transpose(1, 2))
+        return (gram_g * (gram_a + bias_term)).sum((1, 2))
 
     def write_grad(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: dict) -> None:
         gc = g * scale.unsqueeze(1)
