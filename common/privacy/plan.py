@@ -50,7 +50,9 @@ def plan_round(cfg: RunConfig, declared_size: int) -> RoundPlan:
     delta = dp.delta or auto_delta(n)
     unit = "person" if dp.unit == "user" else "record"
     if delta >= 1.0 / n:
-        raise ConfigError("dp.delta", f"is {delta:g} but must be < 1/n = {1.0 / n:.3g} for a site with n={n} {unit}s (its declared size)")
+        raise ConfigError(
+            "dp.delta", f"is {delta:g} but must be < 1/n = {1.0 / n:.3g} for a site with n={n} {unit}s (declared)"
+        )
     if dp.target_epsilon > 0:
         sigma = _cached_noise(dp.target_epsilon, delta, q, steps * cfg.federation.rounds, dp.accountant)
     else:
