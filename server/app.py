@@ -178,6 +178,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
                 central_extra_delta=all_or_nothing_probability(cfg) if cfg.central_dp.enabled else 0.0,
                 metrics_private=cfg.metrics.dp,
                 keys_check=keys_verdict(recorder.ledger, registry),
+                max_sites_per_person=cfg.federation.max_sites_per_person,
             )
             recorder.ledger.close()
     if failure is not None:

@@ -78,6 +78,23 @@ class Summary:
     metrics_releases: dict[str, int] = field(default_factory=dict)
     # What final_test is (:func:`eval_source`): a server-held split, or pooled site validation.
     test_source: str = "server-held split"
+    # federation.max-sites-per-person (0: undeclared); read only when the unit is a person.
+    max_sites_per_person: int = 0
+
+    def person_worst_case(self) -> tuple[int, float, float] | None:
+        """Under user-level DP: (k, epsilon, delta) for one person whose records sit at the k
+        sites that spent the most, k = the declared max-sites-per-person (else every site).
+
+        The sites' pseudonyms of a person agree (the federation key), so their releases are k
+        mechanisms on one person's data: basic composition (sum of the k largest epsilons and of
+        their deltas) bounds them whatever accountant each site used. None unless the unit is user.
+        """
+        rows = [r for r in self.eps_by_site.values() if r.unit == "user"]
+        if not rows:
+            return None
+        k = min(self.max_sites_per_person or len(rows), len(rows))
+        top = sorted(rows, key=lambda r: r.eps_total, reverse=True)[:k]
+        return k, sum(r.eps_total for r in top), sum(r.delta for r in top)
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -103,8 +120,20 @@ class Summary:
                 lines.append(
                     f"privacy: ε per site {min(eps):.3f} to {max(eps):.3f} at δ ≤ {max(r.delta for r in rows):.3g} "
                     f"({r0.accountant.upper()} accountant, unit of privacy: one {r0.unit}, "
-                    f"{r0.neighbouring} neighbours, sample-level DP-SGD)"
+                    f"{r0.neighbouring} neighbours, {'user' if r0.unit == 'user' else 'sample'}-level DP-SGD)"
                 )
+        worst = self.person_worst_case()
+        if worst is not None and rows and not math.isinf(max(r.eps_total for r in rows)):
+            k, eps_k, delta_k = worst
+            declared = (
+                f"declared max-sites-per-person = {self.max_sites_per_person}"
+                if self.max_sites_per_person
+                else "max-sites-per-person undeclared, so any person may be at every site"
+            )
+            lines.append(
+                f"per person, federation-wide: ε ≤ {eps_k:.3f} at δ ≤ {delta_k:.3g} for one person at the {k} "
+                f"site(s) that spent most ({declared}; basic composition of their ε)"
+            )
         c = self.central
         if c is not None:
             extra = (
@@ -162,6 +191,21 @@ class Summary:
         return lines
 
 
+def _worst_json(s: Summary) -> dict[str, Any] | None:
+    worst = s.person_worst_case()
+    if worst is None:
+        return None
+    k, eps_k, delta_k = worst
+    return {
+        "unit": "user",
+        "sites": k,
+        "max_sites_per_person": s.max_sites_per_person or None,
+        "epsilon": eps_k,
+        "delta": delta_k,
+        "composition": "basic (sum over the k sites that spent most)",
+    }
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as a list of dicts; a damaged file is a one-line error naming the line."""
     if not path.exists():
@@ -193,6 +237,7 @@ def write_summary(
     central_extra_delta: float = 0.0,
     metrics_private: bool = False,
     keys_check: str = "",
+    max_sites_per_person: int = 0,
 ) -> Summary:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     rows = ledger.rows()
@@ -238,11 +283,13 @@ def write_summary(
         central_extra_delta=central_extra_delta,
         keys_check=keys_check,
         test_source=test_source,
+        max_sites_per_person=max_sites_per_person,
     )
     write_text_atomically(
         run_dir / "privacy-audit.json",
         json.dumps(
             {
+                "per_person_worst_case": _worst_json(summary),
                 "membership_inference": mia,
                 "cross_check": [
                     {**asdict(c), "shortfall": c.shortfall, "ok": c.ok, "tolerance": TOLERANCE}
@@ -378,11 +425,18 @@ def _markdown(
         "",
         f"Sample-level DP-SGD: the unit of privacy is one {md_cell(unit)} at a site. "
         "ε is cumulative over the rounds the site trained, from the named Opacus accountant, "
-        "at the δ shown, for neighbouring datasets that differ by one added or removed example. "
+        f"at the δ shown, for neighbouring datasets that differ by one added or removed {md_cell(unit)}"
+        + (" (all of that person's records)" if unit == "user" else "")
+        + ". "
         "n̂ is the size each site declared before the run (in a simulation the launcher declares each "
         "site's training-split size: it made the partition, so it knows them); q, steps, δ, σ and the "
         "update's weight derive from n̂, and the real size never leaves the site. "
-        "It says nothing about user-level or site-level privacy.",
+        + (
+            "Joint DP: each user's own table row stays at the site and is not covered (docs/PRIVACY.md). "
+            if unit == "user"
+            else "It says nothing about user-level or site-level privacy. "
+        )
+        + "",
         "",
         "| site | unit | n̂ (declared) | q | σ | C | steps (total) | δ | accountant | ε | budget |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -91,6 +91,65 @@ def bench_task(
     return {name: {"ms_per_step": 1e3 * t, "ratio": t / base} for name, t in med.items()}
 
 
+def bench_user_level(scenario: str, users: int, reps: int, steps: int) -> dict[str, dict[str, float]]:
+    """User-level DP step ÷ non-private step on the scenario's model (dp.unit = user).
+
+    The batch is ``users`` persons with up to ``dp.max-records-per-user`` ratings each, as
+    :class:`~common.privacy.training.PersonSampler` draws it; the DP step clips each person's
+    summed gradient and steps the site-local user table on its exact gradient, as a round
+    does; the non-private step is a plain step on the same ratings.
+    """
+    from common.privacy.training import PersonSampler
+
+    cfg = resolve(scenario, ["dp.unit=user", f"train.batch-size={users}"])
+    task = get_task(cfg.task)(cfg, BENCH_KEY)
+    train = task.site_data(0)[0]
+    assert train.person is not None
+    sampler = PersonSampler(train.person, cfg.dp.max_records_per_user, torch.Generator().manual_seed(0))
+    idx, groups = sampler.take(torch.arange(min(users, sampler.persons)))
+    batch = ArrayData(train.x[idx], None if train.y is None else train.y[idx])
+    n = max(sampler.persons, users)
+    plan = RoundPlan(n, users / n, steps, 1.0, 1.0, 1e-5, "rdp")
+    runners: dict[str, tuple[Any, StepEngine, Any]] = {}
+    for name in ("non-private", "fast, user-level"):
+        torch.manual_seed(0)
+        model = task.build_model(0).train()
+        if name == "non-private":
+            runners[name] = (
+                model,
+                NonPrivateStep(model, make_optimizer(model, cfg.train.optimizer, cfg.train.lr)),
+                None,
+            )
+            continue
+        local = task.person_local_modules(model)
+        local_ids = [id(p) for m in local for p in m.parameters()]
+        opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, but=local_ids)
+        local_opt = make_optimizer(
+            model, cfg.train.optimizer, cfg.train.lr, only=[p for m in local for p in m.parameters()]
+        )
+        runners[name] = (model, FastDPStep(model, opt, plan, person_local=local), local_opt)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for rep in range(reps + 2):
+        for name, (model, engine, local_opt) in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                if local_opt is None:
+                    engine.step(task.per_sample_loss(model, batch))
+                    continue
+                local_opt.zero_grad(set_to_none=True)
+                engine.step(task.per_sample_loss(model, batch), groups)
+                local_opt.step()
+            if rep >= 2:
+                times[name].append((time.perf_counter() - t0) / steps)
+    for _, engine, _ in runners.values():
+        engine.close()
+    med = {name: statistics.median(v) for name, v in times.items()}
+    base = med["non-private"]
+    return {name: {"ms_per_step": 1e3 * t, "ratio": t / base, "ratings": len(batch)} for name, t in med.items()}
+
+
+# User-level DP (dp.unit = user): the MF model at its user-level scenario's persons per step.
+USER_CASES = (("recsys-synthetic", 64),)
 # One case per task model, at the batch size its scenario trains with.
 SUITE_CASES = (("vae-digits", 32), ("gan-digits", 64), ("recsys-synthetic", 512))
 MODEL_NAMES = {
@@ -142,6 +201,27 @@ def dp_section(
             progress(
                 f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private "
                 f"({fast['ms_per_step']:.2f} ms)"
+            )
+        for scenario, users in USER_CASES:
+            res = bench_user_level(scenario, users, reps, steps)
+            fast = res["fast, user-level"]
+            results.append(
+                {
+                    "scenario": scenario,
+                    "task": "recsys",
+                    "model": MODEL_NAMES["recsys"] + ", user-level DP",
+                    "batch_size": users,
+                    "unit": "user",
+                    "ratings": fast["ratings"],
+                    "non_private_ms": res["non-private"]["ms_per_step"],
+                    "dp_ms": fast["ms_per_step"],
+                    "ratio": fast["ratio"],
+                    "engines": res,
+                }
+            )
+            progress(
+                f"  {scenario:<17} {users} users ({int(fast['ratings'])} ratings), user-level: DP step "
+                f"{fast['ratio']:.2f}× non-private ({fast['ms_per_step']:.2f} ms)"
             )
     finally:
         torch.set_num_threads(before)

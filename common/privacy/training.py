@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,10 +79,11 @@ class LocalSession:
         device: torch.device,
         generator: torch.Generator | None,
         persons: PersonSampler | None = None,
+        local_optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.data, self.plan, self.batch_size = data, plan, batch_size
         self.engine, self.device, self.generator = engine, device, generator
-        self.persons = persons
+        self.persons, self.local_optimizer = persons, local_optimizer
         self.steps_taken = 0
         self._batch_pending = False
         self._groups: PersonGroups | None = None
@@ -136,7 +137,12 @@ class LocalSession:
         if self.steps_taken >= self.plan.steps:
             raise RuntimeError(f"LocalSession.step: the round's plan allows {self.plan.steps} steps (DP accounting)")
         self._batch_pending = False
-        self.engine.step(per_sample_loss, self._groups)
+        if self.local_optimizer is None:
+            self.engine.step(per_sample_loss, self._groups)
+        else:  # the same backward gives the person-local layers their exact gradient
+            self.local_optimizer.zero_grad(set_to_none=True)
+            self.engine.step(per_sample_loss, self._groups)
+            self.local_optimizer.step()
         self.steps_taken += 1
 
 
@@ -151,6 +157,8 @@ class LocalTrainer(Protocol):
 
     def private_module(self, model: nn.Module) -> nn.Module: ...
 
+    def person_local_modules(self, model: nn.Module) -> list[nn.Module]: ...
+
     def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]: ...
 
 
@@ -160,8 +168,13 @@ class RoundOutcome:
     steps_taken: int
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, only: Sequence[nn.Parameter] | None = None, but: Iterable[int] = ()
+) -> torch.optim.Optimizer:
+    """The run's optimiser over ``model``'s trainable parameters (or ``only`` these), except
+    those whose ``id`` is in ``but``."""
+    skip = set(but)
+    params = [p for p in (model.parameters() if only is None else only) if p.requires_grad and id(p) not in skip]
     return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
 
 
@@ -185,7 +198,13 @@ def run_local_round(
     cfg = task.cfg
     model.to(device).train()
     private = task.private_module(model)  # e.g. only the GAN's discriminator
-    optimizer = make_optimizer(private, cfg.train.optimizer, cfg.train.lr)
+    user_level = cfg.dp.unit == USER_UNIT and plan.accountant != NO_DP
+    # Joint DP (user-level only): the layers whose rows each belong to one person and stay at
+    # the site train on their exact gradient, outside the DP engine (docs/PRIVACY.md).
+    local = task.person_local_modules(private) if user_level else []
+    local_params = [p for m in local for p in m.parameters() if p.requires_grad]
+    optimizer = make_optimizer(private, cfg.train.optimizer, cfg.train.lr, but=map(id, local_params))
+    local_optimizer = make_optimizer(private, cfg.train.optimizer, cfg.train.lr, only=local_params) if local else None
     secure = seed is None
     # Three independent streams (noise, Poisson sampling, the task's own randomness).
     entropy = secrets.randbits(128) if secure else seed
@@ -193,15 +212,17 @@ def run_local_round(
         int(s >> 1) for s in np.random.SeedSequence(entropy).generate_state(3, dtype=np.uint64)
     )
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
-    engine = make_engine(cfg.dp.engine, private, optimizer, plan, generator=noise_gen, secure_mode=secure)
+    engine = make_engine(
+        cfg.dp.engine, private, optimizer, plan, generator=noise_gen, secure_mode=secure, person_local=local
+    )
     # The sampler draws on CPU; keep its generator there.
     sample_gen = torch.Generator().manual_seed(sample_seed)
     persons = None
-    if cfg.dp.unit == USER_UNIT and plan.accountant != NO_DP:
+    if user_level:
         if data.person is None:  # Task.unit_count refuses this first, naming dp.unit
             raise RuntimeError("user-level DP needs the records' person key")
         persons = PersonSampler(data.person, cfg.dp.max_records_per_user, sample_gen)
-    session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen, persons)
+    session = LocalSession(data, plan, cfg.train.batch_size, engine, device, sample_gen, persons, local_optimizer)
     # Tasks draw their own randomness (VAE reparameterisation, GAN latents) from torch's
     # global RNG; seed it inside a forked RNG state so the caller's state is untouched.
     devices = [device.index or 0] if device.type == "cuda" else []

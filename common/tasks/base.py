@@ -108,6 +108,14 @@ class Task(ABC):
         """The part of the model trained with DP-SGD on the site's data (default: all of it)."""
         return model
 
+    def person_local_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Under user-level DP: layers of ``model`` whose rows each belong to one person and never
+        leave the site (the recommender's user table). They train on their exact gradient,
+        outside DP-SGD: the released shared state stays user-level DP (joint DP, docs/PRIVACY.md),
+        predictions at the site do not. Each row must be reached only by its own person's
+        records, and none may be in :meth:`shared_keys`. Default: none."""
+        return []
+
     def shared_keys(self, model: nn.Module) -> list[str]:
         """state_dict keys that are federated; the rest stay at the site (e.g. user embeddings)."""
         return list(model.state_dict().keys())

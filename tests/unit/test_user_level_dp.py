@@ -236,3 +236,54 @@ def test_the_opacus_engine_refuses_person_groups_rather_than_clip_per_example():
         eng.step((model(x) - 3.0).pow(2), PersonGroups.from_sorted(x[:, 0], 2))
     assert err.value.key == "dp.engine"
     eng.close()
+
+
+def test_under_user_level_dp_the_user_table_trains_on_its_exact_gradient_and_only_shared_tables_get_noise():
+    """Joint DP: the user table stays at the site, so it is not noised; a user's row moves only
+    when that user's own ratings are in the step. Under record-level DP it is noised like the rest."""
+    cfg = make_cfg(**{**_USER_RECSYS, "dp.noise-multiplier": 50.0, "train.optimizer": "sgd", "train.lr": 0.1})
+    task = get_task("recsys")(cfg, KEY)
+    train = task.site_data(0)[0]
+    plan = plan_round(cfg, task.unit_count(train))
+    plan = RoundPlan(plan.dataset_size, 0.05, 1, 50.0, 1.0, plan.delta, "rdp")  # one step, few users
+    torch.manual_seed(0)
+    model = task.build_model(0)
+    before = copy.deepcopy(model.state_dict())
+    run_local_round(task, model, train, plan, torch.device("cpu"), seed=5)
+    after = model.state_dict()
+    moved_users = (after["user_bias.weight"] != before["user_bias.weight"]).squeeze(1)
+    assert 0 < int(moved_users.sum()) < 0.5 * len(moved_users)  # only the sampled users' rows
+    assert float((after["user_bias.weight"] - before["user_bias.weight"]).abs().max()) < 5.0  # no sigma=50 noise
+    assert float((after["item_bias.weight"] - before["item_bias.weight"]).abs().max()) > 5.0  # the shared table's noise
+    record = make_cfg(**{**_USER_RECSYS, "dp.unit": "record", "train.optimizer": "sgd", "train.lr": 0.1})
+    rtask = get_task("recsys")(record, KEY)
+    torch.manual_seed(0)
+    rmodel = rtask.build_model(0)
+    rplan = RoundPlan(len(train), 0.01, 1, 50.0, 1.0, plan.delta, "rdp")
+    run_local_round(rtask, rmodel, train, rplan, torch.device("cpu"), seed=5)
+    assert bool((rmodel.state_dict()["user_bias.weight"] != before["user_bias.weight"]).all())  # noised everywhere
+
+
+def _row(site: str, eps: float, delta: float, unit: str = "user"):
+    from server.ledger import LedgerRow
+
+    return LedgerRow(
+        1, 1, site, unit, 190, 0.3, 1.0, 2.0, 3, delta, "rdp", "add-remove", eps, eps, 8.0, True, "trained",
+        "os", "", "dp-sgd", "", "", "",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("declared", "k", "eps", "delta"), [(0, 3, 6.0 + 5.0 + 1.0, 3e-5), (2, 2, 11.0, 2e-5)])
+def test_the_report_shows_a_persons_worst_case_over_the_declared_sites(tmp_path, declared, k, eps, delta):
+    """A person present at k sites: basic composition of the k largest site epsilons (k = the
+    declared max-sites-per-person, else every site); nothing for a record-level run."""
+    from server.report import Summary
+
+    rows = {s: _row(s, e, 1e-5) for s, e in (("a", 6.0), ("b", 1.0), ("c", 5.0))}
+    summary = Summary(tmp_path, 3, {}, rows, {}, True, 9, "", "rmse", False, max_sites_per_person=declared)
+    assert summary.person_worst_case() == (k, pytest.approx(eps), pytest.approx(delta))
+    line = next(x for x in summary.headline() if x.startswith("per person"))
+    assert f"ε ≤ {eps:.3f}" in line and ("declared max-sites-per-person" in line) == bool(declared)
+    record = Summary(tmp_path, 3, {}, {"a": _row("a", 6.0, 1e-5, "rating")}, {}, True, 9, "", "rmse", False)
+    assert record.person_worst_case() is None
+    assert not any(x.startswith("per person") for x in record.headline())

@@ -18,6 +18,8 @@ A plan without noise (``dp.enabled = false``) gets :class:`.nonprivate.NonPrivat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -47,8 +49,14 @@ def make_engine(
     plan: RoundPlan,
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
+    person_local: Sequence[nn.Module] = (),
 ) -> StepEngine:
-    """The step engine for a round: non-private when the plan has no noise."""
+    """The step engine for a round: non-private when the plan has no noise. ``person_local``:
+    user-level DP's per-person site-local layers, which the engine leaves alone (fast only)."""
     if plan.accountant == NO_DP:
         return NonPrivateStep(model, optimizer)
+    if person_local:
+        return ENGINES[name](
+            model, optimizer, plan, generator=generator, secure_mode=secure_mode, person_local=person_local
+        )
     return ENGINES[name](model, optimizer, plan, generator=generator, secure_mode=secure_mode)

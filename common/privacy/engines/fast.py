@@ -28,6 +28,8 @@ person then moves the release by at most ``C`` (add/remove one person).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -50,15 +52,26 @@ class FastDPStep(StepEngine):
         plan: RoundPlan,
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
+        person_local: Sequence[nn.Module] = (),
     ) -> None:
+        """``person_local`` (user-level DP only): layers whose rows each belong to one person and
+        never leave the site (the recommender's user table). The engine leaves them alone: not
+        clipped, not noised, not in its optimiser; autograd gives them their exact gradient,
+        which only that person's records reach, and the caller steps them (joint DP:
+        docs/PRIVACY.md, "User-level DP")."""
         validate_private_model(model)
+        skip = {id(m) for m in person_local}
         # Unsupported layer types are refused below; on a supported one, only its rule's parameters.
-        refuse_unclipped_parameters(model, "fast", lambda m: RULES[type(m)].param_names if type(m) in RULES else None)
+        refuse_unclipped_parameters(
+            model,
+            "fast",
+            lambda m: RULES[type(m)].param_names if type(m) in RULES and id(m) not in skip else None,
+        )
         self.layers: list[tuple[nn.Module, LayerRule, list]] = []
         seen: set[int] = set()
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not own:
+            if not own or id(module) in skip:
                 continue
             rule = RULES.get(type(module))
             if rule is None:

@@ -12,7 +12,7 @@ CORRECTIONS = ("none", "group-offset")
 
 @dataclass(frozen=True)
 class RecsysConfig:
-    model: str = "mf"  # mf | neural
+    model: str = "mf"  # mf | neural | bias (no factors: the baseline)
     dim: int = 8
     hidden_dim: int = 32
     # Rows of the shared item table; items are hashed into them (collision rate ~ items/buckets).

@@ -102,7 +102,28 @@ class NeuralMF(BiasedMF):
         return base + (pu * qi).sum(1) + self.mlp(torch.cat([pu, qi], 1)).squeeze(1)
 
 
-MODELS: dict[str, type[BiasedMF]] = {"mf": BiasedMF, "neural": NeuralMF}
+class BiasOnly(BiasedMF):
+    """mu + b_u + b_i (+ b_{g(u),i}): the baseline without factors. Under user-level DP the
+    user biases are site-local (exact) and the item biases DP: the issue's "global mean plus
+    local user bias plus DP item bias" against which the factor models are measured."""
+
+    def __init__(
+        self, num_users: int, num_buckets: int, p: ModelParams, user_group: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(num_users, num_buckets, p, user_group)
+        del self.user_emb, self.item_emb  # no factors: unused tables would break the one-lookup rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, i = x[:, 0], x[:, 1]
+        bu, bi = self.user_bias(u).squeeze(1), self.item_bias(i).squeeze(1)
+        self._sq = bu.pow(2) + bi.pow(2)
+        base = self.global_bias(torch.zeros_like(u)).squeeze(1) + bu + bi
+        if self.group_item_bias is not None:
+            base = base + self.group_item_bias(self.user_group[u] * self.num_buckets + i).squeeze(1)
+        return base
+
+
+MODELS: dict[str, type[BiasedMF]] = {"mf": BiasedMF, "neural": NeuralMF, "bias": BiasOnly}
 # State that never leaves a site.
 LOCAL_PREFIXES = ("user_emb.", "user_bias.")
 # Rows of the bias correction per item bucket: gender F, M, and everyone else.

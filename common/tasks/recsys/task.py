@@ -87,6 +87,11 @@ class RecsysTask(Task):
         users = train.num_users if train is not None else 0
         return MODELS[self.params.model](users, self.params.num_buckets, self.params, groups)
 
+    def person_local_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The user table (p_u, b_u): row u is looked up by user u's ratings only, and stays here."""
+        m = cast(BiasedMF, model)
+        return [t for t in (getattr(m, "user_emb", None), m.user_bias) if t is not None]
+
     def shared_keys(self, model: nn.Module) -> list[str]:
         return [k for k in model.state_dict() if not k.startswith(LOCAL_PREFIXES)]
 
