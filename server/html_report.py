@@ -21,7 +21,6 @@ from common.errors import DataError, PrivfedError
 from common.plots import line_plot
 from common.privacy.accounting import NO_DP
 from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
-from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from server.eps_crosscheck import cross_check
 from server.ledger_audit import open_ledger, verify_run
 from server.membership_inference import violates_bound
@@ -95,7 +94,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     if releases:
         parts.append(
             f"<p><b>Private metrics:</b> {len(releases)} noisy release(s) of the sites' evaluation statistics "
-            f"({METRICS_MECHANISM}, σ = {releases[0].noise_multiplier:g}, unit: {html.escape(METRICS_UNIT)}), "
+            f"({METRICS_MECHANISM}, σ = {releases[0].noise_multiplier:g}, unit: {html.escape(releases[0].unit)}), "
             "each its own ledger row, composed into the site's ε below.</p>"
         )
     else:

@@ -38,7 +38,6 @@ from common.errors import PrivfedError
 from common.identifiers import CENTRAL_SITE_ID
 from common.privacy.accounting import NO_DP
 from common.privacy.metrics_dp import DP_SGD, MECHANISM
-from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from common.protocol import MalformedReport, Status, parse_fit_metrics, parse_history, parse_metrics_spend
 from common.seeds import RNG_SEEDED
 from server.ledger import REFUSAL, Ledger, LedgerRow, Verification, claim_id, genesis_hash, head_claim, receipt_row
@@ -426,10 +425,12 @@ def describe_units(rows: list[LedgerRow]) -> str:
     deltas = sorted({r.delta for r in rows})
     relations = sorted({r.neighbouring for r in rows})
     metrics = any(r.mechanism == MECHANISM for r in rows)
+    release_units = " / ".join(sorted({r.unit for r in rows if r.mechanism == MECHANISM}))
+    level = "user" if units == ["user"] else "sample"
     text = (
-        f"unit of privacy: one {' / '.join(units)} (sample-level DP-SGD per site)"
+        f"unit of privacy: one {' / '.join(units)} ({level}-level DP-SGD per site)"
         + (
-            f"; noisy metrics: {MECHANISM} rows, unit {METRICS_UNIT}, composed with them per site; "
+            f"; noisy metrics: {MECHANISM} rows, unit {release_units}, composed with them per site; "
             if metrics
             else "; "
         )

@@ -54,7 +54,7 @@ from common.deploy.signing import (
 from common.identifiers import site_id_problem
 from common.privacy.accounting import NO_DP, RoundPlan
 from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
-from common.privacy.metrics_dp import UNIT as METRICS_UNIT
+from common.privacy.metrics_dp import metrics_unit
 from common.protocol import (
     MalformedReport,
     MetricsSpend,
@@ -319,7 +319,11 @@ class ReplyLedger:
             reason = reason or self.check_report(report)
         out = [spend(report, report.status is Status.TRAINED and not reason, reason, claim, sig)]
         if report.metrics is not None:  # its noisy evaluation sums, in the masked vector
-            out.append(metrics_spend(site, report.metrics, report.eps_budget, report.plan.accountant, claim, sig))
+            out.append(
+                metrics_spend(
+                    site, report.metrics, report.eps_budget, report.plan.accountant, claim, sig, self.cfg.dp.unit
+                )
+            )
         # Nothing below can fail: commit this reply to the round.
         reports[site] = Reply(report, res, arrays, claim, sig)
         if report.status is Status.TRAINED:
@@ -442,7 +446,7 @@ class ReplyLedger:
             return
         budget = metrics.get("eps_budget")
         budget = float(budget) if isinstance(budget, (int, float)) and not isinstance(budget, bool) else float("inf")
-        row = metrics_spend(site, release, budget, self.accountant, claim, sig)
+        row = metrics_spend(site, release, budget, self.accountant, claim, sig, self.cfg.dp.unit)
         rec.ledger_rows += self.write_round(server_round, [row], rec)
 
     def _catch_up(
@@ -544,6 +548,10 @@ class ReplyLedger:
     def check_report(self, report: SiteReport) -> str:
         """Why a site's reported round cannot be used (accountant and budget), or ''."""
         plan = report.plan
+        if (report.unit == "user") != (self.cfg.dp.unit == "user"):
+            # The ledger states the run's unit: a site may not claim a person's protection in a
+            # record-level run, nor train per record in a user-level one.
+            return f"unit {report.unit!r} in a run whose dp.unit is {self.cfg.dp.unit!r}"
         if self.accountant != NO_DP:
             if plan.accountant != self.accountant:
                 return f"accountant {plan.accountant!r} in a run accounted with {self.accountant!r}"
@@ -584,7 +592,13 @@ def spend(report: SiteReport, used: bool, reason: str, claim: str = "", sig: str
 
 
 def metrics_spend(
-    site: str, release: MetricsSpend, budget: float, accountant: str, claim: str = "", sig: str = ""
+    site: str,
+    release: MetricsSpend,
+    budget: float,
+    accountant: str,
+    claim: str = "",
+    sig: str = "",
+    dp_unit: str = "record",
 ) -> SiteSpend:
     """The ledger row of one noisy metrics release: (z, q = 1, 1 step); ``max_grad_norm``
     holds its L2 sensitivity (in units of the per-key bounds) and ``dataset_size`` 0 (q = 1
@@ -592,7 +606,7 @@ def metrics_spend(
     plan = RoundPlan(0, 1.0, 1, release.noise_multiplier, release.l2_sensitivity, release.delta, accountant)
     return SiteSpend(
         site,
-        METRICS_UNIT,
+        metrics_unit(dp_unit),
         plan,
         1,
         budget,

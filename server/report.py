@@ -78,6 +78,8 @@ class Summary:
     metrics_releases: dict[str, int] = field(default_factory=dict)
     # What final_test is (:func:`eval_source`): a server-held split, or pooled site validation.
     test_source: str = "server-held split"
+    # The unit of the metrics releases' ledger rows (common.privacy.metrics_dp.metrics_unit).
+    metrics_unit: str = METRICS_UNIT
     # federation.max-sites-per-person (0: undeclared); read only when the unit is a person.
     max_sites_per_person: int = 0
 
@@ -150,7 +152,7 @@ class Summary:
         if self.metrics_private:
             n = sum(self.metrics_releases.values())
             lines.append(
-                f"metrics: private (metrics.dp): {n} noisy release(s) ({METRICS_MECHANISM}, unit {METRICS_UNIT}), "
+                f"metrics: private (metrics.dp): {n} noisy release(s) ({METRICS_MECHANISM}, unit {self.metrics_unit}), "
                 "each charged to its site's ledger and composed into the ε above; test metrics carry ± noise std"
             )
         else:
@@ -246,6 +248,7 @@ def write_summary(
     steps: dict[str, int] = {}
     central = [r for r in rows if r.site_id == CENTRAL_SITE_ID]
     latest: dict[str, float] = {}  # cumulative ε over every row of the site (metrics releases included)
+    release_unit = METRICS_UNIT
     releases: dict[str, int] = {}
     for r in rows:
         if r.site_id == CENTRAL_SITE_ID:
@@ -253,6 +256,7 @@ def write_summary(
         latest[r.site_id] = r.eps_total
         if r.mechanism == METRICS_MECHANISM:
             releases[r.site_id] = releases.get(r.site_id, 0) + 1
+            release_unit = r.unit
             continue
         last[r.site_id] = r
         steps[r.site_id] = steps.get(r.site_id, 0) + r.steps
@@ -284,6 +288,7 @@ def write_summary(
         keys_check=keys_check,
         test_source=test_source,
         max_sites_per_person=max_sites_per_person,
+        metrics_unit=release_unit,
     )
     write_text_atomically(
         run_dir / "privacy-audit.json",

@@ -48,6 +48,16 @@ from common.errors import PrivfedError
 
 MECHANISM = "gaussian-metrics"
 UNIT = "one validation example"
+# Under dp.unit = user: one user, with at most dp.max-records-per-user held-out records (the
+# task's bounds are per user then; docs/PRIVACY.md, "User-level DP").
+USER_UNIT = "one user"
+
+
+def metrics_unit(dp_unit: str) -> str:
+    """The unit of a metrics release's ledger row, for the run's ``dp.unit``."""
+    return USER_UNIT if dp_unit == "user" else UNIT
+
+
 # The ledger's mechanism name for the sample-level DP-SGD rows (every row before this feature).
 DP_SGD = "dp-sgd"
 

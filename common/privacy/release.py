@@ -61,9 +61,13 @@ ERROR, META, TIME, JOIN = "error reply", "message metadata", "timing and partici
 
 _DP_SGD = (
     "DP-SGD at the site (subsampled Gaussian, the named Opacus accountant); the ledger row "
-    "(round, site_id) with the task's unit, plus the `all-sites` rows with central-dp"
+    "(round, site_id) with the task's unit (one record, or one user under dp.unit = user), plus the "
+    "`all-sites` rows with central-dp"
 )
-_N = "the site's declared size n̂ and the run config, both fixed before the run; the real n is never sent"
+_N = (
+    "the site's declared size n̂ (records, or persons under dp.unit = user) and the run config, both fixed "
+    "before the run; the real n is never sent"
+)
 _EXACT = (
     "declared public by the site before the run: sent exact only with metrics.dp = false, which a deployed site "
     "refuses unless its node config says allow-exact-metrics = true (simulation: the launcher, and the report "
@@ -71,7 +75,8 @@ _EXACT = (
 )
 _NOISY = (
     "metrics.dp (the default outside simulations): Gaussian mechanism on the task's schema, one "
-    "`gaussian-metrics` ledger row per release (unit: one validation example); with metrics.dp = false, "
+    "`gaussian-metrics` ledger row per release (unit: one validation example, or under dp.unit = user one "
+    "user's first dp.max-records-per-user held-out records); with metrics.dp = false, "
     "exact and declared public by the site (allow-exact-metrics)"
 )
 _SIGNED = (

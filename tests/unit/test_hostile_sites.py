@@ -340,3 +340,14 @@ def test_a_signed_refusal_is_ledgered_and_a_forged_one_is_not(tmp_path):
     assert not any("signed-refusal:" in f for f in rec.failures)  # the token is shortened in the text
     assert (2, "c", "refusal") not in _rows(s)
     _honest_intact(s, 2)
+
+
+def test_a_site_claiming_another_unit_of_privacy_is_rejected_and_nothing_is_lost(tmp_path):
+    """Issue 21: the ledger states the run's unit. A site may not ledger a person's protection
+    ("user") in a record-level run; the honest sites' round goes on."""
+    s = _strategy(tmp_path)
+    _round(s, 1, [_fit(s, "m", 1, node=4, unit="user"), *_honest(s, 1)])
+    row = _rows(s, 1)[(1, "m", "dp-sgd")]
+    assert not row.used and row.status == "rejected"
+    assert "unit 'user'" in s.records[1].rejected["m"]
+    _honest_intact(s, 1)

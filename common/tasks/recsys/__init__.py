@@ -21,6 +21,10 @@ the user's embedding freely, and through it the gradients of that user's other r
 the per-rating sensitivity bound would no longer hold.) Rating-level DP is **not**
 user-level DP: a user with m ratings is protected with roughly m times the epsilon
 (group privacy), which for MovieLens users (20 to 737 ratings) is a weak guarantee.
+``dp.unit = "user"`` makes the unit one user instead: users are Poisson-sampled, each
+user's summed gradient over the shared parameters is clipped as a whole, and the user
+table, which only its own user's ratings reach, trains on its exact gradient at the site
+(joint DP; docs/PRIVACY.md, "User-level DP").
 
 Evaluation (per site, on its held-out ratings: each rating is held out by a keyed draw
 of its own, ``data.test-fraction`` = 20% on average, :func:`common.data.ratings.held_out_mask`):

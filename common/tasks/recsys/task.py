@@ -3,7 +3,9 @@
 Privacy (unit: one rating; the full argument is in :mod:`common.tasks.recsys`): every
 parameter a rating's loss touches, the site's own user table included, is trained by
 DP-SGD with that rating's gradient clipped as one example, so the shared update is
-post-processing of the DP outputs. Only :meth:`RecsysTask.shared_keys` leave the site.
+post-processing of the DP outputs. Under ``dp.unit = "user"`` the unit is one user and the
+user table trains outside DP-SGD (:meth:`RecsysTask.person_local_modules`, joint DP).
+Only :meth:`RecsysTask.shared_keys` leave the site.
 The correction table's decay between steps is a fixed, data-independent map (no cost).
 """
 
