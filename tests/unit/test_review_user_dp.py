@@ -21,7 +21,7 @@ from common.privacy.engines import FastDPStep
 from common.privacy.engines.rules import PersonGroups
 from common.tasks import get_task
 from common.tasks.base import get_state
-from tests.conftest import declared, make_cfg, make_strategy, signed
+from tests.conftest import declared, make_cfg, make_strategy
 
 KEY = bytes(range(32))
 USER = {
@@ -217,16 +217,27 @@ def test_the_server_refuses_a_reply_whose_unit_is_not_the_runs(tmp_path):
 
 
 # ------------------------------------------------------------------ 7. metrics rows' unit
-def test_metrics_release_rows_of_a_user_level_run_name_the_person_unit():
-    """Under dp.unit = user the noisy metrics release is calibrated per user (bounds x
-    dp.max-records-per-user) and composed with user-level rows, but its ledger row's unit is
-    the fixed 'one validation example' (common.privacy.metrics_dp.UNIT)."""
-    from server.replies import metrics_spend
-
-    cfg = make_cfg(**{**USER, "metrics.dp": True, "dp.epsilon-budget": 100.0})
-    task = get_task("recsys")(cfg, KEY)
-    assert task.privacy_unit == "user"
+def test_a_user_level_runs_metrics_releases_are_not_labelled_per_validation_example(tmp_path):
+    """Under dp.unit = user the noisy metrics release is calibrated per user (bounds times
+    dp.max-records-per-user) and composed with user-level DP-SGD rows, but its ledger row
+    (server.replies.metrics_spend) and the report name the fixed unit 'one validation
+    example' (common.privacy.metrics_dp.UNIT): the ledger states a weaker guarantee than the
+    one given, and an auditor cannot tell which relation the composed epsilon is for."""
     from common.protocol import MetricsSpend
+    from server.ledger import Ledger
+    from server.replies import metrics_spend
+    from simulations.cli import main as cli
 
-    row = metrics_spend("site-0", MetricsSpend(10.0, task.metric_bounds().l2_sensitivity, 1e-5, "os"), 8.0, "rdp")
-    assert "user" in row.unit or "person" in row.unit, row.unit
+    task = get_task("recsys")(make_cfg(**{**USER, "metrics.dp": True}), KEY)
+    release = MetricsSpend(10.0, task.metric_bounds().l2_sensitivity, 1e-5, "os")
+    run = _user_run_dir(tmp_path)
+    led = Ledger(run / "ledger.sqlite", run_id="run")
+    led.record_round(3, [metrics_spend("site-0", release, 8.0, "rdp")])
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"round": 3, "ledger_head": led.head(), "primary_metric": "rmse"}) + "\n")
+    rows = led.rows()
+    led.close()
+    assert cli(["report", str(run)]) == 0
+    page = (run / "report.html").read_text().split("<h2>Configuration</h2>")[0]
+    labels = {r.unit for r in rows}
+    assert "one validation example" not in labels and "one validation example" not in page, labels
