@@ -206,11 +206,16 @@ class SiteClient(NumPyClient):
                 releases = self._metrics_entries()
                 z = releases[-1][1]
                 entry = LifetimeEntry(
-                    _metrics_run(self.run_id), len(releases), *metrics_mechanism(z), plan.delta, plan.accountant
+                    _metrics_run(self.run_id),
+                    len(releases),
+                    *metrics_mechanism(z),
+                    plan.delta,
+                    plan.accountant,
+                    self.cfg.dp.unit,
                 )
             else:
                 r, sigma, q, steps = self._entries()[-1]
-                entry = LifetimeEntry(self.run_id, r, sigma, q, steps, plan.delta, plan.accountant)
+                entry = LifetimeEntry(self.run_id, r, sigma, q, steps, plan.delta, plan.accountant, self.cfg.dp.unit)
             self.lifetime.record(entry)
         if self.state_file is None:
             return
@@ -265,6 +270,24 @@ class SiteClient(NumPyClient):
             for i, (_, z) in enumerate(self._metrics_entries(), start=1)
         ]
         return Lifetime.merged(self.lifetime.load(), this_run)
+
+    def _check_lifetime_unit(self) -> None:
+        """Refuse to train a dataset under another unit of privacy than its history's.
+
+        An epsilon per record does not bound a person's loss (a person with m records is
+        protected only at about m times it), nor does a person's epsilon give the per-record
+        add/remove guarantee (removing one of a person's records replaces their clipped term:
+        twice the sensitivity), so one dataset's lifetime budget composes one unit only.
+        """
+        if self.lifetime is None or not self.cfg.dp.enabled:
+            return
+        units = {e.unit for e in self.lifetime.load() if e.steps > 0}
+        if units - {self.cfg.dp.unit}:
+            raise PolicyRefusal(
+                "dp.unit",
+                "differs from the unit this site's dataset was trained under before (its lifetime history): "
+                "epsilons of two units do not compose into one budget; keep the dataset's unit",
+            )
 
     def _set_history(self, entries: list[tuple[int, float, float, int]]) -> None:
         self.ctx.state.config_records[STATE_KEY] = ConfigRecord(
@@ -390,6 +413,7 @@ class SiteClient(NumPyClient):
         trained = [r for r, *_ in self._entries()]
         if trained and server_round <= max(trained):
             raise RoundReplayed(f"server-round {server_round} after round {max(trained)} was trained")
+        self._check_lifetime_unit()
         # n-hat only: the plan is sent and ledgered, and must not depend on the real n.
         plan = plan_round(self.cfg, self.declared)
         check_real_size(plan, self.task.unit_count(self.train_data))  # delta < 1/n for the real n; says no n

@@ -36,8 +36,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         "--declared-size",
         type=int,
         required=True,
-        help="the site's public training-set size n-hat, declared before the run: q, steps, delta, sigma and the "
-        "update's weight derive from it, so the real size never leaves the site (docs/PRIVACY.md)",
+        help="the site's public training-set size n-hat, declared before the run, in the run's unit of privacy: "
+        "records, or persons under dp.unit = user; q, steps, delta, sigma and the update's weight derive from it, "
+        "so the real size never leaves the site (docs/PRIVACY.md)",
     )
     init.add_argument("--key-file", default="", help="federation key (keyed tasks)")
     init.add_argument("--data-path", default="")

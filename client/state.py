@@ -100,6 +100,9 @@ class LifetimeEntry:
     steps: int
     delta: float
     accountant: str
+    # dp.unit of the run that spent it: an epsilon per record does not bound a person's loss,
+    # nor the reverse, so a dataset's history keeps one unit (client.app refuses a switch).
+    unit: str = "record"
 
     @property
     def key(self) -> tuple[str, int] | None:
@@ -127,11 +130,22 @@ class Lifetime:
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             entries = [
-                LifetimeEntry(str(e[0]), int(e[1]), float(e[2]), float(e[3]), int(e[4]), float(e[5]), str(e[6]))
+                LifetimeEntry(
+                    str(e[0]),
+                    int(e[1]),
+                    float(e[2]),
+                    float(e[3]),
+                    int(e[4]),
+                    float(e[5]),
+                    str(e[6]),
+                    str(e[7]) if len(e) > 7 else "record",  # files from before units were kept
+                )
                 for e in raw["rounds"]
             ]
             if not all(math.isfinite(e.sigma) and 0 < e.q <= 1 and e.steps >= 0 for e in entries):
                 raise ValueError("entry out of range")
+            if any(e.unit not in ("record", "user") for e in entries):
+                raise ValueError("unknown unit")
         except Exception as exc:  # truncated or foreign: refuse rather than forget spent privacy
             raise PrivfedError(
                 f"lifetime history {self.path} cannot be read ({type(exc).__name__}); "

@@ -12,6 +12,7 @@ import html
 import json
 import math
 import tempfile
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
 from server.eps_crosscheck import cross_check
 from server.ledger_audit import open_ledger, verify_run
 from server.membership_inference import violates_bound
-from server.report import _plot_eps, _plot_utility, eval_kind, read_metrics
+from server.report import _plot_eps, _plot_utility, eval_kind, person_worst_case, read_metrics, worst_case_line
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
@@ -73,13 +74,22 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     parts = [f"<h1>privfed privacy report: {html.escape(run_dir.name)}</h1>"]
     if private:
         r0 = private[0]
+        user = r0.unit == "user"
         parts.append(
-            "<p><b>Claim:</b> sample-level DP-SGD at each site; "
+            f"<p><b>Claim:</b> {'user' if user else 'sample'}-level DP-SGD at each site; "
             f"unit of privacy: one {html.escape(r0.unit)} of a site's "
-            f"training split; ε per site is cumulative over the rounds it trained, from the Opacus "
+            f"training split{' (all of their records; add/remove one person)' if user else ''}; ε per site is "
+            "cumulative over the rounds it trained, from the Opacus "
             f"<b>{html.escape(r0.accountant.upper())}</b> accountant, at δ ≤ {max(r.delta for r in private):.3g}. "
-            "Not user-level or site-level privacy.</p>"
+            + (
+                "Joint DP: each user's own table row stays at the site and is not covered. Not site-level privacy.</p>"
+                if user
+                else "Not user-level or site-level privacy.</p>"
+            )
         )
+        worst = person_worst_case(private, _max_sites_per_person(config))
+        if worst is not None:
+            parts.append(f"<p><b>{html.escape(worst_case_line(worst, _max_sites_per_person(config)))}</b></p>")
     else:
         parts.append("<p><b>Non-private run:</b> no DP guarantee (ε = ∞).</p>")
     status = "ok" if verification.ok else "bad"
@@ -252,6 +262,15 @@ def _primary_metric(metrics: list[dict[str, Any]]) -> str:
         if m.get("test"):
             return next(iter(m["test"]))
     return ""
+
+
+def _max_sites_per_person(config: str) -> int:
+    """The run's declared max-sites-per-person (0: undeclared or unreadable)."""
+    try:
+        value = tomllib.loads(config).get("max-sites-per-person", 0)
+    except tomllib.TOMLDecodeError:
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _read_json(path: Path) -> dict | None:

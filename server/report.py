@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,19 +85,8 @@ class Summary:
     max_sites_per_person: int = 0
 
     def person_worst_case(self) -> tuple[int, float, float] | None:
-        """Under user-level DP: (k, epsilon, delta) for one person whose records sit at the k
-        sites that spent the most, k = the declared max-sites-per-person (else every site).
-
-        The sites' pseudonyms of a person agree (the federation key), so their releases are k
-        mechanisms on one person's data: basic composition (sum of the k largest epsilons and of
-        their deltas) bounds them whatever accountant each site used. None unless the unit is user.
-        """
-        rows = [r for r in self.eps_by_site.values() if r.unit == "user"]
-        if not rows:
-            return None
-        k = min(self.max_sites_per_person or len(rows), len(rows))
-        top = sorted(rows, key=lambda r: r.eps_total, reverse=True)[:k]
-        return k, sum(r.eps_total for r in top), sum(r.delta for r in top)
+        """:func:`person_worst_case` of the sites' last rows."""
+        return person_worst_case(self.eps_by_site.values(), self.max_sites_per_person)
 
     def headline(self) -> list[str]:
         primary = self.primary
@@ -126,16 +116,7 @@ class Summary:
                 )
         worst = self.person_worst_case()
         if worst is not None and rows and not math.isinf(max(r.eps_total for r in rows)):
-            k, eps_k, delta_k = worst
-            declared = (
-                f"declared max-sites-per-person = {self.max_sites_per_person}"
-                if self.max_sites_per_person
-                else "max-sites-per-person undeclared, so any person may be at every site"
-            )
-            lines.append(
-                f"per person, federation-wide: ε ≤ {eps_k:.3f} at δ ≤ {delta_k:.3g} for one person at the {k} "
-                f"site(s) that spent most ({declared}; basic composition of their ε)"
-            )
+            lines.append(worst_case_line(worst, self.max_sites_per_person))
         c = self.central
         if c is not None:
             extra = (
@@ -191,6 +172,37 @@ class Summary:
                 f"(chance level {m['mia_chance_advantage']:.3f}; {bound}){verdict}"
             )
         return lines
+
+
+def person_worst_case(last_rows: Iterable[LedgerRow], max_sites_per_person: int) -> tuple[int, float, float] | None:
+    """Under user-level DP: (k, epsilon, delta) for one person whose records sit at the k
+    sites that spent the most, k = the declared max-sites-per-person (else every site).
+
+    The sites' pseudonyms of a person agree (the federation key), so their releases are k
+    mechanisms on one person's data: basic composition (sum of the k largest epsilons and of
+    their deltas) bounds them whatever accountant each site used. ``last_rows``: each site's
+    last row, with its cumulative epsilon. None unless the unit is user.
+    """
+    rows = [r for r in last_rows if r.unit == "user"]
+    if not rows:
+        return None
+    k = min(max_sites_per_person or len(rows), len(rows))
+    top = sorted(rows, key=lambda r: r.eps_total, reverse=True)[:k]
+    return k, sum(r.eps_total for r in top), sum(r.delta for r in top)
+
+
+def worst_case_line(worst: tuple[int, float, float], max_sites_per_person: int) -> str:
+    """The report's one line on a person's federation-wide worst case."""
+    k, eps_k, delta_k = worst
+    declared = (
+        f"declared max-sites-per-person = {max_sites_per_person}"
+        if max_sites_per_person
+        else "max-sites-per-person undeclared, so any person may be at every site"
+    )
+    return (
+        f"per person, federation-wide: ε ≤ {eps_k:.3f} at δ ≤ {delta_k:.3g} for one person at the {k} "
+        f"site(s) that spent most ({declared}; basic composition of their ε)"
+    )
 
 
 def _worst_json(s: Summary) -> dict[str, Any] | None:

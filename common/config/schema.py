@@ -222,6 +222,9 @@ class TrainConfig:
 # dp.unit: one training record, or all of one person's records (user-level DP).
 RECORD_UNIT, USER_UNIT = "record", "user"
 DP_UNITS = (RECORD_UNIT, USER_UNIT)
+# The most records of one person in a step: a linear layer's per-person Gram buffers hold
+# persons x cap^2 numbers, so a coordinator's huge cap must not exhaust a site's memory.
+MAX_RECORDS_PER_USER = 1024
 
 
 @dataclass(frozen=True)
@@ -263,9 +266,10 @@ class DPConfig:
         _require(self.engine in ("fast", "opacus"), "dp.engine", f"must be fast or opacus, got {self.engine!r}")
         _require(self.unit in DP_UNITS, "dp.unit", f"must be one of {', '.join(DP_UNITS)}, got {self.unit!r}")
         _require(
-            self.max_records_per_user >= 1,
+            1 <= self.max_records_per_user <= MAX_RECORDS_PER_USER,
             "dp.max-records-per-user",
-            f"must be >= 1 (each sampled person contributes up to this many records), got {self.max_records_per_user}",
+            f"must be in [1, {MAX_RECORDS_PER_USER}] (each sampled person contributes up to this many records; "
+            f"the engine's per-person buffers grow with its square), got {self.max_records_per_user}",
         )
         _require(
             not (self.enabled and self.unit == USER_UNIT and self.engine == "opacus"),

@@ -346,6 +346,14 @@ def refuse_exact_metrics(cfg: RunConfig, node_config: Mapping[str, Any], *, virt
     """
     if cfg.metrics.dp or not cfg.dp.enabled:
         return
+    if cfg.dp.unit == "user" and not virtual_site:
+        # Under user-level DP a person's held-out records are their own data: exact sums over
+        # them would release those persons outside epsilon, so no site declaration covers it.
+        raise PolicyRefusal(
+            "metrics.dp",
+            "is false in a user-level run (dp.unit = user): exact evaluation sums would release the protected "
+            "persons' held-out records outside epsilon; a deployed site refuses whatever its allow-exact-metrics",
+        )
     if not _site_consents(node_config, "allow-exact-metrics", virtual_site):
         raise PolicyRefusal(
             "metrics.dp",

@@ -15,7 +15,6 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from common.errors import ConfigError
 from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.engines import FastDPStep
 from common.privacy.engines.rules import PersonGroups
@@ -67,10 +66,16 @@ def test_user_level_with_exact_metrics_is_refused_because_the_sums_reveal_the_pe
     # The released (exact) sums tell whether the victim is in the data: no noise at all.
     assert with_v["n_ranked"] - without_v["n_ranked"] == 1.0
     assert with_v["n_ratings"] > without_v["n_ratings"]
-    # So a user-level run must not release them exactly: refuse the combination up front.
-    with pytest.raises(ConfigError) as err:
-        make_cfg(**USER)  # metrics.dp = false, as the simulation launcher sets it
+    # So a deployed site must not release them exactly: it refuses the combination before any
+    # data is read, whatever its allow-exact-metrics says. (The simulation launcher's virtual
+    # sites may, and the report then says "metrics: not private".)
+    from common.deploy.site_config import PolicyRefusal, refuse_exact_metrics
+
+    cfg = make_cfg(**USER)  # metrics.dp = false, as the simulation launcher sets it
+    with pytest.raises(PolicyRefusal) as err:
+        refuse_exact_metrics(cfg, {"allow-exact-metrics": True})
     assert err.value.key == "metrics.dp"
+    refuse_exact_metrics(cfg, {}, virtual_site=True)  # simulation: declared not private in the report
 
 
 # ------------------------------------------------------------------ 2. lifetime budget units
@@ -105,15 +110,16 @@ def test_the_lifetime_budget_does_not_count_rating_level_rounds_as_if_they_prote
     assert face_value > user_only  # the rating-level round is in the composition...
     budget = face_value * 1.02
     user_site, params = _site(tmp_path, **{"dp.epsilon-budget": budget})
-    _, _, m2 = user_site.fit(params, {"server-round": 1, "run-id": "run-user"})
-    # ...but only at face value: the site trains, at a per-person lifetime eps it cannot state.
-    # Every person here has many training ratings, so the rating-level round alone is worth
-    # far more than its rating-level epsilon per person; a correct site refuses (or converts).
+    # ...but only at face value. Every person here has many training ratings, so the rating-level
+    # round alone is worth far more than its rating-level epsilon per person: the site refuses
+    # to switch the dataset's unit, before training, and its history keeps only the first unit.
+    from common.deploy.site_config import PolicyRefusal
+
     assert int(torch.bincount(user_site.train_data.person).min()) >= 5
-    assert m2["status"] != "trained", (
-        f"user-level round trained with lifetime eps {face_value:.3g} (rating-level round at face value) "
-        f"under a per-person budget of {budget:.3g}"
-    )
+    with pytest.raises(PolicyRefusal) as err:
+        user_site.fit(params, {"server-round": 1, "run-id": "run-user"})
+    assert err.value.key == "dp.unit"
+    assert {e.unit for e in user_site.lifetime.load()} == {"record"}
 
 
 # ------------------------------------------------------------------ 3. Gram norms can go negative
@@ -179,9 +185,7 @@ def test_max_sites_per_person_reaches_the_report(tmp_path):
     from simulations.cli import main as cli
 
     run = _user_run_dir(tmp_path)
-    (run / "config.toml").write_text(
-        '[tool.flwr.app.config]\ntask = "recsys"\nmax-sites-per-person = 2\n[tool.flwr.app.config.dp]\nunit = "user"\n'
-    )
+    (run / "config.toml").write_text('task = "recsys"\nmax-sites-per-person = 2\n[dp]\nunit = "user"\n')
     assert cli(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     page = page.split("<h2>Configuration</h2>")[0].lower()  # not the embedded config.toml itself
@@ -232,7 +236,7 @@ def test_a_user_level_runs_metrics_releases_are_not_labelled_per_validation_exam
     release = MetricsSpend(10.0, task.metric_bounds().l2_sensitivity, 1e-5, "os")
     run = _user_run_dir(tmp_path)
     led = Ledger(run / "ledger.sqlite", run_id="run")
-    led.record_round(3, [metrics_spend("site-0", release, 8.0, "rdp")])
+    led.record_round(3, [metrics_spend("site-0", release, 8.0, "rdp", dp_unit="user")])  # as the server calls it
     with (run / "metrics.jsonl").open("a") as fh:
         fh.write(json.dumps({"round": 3, "ledger_head": led.head(), "primary_metric": "rmse"}) + "\n")
     rows = led.rows()

@@ -81,10 +81,12 @@ class LinearRule(LayerRule):
             return torch.linalg.vecdot(g, g) * (torch.linalg.vecdot(a, a) + bias_term)
         # |sum_{i in u} g_i a_i^T|_F^2 = sum_{i,j in u} (g_i . g_j)(a_i . a_j) (+ (g_i . g_j) for the
         # bias): two Gram matrices per person, never the (out x in) gradient itself.
-        pa, pg = _padded(a, groups), _padded(g, groups)
+        # In float64, floored at 0: a person whose gradients (nearly) cancel would otherwise get a
+        # float32 sum below 0 (sqrt -> NaN clip factor -> NaN update) or an understated norm.
+        pa, pg = _padded(a.double(), groups), _padded(g.double(), groups)
         gram_a = torch.bmm(pa, pa.transpose(1, 2))
         gram_g = torch.bmm(pg, pg.transpose(1, 2))
-        return (gram_g * (gram_a + bias_term)).sum((1, 2))
+        return (gram_g * (gram_a + bias_term)).sum((1, 2)).clamp_min(0).to(g.dtype)
 
     def write_grad(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: dict) -> None:
         gc = g * scale.unsqueeze(1)
