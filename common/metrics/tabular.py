@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -414,7 +415,11 @@ def _expgrad(synth: pd.DataFrame, real_test: pd.DataFrame, spec: TableSpec, attr
     reduction = ExponentiatedGradient(
         LogisticRegression(max_iter=2000, random_state=seed), DemographicParity(), max_iter=50
     )
-    reduction.fit(x, y, sensitive_features=_groups_of(synth, attr, spec).to_numpy())
+    with warnings.catch_warnings():
+        # fairlearn 0.15 grows pandas Series with .at, which pandas 3 deprecates (for pandas 4):
+        # harmless here, and not ours to change; silenced for this call only.
+        warnings.filterwarnings("ignore", message="Setting a", module=r"fairlearn\.")
+        reduction.fit(x, y, sensitive_features=_groups_of(synth, attr, spec).to_numpy())
     xt = pre.transform(_features(real_test, spec))
     pred = np.asarray(reduction.predict(xt, random_state=seed), dtype=np.int64)
     weights = np.asarray(reduction.weights_, dtype=np.float64)

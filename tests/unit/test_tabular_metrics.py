@@ -1,0 +1,328 @@
+"""The tabular metrics on small generated frames: hand-computed values, fairlearn on the same rows,
+the site-sums path against the pooled computation, and a correction that shrinks a planted gap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    false_positive_rate,
+    selection_rate,
+    true_positive_rate,
+)
+from sklearn.metrics import accuracy_score
+
+from common.errors import ConfigError
+from common.metrics.tabular import (
+    TableSpec,
+    confusion_sums,
+    correction,
+    evaluate_all,
+    fairness,
+    fairness_from_sums,
+    fidelity,
+    fit_score,
+    marginals,
+    real_baseline,
+    reweigh_weights,
+    slug,
+    sum_bounds,
+    sum_schema,
+    utility,
+)
+
+SPEC = TableSpec(
+    numeric=("age", "hours"),
+    categorical=("occupation",),
+    label="income",
+    positive=">50K",
+    sensitive=("sex", "race"),
+    groups={"sex": ("Female", "Male"), "race": ("White", "Black", "Asian-Pac-Islander")},
+)
+
+
+def adult_like(n: int, seed: int, gap: float = 1.5, balanced: bool = False) -> pd.DataFrame:
+    """Adult-shaped rows whose label depends on sex by ``gap`` (log-odds), age, hours and occupation.
+
+    ``balanced``: every sex x label cell the same size (what conditional sampling over
+    sensitive x label gives), the features drawn as in the unbalanced rows of that cell.
+    """
+    rng = np.random.default_rng(seed)
+    m = 4 * n if balanced else n
+    sex = rng.choice(["Female", "Male"], m, p=[0.35, 0.65])
+    race = rng.choice(["White", "Black", "Asian-Pac-Islander"], m, p=[0.7, 0.2, 0.1])
+    age = rng.normal(40, 12, m).clip(17, 90).round()
+    hours = rng.normal(40, 10, m).clip(1, 99).round()
+    occ = rng.choice(["craft", "sales", "tech", "service"], m)
+    logit = -2.0 + gap * (sex == "Male") + 0.05 * (age - 40) + 0.04 * (hours - 40) + 0.8 * (occ == "tech")
+    y = rng.random(m) < 1 / (1 + np.exp(-logit))
+    frame = pd.DataFrame(
+        {
+            "age": age,
+            "hours": hours,
+            "occupation": occ,
+            "sex": sex,
+            "race": race,
+            "income": np.where(y, ">50K", "<=50K"),
+        }
+    )
+    if balanced:
+        cells = [frame[(frame.sex == s) & (y == v)] for s in ("Female", "Male") for v in (False, True)]
+        frame = pd.concat([c.sample(n // 4, replace=True, random_state=seed) for c in cells], ignore_index=True)
+    return frame
+
+
+# ------------------------------------------------------------------ spec and keys
+
+
+def test_slug_and_spec_refusals():
+    assert slug("Asian-Pac-Islander") == "asian-pac-islander"
+    assert slug("Amer Indian/Eskimo") == "amer-indian-eskimo"
+    assert slug("?") == "x"
+    with pytest.raises(ConfigError, match="at least two"):
+        TableSpec(("a",), (), "y", "1", ("s",), {"s": ("only",)})
+    with pytest.raises(ConfigError, match="same slug"):
+        TableSpec(("a",), (), "y", "1", ("s",), {"s": ("A b", "a-b")})
+    with pytest.raises(ConfigError, match="two roles"):
+        TableSpec(("a",), ("a",), "y", "1", ("s",), {"s": ("f", "m")})
+
+
+def test_undeclared_group_is_refused_without_the_value():
+    rows = adult_like(200, 0)
+    rows.loc[3, "sex"] = "Secret-Value"
+    with pytest.raises(ConfigError) as err:
+        fairness(adult_like(200, 1), rows, SPEC, 0)
+    assert "Secret-Value" not in str(err.value) and "groups.sex" in str(err.value)
+
+
+# ------------------------------------------------------------------ utility
+
+
+def _sign_rows(x: list[float], label: list[int], sex: list[str]) -> pd.DataFrame:
+    """Rows of a one-feature table: the label is ``1`` / ``0``; sex is a sensitive feature."""
+    return pd.DataFrame({"x": x, "sex": sex, "y": [str(v) for v in label]})
+
+
+SIGN = TableSpec(
+    numeric=("x",), categorical=(), label="y", positive="1", sensitive=("sex",), groups={"sex": ("F", "M")}
+)
+
+
+def _separable(n: int, seed: int, flip: bool = False) -> pd.DataFrame:
+    """Synthetic rows where y = [x > 0] (or its opposite), independent of sex: LR learns the sign of x."""
+    rng = np.random.default_rng(seed)
+    x = rng.choice([-1.0, 1.0], n) * rng.uniform(1, 6, n)
+    y = ((x > 0) != flip).astype(int)
+    return _sign_rows(list(x), list(y), list(rng.choice(["F", "M"], n)))
+
+
+def test_utility_tstr_by_hand():
+    test = _sign_rows([5, 4, -3, -6, 2, -2, 3, -4], [1, 1, 0, 0, 1, 0, 0, 1], ["F", "M"] * 4)
+    good = utility(_separable(400, 0), test, SIGN, 0)
+    # Predictions are the sign of x: right on 6 of the 8 rows. Scores rise with x; positives
+    # x = 5, 4, 2, -4 against negatives -3, -6, -2, 3 rank above 4, 4, 3 and 1 of them: AUC 12/16.
+    assert good["tstr.lr.accuracy"] == pytest.approx(6 / 8)
+    assert good["tstr.lr.auc"] == pytest.approx(12 / 16)
+    assert good["real.majority_rate"] == pytest.approx(0.5)
+    bad = utility(_separable(400, 0, flip=True), test, SIGN, 0)
+    assert bad["tstr.lr.accuracy"] == pytest.approx(2 / 8) and bad["tstr.lr.auc"] == pytest.approx(4 / 16)
+    # A collapsed generator (one class): the constant classifier, AUC 0.5, never a crash.
+    one = _sign_rows([1.0, 2.0, -1.0], [1, 1, 1], ["F", "M", "F"])
+    flat = utility(one, test, SIGN, 0)
+    assert flat["tstr.lr.accuracy"] == flat["tstr.gbm.accuracy"] == pytest.approx(4 / 8)
+    assert flat["tstr.lr.auc"] == pytest.approx(0.5)
+
+
+def test_real_baseline_and_gbm_on_adult_like_rows():
+    train, test = adult_like(3000, 0), adult_like(2000, 1)
+    base = real_baseline(train, test, SPEC, 0)
+    assert set(base) == {f"trtr.{m}.{k}" for m in ("lr", "gbm") for k in ("accuracy", "auc")} | {"real.majority_rate"}
+    # The planted signal is learnable: both beat the majority class and rank well.
+    assert base["trtr.lr.accuracy"] > base["real.majority_rate"] + 0.02
+    assert base["trtr.lr.auc"] > 0.7 and base["trtr.gbm.auc"] > 0.7
+
+
+# ------------------------------------------------------------------ fidelity
+
+
+def test_total_variation_by_hand():
+    spec = TableSpec(
+        numeric=("x",), categorical=("c",), label="y", positive="1", sensitive=("s",), groups={"s": ("F", "M")},
+        bins={"x": (0.0, 10.0)},
+    )  # fmt: skip
+    real = pd.DataFrame({"x": [-1, 5, 5, 20], "c": ["a", "a", "b", "b"], "s": ["F", "M", "F", "M"], "y": list("1010")})
+    synth = pd.DataFrame({"x": [5, 5, 5, 5], "c": ["a", "a", "a", "b"], "s": ["F", "F", "F", "F"], "y": list("1111")})
+    m = fidelity(synth, real, spec)
+    # x: bins (<0, [0,10), >=10): real (1/4, 1/2, 1/4), synth (0, 1, 0) -> 1/2.
+    assert m["fidelity.tv.x"] == pytest.approx(0.5)
+    assert m["fidelity.tv.c"] == pytest.approx(0.25)  # (1/2, 1/2) against (3/4, 1/4)
+    assert m["fidelity.tv.s"] == pytest.approx(0.5)
+    assert m["fidelity.tv.y"] == pytest.approx(0.5)
+    assert m["fidelity.tv_mean"] == pytest.approx((0.5 + 0.25 + 0.5 + 0.5) / 4)
+    table = marginals(synth, real, spec)
+    assert table["x"]["labels"] == ["< 0", "[0, 10)", ">= 10"] and table["x"]["real"] == [0.25, 0.5, 0.25]
+
+
+def test_association_difference_by_hand():
+    # Cramér's V: only (c, s) differs, 1 in the real rows (c names s), 0 in the synthetic ones
+    # (a balanced 2 x 2); the other five pairs agree. Mean over 6 pairs: 1/6.
+    spec = TableSpec(
+        numeric=("x",), categorical=("c",), label="y", positive="1", sensitive=("s",), groups={"s": ("F", "M")},
+        bins={"x": (1.5,)},
+    )  # fmt: skip
+    base = {"x": [1, 2] * 4, "s": list("FFFFMMMM"), "y": list("10101010")}
+    real = pd.DataFrame({**base, "c": list("aaaabbbb")})
+    synth = pd.DataFrame({**base, "c": list("aabbaabb")})
+    m = fidelity(synth, real, spec)
+    assert m["fidelity.assoc_diff"] == pytest.approx(1 / 6) and m["fidelity.assoc_max"] == pytest.approx(1.0)
+    # Pearson for two numeric columns: r = 1 real, -1 synthetic -> |diff| 2 on 1 of 6 pairs.
+    spec2 = TableSpec(
+        numeric=("x", "z"), categorical=(), label="y", positive="1", sensitive=("s",), groups={"s": ("F", "M")},
+        bins={"x": (2.5,), "z": (2.5,)},
+    )  # fmt: skip
+    real2 = pd.DataFrame({"x": [1, 2, 3, 4], "z": [1, 2, 3, 4], "s": list("FMFM"), "y": list("1100")})
+    synth2 = real2.assign(z=[4, 3, 2, 1])
+    m2 = fidelity(synth2, real2, spec2)
+    assert m2["fidelity.assoc_diff"] == pytest.approx(2 / 6) and m2["fidelity.assoc_max"] == pytest.approx(2.0)
+    assert fidelity(real, real, spec)["fidelity.assoc_diff"] == 0.0
+
+
+# ------------------------------------------------------------------ fairness
+
+
+def test_group_fairness_by_hand():
+    # The TSTR classifier predicts the sign of x. Females: tp 1, fp 1, tn 2, fn 0;
+    # males: tp 3, fp 1, tn 1, fn 1.
+    test = _sign_rows(
+        [5, 4, -3, -6, 5, 4, 3, 2, -2, -5],
+        [1, 0, 0, 0, 1, 1, 1, 0, 1, 0],
+        ["F"] * 4 + ["M"] * 6,
+    )
+    m = fairness(_separable(400, 0), test, SIGN, 0)
+    assert m["fair.sex.f.accuracy"] == pytest.approx(3 / 4) and m["fair.sex.m.accuracy"] == pytest.approx(4 / 6)
+    assert m["fair.sex.f.tpr"] == pytest.approx(1.0) and m["fair.sex.m.tpr"] == pytest.approx(3 / 4)
+    assert m["fair.sex.f.fpr"] == pytest.approx(1 / 3) and m["fair.sex.m.fpr"] == pytest.approx(1 / 2)
+    assert m["fair.sex.f.selection_rate"] == pytest.approx(1 / 2) and m["fair.sex.m.selection_rate"] == pytest.approx(
+        4 / 6
+    )
+    assert m["fair.sex.f.n"] == 4 and m["fair.sex.m.n"] == 6
+    assert m["fair.sex.dp_diff"] == pytest.approx(4 / 6 - 1 / 2)
+    assert m["fair.sex.eo_diff"] == pytest.approx(max(1 - 3 / 4, 1 / 2 - 1 / 3))
+    assert m["bias.sex.f.real_rate"] == pytest.approx(1 / 4) and m["bias.sex.m.real_rate"] == pytest.approx(4 / 6)
+    assert m["bias.sex.real_rate_gap"] == pytest.approx(4 / 6 - 1 / 4)
+
+
+def test_fairness_matches_fairlearn_on_adult_like_rows():
+    synth, test = adult_like(3000, 0), adult_like(2000, 1)
+    m = fairness(synth, test, SPEC, 0)
+    y = (test.income == ">50K").to_numpy().astype(int)
+    # The same classifier the module trains (same seed, same rows), scored by fairlearn here.
+    pred = fit_score("lr", synth, test, SPEC, 0).pred
+    frame = MetricFrame(
+        metrics={"acc": accuracy_score, "tpr": true_positive_rate, "fpr": false_positive_rate, "sel": selection_rate},
+        y_true=y,
+        y_pred=pred,
+        sensitive_features=test.race,
+    )
+    row = frame.by_group.loc["Asian-Pac-Islander"]
+    assert m["fair.race.asian-pac-islander.tpr"] == pytest.approx(row["tpr"])
+    assert m["fair.race.asian-pac-islander.selection_rate"] == pytest.approx(row["sel"])
+    assert m["fair.race.dp_diff"] == pytest.approx(demographic_parity_difference(y, pred, sensitive_features=test.race))
+    assert m["fair.race.eo_diff"] == pytest.approx(equalized_odds_difference(y, pred, sensitive_features=test.race))
+    worst = (frame.by_group[["tpr", "fpr"]].max() - frame.by_group[["tpr", "fpr"]].min()).max()
+    assert m["fair.race.eo_diff"] == pytest.approx(worst)  # fairlearn's worst case, by hand
+    # The planted bias is in both the real and the synthetic rows (label rate by sex).
+    assert m["bias.sex.male.synth_rate"] - m["bias.sex.female.synth_rate"] > 0.15
+    assert m["bias.sex.male.real_rate"] == pytest.approx((y[test.sex == "Male"]).mean())
+
+
+# ------------------------------------------------------------------ correction
+
+
+def test_reweigh_weights_by_hand():
+    rows = _sign_rows([1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 0, 0], ["F", "F", "F", "M", "M", "M"])
+    w = reweigh_weights(rows, SIGN, "sex")
+    # P(F) = 1/2, P(y=1) = 1/2, P(F, 1) = 1/3 -> 3/4; P(F, 0) = 1/6 -> 3/2; symmetric for M.
+    assert w.tolist() == pytest.approx([0.75, 0.75, 1.5, 1.5, 0.75, 0.75])
+    # Weighted, the label rate is the same in both groups.
+    y = np.array([1, 1, 0, 1, 0, 0])
+    assert (w[:3] * y[:3]).sum() / w[:3].sum() == pytest.approx((w[3:] * y[3:]).sum() / w[3:].sum())
+
+
+def test_correction_shrinks_a_planted_gap():
+    synth, test = adult_like(4000, 0, gap=1.5), adult_like(3000, 1, gap=1.5)
+    balanced = adult_like(4000, 2, gap=1.5, balanced=True)
+    m = correction(synth, balanced, test, SPEC, 0)
+    before = m["correction.none.sex.dp_diff"]
+    assert before > 0.2  # the planted gap shows in the TSTR classifier
+    for method in ("balanced", "reweigh", "expgrad"):
+        assert m[f"correction.{method}.sex.dp_diff"] <= 0.7 * before, method  # shrinks by >= 30 %
+        assert m[f"correction.{method}.accuracy"] >= m["correction.none.accuracy"] - 0.15, method
+    # ExponentiatedGradient meets its constraint on the training rows; on the test rows the gap is small.
+    assert m["correction.expgrad.sex.dp_diff"] < 0.1
+    assert 0.5 < m["correction.expgrad.auc"] <= 1.0
+    assert m["correction.none.sex.eo_diff"] > m["correction.expgrad.sex.eo_diff"]
+    assert "correction.balanced.accuracy" not in correction(synth, None, test, SPEC, 0)
+
+
+def test_evaluate_all_is_the_union():
+    synth, test = adult_like(1500, 0), adult_like(1000, 1)
+    m = evaluate_all(synth, None, test, SPEC, 0)
+    assert m["tstr.lr.accuracy"] == m["correction.none.accuracy"] == utility(synth, test, SPEC, 0)["tstr.lr.accuracy"]
+    assert m["fair.sex.dp_diff"] == m["correction.none.sex.dp_diff"]
+    assert {"fidelity.tv_mean", "fidelity.assoc_diff", "bias.race.white.synth_rate", "tstr.gbm.auc"} <= set(m)
+    assert all(np.isfinite(v) for v in m.values())
+
+
+# ------------------------------------------------------------------ deployment: sums
+
+
+def test_site_sums_reproduce_fairlearn_on_the_pooled_rows():
+    rng = np.random.default_rng(3)
+    n = 3000
+    race = rng.choice(SPEC.groups["race"], n, p=[0.6, 0.3, 0.1])
+    sex = rng.choice(SPEC.groups["sex"], n)
+    y = rng.random(n) < np.where(sex == "Male", 0.4, 0.15)
+    pred = rng.random(n) < np.where(y, 0.7, 0.1) + np.where(race == "Black", 0.1, 0.0)
+    total: dict[str, float] = {}
+    for part in np.array_split(np.arange(n), 3):  # three sites
+        site = confusion_sums(y[part], pred[part], {"sex": sex[part], "race": race[part]}, SPEC)
+        assert tuple(site) == sum_schema(SPEC)  # every key, in the schema's order, whatever the data
+        for k, v in site.items():
+            total[k] = total.get(k, 0.0) + v
+    m = fairness_from_sums(total, SPEC)
+    for attr, groups in (("sex", sex), ("race", race)):
+        assert m[f"fair.{attr}.dp_diff"] == pytest.approx(
+            demographic_parity_difference(y, pred, sensitive_features=groups)
+        )
+        assert m[f"fair.{attr}.eo_diff"] == pytest.approx(equalized_odds_difference(y, pred, sensitive_features=groups))
+    frame = MetricFrame(metrics=true_positive_rate, y_true=y, y_pred=pred, sensitive_features=race)
+    assert m["fair.race.black.tpr"] == pytest.approx(frame.by_group["Black"])
+    assert m["fair.accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["bias.sex.female.real_rate"] == pytest.approx(y[sex == "Female"].mean())
+
+
+def test_sum_schema_is_public_and_suppression_hides_small_groups():
+    keys = sum_schema(SPEC)
+    assert len(keys) == 4 + 4 * (2 + 3) and keys[4] == "cm.sex.female.tp"
+    bounds = sum_bounds(SPEC)
+    assert set(bounds.bounds) == set(keys) and set(bounds.bounds.values()) == {1.0} and bounds.touched == 3
+    # A site without Black or Asian rows sends the same keys, as zeros.
+    y = np.array([1, 0, 1, 0])
+    site = confusion_sums(y, y, {"sex": np.array(["Male", "Female"] * 2), "race": np.array(["White"] * 4)}, SPEC)
+    assert tuple(site) == keys and site["cm.race.black.tp"] == 0.0
+    # Race: White 40, Black 8, Asian 3. With k = 5 Asian is withheld, and Black too
+    # (otherwise Asian = total - White - Black); with noisy negative counts clipped at 0.
+    sums = dict.fromkeys(keys, 0.0)
+    sums.update({"cm.race.white.tp": 20.0, "cm.race.white.tn": 20.0, "cm.race.black.tp": 8.0})
+    sums.update({"cm.race.asian-pac-islander.fn": 3.0, "cm.race.asian-pac-islander.fp": -2.0})
+    m = fairness_from_sums(sums, SPEC, min_group_size=5)
+    assert "fair.race.white.accuracy" in m and "fair.race.black.accuracy" not in m
+    assert not any(k.startswith("fair.race.asian") for k in m) and "fair.race.dp_diff" not in m
+    m1 = fairness_from_sums(sums, SPEC)
+    assert m1["fair.race.asian-pac-islander.n"] == 3.0 and m1["fair.race.asian-pac-islander.tpr"] == 0.0
+    assert "fair.race.asian-pac-islander.fpr" not in m1  # no negatives: undefined, left out
