@@ -3,6 +3,9 @@ the site-sums path against the pooled computation, and a correction that shrinks
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,6 +37,18 @@ from common.metrics.tabular import (
     sum_schema,
     utility,
 )
+from common.metrics.tabular_plots import (
+    MARGINALS_FILE,
+    attributes,
+    groups,
+    methods,
+    plot_correction,
+    plot_group_rates,
+    plot_marginals,
+    read_marginals,
+    write_marginals,
+)
+from server.html_report_tabular import tabular_section
 
 SPEC = TableSpec(
     numeric=("age", "hours"),
@@ -295,11 +310,10 @@ def test_site_sums_reproduce_fairlearn_on_the_pooled_rows():
         for k, v in site.items():
             total[k] = total.get(k, 0.0) + v
     m = fairness_from_sums(total, SPEC)
-    for attr, groups in (("sex", sex), ("race", race)):
-        assert m[f"fair.{attr}.dp_diff"] == pytest.approx(
-            demographic_parity_difference(y, pred, sensitive_features=groups)
-        )
-        assert m[f"fair.{attr}.eo_diff"] == pytest.approx(equalized_odds_difference(y, pred, sensitive_features=groups))
+    for attr, members in (("sex", sex), ("race", race)):
+        dp = demographic_parity_difference(y, pred, sensitive_features=members)
+        eo = equalized_odds_difference(y, pred, sensitive_features=members)
+        assert m[f"fair.{attr}.dp_diff"] == pytest.approx(dp) and m[f"fair.{attr}.eo_diff"] == pytest.approx(eo)
     frame = MetricFrame(metrics=true_positive_rate, y_true=y, y_pred=pred, sensitive_features=race)
     assert m["fair.race.black.tpr"] == pytest.approx(frame.by_group["Black"])
     assert m["fair.accuracy"] == pytest.approx(accuracy_score(y, pred))
@@ -326,3 +340,66 @@ def test_sum_schema_is_public_and_suppression_hides_small_groups():
     m1 = fairness_from_sums(sums, SPEC)
     assert m1["fair.race.asian-pac-islander.n"] == 3.0 and m1["fair.race.asian-pac-islander.tpr"] == 0.0
     assert "fair.race.asian-pac-islander.fpr" not in m1  # no negatives: undefined, left out
+
+
+# ------------------------------------------------------------------ plots and the report section
+
+
+def _rounds(n: int = 3) -> list[dict[str, Any]]:
+    """metrics.jsonl lines of a short run: the same evaluation, its gaps shrinking by round."""
+    base = evaluate_all(adult_like(1500, 0), adult_like(1500, 2, balanced=True), adult_like(1000, 1), SPEC, 0)
+    tests = [{k: (v / r if k.endswith("dp_diff") else v) for k, v in base.items()} for r in range(1, n + 1)]
+    tests[0].update({"trtr.lr.accuracy": 0.85, "trtr.lr.auc": 0.9})  # the anchor, reported once
+    return [{"round": r, "test": test, "site_val": {}} for r, test in enumerate(tests, start=1)]
+
+
+def _is_png(path: Path | None) -> bool:
+    return path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_draw_from_round_metrics(tmp_path):
+    lines = _rounds()
+    last = lines[-1]["test"]
+    assert attributes(last) == ["sex", "race"] and groups(last, "sex") == ["female", "male"]
+    assert methods(last) == ["none", "balanced", "reweigh", "expgrad"]
+    assert _is_png(plot_group_rates(lines, "sex", tmp_path / "rates.png"))
+    assert _is_png(plot_correction(last, tmp_path / "correction.png"))
+    table = marginals(adult_like(500, 0), adult_like(500, 1), SPEC)
+    assert _is_png(plot_marginals(table, tmp_path / "marginals.png"))
+    # Nothing to draw: None, and no file.
+    assert plot_group_rates([{"round": 1, "test": {"loss": 1.0}}], "sex", tmp_path / "none.png") is None
+    assert plot_correction({}, tmp_path / "none2.png") is None and not (tmp_path / "none2.png").exists()
+
+
+def test_marginals_file_round_trip(tmp_path):
+    table = marginals(adult_like(300, 0), adult_like(300, 1), SPEC)
+    path = write_marginals(table, tmp_path)
+    assert path.name == MARGINALS_FILE and read_marginals(tmp_path) == table
+    assert (path.stat().st_mode & 0o077) == 0  # private: it holds the real rows' frequencies
+    path.write_text('{"age": {"labels": 3}}')
+    assert read_marginals(tmp_path) is None
+    path.write_text("not json")
+    assert read_marginals(tmp_path) is None
+
+
+def test_report_section(tmp_path):
+    assert tabular_section(tmp_path, [{"round": 1, "test": {"loss": 0.5}}]) == []
+    lines = _rounds()
+    write_marginals(marginals(adult_like(300, 0), adult_like(300, 1), SPEC), tmp_path)
+    page = "\n".join(tabular_section(tmp_path, lines))
+    last = lines[-1]["test"]
+    assert f"{last['tstr.lr.accuracy']:.3f}" in page and "0.850" in page  # TSTR, and the anchor from round 1
+    assert "Fairness by sex" in page and "Fairness by race" in page and "asian-pac-islander" in page
+    assert f"{last['fair.sex.female.selection_rate']:.3f}" in page
+    # One rates plot per attribute, the correction bars, the marginals.
+    assert page.count("data:image/png;base64,") == 4
+    # The correction table: the gap change of ExpGrad against none, relative, as computed here.
+    change = (last["correction.expgrad.sex.dp_diff"] - last["correction.none.sex.dp_diff"]) / last[
+        "correction.none.sex.dp_diff"
+    ]
+    assert f"{change:+.0%}" in page and "ExpGrad (DP)" in page
+    points = 100 * (last["correction.expgrad.accuracy"] - last["correction.none.accuracy"])
+    assert f"{points:+.1f} pt" in page
+    # Without the marginals file: three pictures.
+    (tmp_path / MARGINALS_FILE).unlink()
+    assert "\n".join(tabular_section(tmp_path, lines)).count("data:image/png;base64,") == 3
