@@ -66,7 +66,7 @@ def plot_group_rates(
     for m in metrics:
         test = m.get("test") or {}
         for g in groups(test, attr):
-            for key, name in ((f"fair.{attr}.{g}.{rate}", f"{g}: classifier {rate}"),
+            for key, name in ((f"fair.{attr}.{g}.{rate}", f"{g}: classifier {rate.replace('_', ' ')}"),
                               (f"bias.{attr}.{g}.synth_rate", f"{g}: synthetic label rate")):  # fmt: skip
                 if _finite(test.get(key)):
                     xs, ys = series.setdefault(name, ([], []))

@@ -22,6 +22,7 @@ from sklearn.metrics import accuracy_score
 from common.errors import ConfigError
 from common.metrics.tabular import (
     TableSpec,
+    balanced_cells,
     confusion_sums,
     correction,
     evaluate_all,
@@ -52,7 +53,7 @@ from server.html_report_tabular import tabular_section
 
 SPEC = TableSpec(
     numeric=("age", "hours"),
-    categorical=("occupation",),
+    categorical=("occupation", "country"),
     label="income",
     positive=">50K",
     sensitive=("sex", "race"),
@@ -73,6 +74,8 @@ def adult_like(n: int, seed: int, gap: float = 1.5, balanced: bool = False) -> p
     age = rng.normal(40, 12, m).clip(17, 90).round()
     hours = rng.normal(40, 10, m).clip(1, 99).round()
     occ = rng.choice(["craft", "sales", "tech", "service"], m)
+    # Many categories: the one-hot matrix is mostly zeros (the encoder must still give fairlearn dense rows).
+    country = rng.choice([f"c{i:02d}" for i in range(40)], m)
     logit = -2.0 + gap * (sex == "Male") + 0.05 * (age - 40) + 0.04 * (hours - 40) + 0.8 * (occ == "tech")
     y = rng.random(m) < 1 / (1 + np.exp(-logit))
     frame = pd.DataFrame(
@@ -80,6 +83,7 @@ def adult_like(n: int, seed: int, gap: float = 1.5, balanced: bool = False) -> p
             "age": age,
             "hours": hours,
             "occupation": occ,
+            "country": country,
             "sex": sex,
             "race": race,
             "income": np.where(y, ">50K", "<=50K"),
@@ -266,6 +270,13 @@ def test_reweigh_weights_by_hand():
     # Weighted, the label rate is the same in both groups.
     y = np.array([1, 1, 0, 1, 0, 0])
     assert (w[:3] * y[:3]).sum() / w[:3].sum() == pytest.approx((w[3:] * y[3:]).sum() / w[3:].sum())
+
+
+def test_balanced_cells_keep_the_marginals():
+    rows = _sign_rows([1.0] * 10, [1, 1, 0, 0, 0, 0, 0, 0, 0, 0], ["F"] * 4 + ["M"] * 6)
+    # P(F) = 0.4, P(M) = 0.6, P(1) = 0.2: n P(a) P(y) for n = 100.
+    cells = balanced_cells(rows, SIGN, 100)
+    assert cells == {("F", "1"): 8, ("F", "0"): 32, ("M", "1"): 12, ("M", "0"): 48}
 
 
 def test_correction_shrinks_a_planted_gap():
