@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,8 @@ CELLS = ("tp", "fp", "tn", "fn")
 CORRECTIONS = ("none", "balanced", "reweigh", "expgrad")
 # Deciles: the fallback binning of a numeric column without declared bins.
 FALLBACK_BINS = 10
+# Bins of the score histogram sites send for the AUC (deployment path): public and fixed.
+SCORE_BINS = 20
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,10 @@ def _features(frame: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         raise ConfigError("schema", f"a frame lacks {len(missing)} declared column(s), e.g. {missing[0]}")
     out = pd.DataFrame(index=frame.index)
     for c in spec.numeric:
-        out[c] = pd.to_numeric(frame[c], errors="raise").astype(np.float64)
+        try:
+            out[c] = pd.to_numeric(frame[c], errors="raise").astype(np.float64)
+        except (ValueError, TypeError):  # pandas names the value; the error must not
+            raise ConfigError(f"schema.{c}", "a numeric column holds a value that is not a number") from None
     for c in spec.discrete:
         out[c] = frame[c].astype(str)
     return out
@@ -515,28 +520,38 @@ def evaluate_all(
 # ------------------------------------------------------------------ deployment: sums
 
 
-def sum_schema(spec: TableSpec) -> tuple[str, ...]:
-    """Every confusion count a site sends, in order: ``cm.<cell>`` overall, then
-    ``cm.<attr>.<group>.<cell>`` for every declared group. Fixed and public (from
-    ``spec.groups``, never from data), as SecAgg+ and metrics.dp need."""
+def sum_schema(spec: TableSpec, *, scores: bool = False) -> tuple[str, ...]:
+    """Every count a site sends, in order: ``cm.<cell>`` overall, then ``cm.<attr>.<group>.<cell>``
+    for every declared group; with ``scores``, then the score histogram ``roc.<pos|neg>.<bin>``
+    (:data:`SCORE_BINS` fixed bins over [0, 1]). Fixed and public (from ``spec.groups``, never
+    from data), as SecAgg+ and metrics.dp need."""
     keys = [f"cm.{c}" for c in CELLS]
     for attr in spec.sensitive:
         keys += [f"cm.{slug(attr)}.{slug(g)}.{c}" for g in spec.groups[attr] for c in CELLS]
+    if scores:
+        keys += [f"roc.{side}.{i:02d}" for side in ("pos", "neg") for i in range(SCORE_BINS)]
     return tuple(keys)
 
 
-def sum_bounds(spec: TableSpec) -> MetricBounds:
+def sum_bounds(spec: TableSpec, *, scores: bool = False) -> MetricBounds:
     """For ``Task.metric_bounds`` under metrics.dp: one validation row adds 1 to one overall
-    cell and to one cell per sensitive attribute, so every key's bound is 1 and a row
-    touches ``1 + len(spec.sensitive)`` keys."""
-    return MetricBounds(dict.fromkeys(sum_schema(spec), 1.0), 1 + len(spec.sensitive))
+    cell, to one cell per sensitive attribute and (``scores``) to one histogram bin, so every
+    key's bound is 1 and a row touches ``1 + len(spec.sensitive) (+ 1)`` keys."""
+    return MetricBounds(dict.fromkeys(sum_schema(spec, scores=scores), 1.0), 1 + len(spec.sensitive) + int(scores))
 
 
 def confusion_sums(
-    y_true: np.ndarray, y_pred: np.ndarray, groups: Mapping[str, np.ndarray], spec: TableSpec
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    groups: Mapping[str, np.ndarray],
+    spec: TableSpec,
+    *,
+    score: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """A site's confusion counts of a classifier on its rows, every :func:`sum_schema` key
-    (0 for a group it lacks). ``groups[attr]``: each row's declared group name."""
+    """A site's counts for its rows, every :func:`sum_schema` key (0 for a group it lacks):
+    the classifier's confusion cells overall and per group (``groups[attr]``: each row's
+    declared group name), and with ``score`` (its positive-class probabilities) the
+    per-label score histogram from which :func:`fairness_from_sums` gets the AUC."""
     y = np.asarray(y_true).astype(bool)
     p = np.asarray(y_pred).astype(bool)
     cells = {"tp": y & p, "fp": ~y & p, "tn": ~y & ~p, "fn": y & ~p}
@@ -549,7 +564,29 @@ def confusion_sums(
         for g in declared:
             here = values == g
             out.update({f"cm.{slug(attr)}.{slug(g)}.{c}": float((m & here).sum()) for c, m in cells.items()})
+    if score is not None:
+        b = score_bin(np.asarray(score, dtype=np.float64))
+        for side, mask in (("pos", y), ("neg", ~y)):
+            counts = np.bincount(b[mask], minlength=SCORE_BINS)
+            out.update({f"roc.{side}.{i:02d}": float(c) for i, c in enumerate(counts)})
     return out
+
+
+def score_bin(score: np.ndarray) -> np.ndarray:
+    """The histogram bin of each score: :data:`SCORE_BINS` equal bins over [0, 1] (scores clipped)."""
+    return np.minimum((np.clip(score, 0.0, 1.0) * SCORE_BINS).astype(np.int64), SCORE_BINS - 1)
+
+
+def auc_from_histogram(pos: Sequence[float], neg: Sequence[float]) -> float | None:
+    """The AUC of binned scores: P(positive's bin > negative's) + 1/2 P(same bin), i.e. the exact
+    AUC of the scores rounded to their bins (within-bin order is lost; ties count half).
+    None without both classes. Noisy counts are clipped at 0."""
+    p = np.clip(np.asarray(pos, dtype=np.float64), 0.0, None)
+    n = np.clip(np.asarray(neg, dtype=np.float64), 0.0, None)
+    if p.sum() <= 0 or n.sum() <= 0:
+        return None
+    below = np.concatenate([[0.0], np.cumsum(n)[:-1]])
+    return float((p * (below + 0.5 * n)).sum() / (p.sum() * n.sum()))
 
 
 def _rates(tp: float, fp: float, tn: float, fn: float) -> dict[str, float]:
@@ -567,10 +604,14 @@ def _spread(values: list[float]) -> float:
     return max(values) - min(values) if len(values) >= 2 else 0.0
 
 
-def fairness_from_sums(sums: Mapping[str, float], spec: TableSpec, *, min_group_size: int = 1) -> dict[str, float]:
+def fairness_from_sums(
+    sums: Mapping[str, float], spec: TableSpec, *, min_group_size: int = 1, model: str = "lr"
+) -> dict[str, float]:
     """Federation metrics from the summed :func:`confusion_sums`: the deployment twin of :func:`fairness`.
 
-    ``fair.accuracy`` and ``fair.selection_rate`` overall; per reported group
+    Overall ``tstr.<model>.accuracy`` (and ``.auc`` from the score histogram, when sent),
+    ``real.majority_rate`` and ``real.n``, keyed as :func:`utility`'s so that the report
+    reads both paths alike; per reported group
     ``fair.<attr>.<group>.{accuracy,tpr,fpr,selection_rate,n}`` and
     ``bias.<attr>.<group>.real_rate``; ``fair.<attr>.dp_diff`` (largest minus smallest
     selection rate) and ``fair.<attr>.eo_diff`` (the larger of the TPR and FPR ranges):
@@ -587,11 +628,13 @@ def fairness_from_sums(sums: Mapping[str, float], spec: TableSpec, *, min_group_
     overall = cell("cm")
     if sum(overall) > 0:
         r = _rates(*overall)
-        out["fair.accuracy"], out["fair.selection_rate"], out["fair.n"] = (
-            r["accuracy"],
-            r["selection_rate"],
-            sum(overall),
-        )
+        out[f"tstr.{model}.accuracy"] = r["accuracy"]
+        out["real.majority_rate"] = max(r["real_rate"], 1.0 - r["real_rate"])
+        out["real.n"] = sum(overall)
+    pos = [sums.get(f"roc.pos.{i:02d}", 0.0) for i in range(SCORE_BINS)]
+    neg = [sums.get(f"roc.neg.{i:02d}", 0.0) for i in range(SCORE_BINS)]
+    if (auc := auc_from_histogram(pos, neg)) is not None:
+        out[f"tstr.{model}.auc"] = auc
     for attr in spec.sensitive:
         a = slug(attr)
         tables = {slug(g): cell(f"cm.{a}.{slug(g)}") for g in spec.groups[attr]}

@@ -17,7 +17,7 @@ from fairlearn.metrics import (
     selection_rate,
     true_positive_rate,
 )
-from sklearn.metrics import accuracy_score
+from sklearn.metrics import accuracy_score, roc_auc_score
 
 from common.errors import ConfigError
 from common.metrics.tabular import (
@@ -108,6 +108,14 @@ def test_slug_and_spec_refusals():
         TableSpec(("a",), (), "y", "1", ("s",), {"s": ("A b", "a-b")})
     with pytest.raises(ConfigError, match="two roles"):
         TableSpec(("a",), ("a",), "y", "1", ("s",), {"s": ("f", "m")})
+
+
+def test_bad_numeric_value_is_refused_without_the_value():
+    rows = adult_like(50, 0).astype({"age": object})
+    rows.loc[7, "age"] = "forty-one"
+    with pytest.raises(ConfigError) as err:
+        utility(rows, adult_like(50, 1), SPEC, 0)
+    assert "forty-one" not in str(err.value) and "schema.age" in str(err.value)
 
 
 def test_undeclared_group_is_refused_without_the_value():
@@ -313,11 +321,12 @@ def test_site_sums_reproduce_fairlearn_on_the_pooled_rows():
     race = rng.choice(SPEC.groups["race"], n, p=[0.6, 0.3, 0.1])
     sex = rng.choice(SPEC.groups["sex"], n)
     y = rng.random(n) < np.where(sex == "Male", 0.4, 0.15)
-    pred = rng.random(n) < np.where(y, 0.7, 0.1) + np.where(race == "Black", 0.1, 0.0)
+    score = np.clip(rng.normal(np.where(y, 0.6, 0.35), 0.2), 0.0, 1.0)
+    pred = (score >= 0.5) | ((race == "Black") & (score >= 0.4))  # a threshold that differs by group
     total: dict[str, float] = {}
     for part in np.array_split(np.arange(n), 3):  # three sites
-        site = confusion_sums(y[part], pred[part], {"sex": sex[part], "race": race[part]}, SPEC)
-        assert tuple(site) == sum_schema(SPEC)  # every key, in the schema's order, whatever the data
+        site = confusion_sums(y[part], pred[part], {"sex": sex[part], "race": race[part]}, SPEC, score=score[part])
+        assert tuple(site) == sum_schema(SPEC, scores=True)  # every key, in order, whatever the data
         for k, v in site.items():
             total[k] = total.get(k, 0.0) + v
     m = fairness_from_sums(total, SPEC)
@@ -327,13 +336,23 @@ def test_site_sums_reproduce_fairlearn_on_the_pooled_rows():
         assert m[f"fair.{attr}.dp_diff"] == pytest.approx(dp) and m[f"fair.{attr}.eo_diff"] == pytest.approx(eo)
     frame = MetricFrame(metrics=true_positive_rate, y_true=y, y_pred=pred, sensitive_features=race)
     assert m["fair.race.black.tpr"] == pytest.approx(frame.by_group["Black"])
-    assert m["fair.accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["tstr.lr.accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["real.majority_rate"] == pytest.approx(max(y.mean(), 1 - y.mean())) and m["real.n"] == n
     assert m["bias.sex.female.real_rate"] == pytest.approx(y[sex == "Female"].mean())
+    # The AUC from the summed histogram is sklearn's AUC of the scores rounded to their bins
+    # (ties count half in both), and close to the AUC of the exact scores.
+    binned = np.minimum(np.floor(score * 20), 19)
+    assert m["tstr.lr.auc"] == pytest.approx(roc_auc_score(y, binned))
+    assert m["tstr.lr.auc"] == pytest.approx(roc_auc_score(y, score), abs=0.01)
+    assert "tstr.lr.auc" not in fairness_from_sums({k: v for k, v in total.items() if k.startswith("cm.")}, SPEC)
 
 
 def test_sum_schema_is_public_and_suppression_hides_small_groups():
     keys = sum_schema(SPEC)
     assert len(keys) == 4 + 4 * (2 + 3) and keys[4] == "cm.sex.female.tp"
+    histogram = tuple(f"roc.{side}.{i:02d}" for side in ("pos", "neg") for i in range(20))
+    assert sum_schema(SPEC, scores=True)[len(keys) :] == histogram
+    assert sum_bounds(SPEC, scores=True).touched == 4
     bounds = sum_bounds(SPEC)
     assert set(bounds.bounds) == set(keys) and set(bounds.bounds.values()) == {1.0} and bounds.touched == 3
     # A site without Black or Asian rows sends the same keys, as zeros.
