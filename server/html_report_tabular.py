@@ -24,8 +24,10 @@ from common.metrics.tabular_plots import (
     groups,
     methods,
     plot_correction,
+    plot_gaps,
     plot_group_rates,
     plot_marginals,
+    plot_utility,
     read_marginals,
 )
 
@@ -54,9 +56,13 @@ def tabular_section(run_dir: Path, metrics: Sequence[Mapping[str, Any]]) -> list
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         images: dict[str, str] = {}
+        if p := plot_utility(metrics, t / "utility.png"):
+            images["utility"] = _b64(p)
         for attr in attributes(last):
             if p := plot_group_rates(metrics, attr, t / f"rates-{attr}.png"):
                 images[f"rates-{attr}"] = _b64(p)
+            if p := plot_gaps(metrics, attr, t / f"gaps-{attr}.png"):
+                images[f"gaps-{attr}"] = _b64(p)
         if p := plot_correction(last, t / "correction.png"):
             images["correction"] = _b64(p)
         if marginals and (p := plot_marginals(marginals, t / "marginals.png")):
@@ -76,6 +82,8 @@ def tabular_section(run_dir: Path, metrics: Sequence[Mapping[str, Any]]) -> list
             "(a generator whose classifier sits there has taught it nothing). TRTR: the same classifier "
             "trained on real rows, the anchor.</p>"
         )
+    if "utility" in images:
+        parts.append(_img(images["utility"], "TSTR accuracy and AUC per round"))
 
     tv = {k[len("fidelity.tv.") :]: v for k, v in last.items() if k.startswith("fidelity.tv.")}
     if tv:
@@ -143,6 +151,9 @@ def tabular_section(run_dir: Path, metrics: Sequence[Mapping[str, Any]]) -> list
         )
         if "correction" in images:
             parts.append(_img(images["correction"], "bias correction before and after"))
+        for a in attrs:
+            if f"gaps-{a}" in images:
+                parts.append(_img(images[f"gaps-{a}"], f"gaps by {a} per round, before and after correction"))
     return parts
 
 

@@ -19,6 +19,7 @@ from common.plots import line_plot, plt
 
 # The file, in the run directory, that holds the last evaluation's marginals (:func:`write_marginals`).
 MARGINALS_FILE = "tabular-marginals.json"
+Series = tuple[list[float], list[float]]  # (rounds, values) of one line
 METHOD_NAMES = {
     "none": "none (TSTR)",
     "balanced": "balanced sampling",
@@ -61,19 +62,16 @@ def plot_group_rates(
 ) -> Path | None:
     """Per group of ``attr``: the TSTR classifier's ``rate`` and the synthetic rows' label rate,
     per round; the real label rates as labelled horizontal lines. None when no round has them."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
+    keys: dict[str, str] = {}
     real: dict[str, float] = {}
     for m in metrics:
         test = m.get("test") or {}
         for g in groups(test, attr):
-            for key, name in ((f"fair.{attr}.{g}.{rate}", f"{g}: classifier {rate.replace('_', ' ')}"),
-                              (f"bias.{attr}.{g}.synth_rate", f"{g}: synthetic label rate")):  # fmt: skip
-                if _finite(test.get(key)):
-                    xs, ys = series.setdefault(name, ([], []))
-                    xs.append(float(m.get("round", len(xs) + 1)))
-                    ys.append(float(test[key]))
+            keys[f"{g}: classifier {rate.replace('_', ' ')}"] = f"fair.{attr}.{g}.{rate}"
+            keys[f"{g}: synthetic label rate"] = f"bias.{attr}.{g}.synth_rate"
             if _finite(test.get(f"bias.{attr}.{g}.real_rate")):
                 real[f"{g}: real label rate"] = float(test[f"bias.{attr}.{g}.real_rate"])
+    series = _per_round(metrics, keys)
     if not series:
         return None
     return line_plot(
@@ -84,6 +82,49 @@ def plot_group_rates(
         ylabel="rate",
         hlines=real,
     )
+
+
+def _per_round(metrics: Sequence[Mapping[str, Any]], keys: Mapping[str, str]) -> dict[str, Series]:
+    """``{name: (rounds, values)}`` of each test key in ``keys`` (name -> key), over the rounds that have it."""
+    series: dict[str, Series] = {}
+    for m in metrics:
+        test = m.get("test") or {}
+        for name, key in keys.items():
+            if _finite(test.get(key)):
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(float(m.get("round", len(xs) + 1)))
+                ys.append(float(test[key]))
+    return series
+
+
+def plot_utility(metrics: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    """TSTR accuracy and AUC of both classifiers per round; the TRTR anchors and the majority
+    rate as labelled horizontal lines. None when no round has a TSTR number."""
+    pairs = [(kind, what) for kind in ("lr", "gbm") for what in ("accuracy", "auc")]
+    series = _per_round(metrics, {f"TSTR {k} {w}": f"tstr.{k}.{w}" for k, w in pairs})
+    if not series:
+        return None
+    last: dict[str, float] = {}
+    for m in metrics:
+        last.update({k: float(v) for k, v in (m.get("test") or {}).items() if _finite(v)})
+    pairs = [(kind, what) for kind in ("lr", "gbm") for what in ("accuracy", "auc")]
+    lines = {f"TRTR {k} {w}": last[f"trtr.{k}.{w}"] for k, w in pairs if f"trtr.{k}.{w}" in last}
+    if "real.majority_rate" in last:
+        lines["majority class"] = last["real.majority_rate"]
+    return line_plot(series, path, title="Utility per round (train synthetic, test real)", xlabel="round",
+                     ylabel="accuracy / AUC", hlines=lines)  # fmt: skip
+
+
+def plot_gaps(metrics: Sequence[Mapping[str, Any]], attr: str, path: Path) -> Path | None:
+    """The DP and EO gaps by ``attr`` per round, for each correction method (before: ``none``)."""
+    names = list(dict.fromkeys(n for m in metrics for n in methods(m.get("test") or {})))
+    keys = {f"{METHOD_NAMES.get(n, n)}: {g.upper()} gap": f"correction.{n}.{attr}.{g}_diff" for n in names
+            for g in ("dp", "eo")}  # fmt: skip
+    series = _per_round(metrics, keys)
+    if not series:
+        return None
+    return line_plot(series, path, title=f"Gaps by {attr} per round, before and after correction", xlabel="round",
+                     ylabel="difference between groups")  # fmt: skip
 
 
 def plot_correction(test: Mapping[str, Any], path: Path) -> Path | None:

@@ -44,8 +44,10 @@ from common.metrics.tabular_plots import (
     groups,
     methods,
     plot_correction,
+    plot_gaps,
     plot_group_rates,
     plot_marginals,
+    plot_utility,
     read_marginals,
     write_marginals,
 )
@@ -394,6 +396,9 @@ def test_plots_draw_from_round_metrics(tmp_path):
     assert methods(last) == ["none", "balanced", "reweigh", "expgrad"]
     assert _is_png(plot_group_rates(lines, "sex", tmp_path / "rates.png"))
     assert _is_png(plot_correction(last, tmp_path / "correction.png"))
+    assert _is_png(plot_utility(lines, tmp_path / "utility.png"))
+    assert _is_png(plot_gaps(lines, "sex", tmp_path / "gaps.png"))
+    assert plot_gaps(lines, "age", tmp_path / "no-gaps.png") is None
     table = marginals(adult_like(500, 0), adult_like(500, 1), SPEC)
     assert _is_png(plot_marginals(table, tmp_path / "marginals.png"))
     # Nothing to draw: None, and no file.
@@ -421,8 +426,8 @@ def test_report_section(tmp_path):
     assert f"{last['tstr.lr.accuracy']:.3f}" in page and "0.850" in page  # TSTR, and the anchor from round 1
     assert "Fairness by sex" in page and "Fairness by race" in page and "asian-pac-islander" in page
     assert f"{last['fair.sex.female.selection_rate']:.3f}" in page
-    # One rates plot per attribute, the correction bars, the marginals.
-    assert page.count("data:image/png;base64,") == 4
+    # Utility per round; per attribute the rates and the gaps per round; the correction bars; the marginals.
+    assert page.count("data:image/png;base64,") == 1 + 2 * 2 + 1 + 1
     # The correction table: the gap change of ExpGrad against none, relative, as computed here.
     change = (last["correction.expgrad.sex.dp_diff"] - last["correction.none.sex.dp_diff"]) / last[
         "correction.none.sex.dp_diff"
@@ -430,6 +435,6 @@ def test_report_section(tmp_path):
     assert f"{change:+.0%}" in page and "ExpGrad (DP)" in page
     points = 100 * (last["correction.expgrad.accuracy"] - last["correction.none.accuracy"])
     assert f"{points:+.1f} pt" in page
-    # Without the marginals file: three pictures.
+    # Without the marginals file: one picture fewer.
     (tmp_path / MARGINALS_FILE).unlink()
-    assert "\n".join(tabular_section(tmp_path, lines)).count("data:image/png;base64,") == 3
+    assert "\n".join(tabular_section(tmp_path, lines)).count("data:image/png;base64,") == 6
