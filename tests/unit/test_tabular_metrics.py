@@ -435,6 +435,27 @@ def test_report_section(tmp_path):
     assert f"{change:+.0%}" in page and "ExpGrad (DP)" in page
     points = 100 * (last["correction.expgrad.accuracy"] - last["correction.none.accuracy"])
     assert f"{points:+.1f} pt" in page
+    met = change <= -0.3 and points >= -2
+    assert ('<td class="">yes</td>' in page) or not met
     # Without the marginals file: one picture fewer.
     (tmp_path / MARGINALS_FILE).unlink()
     assert "\n".join(tabular_section(tmp_path, lines)).count("data:image/png;base64,") == 6
+
+
+def test_report_correction_table_judges_the_goal(tmp_path):
+    # By hand: reweighing halves the DP gap by sex for 1 point (goal met); ExpGrad removes
+    # it for 5 points (not met); none is the reference.
+    test = {
+        "fair.sex.dp_diff": 0.2,
+        "correction.none.accuracy": 0.85,
+        "correction.none.sex.dp_diff": 0.2,
+        "correction.reweigh.accuracy": 0.84,
+        "correction.reweigh.sex.dp_diff": 0.1,
+        "correction.expgrad.accuracy": 0.80,
+        "correction.expgrad.sex.dp_diff": 0.01,
+    }
+    page = "\n".join(tabular_section(tmp_path, [{"round": 1, "test": test}]))
+    rows = {r.split("</td>")[0].rsplit(">", 1)[1]: r for r in page.split("<tr>")[1:] if "<td" in r}
+    assert rows["reweighing"].count("yes") == 1 and "-1.0 pt" in rows["reweighing"] and "-50%" in rows["reweighing"]
+    assert "no</td>" in rows["ExpGrad (DP)"] and "-5.0 pt" in rows["ExpGrad (DP)"] and "-95%" in rows["ExpGrad (DP)"]
+    assert "yes" not in rows["none (TSTR)"] and "no</td>" not in rows["none (TSTR)"]
