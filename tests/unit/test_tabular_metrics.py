@@ -3,6 +3,7 @@ the site-sums path against the pooled computation, and a correction that shrinks
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from common.metrics.tabular_plots import (
     read_marginals,
     write_marginals,
 )
+from server import html_report
 from server.html_report_tabular import tabular_section
 
 SPEC = TableSpec(
@@ -459,3 +461,25 @@ def test_report_correction_table_judges_the_goal(tmp_path):
     assert rows["reweighing"].count("yes") == 1 and "-1.0 pt" in rows["reweighing"] and "-50%" in rows["reweighing"]
     assert "no</td>" in rows["ExpGrad (DP)"] and "-5.0 pt" in rows["ExpGrad (DP)"] and "-95%" in rows["ExpGrad (DP)"]
     assert "yes" not in rows["none (TSTR)"] and "no</td>" not in rows["none (TSTR)"]
+
+
+@pytest.mark.skipif(
+    not hasattr(html_report, "tabular_section"), reason="server/html_report.py does not call tabular_section yet"
+)
+def test_privfed_report_renders_the_tabular_section(tmp_path):
+    from simulations.cli import main as cli
+    from tests.unit.test_report import _with_metrics
+
+    run = _with_metrics(tmp_path)  # a VAE-shaped run: ledger, rounds, audit
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    with (run / "metrics.jsonl").open("w") as fh:
+        for m, tab in zip(lines, _rounds(len(lines))):
+            m["test"].update(tab["test"])
+            fh.write(json.dumps(m) + "\n")
+    write_marginals(marginals(adult_like(300, 0), adult_like(300, 1), SPEC), run)
+    assert cli(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "Fairness by sex" in page and "Bias correction: before and after" in page and "goal met (sex)" in page
+    # The report's own three plots, and the section's seven.
+    assert page.count('src="data:image/png;base64,') >= 3 + 7
+    assert "tstr.lr.accuracy" not in page  # dotted keys stay out of the generic final-metrics table
