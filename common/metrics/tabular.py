@@ -71,7 +71,6 @@ CLASSIFIERS = ("lr", "gbm")
 GROUP_RATES = ("accuracy", "tpr", "fpr", "selection_rate")
 # The confusion cells a site sends per group (deployment path).
 CELLS = ("tp", "fp", "tn", "fn")
-CORRECTIONS = ("none", "balanced", "reweigh", "expgrad")
 # Deciles: the fallback binning of a numeric column without declared bins.
 FALLBACK_BINS = 10
 # Bins of the score histogram sites send for the AUC (deployment path): public and fixed.
@@ -104,8 +103,8 @@ class TableSpec:
                 raise ConfigError(f"groups.{attr}", "a sensitive attribute needs at least two declared groups")
             if len({slug(g) for g in names}) != len(names):
                 raise ConfigError(f"groups.{attr}", "two declared groups have the same slug (lowercase [a-z0-9-])")
-        overlap = set(self.numeric) & set(self.categorical) or (set(self.numeric) & set(self.sensitive))
-        if overlap or self.label in (*self.numeric, *self.categorical, *self.sensitive):
+        columns = (*self.numeric, *self.categorical, *self.sensitive, self.label)
+        if len(set(columns)) != len(columns):
             raise ConfigError("schema", "a column has two roles among numeric, categorical, sensitive and label")
 
     @property

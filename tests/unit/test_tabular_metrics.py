@@ -110,8 +110,9 @@ def test_slug_and_spec_refusals():
         TableSpec(("a",), (), "y", "1", ("s",), {"s": ("only",)})
     with pytest.raises(ConfigError, match="same slug"):
         TableSpec(("a",), (), "y", "1", ("s",), {"s": ("A b", "a-b")})
-    with pytest.raises(ConfigError, match="two roles"):
-        TableSpec(("a",), ("a",), "y", "1", ("s",), {"s": ("f", "m")})
+    for numeric, categorical, label in ((("a",), ("a",), "y"), (("a",), ("s",), "y"), (("a",), (), "s")):
+        with pytest.raises(ConfigError, match="two roles"):
+            TableSpec(numeric, categorical, label, "1", ("s",), {"s": ("f", "m")})
 
 
 def test_bad_numeric_value_is_refused_without_the_value():
