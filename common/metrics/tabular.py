@@ -13,15 +13,16 @@ Cramér's V for associations. These numbers describe the test split; they are ev
 output, outside the DP guarantee, as for every task's server-held split.
 
 **Site sums** (deployment). The real rows stay at the sites. Each site scores its
-validation rows with the TSTR classifier and sends only per-group confusion counts
-(:func:`confusion_sums`) under a fixed, public schema (:func:`sum_schema`, from the
+validation rows with the TSTR classifier and sends only per-group confusion counts, and
+optionally a fixed 20-bin histogram of its scores per label for the AUC
+(:func:`confusion_sums`), under a fixed, public schema (:func:`sum_schema`, from the
 declared group vocabulary, never from data); the server adds them (or SecAgg+ does) and
 derives the rates and gaps (:func:`fairness_from_sums`). This path is hand-written on
 purpose: fairlearn needs every row's labels in one process, which deployment never has;
 :func:`fairness_from_sums` reproduces fairlearn's definitions (``between_groups``
 differences, ``worst_case`` equalised odds), and the tests check it against fairlearn on
-the same rows. Under ``metrics.dp`` one validation row adds 1 to one cell overall and
-one cell per sensitive attribute (:func:`sum_bounds`); noisy counts are clipped at 0
+the same rows. Under ``metrics.dp`` one validation row adds 1 to one cell overall,
+one cell per sensitive attribute and one histogram bin (:func:`sum_bounds`); noisy counts are clipped at 0
 and small groups are suppressed on them, as post-processing.
 
 Feature encodings (one-hot categories, scaling) are fitted on the *synthetic* rows, the
@@ -397,10 +398,9 @@ def reweigh_weights(frame: pd.DataFrame, spec: TableSpec, attr: str) -> np.ndarr
     a = _groups_of(frame, attr, spec).to_numpy()
     y = label_of(frame, spec)
     cell = pd.crosstab(a, y, normalize=True)
-    pa, py = cell.sum(axis=1), cell.sum(axis=0)
-    expected = np.outer(pa, py)
-    ratio = pd.DataFrame(expected, index=cell.index, columns=cell.columns) / cell
-    return np.asarray([ratio.at[ai, yi] for ai, yi in zip(a, y)], dtype=np.float64)
+    ratio = pd.DataFrame(np.outer(cell.sum(axis=1), cell.sum(axis=0)), index=cell.index, columns=cell.columns) / cell
+    rows = pd.MultiIndex.from_arrays([a, y])
+    return ratio.stack().reindex(rows).to_numpy(dtype=np.float64)  # every row's cell is non-empty
 
 
 def balanced_cells(synth: pd.DataFrame, spec: TableSpec, n: int, attr: str | None = None) -> dict[tuple[str, str], int]:
