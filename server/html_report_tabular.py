@@ -49,9 +49,6 @@ def tabular_section(run_dir: Path, metrics: Sequence[Mapping[str, Any]]) -> list
     last = latest(metrics)
     if not any(k.startswith(("tstr.", "fair.", "correction.")) for k in last):
         return []
-    # Imported here: server.html_report imports this module (its table and image helpers are shared).
-    from server.html_report import _img, _table
-
     marginals = read_marginals(run_dir)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -170,6 +167,23 @@ def _goal(acc: float | None, base_acc: float | None, dp: float | None, base_dp: 
     if acc is None or base_acc is None or dp is None or base_dp is None:
         return "–"
     return "yes" if dp <= 0.7 * base_dp and acc >= base_acc - 0.02 else "no"
+
+
+# The page's table and image markup, as server.html_report writes them (same CSS classes). Not
+# imported from there: server.html_report imports this module, and the import graph has no cycles
+# (tests/unit/test_imports.py counts lazy imports too).
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cells(tag: str, values: list[Any]) -> str:
+        return "".join(
+            f'<{tag} class="{"l" if i == 0 else ""}">{html.escape(str(v))}</{tag}>' for i, v in enumerate(values)
+        )
+
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></p>'
 
 
 def _b64(path: Path) -> str:
