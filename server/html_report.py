@@ -23,6 +23,7 @@ from common.plots import line_plot
 from common.privacy.accounting import NO_DP
 from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
 from server.eps_crosscheck import cross_check
+from server.html_report_tabular import tabular_section
 from server.ledger_audit import open_ledger, verify_run
 from server.membership_inference import violates_bound
 from server.report import _plot_eps, _plot_utility, eval_kind, person_worst_case, read_metrics, worst_case_line
@@ -193,6 +194,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         if "fairness" in images:
             parts.append("<h2>Site disparity per round</h2>")
             parts.append(_img(images["fairness"], "best, mean and worst site validation metric per round"))
+    parts += tabular_section(run_dir, metrics)  # [] for every task but the tabular one
     if samples:
         parts.append("<h2>Samples</h2>")
         for p in [s for s in samples if s.stem == "final"] or samples[-1:]:
