@@ -21,21 +21,9 @@ from common.privacy.engines.rules import PersonGroups
 from common.tasks import get_task
 from common.tasks.base import get_state
 from tests.conftest import declared, make_cfg, make_strategy
+from tests.unit.test_recsys import KEY, SMALL
 
-KEY = bytes(range(32))
-USER = {
-    "task": "recsys",
-    "num-sites": 3,
-    "data.source": "synthetic",
-    "data.partition": "region",
-    "recsys.synthetic-users": 150,
-    "recsys.synthetic-items": 60,
-    "recsys.synthetic-ratings-per-user": 20,
-    "recsys.num-buckets": 4096,
-    "recsys.min-group-size": 5,
-    "dp.unit": "user",
-    "dp.noise-multiplier": 1.0,
-}
+USER = {**SMALL, "dp.unit": "user", "dp.noise-multiplier": 1.0}
 
 
 # ------------------------------------------------------------------ 1. exact evaluation sums

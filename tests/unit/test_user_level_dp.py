@@ -25,21 +25,9 @@ from common.tasks import get_task
 from common.tasks.recsys.config import RecsysConfig
 from common.tasks.recsys.model import BiasedMF, NeuralMF, offset_groups
 from tests.conftest import make_cfg
+from tests.unit.test_recsys import KEY, SMALL
 
-KEY = bytes(range(32))
-_USER_RECSYS = {
-    "task": "recsys",
-    "num-sites": 3,
-    "data.source": "synthetic",
-    "data.partition": "region",
-    "recsys.synthetic-users": 150,
-    "recsys.synthetic-items": 60,
-    "recsys.synthetic-ratings-per-user": 20,
-    "recsys.num-buckets": 4096,
-    "recsys.min-group-size": 5,
-    "dp.unit": "user",
-    "dp.noise-multiplier": 1.0,
-}
+_USER_RECSYS = {**SMALL, "dp.unit": "user", "dp.noise-multiplier": 1.0}
 
 
 def _plan(n: int, C: float) -> RoundPlan:
