@@ -58,7 +58,7 @@ def dp_table(res: dict[str, Any]) -> Table:
         t.add_row(
             r["model"],
             r["scenario"],
-            str(r["batch_size"]),
+            f"{r['batch_size']} users" if r.get("unit") == "user" else str(r["batch_size"]),
             f"{r['non_private_ms']:.2f} ms",
             f"{r['dp_ms']:.2f} ms",
             f"[bold]{r['ratio']:.2f}×[/]",
@@ -177,8 +177,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--dp-cases",
         nargs="+",
         default=None,
-        metavar="SCENARIO:BATCH",
-        help="default: each task's scenario at its own batch size (+ recsys-movielens:2048 when present)",
+        metavar="SCENARIO:BATCH[:user]",
+        help="default: each task's scenario at its own batch size (+ recsys-movielens:2048 when present), and "
+        "recsys-synthetic:64:user (user-level DP: 64 persons per step)",
     )
     g = p.add_argument_group("2. privfed round vs bare Flower round")
     g.add_argument("--round-scenario", default="vae-digits")
@@ -237,9 +238,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from simulations.bench_dp import dp_section
 
             progress("[bold]1. DP-SGD step ÷ non-private step[/]")
-            cases = None if args.dp_cases is None else [(c.split(":")[0], int(c.split(":")[1])) for c in args.dp_cases]
+            cases = user_cases = None
+            if args.dp_cases is not None:  # scenario:batch, or scenario:persons:user for user-level DP
+                parsed = [c.split(":") for c in args.dp_cases]
+                cases = [(p[0], int(p[1])) for p in parsed if p[2:] != ["user"]]
+                user_cases = [(p[0], int(p[1])) for p in parsed if p[2:] == ["user"]]
             report["dp"] = dp_section(
-                args.dp_reps, args.dp_steps, with_opacus=args.dp_opacus, cases=cases, progress=progress
+                args.dp_reps,
+                args.dp_steps,
+                with_opacus=args.dp_opacus,
+                cases=cases,
+                progress=progress,
+                user_cases=user_cases,
             )
             console.print(dp_table(report["dp"]))
             tables.append(dp_table(report["dp"]))

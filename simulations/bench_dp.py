@@ -166,15 +166,19 @@ def dp_section(
     with_opacus: bool = False,
     cases: Iterable[tuple[str, int]] | None = None,
     progress: Callable[[str], None] = print,
+    user_cases: Iterable[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     """DP-SGD step ÷ non-private step per task model (the suite's section 1).
 
     ``ratio`` = median time of one fast-engine DP-SGD step (per-example clipping, noise,
     Opacus's optimiser wrapper) ÷ median time of one plain step of the same model,
-    optimiser and batch, the two taking turns within every repetition.
+    optimiser and batch, the two taking turns within every repetition. ``user_cases``
+    (scenario, persons per step): the same for user-level DP (:func:`bench_user_level`).
     """
     from common.tasks.recsys.data import default_movielens_path
 
+    if user_cases is None:  # the suite's user-level case, unless the caller picked its cases
+        user_cases = USER_CASES if cases is None else ()
     if cases is None:
         cases = list(SUITE_CASES) + ([("recsys-movielens", 2048)] if default_movielens_path() is not None else [])
     engines = {k: v for k, v in ENGINES.items() if with_opacus or v is not OpacusDPStep}
@@ -202,7 +206,7 @@ def dp_section(
                 f"  {scenario:<17} batch {bs:>4}: DP step {fast['ratio']:.2f}× non-private "
                 f"({fast['ms_per_step']:.2f} ms)"
             )
-        for scenario, users in USER_CASES:
+        for scenario, users in user_cases:
             res = bench_user_level(scenario, users, reps, steps)
             fast = res["fast, user-level"]
             results.append(

@@ -38,14 +38,15 @@ def render(table) -> str:
 
 def test_dp_section_json(tmp_path):
     out = tmp_path / "bench.json"
-    cases = ["vae-digits:32", "gan-digits:64", "recsys-synthetic:512"]
+    cases = ["vae-digits:32", "gan-digits:64", "recsys-synthetic:512", "recsys-synthetic:16:user"]
     report = bench.main(
         ["--sections", "dp", "--dp-reps", "2", "--dp-steps", "2", "--dp-cases", *cases, "--out", str(out)]
     )
     data = json.loads(out.read_text())
     assert data["meta"]["cores"] >= 1 and data["meta"]["torch"] == torch.__version__
     assert set(data) == {"meta", "dp"}
-    assert [r["task"] for r in data["dp"]["results"]] == ["vae", "gan", "recsys"]
+    assert [r["task"] for r in data["dp"]["results"]] == ["vae", "gan", "recsys", "recsys"]
+    assert data["dp"]["results"][-1]["unit"] == "user"
     for r in data["dp"]["results"]:
         assert positive_finite(r["ratio"]) and positive_finite(r["dp_ms"]) and positive_finite(r["non_private_ms"])
     assert "DP-SGD" in render(bench.dp_table(report["dp"]))
