@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ import torch
 from common.data.arrays import ArrayData
 from common.errors import ConfigError
 from common.privacy.engines import make_engine
+from common.privacy.metrics_dp import MetricBounds
 from common.privacy.plan import plan_round
 from common.privacy.training import make_optimizer, run_local_round
 from common.tasks import get_task
@@ -36,44 +37,82 @@ class StubSpec:
     positive: str
     sensitive: tuple[str, ...]
     groups: dict[str, tuple[str, ...]]
+    bins: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 CELLS = ("tp", "fp", "tn", "fn")
+SCORE_BINS = 4
 
 
-def _sum_schema(spec: StubSpec) -> tuple[str, ...]:
-    keys = [f"conf.{c}" for c in CELLS]
+def _sum_schema(spec: StubSpec, *, scores: bool = False) -> tuple[str, ...]:
+    keys = [f"cm.{c}" for c in CELLS]
     for a in spec.sensitive:
-        keys += [f"conf.{a}.{g.lower()}.{c}" for g in spec.groups[a] for c in CELLS]
+        keys += [f"cm.{a}.{g.lower()}.{c}" for g in spec.groups[a] for c in CELLS]
+    if scores:
+        keys += [f"roc.{side}.{i}" for side in ("pos", "neg") for i in range(SCORE_BINS)]
     return tuple(keys)
 
 
-def _confusion_sums(y_true, y_pred, groups, spec) -> dict[str, float]:  # noqa: ANN001
-    out = dict.fromkeys(_sum_schema(spec), 0.0)
+def _sum_bounds(spec: StubSpec, *, scores: bool = False) -> MetricBounds:
+    return MetricBounds(dict.fromkeys(_sum_schema(spec, scores=scores), 1.0), 1 + len(spec.sensitive) + int(scores))
+
+
+def _confusion_sums(y_true, y_pred, groups, spec, *, score=None) -> dict[str, float]:  # noqa: ANN001
+    out = dict.fromkeys(_sum_schema(spec, scores=score is not None), 0.0)
 
     def add(mask: np.ndarray, prefix: str) -> None:
         t, p = y_true[mask], y_pred[mask]
         for name, cell in zip(CELLS, ((1, 1), (0, 1), (0, 0), (1, 0))):
             out[prefix + name] += float(((t == cell[0]) & (p == cell[1])).sum())
 
-    add(np.ones(len(y_true), dtype=bool), "conf.")
+    add(np.ones(len(y_true), dtype=bool), "cm.")
     for a in spec.sensitive:
         for g in spec.groups[a]:
-            add(groups[a] == g, f"conf.{a}.{g.lower()}.")
+            add(groups[a] == g, f"cm.{a}.{g.lower()}.")
+    if score is not None:
+        b = np.minimum((score * SCORE_BINS).astype(int), SCORE_BINS - 1)
+        for side, m in (("pos", y_true == 1), ("neg", y_true == 0)):
+            for i in range(SCORE_BINS):
+                out[f"roc.{side}.{i}"] = float((b[m] == i).sum())
     return out
 
 
-def _fairness_from_sums(sums, spec) -> dict[str, float]:  # noqa: ANN001
+def _fairness_from_sums(sums, spec, *, min_group_size=1, model="lr") -> dict[str, float]:  # noqa: ANN001
     out = {}
     for a in spec.sensitive:
         rates = []
         for g in spec.groups[a]:
-            n = sum(sums.get(f"conf.{a}.{g.lower()}.{c}", 0.0) for c in CELLS)
-            pos = sums.get(f"conf.{a}.{g.lower()}.tp", 0.0) + sums.get(f"conf.{a}.{g.lower()}.fp", 0.0)
-            if n > 0:
+            n = sum(sums.get(f"cm.{a}.{g.lower()}.{c}", 0.0) for c in CELLS)
+            pos = sums.get(f"cm.{a}.{g.lower()}.tp", 0.0) + sums.get(f"cm.{a}.{g.lower()}.fp", 0.0)
+            if n >= min_group_size:
                 rates.append(pos / n)
         out[f"fair.{a}.dp_diff"] = max(rates) - min(rates) if rates else 0.0
     return out
+
+
+@dataclass(frozen=True)
+class Scored:
+    pred: np.ndarray
+    score: np.ndarray
+
+
+def _fit_score(kind, train, test, spec, seed):  # noqa: ANN001, ANN202
+    """The stand-in TSTR classifier: logistic regression on one-hot features."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    cols = list(spec.numeric) + list(spec.categorical) + list(spec.sensitive)
+    xs = pd.get_dummies(train[cols].astype({c: str for c in cols if c not in spec.numeric}))
+    xt = pd.get_dummies(test[cols].astype({c: str for c in cols if c not in spec.numeric})).reindex(
+        columns=xs.columns, fill_value=0
+    )
+    y = (train[spec.label] == spec.positive).to_numpy(dtype=int)
+    if len(set(y)) < 2:
+        return Scored(np.full(len(test), y[0]), np.full(len(test), 0.5))
+    clf = LogisticRegression(max_iter=1000, random_state=seed).fit(xs.to_numpy(float), y)
+    score = clf.predict_proba(xt.to_numpy(float))[:, 1]
+    return Scored((score >= 0.5).astype(int), score)
 
 
 @pytest.fixture
@@ -89,8 +128,10 @@ def metrics_api(monkeypatch):  # noqa: ANN201
     mod.TableSpec = StubSpec  # type: ignore[attr-defined]
     mod.evaluate_all = evaluate_all  # type: ignore[attr-defined]
     mod.sum_schema = _sum_schema  # type: ignore[attr-defined]
+    mod.sum_bounds = _sum_bounds  # type: ignore[attr-defined]
     mod.confusion_sums = _confusion_sums  # type: ignore[attr-defined]
     mod.fairness_from_sums = _fairness_from_sums  # type: ignore[attr-defined]
+    mod.fit_score = _fit_score  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "common.metrics.tabular", mod)
     return calls
 
@@ -178,20 +219,20 @@ def test_the_cell_prior_learns_the_label_by_group_distribution(tmp_path):
 
 
 def test_synthetic_rows_carry_the_label_signal(tmp_path):
-    """Trained without DP, the generator's rows teach a classifier the real age -> label direction."""
-    from sklearn.linear_model import LogisticRegression
-
-    from common.tasks.tabular.evaluation import design_matrix
+    """Trained without DP, the generator's rows teach a classifier the real rows' label."""
+    from common.tasks.tabular.evaluation import to_frame
 
     task = make_task(tmp_path, n=2000, **{"dp.enabled": False, "train.lr": 0.05, "train.local-epochs": 2.0})
     net = _train_nonprivate(task)
-    x, y = task.synthesize(net, 3000, seed=1)
     test = task.server_test_data()
     assert test is not None and test.y is not None
-    clf = LogisticRegression(max_iter=500).fit(design_matrix(task.layout, x), y.numpy())
-    acc = float((clf.predict(design_matrix(task.layout, test.x)) == test.y.numpy()).mean())
-    majority = max(float(test.y.float().mean()), 1 - float(test.y.float().mean()))
-    assert acc > majority + 0.03
+    synth = to_frame(task.layout, *task.synthesize(net, 3000, seed=1))
+    real = to_frame(task.layout, test.x, test.y)
+    spec = StubSpec(("age", "score"), ("job", "region"), "income", "high", ("sex",), {"sex": ("F", "M")})
+    pred = _fit_score("lr", synth, real, spec, 0).pred
+    truth = (real["income"] == "high").to_numpy(dtype=int)
+    majority = max(truth.mean(), 1 - truth.mean())
+    assert (pred == truth).mean() > majority + 0.03
 
 
 def test_conditional_sampling_draws_exactly_the_requested_cells(tmp_path):
@@ -249,12 +290,12 @@ def test_site_sums_add_up_to_the_metrics_of_the_union(tmp_path, metrics_api):
     parts = [val.subset(np.arange(half)), val.subset(np.arange(half, len(val)))]
     whole = task.evaluate(net, val)
     pieces = [task.evaluate(net, p) for p in parts]
-    assert whole["n"] == len(val) and {"loss_sum", "conf.sex.f.tp"} <= whole.keys()
+    assert whole["n"] == len(val) and {"loss_sum", "cm.sex.f.tp"} <= whole.keys()
     combined = task.combine_metrics([(len(p), m) for p, m in zip(parts, pieces)])
     assert combined["n"] == len(val)
     assert combined["neg_elbo"] == pytest.approx(whole["loss_sum"] / len(val))
     assert combined["fair.sex.dp_diff"] == pytest.approx(task.combine_sums(whole)["fair.sex.dp_diff"])
-    assert sum(whole[f"conf.{c}"] for c in CELLS) == len(val)
+    assert sum(whole[f"cm.{c}"] for c in CELLS) == len(val)
 
 
 def test_sum_keys_only_where_the_sites_hold_the_real_rows(tmp_path, metrics_api):
@@ -262,14 +303,14 @@ def test_sum_keys_only_where_the_sites_hold_the_real_rows(tmp_path, metrics_api)
     site = make_task(tmp_path, **{"data.partition": "site"})
     assert site.server_test_data() is None
     keys = site.sum_keys()
-    assert keys[:2] == ("loss_sum", "n") and "conf.sex.m.fn" in keys and len(keys) == 2 + 4 + 8
+    assert keys[:2] == ("loss_sum", "n") and "cm.sex.m.fn" in keys and len(keys) == 2 + 4 + 8 + 2 * SCORE_BINS
 
 
 def test_metric_bounds_count_the_keys_one_row_touches(tmp_path, metrics_api):
     task = make_task(tmp_path, **{"data.partition": "site", "metrics.loss-bound": 40.0})
     bounds = task.metric_bounds()
-    # loss_sum and n, the overall confusion cell and the row's sex group's cell.
-    assert bounds.touched == 4
+    # loss_sum and n, the overall confusion cell, the row's sex group's cell and its score bin.
+    assert bounds.touched == 5
     assert bounds.bounds["loss_sum"] == 40.0 and set(bounds.bounds) == set(task.sum_keys())
     net = task.build_model()
     sums = task.dp_evaluate(net, task.site_data(0)[1])

@@ -33,6 +33,8 @@ class TabularConfig:
     balance: str = "independent"
     # Seed of the evaluation's synthetic draws and classifiers (the same at every site).
     eval_seed: int = 20260
+    # k: a group of fewer real rows (summed over sites) is not reported (complementary suppression).
+    min_group_size: int = 10
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -45,4 +47,5 @@ class TabularConfig:
         need(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         need(0 < self.offset_std <= 1, "offset-std", f"must be in (0, 1], got {self.offset_std}")
         need(self.eval_samples >= 100, "eval-samples", f"must be >= 100, got {self.eval_samples}")
+        need(self.min_group_size >= 1, "min-group-size", f"must be >= 1, got {self.min_group_size}")
         need(self.balance in BALANCES, "balance", f"must be one of {', '.join(BALANCES)}, got {self.balance!r}")

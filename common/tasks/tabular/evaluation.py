@@ -1,7 +1,6 @@
-"""From encoded rows to what the metrics read: data frames, the TableSpec, the sites' classifier.
+"""From encoded rows to what the metrics read: data frames, the TableSpec, group names.
 
-Everything here is fixed by the schema (public): column names, category lists, and the
-numeric ranges that scale the classifier's inputs. The metrics themselves live in
+Everything here is fixed by the schema (public): column names, category lists, bin edges. The metrics themselves live in
 :mod:`common.metrics.tabular` (scored by the server on its own test split, or summed from
 the sites' confusion counts in a deployment).
 """
@@ -33,6 +32,9 @@ def table_spec(layout: Layout) -> TableSpec:
         positive=s.label.positive,
         sensitive=tuple(c.name for c in s.sensitive),
         groups={c.name: c.categories for c in s.sensitive},
+        # Inner edges: the declared range's ends add no cell (every value lies inside it).
+        bins={c.name: c.bins[1:-1] for c in s.features if c.role == "numeric"},
+        categories={c.name: c.categories for c in s.features if c.role == "categorical"},
     )
 
 
@@ -54,50 +56,8 @@ def to_frame(layout: Layout, x: torch.Tensor, y: torch.Tensor) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
-def design_matrix(layout: Layout, x: torch.Tensor) -> np.ndarray:
-    """The sites' classifier inputs: one-hot categories (features and sensitive columns) and
-    numeric values scaled by their declared range to [0, 1] (public scaling, no fitted scaler)."""
-    xs = x.detach().cpu().numpy()
-    slots = layout.slots()
-    parts = []
-    for c in (*layout.features, *layout.sensitive):
-        s = slots[c.name]
-        if c.role == "numeric":
-            v = decode_numeric(c, xs[:, s], xs[:, s + 1])
-            parts.append(((v - c.bins[0]) / (c.bins[-1] - c.bins[0]))[:, None])
-        else:
-            parts.append(np.eye(len(c.categories))[xs[:, s].astype(np.int64)])
-    return np.concatenate(parts, axis=1)
-
-
-def positive_index(layout: Layout) -> int:
-    label = layout.schema.label
-    return label.categories.index(label.positive)
-
-
-def fit_site_classifier(layout: Layout, x: torch.Tensor, y: torch.Tensor, seed: int) -> object:
-    """Logistic regression on synthetic rows (drawn from the released model with a fixed seed,
-    so every site fits the same classifier and their confusion counts add up)."""
-    from sklearn.linear_model import LogisticRegression
-
-    target = (y.cpu().numpy() == positive_index(layout)).astype(np.int64)
-    if len(np.unique(target)) < 2:
-        return ConstantClassifier(int(target[0]) if len(target) else 0)
-    return LogisticRegression(max_iter=500, random_state=seed).fit(design_matrix(layout, x), target)
-
-
-class ConstantClassifier:
-    """What a model that generates one label class predicts (a classifier cannot be fitted)."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return np.full(len(features), self.value, dtype=np.int64)
-
-
 def group_arrays(layout: Layout, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Each sensitive column's group names per row."""
+    """Each sensitive column's declared group name per row."""
     xs = x.detach().cpu().numpy()
     slots = layout.slots()
     return {

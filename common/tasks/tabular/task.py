@@ -38,14 +38,7 @@ from common.privacy.metrics_dp import MetricBounds
 from common.tasks import register_task
 from common.tasks.base import Task
 from common.tasks.tabular.config import TabularConfig
-from common.tasks.tabular.evaluation import (
-    design_matrix,
-    fit_site_classifier,
-    group_arrays,
-    positive_index,
-    table_spec,
-    to_frame,
-)
+from common.tasks.tabular.evaluation import group_arrays, table_spec, to_frame
 from common.tasks.tabular.model import TabularVAE
 
 if TYPE_CHECKING:
@@ -227,23 +220,26 @@ class TabularTask(Task):
         return dict(evaluate_all(synth, balanced, real, table_spec(self.layout), p.eval_seed))
 
     def _site_sums(self, model: TabularVAE, data: ArrayData, loss: torch.Tensor) -> dict[str, float]:
-        """Loss sum, count and confusion counts per group of the synthetic-trained classifier."""
-        from common.metrics.tabular import confusion_sums
+        """Loss sum and count; the confusion counts per group and the score histogram of the TSTR
+        logistic regression, fitted on synthetic rows drawn with a fixed seed (the same classifier
+        at every site, so the counts add up to the federation's)."""
+        from common.metrics.tabular import confusion_sums, fit_score
 
         p = self.params
         assert data.y is not None
-        sx, sy = self.synthesize(model, p.eval_samples, p.eval_seed)
-        clf = fit_site_classifier(self.layout, sx, sy, p.eval_seed)
-        y_pred = np.asarray(clf.predict(design_matrix(self.layout, data.x)), dtype=np.int64)  # type: ignore[attr-defined]
-        y_true = (data.y.numpy() == positive_index(self.layout)).astype(np.int64)
-        sums = dict(confusion_sums(y_true, y_pred, group_arrays(self.layout, data.x), table_spec(self.layout)))
+        spec = table_spec(self.layout)
+        synth = to_frame(self.layout, *self.synthesize(model, p.eval_samples, p.eval_seed))
+        real = to_frame(self.layout, data.x, data.y)
+        scored = fit_score("lr", synth, real, spec, p.eval_seed)
+        y_true = (real[spec.label].astype(str) == spec.positive).to_numpy(dtype=np.int64)
+        sums = confusion_sums(y_true, scored.pred, group_arrays(self.layout, data.x), spec, score=scored.score)
         return {"loss_sum": float(loss.sum()), "n": float(len(data)), **sums}
 
     # ------------------------------------------------ site sums (deployment, SecAgg+, metrics.dp)
     def _confusion_schema(self) -> tuple[str, ...]:
         from common.metrics.tabular import sum_schema
 
-        return tuple(sum_schema(table_spec(self.layout)))
+        return tuple(sum_schema(table_spec(self.layout), scores=True))
 
     def sum_keys(self) -> tuple[str, ...]:
         """The public schema of the sites' sums (from the schema's declared groups, never the data);
@@ -256,14 +252,16 @@ class TabularTask(Task):
         return key in LOSS_SUMS or key in self._confusion_schema()
 
     def combine_sums(self, sums: dict[str, float]) -> dict[str, float]:
-        """Federation metrics from the summed sites' sums: the mean loss and the fairness metrics."""
+        """Federation metrics from the summed sites' sums: the mean loss, TSTR accuracy and AUC on the
+        sites' real rows, and the fairness metrics (groups under tabular.min-group-size withheld)."""
         from common.metrics.tabular import fairness_from_sums
 
         n = sums.get("n", 0.0)
         out: dict[str, float] = {"n": n}
         if n > 0:
             out["neg_elbo"] = sums.get("loss_sum", 0.0) / n
-        out.update(fairness_from_sums({k: v for k, v in sums.items() if k not in LOSS_SUMS}, table_spec(self.layout)))
+        rest = {k: v for k, v in sums.items() if k not in LOSS_SUMS}
+        out.update(fairness_from_sums(rest, table_spec(self.layout), min_group_size=self.params.min_group_size))
         return out
 
     def combine_metrics(self, results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -274,27 +272,14 @@ class TabularTask(Task):
         return self.combine_sums({k: float(sum(m.get(k, 0.0) for _, m in results)) for k in sorted(keys)})
 
     def metric_bounds(self) -> MetricBounds:
-        """Under metrics.dp: ``loss_sum`` (each row clipped to ``B = metrics.loss-bound``, 0: 100 nats),
-        ``n`` and the confusion counts (1 per row each). ``touched``: 2 plus the most confusion keys one
-        row moves, found by scoring one public probe row per (label, prediction, groups) combination."""
-        from common.metrics.tabular import confusion_sums
+        """Under metrics.dp: ``loss_sum`` (each row clipped to ``B = metrics.loss-bound``, 0: 100 nats)
+        and ``n``, plus the counts of :func:`common.metrics.tabular.sum_bounds` (1 per row each: one
+        overall cell, one cell per sensitive attribute, one score bin), so a row touches 2 more keys."""
+        from common.metrics.tabular import sum_bounds
 
         b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
-        keys = self._confusion_schema()
-        bounds = {"loss_sum": b, "n": 1.0, **{k: 1.0 for k in keys}}
-        spec = table_spec(self.layout)
-        most = 0
-        for cell in range(self.layout.cells()):
-            label, parts = self.layout.cell_parts(torch.tensor([cell]))
-            groups = {
-                c.name: np.asarray([c.categories[int(s[0])]], dtype=object)
-                for c, s in zip(self.layout.sensitive, parts)
-            }
-            truth = np.asarray([int(label[0] == positive_index(self.layout))])
-            for pred in (0, 1):
-                probe = confusion_sums(truth, np.asarray([pred]), groups, spec)
-                most = max(most, sum(1 for v in probe.values() if v != 0))
-        return MetricBounds(bounds, 2 + most)
+        counts = sum_bounds(table_spec(self.layout), scores=True)
+        return MetricBounds({"loss_sum": b, "n": 1.0, **counts.bounds}, 2 + counts.touched)
 
     @torch.no_grad()
     def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
