@@ -22,6 +22,7 @@ Evaluation:
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -236,7 +237,9 @@ class TabularTask(Task):
         return {"loss_sum": float(loss.sum()), "n": float(len(data)), **sums}
 
     # ------------------------------------------------ site sums (deployment, SecAgg+, metrics.dp)
+    @cached_property
     def _confusion_schema(self) -> tuple[str, ...]:
+        """The counts' keys (from the declared groups; computed once: is_sum_key runs per reply key)."""
         from common.metrics.tabular import sum_schema
 
         return tuple(sum_schema(table_spec(self.layout), scores=True))
@@ -246,10 +249,10 @@ class TabularTask(Task):
         () when the server scores its own test split (a simulation with central evaluation)."""
         if self.cfg.data.partition != SITE_PARTITION and self.cfg.federation.central_eval:
             return ()
-        return (*LOSS_SUMS, *self._confusion_schema())
+        return (*LOSS_SUMS, *self._confusion_schema)
 
     def is_sum_key(self, key: str) -> bool:
-        return key in LOSS_SUMS or key in self._confusion_schema()
+        return key in LOSS_SUMS or key in self._confusion_schema
 
     def combine_sums(self, sums: dict[str, float]) -> dict[str, float]:
         """Federation metrics from the summed sites' sums: the mean loss, TSTR accuracy and AUC on the
