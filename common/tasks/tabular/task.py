@@ -67,7 +67,7 @@ class TabularTask(Task):
     primary_metric = "neg_elbo"
     # The person key is HMAC'd with the federation key, and the key keys the train/validation split.
     needs_key = True
-    test_description = "server-held split of real rows (TSTR: trained on synthetic rows, tested on these)"
+    test_description = "server-held split of real rows (TSTR: synthetic-trained classifiers tested on it)"
     plot_metrics = ("tstr.lr.accuracy", "tstr.gbm.auc", "fidelity.tv_mean")
 
     params: TabularConfig
