@@ -233,7 +233,7 @@ def test_federate_dirichlet_and_column_give_disjoint_sites_and_a_test_split(tmp_
 def test_shipped_adult_schema_loads():
     schema = load_schema(Path("common/tasks/tabular/adult_schema.toml"))
     assert schema.label.name == "Salary" and schema.label.positive == ">50K"
-    assert [c.name for c in schema.sensitive] == ["race", "sex"]
+    assert [c.name for c in schema.sensitive] == ["sex", "race"]
     assert schema.column("fnlwgt").role == "keep"
     assert Layout(schema).cells() == 2 * 5 * 2
     assert slug("Amer-Indian-Eskimo") == "amer-indian-eskimo"
