@@ -15,9 +15,10 @@ rest (the fast engine clips it like any ``nn.Linear``), not counted from the row
 ``model = "marginal"`` there is no encoder and no latent code, and the decoder is one linear
 layer from ``c``: each column's logits are an additive function of the label and the
 sensitive groups, and the columns are independent given the cell (a DP log-linear
-conditional-marginal model). It has ~30x fewer parameters than the VAE, so at the same
-noise multiplier the noise is far smaller next to its gradient signal; on Adult it gives
-the better TSTR under DP (the README's numbers), and it is the default. What it cannot
+conditional-marginal model). On Adult it has 1,550 parameters, against 80,607 for the
+default VAE (13,391 at hidden-dim 32, latent-dim 8): DP-SGD's noise grows with the number
+of parameters while each row's clipped gradient does not, so the small model keeps far
+more signal. It gives the better TSTR under DP (issue 22's report), and it is the default. What it cannot
 keep is the association between two feature columns beyond what the cell explains.
 
 Every trainable layer is an ``nn.Linear`` run once per step with one row per example,
