@@ -18,6 +18,8 @@ privfed site approve FILE --signature SIG     approve the coordinator's signed a
 privfed site join FILE [-- SUPERNODE FLAGS]   check it, then run the site's SuperNode and SuperExec
 privfed site verify --state-dir DIR --ledger RUN_DIR
                                               check the coordinator's ledger against the site's records
+privfed schema propose CSV --label L [--sensitive S ...] [--out FILE]
+                                              draft a tabular schema for the operator to review
 
 Each command's flags and handler live with what it drives (see ``COMMANDS``); a module
 is imported only when its command runs, so ``privfed --help`` imports none of them.
@@ -49,6 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "site": ("client.cli", "partner-site configuration, app approval and joining"),
     "app": ("common.deploy.app_cli", "hash and sign the app the sites will run (coordinator)"),
     "coordinator": ("server.coordinator", "start the SuperLink and the sites' proxy (coordinator)"),
+    "schema": ("common.data.schema_cli", "draft a tabular schema from a site's CSV, for review"),
 }
 
 

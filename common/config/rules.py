@@ -119,8 +119,11 @@ def check_task(cfg: RunSections, task: TaskSpec) -> None:
         f"is user, but task {task.name!r} with data.source {cfg.data.source!r} has no person key "
         f"(user-level DP needs one: {', '.join(task.person_sources) or 'no source of this task has one'})",
     )
+    # "column:NAME" is the column partition naming its column (tasks that offer "column").
+    partition = cfg.data.partition
+    base = "column" if partition.startswith("column:") and len(partition) > len("column:") else partition
     _require(
-        cfg.data.partition in task.partitions,
+        base in task.partitions,
         "data.partition",
         f"must be one of {', '.join(task.partitions)} for task {task.name!r}, got {cfg.data.partition!r}",
     )

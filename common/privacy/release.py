@@ -97,6 +97,11 @@ _RECSYS_SUMS = (
 _GROUP_NOISY = "group.<v>.<v>.{sse,sae,n,users}"
 _GROUP_SUMS = "group.<v>.<v>.{pred,dcg}"
 _YH_SUMS = "yh.gender.<v>"
+# Tabular evaluation sums (common/tasks/tabular/task.py, common/metrics/tabular.py): the validation
+# loss sum, and the TSTR classifier's confusion counts (overall, per declared sensitive group) and
+# score histogram; the classifier is fitted on synthetic rows of the received model (a DP output).
+_TAB_NOISY = ("loss_sum", "cm.{tp,fp,tn,fn}", "cm.<v>.<v>.{tp,fp,tn,fn}", "roc.{pos,neg}.<i>")
+_TAB_HELD = "tabular, validation rows only (no training row is read); " + _EXACT
 _EM = "config:evaluateres.metrics/"
 _METRICS_RELEASE = "{metrics_noise_multiplier,metrics_l2_sensitivity,metrics_delta,metrics_rng}"
 
@@ -157,6 +162,11 @@ INVENTORY: tuple[Release, ...] = (
     Release(EVAL, _EM + _GROUP_SUMS, P, _HELD, "recommender: per-group sums, groups of ≥ k users"),
     Release(EVAL, _EM + _YH_SUMS, P, _HELD, "recommender: Yao & Huang's sums"),
     Release(EVAL, _EM + "item_collision_rate", P, "the declared catalogue and the federation key", "recommender"),
+    *(
+        Release(EVAL, _EM + k, C, _NOISY, "tabular: clipped loss sum, TSTR confusion counts, score histogram")
+        for k in _TAB_NOISY
+    ),
+    Release(EVAL, _EM + "prior_nll", P, _TAB_HELD, "tabular: validation mean of the cell prior's loss"),
     Release(
         EVAL,
         _EM + "{rmse,mae,hr_at_k,ndcg_at_k,pop_at_k,pop_held_out,pop_lift,coverage_site_mean,coverage_upper}",
@@ -173,6 +183,7 @@ INVENTORY: tuple[Release, ...] = (
     Release(SUM, "secure-sum/" + _RECSYS_SUMS, P, _HELD, "recommender: eval_sums' appended vector, exact sum"),
     Release(SUM, "secure-sum/" + _GROUP_SUMS, P, _HELD, "recommender: the schema's groups (0: not sent)"),
     Release(SUM, "secure-sum/" + _YH_SUMS, P, _HELD, "recommender: Yao & Huang's sums"),
+    *(Release(SUM, "secure-sum/" + k, C, _NOISY, "tabular: eval_sums' appended vector, sum") for k in _TAB_NOISY),
     # --------------------------------------------------------- SecAgg+ protocol
     Release(SECAGG, "config:secaggplus_configs/{pk1,pk2}", P, _FLOWER, "fresh key pairs per round, no data"),
     Release(SECAGG, "config:secaggplus_configs/{dsts,ctxts}", P, _FLOWER, "encrypted shares of fresh secrets"),

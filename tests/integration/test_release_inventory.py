@@ -46,6 +46,8 @@ TASKS = {
         "recsys-synthetic",
         ["recsys.synthetic-users=200", "recsys.synthetic-items=80", "recsys.num-buckets=512", "train.batch-size=128"],
     ),
+    # Records generated in the test (below): data.path and tabular.schema are added there.
+    "tabular": ("tabular-adult", ["data.source=csv", "data.partition=iid", "tabular.eval-samples=300"]),
 }
 PLAIN = ["num-sites=2", "rounds=1", "dp.enabled=false", 'faults.dropout-sites="0"', "faults.dropout-stage=train"]
 SECURE = ["num-sites=3", "rounds=1", "secagg.enabled=true", "dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]
@@ -119,9 +121,14 @@ def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, tas
         pytest.skip("the GAN's metrics.dp schema is empty unless gan.class-target = real: nothing new to capture")
     scenario, extra = TASKS[task]
     secure = mode == "secagg"
-    key_file = str(write_key(tmp_path / "fed.key")) if task == "recsys" else None
+    key_file = str(write_key(tmp_path / "fed.key")) if task in ("recsys", "tabular") else None
     chosen = {"plain": PLAIN, "secagg": SECURE, "private": PRIVATE}[mode]
     overrides = extra + QUIET + chosen + [f"run-dir={tmp_path / 'run'}"]
+    if task == "tabular":
+        from tests.unit.test_tabular_data import generated_rows, write_table
+
+        data, schema = write_table(tmp_path, generated_rows(900, seed=5))
+        overrides += [f"data.path={data}", f"tabular.schema={schema}", "train.batch-size=128"]
     fields, reasons = _capture(monkeypatch)
     simulate(scenario, overrides, key_file=key_file)
 
@@ -145,11 +152,11 @@ def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, tas
         assert (
             "site failed: InjectedDropout [E-FAULT] (injected by [faults])" in reason and DROPOUT_MESSAGE not in reason
         )
-    if secure and task == "recsys":
+    if secure and task in ("recsys", "tabular"):
         # The eval_sums stage's appended vector: every key of its schema is inventoried.
         from common.tasks import get_task
 
-        schema = get_task("recsys")(resolve(scenario, overrides), None).sum_keys()
+        schema = get_task(task)(resolve(scenario, overrides), None).sum_keys()
         assert schema and not unlisted(f"secure-sum/{k}" for k in schema)
     assert not ray.is_initialized()  # the runs never started Ray (InProcessBackend)
 

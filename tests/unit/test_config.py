@@ -150,7 +150,7 @@ def test_pyproject_flower_config_is_the_vae_digits_scenario():
 
     listed = flatten(pyproject["tool"]["flwr"]["app"]["config"])
     # Every task's table is listed (so `flwr run` can deploy any task), the others at their defaults.
-    for name in ("gan", "recsys"):
+    for name in ("gan", "recsys", "tabular"):
         cls = registered_tasks()[name].config_cls
         assert {k: v for k, v in listed.items() if k.startswith(name + ".")} == {
             f"{name}.{key_of(f.name)}": getattr(cls(), f.name) for f in fields(cls)

@@ -325,6 +325,22 @@ def test_person_key_reaches_the_site_data(tmp_path):
     assert not make_task(tmp_path).has_person_key()
 
 
+def test_a_user_level_round_samples_the_tables_persons(tmp_path):
+    """Issue 21 meets 22: a table with a person key trains under dp.unit = user; n counts persons."""
+    task = make_task(tmp_path, persons=80, **{"dp.unit": "user", "dp.noise-multiplier": 1.0})
+    train = task.site_data(0)[0]
+    persons = task.unit_count(train)
+    assert task.site_sizes()[0] == persons < len(train) and task.privacy_unit == "user"
+    plan = plan_round(task.cfg, persons)
+    torch.manual_seed(0)
+    model = task.build_model(0)
+    out = run_local_round(task, model, train, plan, torch.device("cpu"), seed=1)
+    assert out.steps_taken == plan.steps > 0
+    with pytest.raises(ConfigError) as err:  # no person key declared: refused, naming the key
+        make_task(tmp_path, **{"dp.unit": "user"}).site_sizes()
+    assert err.value.key == "dp.unit"
+
+
 def test_save_samples_writes_synthetic_rows_without_identifiers(tmp_path):
     task = make_task(tmp_path)
     out = task.save_samples(task.build_model(), tmp_path / "samples" / "round-001.png")

@@ -32,6 +32,7 @@ from torch import nn
 
 from common.config.limits import SITE_PARTITION
 from common.data.arrays import ArrayData
+from common.config.schema import USER_UNIT
 from common.data.tabular import Layout, TabularSplit, cached_split, default_adult_path, partition_column
 from common.data.tabular_schema import Schema, load_schema
 from common.errors import ConfigError, DataError
@@ -62,6 +63,8 @@ class TabularTask(Task):
     config_cls = TabularConfig
     unit_of_privacy = "row"
     data_sources = ("adult", "csv")
+    # A CSV whose schema declares a person-key column (Adult has none): dp.unit = "user".
+    person_sources = ("csv",)
     # column: by the values of tabular.partition-column (data.partition = "column:NAME" also parses).
     partitions = ("dirichlet", "iid", "column", "site")
     primary_metric = "neg_elbo"
@@ -122,6 +125,8 @@ class TabularTask(Task):
         return self._split().test
 
     def site_sizes(self) -> list[int]:
+        if self.cfg.dp.unit == USER_UNIT:  # persons, not rows (Task.unit_count)
+            return super().site_sizes()
         return self._split().site_sizes()
 
     def has_person_key(self) -> bool:
