@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from common.config.limits import SITE_PARTITION
-from common.data.arrays import ArrayData
 from common.config.schema import USER_UNIT
+from common.data.arrays import ArrayData
 from common.data.tabular import Layout, TabularSplit, cached_split, default_adult_path, partition_column
 from common.data.tabular_schema import Schema, load_schema
 from common.errors import ConfigError, DataError
