@@ -341,6 +341,21 @@ def test_a_user_level_round_samples_the_tables_persons(tmp_path):
     assert err.value.key == "dp.unit"
 
 
+def test_user_level_site_sums_read_each_persons_first_rows_and_bounds_scale_with_them(tmp_path):
+    user = make_task(tmp_path, persons=40, **{"dp.unit": "user", "dp.max-records-per-user": 2})
+    row = make_task(tmp_path, persons=40)
+    val = user.site_data(0)[1]
+    assert int(torch.bincount(val.person).max()) > 2  # someone has more validation rows than the cap
+    torch.manual_seed(0)
+    net = user.build_model()
+    sums = user.dp_evaluate(net, val)
+    assert sums["n"] == float(sum(min(int(c), 2) for c in torch.bincount(val.person)))
+    assert row.dp_evaluate(net, val)["n"] == len(val)
+    b_user, b_row = user.metric_bounds(), row.metric_bounds()
+    assert b_user.touched == b_row.touched
+    assert all(b_user.bounds[k] == 2 * b_row.bounds[k] for k in b_row.bounds)
+
+
 def test_save_samples_writes_synthetic_rows_without_identifiers(tmp_path):
     task = make_task(tmp_path)
     out = task.save_samples(task.build_model(), tmp_path / "samples" / "round-001.png")
