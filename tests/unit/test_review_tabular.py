@@ -97,3 +97,188 @@ def test_a_string_in_a_tabular_sum_crashes_the_servers_aggregate_evaluate(tmp_pa
     results = [reply("a", 1, 3.0), reply("b", 2, 3.0), reply("m", 9, "1")]
     s.aggregate_evaluate(1, results, [])  # must not raise
     assert "tstr.lr.accuracy" in s.records[1].test
+
+
+def _dp_strategy(tmp_path, task):  # noqa: ANN001, ANN202
+    """The server's strategy for a deployed tabular run under metrics.dp (as server.app builds it)."""
+    from common.pipeline import build_pipeline
+    from server.ledger import Ledger
+    from server.strategy import DeltaFedAvg
+    from tests.conftest import server_key
+
+    reg = make_registry({"a": 100, "b": 100, "m": 100})
+    return DeltaFedAvg(
+        task.cfg,
+        task,
+        Ledger(tmp_path / "ledger.sqlite", run_id="t"),
+        build_pipeline(task.cfg, task),
+        initial_arrays=[np.zeros(3, np.float32)],
+        run_id="",
+        registry=reg,
+        server_key=server_key(),
+    )
+
+
+def test_a_huge_finite_loss_sum_crashes_the_servers_metrics_dp_error_bars(tmp_path):
+    """Claim: a malicious site cannot crash the server through the tabular sums (huge values).
+
+    Under metrics.dp the server attaches error bars (``DeltaFedAvg._error_bars`` ->
+    ``common.metrics.error_bars.propagate`` over ``TabularTask.combine_sums``). A correctly
+    signed reply whose ``loss_sum`` is a finite 1e200 (no reply check bounds a noisy sum)
+    makes d neg_elbo / d n = -loss_sum / n^2 ~ 1e195, and ``(slope * s) ** 2`` raises
+    OverflowError (Python floats raise on ``**``), uncaught in ``aggregate_evaluate``.
+    """
+    task = make_task(tmp_path, **{"data.partition": "site", "metrics.dp": True})
+    s = _dp_strategy(tmp_path, task)
+    bounds = task.metric_bounds()
+
+    def reply(site: str, node: int, loss_sum: float):  # noqa: ANN202
+        metrics = {
+            "site_id": site,
+            **dict.fromkeys(bounds.keys, 10.0),
+            "n": 100.0,
+            "loss_sum": loss_sum,
+            "metrics_noise_multiplier": 1.0,
+            "metrics_l2_sensitivity": bounds.l2_sensitivity,
+            "metrics_delta": 1e-5,
+            "metrics_rng": "os",
+        }
+        sign_reply(metrics, site_key(site), s.run_id, 1, "evaluate")
+        return SimpleNamespace(node_id=node), EvaluateRes(Status(Code.OK, ""), 1.0, 1, metrics)
+
+    s.ledger.start_round(1)
+    results = [reply("a", 1, 2000.0), reply("b", 2, 2000.0), reply("m", 9, 1e200)]
+    s.aggregate_evaluate(1, results, [])  # must not raise
+    assert "n" in s.records[1].test
+
+
+# ------------------------------------------------------------------ (1) nothing the model's shape depends on comes from the rows
+
+
+def test_an_unedited_schema_draft_is_refused_as_a_run_schema(tmp_path):
+    """Claim: category lists and bins come from the declared (public) schema only.
+
+    ``privfed schema propose`` writes the private file's own category lists and observed
+    ranges (``bins = [min, max]`` of the private column) into a draft; the only safeguard is
+    a comment ("REPLACE by the public declaration"), which TOML parsing discards. The draft
+    loads as a run schema unchanged, so the model's shape, its category vocabularies and the
+    synthetic rows' range (decoded inside [private min, private max]) come from the rows,
+    outside DP. (It even proposes the wrong positive class, ``distinct[-1]``.)
+    """
+    from common.data.tabular_schema import propose_schema
+
+    data, _ = write_table(tmp_path, generated_rows(300))
+    draft = tmp_path / "draft.toml"
+    draft.write_text(propose_schema(data, "income", ("sex",)))
+    with pytest.raises(DataError):
+        load_schema(draft)
+
+
+# ------------------------------------------------------------------ (3) one line, naming file, column, line
+
+
+def test_a_header_name_with_a_newline_gives_a_one_line_error(tmp_path):
+    """Claim: every bad input gets ONE line. A quoted header field may hold a newline; the
+    extra-column error quotes the header name into the message as it is, so it spans lines."""
+    rows = generated_rows(60)
+    for r in rows:
+        r["bad\ncolumn"] = "x"
+    data, schema = write_table(tmp_path, rows, header=["id", "name", "age", "score", "job", "sex", "region", "income", "bad\ncolumn"])
+    with pytest.raises(DataError) as err:
+        load_table(data, load_schema(schema), KEY)
+    assert "\n" not in str(err.value)
+
+
+def test_a_utf8_csv_with_a_byte_order_mark_is_read(tmp_path):
+    """Claim: CSV loading with one-line errors that say what is wrong. A UTF-8 CSV saved by
+    Excel ("CSV UTF-8") starts with a byte-order mark; the loader opens it as plain utf-8, so
+    the first header becomes '\\ufeffid' and the file is refused with a wrong diagnosis
+    ("column id: declared in the schema but missing from the header")."""
+    data, schema = write_table(tmp_path, generated_rows(60))
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
+    table = load_table(data, load_schema(schema), KEY)
+    assert len(table) == 60
+
+
+# ------------------------------------------------------------------ (4) a public schema whose keys collide
+
+
+def test_two_sensitive_attributes_whose_keys_collide_are_refused(tmp_path):
+    """Claim: the sums' schema is fixed, public and one key per (attribute, group, cell).
+
+    Metric keys use the attribute's slug, and only the groups' slugs are checked for
+    uniqueness: sensitive columns ``sex`` and ``Sex`` both write ``cm.sex.*`` / ``fair.sex.*``.
+    ``sum_keys()`` then lists keys twice and the second attribute's counts silently overwrite
+    the first's, so the fairness report by sex is another column's."""
+    schema = SCHEMA.format(person="") + '\n[columns.Sex]\nrole = "sensitive"\ncategories = ["F", "M"]\n'
+    rows = generated_rows(60)
+    for r in rows:
+        r["Sex"] = "M" if r["sex"] == "F" else "F"
+    header = ["id", "name", "age", "score", "job", "sex", "region", "income", "Sex"]
+    _, path = write_table(tmp_path, rows, schema=schema, header=header)
+    with pytest.raises(DataError):
+        load_schema(path)
+
+
+def test_the_schema_check_and_the_metrics_agree_on_group_slugs(tmp_path):
+    """The schema's slug turns a name with no [a-z0-9] into "group", the metrics' slug into "x":
+    groups ["x", "+"] pass ``load_schema`` and the loader, then every evaluation raises
+    ConfigError (TableSpec) after the run has trained and spent budget on them."""
+    from common.data.tabular import Layout
+    from common.tasks.tabular.evaluation import table_spec
+
+    schema = SCHEMA.format(person="").replace('categories = ["F", "M"]', 'categories = ["x", "+"]')
+    _, path = write_table(tmp_path, generated_rows(10), schema=schema)
+    try:
+        s = load_schema(path)
+    except DataError:
+        return  # refused up front, naming the column: fine
+    table_spec(Layout(s))  # must not raise once the schema was accepted
+
+
+# ------------------------------------------------------------------ (5)/(6) the report
+
+
+def test_a_declared_category_with_dollar_signs_does_not_break_the_marginals_plot(tmp_path):
+    """Claim: schema names cannot break the report. Category labels and column names go into
+    matplotlib text unescaped, where '$...$' is mathtext: a declared category such as
+    ``$\\frac$`` (or any unbalanced TeX) raises ValueError at savefig and the report fails."""
+    from common.metrics.tabular_plots import plot_marginals
+
+    table = {"income $\\frac$": {"kind": "categorical", "labels": ["<=$50K", "$\\frac$"], "real": [0.5, 0.5],
+                                 "synth": [0.4, 0.6]}}  # fmt: skip
+    assert plot_marginals(table, tmp_path / "m.png") is not None
+
+
+def test_some_run_code_writes_the_marginals_the_report_draws():
+    """Issue 22, item 5: the report draws "per-column marginals, real against synthetic". The
+    report reads ``tabular-marginals.json`` (``read_marginals``), but nothing outside the tests
+    calls ``write_marginals``: no run ever writes the file, so the plot is never drawn."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    callers = [
+        p
+        for folder in ("server", "common", "client", "simulations")
+        for p in (root / folder).rglob("*.py")
+        if "write_marginals(" in p.read_text() and p.name != "tabular_plots.py"
+    ]
+    assert callers, "no run code calls write_marginals"
+
+
+# ------------------------------------------------------------------ (7) file modes
+
+
+def test_saved_synthetic_rows_are_written_private(tmp_path):
+    """Claim (7): files holding row-level values are 0600 whatever the umask. ``save_samples``
+    uses ``DataFrame.to_csv`` and ``mkdir`` with the process umask (0644 / 0755 here), unlike
+    the run's other files (``write_text_atomically``)."""
+    import os
+
+    task = make_task(tmp_path)
+    old = os.umask(0o022)
+    try:
+        out = task.save_samples(task.build_model(), tmp_path / "samples" / "round-001.png")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o600
