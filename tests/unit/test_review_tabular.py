@@ -282,3 +282,19 @@ def test_saved_synthetic_rows_are_written_private(tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_every_declared_group_gives_sum_keys_the_protocol_accepts(tmp_path):
+    """Claim (4)/(5): the sums' schema is fixed and public, and the server combines what the
+    sites send. The schema bounds neither a group name's length nor the number of groups, but
+    the reply check (``metrics_shape_problem``) refuses any reply with a key over 64 characters
+    (or over 512 keys). One long declared group (a code-book label such as the one below) makes
+    ``cm.sex.<group>.tp`` 70+ characters: every site's evaluate reply is refused, as a whole,
+    every round, and the deployment's metrics vanish; the schema should have been refused."""
+    from common.protocol import metrics_shape_problem
+
+    long_group = "Not-stated-or-inadequately-described-in-the-source-record-x"
+    schema = SCHEMA.format(person="").replace('categories = ["F", "M"]', f'categories = ["F", "M", "{long_group}"]')
+    task = make_task(tmp_path, schema=schema, **{"data.partition": "site", "metrics.dp": True})
+    reply = {"site_id": "a", **dict.fromkeys(task.sum_keys(), 1.0)}
+    assert metrics_shape_problem(reply, 1000) == ""
