@@ -298,3 +298,35 @@ def test_every_declared_group_gives_sum_keys_the_protocol_accepts(tmp_path):
     task = make_task(tmp_path, schema=schema, **{"data.partition": "site", "metrics.dp": True})
     reply = {"site_id": "a", **dict.fromkeys(task.sum_keys(), 1.0)}
     assert metrics_shape_problem(reply, 1000) == ""
+
+
+def test_schema_propose_on_an_empty_csv_gives_one_line(tmp_path):
+    """Claim (3) for the operator tool: ``propose_schema`` indexes ``rows[0]`` unguarded, so an
+    empty file raises IndexError (a traceback from ``privfed schema propose``), not a one-line
+    DataError naming the file."""
+    from common.data.tabular_schema import propose_schema
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        propose_schema(empty, "income", ("sex",))
+
+
+def test_a_site_does_not_send_the_exact_counts_of_a_group_under_min_group_size(tmp_path):
+    """docs/FAIRNESS.md: "Groups under tabular.min-group-size (10) real rows are suppressed".
+
+    Only the server's combined output suppresses them. Without metrics.dp and SecAgg+ (exact
+    metrics, which a site may allow), each site's reply carries ``cm.<attr>.<group>.{tp,fp,tn,fn}``
+    for every declared group whatever its size, and the server keeps every site's reply in
+    ``metrics.jsonl`` (``site_val``): a group of ONE validation row at a site gives away that
+    person's label and the classifier's decision on them (here: the only woman's). The
+    recommender withholds groups under k at the site ("exact: groups of >= k only")."""
+    task = make_task(tmp_path, **{"data.partition": "site", "tabular.min-group-size": 10})
+    net = task.build_model()
+    val = task.site_data(0)[1]
+    sex = val.x[:, task.layout.slots()["sex"]].long()
+    women = torch.nonzero(sex == 0).flatten()
+    keep = torch.cat([torch.nonzero(sex == 1).flatten(), women[:1]]).numpy()
+    out = task.evaluate(net, val.subset(np.sort(keep)))
+    small = sum(out.get(f"cm.sex.f.{c}", 0.0) for c in ("tp", "fp", "tn", "fn"))
+    assert small == 0.0 or small >= 10, f"a site sends the exact counts of a group of {small:g} row(s)"
