@@ -3,7 +3,6 @@ and fails on the code as reviewed. Records are generated here (tests.unit.test_t
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -152,7 +151,7 @@ def test_a_huge_finite_loss_sum_crashes_the_servers_metrics_dp_error_bars(tmp_pa
     assert "n" in s.records[1].test
 
 
-# ------------------------------------------------------------------ (1) nothing the model's shape depends on comes from the rows
+# ------------------------------------------------------------------ (1) the model's shape comes from the rows
 
 
 def test_an_unedited_schema_draft_is_refused_as_a_run_schema(tmp_path):
@@ -183,7 +182,9 @@ def test_a_header_name_with_a_newline_gives_a_one_line_error(tmp_path):
     rows = generated_rows(60)
     for r in rows:
         r["bad\ncolumn"] = "x"
-    data, schema = write_table(tmp_path, rows, header=["id", "name", "age", "score", "job", "sex", "region", "income", "bad\ncolumn"])
+    data, schema = write_table(
+        tmp_path, rows, header=["id", "name", "age", "score", "job", "sex", "region", "income", "bad\ncolumn"]
+    )
     with pytest.raises(DataError) as err:
         load_table(data, load_schema(schema), KEY)
     assert "\n" not in str(err.value)
