@@ -350,17 +350,23 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
                 continue
             seen.add(site)
             weight = 1.0 if self.cfg.metrics.dp else float(self.registry.sites[site].declared_size)
-            verified.append((weight, dict(res.metrics)))
-            rec.site_val[site] = {
+            # Only finite numbers go on: a signed site may still send a string or 1e308 as a "sum".
+            numbers = {
                 k: float(v)
                 for k, v in res.metrics.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             }
+            verified.append((weight, numbers))
+            rec.site_val[site] = numbers
         # Under SecAgg+ with secure sums the replies hold no sums: the round's test metrics
         # came from the masked vector (:meth:`_stage_secure`), not from here.
         if self.central_eval is None and self.combine_eval is not None and verified and not self.secure_sums:
-            rec.test = self.combine_eval(verified)
-            rec.test_std = self._error_bars([m for _, m in verified])
+            try:
+                rec.test = self.combine_eval(verified)
+                rec.test_std = self._error_bars([m for _, m in verified])
+            except (ArithmeticError, ValueError, TypeError) as exc:  # one site's values: lose the metrics, not the run
+                rec.test, rec.test_std = {}, {}
+                rec.failures.append(f"the sites' evaluation metrics could not be combined ({type(exc).__name__})")
         losses = [
             (w, float(m[self.primary_metric]))
             for w, m in verified

@@ -156,7 +156,9 @@ def decode_numeric(col: Column, k: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def _error(path: Path, line: int | None, column: str | None, message: str, code: str = DataError.PARSE) -> DataError:
     where = f"line {line}, " if line else ""
-    col = f"column {column}: " if column else ""
+    # A header name is text from the file: escaped when it is not one printable line.
+    shown = column if column is None or column.isprintable() else ascii(column)
+    col = f"column {shown}: " if column else ""
     return DataError(path, f"{where}{col}{message}", role=TABLE_FILE, line=line, column=column, code=code)
 
 
@@ -174,7 +176,7 @@ def load_table(path: str | Path, schema: Schema, key: bytes | None) -> Table:
     if not p.is_file():
         raise DataError(p, "not found", role=TABLE_FILE, code=DataError.MISSING)
     try:
-        fh = open(p, newline="", encoding="utf-8")  # noqa: SIM115 - closed below, the reader is consumed inside
+        fh = open(p, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below, the reader is consumed inside
     except OSError as exc:
         raise DataError(p, f"cannot be read ({type(exc).__name__})", role=TABLE_FILE) from None
     layout = Layout(schema)

@@ -191,6 +191,13 @@ def load_schema(path: str | Path) -> Schema:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise DataError(p, f"not a readable TOML file ({type(exc).__name__})", role=SCHEMA_FILE) from None
     table = doc.get("table", {})
+    if isinstance(table, dict) and table.get("draft", False) is not False:
+        raise _fail(
+            p,
+            None,
+            "is a draft from `privfed schema propose` (table.draft): its lists and ranges came from the private "
+            "file; replace them by the public declaration, then delete the draft line",
+        )
     delimiter = table.get("delimiter", ",") if isinstance(table, dict) else None
     if not isinstance(delimiter, str) or len(delimiter) != 1:
         raise _fail(p, None, "table.delimiter must be one character")
@@ -205,7 +212,33 @@ def load_schema(path: str | Path) -> Schema:
         raise _fail(p, None, 'needs at least one column with role = "sensitive"')
     if len(schema.by_role("person-key")) > 1:
         raise _fail(p, schema.by_role("person-key")[1].name, "declares more than one person-key column")
+    _check_metric_keys(p, schema)
     return schema
+
+
+def _check_metric_keys(p: Path, schema: Schema) -> None:
+    """The evaluation sums' keys (``cm.<attr>.<group>.<cell>``, ``fair.<attr>...``) are made from
+    the sensitive columns' and groups' slugs: two attributes with one slug would overwrite each
+    other's counts, and a key the protocol refuses (over 64 characters, or too many keys) would
+    make every site's evaluate reply refused, every round. Refused here, naming the column."""
+    from common.protocol import MAX_METRIC_KEYS, METRIC_KEY_RE
+
+    seen: dict[str, str] = {}
+    keys = 4 + 2 * 20  # the overall confusion cells and the score histogram
+    for col in schema.sensitive:
+        attr = slug(col.name)
+        if attr in seen:
+            raise _fail(p, col.name, f"columns.{col.name} names the same metric key as sensitive column {seen[attr]}")
+        seen[attr] = col.name
+        for g in col.categories:
+            key = f"cm.{attr}.{slug(g)}.tp"
+            if not METRIC_KEY_RE.fullmatch(key) or not METRIC_KEY_RE.fullmatch(f"fair.{attr}.{slug(g)}.selection_rate"):
+                raise _fail(
+                    p, col.name, f"columns.{col.name} has a group name too long for a metric key (keep it short)"
+                )
+        keys += 4 * len(col.categories)
+    if keys + 16 > MAX_METRIC_KEYS:  # 16: the reply's own fields (site id, history, signature, release)
+        raise _fail(p, None, f"declares too many sensitive groups: their sums exceed {MAX_METRIC_KEYS} reply metrics")
 
 
 # ---------------------------------------------------------------- operator tool
@@ -219,10 +252,18 @@ def propose_schema(csv_path: str | Path, label: str, sensitive: tuple[str, ...],
     standard ranges) before the schema is used. Columns whose values are nearly unique are
     proposed as ``identifier``.
     """
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.reader(fh, delimiter=delimiter, skipinitialspace=True))
+    if not rows:
+        raise DataError(csv_path, "is empty: no header line", role="table file", code=DataError.MISSING)
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
-    out = ["# PROPOSED from the data: review it, and replace every list and range by the public declaration.", ""]
+    out = [
+        "# PROPOSED from the data: review it, and replace every list and range by the public declaration.",
+        "# A run refuses this file until the draft line below is deleted.",
+        "[table]",
+        "draft = true",
+        "",
+    ]
     for j, name in enumerate(header):
         values = [r[j].strip() for r in body if j < len(r)]
         distinct = sorted(set(values))

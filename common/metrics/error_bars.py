@@ -25,16 +25,18 @@ def propagate(
 ) -> dict[str, float]:
     """The delta-method std of each metric ``combine(sums)`` returns, given each sum's noise std."""
     base = combine(dict(sums))
-    var = {k: 0.0 for k, v in base.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    # The std accumulated with hypot, not as a sum of squares: a hostile site's huge finite sum
+    # then gives an infinite error bar, not an OverflowError in the server's round.
+    std_of = {k: 0.0 for k, v in base.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     for key, s in std.items():
         if key not in sums or not s > 0:
             continue
         h = STEP * s
         up = combine({**sums, key: sums[key] + h})
         down = combine({**sums, key: sums[key] - h})
-        for name in var:
+        for name in std_of:
             if name in up and name in down:
                 slope = (float(up[name]) - float(down[name])) / (2 * h)
                 if math.isfinite(slope):
-                    var[name] += (slope * s) ** 2
-    return {k: math.sqrt(v) for k, v in var.items() if v > 0}
+                    std_of[name] = math.hypot(std_of[name], slope * s)
+    return {k: v for k, v in std_of.items() if v > 0}

@@ -38,7 +38,6 @@ declared names, so every key is a plain dotted name whatever the schema spells.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,8 +118,11 @@ class TableSpec:
 
 
 def slug(name: str) -> str:
-    """``name`` as a key part: lowercase, runs of other characters as one ``-``; "" becomes "x"."""
-    return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "x"
+    """``name`` as a key part: the schema's own slug (one definition: the schema checks the keys
+    it makes, so the metrics must make the same ones)."""
+    from common.data.tabular_schema import slug as schema_slug
+
+    return schema_slug(str(name))
 
 
 # ------------------------------------------------------------------ classifiers

@@ -178,8 +178,8 @@ def plot_marginals(table: Mapping[str, Mapping[str, Any]], path: Path, max_colum
         ax.bar([x - 0.2 for x in xs], real, width=0.4, label="real", color="C0")
         ax.bar([x + 0.2 for x in xs], synth, width=0.4, label="synthetic", color="C1")
         tv = 0.5 * sum(abs(a - b) for a, b in zip(real, synth))
-        ax.set_title(f"{col} (TV {tv:.3f})", fontsize=8)
-        ax.set_xticks(list(xs), [str(label)[:14] for label in labels], rotation=60, ha="right", fontsize=6)
+        ax.set_title(f"{_plain(col)} (TV {tv:.3f})", fontsize=8)
+        ax.set_xticks(list(xs), [_plain(str(label)[:14]) for label in labels], rotation=60, ha="right", fontsize=6)
         ax.tick_params(axis="y", labelsize=6)
     axes.ravel()[0].legend(fontsize=7)
     fig.suptitle("Marginals: real against synthetic", fontsize=10)
@@ -214,3 +214,8 @@ def read_marginals(run_dir: Path) -> dict[str, dict[str, Any]] | None:
     keys = ("labels", "real", "synth")
     ok = all(isinstance(v, dict) and all(isinstance(v.get(k), list) for k in keys) for v in obj.values())
     return obj if ok else None
+
+
+def _plain(text: str) -> str:
+    """Declared names as literal text: matplotlib reads ``$...$`` as maths (and fails on bad TeX)."""
+    return text.replace("$", r"\$")

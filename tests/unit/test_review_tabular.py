@@ -296,7 +296,10 @@ def test_every_declared_group_gives_sum_keys_the_protocol_accepts(tmp_path):
 
     long_group = "Not-stated-or-inadequately-described-in-the-source-record-x"
     schema = SCHEMA.format(person="").replace('categories = ["F", "M"]', f'categories = ["F", "M", "{long_group}"]')
-    task = make_task(tmp_path, schema=schema, **{"data.partition": "site", "metrics.dp": True})
+    with pytest.raises(DataError) as err:  # refused up front, naming the column
+        make_task(tmp_path, schema=schema, **{"data.partition": "site", "metrics.dp": True})
+    assert "columns.sex" in str(err.value) and long_group not in str(err.value)
+    task = make_task(tmp_path, **{"data.partition": "site", "metrics.dp": True})  # an accepted schema's keys pass
     reply = {"site_id": "a", **dict.fromkeys(task.sum_keys(), 1.0)}
     assert metrics_shape_problem(reply, 1000) == ""
 

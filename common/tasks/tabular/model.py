@@ -97,9 +97,11 @@ class TabularVAE(nn.Module):
 
     # ------------------------------------------------------------ the loss
     def loss_terms(
-        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(-log p(cell), reconstruction NLL, KL) per row."""
+        """(-log p(cell), reconstruction NLL, KL) per row. ``sample=False`` decodes the posterior
+        mean: each row's loss is then a function of that row alone, which evaluation sums need
+        (one shared random stream would let removing one row change every other row's draw)."""
         cell = self.layout.cell_of(x, y)
         c = self.condition(cell)
         ones = torch.ones(len(x), 1, device=x.device)
@@ -107,8 +109,11 @@ class TabularVAE(nn.Module):
         if self.latent_dim > 0:
             h = self.encoder(torch.cat([self.one_hot(x), c], dim=1))
             mu, logvar = self.mu(h), self.logvar(h).clamp(-10, 10)
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + eps * torch.exp(0.5 * logvar)
+            if sample:
+                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+                z = mu + eps * torch.exp(0.5 * logvar)
+            else:
+                z = mu
             kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
             out = self.decoder(torch.cat([z, c], dim=1))
         else:

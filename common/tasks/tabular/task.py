@@ -188,13 +188,13 @@ class TabularTask(Task):
     # ----------------------------------------------------------- evaluation
     @torch.no_grad()
     def _losses(self, model: TabularVAE, data: ArrayData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row (prior, reconstruction, KL) in eval mode with a fixed generator (curves show the
-        model, not Monte Carlo noise)."""
+        """Per-row (prior, reconstruction, KL) in eval mode at the posterior mean: no Monte Carlo
+        noise in the curves, and each row's loss depends on that row only (so one row moves a
+        loss sum by at most its clip; a seeded shared stream would move every other row's draw)."""
         model.eval()
         device = model.prior.weight.device
         assert data.y is not None
-        gen = torch.Generator(device=device).manual_seed(1234)
-        terms = model.loss_terms(data.x.to(device), data.y.to(device), gen)
+        terms = model.loss_terms(data.x.to(device), data.y.to(device), sample=False)
         model.train()
         return cast(tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple(t.cpu().double() for t in terms))
 
@@ -214,7 +214,24 @@ class TabularTask(Task):
             rows = self._site_rows(data)
             if rows is not data:
                 prior, recon, kl = self._losses(vae, rows)
-            out.update(self._site_sums(vae, rows, prior + recon + kl))
+            out.update(self._suppress_small_groups(self._site_sums(vae, rows, prior + recon + kl)))
+        return out
+
+    def _suppress_small_groups(self, sums: dict[str, float]) -> dict[str, float]:
+        """Exact sums only (metrics.dp noises every group instead): a group of fewer than
+        ``tabular.min-group-size`` validation rows at this site is sent as 0, with complementary
+        suppression (:func:`common.metrics.fairness.suppressed_groups`), so no small group's
+        counts, nor "overall minus the others", leave the site exactly."""
+        from common.metrics.fairness import suppressed_groups
+        from common.metrics.tabular import CELLS, slug
+
+        spec = table_spec(self.layout)
+        out = dict(sums)
+        for attr in spec.sensitive:
+            keys = {g: [f"cm.{slug(attr)}.{slug(g)}.{c}" for c in CELLS] for g in spec.groups[attr]}
+            sizes = {g: sum(out.get(k, 0.0) for k in ks) for g, ks in keys.items()}
+            for g in suppressed_groups(sizes, self.params.min_group_size):
+                out.update(dict.fromkeys(keys[g], 0.0))
         return out
 
     def _server_metrics(self, model: TabularVAE, data: ArrayData) -> dict[str, float]:
@@ -226,7 +243,13 @@ class TabularTask(Task):
         synth = to_frame(self.layout, *self.synthesize(model, p.eval_samples, p.eval_seed))
         balanced = to_frame(self.layout, *self.synthesize(model, p.eval_samples, p.eval_seed + 7, balanced=True))
         real = to_frame(self.layout, data.x, data.y)
-        return dict(evaluate_all(synth, balanced, real, table_spec(self.layout), p.eval_seed))
+        spec = table_spec(self.layout)
+        if self.artifacts_dir is not None:  # the report's marginals, real against synthetic (the latest round's)
+            from common.metrics.tabular import marginals
+            from common.metrics.tabular_plots import write_marginals
+
+            write_marginals(marginals(synth, real, spec), self.artifacts_dir)
+        return dict(evaluate_all(synth, balanced, real, spec, p.eval_seed))
 
     def _site_sums(self, model: TabularVAE, data: ArrayData, loss: torch.Tensor) -> dict[str, float]:
         """Loss sum and count; the confusion counts per group and the score histogram of the TSTR
@@ -315,8 +338,10 @@ class TabularTask(Task):
 
     def save_samples(self, model: nn.Module, path: Path) -> Path:
         """1,000 synthetic rows as CSV beside ``path`` (the report draws the marginals from metrics)."""
+        from common.deploy.fileio import make_private_dir, write_text_atomically
+
         frame = self.sample_frame(model, 1000, self.params.eval_seed)
         out = path.with_suffix(".csv")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out, index=False)
+        make_private_dir(out.parent)
+        write_text_atomically(out, frame.to_csv(index=False))  # 0600, like every run file
         return out
