@@ -312,13 +312,18 @@ def _site_split(site: ArrayData, cfg: DataConfig, key: bytes, who: str) -> tuple
     noise), and DP needs a real training set.
     """
     tr, va = keyed_split(site, cfg.val_fraction, key, VALIDATION_DOMAIN)
-    if len(va) == 0 or len(tr) < cfg.min_site_size:
+    require_split(who, "examples", len(tr), len(va), cfg.min_site_size)
+    return site.subset(tr), site.subset(va)
+
+
+def require_split(who: str, noun: str, train: int, validation: int, min_size: int) -> None:
+    """A site's train/validation split must leave >= 1 validation record and a real training set."""
+    if validation == 0 or train < min_size:
         raise ConfigError(
             "data.val-fraction",
-            f"{who} has {len(site)} examples: {len(tr)} train / {len(va)} validation; "
-            f"need >= {cfg.min_site_size} train (data.min-site-size) and >= 1 validation",
+            f"{who} has {train + validation} {noun}: {train} train / {validation} validation; "
+            f"need >= {min_size} train (data.min-site-size) and >= 1 validation",
         )
-    return site.subset(tr), site.subset(va)
 
 
 def federate(

@@ -41,6 +41,7 @@ from common.data.arrays import (
     dirichlet_partition,
     iid_partition,
     record_positions,
+    require_split,
     split_indices,
     split_key,
 )
@@ -372,12 +373,7 @@ def site_split(
     else:
         pos = record_positions(table.data(rows), key, VALIDATION_DOMAIN)
     tr, va = rows[pos >= val_fraction], rows[pos < val_fraction]
-    if len(va) == 0 or len(tr) < min_size:
-        raise ConfigError(
-            "data.val-fraction",
-            f"{who} has {len(rows)} rows: {len(tr)} train / {len(va)} validation; "
-            f"need >= {min_size} train (data.min-site-size) and >= 1 validation",
-        )
+    require_split(who, "rows", len(tr), len(va), min_size)
     return table.data(tr), table.data(va)
 
 
