@@ -50,6 +50,15 @@ def test_two_round_dp_run_on_generated_records(tmp_path):
         assert "fair.sex.dp_diff" in t and "correction.balanced.sex.dp_diff" in t
     rows_ = Ledger(run_dir / "ledger.sqlite").rows()
     assert len(rows_) == 6 and {r.unit for r in rows_} == {"row"} and all(r.eps_total > 0 for r in rows_)
+    # The report's marginals (real against synthetic) are written by the server's evaluation, 0600.
+    from common.metrics.tabular_plots import MARGINALS_FILE
+    from simulations.cli import main as cli
+
+    marginals = run_dir / MARGINALS_FILE
+    assert marginals.is_file() and marginals.stat().st_mode & 0o077 == 0
+    assert cli(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert "marginals" in page.lower() and "fair" in page.lower()
     samples = (run_dir / "samples" / "round-001.csv").read_text().splitlines()
     assert samples[0].split(",") == ["age", "score", "job", "region", "sex", "income"]
     # No identifier value reaches anything the server wrote.
