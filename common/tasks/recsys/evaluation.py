@@ -15,8 +15,11 @@ Privacy: these sums leave the site without DP noise, so each is a function of th
 * an item's popularity is the share of the site's held-out users who hold it out.
 
 Adding or removing one training rating leaves every sum bit-identical for a fixed model
-(tests/unit/test_recsys_heldout.py). They are not covered by epsilon: held-out ratings are
-never trained on, and the split is per rating (:func:`common.data.ratings.held_out_mask`).
+(tests/unit/test_recsys_heldout.py). Sent exactly (``metrics.dp = false``) they are not
+covered by epsilon: held-out ratings are never trained on, and the split is per rating
+(:func:`common.data.ratings.held_out_mask`). Under ``metrics.dp`` the task's schema of them is
+noised and charged (:mod:`common.privacy.metrics_dp`); under user-level DP each user adds at
+most ``dp.max-records-per-user`` held-out ratings, and a deployed site refuses exact sums.
 """
 
 from __future__ import annotations
