@@ -88,9 +88,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
                 else "Not user-level or site-level privacy.</p>"
             )
         )
-        worst = person_worst_case(private, _max_sites_per_person(config))
+        declared = _max_sites_per_person(config)
+        worst = person_worst_case(private, declared)
         if worst is not None:
-            parts.append(f"<p><b>{html.escape(worst_case_line(worst, _max_sites_per_person(config)))}</b></p>")
+            parts.append(f"<p><b>{html.escape(worst_case_line(worst, declared))}</b></p>")
     else:
         parts.append("<p><b>Non-private run:</b> no DP guarantee (ε = ∞).</p>")
     status = "ok" if verification.ok else "bad"

@@ -76,16 +76,32 @@ def bench_task(
         opt = make_optimizer(private, cfg.train.optimizer, cfg.train.lr)
         engine = cls(private, opt) if cls is NonPrivateStep else cls(private, opt, plan)
         runners[name] = (model, engine)
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    steppers = {name: _plain_step(task, model, engine, batch) for name, (model, engine) in runners.items()}
+    try:
+        return interleaved(steppers, reps, steps)
+    finally:
+        for _, engine in runners.values():
+            engine.close()
+
+
+def _plain_step(task: Any, model: torch.nn.Module, engine: StepEngine, batch: ArrayData) -> Callable[[], None]:
+    def step() -> None:
+        engine.step(task.per_sample_loss(model, batch))
+
+    return step
+
+
+def interleaved(steppers: Mapping[str, Callable[[], None]], reps: int, steps: int) -> dict[str, dict[str, float]]:
+    """Each stepper's median time per step and its ratio to ``"non-private"``'s: they take turns
+    within every repetition (``steps`` steps each), after two warm-up repetitions."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
     for rep in range(reps + 2):
-        for name, (model, engine) in runners.items():
+        for name, step in steppers.items():
             t0 = time.perf_counter()
             for _ in range(steps):
-                engine.step(task.per_sample_loss(model, batch))
+                step()
             if rep >= 2:  # warm-up
                 times[name].append((time.perf_counter() - t0) / steps)
-    for _, engine in runners.values():
-        engine.close()
     med = {name: statistics.median(v) for name, v in times.items()}
     base = med["non-private"]
     return {name: {"ms_per_step": 1e3 * t, "ratio": t / base} for name, t in med.items()}
@@ -110,42 +126,36 @@ def bench_user_level(scenario: str, users: int, reps: int, steps: int) -> dict[s
     batch = ArrayData(train.x[idx], None if train.y is None else train.y[idx])
     n = max(sampler.persons, users)
     plan = RoundPlan(n, users / n, steps, 1.0, 1.0, 1e-5, "rdp")
-    runners: dict[str, tuple[Any, StepEngine, Any]] = {}
+    steppers: dict[str, Callable[[], None]] = {}
+    engines: list[StepEngine] = []
     for name in ("non-private", "fast, user-level"):
         torch.manual_seed(0)
         model = task.build_model(0).train()
         if name == "non-private":
-            runners[name] = (
-                model,
-                NonPrivateStep(model, make_optimizer(model, cfg.train.optimizer, cfg.train.lr)),
-                None,
-            )
+            plain = NonPrivateStep(model, make_optimizer(model, cfg.train.optimizer, cfg.train.lr))
+            steppers[name] = _plain_step(task, model, plain, batch)
+            engines.append(plain)
             continue
-        local = task.person_local_modules(model)
-        local_ids = [id(p) for m in local for p in m.parameters()]
-        opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, but=local_ids)
-        local_opt = make_optimizer(
-            model, cfg.train.optimizer, cfg.train.lr, only=[p for m in local for p in m.parameters()]
-        )
-        runners[name] = (model, FastDPStep(model, opt, plan, person_local=local), local_opt)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for rep in range(reps + 2):
-        for name, (model, engine, local_opt) in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                if local_opt is None:
-                    engine.step(task.per_sample_loss(model, batch))
-                    continue
-                local_opt.zero_grad(set_to_none=True)
-                engine.step(task.per_sample_loss(model, batch), groups)
-                local_opt.step()
-            if rep >= 2:
-                times[name].append((time.perf_counter() - t0) / steps)
-    for _, engine, _ in runners.values():
-        engine.close()
-    med = {name: statistics.median(v) for name, v in times.items()}
-    base = med["non-private"]
-    return {name: {"ms_per_step": 1e3 * t, "ratio": t / base, "ratings": len(batch)} for name, t in med.items()}
+        # As a round does (LocalSession.step): the engine for the shared layers, a plain
+        # optimiser step for the person-local user table on the same backward.
+        local = [p for m in task.person_local_modules(model) for p in m.parameters()]
+        opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, but=map(id, local))
+        local_opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, only=local)
+        dp = FastDPStep(model, opt, plan, person_local=task.person_local_modules(model))
+        engines.append(dp)
+
+        def user_step(m: Any = model, e: StepEngine = dp, lo: torch.optim.Optimizer = local_opt) -> None:
+            lo.zero_grad(set_to_none=True)
+            e.step(task.per_sample_loss(m, batch), groups)
+            lo.step()
+
+        steppers[name] = user_step
+    try:
+        res = interleaved(steppers, reps, steps)
+    finally:
+        for engine in engines:
+            engine.close()
+    return {name: {**r, "ratings": len(batch)} for name, r in res.items()}
 
 
 # User-level DP (dp.unit = user): the MF model at its user-level scenario's persons per step.

@@ -152,11 +152,7 @@ def plot_correction(test: Mapping[str, Any], path: Path) -> Path | None:
             ax.set_ylim(max(0.0, low - 0.1), min(1.0, max(values) + 0.05))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Bias correction: before (none) and after", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def plot_marginals(table: Mapping[str, Mapping[str, Any]], path: Path, max_columns: int = 16) -> Path | None:
@@ -183,11 +179,7 @@ def plot_marginals(table: Mapping[str, Mapping[str, Any]], path: Path, max_colum
         ax.tick_params(axis="y", labelsize=6)
     axes.ravel()[0].legend(fontsize=7)
     fig.suptitle("Marginals: real against synthetic", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 # ------------------------------------------------------------------ files
@@ -219,3 +211,11 @@ def read_marginals(run_dir: Path) -> dict[str, dict[str, Any]] | None:
 def _plain(text: str) -> str:
     """Declared names as literal text: matplotlib reads ``$...$`` as maths (and fails on bad TeX)."""
     return text.replace("$", r"\$")
+
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

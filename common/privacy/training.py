@@ -115,9 +115,7 @@ class LocalSession:
         )
         for sampled in sampler:
             idx, groups = persons.take(torch.as_tensor(sampled, dtype=torch.long))
-            self._groups = PersonGroups(
-                groups.index.to(self.device), groups.count, groups.position.to(self.device), groups.width
-            )
+            self._groups = groups.to(self.device)
             yield idx
 
     def _shuffled(self) -> Iterator[torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from common.data.arrays import ArrayData
     from common.privacy.metrics_dp import MetricBounds
     from common.privacy.training import LocalSession
+
+
+_D = TypeVar("_D", bound="ArrayData")
 
 
 class Task(ABC):
@@ -89,6 +92,18 @@ class Task(ABC):
                 "dp.unit", f"is user, but this site's {self.name} records carry no person key (use dp.unit = record)"
             )
         return int(torch.unique(data.person).numel())
+
+    def records_per_unit(self) -> int:
+        """How many evaluation records one privacy unit may add to a released sum: 1 (a record),
+        or ``dp.max-records-per-user`` under user-level DP (each person's first ones, :meth:`unit_rows`)."""
+        return self.cfg.dp.max_records_per_user if self.cfg.dp.unit == USER_UNIT else 1
+
+    def unit_rows(self, data: _D) -> _D:
+        """The records a site's evaluation sums read: all of them, or under user-level DP each
+        person's first :meth:`records_per_unit` (which depends on that person's records only)."""
+        from common.data.arrays import capped_per_person
+
+        return capped_per_person(data, self.records_per_unit()) if self.cfg.dp.unit == USER_UNIT else data
 
     def site_sizes(self) -> list[int]:
         """Privacy units (:meth:`unit_count`) in every site's training split; the simulation

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config.schema import USER_UNIT
-from common.data.arrays import ArrayData, capped_per_person
+from common.data.arrays import ArrayData
 from common.data.ratings import RatingData
 from common.errors import ConfigError, PrivfedError
 from common.privacy.metrics_dp import MetricBounds
@@ -134,13 +133,8 @@ class RecsysTask(Task):
     def metric_bounds(self) -> MetricBounds:
         """Under metrics.dp: error sums and counts, overall and per group (:func:`.metrics.dp_bounds`)."""
         p = self.params
-        bounds, touched = dp_bounds(p.rating_min, p.rating_max, self.cfg.metrics.loss_bound, self._per_user_cap())
+        bounds, touched = dp_bounds(p.rating_min, p.rating_max, self.cfg.metrics.loss_bound, self.records_per_unit())
         return MetricBounds(bounds, touched)
-
-    def _per_user_cap(self) -> int:
-        """Held-out ratings one user may add to the evaluation sums: 1 per rating (record-level
-        DP), up to ``dp.max-records-per-user`` per user under user-level DP."""
-        return self.cfg.dp.max_records_per_user if self.cfg.dp.unit == USER_UNIT else 1
 
     @torch.no_grad()
     def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
@@ -154,8 +148,7 @@ class RecsysTask(Task):
         if not isinstance(data, RatingData) or data.y is None:
             raise TypeError("recsys evaluation needs RatingData")
         p = self.params
-        if self.cfg.dp.unit == USER_UNIT:  # per-user sums: each user's first held-out ratings only
-            data = capped_per_person(data, self._per_user_cap())
+        data = self.unit_rows(data)  # under user-level DP, each user's first held-out ratings only
         assert data.y is not None  # checked above; capping keeps it
         model.eval()
         device = next(model.parameters()).device

@@ -32,7 +32,7 @@ from torch import nn
 
 from common.config.limits import SITE_PARTITION
 from common.config.schema import USER_UNIT
-from common.data.arrays import ArrayData, capped_per_person
+from common.data.arrays import ArrayData
 from common.data.tabular import Layout, TabularSplit, cached_split, default_adult_path, partition_column
 from common.data.tabular_schema import Schema, load_schema
 from common.errors import ConfigError, DataError
@@ -211,7 +211,7 @@ class TabularTask(Task):
         if data is self.server_test_data():
             out.update(self._server_metrics(vae, data))
         else:
-            rows = self._site_rows(data)
+            rows = self.unit_rows(data)
             if rows is not data:
                 prior, recon, kl = self._losses(vae, rows)
             out.update(self._suppress_small_groups(self._site_sums(vae, rows, prior + recon + kl)))
@@ -314,23 +314,15 @@ class TabularTask(Task):
         b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
         counts = sum_bounds(table_spec(self.layout), scores=True)
         bounds = {"loss_sum": b, "n": 1.0, **counts.bounds}
-        # User-level DP: a person adds up to m rows (_per_person); with every bound times m, each
+        # User-level DP: a person adds up to m rows (records_per_unit); with every bound times m, each
         # row's scaled contribution has norm <= sqrt(t) / m, so the person's (their sum) <= sqrt(t).
-        m = float(self._per_person())
+        m = float(self.records_per_unit())
         return MetricBounds({k: v * m for k, v in bounds.items()}, 2 + counts.touched)
-
-    def _per_person(self) -> int:
-        """Validation rows one unit may add to the sums: 1 (a row), or dp.max-records-per-user."""
-        return self.cfg.dp.max_records_per_user if self.cfg.dp.unit == USER_UNIT else 1
-
-    def _site_rows(self, data: ArrayData) -> ArrayData:
-        """The rows a site's sums read: all of them, or each person's first m under user-level DP."""
-        return capped_per_person(data, self._per_person()) if self.cfg.dp.unit == USER_UNIT else data
 
     @torch.no_grad()
     def dp_evaluate(self, model: nn.Module, data: ArrayData) -> dict[str, float]:
         """:meth:`metric_bounds`'s sums on a site's validation rows, each row's loss clipped to B."""
-        data = self._site_rows(data)
+        data = self.unit_rows(data)
         vae = _vae(model)
         prior, recon, kl = self._losses(vae, data)
         b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND

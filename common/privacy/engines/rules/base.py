@@ -35,6 +35,9 @@ class PersonGroups:
     position: torch.Tensor
     width: int
 
+    def to(self, device: torch.device) -> PersonGroups:
+        return PersonGroups(self.index.to(device), self.count, self.position.to(device), self.width)
+
     @classmethod
     def from_sorted(cls, index: torch.Tensor, count: int) -> PersonGroups:
         """From a non-decreasing ``index`` (each person's examples contiguous)."""
