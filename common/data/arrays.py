@@ -250,6 +250,8 @@ def _member_error(p: Path, z: np.lib.npyio.NpzFile, key: str, exc: Exception) ->
 def _holds_objects(z: np.lib.npyio.NpzFile, key: str) -> bool:
     """Whether the member's .npy header declares an object dtype (read from the header only)."""
     fmt = np.lib.format
+    if z.zip is None:  # closed: nothing to read
+        return False
     try:
         with z.zip.open(key + ".npy") as fh:
             version = fmt.read_magic(fh)
