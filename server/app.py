@@ -229,13 +229,30 @@ def is_simulation(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
-def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console | None = None) -> ServerApp:
-    """A ServerApp whose config is ``defaults`` overlaid by Flower's run_config."""
+def build_server_app(
+    defaults: Mapping[str, Any] | None = None, console: Console | None = None, *, flower_runs_it: bool = False
+) -> ServerApp:
+    """A ServerApp whose config is ``defaults`` overlaid by Flower's run_config.
+
+    ``flower_runs_it``: Flower's own runtime runs this app (``flwr run``, a SuperLink), with
+    no privfed launcher before it to quiet Flower's logging; the app does it while it runs
+    (:mod:`server.flower_logging`: each line once, privfed's round line instead of Flower's
+    per-round INFO lines unless ``FLWR_LOG_LEVEL`` asks for them). Only the module-level
+    ``app`` sets it: ``privfed simulate`` quiets Flower itself, and a test's log capture
+    needs Flower's records to reach the root logger."""
     base = dict(defaults or {})
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if not flower_runs_it:
+            return _main(grid, context)
+        from server.flower_logging import flower_logging
+
+        with flower_logging():
+            return _main(grid, context)
+
+    def _main(grid: Grid, context: Context) -> None:
         cfg = config_from(base, context.run_config)
         if not is_simulation(grid):
             check_deployment(cfg)  # every wait for the sites has a limit
@@ -247,4 +264,5 @@ def build_server_app(defaults: Mapping[str, Any] | None = None, console: Console
     return app
 
 
-app = build_server_app()
+# What `flwr run .` and a SuperLink load ([tool.flwr.app.components] in pyproject.toml).
+app = build_server_app(flower_runs_it=True)

@@ -12,6 +12,15 @@ and fails, exit 1, naming the first bad row. Without a registry the exit stays 0
 ledger agrees with itself, because a run without keys (an older run, a bare simulation)
 has nothing else to check; the last line then says ``not verified against keys: no
 registry``, so that a log or a script never mistakes it for the stronger check.
+
+What it prints (issue 23): by default one line per site (final ε, δ, unit, rounds it spent
+in, budget, budget left); ``--rows`` prints every ledger row. With ``--verify`` the checks
+follow the table on stdout and the verdict is the last line (``verdict: ...``), so
+``privfed audit RUN --verify > audit.txt`` keeps it; a failed verdict is also written to
+stderr when stdout is not a terminal, so whoever redirected it still sees the failure.
+``--format csv|json`` are for machines and stay as they were: every row, always (``--rows``
+changes only the table), and stdout holds nothing but the data, so the checks and the
+verdict go to stderr there and the exit status carries the verdict.
 """
 
 from __future__ import annotations
@@ -42,7 +51,17 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
             metavar="DIR",
             help="with --verify: receipts the sites kept (*.json under DIR); fail if the ledger contradicts one",
         )
-        parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        parser.add_argument(
+            "--rows",
+            action="store_true",
+            help="list every ledger row (round x site), not one line per site (csv and json always list every row)",
+        )
+        parser.add_argument(
+            "--format",
+            choices=("table", "csv", "json"),
+            default="table",
+            help="table (default) for people; csv and json export every row, with the checks on stderr",
+        )
     else:  # report
         parser.add_argument("run_dir")
         parser.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
@@ -71,26 +90,39 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         load_registry,
         open_ledger,
         render,
+        site_summary,
+        summary_table,
         table,
         verify_against_keys,
         verify_run,
     )
 
     ledger = open_ledger(args.run_dir)
-    if not console.is_terminal:
+    stdout_is_terminal = console.is_terminal
+    if not stdout_is_terminal:
         console = Console(highlight=False, soft_wrap=True, width=120)  # whole table in logs and pipes
+    # Where the checks and the verdict go: after the table on stdout; for csv and json,
+    # stderr, so that stdout stays parseable data.
+    report = console if args.format == "table" else err
     try:
         rows = ledger.rows()
-        data = audit_rows(rows)
         if args.format == "table":
-            console.print(table(data, title=f"privacy ledger: {args.run_dir}"))
+            if getattr(args, "rows", False):
+                console.print(table(audit_rows(rows), title=f"privacy ledger: {args.run_dir}"))
+            else:
+                sites = site_summary(rows)
+                console.print(summary_table(sites, title=f"privacy spend per site: {args.run_dir}"))
             if rows:
                 console.print(console_text(describe_units(rows)))
+            if rows and not getattr(args, "rows", False):
+                rounds = len({r.round for r in rows})
+                console.print(f"ledger: {len(rows)} rows over {rounds} round(s); --rows lists every row")
         elif args.format == "csv":
             # A cell starting with = + - @ would run as a formula in a spreadsheet (OWASP guard).
+            data = audit_rows(rows)
             sys.stdout.write(render([{k: csv_cell(v) for k, v in row.items()} for row in data], "csv"))
         else:
-            sys.stdout.write(render(data, args.format))
+            sys.stdout.write(render(audit_rows(rows), args.format))
             if args.format == "json":
                 sys.stdout.write("\n")
         if not args.verify:
@@ -107,47 +139,58 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
             contradicted = check_receipts_against_ledger(ledger, kept)
     finally:
         ledger.close()
+
+    def fail(verdict: str) -> int:
+        report.print(f"verdict: {verdict}")
+        if report is console and not stdout_is_terminal:  # stdout went to a file or a pipe
+            err.print(f"verdict: {verdict}")
+        return 1
+
     if keyed is not None and not keyed.ok:
         where = f"row seq {keyed.first_bad_seq}" if keyed.first_bad_seq is not None else "ledger heads"
-        err.print(f"[red]verification against keys FAILED at {where}:[/] {console_text(keyed.reason)}")
-        return 1
+        return fail(f"[red]verification against keys FAILED at {where}:[/] {console_text(keyed.reason)}")
     if contradicted:
-        err.print(f"[red]verification against the sites' receipts FAILED:[/] {console_text(contradicted)}")
-        return 1
-    if result.ok:
-        err.print(
-            f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, "
-            "head matches metrics.jsonl"
+        return fail(f"[red]verification against the sites' receipts FAILED:[/] {console_text(contradicted)}")
+    if not result.ok:
+        where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
+        return fail(f"[red]verification FAILED at {where}:[/] {console_text(result.reason)}")
+    report.print(
+        f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, "
+        "head matches metrics.jsonl"
+    )
+    if result.unrecorded:
+        report.print(
+            f"note: the last {result.unrecorded} row(s) come after the last head in metrics.jsonl: "
+            "the server stopped in that round before recording it (`privfed resume` records it); "
+            "they add spend, none is hidden"
         )
-        if result.unrecorded:
-            err.print(
-                f"note: the last {result.unrecorded} row(s) come after the last head in metrics.jsonl: "
-                "the server stopped in that round before recording it (`privfed resume` records it); "
-                "they add spend, none is hidden"
-            )
-        from server.eps_crosscheck import cross_check
+    from server.eps_crosscheck import cross_check
 
-        checks = cross_check(rows)
-        for c in checks:
-            mark = "ok" if c.ok else "[red]UNDER-STATED[/]"
-            err.print(
-                f"cross-check {console_text(c.site_id)}: recorded ε={c.eps_recorded:.4f} "
-                f"({console_text(c.accountant)}), "
-                f"{c.method} ε={c.eps_independent:.4f} ({-c.shortfall:+.2%}): {mark}"
-            )
-        if all(c.ok for c in checks):
-            if keyed is not None:
-                err.print(
-                    f"verified against keys: every site row follows from a claim signed by its registered key, "
-                    f"{len(heads)} signed head(s) verify under the server's key"
-                )
-                if getattr(args, "receipts", None):
-                    err.print("verified against the sites' receipts: every row and head they hold is in the ledger")
-            else:
-                err.print("[yellow]not verified against keys: no registry[/] (self-consistency only)")
-            return 0
-        err.print("[red]verification FAILED:[/] a recorded ε is below the independent accountant's (under-stated)")
-        return 1
-    where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
-    err.print(f"[red]verification FAILED at {where}:[/] {console_text(result.reason)}")
-    return 1
+    checks = cross_check(rows)
+    for c in checks:
+        mark = "ok" if c.ok else "[red]UNDER-STATED[/]"
+        report.print(
+            f"cross-check {console_text(c.site_id)}: recorded ε={c.eps_recorded:.4f} "
+            f"({console_text(c.accountant)}), "
+            f"{c.method} ε={c.eps_independent:.4f} ({-c.shortfall:+.2%}): {mark}"
+        )
+    if not all(c.ok for c in checks):
+        return fail("[red]verification FAILED:[/] a recorded ε is below the independent accountant's (under-stated)")
+    if keyed is None:
+        report.print(
+            f"verdict: PASS for {result.rows} rows, [yellow]self-consistency only: not verified against keys: "
+            "no registry[/]"
+        )
+        return 0
+    report.print(
+        f"verified against keys: every site row follows from a claim signed by its registered key, "
+        f"{len(heads)} signed head(s) verify under the server's key"
+    )
+    receipts = getattr(args, "receipts", None)
+    if receipts:
+        report.print("verified against the sites' receipts: every row and head they hold is in the ledger")
+    against = "keys and the sites' receipts" if receipts else "keys"
+    report.print(
+        f"verdict: PASS for {result.rows} rows: chain, recomputed ε, independent accountant, verified against {against}"
+    )
+    return 0

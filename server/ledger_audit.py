@@ -146,6 +146,61 @@ def table(rows: list[dict[str, Any]], title: str):
     return t
 
 
+def site_summary(rows: list[LedgerRow]) -> list[dict[str, Any]]:
+    """One entry per ledgered site id (first-seen order): where its privacy spend ended.
+
+    ``eps_total`` and ``delta`` are its last row's (the ledger composes every row of a site,
+    whatever the mechanism, into that row's eps_total, at that row's δ); ``rounds`` counts the
+    rounds in which it spent ε (a refusal or an out-of-budget round spends none);
+    ``eps_budget`` is its last row's (a site's own policy may set a lower budget than the
+    run's dp.epsilon-budget); ``budget_left`` is None for a non-private site (ε = ∞ by
+    construction). ``unit`` names the training unit(s); a noisy-metrics row's unit is named
+    only when the site has no other."""
+    by_site: dict[str, list[LedgerRow]] = {}
+    for r in rows:
+        by_site.setdefault(r.site_id, []).append(r)
+    out = []
+    for site, mine in by_site.items():
+        last = max(mine, key=lambda r: r.seq)
+        units = sorted({r.unit for r in mine if r.mechanism != MECHANISM}) or sorted({r.unit for r in mine})
+        spent = {r.round for r in mine if r.mechanism != REFUSAL and r.eps_round > 0}
+        private = last.accountant != NO_DP
+        out.append(
+            {
+                "site_id": site,
+                "eps_total": last.eps_total,
+                "delta": last.delta,
+                "unit": " / ".join(units),
+                "rounds": len(spent),
+                "eps_budget": last.eps_budget if private else None,
+                "budget_left": last.eps_budget - last.eps_total if private else None,
+            }
+        )
+    return out
+
+
+def summary_table(sites: list[dict[str, Any]], title: str):
+    """The default ``privfed audit`` view: one line per site (``--rows`` shows the ledger)."""
+    from rich.table import Table
+
+    from common.textsafe import console_text
+
+    t = Table(title=console_text(title))
+    for col in ("site", "final ε", "δ", "unit", "rounds", "budget", "budget left"):
+        t.add_column(col, justify="left" if col in ("site", "unit") else "right", no_wrap=True)
+    for s in sites:
+        t.add_row(
+            console_text(s["site_id"]),
+            _fmt(s["eps_total"]),
+            f"{s['delta']:.3g}",
+            console_text(s["unit"]),
+            str(s["rounds"]),
+            _fmt(s["eps_budget"]),
+            _fmt(s["budget_left"]),
+        )
+    return t
+
+
 def verify_run(run_dir: Path, ledger: Ledger) -> Verification:
     """Chain + recomputed epsilons + the head hash recorded in metrics.jsonl.
 

@@ -136,21 +136,7 @@ def load_npz_images(path: str | Path) -> ArrayData:
         raise ConfigError("data.path", "is required when data.source is npz")
     if not p.is_file():
         raise DataError(p, "not found", role=IMAGE_ARCHIVE, code=DataError.MISSING)
-    try:
-        loaded = np.load(p, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # np.load also reads a single-array .npy file
-            raise DataError(
-                p,
-                "is a single .npy array, not an .npz archive; write one with numpy.savez(path, x=..., y=...)",
-                role=IMAGE_ARCHIVE,
-            )
-        with loaded as z:
-            arrays = {k: z[k] for k in z.files}
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in zipfile, zlib or the .npy parser, in many types
-        # The class only: a parser's message may quote the file's bytes.
-        raise DataError(p, f"not a readable .npz archive ({type(exc).__name__})", role=IMAGE_ARCHIVE) from None
+    arrays = _read_npz(p)
     if "x" not in arrays:
         raise DataError(
             p, f"has no array 'x' (found: {', '.join(sorted(arrays)) or 'none'})", role=IMAGE_ARCHIVE, column="x"
@@ -158,7 +144,8 @@ def load_npz_images(path: str | Path) -> ArrayData:
     for name in ("x", "y"):  # a member that is not an .npy file comes back as its raw bytes
         if name in arrays and not isinstance(arrays[name], np.ndarray):
             raise DataError(p, f"member '{name}' is not a NumPy array (.npy)", role=IMAGE_ARCHIVE, column=name)
-    x = arrays["x"]
+    x, yy = arrays["x"], arrays.get("y")
+    assert isinstance(x, np.ndarray) and (yy is None or isinstance(yy, np.ndarray))  # checked just above
     if x.ndim < 2 or x.shape[0] == 0 or x[0].size == 0:
         raise DataError(
             p,
@@ -179,8 +166,7 @@ def load_npz_images(path: str | Path) -> ArrayData:
     else:
         raise DataError(p, f"'x' must be numeric, got dtype {x.dtype}", role=IMAGE_ARCHIVE, column="x")
     y = None
-    if "y" in arrays:
-        yy = arrays["y"]
+    if yy is not None:
         if yy.shape != (x.shape[0],) or not np.issubdtype(yy.dtype, np.integer):
             raise DataError(
                 p,
@@ -190,6 +176,102 @@ def load_npz_images(path: str | Path) -> ArrayData:
             )
         y = torch.as_tensor(yy.astype(np.int64))
     return ArrayData(torch.as_tensor(x.reshape(x.shape[0], -1)), y)
+
+
+# What an .npz starts with: a zip's first local header, or an empty zip's end record.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+_HOW_TO_WRITE = "an .npz is a zip of .npy arrays: write one with numpy.savez(path, x=..., y=...)"
+
+
+def _read_npz(p: Path) -> dict[str, np.ndarray | bytes]:
+    """Every member of the archive at ``p``; a DataError naming the file and what is wrong.
+
+    The file's first bytes are looked at before numpy is: numpy's own error for a file that
+    is neither a zip nor an .npy (a CSV, say) is that it "contains pickled data" and can be
+    loaded "unsafely", advice that must never reach a site operator (pickle runs code). No
+    message repeats the file's bytes; a parser's message may quote them, so only its class
+    is named."""
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        raise DataError(p, f"cannot be read ({type(exc).__name__})", role=IMAGE_ARCHIVE) from None
+    if not head:
+        raise DataError(p, f"is empty, not an .npz archive; {_HOW_TO_WRITE}", role=IMAGE_ARCHIVE)
+    if head.startswith(_NPY_MAGIC):  # np.load would read a single-array .npy file
+        raise DataError(
+            p,
+            "is a single .npy array, not an .npz archive; write one with numpy.savez(path, x=..., y=...)",
+            role=IMAGE_ARCHIVE,
+        )
+    if not head.startswith(_ZIP_MAGIC):
+        what = "is text (a CSV or the like)" if _looks_like_text(head) else "is not a zip file"
+        raise DataError(p, f"{what}, so not an .npz archive; {_HOW_TO_WRITE}", role=IMAGE_ARCHIVE)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = z.zip.namelist()
+            if not any(n.endswith(".npy") for n in names):
+                raise DataError(
+                    p,
+                    f"is a zip file with no .npy array in it, not an .npz archive; {_HOW_TO_WRITE}",
+                    role=IMAGE_ARCHIVE,
+                )
+            arrays: dict[str, np.ndarray | bytes] = {}
+            for k in z.files:
+                try:
+                    arrays[k] = z[k]
+                except Exception as exc:  # noqa: BLE001 - zipfile, zlib or the .npy parser, in many types
+                    raise _member_error(p, z, k, exc) from None
+            return arrays
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged zip fails in zipfile or zlib, in many types
+        raise DataError(
+            p, f"is a damaged zip file, not a readable .npz archive ({type(exc).__name__})", role=IMAGE_ARCHIVE
+        ) from None
+
+
+def _member_error(p: Path, z: np.lib.npyio.NpzFile, key: str, exc: Exception) -> DataError:
+    """Why member ``key`` did not load: object arrays (never loaded), or a damaged .npy."""
+    # A member name comes from the file: only the names the loader knows are repeated.
+    which = f"member '{key}'" if key in ("x", "y") else "a member"
+    column = key if key in ("x", "y") else None
+    if _holds_objects(z, key):
+        why = (
+            f"{which} holds Python objects (an object array), which privfed never loads; "
+            "save plain numeric arrays with numpy.savez(path, x=..., y=...)"
+        )
+    else:
+        why = f"{which} is not a readable .npy array ({type(exc).__name__})"
+    return DataError(p, why, role=IMAGE_ARCHIVE, column=column)
+
+
+def _holds_objects(z: np.lib.npyio.NpzFile, key: str) -> bool:
+    """Whether the member's .npy header declares an object dtype (read from the header only)."""
+    fmt = np.lib.format
+    if z.zip is None:  # closed: nothing to read
+        return False
+    try:
+        with z.zip.open(key + ".npy") as fh:
+            version = fmt.read_magic(fh)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            return bool(read(fh)[2].hasobject)
+    except Exception:  # noqa: BLE001 - a header that does not parse holds no object dtype we can name
+        return False
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 without NUL bytes (a CSV, a JSON file), allowing a character cut at the end."""
+    import codecs
+
+    if b"\x00" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def load_images(cfg: DataConfig) -> ArrayData:

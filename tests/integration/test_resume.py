@@ -129,7 +129,9 @@ def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tmp_path, kill_af
         capture_output=True,
         text=True,
     )
-    assert audit.returncode == 0 and "note:" not in audit.stderr, audit.stderr
+    # The checks follow the table on stdout (issue 23), the verdict last.
+    assert audit.returncode == 0 and "note:" not in audit.stdout, audit.stdout + audit.stderr
+    assert audit.stdout.strip().splitlines()[-1].startswith("verdict: PASS")
 
 
 def test_resume_refuses_a_finished_or_foreign_directory(tmp_path, capsys):

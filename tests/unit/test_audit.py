@@ -208,3 +208,121 @@ def test_verify_refuses_a_row_whose_relation_no_accountant_computes(tmp_path, ca
     assert cli(["audit", str(run), "--verify", "--format", "csv"]) == 1
     err = capsys.readouterr().err
     assert "FAILED at row seq 2" in err and "neighbouring" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------- issue 23: one line per site, the verdict last
+
+
+def _table_lines(out: str, site: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("│") and f" {site} " in line]
+
+
+def test_the_default_is_one_line_per_site_with_final_eps_rounds_and_budget_left(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=3)
+    with Ledger(run / "ledger.sqlite") as led:
+        last = {r.site_id: r for r in led.rows()}
+    assert cli(["audit", str(run)]) == 0
+    out = capsys.readouterr().out
+    for site in ("site-0", "site-1"):
+        (line,) = _table_lines(out, site)  # one line, not one per round
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        r = last[site]
+        assert cells == [site, f"{r.eps_total:.3f}", "1e-05", "image", "3", "5.000", f"{5.0 - r.eps_total:.3f}"]
+    assert "budget left" in out and "σ" not in out  # the row view's columns are not shown
+    assert "ledger: 6 rows over 3 round(s); --rows lists every row" in out
+
+
+def test_rows_lists_every_row_as_before(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=3)
+    assert cli(["audit", str(run), "--rows"]) == 0
+    out = capsys.readouterr().out
+    assert len(_table_lines(out, "site-0")) == 3 and len(_table_lines(out, "site-1")) == 3
+    assert "σ" in out and "--rows lists" not in out
+
+
+def test_machine_formats_list_every_row_whatever_rows_says(tmp_path, capsys):
+    run = _run_dir(tmp_path, rounds=2)
+    assert cli(["audit", str(run), "--format", "json"]) == 0
+    plain = capsys.readouterr().out
+    assert cli(["audit", str(run), "--format", "json", "--rows"]) == 0
+    assert capsys.readouterr().out == plain and len(json.loads(plain)) == 4
+
+
+def test_site_summary_counts_spending_rounds_and_reads_each_sites_own_budget(tmp_path):
+    """A refusal or an out-of-budget round spends nothing; a metrics release composes into the
+    site's total without adding a round or a unit; a site's own (lower) budget is its own;
+    a non-private site has no budget left to speak of."""
+    from common.privacy.accounting import NO_DP
+    from common.privacy.metrics_dp import MECHANISM
+    from server.ledger import REFUSAL
+    from server.ledger_audit import site_summary
+
+    def spend(site, steps=10, budget=5.0, mechanism="dp-sgd", unit="image", accountant="rdp", status="trained"):
+        plan = RoundPlan(200, 0.1, 10, 1.0, 1.0, 1e-5, accountant)
+        used = mechanism != REFUSAL and steps > 0
+        return SiteSpend(site, unit, plan, steps, budget, used, status, "os", mechanism)
+
+    led = Ledger(tmp_path / "ledger.sqlite", run_id="run")
+    led.record_round(1, [spend("a"), spend("b", budget=2.0), spend("c", accountant=NO_DP)])
+    led.record_round(1, [spend("a", mechanism=MECHANISM, unit="site")])
+    led.record_round(
+        2, [spend("a", steps=0, status="budget_exhausted"), spend("b", steps=0, budget=2.0, mechanism=REFUSAL)]
+    )
+    led.record_round(3, [spend("a"), spend("b", budget=2.0), spend("c", accountant=NO_DP)])
+    rows = led.rows()
+    led.close()
+    by = {s["site_id"]: s for s in site_summary(rows)}
+    assert list(by) == ["a", "b", "c"]
+    last = {r.site_id: r for r in rows}
+    assert by["a"]["rounds"] == 2 and by["a"]["unit"] == "image"  # rounds 1 and 3; round 2 spent nothing
+    assert by["a"]["eps_total"] == last["a"].eps_total and by["a"]["delta"] == 1e-5
+    assert by["a"]["budget_left"] == pytest.approx(5.0 - last["a"].eps_total)
+    assert by["b"]["rounds"] == 2 and by["b"]["eps_budget"] == 2.0
+    assert by["b"]["budget_left"] == pytest.approx(2.0 - last["b"].eps_total)
+    assert by["c"]["budget_left"] is None and by["c"]["eps_budget"] is None
+
+
+def test_verify_puts_the_verdict_last_on_stdout(tmp_path, capsys):
+    """`privfed audit R --verify > audit.txt` keeps the verdict: it is stdout's last line."""
+    run = _run_dir(tmp_path)
+    assert cli(["audit", str(run), "--verify"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("verdict: PASS for 6 rows") and "not verified against keys: no registry" in lines[-1]
+    assert "verified: 6 rows" in out and "cross-check site-1" in out and err == ""
+
+
+def test_a_failed_verdict_is_last_on_stdout_and_also_on_stderr(tmp_path, capsys):
+    run = _run_dir(tmp_path)
+    tamper(run / "ledger.sqlite", "UPDATE ledger SET eps_total = eps_total / 2 WHERE seq = 4")
+    assert cli(["audit", str(run), "--verify"]) == 1
+    out, err = capsys.readouterr()
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("verdict: verification FAILED at row seq 4")
+    assert err.strip() == last  # stdout was not a terminal: whoever redirected it still sees the failure
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_machine_formats_keep_stdout_to_the_data_and_the_verdict_on_stderr(tmp_path, capsys, fmt):
+    run = _run_dir(tmp_path)
+    assert cli(["audit", str(run), "--verify", "--format", fmt]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
+    assert len(data) == 6
+    assert err.strip().splitlines()[-1].startswith("verdict: PASS for 6 rows")
+
+
+def test_audit_help_imports_nothing_heavy():
+    """`privfed audit --help` builds its parser without the ledger, numpy, torch or Flower."""
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, sys\n"
+        "import server.cli as c\n"
+        "c.add_arguments('audit', argparse.ArgumentParser())\n"
+        "heavy = ('torch', 'numpy', 'flwr', 'ray', 'opacus', 'cryptography', 'server.ledger', 'server.ledger_audit')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
