@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 # The default delta is written once, in the config's limits; re-exported for the planners.
 from common.config.limits import auto_delta as auto_delta
 
 # Accountant name recorded for non-private training (sigma = 0): epsilon is infinite.
 NO_DP = "none"
+# Opacus (and torch with it, about 2.5 s) is imported inside the functions that compute: the
+# ledger, `privfed audit` and the config read this module's names without computing anything.
 
 # The neighbouring relation of every epsilon computed here, as the ledger names it. Opacus's
 # RDP and PRV accountants analyse the Poisson-subsampled Gaussian for adding or removing one
@@ -55,6 +54,8 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str) -> floa
     if accountant == "gdp" and len(merged) > 1:
         # Opacus's GDP accountant reads only the last history entry.
         raise ValueError("the gdp accountant cannot compose different (sigma, q) pairs; use rdp or prv")
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = merged
     return float(acc.get_epsilon(delta=delta))
@@ -77,21 +78,33 @@ def _rdp_epsilon(history: list[Mechanism], delta: float) -> float:
     row costs microseconds instead of ~70 ms.
     """
     rdp = sum([_rdp_one_step(q, s) * k for s, q, k in history])
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
     return float(eps)
 
 
 @lru_cache(maxsize=4096)
 def _rdp_one_step(q: float, sigma: float) -> np.ndarray:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     curve = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
     curve.setflags(write=False)  # shared by the cache: never modified in place
     return curve
 
 
+def _get_noise_multiplier(**kwargs: float | int | str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(**kwargs))
+
+
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Smallest noise multiplier (Opacus's binary search) reaching ``target_epsilon`` after ``steps``."""
     return float(
-        get_noise_multiplier(
+        _get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
