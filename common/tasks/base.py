@@ -30,7 +30,8 @@ _D = TypeVar("_D", bound="ArrayData")
 
 
 class Task(ABC):
-    """One kind of model a federation can train. Subclass, then ``@register_task("name")``."""
+    """One kind of model a federation can train. Subclass in ``common/tasks/<name>/task.py``,
+    then ``@register_task("name")``; the plug-in's SPEC (``config.py``) declares the rest."""
 
     # The plug-in's declarations, which the config reads without importing this class: set
     # from its SPEC (common.config.rules.TaskSpec, in common/tasks/<name>/config.py) by
