@@ -44,16 +44,17 @@ def register_task(name: str) -> Callable[[_T], _T]:
         from common.tasks.base import Task  # loaded already: cls subclasses it
 
         spec = task_spec(name)
+        # The class and its own task bases (a registered parent got its values here, from its spec).
+        own = [k for k in cls.__mro__ if issubclass(k, Task) and k is not Task and k not in _CLASSES.values()]
         for f in fields(spec):
-            # (A registered parent got its values here, from its own spec.)
-            own = (k for k in cls.__mro__ if issubclass(k, Task) and k is not Task and k not in _CLASSES.values())
             if any(f.name in vars(k) for k in own):
                 raise RuntimeError(
                     f"{cls.__name__} declares {f.name}: it belongs in the plug-in's SPEC ({spec.config_cls.__module__})"
                 )
-            setattr(cls, f.name, getattr(spec, f.name))
         if name in _CLASSES and _CLASSES[name] is not cls:
             raise RuntimeError(f"task {name!r} registered twice")
+        for f in fields(spec):
+            setattr(cls, f.name, getattr(spec, f.name))
         _CLASSES[name] = cls
         return cls
 
