@@ -22,8 +22,11 @@ from rich.console import Console
 from common.config import RunConfig, flatten, parse_override
 from common.deploy.keys import KEY_BYTES, key_from_env, load_key
 from common.errors import ConfigError, DataError
-from common.preflight import preflight
 from server.run_dir import check_new_run_dir, default_run_dir
+
+# Nothing here imports torch, Flower, Ray or Opacus: `privfed scenarios`, `privfed config` and a
+# config's one-line error use this module and answer in well under a second. The preflight
+# (Opacus, torch) and the simulation (Flower, Ray) are imported where a run needs them.
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 # The one place seeded noise is the default: a simulation repeats exactly. dp.secure-rng
@@ -119,6 +122,8 @@ def simulate(
         cfg = cfg.replace(run_dir=str(default_run_dir(cfg)))
     check_new_run_dir(Path(cfg.federation.run_dir))  # first: it costs nothing, the preflight seconds
     key = simulation_key(cfg, key_file, console)
+    from common.preflight import preflight
+
     task = preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
     return _run(cfg, key, console, verbose, task.site_sizes())
 
@@ -142,6 +147,8 @@ def resume(
     key = simulation_key(cfg, key_file, console)
     if key is not None and not key_file and key_from_env() is None:
         raise ConfigError("key-file", f"task {cfg.task!r} needs the run's federation key to resume: pass --key-file")
+    from common.preflight import preflight
+
     task = preflight(cfg, key)
     return _run(cfg, key, console, verbose, task.site_sizes())
 

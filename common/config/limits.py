@@ -56,3 +56,7 @@ def require_sigma(key: str, sigma: float) -> None:
 # data.partition = "site": the site's own file is all its data, nothing is partitioned
 # (common.data.arrays splits by it; common.deploy.site_config sets it for a site's data-path).
 SITE_PARTITION = "site"
+# What the image tasks (common.tasks.images: the VAE and the GAN) load and how they split it
+# (common.data.arrays implements both); their SPECs declare these.
+IMAGE_SOURCES = ("digits", "npz")
+IMAGE_PARTITIONS = ("dirichlet", "iid", SITE_PARTITION)

@@ -7,12 +7,15 @@ overrides (``dp.noise-multiplier=1.2``), by Flower's ``[tool.flwr.app.config]`` 
 ``context.run_config`` through :func:`RunConfig.from_flat`, so a run is configured
 identically on every side.
 
-Task-specific settings live in a table named after the task (``[vae]``). Task plug-ins
-register themselves (their table's dataclass and what they accept) with
-:func:`register_task_spec`; the config never imports a task module. When a task name is
-not registered yet, the plug-in package is imported *by name* (:data:`TASK_PLUGINS`), the
-way an entry point is loaded: tasks import the config to read it, so a static import
-in the other direction would be a cycle.
+Task-specific settings live in a table named after the task (``[vae]``). A task plug-in
+is a package ``common/tasks/<name>/``; its light ``config`` module declares the table's
+dataclass and what the task accepts (``SPEC``, a :class:`TaskSpec`) without importing
+torch, and its ``task`` module holds the model code, loaded only when a run builds the
+task (``common.tasks.get_task``). The config never imports a task module statically: it
+finds the plug-ins by the package's name (:data:`TASK_PLUGINS`), the way an entry point is
+loaded (tasks import the config to read it, so a static import back would be a cycle), and
+imports only their ``config`` modules, so reading and checking a config (``privfed
+config``, a typo's one-line error) loads neither torch nor Flower.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ from common.config.run import SECTIONS, RunSections
 from common.config.schema import FederationConfig
 from common.errors import ConfigError
 
-# The package whose modules register the task plug-ins when imported.
+# The package whose subpackages are the task plug-ins, and the light module of each that
+# holds its TaskSpec (as SPEC).
 TASK_PLUGINS = "common.tasks"
+SPEC_MODULE = "config"
 _TASKS: dict[str, TaskSpec] = {}
+_discovered = False
 
 # Keys that moved to a task's own table: a one-line error names the new key.
 MOVED_KEYS = {
@@ -45,18 +51,28 @@ MOVED_KEYS = {
 }
 
 
-def register_task_spec(name: str, spec: TaskSpec) -> None:
-    """Make task ``name`` (and its ``[name]`` table, ``spec.config_cls``) known to the config."""
-    if name in _TASKS and _TASKS[name] is not spec:
-        raise RuntimeError(f"task {name!r} registered twice")
-    _TASKS[name] = spec
+def register_task_spec(spec: TaskSpec) -> None:
+    """Make task ``spec.name`` (and its ``[name]`` table, ``spec.config_cls``) known to the config."""
+    if spec.name in _TASKS and _TASKS[spec.name] is not spec:
+        raise RuntimeError(f"task {spec.name!r} registered twice")
+    _TASKS[spec.name] = spec
 
 
 def discover_tasks() -> None:
-    """Import every module of the plug-in package; each registers its task on import."""
+    """Register the SPEC of every plug-in package (its light ``config`` module only: no model code)."""
+    global _discovered
+    if _discovered:
+        return
     package = importlib.import_module(TASK_PLUGINS)
     for mod in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{TASK_PLUGINS}.{mod.name}")
+        if not mod.ispkg:  # shared code (base, images), not a plug-in
+            continue
+        module = importlib.import_module(f"{TASK_PLUGINS}.{mod.name}.{SPEC_MODULE}")
+        spec = getattr(module, "SPEC", None)
+        if not isinstance(spec, TaskSpec) or spec.name != mod.name:
+            raise RuntimeError(f"{module.__name__} must define SPEC, a TaskSpec named {mod.name!r}")
+        register_task_spec(spec)
+    _discovered = True
 
 
 def registered_tasks() -> dict[str, TaskSpec]:

@@ -13,7 +13,7 @@ uploads, sample-level budgets that run out); where no p can be bounded, the conf
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from dataclasses import dataclass
 
 from common.config.limits import AUTO_DELTA_CAP, MIN_SECURE_SITES
 from common.config.limits import require as _require
@@ -24,16 +24,30 @@ from common.errors import ConfigError
 # that only reads a config (`privfed site init`, `site approve`) does not pay for them.
 
 
-class TaskSpec(Protocol):
-    """What the config needs from a task plug-in (``common.tasks.base.Task`` provides it)."""
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the config needs from a task plug-in: its ``[name]`` table and its declarations.
+
+    Each plug-in package declares one, as ``SPEC`` in its light ``common/tasks/<name>/config.py``
+    (no torch), so a config is read and checked without importing any model code; the
+    plug-in's Task class gets these declarations from it (``common.tasks.register_task``).
+    """
 
     name: str
+    # The dataclass of the task's own ``[name]`` table (its ``validate()`` checks it).
     config_cls: type
+    # Values of data.source the task can load.
     data_sources: tuple[str, ...]
+    # Values of data.partition the task understands.
     partitions: tuple[str, ...]
-    primary_metric: str
-    site_primary_loss: bool
-    person_sources: tuple[str, ...]
+    # The evaluation metric that is "the" utility (lower is better), centrally and at sites.
+    primary_metric: str = "loss"
+    # Sites report primary_metric on their validation data, as a loss >= 0: q-fedavg
+    # weighs sites by it (server.aggregation.qfedavg), and is refused for a task without it.
+    site_primary_loss: bool = True
+    # The data sources whose records carry a person key (``dp.unit = "user"`` is refused on
+    # the others); a source may still lack one in a given file (``Task.has_person_key``).
+    person_sources: tuple[str, ...] = ()
 
 
 def check_rules(cfg: RunSections, task: TaskSpec) -> None:

@@ -18,13 +18,19 @@ The noise is added by the server after SecAgg+ unmasking (docs/PRIVACY.md says w
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.config.limits import MIN_SECURE_SITES
 from common.config.run import RunSections
 from common.config.schema import SecAggConfig
-from common.privacy.accounting import RoundPlan, cached_noise_for_target
+
+if TYPE_CHECKING:
+    from common.privacy.accounting import RoundPlan
+
+# The accountant (Opacus, torch: seconds to import) loads only in the functions that need
+# it: the config's all-or-nothing rules (common.config.rules) use this module without it.
 
 # One ledger row per round carries the central mechanism under this pseudo-site id.
 CENTRAL_UNIT = "site"
@@ -69,6 +75,8 @@ def add_noise(total: list[np.ndarray], std: float, rng: np.random.Generator) -> 
 
 def central_noise_multiplier(cfg: RunSections) -> float:
     """z from the config, or the smallest z that spends ``target-epsilon`` over the planned rounds."""
+    from common.privacy.accounting import cached_noise_for_target
+
     c = cfg.central_dp
     if not c.target_epsilon:
         return c.noise_multiplier
@@ -80,6 +88,8 @@ def central_noise_multiplier(cfg: RunSections) -> float:
 
 def central_plan(cfg: RunSections) -> RoundPlan:
     """The per-round mechanism as a ledger plan: N sites, rate q, one step, z, C, delta."""
+    from common.privacy.accounting import RoundPlan
+
     fed = cfg.federation
     return RoundPlan(
         dataset_size=fed.num_sites,

@@ -30,24 +30,21 @@ _D = TypeVar("_D", bound="ArrayData")
 
 
 class Task(ABC):
-    """One kind of model a federation can train. Subclass, then ``@register_task("name")``."""
+    """One kind of model a federation can train. Subclass in ``common/tasks/<name>/task.py``,
+    then ``@register_task("name")``; the plug-in's SPEC (``config.py``) declares the rest."""
 
-    name: ClassVar[str] = ""
+    # The plug-in's declarations, which the config reads without importing this class: set
+    # from its SPEC (common.config.rules.TaskSpec, in common/tasks/<name>/config.py) by
+    # register_task, and declared only there.
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    data_sources: ClassVar[tuple[str, ...]]
+    person_sources: ClassVar[tuple[str, ...]]
+    partitions: ClassVar[tuple[str, ...]]
+    primary_metric: ClassVar[str]
+    site_primary_loss: ClassVar[bool]
     # What one DP "record" is for this task; written to every ledger row.
     unit_of_privacy: ClassVar[str] = "example"
-    # The dataclass for the task's own ``[<name>]`` config table.
-    config_cls: ClassVar[type]
-    data_sources: ClassVar[tuple[str, ...]] = ()
-    # The data sources whose records carry a person key (``dp.unit = "user"`` is refused on
-    # the others); a source may still lack one in a given file (:meth:`has_person_key`).
-    person_sources: ClassVar[tuple[str, ...]] = ()
-    # Values of data.partition the task understands.
-    partitions: ClassVar[tuple[str, ...]] = ()
-    # The evaluation metric that is "the" utility (lower is better), centrally and at sites.
-    primary_metric: ClassVar[str] = "loss"
-    # Sites report primary_metric on their validation data, as a loss >= 0: q-fedavg
-    # weighs sites by it (server.aggregation.qfedavg), and is refused for a task without it.
-    site_primary_loss: ClassVar[bool] = True
     # True when sites pseudonymise identifiers with the federation key (common.deploy.keys).
     needs_key: ClassVar[bool] = False
     # Where the "test" metrics of a round come from (shown in the run summary).

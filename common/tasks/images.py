@@ -14,11 +14,11 @@ if TYPE_CHECKING:
 
 class ImageTask(Task):
     """A task whose sites hold images: the federated split of common.data.arrays (seeded test
-    split and partition, keyed per-record train/validation split at each site)."""
+    split and partition, keyed per-record train/validation split at each site). Its plug-ins
+    declare the sources and partitions it implements (common.config.limits.IMAGE_SOURCES,
+    IMAGE_PARTITIONS) in their SPEC."""
 
     unit_of_privacy = "image"
-    data_sources = ("digits", "npz")
-    partitions = ("dirichlet", "iid", "site")
     # The evaluation classifier, cached by common.metrics.image_quality.server_classifier on first
     # use (declared, not assigned; typed as its base class: naming it here would be an import cycle).
     _eval_classifier: nn.Module

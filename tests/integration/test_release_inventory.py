@@ -172,7 +172,7 @@ def _site_app(monkeypatch, train):
     from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
     from client.app import build_client_app
-    from common.tasks.vae import VAETask
+    from common.tasks.vae.task import VAETask
 
     monkeypatch.setattr(VAETask, "train", train)
     cfg = resolve("vae-digits", TASKS["vae"][1] + ["num-sites=2", "dp.enabled=false"])

@@ -309,7 +309,7 @@ def test_recommender_combined_fairness_metrics_equal_the_pooled_computation():
 
 
 def test_vae_per_class_reconstruction_by_hand_and_combined_from_sums():
-    from common.tasks.vae import class_recon_metrics, class_sums
+    from common.tasks.vae.task import class_recon_metrics, class_sums
 
     sums = class_sums(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0, 0, 1, 2]))
     assert sums == {
@@ -324,7 +324,7 @@ def test_vae_per_class_reconstruction_by_hand_and_combined_from_sums():
     assert m["class.0.recon_nll"] == 1.5 and m["recon_disparity.gap"] == 4.5 and m["recon_disparity.ratio"] == 4.0
     assert m["recon_disparity.std"] == pytest.approx(math.sqrt(3.5)) and m["recon_disparity.worst"] == 6.0
 
-    from common.tasks.vae import negative_elbo_terms
+    from common.tasks.vae.task import negative_elbo_terms
 
     # every class sent (vae.min-group-size = 1), so the combined sums are the pooled ones
     cfg = make_cfg(**{"num-sites": 3, "vae.hidden-dim": 16, "vae.latent-dim": 2, "vae.min-group-size": 1})

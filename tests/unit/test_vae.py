@@ -14,7 +14,7 @@ from torch.distributions import Normal, kl_divergence
 
 from common.errors import ConfigError
 from common.tasks import get_task
-from common.tasks.vae import VAE, class_sums, kl_standard_normal, negative_elbo_terms
+from common.tasks.vae.task import VAE, class_sums, kl_standard_normal, negative_elbo_terms
 from tests.conftest import make_cfg
 
 

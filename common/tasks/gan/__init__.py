@@ -35,5 +35,3 @@ counts, classes under ``gan.min-group-size`` withheld at each site). Post-proces
 the released generator; the sites' counts are validation
 data, outside epsilon like the VAE's.
 """
-
-from common.tasks.gan import task  # noqa: F401  (registers the "gan" task)

@@ -1,9 +1,11 @@
-"""The GAN's ``[gan]`` config table."""
+"""The GAN's ``[gan]`` config table and its declarations (light: the config reads them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.config.limits import IMAGE_PARTITIONS, IMAGE_SOURCES
+from common.config.rules import TaskSpec
 from common.errors import ConfigError
 
 CLASS_TARGETS = ("none", "uniform", "real")
@@ -57,3 +59,13 @@ class GANConfig:
             raise ConfigError(
                 "gan.class-target", f"must be one of {', '.join(CLASS_TARGETS)}, got {self.class_target!r}"
             )
+
+
+SPEC = TaskSpec(
+    name="gan",
+    config_cls=GANConfig,
+    data_sources=IMAGE_SOURCES,
+    partitions=IMAGE_PARTITIONS,
+    primary_metric="fid",
+    site_primary_loss=False,  # FID needs the evaluation classifier: server-side only
+)

@@ -49,9 +49,6 @@ def _gan(model: nn.Module) -> GAN:
 
 @register_task("gan")
 class GANTask(ImageTask):
-    config_cls = GANConfig
-    primary_metric = "fid"
-    site_primary_loss = False  # FID needs the evaluation classifier: server-side only
     plot_metrics = ("tstr", "class_tv")
 
     params: GANConfig

@@ -63,5 +63,3 @@ with everything else (one more lookup per rating); after every local step the ta
 decays by a fixed factor (``recsys.correction-lambda``), a data-independent map with no
 privacy cost. The user -> group map stays at the site.
 """
-
-from common.tasks.recsys import task  # noqa: F401  (registers the "recsys" task)

@@ -1,11 +1,16 @@
-"""The recommender's ``[recsys]`` config table."""
+"""The recommender's ``[recsys]`` config table and its declarations (light: the config reads them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.config.limits import SITE_PARTITION
+from common.config.rules import TaskSpec
 from common.errors import ConfigError
-from common.tasks.recsys.model import MODELS
+
+# Values of recsys.model; common.tasks.recsys.model.MODELS builds each (a test checks they agree).
+MODEL_NAMES = ("mf", "neural", "bias")
+DATA_SOURCES = ("synthetic", "movielens", "csv")
 
 CORRECTIONS = ("none", "group-offset")
 
@@ -39,7 +44,7 @@ class RecsysConfig:
             if not cond:
                 raise ConfigError(f"recsys.{key}", msg)
 
-        need(self.model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {self.model!r}")
+        need(self.model in MODEL_NAMES, "model", f"must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
         need(self.dim >= 1, "dim", f"must be >= 1, got {self.dim}")
         need(self.hidden_dim >= 1, "hidden-dim", f"must be >= 1, got {self.hidden_dim}")
         need(2 <= self.num_buckets <= 2**24, "num-buckets", f"must be in [2, 2^24], got {self.num_buckets}")
@@ -61,3 +66,13 @@ class RecsysConfig:
             f"must be one of {', '.join(CORRECTIONS)}, got {self.correction!r}",
         )
         need(self.correction_lambda >= 0, "correction-lambda", f"must be >= 0, got {self.correction_lambda}")
+
+
+SPEC = TaskSpec(
+    name="recsys",
+    config_cls=RecsysConfig,
+    data_sources=DATA_SOURCES,
+    person_sources=DATA_SOURCES,  # every rating names its user
+    partitions=("region", "iid", SITE_PARTITION),
+    primary_metric="rmse",
+)

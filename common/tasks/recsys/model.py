@@ -17,8 +17,9 @@ from torch import nn
 
 
 class ModelParams(Protocol):
-    """The ``[recsys]`` settings a model reads (``RecsysConfig`` has them; a protocol, so the
-    config can check ``recsys.model`` against :data:`MODELS` without importing back)."""
+    """The ``[recsys]`` settings a model reads (``RecsysConfig`` has them; a protocol, so this
+    module and the light config module stay independent: the config names the models,
+    ``MODEL_NAMES``, without importing torch)."""
 
     @property
     def dim(self) -> int: ...
@@ -123,6 +124,7 @@ class BiasOnly(BiasedMF):
         return base
 
 
+# One per common.tasks.recsys.config.MODEL_NAMES (the values recsys.model accepts).
 MODELS: dict[str, type[BiasedMF]] = {"mf": BiasedMF, "neural": NeuralMF, "bias": BiasOnly}
 # State that never leaves a site.
 LOCAL_PREFIXES = ("user_emb.", "user_bias.")

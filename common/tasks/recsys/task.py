@@ -35,12 +35,7 @@ if TYPE_CHECKING:
 
 @register_task("recsys")
 class RecsysTask(Task):
-    config_cls = RecsysConfig
     unit_of_privacy = "rating"
-    data_sources = ("synthetic", "movielens", "csv")
-    person_sources = data_sources  # every rating names its user
-    partitions = ("region", "iid", "site")
-    primary_metric = "rmse"
     needs_key = True
     test_description = "held-out ratings at the sites (keyed per rating, data.test-fraction), combined from their sums"
     plot_metrics = ("unfairness.gender.value", "unfairness.gender.non_parity", "pop_lift", "coverage_site_mean")

@@ -12,5 +12,3 @@ schema (roles and public domains); identifiers dropped at load; a person key HMA
 the federation key; probable identifiers refused until declared. Privacy and evaluation:
 :mod:`.task`.
 """
-
-from common.tasks.tabular import task  # noqa: F401  (registers the "tabular" task)

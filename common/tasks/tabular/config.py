@@ -1,9 +1,11 @@
-"""The tabular generator's ``[tabular]`` config table."""
+"""The tabular generator's ``[tabular]`` config table and its declarations (light: the config reads them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.config.limits import SITE_PARTITION
+from common.config.rules import TaskSpec
 from common.errors import ConfigError
 
 MODELS = ("vae", "marginal")
@@ -49,3 +51,15 @@ class TabularConfig:
         need(self.eval_samples >= 100, "eval-samples", f"must be >= 100, got {self.eval_samples}")
         need(self.min_group_size >= 1, "min-group-size", f"must be >= 1, got {self.min_group_size}")
         need(self.balance in BALANCES, "balance", f"must be one of {', '.join(BALANCES)}, got {self.balance!r}")
+
+
+SPEC = TaskSpec(
+    name="tabular",
+    config_cls=TabularConfig,
+    data_sources=("adult", "csv"),
+    # A CSV whose schema declares a person-key column (Adult has none): dp.unit = "user".
+    person_sources=("csv",),
+    # column: by the values of tabular.partition-column (data.partition = "column:NAME" also parses).
+    partitions=("dirichlet", "iid", "column", SITE_PARTITION),
+    primary_metric="neg_elbo",
+)

@@ -60,14 +60,7 @@ def _vae(model: nn.Module) -> TabularVAE:
 
 @register_task("tabular")
 class TabularTask(Task):
-    config_cls = TabularConfig
     unit_of_privacy = "row"
-    data_sources = ("adult", "csv")
-    # A CSV whose schema declares a person-key column (Adult has none): dp.unit = "user".
-    person_sources = ("csv",)
-    # column: by the values of tabular.partition-column (data.partition = "column:NAME" also parses).
-    partitions = ("dirichlet", "iid", "column", "site")
-    primary_metric = "neg_elbo"
     # The person key is HMAC'd with the federation key, and the key keys the train/validation split.
     needs_key = True
     test_description = "server-held split of real rows (TSTR: synthetic-trained classifiers tested on it)"

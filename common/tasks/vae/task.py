@@ -32,7 +32,6 @@ Representation bias (on labelled images; ``docs/FAIRNESS.md``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -41,30 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.data.arrays import ArrayData
-from common.errors import ConfigError
 from common.metrics.fairness import group_means, spread, sum_statistics, suppressed_groups
 from common.privacy.metrics_dp import MetricBounds
 from common.tasks import register_task
 from common.tasks.images import ImageTask
-
-
-@dataclass(frozen=True)
-class VAEConfig:
-    latent_dim: int = 8
-    hidden_dim: int = 128
-    beta: float = 1.0
-    # Per-class validation sums of fewer images are not sent (complementary suppression).
-    min_group_size: int = 10
-
-    def validate(self) -> None:
-        if self.latent_dim < 1:
-            raise ConfigError("vae.latent-dim", f"must be >= 1, got {self.latent_dim}")
-        if self.hidden_dim < 1:
-            raise ConfigError("vae.hidden-dim", f"must be >= 1, got {self.hidden_dim}")
-        if self.beta < 0:
-            raise ConfigError("vae.beta", f"must be >= 0, got {self.beta}")
-        if self.min_group_size < 1:
-            raise ConfigError("vae.min-group-size", f"must be >= 1, got {self.min_group_size}")
 
 
 class VAE(nn.Module):
@@ -185,8 +164,6 @@ def _vae(model: nn.Module) -> VAE:
 
 @register_task("vae")
 class VAETask(ImageTask):
-    config_cls = VAEConfig
-    primary_metric = "neg_elbo"
     plot_metrics = ("class_tv", "recon_disparity.ratio")
 
     def build_model(self, site_index: int | None = None) -> VAE:
