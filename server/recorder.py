@@ -1,7 +1,8 @@
 """The run directory and everything written to it, round by round.
 
 runs/<timestamp>-<scenario>/
-    config.toml      resolved config (every key, defaults included)
+    config.toml      the run's config (every key, defaults included), after a comment block
+                     saying what each "default" or "auto" value resolved to (config_toml)
     ledger.sqlite    privacy ledger (server.ledger)
     metrics.jsonl    one line per round
     checkpoint.pt    global model + round + ledger position (atomic replace each round)
@@ -26,6 +27,7 @@ import torch
 from rich.console import Console
 
 from common.config import RunConfig
+from common.config.limits import AUTO_DELTA_CAP
 from common.deploy.fileio import create_private_file, make_private_dir, write_atomically, write_text_atomically
 from common.deploy.signing import Ed25519PrivateKey
 from common.identifiers import CENTRAL_SITE_ID
@@ -36,6 +38,7 @@ from common.textsafe import console_text
 from server.ledger import Ledger
 from server.report import eval_kind, eval_source
 from server.run_dir import check_new_run_dir, check_resumable_run_dir
+from server.run_facts import RESOLVED_PREFIX, no_file_data
 
 if TYPE_CHECKING:
     from server.strategy import RoundRecord
@@ -67,7 +70,7 @@ class RunRecorder:
             check_new_run_dir(run_dir)
         make_private_dir(run_dir)  # a resumed run's too: runs before 0700 dirs were world-readable
         if not resume:
-            write_text_atomically(run_dir / "config.toml", tomli_w.dumps(cfg.to_nested()))
+            write_text_atomically(run_dir / "config.toml", config_toml(cfg))
         self.ledger = Ledger(run_dir / "ledger.sqlite", run_id=run_dir.name)
         self.metrics_path = run_dir / "metrics.jsonl"
         create_private_file(self.metrics_path)  # 0600 before the first append opens it
@@ -247,6 +250,97 @@ class RunRecorder:
             parts.append(f"site-level ε {c['eps']:.3f} (δ={c['delta']:.3g})")
         parts.append(f"{line['seconds']:.1f}s")
         return " │ ".join(parts)
+
+
+def config_toml(cfg: RunConfig) -> str:
+    """config.toml: every key as the run was started with it, after a comment block with
+    what each key whose value means "default" or "auto" resolved to.
+
+    The keys keep their values ("" for the default data path, 0 for auto delta): ``privfed
+    resume`` reads the file back as the run's config, and a virtual site's dataset id is
+    derived from data.path as given (common.deploy.site_config.dataset_identity), so writing
+    the resolved path there would give a resumed run's sites fresh lifetime budgets and make
+    a Flower-native resume refuse the config. The resolutions are TOML comments, which every
+    reader ignores.
+    """
+    lines = [
+        "# The configuration this run was started with: every key, defaults included.",
+        '# `privfed resume` reads it back unchanged. Keys whose value means "default" or "auto",',
+        "# and relative paths, resolved at the start of the run to:",
+        *(f"{RESOLVED_PREFIX}{key}: {text}" for key, text in resolved_keys(cfg).items()),
+        "",
+    ]
+    return "\n".join(lines) + "\n" + tomli_w.dumps(cfg.to_nested())
+
+
+def resolved_keys(cfg: RunConfig) -> dict[str, str]:
+    """Key -> what its value meant in this run (one line each, no newline): the data read,
+    the paths made absolute, and δ and σ where the config says "auto"."""
+    out: dict[str, str] = {"data.path": data_read(cfg)}
+    if cfg.data.users_path:
+        out["data.users-path"] = _absolute(cfg.data.users_path)
+    if cfg.task == "tabular":
+        schema = str(getattr(cfg.task_params, "schema", "") or "")
+        out["tabular.schema"] = _absolute(schema) if schema else "none: the bundled UCI Adult schema"
+    fed = cfg.federation
+    for key, value in (("run-dir", fed.run_dir), ("registry", fed.registry), ("server-key", fed.server_key)):
+        if value and not Path(value).is_absolute():
+            out[key] = _absolute(value)
+    dp = cfg.dp
+    if dp.enabled:
+        if dp.target_epsilon > 0:
+            out["dp.noise-multiplier"] = (
+                f"not used: dp.target-epsilon = {dp.target_epsilon:g} sets each site's σ so that its "
+                f"{fed.rounds} planned rounds spend exactly that ε (the ledger records each site's σ)"
+            )
+        if not dp.delta:
+            out["dp.delta"] = (
+                f"auto: min({AUTO_DELTA_CAP:g}, 1/(10 n)) for each site, n its declared size "
+                "(the ledger records each site's δ)"
+            )
+    else:
+        out["dp.enabled"] = "false: no DP-SGD, the other [dp] keys are not used"
+    c = cfg.central_dp
+    if c.enabled:
+        if c.target_epsilon > 0:
+            out["central-dp.noise-multiplier"] = (
+                f"not used: central-dp.target-epsilon = {c.target_epsilon:g} sets σ "
+                "(the ledger's all-sites rows record it)"
+            )
+        if not c.delta:
+            out["central-dp.delta"] = (
+                f"auto: min({AUTO_DELTA_CAP:g}, 1/(10 x {fed.num_sites} sites)) = {c.site_delta(fed.num_sites):.3g}"
+            )
+    return out
+
+
+def data_read(cfg: RunConfig) -> str:
+    """The data the run config names, resolved: the file or folder read (absolute), or what
+    is read instead of a file. A deployed site reads only the files its own site config
+    names (common.deploy.site_config.refuse_run_config_paths), so in a deployment this is
+    the server's data (its test split), not the sites'."""
+    d = cfg.data
+    if d.path:
+        return _absolute(d.path)
+    instead = no_file_data(d.source, cfg.federation.seed)
+    if instead is not None:
+        return instead
+    found: Path | None = None
+    if d.source == "movielens":
+        from common.tasks.recsys.data import default_movielens_path
+
+        found = default_movielens_path()
+    elif d.source == "adult":
+        from common.data.tabular import default_adult_path
+
+        found = default_adult_path()
+    if found is None:
+        return f"no file named (data.source = {d.source!r} and data.path is empty)"
+    return f"{found.resolve()} (the default for data.source = {d.source!r})"
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def json_safe(obj: Any) -> Any:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from common.deploy.fileio import write_text_atomically
 from common.errors import DataError
 from common.identifiers import CENTRAL_SITE_ID
-from common.plots import line_plot
+from common.metrics.quality_plots import quality_figure
+from common.plots import line_plot, save_figure
 from common.privacy.metrics_dp import MECHANISM as METRICS_MECHANISM
 from common.privacy.metrics_dp import UNIT as METRICS_UNIT
 from common.seeds import RNG_SEEDED
@@ -23,6 +24,14 @@ from common.textsafe import md_cell
 from server.eps_crosscheck import TOLERANCE, cross_check
 from server.ledger import Ledger, LedgerRow
 from server.membership_inference import violates_bound
+from server.run_facts import (
+    FAIRNESS_COLUMNS,
+    RunConfigFile,
+    fairness_rounds,
+    not_run_reasons,
+    read_config,
+    resolved_settings,
+)
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -330,24 +339,26 @@ def write_summary(
             else {f"budget ε={central[0].eps_budget:g}": central[0].eps_budget},
         )
     _plot_utility(run_dir / "utility.png", metrics, primary, eval_kind(test_source))
-    if plot_metrics:
-        series = {
-            name: (
-                [_test_round(m) for m in metrics if name in m.get("test", {})],
-                [m["test"][name] for m in metrics if name in m.get("test", {})],
-            )
-            for name in plot_metrics
-        }
-        series = {k: v for k, v in series.items() if v[0]}
-        if series:
-            line_plot(
-                series,
-                run_dir / "quality.png",
-                title="Sample quality per round (server test split)",
-                xlabel="round",
-                ylabel="value",
-            )
-    write_text_atomically(run_dir / "summary.md", _markdown(summary, metrics, primary, scenario, run_dir, test_source))
+    quality = quality_figure(metrics, plot_metrics, test_source) if plot_metrics else None
+    if quality is not None:
+        save_figure(quality, run_dir / "quality.png")
+    config = read_config(run_dir)
+    skipped = not_run_reasons(
+        config,
+        metrics,
+        rows,
+        primary=primary,
+        mia=mia,
+        audit_written=True,
+        ledger_ok=check.ok,
+        has_samples=(run_dir / "samples" / "final.png").exists(),
+        quality_names=plot_metrics,
+        has_quality=quality is not None,
+    )
+    write_text_atomically(
+        run_dir / "summary.md",
+        _markdown(summary, metrics, primary, scenario, run_dir, test_source, config, rows, skipped),
+    )
     return summary
 
 
@@ -379,7 +390,7 @@ def _plot_utility(path: Path, metrics: list[dict[str, Any]], primary: str, kind:
     if not xs:
         return
     series = {kind: (xs, [m["test"][primary] for m in metrics if primary in m.get("test", {})])}
-    val = [(m["round"], [v[primary] for v in m["site_val"].values() if primary in v]) for m in metrics]
+    val = [(m["round"], [v[primary] for v in m.get("site_val", {}).values() if primary in v]) for m in metrics]
     val = [(r, sum(v) / len(v)) for r, v in val if v]
     if val:
         series["site validation (mean)"] = ([r for r, _ in val], [v for _, v in val])
@@ -394,11 +405,25 @@ def _test_round(m: dict[str, Any]) -> int:
     return int(m.get("test_model_round", m["round"]))
 
 
+def not_run_line(reason: str) -> str:
+    """The one line a section that did not run shows instead of its content."""
+    return f"Not run, because {reason}."
+
+
 def _markdown(
-    s: Summary, metrics: list[dict[str, Any]], primary: str, scenario: str, run_dir: Path, test_source: str
+    s: Summary,
+    metrics: list[dict[str, Any]],
+    primary: str,
+    scenario: str,
+    run_dir: Path,
+    test_source: str,
+    config: RunConfigFile | None = None,
+    rows: list[LedgerRow] | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> str:
     # Every value a site, a data file or a config chose goes through md_cell (common.textsafe):
     # a failure string or metric name must not add rows, links or HTML to this page.
+    skipped = skipped or {}
     out = [f"# privfed run {md_cell(run_dir.name)} (scenario {md_cell(scenario)})", ""]
     out += [f"- {md_cell(line)}" for line in s.headline()[1:]]
     unit = next(iter(s.eps_by_site.values())).unit if s.eps_by_site else "training example"
@@ -465,18 +490,34 @@ def _markdown(
             f"{md_cell(r.accountant)} | "
             f"{r.eps_total:.4f} | {r.eps_budget:g} |"
         )
-    fair = metrics[-1].get("site_fairness") if metrics else None
-    if fair:
+    settings = resolved_settings(config, rows or []) if config is not None else []
+    if settings:
         out += [
             "",
-            f"## Site-level fairness of {md_cell(primary)} (final round, lower is better)",
+            "## Settings as the run used them",
             "",
-            "| sites | mean | std | best | worst | worst − best | mean of worst 10% | Jain's index |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {int(fair['sites'])} | {fair['mean']:.4f} | {fair['std']:.4f} | {fair['best']:.4f} | "
-            f"{fair['worst']:.4f} | "
-            f"{fair['gap']:.4f} | {fair['worst10_mean']:.4f} | {fair['jain']:.4f} |",
+            "What the config's \"auto\" and default values resolved to (σ and δ: the ledger's, as in the table above).",
+            "",
+            "| setting | value used | from |",
+            "|---|---|---|",
         ]
+        out += [f"| {md_cell(x.name)} | {md_cell(x.value)} | {md_cell(x.origin)} |" for x in settings]
+    out += ["", f"## Site-level fairness of {md_cell(primary)} per round (site validation, lower is better)", ""]
+    fair_rows = fairness_rounds(metrics, primary)
+    if fair_rows:
+        out += [
+            "Jain's index is (Σx)² / (n Σx²) of the sites' values: 1 when every site has the same.",
+            "",
+            "| round | " + " | ".join(h for _, h in FAIRNESS_COLUMNS) + " |",
+            "|---" * (len(FAIRNESS_COLUMNS) + 1) + "|",
+        ]
+        out += [
+            f"| {rnd} | " + " | ".join(fairness_cell(f, k) for k, _ in FAIRNESS_COLUMNS) + " |" for rnd, f in fair_rows
+        ]
+    else:
+        out.append(md_cell(not_run_line(skipped.get("site fairness", "no site reported it"))))
+    if "cross-check" in skipped and not s.cross_checks:
+        out += ["", "### Independent cross-check", "", md_cell(not_run_line(skipped["cross-check"]))]
     if s.cross_checks:
         out += [
             "",
@@ -493,6 +534,13 @@ def _markdown(
             f"{md_cell(c.method)} | "
             f"{-c.shortfall:+.2%} | {'yes' if c.ok else '**NO**'} |"
             for c in s.cross_checks
+        ]
+    if not s.mia and "membership inference" in skipped:
+        out += [
+            "",
+            "## Empirical privacy check: membership inference",
+            "",
+            md_cell(not_run_line(skipped["membership inference"])),
         ]
     if s.mia:
         m = s.mia
@@ -529,7 +577,22 @@ def _markdown(
     if (run_dir / "eps-site-level.png").exists():
         out += ["![client-level epsilon](eps-site-level.png)", ""]
     if (run_dir / "quality.png").exists():
-        out += ["![sample quality](quality.png)", ""]
+        out += ["![further test metrics per round, one per axis](quality.png)", ""]
+    elif "further test metrics" in skipped:
+        out += ["## Further test metrics", "", md_cell(not_run_line(skipped["further test metrics"])), ""]
+    out += ["## Samples from the final global model", ""]
     if (run_dir / "samples" / "final.png").exists():
-        out += ["## Samples from the final global model", "", "![samples](samples/final.png)", ""]
+        out += ["![samples](samples/final.png)", ""]
+    else:
+        out += [md_cell(not_run_line(skipped.get("samples", "none were drawn"))), ""]
     return "\n".join(out)
+
+
+def fairness_cell(fair: dict[str, float], key: str) -> str:
+    """One cell of the per-round fairness table: the site count as an integer, the rest to 4 places."""
+    if key not in fair:
+        return "–"
+    if key == "sites":
+        return str(int(fair[key]))
+    # Jain's index of similar losses sits just below 1: four places would show 1.0000 for every round.
+    return f"{fair[key]:.6f}" if key == "jain" else f"{fair[key]:.4f}"
