@@ -37,7 +37,6 @@ from server.report import (
     fairness_cell,
     not_run_line,
     person_worst_case,
-    read_metrics,
     worst_case_line,
 )
 from server.run_dir import REGISTRY_FILE
@@ -50,6 +49,7 @@ from server.run_facts import (
     resolved_settings,
     seeded_caveat,
 )
+from server.run_files import read_metrics
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}

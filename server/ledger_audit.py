@@ -41,8 +41,7 @@ from common.privacy.metrics_dp import DP_SGD, MECHANISM
 from common.protocol import MalformedReport, Status, parse_fit_metrics, parse_history, parse_metrics_spend
 from common.seeds import RNG_SEEDED
 from server.ledger import REFUSAL, Ledger, LedgerRow, Verification, claim_id, genesis_hash, head_claim, receipt_row
-from server.recorder import json_safe
-from server.report import read_metrics
+from server.run_files import json_safe, read_metrics
 
 COLUMNS = [
     "seq",

@@ -16,7 +16,6 @@ attack) is decided by the run's callbacks (server.callbacks), which the round lo
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from server.ledger import Ledger
 from server.report import eval_kind, eval_source
 from server.run_dir import check_new_run_dir, check_resumable_run_dir
 from server.run_facts import RESOLVED_PREFIX, no_file_data
+from server.run_files import json_safe
 
 if TYPE_CHECKING:
     from server.strategy import RoundRecord
@@ -341,14 +341,3 @@ def data_read(cfg: RunConfig) -> str:
 
 def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
-
-
-def json_safe(obj: Any) -> Any:
-    """JSON with infinities as the strings "inf"/"-inf" (json.dumps would write bare Infinity)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj

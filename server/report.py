@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.deploy.fileio import write_text_atomically
-from common.errors import DataError
 from common.identifiers import CENTRAL_SITE_ID
 from common.metrics.quality_plots import quality_figure
 from common.plots import line_plot, save_figure
@@ -32,6 +31,7 @@ from server.run_facts import (
     read_config,
     resolved_settings,
 )
+from server.run_files import read_metrics
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -227,24 +227,6 @@ def _worst_json(s: Summary) -> dict[str, Any] | None:
         "delta": delta_k,
         "composition": "basic (sum over the k sites that spent most)",
     }
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as a list of dicts; a damaged file is a one-line error naming the line."""
-    if not path.exists():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"line {i} is not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(path, f"line {i} is not a JSON object")
-        out.append(obj)
-    return out
 
 
 def write_summary(

@@ -33,7 +33,7 @@ from common.config import RunConfig, flatten
 from common.deploy import signing
 from common.errors import ConfigError, PrivfedError
 from server.ledger import Ledger, genesis_hash, head_claim
-from server.report import read_metrics
+from server.run_files import read_metrics
 
 
 @dataclass

@@ -41,7 +41,7 @@ def links() -> list[tuple[Path, str]]:
 
 
 def test_slug_matches_github() -> None:
-    assert slug(" User-level DP (`dp.unit = \"user\"`): ε per person") == "user-level-dp-dpunit--user-ε-per-person"
+    assert slug(' User-level DP (`dp.unit = "user"`): ε per person') == "user-level-dp-dpunit--user-ε-per-person"
 
 
 @pytest.mark.parametrize(("page", "target"), links(), ids=lambda v: v if isinstance(v, str) else v.name)
