@@ -10,8 +10,9 @@ and sends back
 
 The site's real number of records never leaves it either. The plan, the update's
 weight and the evaluation weight all use the site's *declared* public size n-hat
-(``declared-size`` in its node config; in a simulation the launcher declares each virtual
-site's training-split size), which is what makes the ledger's add/remove-one epsilon true.
+(``declared-size`` in its node config; in a simulation the launcher, or under a local
+``flwr run`` the folder ``$PRIVFED_SIMULATION_IDS`` names, declares each virtual site's
+training-split size), which is what makes the ledger's add/remove-one epsilon true.
 No timing is sent: how long a round takes depends on n and on the sampled batch sizes.
 
 The site keeps its own accounting history in the node's ``context.state``, which lives
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,6 +55,7 @@ from common.deploy.signing import (
     sign,
     update_digest,
 )
+from common.deploy.simulation_ids import ENV, SIMULATION_NODE_CONFIG, SimulatedSite, folder_from_env, load_for_site
 from common.deploy.site_config import (
     SERVER_KEY,
     SIGNING_KEY,
@@ -628,6 +631,43 @@ def signing_identity(
     return signer, server_key
 
 
+def in_simulation_engine() -> bool:
+    """Whether this ClientApp runs inside Flower's simulation engine: in a Ray actor, the
+    engine's only backend in flwr 1.41 (``ClientAppActor``).
+
+    A SuperNode runs its ClientApp in a process of its own (``flwr-clientapp``, a site's
+    ``privfed-clientapp``), which never starts Ray; the site's code decides that, not the
+    coordinator's app or run config. Ray is looked up among the loaded modules only, never
+    imported: asking an uninitialised Ray for its context would start a Ray instance.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    try:
+        return ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # not in a worker after all: not the engine
+        return False
+
+
+def simulation_engine_site(node_config: Mapping[str, Any], num_sites: int, site_index: int) -> SimulatedSite | None:
+    """The site's key, the coordinator's public key and the site's n-hat from the folder
+    ``$PRIVFED_SIMULATION_IDS`` names, for a node of Flower's simulation engine under a local
+    ``flwr run`` (Flower can hand such a node nothing but ``partition-id``); None otherwise.
+
+    Why it cannot weaken a deployed site (common/deploy/simulation_ids.py has the whole
+    argument): the variable is the machine operator's, never the run config's; and it is read
+    only when the node config is exactly the one Flower's simulation engine makes (a deployed
+    site's always carries its ``signing-key``, ``declared-size`` and ``server-key``) *and*
+    this ClientApp runs in the engine's Ray actor (:func:`in_simulation_engine`). Every other
+    node keeps the deployed rules: its own ``signing-key``, or a refusal without one
+    (:func:`signing_identity`).
+    """
+    folder = folder_from_env()
+    if folder is None or set(node_config) != SIMULATION_NODE_CONFIG or not in_simulation_engine():
+        return None
+    return load_for_site(folder, num_sites, site_index)
+
+
 def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None = None) -> bytes | None:
     """The federation key, for tasks that pseudonymise identifiers; None for the others.
 
@@ -669,13 +709,21 @@ def make_site(
     refusal can be signed once the instruction's run id and round are known): a task it does
     not allow, seeded noise or exact metrics unless the site (or the simulation launcher)
     allows them, and a plan outside its limits (sigma, delta, per-round epsilon, group size).
+
+    A node of Flower's simulation engine under a local ``flwr run`` takes its key, the
+    coordinator's key and its n-hat from ``$PRIVFED_SIMULATION_IDS`` (:func:`simulation_engine_site`).
     """
     node = context.node_config
     check_node_config_keys(node)  # a mistyped limit must not be silently ignored
     # The run's config, then this site's own settings (data, device, a stricter budget).
     cfg = apply_site_overrides(config_from(base, context.run_config), node)
     site_index, site_id = site_identity(cfg, node)
-    signer, server_key = signing_identity(node, site_index, signing_keys, server_public_key)
+    simulated = declared_sizes[site_index] if declared_sizes is not None else None
+    engine = simulation_engine_site(node, cfg.federation.num_sites, site_index) if signing_keys is None else None
+    if engine is not None:  # a node of Flower's simulation engine under a local `flwr run`
+        signer, server_key, simulated = engine.signing_key, engine.server_public_key, engine.declared_size
+    else:
+        signer, server_key = signing_identity(node, site_index, signing_keys, server_public_key)
     policy = SitePolicy.from_node_config(node)
     try:
         check_allowed_task(cfg, policy)  # first: nothing of an unwanted task is even sized
@@ -685,7 +733,6 @@ def make_site(
         refuse_seeded_noise(cfg, node, virtual_site=allow_seeded_noise)
         # Likewise exact metrics: virtual sites may send them, a deployed site only by its own choice.
         refuse_exact_metrics(cfg, node, virtual_site=allow_seeded_noise)
-        simulated = declared_sizes[site_index] if declared_sizes is not None else None
         declared = declared_size(node, simulated)
         check_site_policy(cfg, policy, declared)  # the plan at n-hat: no data read
     except PolicyRefusal as exc:
@@ -693,7 +740,7 @@ def make_site(
     site_secret = site_key(cfg, node, key)
     folder = str(node.get("state-dir", "") or state_dir)
     dataset = dataset_identity(cfg, node, site_index)
-    return SiteClient(
+    site = SiteClient(
         cfg,
         site_index,
         site_id,
@@ -705,6 +752,11 @@ def make_site(
         signing_key=signer,
         server_key=server_key,
     )
+    if engine is not None and site.task.unit_count(site.train_data) != declared:
+        # n-hat must be the training split's size, as `privfed simulate` declares it (the
+        # server checks this too, but cannot for a task it holds no federation key for).
+        raise ConfigError(ENV, "registers this site with the size of another data split than this run's")
+    return site
 
 
 class RefusingSite(NumPyClient):

@@ -22,12 +22,14 @@ from common.config import RunConfig
 from common.config.rules import check_deployment
 from common.deploy.registry import Registry
 from common.deploy.signing import Ed25519PrivateKey, load_signing_key, public_hex
+from common.deploy.simulation_ids import ENV, MAKE_COMMAND, check_sizes, folder_from_env, load_for_server
 from common.errors import ConfigError, PrivfedError, TrainingFailure
 from common.identifiers import run_id_problem
 from common.pipeline import build_pipeline
 from common.preflight import preflight
 from common.privacy.client_level import all_or_nothing_probability
 from common.runtime import config_from, resolve_device
+from common.tasks import get_task
 from common.tasks.base import get_state, set_state
 from common.textsafe import console_text
 from server.callbacks import RoundOutcome
@@ -229,6 +231,34 @@ def is_simulation(grid: Grid) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
+def with_simulation_identities(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the registry and server key of ``$PRIVFED_SIMULATION_IDS`` when Flower's
+    simulation engine runs this ServerApp (a local ``flwr run .``) and the run config names
+    neither; ``cfg`` itself otherwise.
+
+    Only :func:`is_simulation` (Flower's grid, not a setting) leads here, so a deployed
+    ServerApp never reads the variable and still refuses to run without a registry
+    (:func:`load_identities`). Refused in one line, naming the variable: a folder made for
+    another ``num-sites``, or (for a task the server can split without the federation key)
+    for another data split, since the server weights each site by its registered n-hat and
+    refuses a reply that declares another.
+    """
+    fed = cfg.federation
+    if fed.registry or fed.server_key:
+        return cfg  # the run config's own; load_identities checks them
+    folder = folder_from_env()
+    if folder is None:
+        raise ConfigError(
+            "registry",
+            f"is empty: under a local `flwr run` (Flower's simulation engine), make the parties' keys with "
+            f"`{MAKE_COMMAND} DIR ...` and set {ENV}=DIR in the environment the local SuperLink starts with",
+        )
+    ids = load_for_server(folder, fed.num_sites)
+    if not get_task(cfg.task).needs_key:  # a keyed task's sites check their own size (client.app.make_site)
+        check_sizes(folder, ids.sizes, get_task(cfg.task)(cfg, None).site_sizes())
+    return cfg.replace(registry=str(ids.registry_path), server_key=str(ids.server_key_path))
+
+
 def build_server_app(
     defaults: Mapping[str, Any] | None = None, console: Console | None = None, *, flower_runs_it: bool = False
 ) -> ServerApp:
@@ -254,7 +284,9 @@ def build_server_app(
 
     def _main(grid: Grid, context: Context) -> None:
         cfg = config_from(base, context.run_config)
-        if not is_simulation(grid):
+        if is_simulation(grid):
+            cfg = with_simulation_identities(cfg)  # a local `flwr run`: $PRIVFED_SIMULATION_IDS
+        else:
             check_deployment(cfg)  # every wait for the sites has a limit
         out = console or Console(highlight=False, soft_wrap=True)
         summary = run_federation(grid, context, cfg, out)

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from common.config import RunConfig
+from common.deploy.simulation_ids import KEYS_DIR, REGISTRY_FILE
 from common.errors import ConfigError
 
 STAMP_FORMAT = "%Y%m%d-%H%M%S"
@@ -21,10 +22,7 @@ def default_run_dir(cfg: RunConfig, now: str | None = None) -> Path:
 
 
 # What the simulation launcher writes into a new run dir just before the run starts: the
-# parties' keys and the registry (simulations/identities.py). Deployed: paths of their own.
-KEYS_DIR = "keys"
-REGISTRY_FILE = "registry.toml"
-SERVER_KEY_FILE = "server.key"
+# parties' keys and the registry (common/deploy/simulation_ids.py). Deployed: paths of their own.
 PREPARED = (KEYS_DIR, REGISTRY_FILE)
 
 

@@ -8,6 +8,7 @@ privfed audit RUN_DIR [--verify] [--format table|csv|json]
                                               epsilon per round and site; verify the ledger
 privfed report RUN_DIR [--out FILE]           self-contained HTML report with plots
 privfed keys new|signing PATH [--force]       create a federation key / an Ed25519 signing key
+privfed keys simulation DIR [key=value ...]   every party's key for a local `flwr run .` (PRIVFED_SIMULATION_IDS)
 privfed certs ca|server|node|rotate|status|protect-ca|node-id --out DIR ...
                                               CA, SuperLink TLS certificate, SuperNode auth keys
 privfed coordinator superlink|proxy|flwr-config --pki DIR ...

@@ -174,12 +174,12 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, siz
     from flwr.simulation import run_simulation  # heavy import (Ray): only when running
 
     from client.app import build_client_app
+    from common.deploy.simulation_ids import simulation_identities
     from common.privacy.plan import known_noise
     from server.app import build_server_app
     from server.run_dir import PREPARED
-    from simulations.identities import simulation_identities
 
-    # Every party's Ed25519 key and the registry (simulations/identities.py): the server
+    # Every party's Ed25519 key and the registry (common/deploy/simulation_ids.py): the server
     # trusts a reply's site id only when that site's key signed it, and weights it by the
     # registered n-hat.
     ids = simulation_identities(run_dir, sizes, resume=cfg.federation.resume)

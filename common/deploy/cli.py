@@ -33,6 +33,17 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         )
         signing.add_argument("path", help="where to write the private key (PEM, mode 0600); it never leaves its owner")
         signing.add_argument("--force", action="store_true", help="replace an existing key file")
+        sim = keys_sub.add_parser(
+            "simulation",
+            help="every party's key and the registry for a local `flwr run .` (then export PRIVFED_SIMULATION_IDS=DIR)",
+        )
+        sim.add_argument("folder", metavar="DIR", help="the folder to make (0700): keys/, registry.toml")
+        sim.add_argument("--app", default=".", help="the app folder `flwr run` bundles (default: .)")
+        sim.add_argument("--key-file", help="the federation key, for a task that pseudonymises identifiers")
+        sim.add_argument("--force", action="store_true", help="replace the keys already in DIR")
+        sim.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="the run's settings, as given to flwr run's --run-config"
+        )
         return
     certs_sub = parser.add_subparsers(dest="certs_command", required=True)
     ca = certs_sub.add_parser("ca", help="create the federation's certificate authority (ca.pem, ca.key)")
@@ -79,6 +90,8 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
         err.print(f"signing key written to {args.path} (mode 0600); its public key (register it):")
         console.print(public_hex(key))
         return 0
+    if command == "keys" and args.keys_command == "simulation":
+        return _simulation_keys(args, console)
     if command == "keys":
         from common.deploy.keys import write_key
 
@@ -89,6 +102,30 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
         )
         return 0
     return _certs(args, console, err)
+
+
+def _simulation_keys(args: argparse.Namespace, console: Console) -> int:
+    """``privfed keys simulation DIR [key=value ...]`` (common.deploy.simulation_ids)."""
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from common.deploy.keys import key_from_env, load_key
+    from common.deploy.simulation_ids import ENV, app_config, make_for_app
+
+    cfg = app_config(Path(args.app), args.overrides)
+    key = load_key(args.key_file) if args.key_file else key_from_env()
+    folder = Path(args.folder)
+    ids = make_for_app(folder, cfg, key, force=args.force)
+    console.print(
+        f"{len(ids.sizes)} simulated sites and the server: keys in {escape(str(folder / 'keys'))} (mode 0600), "
+        f"registry {escape(str(ids.registry_path))}, each site declared at its training-split size"
+    )
+    console.print(
+        f"before the local SuperLink starts: export {ENV}={escape(str(folder.resolve()))}  "
+        f'(flwr run . --federation-config "num-supernodes={len(ids.sizes)}" ...)'
+    )
+    return 0
 
 
 def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:

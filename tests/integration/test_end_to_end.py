@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.deploy.simulation_ids import simulation_identities
 from common.privacy.accounting import epsilon
 from common.privacy.plan import plan_round
 from common.tasks import get_task
 from server.ledger import Ledger
-from simulations.identities import simulation_identities
 from simulations.launcher import resolve, simulate
 from tests.conftest import simulation_processes
 

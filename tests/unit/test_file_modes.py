@@ -82,7 +82,7 @@ def test_a_stale_side_file_is_locked_down_when_the_ledger_opens(tmp_path, umask)
 
 
 def test_the_simulations_run_dir_keys_and_registry(tmp_path, umask):
-    from simulations.identities import simulation_identities
+    from common.deploy.simulation_ids import simulation_identities
 
     run = tmp_path / "runs" / "sim"
     ids = simulation_identities(run, [100, 120])

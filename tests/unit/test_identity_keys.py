@@ -19,9 +19,9 @@ from common.deploy.signing import (
     sign,
     verify,
 )
+from common.deploy.simulation_ids import simulation_identities
 from common.errors import ConfigError, PrivfedError
 from common.identifiers import run_id_problem, site_id_problem
-from simulations.identities import simulation_identities
 
 
 def test_a_signature_binds_every_field_and_hostile_input_never_raises():
