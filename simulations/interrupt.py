@@ -68,6 +68,7 @@ def ctrl_c_stops(
 
     def hard_exit(why: str) -> None:
         status.close()
+        end_ray_processes()
         forget_unstarted()
         console.print(f"[yellow]{why}[/]")
         console.print(interrupted_text(run_dir))
@@ -139,3 +140,35 @@ def cancel_site_tasks() -> None:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001  (already dead, or Ray already shut down: nothing to cancel)
                 pass
+
+
+def end_ray_processes() -> None:
+    """SIGKILL every process below this one (Ray's GCS, raylet, agents, site workers).
+
+    Only before an exit that skips ``ray.shutdown``: Ray's raylet and GCS die with their
+    parent, but its dashboard and runtime-env agents outlive it, orphaned. A site worker
+    killed mid-round is a lost reply, which the protocol is built for (its state file is
+    replaced atomically; its spend is ledgered on resume). Linux (/proc) only; elsewhere nothing.
+    """
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray starts its own process groups, so killpg would miss them)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out

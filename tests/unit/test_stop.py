@@ -126,3 +126,26 @@ def test_the_interpreter_skips_its_last_collections_once_per_process(monkeypatch
     _skip_final_gc()
     _skip_final_gc()
     assert registered == [gc.freeze]
+
+
+def test_descendants_finds_grandchildren(tmp_path):
+    """What the hard exit kills: every process below the run's (Ray's agents are grandchildren)."""
+    import subprocess
+    import sys
+
+    from simulations.interrupt import descendants
+
+    sleep = "import time; time.sleep(30)"
+    script = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 10
+        while len(descendants(os.getpid())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        below = descendants(os.getpid())
+        assert child.pid in below and len(below) >= 2
+        assert os.getpid() not in below
+    finally:
+        for pid in descendants(child.pid) + [child.pid]:
+            os.kill(pid, signal.SIGKILL)
+        child.wait()
