@@ -8,11 +8,15 @@ from common.privacy.accounting import RoundPlan, epsilon
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import plan_round
 from common.privacy.secagg_stats import secure_statistics
+from common.progress import SILENT, Stages
 from common.tasks import Task, get_task
 
 
-def preflight(cfg: RunConfig, key: bytes | None = None) -> Task:
+def preflight(cfg: RunConfig, key: bytes | None = None, stages: Stages = SILENT) -> Task:
     """Load and split the data, then plan one round for every site.
+
+    ``stages`` hears of the two slow steps: loading the data, and (with a target epsilon)
+    the noise search, seconds per distinct site size (cached for the rest of the process).
 
     Raises ConfigError / DataError (one line, naming the key or file) for a missing or
     corrupt data file, more sites than the data can hold, or a delta >= 1/n at some site.
@@ -21,13 +25,23 @@ def preflight(cfg: RunConfig, key: bytes | None = None) -> Task:
     it; the server never holds the key, so there only the config is checked and each
     site checks its own data when it starts.
     """
+    stages.stage(f"loading the data ({cfg.federation.num_sites} sites) and checking the config")
     task = get_task(cfg.task)(cfg, key)
     secure_statistics(task.sum_keys(), cfg.secagg)  # SecAgg+ settings that cannot carry them exactly
     if task.needs_key and key is None:
         return task
     # The simulation launcher declares each site's n-hat = its training-split size (it made the
     # partition), so these are the sizes the sites will plan with (client.app, declared_sizes).
-    for declared in task.site_sizes():
+    sizes = task.site_sizes()
+    search = cfg.dp.enabled and cfg.dp.target_epsilon > 0  # else sigma is the config's: nothing to search
+    if search:
+        stages.stage(
+            f"choosing each site's noise σ for target ε={cfg.dp.target_epsilon:g} over {cfg.federation.rounds} "
+            f"rounds ({len(set(sizes))} site sizes)"
+        )
+    for i, declared in enumerate(sizes, 1):
+        if search:
+            stages.detail(f"noise search: site {i} of {len(sizes)} (n̂={declared})")
         plan = plan_round(cfg, declared)
         if plan.steps * cfg.federation.rounds > MAX_STEPS:
             raise ConfigError(

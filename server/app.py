@@ -28,6 +28,7 @@ from common.identifiers import run_id_problem
 from common.pipeline import build_pipeline
 from common.preflight import preflight
 from common.privacy.client_level import all_or_nothing_probability
+from common.progress import SILENT, Stages
 from common.runtime import config_from, resolve_device
 from common.tasks import get_task
 from common.tasks.base import get_state, set_state
@@ -44,12 +45,35 @@ from server.resume import ResumePoint, check_same_config, resume_point
 from server.run_dir import REGISTRY_FILE, default_run_dir
 from server.secagg import PrivfedSecAgg
 from server.strategy import DeltaFedAvg
-from server.workflow import RoundLoop
+from server.workflow import RoundLoop, RunInterrupted, StopRequest
 
 
-def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Console | None = None) -> Summary:
-    """Drive one run to the end and write its summary."""
-    console = console or Console(highlight=False, soft_wrap=True)
+def run_federation(
+    grid: Grid,
+    context: Context,
+    cfg: RunConfig,
+    console: Console | None = None,
+    *,
+    progress: Stages = SILENT,
+    stop: StopRequest | None = None,
+) -> Summary:
+    """Drive one run to the end and write its summary.
+
+    ``progress`` hears of each round and of the final checks (the status line);
+    ``stop`` (the simulation launcher's Ctrl-C) makes it raise :class:`RunInterrupted`
+    at the next wait, with the ledger closed and no summary written (``privfed resume``
+    finishes the run and writes it).
+    """
+    try:
+        return _run_federation(grid, context, cfg, console or Console(highlight=False, soft_wrap=True), progress, stop)
+    finally:
+        if stop is not None:
+            stop.server_done.set()
+
+
+def _run_federation(
+    grid: Grid, context: Context, cfg: RunConfig, console: Console, progress: Stages, stop: StopRequest | None
+) -> Summary:
     task = preflight(cfg)  # bad data / delta stop here, before the run dir exists
     random.seed(cfg.federation.seed)  # Flower samples clients with the global RNG
     torch.manual_seed(cfg.federation.seed)
@@ -122,6 +146,15 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
     def round_start(rnd: int) -> None:
         assert recorder is not None  # rounds begin after start()
         recorder.ledger.start_round(rnd)
+        if rnd == first_round:
+            # In a simulation the sites' workers are still starting: the launcher's line said so.
+            progress.detail(f"round {rnd}/{fed.rounds}: the sites' workers start, then train")
+        else:
+            progress.stage(f"round {rnd}/{fed.rounds}: {n} sites training", line=False)
+
+    def after_fit(rnd: int) -> list[np.ndarray] | None:
+        progress.detail(f"round {rnd}/{fed.rounds}: evaluating")
+        return strategy.end_fit(rnd)
 
     def aggregated_any() -> bool:
         return any(rec.aggregated for rec in strategy.records.values())
@@ -132,6 +165,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         BudgetStop(cfg, strategy),
     ]
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds), strategy=strategy)
+    first_round = point.next_round if point is not None else 1
     loop = RoundLoop(
         round_outcome=outcome,
         record_round=record,
@@ -141,14 +175,23 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         site_wait_seconds=cfg.federation.site_wait_seconds,
         on_start=start,
         fit_workflow=PrivfedSecAgg(cfg.secagg, strategy) if cfg.secagg.enabled else None,
-        after_fit=strategy.end_fit,
+        after_fit=after_fit,
         on_round_start=round_start,
-        first_round=point.next_round if point is not None else 1,
+        first_round=first_round,
         round_timeout=fed.round_timeout,
+        stop=stop,
     )
     failure: TrainingFailure | None = None
     try:
         loop(grid, legacy)
+    except RunInterrupted:
+        assert stop is not None  # only a StopRequest raises it
+        stop.interrupted = True
+        # Every committed round is on disk (ledger rows, checkpoint, metrics line); the round in
+        # progress is abandoned. No final checks and no summary: they take seconds, and resume writes them.
+        if recorder is not None:
+            recorder.ledger.close()
+        raise
     except TrainingFailure as exc:
         failure = exc  # summarised below, then raised: the run ends as a failure
         kept = (
@@ -156,7 +199,8 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
         )
         console.print(f"[red]run failed: {console_text(exc)}[/] ({kept})")
     finally:
-        if recorder is not None:
+        if recorder is not None and not (stop is not None and stop.interrupted):
+            progress.stage(final_checks_label(cfg, test is not None))
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
                 task.save_samples(recorder.model, run_dir / "samples" / "final.png")
             stop_reason = (
@@ -167,6 +211,7 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
             mia: dict[str, float] = {}
             for cb in callbacks:
                 mia.update(cb.run_metrics(recorder.model, recorder.ledger, failure))
+            progress.detail("final checks: ε cross-check, plots, summary.md")
             summary = write_summary(
                 run_dir,
                 recorder.ledger,
@@ -183,9 +228,18 @@ def run_federation(grid: Grid, context: Context, cfg: RunConfig, console: Consol
                 max_sites_per_person=cfg.federation.max_sites_per_person,
             )
             recorder.ledger.close()
+            # Shown under the summary's lines while Flower stops Ray (a terminal only).
+            progress.stage("stopping the sites' workers (Ray)", line=False)
     if failure is not None:
         raise failure
     return summary
+
+
+def final_checks_label(cfg: RunConfig, central_eval: bool) -> str:
+    """The status line of the checks after the last round, naming those this run does."""
+    checks = ["membership inference"] if cfg.audit.mia and central_eval else []
+    checks += ["ε cross-check", "plots", "summary"]
+    return f"final checks: {', '.join(checks)}"
 
 
 def keys_verdict(ledger: Ledger, registry: Registry) -> str:
@@ -260,7 +314,12 @@ def with_simulation_identities(cfg: RunConfig) -> RunConfig:
 
 
 def build_server_app(
-    defaults: Mapping[str, Any] | None = None, console: Console | None = None, *, flower_runs_it: bool = False
+    defaults: Mapping[str, Any] | None = None,
+    console: Console | None = None,
+    *,
+    flower_runs_it: bool = False,
+    progress: Stages = SILENT,
+    stop: StopRequest | None = None,
 ) -> ServerApp:
     """A ServerApp whose config is ``defaults`` overlaid by Flower's run_config.
 
@@ -269,7 +328,9 @@ def build_server_app(
     (:mod:`server.flower_logging`: each line once, privfed's round line instead of Flower's
     per-round INFO lines unless ``FLWR_LOG_LEVEL`` asks for them). Only the module-level
     ``app`` sets it: ``privfed simulate`` quiets Flower itself, and a test's log capture
-    needs Flower's records to reach the root logger."""
+    needs Flower's records to reach the root logger.
+
+    ``progress``, ``stop``: the simulation launcher's status line and Ctrl-C (run_federation)."""
     base = dict(defaults or {})
     app = ServerApp()
 
@@ -289,7 +350,10 @@ def build_server_app(
         else:
             check_deployment(cfg)  # every wait for the sites has a limit
         out = console or Console(highlight=False, soft_wrap=True)
-        summary = run_federation(grid, context, cfg, out)
+        try:
+            summary = run_federation(grid, context, cfg, out, progress=progress, stop=stop)
+        except RunInterrupted:
+            return  # Ctrl-C: the launcher says what was kept and how to resume
         for line in summary.headline():
             out.print(console_text(line))  # it carries failure strings and site ids
 

@@ -2,18 +2,22 @@
 
 Flower's ``DefaultWorkflow`` runs a fixed number of rounds and has no hook after a
 round. We reuse its building blocks unchanged (parameter init, the fit workflow,
-centralised and federated evaluation) and add three things: ``after_fit`` (the strategy
+centralised and federated evaluation) and add four things: ``after_fit`` (the strategy
 applies the round's sum, plus central-DP noise, even in rounds where Flower never calls
 ``aggregate_fit``), an end of round (the run's callbacks, :mod:`server.callbacks`, judge
 the round: extra metrics, a failure, a reason to stop; then ``record_round`` writes it)
-and a clean stop. The fit step is pluggable: Flower's default or SecAgg+ (:mod:`server.secagg`).
+a clean stop, and an interrupt (:class:`StopRequest`: Ctrl-C in ``privfed simulate``).
+The fit step is pluggable: Flower's default or SecAgg+ (:mod:`server.secagg`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 import timeit
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import flwr.compat.common.recorddict_compat as compat
@@ -35,6 +39,35 @@ from common.errors import PrivfedError
 from server.callbacks import RoundOutcome, RunCallback
 
 
+class RunInterrupted(BaseException):
+    """The operator stopped the run (Ctrl-C): not a failure, and the run can be resumed.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on its way
+    (Flower's workflows, the strategy, a callback) takes it for a site's or a round's error."""
+
+
+@dataclass
+class StopRequest:
+    """Ctrl-C, from the launcher's signal handler (main thread) to the ServerApp's thread.
+
+    ``requested``: set by the handler. The round loop then stops at its next wait (for
+    replies, for the sites, or between rounds): the round in progress is abandoned. What the
+    ledger holds stays (each round's rows are one committed transaction); a site that
+    trained in the abandoned round has the spend in its own history and reports it in its
+    next reply, which ledgers it (server.resume). ``server_done``: set by
+    ``server.app.run_federation`` once the ledger is closed, however the run ended;
+    ``interrupted``: whether it ended on this request (False: it had already finished).
+    """
+
+    requested: threading.Event = field(default_factory=threading.Event)
+    server_done: threading.Event = field(default_factory=threading.Event)
+    interrupted: bool = False
+
+    def check(self) -> None:
+        if self.requested.is_set():
+            raise RunInterrupted()
+
+
 class RoundLoop:
     def __init__(
         self,
@@ -51,6 +84,7 @@ class RoundLoop:
         on_round_start: Callable[[int], None] = lambda rnd: None,
         first_round: int = 1,
         round_timeout: float = 0.0,
+        stop: StopRequest | None = None,
     ) -> None:
         """``on_start()`` runs once every site has connected; ``after_fit(round)`` returns the
         new global arrays (or None: unchanged); ``round_outcome(round)`` gives the ended
@@ -68,10 +102,13 @@ class RoundLoop:
         self.site_wait_seconds = site_wait_seconds
         self.first_round = first_round
         self.round_timeout = round_timeout  # seconds; 0 = wait for every reply
+        self.stop = stop
 
     def __call__(self, grid: Grid, context: Context) -> None:
         if not isinstance(context, LegacyContext):
             raise TypeError(f"expected a LegacyContext, got {type(context).__name__}")
+        if self.stop is not None:
+            grid = cast(Grid, StoppableGrid(grid, self.stop))
         if self.round_timeout > 0:
             # TimedGrid is a proxy, not a Grid subclass (Grid's abstract methods are forwarded by __getattr__).
             grid = cast(Grid, TimedGrid(grid, self.round_timeout))
@@ -79,7 +116,7 @@ class RoundLoop:
         try:
             registered.wait()
             # Flower's own sampling would wait a whole day for missing sites; fail clearly instead.
-            if not context.client_manager.wait_for(self.num_sites, timeout=math.ceil(self.site_wait_seconds)):
+            if not self._wait_for_sites(context):
                 raise PrivfedError(
                     f"only {context.client_manager.num_available()} of num-sites={self.num_sites} sites connected "
                     f"within {self.site_wait_seconds:g} s (site-wait-seconds); check num-sites and the SuperNodes"
@@ -90,6 +127,8 @@ class RoundLoop:
             cfg[Key.START_TIME] = timeit.default_timer()
             context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
             for rnd in range(self.first_round, context.config.num_rounds + 1):
+                if self.stop is not None:
+                    self.stop.check()
                 t0 = timeit.default_timer()
                 cfg[Key.CURRENT_ROUND] = rnd
                 self.on_round_start(rnd)
@@ -106,6 +145,19 @@ class RoundLoop:
         finally:
             stop_flag.set()
             thread.join()
+
+    def _wait_for_sites(self, context: LegacyContext) -> bool:
+        """Whether every site connected within site-wait-seconds (in one-second slices, to hear a stop)."""
+        if self.stop is None:
+            return bool(context.client_manager.wait_for(self.num_sites, timeout=math.ceil(self.site_wait_seconds)))
+        deadline = time.monotonic() + self.site_wait_seconds
+        while True:
+            self.stop.check()
+            left = deadline - time.monotonic()
+            if context.client_manager.wait_for(self.num_sites, timeout=max(0, min(1, math.ceil(left)))):
+                return True
+            if left <= 0:
+                return False
 
     def end_round(self, rnd: int, seconds: float) -> bool:
         """Judge round ``rnd`` with the callbacks, record it; False: the run stops here.
@@ -125,6 +177,39 @@ class RoundLoop:
             self.on_stop(rnd, why)
             return False
         return True
+
+
+class StoppableGrid:
+    """A Grid whose ``send_and_receive`` stops waiting when a :class:`StopRequest` comes.
+
+    Flower's own loop (push, then pull until every reply is in) cannot be told to stop; this
+    is the same loop on the Grid's public ``push_messages``/``pull_messages``, with the
+    request checked after every pull. Replies pulled once the request came are never
+    returned: the launcher then cancels the sites' running tasks, and what those return
+    (errors) must not be taken for the round's results.
+    """
+
+    def __init__(self, grid: Grid, stop: StopRequest) -> None:
+        self._grid, self._stop = grid, stop
+        self.pull_interval = float(getattr(grid, "pull_interval", 0.1))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self._stop.check()
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            self._stop.check()
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            self._stop.requested.wait(self.pull_interval)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the real grid's
+        return getattr(self._grid, name)
 
 
 class TimedGrid:

@@ -15,7 +15,7 @@ import shutil
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -27,6 +27,8 @@ from server.run_dir import check_new_run_dir, default_run_dir
 # Nothing here imports torch, Flower, Ray or Opacus: `privfed scenarios`, `privfed config` and a
 # config's one-line error use this module and answer in well under a second. The preflight
 # (Opacus, torch) and the simulation (Flower, Ray) are imported where a run needs them.
+if TYPE_CHECKING:
+    from common.progress import StatusLine
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 # The one place seeded noise is the default: a simulation repeats exactly. dp.secure-rng
@@ -116,16 +118,20 @@ def simulate(
     key_file: str | None = None,
 ) -> Path:
     """Validate everything, then run the federation; returns the run directory."""
+    from common.progress import StatusLine
+
     console = console or Console(highlight=False, soft_wrap=True)
     cfg = resolve(scenario, overrides)
     if not cfg.federation.run_dir:
         cfg = cfg.replace(run_dir=str(default_run_dir(cfg)))
     check_new_run_dir(Path(cfg.federation.run_dir))  # first: it costs nothing, the preflight seconds
-    key = simulation_key(cfg, key_file, console)
-    from common.preflight import preflight
+    with StatusLine(console) as status:
+        _header(cfg, console)
+        key = simulation_key(cfg, key_file, console)
+        from common.preflight import preflight
 
-    task = preflight(cfg, key)  # data and delta checks: fail before Ray or a run dir exists
-    return _run(cfg, key, console, verbose, task.site_sizes())
+        task = preflight(cfg, key, status)  # data and delta checks: fail before Ray or a run dir exists
+        return _run(cfg, key, console, verbose, task.site_sizes(), status)
 
 
 def resume(
@@ -137,6 +143,7 @@ def resume(
     state (accounting history, site-local model) in RUN_DIR/site-state. A task that
     pseudonymises identifiers needs the same federation key as the first run.
     """
+    from common.progress import StatusLine
     from server.resume import stored_config
 
     console = console or Console(highlight=False, soft_wrap=True)
@@ -147,45 +154,16 @@ def resume(
     key = simulation_key(cfg, key_file, console)
     if key is not None and not key_file and key_from_env() is None:
         raise ConfigError("key-file", f"task {cfg.task!r} needs the run's federation key to resume: pass --key-file")
-    from common.preflight import preflight
+    with StatusLine(console) as status:
+        _header(cfg, console)
+        from common.preflight import preflight
 
-    task = preflight(cfg, key)
-    return _run(cfg, key, console, verbose, task.site_sizes())
+        task = preflight(cfg, key, status)
+        return _run(cfg, key, console, verbose, task.site_sizes(), status)
 
 
-def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, sizes: list[int]) -> Path:
-    """Run the federation. ``sizes``: each virtual site's declared public size n-hat.
-
-    In a simulation the coordinator made the partition and knows every site's size, so the
-    launcher declares n-hat = the site's training-split size before the run; a deployed site
-    declares its own (docs/PRIVACY.md, "Dataset sizes are public by declaration").
-    """
-    run_dir = Path(cfg.federation.run_dir)
-    cores = os.cpu_count() or 1
-    if cfg.federation.client_cpus > cores:
-        raise ConfigError("client-cpus", f"is {cfg.federation.client_cpus} but this machine has {cores} cores")
-    if cfg.federation.client_gpus > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("client-gpus", f"is {cfg.federation.client_gpus:g} but no CUDA device is available")
-
-    _quiet_flower(verbose)
-    from flwr.simulation import run_simulation  # heavy import (Ray): only when running
-
-    from client.app import build_client_app
-    from common.deploy.simulation_ids import simulation_identities
-    from common.privacy.plan import known_noise
-    from server.app import build_server_app
-    from server.run_dir import PREPARED
-
-    # Every party's Ed25519 key and the registry (common/deploy/simulation_ids.py): the server
-    # trusts a reply's site id only when that site's key signed it, and weights it by the
-    # registered n-hat.
-    ids = simulation_identities(run_dir, sizes, resume=cfg.federation.resume)
-    if not (cfg.federation.resume and cfg.federation.registry):  # a resumed run keeps its config
-        cfg = cfg.replace(registry=str(ids.registry_path), server_key=str(ids.server_key_path))
-    flat = cfg.to_flat()
+def _header(cfg: RunConfig, console: Console) -> None:
+    """The run's first line: what runs, from the config alone (before the data's seconds)."""
     dp = cfg.dp
     privacy = (
         f"DP-SGD σ={dp.noise_multiplier:g}"
@@ -202,39 +180,123 @@ def _run(cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, siz
         f"[bold]privfed[/] scenario [cyan]{cfg.scenario}[/]: task {cfg.task}, {cfg.federation.num_sites} sites, "
         f"{cfg.federation.rounds} rounds, {privacy}, C={dp.max_grad_norm:g}, budget ε={dp.epsilon_budget:g}"
     )
+
+
+def _run(
+    cfg: RunConfig, key: bytes | None, console: Console, verbose: bool, sizes: list[int], status: StatusLine
+) -> Path:
+    """Run the federation. ``sizes``: each virtual site's declared public size n-hat.
+
+    In a simulation the coordinator made the partition and knows every site's size, so the
+    launcher declares n-hat = the site's training-split size before the run; a deployed site
+    declares its own (docs/PRIVACY.md, "Dataset sizes are public by declaration").
+    """
+    run_dir = Path(cfg.federation.run_dir)
+    cores = os.cpu_count() or 1
+    if cfg.federation.client_cpus > cores:
+        raise ConfigError("client-cpus", f"is {cfg.federation.client_cpus} but this machine has {cores} cores")
+    if cfg.federation.client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("client-gpus", f"is {cfg.federation.client_gpus:g} but no CUDA device is available")
+
     console.print(f"run dir: {run_dir}")
     console.print(
         "[dim]site sizes: public by declaration (simulation: the launcher declares each site's training-split size)[/]"
     )
-    try:
-        run_simulation(
-            server_app=build_server_app(flat, console),
-            # The virtual sites' durable state (client.state) lives beside the run.
-            # The preflight's noise search travels with the app, so Ray workers skip it.
-            # Virtual sites accept seeded noise (a deployed site refuses it unless its node config allows it).
-            client_app=build_client_app(
-                flat,
-                key=key,
-                state_dir=run_dir.resolve() / "site-state",
-                noise=known_noise(),
-                allow_seeded_noise=True,
-                declared_sizes=sizes,
-                signing_keys=ids.site_keys,
-                server_public_key=ids.server_public_key,
-            ),
-            num_supernodes=cfg.federation.num_sites,
-            backend_config={
-                "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-                "init_args": {"num_cpus": os.cpu_count() or 1, "log_to_driver": verbose, "include_dashboard": False},
-            },
-            verbose_logging=verbose,
-        )
-    except BaseException:
+    # Said before the imports below (Flower, Ray: seconds of their own). Ray starts inside
+    # run_simulation, and the first round's line is the first sign it is up.
+    # Flower starts one worker (Ray actor) per client-cpus share of the cores, whatever num-sites.
+    workers = max(1, cores // cfg.federation.client_cpus)
+    status.stage(
+        f"starting Ray and {workers} site worker{'s' if workers > 1 else ''} "
+        f"(usually {RAY_START_SECONDS}, part of round 1)"
+    )
+    _quiet_flower(verbose)
+    _skip_final_gc()
+    from flwr.simulation import run_simulation  # heavy import (Ray): only when running
+
+    from client.app import build_client_app
+    from common.deploy.simulation_ids import simulation_identities
+    from common.privacy.plan import known_noise
+    from server.app import build_server_app
+    from server.run_dir import PREPARED
+    from server.workflow import StopRequest
+    from simulations.interrupt import ctrl_c_stops, interrupted_text
+
+    # Every party's Ed25519 key and the registry (common/deploy/simulation_ids.py): the server
+    # trusts a reply's site id only when that site's key signed it, and weights it by the
+    # registered n-hat.
+    ids = simulation_identities(run_dir, sizes, resume=cfg.federation.resume)
+    if not (cfg.federation.resume and cfg.federation.registry):  # a resumed run keeps its config
+        cfg = cfg.replace(registry=str(ids.registry_path), server_key=str(ids.server_key_path))
+    flat = cfg.to_flat()
+
+    def forget_unstarted() -> None:
         # A run that never started leaves nothing behind: not even the keys made for it.
         if not cfg.federation.resume and run_dir.is_dir() and all(p.name in PREPARED for p in run_dir.iterdir()):
             shutil.rmtree(run_dir)
+
+    stop = StopRequest()
+    try:
+        with ctrl_c_stops(stop, console, status, run_dir, forget_unstarted):
+            run_simulation(
+                server_app=build_server_app(flat, console, progress=status, stop=stop),
+                # The virtual sites' durable state (client.state) lives beside the run.
+                # The preflight's noise search travels with the app, so Ray workers skip it.
+                # Virtual sites accept seeded noise (a deployed site refuses it unless its node config allows it).
+                client_app=build_client_app(
+                    flat,
+                    key=key,
+                    state_dir=run_dir.resolve() / "site-state",
+                    noise=known_noise(),
+                    allow_seeded_noise=True,
+                    declared_sizes=sizes,
+                    signing_keys=ids.site_keys,
+                    server_public_key=ids.server_public_key,
+                ),
+                num_supernodes=cfg.federation.num_sites,
+                backend_config={
+                    "client_resources": {
+                        "num_cpus": cfg.federation.client_cpus,
+                        "num_gpus": cfg.federation.client_gpus,
+                    },
+                    "init_args": {"num_cpus": cores, "log_to_driver": verbose, "include_dashboard": False},
+                },
+                verbose_logging=verbose,
+            )
+        if stop.interrupted:
+            raise KeyboardInterrupt
+    except BaseException as exc:
+        status.close()
+        forget_unstarted()
+        if isinstance(exc, KeyboardInterrupt):
+            console.print(interrupted_text(run_dir))
         raise
     return run_dir
+
+
+# What the status line says Ray's start costs: measured 10-30 s on a 2-core machine (Ray
+# itself, then each worker importing torch and loading its site's data in round 1).
+RAY_START_SECONDS = "10-30 s"
+
+
+def _skip_final_gc() -> None:
+    """At exit, skip the interpreter's last garbage collections (atexit runs before them).
+
+    After a run the heap holds torch, Ray, Flower and their data: half a million objects that
+    Python's finalisation traverses in full collections, 3-5 s on 2 busy cores, after the
+    last line is printed (and after Ctrl-C). ``gc.freeze`` at exit makes those collections skip
+    them; memory goes back to the OS all the same. Every file of the run is closed (ledger)
+    or fsynced (metrics, checkpoint) by then, so no finaliser is waited for.
+    Registered at exit only, so a process that goes on (a test session) is not affected.
+    """
+    import atexit
+    import gc
+
+    atexit.unregister(gc.freeze)  # once per process, however many runs it starts
+    atexit.register(gc.freeze)
 
 
 def _quiet_flower(verbose: bool) -> None:

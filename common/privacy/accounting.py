@@ -11,6 +11,7 @@ recompute it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +37,19 @@ ADD_REMOVE = "add-remove"
 NEIGHBOURING = (ADD_REMOVE,)
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+
+def silence_known_warnings() -> None:
+    """Opacus warns "Optimal order is the largest alpha" when the best RDP order is the last of
+    its fixed grid (RDPAccountant.DEFAULT_ALPHAS, up to 63). The epsilon is still a valid upper
+    bound, only possibly a little loose: harmless, and the grid must stay Opacus's own so that
+    anyone recomputes the ledger's epsilon exactly. Silenced for that message and module only."""
+    warnings.filterwarnings(
+        "ignore", message=r"Optimal order is the (largest|smallest) alpha", module=r"opacus\.accountants\.analysis\.rdp"
+    )
+
+
+silence_known_warnings()  # every process that computes an epsilon imports this module
 
 
 def epsilon(history: Iterable[Mechanism], delta: float, accountant: str) -> float:
