@@ -67,7 +67,7 @@ def _server(monkeypatch, *, simulation: bool):
         def headline(self) -> list[str]:
             return []
 
-    def fake_run(grid, context, cfg, console):
+    def fake_run(grid, context, cfg, console, **_):
         seen.append(cfg)
         return _Summary()
 
