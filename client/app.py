@@ -662,10 +662,12 @@ def simulation_engine_site(node_config: Mapping[str, Any], num_sites: int, site_
     node keeps the deployed rules: its own ``signing-key``, or a refusal without one
     (:func:`signing_identity`).
     """
-    folder = folder_from_env()
-    if folder is None or set(node_config) != SIMULATION_NODE_CONFIG or not in_simulation_engine():
+    # The node and the process first: a deployed site ignores the variable whatever it holds
+    # (reading it first would fail such a site on a malformed value, and tell the coordinator so).
+    if set(node_config) != SIMULATION_NODE_CONFIG or not in_simulation_engine():
         return None
-    return load_for_site(folder, num_sites, site_index)
+    folder = folder_from_env()
+    return None if folder is None else load_for_site(folder, num_sites, site_index)
 
 
 def site_key(cfg: RunConfig, node_config: Mapping[str, Any], given: bytes | None = None) -> bytes | None:

@@ -40,6 +40,11 @@ def _visible_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def one_line(value: Any) -> str:
+    """``value`` as one line of plain text: control characters (newlines too) as visible escapes."""
+    return _visible_controls(str(value))
+
+
 def md_cell(value: Any) -> str:
     """``value`` as inert Markdown text for one table cell or one list item.
 

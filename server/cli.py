@@ -154,6 +154,8 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     if not result.ok:
         where = f"row seq {result.first_bad_seq}" if result.first_bad_seq is not None else "ledger end"
         return fail(f"[red]verification FAILED at {where}:[/] {console_text(result.reason)}")
+    if result.rows == 0:  # a wiped ledger is self-consistent: it must still never read as a pass
+        return fail("[red]verification FAILED:[/] the ledger has no rows, so there is nothing to verify")
     report.print(
         f"verified: {result.rows} rows; hash chain intact, every ε recomputes from its inputs, "
         "head matches metrics.jsonl"
@@ -177,9 +179,10 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     if not all(c.ok for c in checks):
         return fail("[red]verification FAILED:[/] a recorded ε is below the independent accountant's (under-stated)")
     if keyed is None:
+        # Not "PASS": a script that accepts `^verdict: PASS` must not accept a check no key took part in.
         report.print(
-            f"verdict: PASS for {result.rows} rows, [yellow]self-consistency only: not verified against keys: "
-            "no registry[/]"
+            f"verdict: SELF-CONSISTENT ONLY for {result.rows} rows, [yellow]not verified against keys: "
+            "no registry (pass --registry)[/]"
         )
         return 0
     report.print(
@@ -189,7 +192,12 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     receipts = getattr(args, "receipts", None)
     if receipts:
         report.print("verified against the sites' receipts: every row and head they hold is in the ledger")
-    against = "keys and the sites' receipts" if receipts else "keys"
+    against = (
+        "keys and the sites' receipts"
+        if receipts
+        else "keys (a tail cut from the ledger and metrics.jsonl together shows only against the sites' "
+        "receipts: --receipts)"
+    )
     report.print(
         f"verdict: PASS for {result.rows} rows: chain, recomputed ε, independent accountant, verified against {against}"
     )

@@ -129,8 +129,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     if cfg.flat:
         parts.append(
             f'<p class="note">Scenario {html.escape(str(cfg.get("scenario", "?")))}, task '
-            f"{html.escape(str(cfg.get('task', '?')))}, {cfg.get('num-sites', '?')} sites; "
-            f"{completed} of {cfg.get('rounds', '?')} planned rounds recorded.</p>"
+            f"{html.escape(str(cfg.get('task', '?')))}, {html.escape(str(cfg.get('num-sites', '?')))} sites; "
+            f"{completed} of {html.escape(str(cfg.get('rounds', '?')))} planned rounds recorded.</p>"
         )
     if private:
         r0 = private[0]

@@ -33,7 +33,7 @@ from common.identifiers import CENTRAL_SITE_ID
 from common.metrics.fairness import site_fairness
 from common.tasks import Task
 from common.tasks.base import set_state
-from common.textsafe import console_text
+from common.textsafe import console_text, one_line
 from server.ledger import Ledger
 from server.report import eval_kind, eval_source
 from server.run_dir import check_new_run_dir, check_resumable_run_dir
@@ -267,7 +267,8 @@ def config_toml(cfg: RunConfig) -> str:
         "# The configuration this run was started with: every key, defaults included.",
         '# `privfed resume` reads it back unchanged. Keys whose value means "default" or "auto",',
         "# and relative paths, resolved at the start of the run to:",
-        *(f"{RESOLVED_PREFIX}{key}: {text}" for key, text in resolved_keys(cfg).items()),
+        # A path may hold a newline; escaped, it cannot end the comment and become a TOML key.
+        *(f"{RESOLVED_PREFIX}{key}: {one_line(text)}" for key, text in resolved_keys(cfg).items()),
         "",
     ]
     return "\n".join(lines) + "\n" + tomli_w.dumps(cfg.to_nested())

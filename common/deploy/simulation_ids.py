@@ -254,6 +254,14 @@ def make_for_app(
 
     if not force and ((folder / REGISTRY_FILE).exists() or (folder / KEYS_DIR).exists()):
         raise PrivfedError(f"{folder} already holds simulation keys (pass --force to replace them)")
+    # The folder becomes 0700 and holds private keys: only a new or empty one, never a checkout or
+    # a home folder (`privfed keys simulation .` would lock it), unless it already holds keys (--force).
+    if folder.exists() and (not folder.is_dir() or folder.is_symlink()):
+        raise PrivfedError(f"{folder} is not a folder of its own (a file or a link): name a new folder")
+    if folder.is_dir() and any(p.name not in (REGISTRY_FILE, KEYS_DIR) for p in folder.iterdir()):
+        raise PrivfedError(f"{folder} holds other files: name a new or empty folder for the simulation keys")
+    if (folder / KEYS_DIR).is_symlink():
+        raise PrivfedError(f"{folder / KEYS_DIR} is a link: the keys are written only into a real folder")
     if get_task(cfg.task).needs_key and key is None:
         raise ConfigError(
             "key-file",

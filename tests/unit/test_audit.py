@@ -288,7 +288,10 @@ def test_verify_puts_the_verdict_last_on_stdout(tmp_path, capsys):
     assert cli(["audit", str(run), "--verify"]) == 0
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
-    assert lines[-1].startswith("verdict: PASS for 6 rows") and "not verified against keys: no registry" in lines[-1]
+    assert (
+        lines[-1].startswith("verdict: SELF-CONSISTENT ONLY for 6 rows")
+        and "not verified against keys: no registry" in lines[-1]
+    )
     assert "verified: 6 rows" in out and "cross-check site-1" in out and err == ""
 
 
@@ -309,7 +312,7 @@ def test_machine_formats_keep_stdout_to_the_data_and_the_verdict_on_stderr(tmp_p
     out, err = capsys.readouterr()
     data = json.loads(out) if fmt == "json" else list(csv.DictReader(io.StringIO(out)))
     assert len(data) == 6
-    assert err.strip().splitlines()[-1].startswith("verdict: PASS for 6 rows")
+    assert err.strip().splitlines()[-1].startswith("verdict: SELF-CONSISTENT ONLY for 6 rows")
 
 
 def test_audit_help_imports_nothing_heavy():

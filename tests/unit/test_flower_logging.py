@@ -84,7 +84,7 @@ def test_the_module_level_app_quiets_flower_while_it_runs_and_the_launchers_does
         def headline(self) -> list[str]:
             return []
 
-    def fake_run(grid, context, cfg, console):
+    def fake_run(grid, context, cfg, console, **_):
         _round_logs()
         return _Summary()
 

@@ -26,7 +26,7 @@ from common.deploy.simulation_ids import (
     make_for_app,
     simulation_identities,
 )
-from common.errors import ConfigError
+from common.errors import ConfigError, PrivfedError
 from common.runtime import drop_inactive_tasks
 from simulations.launcher import resolve
 from tests.site_keys import SERVER_PUBLIC
@@ -272,3 +272,24 @@ def test_a_keyed_task_needs_the_federation_key_to_size_its_sites(tmp_path, monke
         make_for_app(tmp_path / "ids", cfg)
     assert info.value.key == "key-file" and _one_line(info)
     assert not (tmp_path / "ids").exists()
+
+
+def test_the_keys_go_only_into_a_new_or_empty_folder_of_their_own(tmp_path):
+    """`privfed keys simulation .` must not make a checkout or a home folder 0700 (review of issue 23)."""
+    cfg = RunConfig.from_flat(RUN)
+    busy = tmp_path / "checkout"
+    busy.mkdir(mode=0o755)
+    (busy / "README.md").write_text("x")
+    with pytest.raises(PrivfedError, match="holds other files"):
+        make_for_app(busy, cfg)
+    assert busy.stat().st_mode & 0o777 == 0o755
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    linked = tmp_path / "ids"
+    linked.mkdir()
+    (linked / "keys").symlink_to(target)
+    with pytest.raises(PrivfedError, match="is a link"):
+        make_for_app(linked, cfg, force=True)
+    assert not any(target.iterdir())
+    make_for_app(tmp_path / "fresh", cfg)  # a new folder is fine, and so is replacing its keys
+    make_for_app(tmp_path / "fresh", cfg, force=True)
