@@ -7,7 +7,9 @@ starts its virtual sites too (the ClientApp), which the server side must not imp
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -34,11 +36,13 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
     if command == "simulate":
         from simulations.launcher import simulate
 
-        simulate(args.scenario, args.overrides, console=console, verbose=args.verbose, key_file=args.key_file)
+        run_dir = simulate(args.scenario, args.overrides, console=console, verbose=args.verbose, key_file=args.key_file)
+        _next_steps(console, run_dir)
     elif command == "resume":
         from simulations.launcher import resume
 
-        resume(args.run_dir, console=console, verbose=args.verbose, key_file=args.key_file)
+        run_dir = resume(args.run_dir, console=console, verbose=args.verbose, key_file=args.key_file)
+        _next_steps(console, run_dir)
     elif command == "scenarios":
         from simulations.launcher import describe, scenario_names
 
@@ -51,3 +55,11 @@ def run(command: str, args: argparse.Namespace, console: Console, err: Console, 
 
         sys.stdout.write(tomli_w.dumps(resolve(args.scenario, args.overrides).to_nested()))
     return 0
+
+
+def _next_steps(console: Console, run_dir: Path) -> None:
+    """The run's last line: the auditor's two commands for what it left behind."""
+    from rich.markup import escape
+
+    d = escape(shlex.quote(str(run_dir)))
+    console.print(f"next: privfed audit {d} --verify (the ledger against the keys); privfed report {d} (report.html)")
