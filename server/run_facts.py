@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import flatten
 from common.config.limits import AUTO_DELTA_CAP, auto_delta
 from common.identifiers import CENTRAL_SITE_ID
 from common.metrics.fairness import site_fairness
@@ -62,7 +63,7 @@ def read_config(run_dir: Path) -> RunConfigFile:
     except (OSError, UnicodeDecodeError):
         return RunConfigFile("", {}, {})
     try:
-        flat = _flatten(tomllib.loads(text))
+        flat = flatten(tomllib.loads(text))
     except tomllib.TOMLDecodeError:
         flat = {}
     resolved = {}
@@ -72,17 +73,6 @@ def read_config(run_dir: Path) -> RunConfigFile:
             if sep:
                 resolved[key.strip()] = note.strip()
     return RunConfigFile(text, flat, resolved)
-
-
-def _flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in nested.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, full))
-        else:
-            out[full] = value
-    return out
 
 
 # ------------------------------------------------------------------ resolved settings

@@ -37,20 +37,9 @@ ARGS = [
 
 def _descendants(pid: int) -> list[int]:
     """pid and every process below it (Ray starts its own process groups, so killpg is not enough)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
+    from simulations.interrupt import descendants
+
+    return [pid, *descendants(pid)]
 
 
 def _kill_tree(pid: int) -> None:
