@@ -9,9 +9,6 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.privfed-installed
 ARGS   ?=
 PYTEST_ARGS ?=
-# Two pytest-xdist workers: the end-to-end tests run in order on one (tests/conftest.py), the
-# unit tests on the other. PYTEST_WORKERS=0 runs everything in one process.
-PYTEST_WORKERS ?= 2
 
 .PHONY: demo test lint bench bench-utility bench-dp bench-secagg bench-proxy install clean
 
@@ -30,7 +27,7 @@ demo: $(STAMP)
 
 # Lint and types first (seconds), then the suite; CI fails on any of them.
 test: lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

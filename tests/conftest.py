@@ -15,13 +15,6 @@ from common.config import RunConfig  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist (`make test` runs two workers, --dist loadgroup) every end-to-end test
-    # runs on one worker, one after another, while the unit tests share the other: the
-    # end-to-end runs use Ray over both cores and check that no Ray/Flower process of this
-    # checkout is left behind, which a concurrent run on another worker would break.
-    for item in items:
-        if "tests/integration/" in item.nodeid.replace("\\", "/"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
