@@ -42,6 +42,9 @@ import server.ledger as L
 from common.privacy.accounting import RoundPlan
 
 plan = RoundPlan(400, 0.05, 20, 1.1, 1.0, 1e-5, "rdp")
+# The accountant (Opacus, torch) loads on the first epsilon(): load it here, once, before the
+# forks, or each writer spends its first seconds importing and the kills land before any commit.
+L.epsilon([(1.1, 0.05, 20)], 1e-5, "rdp")
 
 def spends(n):
     return [L.SiteSpend(f"site-{i:03d}", "image", plan, 20, 10.0, True, "trained", "os") for i in range(n)]

@@ -32,14 +32,19 @@ def handlers():
     """Flower's console handler on its logger, and a root handler as Opacus's basicConfig adds."""
     flwr_logger, root = logging.getLogger(LOGGER_NAME), logging.getLogger()
     own, rooted = _Lines(), _Lines()
-    propagate = flwr_logger.propagate
-    flwr_logger.propagate = True
+    # As Flower leaves its logger: a simulation earlier in this process (the launcher's
+    # _quiet_flower) leaves a warnings-only filter and propagate off on it, which would hide
+    # exactly the lines these tests count.
+    propagate, filters, level = flwr_logger.propagate, list(flwr_logger.filters), flwr_logger.level
+    flwr_logger.propagate, flwr_logger.filters = True, []
+    flwr_logger.setLevel(logging.DEBUG)
     flwr_logger.addHandler(own)
     root.addHandler(rooted)
     yield SimpleNamespace(lines=lambda: own.lines + rooted.lines)
     flwr_logger.removeHandler(own)
     root.removeHandler(rooted)
-    flwr_logger.propagate = propagate
+    flwr_logger.propagate, flwr_logger.filters = propagate, filters
+    flwr_logger.setLevel(level)
 
 
 def _round_logs() -> None:
