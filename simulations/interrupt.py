@@ -24,7 +24,7 @@ from server.workflow import StopRequest
 
 def interrupted_text(run_dir: Path) -> str:
     """What Ctrl-C kept, and the command that goes on (cli.py then says "interrupted")."""
-    from server.report import read_metrics
+    from server.run_files import read_metrics
 
     if not (run_dir / "config.toml").is_file():
         return "stopped before the run started: nothing to resume"
