@@ -84,6 +84,7 @@ class Federation:
         self.site_port = _free_port()  # the proxy: the only address a site dials
         self.procs: list[subprocess.Popen] = []
         self.sites: dict[str, subprocess.Popen] = {}
+        self.sessions: list[int] = []
         self.timings: dict[str, float] = {}
         # Exactly what an operator's shell has after `. .venv/bin/activate` (no Flower
         # variables: the guide's commands must work without them).
@@ -112,6 +113,7 @@ class Federation:
             cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
         )
         self.procs.append(p)
+        self.sessions.append(p.pid)  # a session leader: its group id is its pid, even after it exits
         return p
 
     def flwr(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -203,7 +205,10 @@ class Federation:
         return [n["status"] for n in self.nodes()].count("online")
 
     def teardown(self) -> None:
-        groups: set[int] = set()
+        # Every spawned session's group, whether or not its leader is still alive: a SuperNode
+        # that stopped by itself (the revoked site) can leave its SuperExec child running, an
+        # orphan that no longer descends from anything this fixture holds.
+        groups: set[int] = set(self.sessions)
         for p in self.procs:
             for pid in [p.pid, *_descendants(p.pid)]:
                 try:
@@ -534,6 +539,8 @@ def test_a_revoked_site_is_shut_out(federation):
 
 def test_no_process_is_left_behind(federation):
     federation.teardown()
-    time.sleep(1)
+    deadline = time.monotonic() + 15  # killed processes take a moment to go; a leftover stays
+    while simulation_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert simulation_processes() == []
     assert subprocess.run(["pgrep", "-f", str(federation.root / "proxy")], capture_output=True).returncode == 1

@@ -54,7 +54,8 @@ def test_an_app_signature_binds_the_coordinator_to_one_hash():
     for key, fab_hash, signature in (
         (public_hex(other), h, sig),  # another key
         (public_hex(coordinator_key), fab_hash_of(b"another fab"), sig),  # another app
-        (public_hex(coordinator_key), h, sig[:-2] + "00"),  # a changed signature
+        # a changed signature (its last byte flipped: "00" alone would leave 1 signature in 256 unchanged)
+        (public_hex(coordinator_key), h, sig[:-2] + f"{int(sig[-2:], 16) ^ 0xFF:02x}"),
         (public_hex(coordinator_key), h, "not hex"),
     ):
         with pytest.raises(AppApprovalError, match="not the coordinator's signature"):
