@@ -22,6 +22,7 @@ from rich.console import Console
 from common.config import RunConfig, flatten, parse_override
 from common.deploy.keys import KEY_BYTES, key_from_env, load_key
 from common.errors import ConfigError, DataError
+from server.flower_logging import LOGGER_NAME, WarningsOnly
 from server.run_dir import check_new_run_dir, default_run_dir
 
 # Nothing here imports torch, Flower, Ray or Opacus: `privfed scenarios`, `privfed config` and a
@@ -306,7 +307,7 @@ def _quiet_flower(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
         # run_simulation resets the console handler's level, so filter on the logger itself.
-        flwr_logger = logging.getLogger("flwr")
+        flwr_logger = logging.getLogger(LOGGER_NAME)
         if not any(isinstance(f, _WarningsOnly) for f in flwr_logger.filters):
             flwr_logger.addFilter(_WarningsOnly())
         # Flower's logger has its own console handler; Ray gives the root logger another,
@@ -314,7 +315,10 @@ def _quiet_flower(verbose: bool) -> None:
         flwr_logger.propagate = False
 
 
-class _WarningsOnly(logging.Filter):
+class _WarningsOnly(WarningsOnly):
+    """Flower's own level rule (:class:`server.flower_logging.WarningsOnly`), plus what only a
+    simulation prints: a site's Ray traceback shortened to its reason, once."""
+
     last_failure = ""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -334,4 +338,4 @@ class _WarningsOnly(logging.Filter):
             if record.msg == self.last_failure:  # Flower logs each failure twice
                 return False
             self.last_failure = record.msg
-        return record.levelno >= logging.WARNING
+        return super().filter(record)
