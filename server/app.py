@@ -202,7 +202,8 @@ def _run_federation(
         if recorder is not None and not (stop is not None and stop.interrupted):
             progress.stage(final_checks_label(cfg, test is not None))
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
-                task.save_samples(recorder.model, run_dir / "samples" / "final.png")
+                last = max(r for r, rec in strategy.records.items() if rec.aggregated)
+                task.save_samples(recorder.model, run_dir / "samples" / "final.png", recorder.sample_caption(last))
             stop_reason = (
                 f"FAILED: {failure}"
                 if failure

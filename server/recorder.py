@@ -37,7 +37,7 @@ from common.textsafe import console_text, one_line
 from server.ledger import Ledger
 from server.report import eval_kind, eval_source
 from server.run_dir import check_new_run_dir, check_resumable_run_dir
-from server.run_facts import RESOLVED_PREFIX, no_file_data
+from server.run_facts import RESOLVED_PREFIX, dp_rows, no_file_data
 from server.run_files import json_safe
 
 if TYPE_CHECKING:
@@ -185,13 +185,26 @@ class RunRecorder:
         self._append(line)
         every = self.cfg.federation.sample_every
         if every and rnd % every == 0:
-            self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png")
+            self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png", self.sample_caption(rnd))
         self.console.print(self._progress_line(rnd, line))
 
     def sign_head(self, rnd: int) -> None:
         """Sign the ledger's head as round ``rnd``'s, when the server has a key."""
         if self.server_key is not None:
             self.ledger.sign_head(rnd, self.server_key)
+
+    def sample_caption(self, rnd: int) -> str:
+        """The privacy claim under a sample grid: round, the largest ε any site has spent, the
+        largest δ, the unit, the neighbouring relation and the accountant (from the ledger)."""
+        rows = dp_rows(self.ledger.rows())
+        if not rows:
+            return f"round {rnd}: no DP (ε = ∞)"
+        accountants = "/".join(sorted({r.accountant for r in rows}))
+        relation = "/".join(sorted({r.neighbouring for r in rows}))
+        return (
+            f"round {rnd}: ε ≤ {self._eps_max():.2f} per site, δ ≤ {max(r.delta for r in rows):.0e}, "
+            f"unit one {self.task.privacy_unit} ({relation}), {accountants}"
+        )
 
     def _eps_max(self) -> float:
         return max((v for k, v in self.ledger.spent().items() if k != CENTRAL_SITE_ID), default=0.0)

@@ -203,8 +203,9 @@ class Task(ABC):
         (default: :meth:`evaluate`, whose keys outside the schema are withheld)."""
         return self.evaluate(model, data)
 
-    def save_samples(self, model: nn.Module, path: Path) -> Path | None:
-        """Draw a sample grid PNG if the task generates data; None otherwise."""
+    def save_samples(self, model: nn.Module, path: Path, caption: str | None = None) -> Path | None:
+        """Draw a sample grid PNG if the task generates data; None otherwise. ``caption``: the
+        privacy claim the samples were made under (the server's :meth:`RunRecorder.sample_caption`)."""
         return None
 
 

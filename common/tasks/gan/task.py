@@ -281,7 +281,7 @@ class GANTask(ImageTask):
         return server_classifier(self, self.params.num_classes)
 
     @torch.no_grad()
-    def save_samples(self, model: nn.Module, path: Path) -> Path:
+    def save_samples(self, model: nn.Module, path: Path, caption: str | None = None) -> Path:
         from common.plots import image_grid
 
         model = _gan(model)
@@ -295,4 +295,4 @@ class GANTask(ImageTask):
         model.train()
         side = int(round(model.in_dim**0.5))
         shape = (side, side) if side * side == model.in_dim else (1, model.in_dim)
-        return image_grid(images.reshape(len(images), *shape), path)
+        return image_grid(images.reshape(len(images), *shape), path, caption)

@@ -321,8 +321,9 @@ class TabularTask(Task):
         b = self.cfg.metrics.loss_bound or DEFAULT_LOSS_BOUND
         return self._site_sums(vae, data, (prior + recon + kl).clamp(0, b))
 
-    def save_samples(self, model: nn.Module, path: Path) -> Path:
-        """1,000 synthetic rows as CSV beside ``path`` (the report draws the marginals from metrics)."""
+    def save_samples(self, model: nn.Module, path: Path, caption: str | None = None) -> Path:
+        """1,000 synthetic rows as CSV beside ``path`` (the report draws the marginals from metrics;
+        the report states the privacy claim, so ``caption`` is not written into the CSV)."""
         from common.deploy.fileio import make_private_dir, write_text_atomically
 
         frame = self.sample_frame(model, 1000, self.params.eval_seed)

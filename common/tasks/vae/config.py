@@ -16,6 +16,9 @@ class VAEConfig:
     beta: float = 1.0
     # Per-class validation sums of fewer images are not sent (complementary suppression).
     min_group_size: int = 10
+    # 0: train every weight. r > 0: train only rank-r adapters around each layer's random
+    # initial weights (common.tasks.adapters): far fewer coordinates for DP-SGD to noise.
+    adapter_rank: int = 0
 
     def validate(self) -> None:
         if self.latent_dim < 1:
@@ -26,6 +29,11 @@ class VAEConfig:
             raise ConfigError("vae.beta", f"must be >= 0, got {self.beta}")
         if self.min_group_size < 1:
             raise ConfigError("vae.min-group-size", f"must be >= 1, got {self.min_group_size}")
+        if not 0 <= self.adapter_rank <= min(self.hidden_dim, 64):
+            raise ConfigError(
+                "vae.adapter-rank",
+                f"must be in [0, min(vae.hidden-dim, 64)] (0 = train every weight), got {self.adapter_rank}",
+            )
 
 
 SPEC = TaskSpec(

@@ -167,7 +167,10 @@ class VAETask(ImageTask):
     plot_metrics = ("class_tv", "recon_disparity.ratio")
 
     def build_model(self, site_index: int | None = None) -> VAE:
-        return VAE(self.input_dim, self.params.hidden_dim, self.params.latent_dim)
+        from common.tasks.adapters import add_adapters
+
+        model = VAE(self.input_dim, self.params.hidden_dim, self.params.latent_dim)
+        return cast(VAE, add_adapters(model, self.params.adapter_rank))
 
     def per_sample_loss(self, model: nn.Module, batch: ArrayData) -> torch.Tensor:
         recon, kl = negative_elbo_terms(_vae(model), batch.x)
@@ -263,7 +266,7 @@ class VAETask(ImageTask):
         return {**means, **class_recon_metrics(sums), **{k: v for k, v in sums.items() if k.endswith(".n")}}
 
     @torch.no_grad()
-    def save_samples(self, model: nn.Module, path: Path) -> Path:
+    def save_samples(self, model: nn.Module, path: Path, caption: str | None = None) -> Path:
         from common.plots import image_grid
 
         model = _vae(model)
@@ -273,5 +276,5 @@ class VAETask(ImageTask):
         z = torch.randn(64, model.latent_dim, generator=gen, device=device)
         images = torch.sigmoid(model.decoder(z)).cpu().numpy()
         if side * side != model.input_dim:  # not square: show as one row per sample
-            return image_grid(images.reshape(64, 1, -1), path)
-        return image_grid(images.reshape(64, side, side), path)
+            return image_grid(images.reshape(64, 1, -1), path, caption)
+        return image_grid(images.reshape(64, side, side), path, caption)
