@@ -39,7 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
 from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
-from client.state import LIFETIME_ACCOUNTANT, Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
+from client.state import Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
 from common.deploy.fileio import make_private_dir, write_atomically
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
@@ -76,7 +76,7 @@ from common.errors import ConfigError, PrivfedError
 from common.faults import drops, event
 from common.identifiers import CENTRAL_SITE_ID, run_id_problem, site_id_problem
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
-from common.privacy.accounting import RoundPlan, epsilon
+from common.privacy.accounting import LIFETIME_ACCOUNTANT, RoundPlan, epsilon
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import NoiseKey, check_real_size, plan_round, remember_noise
 from common.privacy.training import run_local_round

@@ -84,11 +84,6 @@ def save_state(path: Path, state: SiteState) -> None:
     write_atomically(path, lambda fh: torch.save(payload, fh))
 
 
-# The lifetime composition: RDP composes the rounds of any runs (its curve does not depend on
-# delta), converted to epsilon at the current round's delta.
-LIFETIME_ACCOUNTANT = "rdp"
-
-
 @dataclass(frozen=True)
 class LifetimeEntry:
     """One round a site trained on its dataset, in any run."""

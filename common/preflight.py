@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
-from common.privacy.accounting import RoundPlan, epsilon
+from common.privacy.accounting import LIFETIME_ACCOUNTANT, RoundPlan, epsilon
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import plan_round
 from common.privacy.secagg_stats import secure_statistics
@@ -53,9 +53,34 @@ def preflight(cfg: RunConfig, key: bytes | None = None, stages: Stages = SILENT)
             raise ConfigError(
                 "dp.noise-multiplier", f"the accountant cannot compute epsilon for this plan ({exc})"
             ) from None
+        if search:
+            check_target_fits_budget(cfg, plan, planned)
         if cfg.metrics.dp and cfg.dp.enabled:
             check_metrics_budget(cfg, plan, planned)
     return task
+
+
+def check_target_fits_budget(cfg: RunConfig, plan: RoundPlan, planned: float) -> None:
+    """dp.target-epsilon promises that every site spends its target over all the planned rounds.
+    A site checks each round against its budget under the run's accountant *and* under the
+    lifetime accountant (RDP, which composes every run of its dataset). PRV's tighter ε lets a
+    target equal to the budget fail the RDP check rounds before the end (a run stopped after 27
+    of 30). Refused here, before anything starts, naming the key to change."""
+    rounds = cfg.federation.rounds
+    lifetime = (
+        planned
+        if plan.accountant == LIFETIME_ACCOUNTANT
+        else epsilon([plan.mechanism] * rounds, plan.delta, LIFETIME_ACCOUNTANT)
+    )
+    worst = max(planned, lifetime)
+    if worst > cfg.dp.epsilon_budget:
+        raise ConfigError(
+            "dp.epsilon-budget",
+            f"is {cfg.dp.epsilon_budget:g}, but {rounds} rounds at dp.target-epsilon {cfg.dp.target_epsilon:g} "
+            f"({plan.accountant}) spend eps={lifetime:.4g} under the {LIFETIME_ACCOUNTANT} accountant that bounds "
+            f"each site's lifetime budget: sites would stop before the last round; raise dp.epsilon-budget to "
+            f"{worst:.4g} or more, or use dp.accountant={LIFETIME_ACCOUNTANT}",
+        )
 
 
 def check_metrics_budget(cfg: RunConfig, plan: RoundPlan, planned: float) -> None:

@@ -23,6 +23,9 @@ from common.config.limits import auto_delta as auto_delta
 
 # Accountant name recorded for non-private training (sigma = 0): epsilon is infinite.
 NO_DP = "none"
+# The accountant of a site's lifetime budget (client.state.Lifetime): RDP composes the rounds
+# of any runs (its curve does not depend on delta), converted to epsilon at the round's delta.
+LIFETIME_ACCOUNTANT = "rdp"
 # Opacus (and torch with it, about 2.5 s) is imported inside the functions that compute: the
 # ledger, `privfed audit` and the config read this module's names without computing anything.
 

@@ -89,8 +89,8 @@ def _trained_rounds(tmp_path, rotate: bool) -> tuple[int, dict]:
 
 def test_rotating_run_ids_cannot_exceed_the_site_budget(tmp_path):
     """Issue 18, finding 8: budget 2 bought 4 rounds under one run id and 9 under rotating ones."""
-    from client.state import LIFETIME_ACCOUNTANT, Lifetime
-    from common.privacy.accounting import epsilon
+    from client.state import Lifetime
+    from common.privacy.accounting import LIFETIME_ACCOUNTANT, epsilon
 
     one_run, _ = _trained_rounds(tmp_path / "one", rotate=False)
     rotating, last = _trained_rounds(tmp_path / "rotating", rotate=True)
