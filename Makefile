@@ -39,7 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 $(PY) -m simulations.bench $(ARGS)
 
-# utility against epsilon, full federated runs -> bench-results/bench_utility.json (7-17 min)
+# utility against epsilon, full federated runs -> bench-results/bench_utility.json (20-35 min)
 bench-utility: $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 $(PY) -m simulations.bench --utility $(ARGS)
 

@@ -1,7 +1,7 @@
 """privfed's benchmark suite: one table of ratios per section, each measured side by side.
 
     make bench             sections 1-3 (about 11 minutes on 2 cores) -> bench-results/bench.json
-    make bench-utility     section 4 (7-17 minutes, with load)        -> bench-results/bench_utility.json
+    make bench-utility     section 4 (20-35 minutes, with load)        -> bench-results/bench_utility.json
     .venv/bin/python -m simulations.bench --sections dp,round     a subset
 
 1. **DP-SGD step ÷ non-private step** per task model (VAE, GAN discriminator, MF), fast
@@ -193,7 +193,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--scale-asis-rounds", type=int, default=3, help="rounds per run as-is (every site evaluates: slow)")
     g.add_argument("--scale-repeats", type=int, default=1)
     g = p.add_argument_group("4. utility (--utility)")
-    g.add_argument("--tasks", nargs="+", default=["vae", "gan", "recsys"])
+    g.add_argument("--tasks", nargs="+", default=["vae", "gan", "recsys", "tabular"])
     g.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf])
     g.add_argument("--key-file", default=None, help="federation key for the recommender (privfed keys new PATH)")
     args = p.parse_args(argv)

@@ -10,13 +10,15 @@ scenario's ``-nodp`` baseline. Utility is read from the final round's test metri
 * VAE (``vae-digits``): test negative ELBO in nats on the server's split (lower is better);
 * GAN (``gan-digits``): TSTR accuracy, a classifier trained on generated images and
   tested on real ones (higher is better);
+* tabular generator (``tabular-adult``, only when UCI Adult is present): TSTR accuracy
+  of a logistic regression trained on synthetic rows, tested on real held-out rows;
 * recommender (``recsys-movielens``, only when MovieLens 100K is present): held-out
   RMSE (lower is better). Its sites pseudonymise ids with a federation key: pass
   ``--key-file`` (``privfed keys new PATH``), or a throwaway key is written for this
   benchmark; a different key changes the held-out split, so the last digit can move.
 
 Runs are seeded, so each number repeats on the same machine and key. This takes long
-(7 to 17 minutes on two cores, with load), so it is not part of ``make bench``.
+(20 to 35 minutes on two cores: the tabular runs take 3-4 minutes each), so it is not part of ``make bench``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ TASKS: dict[str, UtilityTask] = {
     "gan": UtilityTask("gan-digits", "gan-digits-nodp", "tstr", "GAN TSTR accuracy (higher better)", True),
     "recsys": UtilityTask(
         "recsys-movielens", "recsys-movielens-nodp", "rmse", "MF held-out RMSE, MovieLens 100K (lower better)", False
+    ),
+    "tabular": UtilityTask(
+        "tabular-adult", "tabular-adult-nodp", "tstr.lr.accuracy", "Tabular TSTR accuracy, Adult (higher better)", True
     ),
 }
 EPSILONS = (1.0, 3.0, 8.0, math.inf)
@@ -87,7 +92,7 @@ def run_cell(task: UtilityTask, eps: float, key_file: str | None, extra: Iterabl
 
 
 def utility_section(
-    tasks: Iterable[str] = ("vae", "gan", "recsys"),
+    tasks: Iterable[str] = ("vae", "gan", "recsys", "tabular"),
     epsilons: Iterable[float] = EPSILONS,
     key_file: str | None = None,
     extra: Iterable[str] = (),
@@ -95,15 +100,21 @@ def utility_section(
     runner: Callable[..., dict[str, Any]] = run_cell,
 ) -> dict[str, Any]:
     """Final utility per (task, ε); ``relative_to_nodp`` = value ÷ the ε = ∞ value."""
+    from common.data.tabular import default_adult_path
     from common.tasks.recsys.data import default_movielens_path
+
+    missing = {
+        "recsys": (default_movielens_path, "MovieLens 100K not found (../shared/data/ml-100k)"),
+        "tabular": (default_adult_path, "UCI Adult not found (../shared/data/adult)"),
+    }
 
     out: dict[str, Any] = {"epsilons": ["inf" if math.isinf(e) else e for e in epsilons], "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="privfed-utility-key-") as tmp:
         for name in tasks:
             task = TASKS[name]
-            if name == "recsys" and default_movielens_path() is None:
-                out["tasks"][name] = {"skipped": "MovieLens 100K not found (../shared/data/ml-100k)"}
-                progress(f"  {name}: skipped (MovieLens 100K not found)")
+            if name in missing and missing[name][0]() is None:
+                out["tasks"][name] = {"skipped": missing[name][1]}
+                progress(f"  {name}: skipped ({missing[name][1]})")
                 continue
             kf = key_file
             if name == "recsys" and kf is None:
