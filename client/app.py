@@ -41,6 +41,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
 from client.state import Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
 from common.config import RunConfig
+from common.config.schema import lr_factor
 from common.deploy.fileio import make_private_dir, write_atomically
 from common.deploy.keys import KEY_ENV, key_from_env, load_key
 from common.deploy.receipts import RECEIPT, Receipt, ReceiptError, check_receipt, extends
@@ -479,7 +480,8 @@ class SiteClient(NumPyClient):
                 f"injected crash: site {self.site_index} failed in round {server_round} before training"
             )
         t0 = time.perf_counter()
-        outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed)
+        lr_scale = lr_factor(self.cfg.train.lr_schedule, server_round, self.cfg.federation.rounds)
+        outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed, lr_scale)
         self._remember(server_round, plan, outcome.steps_taken)
         self._keep_local(model, keys)
         self._persist(plan)  # before anything leaves the site

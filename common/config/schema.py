@@ -203,6 +203,17 @@ class DataConfig:
         _require(self.min_site_size >= 2, "data.min-site-size", f"must be >= 2, got {self.min_site_size}")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, server_round: int, rounds: int) -> float:
+    """The multiplier of train.lr in round ``server_round`` (1-based) of ``rounds``."""
+    if schedule == "constant" or rounds <= 0:
+        return 1.0
+    r = min(max(server_round, 1), rounds)
+    return 0.5 * (1.0 + math.cos(math.pi * (r - 1) / rounds))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training at each site, per round."""
@@ -211,12 +222,21 @@ class TrainConfig:
     batch_size: int = 32
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3
+    # constant, or cosine: round r of R trains at lr * (1 + cos(pi (r - 1) / R)) / 2, a
+    # data-independent schedule (under DP the late rounds average the noise instead of
+    # taking full steps of it).
+    lr_schedule: str = "constant"
 
     def validate(self) -> None:
         _require(self.local_epochs > 0, "train.local-epochs", f"must be > 0, got {self.local_epochs}")
         _require(self.batch_size >= 1, "train.batch-size", f"must be >= 1, got {self.batch_size}")
         _require(self.optimizer in ("adam", "sgd"), "train.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            "train.lr-schedule",
+            f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+        )
 
 
 # dp.unit: one training record, or all of one person's records (user-level DP).

@@ -183,13 +183,15 @@ def run_local_round(
     plan: RoundPlan,
     device: torch.device,
     seed: int | None,
+    lr_scale: float = 1.0,
 ) -> RoundOutcome:
     """Train ``model`` in place for one round.
 
     ``seed`` makes sampling, noise and the task's own randomness repeat exactly
     (simulation). ``seed=None`` (``dp.secure-rng``) seeds every generator from 128 bits of
     OS entropy and turns on Opacus's ``secure_mode`` noise (robust to floating-point
-    attacks). That is unpredictable, but it is torch's Mersenne Twister seeded securely,
+    attacks). ``lr_scale`` multiplies ``train.lr`` this round (the schedule's factor,
+    :func:`common.config.schema.lr_factor`). That is unpredictable, but it is torch's Mersenne Twister seeded securely,
     not a cryptographic stream: Opacus's CSPRNG needs ``torchcsprng``, which has no build
     for current torch.
     """
@@ -201,8 +203,9 @@ def run_local_round(
     # the site train on their exact gradient, outside the DP engine (docs/PRIVACY.md).
     local = task.person_local_modules(private) if user_level else []
     local_params = [p for m in local for p in m.parameters() if p.requires_grad]
-    optimizer = make_optimizer(private, cfg.train.optimizer, cfg.train.lr, but=map(id, local_params))
-    local_optimizer = make_optimizer(private, cfg.train.optimizer, cfg.train.lr, only=local_params) if local else None
+    lr = cfg.train.lr * lr_scale
+    optimizer = make_optimizer(private, cfg.train.optimizer, lr, but=map(id, local_params))
+    local_optimizer = make_optimizer(private, cfg.train.optimizer, lr, only=local_params) if local else None
     secure = seed is None
     # Three independent streams (noise, Poisson sampling, the task's own randomness).
     entropy = secrets.randbits(128) if secure else seed

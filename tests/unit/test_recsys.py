@@ -544,3 +544,75 @@ def test_default_combine_skips_strings_and_flags():
         [(10, {"site_id": "a", "neg_elbo": 1.0, "ok": True}), (30, {"site_id": "b", "neg_elbo": 3.0, "ok": False})]
     )
     assert out == {"neg_elbo": 2.5}
+
+
+# ------------------------------------------------ per-table scales, lr schedule
+
+SCALES = {"recsys.global-scale": 0.3, "recsys.user-bias-scale": 2.0, "recsys.item-bias-scale": 3.0}
+
+
+@pytest.mark.parametrize("model", ["mf", "bias"])
+def test_table_scales_start_where_scale_one_starts_and_shift_the_gradient(model):
+    plain = recsys_task(**{"recsys.model": model})
+    scaled = recsys_task(**{"recsys.model": model, **SCALES, "recsys.factor-scale": 0.5})
+    batch = plain.site_data(0)[0]
+    torch.manual_seed(0)
+    a = plain.build_model(0)
+    torch.manual_seed(0)
+    b = scaled.build_model(0)
+    # the same initial values: factors drawn at init-std / scale, mu at its midpoint / scale
+    assert torch.allclose(a(batch.x), b(batch.x), atol=1e-5)
+    plain.per_sample_loss(a, batch).sum().backward()
+    scaled.per_sample_loss(b, batch).sum().backward()
+    # d loss / d weight = scale x d loss / d value
+    assert torch.allclose(b.item_bias.weight.grad, 3.0 * a.item_bias.weight.grad, atol=1e-4)
+    assert torch.allclose(b.user_bias.weight.grad, 2.0 * a.user_bias.weight.grad, atol=1e-4)
+    assert torch.allclose(b.global_bias.weight.grad, 0.3 * a.global_bias.weight.grad, rtol=1e-4)
+
+
+def test_fast_engine_matches_opacus_with_table_scales():
+    task = recsys_task(**{"recsys.l2": 0.05, **SCALES, "recsys.factor-scale": 0.5})
+    train = task.site_data(0)[0]
+    batch = ArrayData(train.x[:64], train.y[:64])
+    torch.manual_seed(0)
+    net = task.build_model(0)
+    fast, ref = engine_grads(FastDPStep, task, net, batch), engine_grads(OpacusDPStep, task, net, batch)
+    for name in ref:
+        assert torch.allclose(fast[name], ref[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("key", ["global-scale", "user-bias-scale", "item-bias-scale", "factor-scale"])
+def test_a_table_scale_must_be_positive(key):
+    with pytest.raises(ConfigError, match=f"recsys.{key}"):
+        recsys_task(**{f"recsys.{key}": 0.0})
+
+
+def test_cosine_lr_schedule_and_its_config_error():
+    from common.config.schema import lr_factor
+
+    assert lr_factor("constant", 7, 30) == 1.0
+    assert lr_factor("cosine", 1, 30) == 1.0
+    assert math.isclose(lr_factor("cosine", 16, 30), 0.5)
+    last = lr_factor("cosine", 30, 30)
+    assert 0 < last < 0.01
+    assert all(lr_factor("cosine", r + 1, 30) < lr_factor("cosine", r, 30) for r in range(1, 30))
+    with pytest.raises(ConfigError, match="train.lr-schedule"):
+        recsys_task(**{"train.lr-schedule": "step"})
+
+
+def test_the_schedule_scales_the_rounds_learning_rate():
+    from common.privacy.training import run_local_round
+
+    task = recsys_task(**{"dp.enabled": False, "train.lr": 0.05, "train.batch-size": 64})
+    train = task.site_data(0)[0]
+    from common.privacy.plan import plan_round
+
+    plan = plan_round(task.cfg, len(train))
+    torch.manual_seed(0)
+    base = task.build_model(0)
+    moved = []
+    for scale in (1.0, 0.0001):
+        m = copy.deepcopy(base)
+        run_local_round(task, m, train, plan, torch.device("cpu"), seed=1, lr_scale=scale)
+        moved.append((m.item_bias.weight - base.item_bias.weight).abs().max().item())
+    assert moved[1] < moved[0] * 0.01

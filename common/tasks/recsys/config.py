@@ -38,6 +38,15 @@ class RecsysConfig:
     # Decay of the offset table after every local step, b <- b / (1 + lr * lambda): offsets
     # without a consistent signal (rare cells, DP noise) fade to 0. 0 = no decay.
     correction_lambda: float = 0.1
+    # Fixed multipliers on the tables (value = scale x stored weight; the initial values are
+    # the same whatever the scale). Under DP-SGD a scale s gives its table s^2 of the clipped
+    # per-rating gradient's squared norm and moves its values s^2 as fast, while the noise is
+    # the same on every stored coordinate: a data-independent preconditioner that shares the
+    # clipping budget between the global mean, the user and item biases and the factors.
+    global_scale: float = 1.0
+    user_bias_scale: float = 1.0
+    item_bias_scale: float = 1.0
+    factor_scale: float = 1.0
 
     def validate(self) -> None:
         def need(cond: bool, key: str, msg: str) -> None:
@@ -65,6 +74,13 @@ class RecsysConfig:
             "correction",
             f"must be one of {', '.join(CORRECTIONS)}, got {self.correction!r}",
         )
+        for key, value in (
+            ("global-scale", self.global_scale),
+            ("user-bias-scale", self.user_bias_scale),
+            ("item-bias-scale", self.item_bias_scale),
+            ("factor-scale", self.factor_scale),
+        ):
+            need(value > 0, key, f"must be > 0, got {value}")
         need(self.correction_lambda >= 0, "correction-lambda", f"must be >= 0, got {self.correction_lambda}")
 
 

@@ -31,27 +31,41 @@ class ModelParams(Protocol):
     def rating_min(self) -> float: ...
     @property
     def rating_max(self) -> float: ...
+    @property
+    def global_scale(self) -> float: ...
+    @property
+    def user_bias_scale(self) -> float: ...
+    @property
+    def item_bias_scale(self) -> float: ...
+    @property
+    def factor_scale(self) -> float: ...
 
 
 class BiasedMF(nn.Module):
     """mu + b_u + b_i + p_u . q_i. Every table is an nn.Embedding looked up once per rating
-    (mu too, as a 1-row table), which is what the fast DP engine's per-example norms need."""
+    (mu too, as a 1-row table), which is what the fast DP engine's per-example norms need.
+
+    Each table's values are a fixed multiple of its stored weights (``recsys.*-scale``, after
+    the lookup, so the per-example gradient structure is unchanged); the weights are initialised
+    so that the values start where they would with scale 1."""
 
     def __init__(
         self, num_users: int, num_buckets: int, p: ModelParams, user_group: torch.Tensor | None = None
     ) -> None:
         super().__init__()
         self.num_buckets = num_buckets
+        self.global_scale, self.factor_scale = p.global_scale, p.factor_scale
+        self.user_bias_scale, self.item_bias_scale = p.user_bias_scale, p.item_bias_scale
         self.user_emb = nn.Embedding(num_users, p.dim)
         self.user_bias = nn.Embedding(num_users, 1)
         self.item_emb = nn.Embedding(num_buckets, p.dim)
         self.item_bias = nn.Embedding(num_buckets, 1)
         self.global_bias = nn.Embedding(1, 1)
         for emb in (self.user_emb, self.item_emb):
-            nn.init.normal_(emb.weight, std=p.init_std)
+            nn.init.normal_(emb.weight, std=p.init_std / p.factor_scale)
         for emb in (self.user_bias, self.item_bias):
             nn.init.zeros_(emb.weight)
-        nn.init.constant_(self.global_bias.weight, (p.rating_min + p.rating_max) / 2)
+        nn.init.constant_(self.global_bias.weight, (p.rating_min + p.rating_max) / 2 / p.global_scale)
         # The bias correction (recsys.correction=group-offset): b_{g(u), i}, one row
         # per (gender group, item bucket), shared like the item table. ``user_group`` maps
         # the site's users to OFFSET_GROUPS; it is site data, so a plain attribute (not a
@@ -70,14 +84,21 @@ class BiasedMF(nn.Module):
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mu + b_u + b_i [+ b_{g(u),i}], p_u, q_i) per row; also remembers the squared norms for :meth:`penalty`."""
         u, i = x[:, 0], x[:, 1]
-        pu, qi = self.user_emb(u), self.item_emb(i)
-        bu, bi = self.user_bias(u).squeeze(1), self.item_bias(i).squeeze(1)
+        pu, qi = self.factor_scale * self.user_emb(u), self.factor_scale * self.item_emb(i)
+        bu, bi = self._biases(u, i)
         self._sq = pu.pow(2).sum(1) + qi.pow(2).sum(1) + bu.pow(2) + bi.pow(2)
-        base = self.global_bias(torch.zeros_like(u)).squeeze(1) + bu + bi
+        base = self._mu(u) + bu + bi
         if self.group_item_bias is not None:
             # One lookup per rating (what the fast DP engine's per-example norms need).
             base = base + self.group_item_bias(self.user_group[u] * self.num_buckets + i).squeeze(1)
         return base, pu, qi
+
+    def _biases(self, u: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b_u, b_i) per row, scaled."""
+        return self.user_bias_scale * self.user_bias(u).squeeze(1), self.item_bias_scale * self.item_bias(i).squeeze(1)
+
+    def _mu(self, u: torch.Tensor) -> torch.Tensor:
+        return self.global_scale * self.global_bias(torch.zeros_like(u)).squeeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, pu, qi = self.parts(x)
@@ -116,9 +137,9 @@ class BiasOnly(BiasedMF):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, i = x[:, 0], x[:, 1]
-        bu, bi = self.user_bias(u).squeeze(1), self.item_bias(i).squeeze(1)
+        bu, bi = self._biases(u, i)
         self._sq = bu.pow(2) + bi.pow(2)
-        base = self.global_bias(torch.zeros_like(u)).squeeze(1) + bu + bi
+        base = self._mu(u) + bu + bi
         if self.group_item_bias is not None:
             base = base + self.group_item_bias(self.user_group[u] * self.num_buckets + i).squeeze(1)
         return base
