@@ -164,7 +164,7 @@ USER_CASES = (("recsys-synthetic", 64),)
 SUITE_CASES = (("vae-digits", 32), ("gan-digits", 64), ("recsys-synthetic", 512))
 MODEL_NAMES = {
     "vae": "VAE (hidden 64, latent 8)",
-    "gan": "GAN discriminator head (on 2,048 fixed random features)",
+    "gan": "GAN discriminator head (on 256 fixed random features)",
     "recsys": "biased MF (dim 4, 131,072-row item table)",
 }
 

@@ -9,6 +9,7 @@ import torch
 from opacus.validators import ModuleValidator
 
 from common.data.arrays import ArrayData
+from common.errors import ConfigError
 from common.privacy.accounting import RoundPlan
 from common.privacy.engines import FastDPStep, OpacusDPStep
 from common.privacy.plan import plan_round
@@ -36,8 +37,9 @@ class _NoRealUpdates:
         pass
 
 
-def test_generator_training_does_not_depend_on_the_real_data_once_d_is_fixed():
-    task = gan_task()
+@pytest.mark.parametrize("center", [0, 8])
+def test_generator_training_does_not_depend_on_the_real_data_once_d_is_fixed(center):
+    task = gan_task(**{"gan.center-samples": center})
     torch.manual_seed(0)
     model = task.build_model()
     real_a = task.site_data(0)[0]
@@ -55,7 +57,8 @@ def test_generator_training_does_not_depend_on_the_real_data_once_d_is_fixed():
     assert not torch.equal(finals[0]["generator.net.0.weight"], model.state_dict()["generator.net.0.weight"])
 
 
-def test_discriminator_is_dp_compatible_and_clipped_exactly():
+@pytest.mark.parametrize("centred", [False, True])
+def test_discriminator_is_dp_compatible_and_clipped_exactly(centred):
     task = gan_task()
     torch.manual_seed(0)
     model = task.build_model()
@@ -65,12 +68,17 @@ def test_discriminator_is_dp_compatible_and_clipped_exactly():
     with torch.no_grad():  # a non-trivial head so that gradients differ per example
         D.head.weight.normal_(0, 1)
         D.embed.weight.normal_(0, 1)
+    if centred:  # the offset from generated images (gan.center-samples) is clipped exactly too
+        y_c = torch.arange(40) % 10
+        with torch.no_grad():
+            D.set_center(model.generator(y_c), y_c)
     batch = task.site_data(0)[0]
     batch = ArrayData(batch.x[:32], batch.y[:32])
     plan = RoundPlan(32, 1.0, 1, 0.0, 0.3, 1e-5, "rdp")
 
     def grads(engine):
         m = copy.deepcopy(model)
+        m.discriminator.center = D.center
         eng = engine(m.discriminator, torch.optim.SGD(m.discriminator.parameters(), lr=0.0), plan)
         eng.step(task.per_sample_loss(m, batch))
         out = {n: p.grad.clone() for n, p in m.discriminator.named_parameters() if p.requires_grad}
@@ -99,6 +107,38 @@ def test_a_dp_round_takes_the_planned_steps_and_keeps_the_random_features():
     assert torch.equal(task.build_model().discriminator.features.weight, before["discriminator.features.weight"])
     metrics = task.evaluate(model, task.server_test_data())
     assert set(metrics) >= {"d_loss", "d_real", "d_fake"}
+
+
+def test_feature_centring_is_per_label_never_federated_and_cleared_after_training():
+    task = gan_task(**{"gan.center-samples": 4, "dp.noise-multiplier": 1.0})
+    torch.manual_seed(0)
+    model = task.build_model()
+    D = model.discriminator
+    fake = torch.rand(6, task.input_dim)
+    labels = torch.tensor([0, 0, 3, 3, 3, 9])
+    D.set_center(fake, labels)
+    phi = D.phi(fake)
+    assert D.center is not None and D.center.shape == (10, 256)
+    assert torch.allclose(D.center[3], phi[2:5].mean(0)) and torch.allclose(D.center[9], phi[5])
+    assert torch.equal(D.center[1], torch.zeros(256))  # a label without samples: no offset
+    with torch.no_grad():
+        D.embed.weight.normal_(0, 1)
+    # the offset shifts D by a per-label constant only: G's gradient through D is unchanged
+    x = torch.rand(5, task.input_dim, requires_grad=True)
+    y = torch.tensor([3, 3, 9, 1, 0])
+    (g_centred,) = torch.autograd.grad(D(x, y).sum(), x)
+    D.clear_center()
+    (g_plain,) = torch.autograd.grad(D(x, y).sum(), x)
+    assert torch.allclose(g_centred, g_plain, atol=1e-6)
+    assert not any("center" in k for k in model.state_dict())  # nothing extra on the wire
+    train = task.site_data(0)[0]
+    run_local_round(task, model, train, plan_round(task.cfg, len(train)), torch.device("cpu"), seed=3)
+    assert D.center is None  # evaluation and the released model see plain features
+
+
+def test_center_samples_must_not_be_negative():
+    with pytest.raises(ConfigError, match="gan.center-samples"):
+        gan_task(**{"gan.center-samples": -1})
 
 
 # ------------------------------------------------------------------ quality metrics

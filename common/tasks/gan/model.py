@@ -60,9 +60,34 @@ class Discriminator(nn.Module):
         self.embed = nn.Embedding(num_classes, features) if conditional else None
         if self.embed is not None:
             nn.init.zeros_(self.embed.weight)
+        # A per-label offset subtracted from the features (gan.center-samples): the mean
+        # features of generated images, set by the task from G before each DP step, so a
+        # real image's gradient is its distance from the generator's class mean. A plain
+        # attribute, not a buffer: never in the state_dict (never federated, nothing for
+        # DP-SGD to noise) and never computed from real data. None: no offset.
+        self.center: torch.Tensor | None = None
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed random features, scaled (not centred)."""
+        return F.relu(self.features(x)) * self.scale
+
+    @torch.no_grad()
+    def set_center(self, fake: torch.Tensor, labels: torch.Tensor) -> None:
+        """Center on the mean features of generated images ``fake`` per label (a label
+        without samples keeps offset 0). Data-independent: only ever called on G's output."""
+        f = self.phi(fake)
+        rows = self.embed.num_embeddings if self.embed is not None else 1
+        sums = torch.zeros(rows, f.shape[1], device=f.device, dtype=f.dtype).index_add_(0, labels, f)
+        counts = torch.zeros(rows, device=f.device, dtype=f.dtype).index_add_(0, labels, torch.ones_like(f[:, 0]))
+        self.center = sums / counts.clamp(min=1).unsqueeze(1)
+
+    def clear_center(self) -> None:
+        self.center = None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        f = F.relu(self.features(x)) * self.scale
+        f = self.phi(x)
+        if self.center is not None:
+            f = f - self.center[labels]
         out = self.head(f).squeeze(1)
         if self.embed is not None:
             out = out + (self.embed(labels) * f).sum(1)

@@ -99,7 +99,12 @@ class GANTask(ImageTask):
         n_fake = self.cfg.train.batch_size
         d_real = g_total = 0.0
         steps = 0
+        k = self.params.num_classes if self.params.conditional else 1
         for batch in session.batches():
+            if self.params.center_samples:  # from G only: no real image is read here
+                y_c = torch.arange(k * self.params.center_samples, device=device) % k
+                with torch.no_grad():
+                    D.set_center(G(y_c), y_c)
             D.train()  # (1) the DP step: real images, clipped and noised by the session
             losses = self.per_sample_loss(model, batch)
             session.step(losses)
@@ -121,6 +126,7 @@ class GANTask(ImageTask):
                 g_total += float(loss_g.detach())
             D.zero_grad(set_to_none=True)  # G's backward reached D's head; never step on it
             steps += 1
+        D.clear_center()
         D.train()
         return {"d_real_loss": d_real / max(steps * n_fake, 1), "g_loss": g_total / max(steps * self.params.g_steps, 1)}
 
