@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/privfed simulate vae-digits $(ARGS)
+	$(VENV)/bin/privfed simulate gan-digits-demo $(ARGS)
 
 # Lint and types first (seconds), then the suite; CI fails on any of them.
 test: lint

@@ -16,19 +16,22 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def image_grid(images: np.ndarray, path: Path, title: str | None = None) -> Path:
-    """Save (N, H, W) images in [0, 1] as a square-ish grid PNG."""
+def image_grid(images: np.ndarray, path: Path, title: str | None = None, cols: int | None = None) -> Path:
+    """Save (N, H, W) images in [0, 1] as a grid PNG: ``cols`` per row (default: square-ish).
+    ``title``: a caption above the grid (the privacy claim the samples were made under)."""
     n = images.shape[0]
-    cols = int(math.ceil(math.sqrt(n)))
+    cols = cols or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6 + (0.3 if title else 0)))
+    head = 0.18 * (title.count("\n") + 1) + 0.1 if title else 0.0  # inches for the caption's lines
+    height = rows * 0.6 + head
+    fig, axes = plt.subplots(rows, cols, figsize=(max(cols * 0.6, 4.0 if title else 0.0), height))
     for i, ax in enumerate(np.atleast_1d(axes).ravel()):
         ax.axis("off")
         if i < n:
             ax.imshow(images[i], cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92 if title else 0.99, wspace=0.05, hspace=0.05)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (head + 0.05) / height, wspace=0.05, hspace=0.05)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

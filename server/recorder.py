@@ -202,8 +202,8 @@ class RunRecorder:
         accountants = "/".join(sorted({r.accountant for r in rows}))
         relation = "/".join(sorted({r.neighbouring for r in rows}))
         return (
-            f"round {rnd}: ε ≤ {self._eps_max():.2f} per site, δ ≤ {max(r.delta for r in rows):.0e}, "
-            f"unit one {self.task.privacy_unit} ({relation}), {accountants}"
+            f"round {rnd}: ε ≤ {self._eps_max():.2f} per site, δ ≤ {max(r.delta for r in rows):.0e}\n"
+            f"unit: one {self.task.privacy_unit} ({relation}), {accountants.upper()} accountant"
         )
 
     def _eps_max(self) -> float:

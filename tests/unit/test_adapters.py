@@ -110,6 +110,6 @@ def test_sample_grids_are_captioned_with_the_privacy_claim():
     fake = SimpleNamespace(ledger=ledger, task=SimpleNamespace(privacy_unit="image"))
     fake._eps_max = lambda: RunRecorder._eps_max(fake)  # type: ignore[attr-defined]
     caption = RunRecorder.sample_caption(fake, 30)  # type: ignore[arg-type]
-    assert caption == "round 30: ε ≤ 8.30 per site, δ ≤ 1e-05, unit one image (add-remove), rdp"
+    assert caption == "round 30: ε ≤ 8.30 per site, δ ≤ 1e-05\nunit: one image (add-remove), RDP accountant"
     ledger.rows = lambda: [row("a", float("inf"), 0.0, accountant="none")]
     assert RunRecorder.sample_caption(fake, 3) == "round 3: no DP (ε = ∞)"  # type: ignore[arg-type]

@@ -301,4 +301,5 @@ class GANTask(ImageTask):
         model.train()
         side = int(round(model.in_dim**0.5))
         shape = (side, side) if side * side == model.in_dim else (1, model.in_dim)
-        return image_grid(images.reshape(len(images), *shape), path, caption)
+        # One row per class label (per_row images each), so a row is one class.
+        return image_grid(images.reshape(len(images), *shape), path, caption, cols=per_row)
