@@ -184,6 +184,13 @@ def _run_federation(
     failure: TrainingFailure | None = None
     try:
         loop(grid, legacy)
+        if strategy.records and not aggregated_any() and not any(cb.run_stop_reason() for cb in callbacks):
+            # Every round ran, and no update entered the model: its metrics are those of the
+            # untrained initial model. Not a result; before, such a run exited 0.
+            raise TrainingFailure(
+                "no round aggregated an update: every site failed, was rejected or sent nothing in every "
+                "round (metrics.jsonl and summary.md say why per round)"
+            )
     except RunInterrupted:
         assert stop is not None  # only a StopRequest raises it
         stop.interrupted = True

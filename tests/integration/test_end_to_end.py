@@ -130,6 +130,24 @@ def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
     assert simulation_processes() == []
 
 
+def test_a_run_in_which_no_round_aggregated_anything_fails(tmp_path):
+    """Every site crashes every round: before, the run exited 0 and reported the untrained
+    model's metrics as its result. Now it fails in one line, and its rounds stay on disk."""
+    from common.errors import TrainingFailure
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingFailure, match="no round aggregated an update") as e:
+        simulate(
+            "vae-digits",
+            SMALL + ["rounds=2", "sample-every=0", "audit.mia=false", "faults.crash-rate=1.0", f"run-dir={run_dir}"],
+        )
+    assert "\n" not in str(e.value)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(not line["sites_trained"] and line["failures"] for line in lines)
+    assert "FAILED: no round aggregated" in (run_dir / "summary.md").read_text()
+    assert simulation_processes() == []
+
+
 def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
     """Fewer SuperNodes than num-sites: a one-line error after site-wait-seconds, not a day-long hang."""
     from flwr.simulation import run_simulation
