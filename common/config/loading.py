@@ -181,5 +181,9 @@ _INFINITY_OK = {"dp.epsilon-budget", "central-dp.epsilon-budget"}
 
 def _suggest(key: str, sections: Mapping[str, type]) -> str:
     known = [(f"{s}.{key_of(f.name)}" if s else key_of(f.name)) for s, cls in sections.items() for f in fields(cls)]
+    table, _, leaf = key.partition(".")
+    if table == "federation" and leaf in known:
+        # The scenario files' [federation] table is the top level of a flat key: rounds=15.
+        return f" (the [federation] table's keys take no prefix: did you mean {leaf!r}?)"
     close = [k for k in known if k.startswith(key)] or difflib.get_close_matches(key, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -32,3 +32,11 @@ def test_an_unreachable_target_names_its_key():
     with pytest.raises(ConfigError) as e:
         preflight(make_cfg(**{**SMALL, "dp.target-epsilon": 0.001, "dp.epsilon-budget": 1.0}))
     assert e.value.key == "dp.target-epsilon" and "not reachable" in str(e.value)
+
+
+def test_a_federation_table_key_written_with_its_table_suggests_the_bare_key():
+    """Found while tuning: `federation.rounds=15` (the TOML path) was refused with "did you mean
+    'faults.rounds'?", which sends the user to the wrong table."""
+    with pytest.raises(ConfigError) as e:
+        make_cfg(**{"federation.rounds": 15})
+    assert e.value.key == "federation.rounds" and "did you mean 'rounds'?" in str(e.value)
