@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
-from common.privacy.accounting import LIFETIME_ACCOUNTANT, RoundPlan, epsilon
+from common.privacy.accounting import LIFETIME_ACCOUNTANT, Mechanism, RoundPlan, epsilon, round_up
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import plan_round
 from common.privacy.secagg_stats import secure_statistics
@@ -48,52 +48,54 @@ def preflight(cfg: RunConfig, key: bytes | None = None, stages: Stages = SILENT)
                 "train.local-epochs", f"plans {plan.steps * cfg.federation.rounds} steps per site, above {MAX_STEPS}"
             )
         try:  # the whole planned run must be accountable, or no site could ever check its budget
-            planned = epsilon([plan.mechanism] * cfg.federation.rounds, plan.delta, plan.accountant)
+            epsilon([plan.mechanism] * cfg.federation.rounds, plan.delta, plan.accountant)
         except (ArithmeticError, ValueError, MemoryError) as exc:
             raise ConfigError(
                 "dp.noise-multiplier", f"the accountant cannot compute epsilon for this plan ({exc})"
             ) from None
-        if search:
-            check_target_fits_budget(cfg, plan, planned)
-        if cfg.metrics.dp and cfg.dp.enabled:
-            check_metrics_budget(cfg, plan, planned)
+        if cfg.dp.enabled and (search or cfg.metrics.dp):
+            check_plan_fits_budget(cfg, plan)
     return task
 
 
-def check_target_fits_budget(cfg: RunConfig, plan: RoundPlan, planned: float) -> None:
-    """dp.target-epsilon promises that every site spends its target over all the planned rounds.
-    A site checks each round against its budget under the run's accountant *and* under the
-    lifetime accountant (RDP, which composes every run of its dataset). PRV's tighter ε lets a
-    target equal to the budget fail the RDP check rounds before the end (a run stopped after 27
-    of 30). Refused here, before anything starts, naming the key to change."""
+def _spend(history: list[Mechanism], plan: RoundPlan) -> float:
+    """What a site's per-round check computes (client/app.py): the larger of the run's
+    accountant and the lifetime accountant (RDP, which composes every run of its dataset)."""
+    run = epsilon(history, plan.delta, plan.accountant)
+    lifetime = run if plan.accountant == LIFETIME_ACCOUNTANT else epsilon(history, plan.delta, LIFETIME_ACCOUNTANT)
+    return max(run, lifetime)
+
+
+def check_plan_fits_budget(cfg: RunConfig, plan: RoundPlan) -> None:
+    """The planned rounds, composed as each site composes them before every round (its DP-SGD
+    rounds, plus one noisy metrics release per round under ``metrics.dp``; under the run's
+    accountant *and* the lifetime accountant), must fit ``dp.epsilon-budget``. Otherwise every
+    site would stop before the last round: refused here, before anything starts, naming the key.
+
+    Checked when the run promises its rounds: with ``dp.target-epsilon`` (each site spends the
+    target over all of them) or ``metrics.dp`` (whose releases must not eat the budget). A fixed
+    noise multiplier without either may run out of budget by design (the budget is a cap).
+    PRV's tighter ε lets a target equal to the budget fail the RDP check (a run stopped after
+    27 of 30 rounds), hence both accountants."""
     rounds = cfg.federation.rounds
-    lifetime = (
-        planned
-        if plan.accountant == LIFETIME_ACCOUNTANT
-        else epsilon([plan.mechanism] * rounds, plan.delta, LIFETIME_ACCOUNTANT)
-    )
-    worst = max(planned, lifetime)
-    if worst > cfg.dp.epsilon_budget:
+    budget = cfg.dp.epsilon_budget
+    sgd = _spend([plan.mechanism] * rounds, plan)
+    if cfg.dp.target_epsilon > 0 and sgd > budget:
         raise ConfigError(
             "dp.epsilon-budget",
-            f"is {cfg.dp.epsilon_budget:g}, but {rounds} rounds at dp.target-epsilon {cfg.dp.target_epsilon:g} "
-            f"({plan.accountant}) spend eps={lifetime:.4g} under the {LIFETIME_ACCOUNTANT} accountant that bounds "
-            f"each site's lifetime budget: sites would stop before the last round; raise dp.epsilon-budget to "
-            f"{worst:.4g} or more, or use dp.accountant={LIFETIME_ACCOUNTANT}",
+            f"is {budget:g}, but {rounds} rounds at dp.target-epsilon {cfg.dp.target_epsilon:g} ({plan.accountant}) "
+            f"spend eps={sgd:.4g} under the {LIFETIME_ACCOUNTANT} accountant that bounds each site's lifetime "
+            f"budget: sites would stop before the last round; raise dp.epsilon-budget to {round_up(sgd, 4):g} or more, "
+            f"or use dp.accountant={LIFETIME_ACCOUNTANT}",
         )
-
-
-def check_metrics_budget(cfg: RunConfig, plan: RoundPlan, planned: float) -> None:
-    """metrics.dp: a site's planned DP-SGD rounds composed with one metrics release per round
-    must fit its budget, or the noise of the metrics makes the budget unreachable (the site
-    would stop before the last round). Refused here, before anything starts."""
-    rounds = cfg.federation.rounds
-    release = metrics_mechanism(cfg.metrics.noise_multiplier)
-    total = epsilon([plan.mechanism] * rounds + [release] * rounds, plan.delta, plan.accountant)
-    if total > cfg.dp.epsilon_budget:
-        raise ConfigError(
-            "metrics.noise-multiplier",
-            f"is {cfg.metrics.noise_multiplier:g}: {rounds} rounds of DP-SGD (eps={planned:.3g}) and "
-            f"{rounds} noisy metrics releases compose to eps={total:.3g} > dp.epsilon-budget "
-            f"{cfg.dp.epsilon_budget:g}; raise it, lower dp.target-epsilon, or set metrics.dp = false",
-        )
+    if cfg.metrics.dp:
+        release = metrics_mechanism(cfg.metrics.noise_multiplier)
+        total = _spend([plan.mechanism] * rounds + [release] * rounds, plan)
+        if total > budget:
+            raise ConfigError(
+                "metrics.noise-multiplier",
+                f"is {cfg.metrics.noise_multiplier:g}: {rounds} rounds of DP-SGD (eps={sgd:.3g}) and "
+                f"{rounds} noisy metrics releases compose to eps={total:.4g} > dp.epsilon-budget "
+                f"{budget:g} (the larger of {plan.accountant} and the lifetime {LIFETIME_ACCOUNTANT}); raise it, raise "
+                f"dp.epsilon-budget to {round_up(total, 4):g}, lower dp.target-epsilon, or set metrics.dp = false",
+            )

@@ -184,9 +184,12 @@ def _run_federation(
     failure: TrainingFailure | None = None
     try:
         loop(grid, legacy)
-        if strategy.records and not aggregated_any() and not any(cb.run_stop_reason() for cb in callbacks):
+        fresh = first_round == 1 and not cfg.central_dp.enabled
+        if fresh and strategy.records and not aggregated_any() and not any(cb.run_stop_reason() for cb in callbacks):
             # Every round ran, and no update entered the model: its metrics are those of the
-            # untrained initial model. Not a result; before, such a run exited 0.
+            # untrained initial model. Not a result; before, such a run exited 0. (Not after a
+            # resume, whose checkpoint holds earlier rounds' training, nor under client-level DP,
+            # whose rounds move the model by their noise even when no site was sampled.)
             raise TrainingFailure(
                 "no round aggregated an update: every site failed, was rejected or sent nothing in every "
                 "round (metrics.jsonl and summary.md say why per round)"

@@ -31,6 +31,7 @@ from common.deploy.fileio import create_private_file, make_private_dir, write_at
 from common.deploy.signing import Ed25519PrivateKey
 from common.identifiers import CENTRAL_SITE_ID
 from common.metrics.fairness import site_fairness
+from common.privacy.accounting import round_up
 from common.tasks import Task
 from common.tasks.base import set_state
 from common.textsafe import console_text, one_line
@@ -196,15 +197,25 @@ class RunRecorder:
     def sample_caption(self, rnd: int) -> str:
         """The privacy claim under a sample grid: round, the largest ε any site has spent, the
         largest δ, the unit, the neighbouring relation and the accountant (from the ledger)."""
-        rows = dp_rows(self.ledger.rows())
-        if not rows:
-            return f"round {rnd}: no DP (ε = ∞)"
-        accountants = "/".join(sorted({r.accountant for r in rows}))
-        relation = "/".join(sorted({r.neighbouring for r in rows}))
-        return (
-            f"round {rnd}: ε ≤ {self._eps_max():.2f} per site, δ ≤ {max(r.delta for r in rows):.0e}\n"
-            f"unit: one {self.task.privacy_unit} ({relation}), {accountants.upper()} accountant"
-        )
+        every = self.ledger.rows()
+        rows = dp_rows(every)
+        central = [r for r in every if r.site_id == CENTRAL_SITE_ID]
+        lines = []
+        if rows:  # bounds round up: the caption never claims less than the ledger spent
+            accountants = "/".join(sorted({r.accountant.upper() for r in rows}))
+            relation = "/".join(sorted({r.neighbouring for r in rows}))
+            eps, delta = round_up(self._eps_max(), 3), round_up(max(r.delta for r in rows), 2)
+            lines += [
+                f"round {rnd}: ε ≤ {eps:g} per site, δ ≤ {delta:g}",
+                f"unit: one {self.task.privacy_unit} ({relation}), {accountants} accountant",
+            ]
+        if central:
+            eps, delta = central[-1].eps_total, max(r.delta for r in central)
+            lines.append(
+                f"{'' if rows else f'round {rnd}: '}site-level ε ≤ {round_up(eps, 3):g}, δ ≤ {round_up(delta, 2):g} "
+                "(unit: one site's whole data)"
+            )
+        return "\n".join(lines) or f"round {rnd}: no DP (ε = ∞)"
 
     def _eps_max(self) -> float:
         return max((v for k, v in self.ledger.spent().items() if k != CENTRAL_SITE_ID), default=0.0)

@@ -3,6 +3,7 @@
 The order is the privacy argument, read top to bottom as the site runs it (the server runs
 it bottom to top):
 
+0. frozen_entries server: refuse an update moving a never-trained layer; zero it in the aggregate
 1. norm_bound      server: absolute and round-relative norm bounds (plain rounds)
 2. client_level_dp site: clip to C (less SecAgg+'s rounding) | server: + N(0,(zC)^2), / qN
 3. secagg_guard    site: refuse NaN/Inf or |x| > clipping-range (nothing else can, once masked)
@@ -30,6 +31,7 @@ from common.pipeline.base import Pipeline, Stage
 from common.pipeline.stages.client_level_dp import ClientLevelDP
 from common.pipeline.stages.eval_sums import EvalSums
 from common.pipeline.stages.faults import FaultInjection, faults_at_upload
+from common.pipeline.stages.frozen import FrozenEntries
 from common.pipeline.stages.metrics_dp import MetricsDP
 from common.pipeline.stages.norm_bound import NormBound
 from common.pipeline.stages.secagg import SecAgg
@@ -47,7 +49,10 @@ def build_pipeline(cfg: RunConfig, task: Any = None) -> Pipeline:
     # Under metrics.dp the secure sums carry exactly the released schema (the noisy keys).
     keys = bounds.keys if bounds is not None and task.sum_keys() else (task.sum_keys() if task is not None else ())
     codec = secure_statistics(keys, sa)
+    # A Task's frozen layers (a stand-in task without the method has none).
+    frozen = getattr(task, "frozen_entries", lambda: ((), ()))()
     stages: list[Stage | None] = [
+        FrozenEntries(*frozen) if frozen[0] else None,
         NormBound(fed.max_update_norm, fed.norm_outlier_factor, central=cdp.enabled),
         ClientLevelDP(cdp.clip_norm, sa) if cdp.enabled else None,
         SecAggGuard(sa.clipping_range) if sa.enabled else None,

@@ -55,6 +55,15 @@ def silence_known_warnings() -> None:
 silence_known_warnings()  # every process that computes an epsilon imports this module
 
 
+def round_up(x: float, digits: int) -> float:
+    """``x`` rounded *up* to ``digits`` significant digits: an ε or δ shown as a bound ("ε ≤")
+    or advised as a budget must never be below the value it stands for."""
+    if not math.isfinite(x) or x <= 0:
+        return x
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale * (1 - 1e-12)) / scale
+
+
 def epsilon(history: Iterable[Mechanism], delta: float, accountant: str) -> float:
     """Epsilon at ``delta`` of the composition of ``history`` under an Opacus accountant.
 

@@ -128,6 +128,16 @@ class Task(ABC):
         records, and none may be in :meth:`shared_keys`. Default: none."""
         return []
 
+    def frozen_entries(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Positions (in :meth:`shared_keys` order, the wire format) and keys of the federated
+        parameters that never train (``requires_grad = False``: random features, adapter bases).
+        The server keeps them as initialised (:mod:`common.pipeline.stages.frozen`)."""
+        with torch.random.fork_rng(devices=[]):  # building draws weights: leave the seeded stream alone
+            model = self.build_model()
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        pairs = [(i, k) for i, k in enumerate(self.shared_keys(model)) if k in frozen]
+        return tuple(i for i, _ in pairs), tuple(k for _, k in pairs)
+
     def shared_keys(self, model: nn.Module) -> list[str]:
         """state_dict keys that are federated; the rest stay at the site (e.g. user embeddings)."""
         return list(model.state_dict().keys())

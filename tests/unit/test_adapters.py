@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -110,6 +111,80 @@ def test_sample_grids_are_captioned_with_the_privacy_claim():
     fake = SimpleNamespace(ledger=ledger, task=SimpleNamespace(privacy_unit="image"))
     fake._eps_max = lambda: RunRecorder._eps_max(fake)  # type: ignore[attr-defined]
     caption = RunRecorder.sample_caption(fake, 30)  # type: ignore[arg-type]
-    assert caption == "round 30: ε ≤ 8.30 per site, δ ≤ 1e-05\nunit: one image (add-remove), RDP accountant"
+    assert caption == "round 30: ε ≤ 8.3 per site, δ ≤ 1e-05\nunit: one image (add-remove), RDP accountant"
     ledger.rows = lambda: [row("a", float("inf"), 0.0, accountant="none")]
     assert RunRecorder.sample_caption(fake, 3) == "round 3: no DP (ε = ∞)"  # type: ignore[arg-type]
+
+
+def test_the_server_refuses_an_update_that_moves_a_frozen_layer_and_zeroes_it_in_aggregates():
+    """Hostile review (issue 24): the frozen adapter base is federated; one site's small delta
+    on it passed every check, entered FedAvg and stayed for good (honest sites never train it
+    back; under SecAgg+ nobody could see it). Now refused by name, and zeroed in any aggregate."""
+    from common.pipeline import build_pipeline
+    from common.pipeline.base import Aggregate, ServerContext
+    from common.tasks.base import get_state
+
+    task = _vae_task(4)
+    model = task.build_model()
+    keys = task.shared_keys(model)
+    indices, names = task.frozen_entries()
+    assert names and all(".base." in k for k in names) and [keys[i] for i in indices] == list(names)
+    pipeline = build_pipeline(task.cfg, task)
+    global_arrays = get_state(model, keys)
+    honest = [np.zeros_like(a) for a in global_arrays]
+    ctx = ServerContext(1, global_arrays)
+    assert pipeline.check(honest, 100, 100, ctx) == ""
+    poisoned = [a.copy() for a in honest]
+    poisoned[indices[0]][...] = 1e-3  # small, finite, within any norm bound
+    reason = pipeline.check(poisoned, 100, 100, ctx)
+    assert names[0] in reason and "never trains" in reason
+    stage = pipeline.get("frozen_entries")
+    released = stage.release(Aggregate([a + 1.0 for a in honest]), ctx)  # e.g. a SecAgg+ sum, or noise
+    assert all((released.arrays[i] == 0).all() for i in indices)
+    trained = [i for i in range(len(keys)) if i not in indices]
+    assert all((released.arrays[i] == 1.0).all() for i in trained)
+
+
+def test_a_model_without_frozen_layers_gets_no_frozen_stage():
+    from common.pipeline import build_pipeline
+
+    task = _vae_task(0)
+    assert task.frozen_entries() == ((), ()) and "frozen_entries" not in build_pipeline(task.cfg, task).names
+
+
+def _caption(rows, spent):
+    from types import SimpleNamespace
+
+    from server.recorder import RunRecorder
+
+    ledger = SimpleNamespace(rows=lambda: rows, spent=lambda: spent)
+    fake = SimpleNamespace(ledger=ledger, task=SimpleNamespace(privacy_unit="image"))
+    fake._eps_max = lambda: RunRecorder._eps_max(fake)  # type: ignore[attr-defined]
+    return RunRecorder.sample_caption(fake, 5)  # type: ignore[arg-type]
+
+
+def _row(site, eps, delta, accountant="rdp", mechanism="dp-sgd"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        site_id=site, eps_total=eps, delta=delta, accountant=accountant, neighbouring="add-remove", mechanism=mechanism
+    )
+
+
+def test_the_caption_never_claims_less_than_the_ledger_spent():
+    """Hostile review (issue 24): "ε ≤ {:.2f}" and "δ ≤ {:.0e}" rounded to nearest, so ε 1.004
+    was captioned "ε ≤ 1.00" and δ 1.4e-5 "δ ≤ 1e-05". Bounds round up."""
+    import re
+
+    caption = _caption([_row("a", 1.004, 1.4e-5)], {"a": 1.004})
+    eps = float(re.search(r"ε ≤ ([0-9.]+)", caption).group(1))  # type: ignore[union-attr]
+    delta = float(re.search(r"δ ≤ ([0-9.e+-]+)", caption).group(1))  # type: ignore[union-attr]
+    assert eps >= 1.004 and delta >= 1.4e-5, caption
+
+
+def test_a_client_level_dp_run_is_captioned_with_its_site_level_claim():
+    """Hostile review (issue 24): with client-level DP only, the grid said "no DP (ε = ∞)"."""
+    from common.identifiers import CENTRAL_SITE_ID
+
+    caption = _caption([_row(CENTRAL_SITE_ID, 2.0, 1e-3, mechanism="client-level")], {CENTRAL_SITE_ID: 2.0})
+    assert "no DP" not in caption and "site-level ε ≤ 2" in caption and "δ ≤ 0.001" in caption

@@ -56,7 +56,7 @@ def test_built_order(flat, names):
 
 
 def test_eval_sums_come_after_clip_and_guard_and_before_masking():
-    task = SimpleNamespace(sum_keys=lambda: ("sse", "count"))
+    task = SimpleNamespace(sum_keys=lambda: ("sse", "count"), frozen_entries=lambda: ((), ()))
     names = build_pipeline(make_cfg(**SECURE), task).names
     assert names.index("secagg_guard") < names.index("eval_sums") < names.index("weighting") < names.index("secagg")
 

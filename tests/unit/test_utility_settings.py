@@ -40,3 +40,46 @@ def test_a_federation_table_key_written_with_its_table_suggests_the_bare_key():
     with pytest.raises(ConfigError) as e:
         make_cfg(**{"federation.rounds": 15})
     assert e.value.key == "federation.rounds" and "did you mean 'rounds'?" in str(e.value)
+
+
+def _prv(**extra):
+    return make_cfg(**{"dp.accountant": "prv", "dp.target-epsilon": 1.0, "rounds": 10, "train.batch-size": 32, **extra})
+
+
+def test_a_metrics_dp_run_that_fits_each_accountant_alone_but_not_both_is_refused():
+    """Hostile review (issue 24): PRV, target 1, metrics.dp (z = 10), 10 rounds, budget 1.7:
+    PRV over everything is 1.61 and RDP over DP-SGD alone 1.08, which passed the two separate
+    checks; RDP over everything is 1.745, so every site stopped at round 10 of 10."""
+    from common.preflight import check_plan_fits_budget
+    from common.privacy.plan import plan_round
+
+    cfg = _prv(**{"dp.epsilon-budget": 1.7, "metrics.dp": True, "metrics.noise-multiplier": 10.0})
+    with pytest.raises(ConfigError) as e:
+        check_plan_fits_budget(cfg, plan_round(cfg, 200))
+    assert e.value.key == "metrics.noise-multiplier" and "lifetime rdp" in str(e.value)
+
+
+@pytest.mark.parametrize("target", [0.5, 8.0])
+def test_the_budget_a_refusal_advises_is_enough(target):
+    """Hostile review (issue 24): the advised budget was rounded to nearest (0.536 when 0.536008
+    was needed), so following the advice was refused again."""
+    import re
+
+    from common.preflight import check_plan_fits_budget
+    from common.privacy.plan import plan_round
+
+    cfg = _prv(**{"dp.target-epsilon": target, "dp.epsilon-budget": target})
+    plan = plan_round(cfg, 200)
+    with pytest.raises(ConfigError) as e:
+        check_plan_fits_budget(cfg, plan)
+    advised = re.search(r"raise dp\.epsilon-budget to ([0-9.e+-]+) or more", str(e.value))
+    assert advised, str(e.value)
+    check_plan_fits_budget(_prv(**{"dp.target-epsilon": target, "dp.epsilon-budget": float(advised.group(1))}), plan)
+
+
+def test_gan_center_samples_has_an_upper_bound():
+    """Hostile review (issue 24): a coordinator could ask every site to generate any number of
+    images per label before every DP step."""
+    with pytest.raises(ConfigError) as e:
+        make_cfg(**{"task": "gan", "gan.center-samples": 10**9})
+    assert e.value.key == "gan.center-samples" and "<= 4096" in str(e.value)

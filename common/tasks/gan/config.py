@@ -9,6 +9,8 @@ from common.config.rules import TaskSpec
 from common.errors import ConfigError
 
 CLASS_TARGETS = ("none", "uniform", "real")
+# A coordinator's run config must not be able to exhaust a site's memory (hostile review, issue 24).
+MAX_CENTER_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class GANConfig:
         ):
             if value < low:
                 raise ConfigError(f"gan.{key}", f"must be >= {low}, got {value}")
+        if self.center_samples > MAX_CENTER_SAMPLES:  # generated per label before every DP step
+            raise ConfigError(
+                "gan.center-samples",
+                f"must be <= {MAX_CENTER_SAMPLES} (per label, every step), got {self.center_samples}",
+            )
         if self.lr_g <= 0:
             raise ConfigError("gan.lr-g", f"must be > 0, got {self.lr_g}")
         if self.eval_samples < 20:
