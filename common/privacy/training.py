@@ -190,10 +190,12 @@ def run_local_round(
     ``seed`` makes sampling, noise and the task's own randomness repeat exactly
     (simulation). ``seed=None`` (``dp.secure-rng``) seeds every generator from 128 bits of
     OS entropy and turns on Opacus's ``secure_mode`` noise (robust to floating-point
-    attacks). ``lr_scale`` multiplies ``train.lr`` this round (the schedule's factor,
-    :func:`common.config.schema.lr_factor`). That is unpredictable, but it is torch's Mersenne Twister seeded securely,
+    attacks). That is unpredictable, but it is torch's Mersenne Twister seeded securely,
     not a cryptographic stream: Opacus's CSPRNG needs ``torchcsprng``, which has no build
     for current torch.
+
+    ``lr_scale`` multiplies ``train.lr`` this round (the schedule's factor,
+    :func:`common.config.schema.lr_factor`; data-independent, so no privacy cost).
     """
     cfg = task.cfg
     model.to(device).train()

@@ -20,6 +20,7 @@ import torch
 from client.verify import verify_site
 from server.ledger import Ledger
 from tests.conftest import simulation_processes
+from tests.integration.test_resume import ARGS as RESUME_ARGS
 from tests.integration.test_resume import _kill_tree, _lines, _privfed
 
 # SIGINT lands 0.3 s after round 1's line, in round 2 or, on a fast machine, round 3. The
@@ -29,16 +30,9 @@ ROUNDS = 6
 SITES = ("site-0", "site-1")
 # As small as a run gets (test_resume's settings, two sites): the fixed noise multiplier
 # skips the noise search in both the run's and the resume's preflight.
-ARGS = [
-    "vae-digits",
+ARGS = [a for a in RESUME_ARGS if not a.startswith(("rounds=", "num-sites="))] + [
     f"rounds={ROUNDS}",
     f"num-sites={len(SITES)}",
-    "audit.mia=false",
-    "sample-every=0",
-    "central-eval=false",
-    "vae.hidden-dim=32",
-    "dp.target-epsilon=0.0",
-    "dp.noise-multiplier=1.0",
 ]
 HANG = 30  # seconds from SIGINT to exit that only a hang exceeds (the run stops in about 2)
 

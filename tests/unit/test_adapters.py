@@ -92,28 +92,10 @@ def test_a_rank_out_of_range_is_refused_naming_the_key(rank):
 
 def test_sample_grids_are_captioned_with_the_privacy_claim():
     """Issue 24: the sample grid says under which ε, δ, unit, relation and accountant it was made."""
-    from types import SimpleNamespace
-
-    from server.recorder import RunRecorder
-
-    def row(site, eps, delta, accountant="rdp", mechanism="dp-sgd"):
-        return SimpleNamespace(
-            site_id=site,
-            eps_total=eps,
-            delta=delta,
-            accountant=accountant,
-            neighbouring="add-remove",
-            mechanism=mechanism,
-        )
-
-    rows = [row("a", 7.99, 1e-5), row("b", 8.0, 5e-6), row("b", 8.3, 5e-6, mechanism="gaussian-metrics")]
-    ledger = SimpleNamespace(rows=lambda: rows, spent=lambda: {"a": 7.99, "b": 8.3})
-    fake = SimpleNamespace(ledger=ledger, task=SimpleNamespace(privacy_unit="image"))
-    fake._eps_max = lambda: RunRecorder._eps_max(fake)  # type: ignore[attr-defined]
-    caption = RunRecorder.sample_caption(fake, 30)  # type: ignore[arg-type]
+    rows = [_row("a", 7.99, 1e-5), _row("b", 8.0, 5e-6), _row("b", 8.3, 5e-6, mechanism="gaussian-metrics")]
+    caption = _caption(rows, {"a": 7.99, "b": 8.3}, rnd=30)
     assert caption == "round 30: ε ≤ 8.3 per site, δ ≤ 1e-05\nunit: one image (add-remove), RDP accountant"
-    ledger.rows = lambda: [row("a", float("inf"), 0.0, accountant="none")]
-    assert RunRecorder.sample_caption(fake, 3) == "round 3: no DP (ε = ∞)"  # type: ignore[arg-type]
+    assert _caption([_row("a", float("inf"), 0.0, accountant="none")], {}, rnd=3) == "round 3: no DP (ε = ∞)"
 
 
 def test_the_server_refuses_an_update_that_moves_a_frozen_layer_and_zeroes_it_in_aggregates():
@@ -152,7 +134,7 @@ def test_a_model_without_frozen_layers_gets_no_frozen_stage():
     assert task.frozen_entries() == ((), ()) and "frozen_entries" not in build_pipeline(task.cfg, task).names
 
 
-def _caption(rows, spent):
+def _caption(rows, spent, rnd=5):
     from types import SimpleNamespace
 
     from server.recorder import RunRecorder
@@ -160,7 +142,7 @@ def _caption(rows, spent):
     ledger = SimpleNamespace(rows=lambda: rows, spent=lambda: spent)
     fake = SimpleNamespace(ledger=ledger, task=SimpleNamespace(privacy_unit="image"))
     fake._eps_max = lambda: RunRecorder._eps_max(fake)  # type: ignore[attr-defined]
-    return RunRecorder.sample_caption(fake, 5)  # type: ignore[arg-type]
+    return RunRecorder.sample_caption(fake, rnd)  # type: ignore[arg-type]
 
 
 def _row(site, eps, delta, accountant="rdp", mechanism="dp-sgd"):
