@@ -95,6 +95,11 @@ def _run_federation(
             raise PrivfedError(f"{run_dir}: all {fed.rounds} rounds were already run; nothing to resume")
         if point.state is not None:
             model.load_state_dict(point.state)
+    served_arrays = None
+    if point is not None and point.served is not None and fed.ema_decay > 0:
+        average = task.build_model()
+        average.load_state_dict(point.served)
+        served_arrays = get_state(average, keys)
     test = task.server_test_data() if cfg.federation.central_eval else None
     central_eval = None
     if test is not None:
@@ -114,6 +119,7 @@ def _run_federation(
         None,
         pipeline,
         initial_arrays=get_state(model, keys),
+        served_arrays=served_arrays,
         central_eval=central_eval,
         run_id=run_dir.name,
         registry=registry,
@@ -136,7 +142,7 @@ def _run_federation(
 
     def outcome(rnd: int) -> RoundOutcome:
         assert recorder is not None  # rounds begin after start()
-        model = recorder.load_global(strategy.global_arrays)
+        model = recorder.load_global(strategy.global_arrays, strategy.served.arrays(strategy.global_arrays))
         return RoundOutcome(rnd, strategy.record(rnd), model, recorder.ledger)
 
     def record(out: RoundOutcome, seconds: float, extra: dict[str, Any], ok: bool) -> None:
@@ -213,7 +219,7 @@ def _run_federation(
             progress.stage(final_checks_label(cfg, test is not None))
             if any(r >= 1 and rec.aggregated for r, rec in strategy.records.items()):
                 last = max(r for r, rec in strategy.records.items() if rec.aggregated)
-                task.save_samples(recorder.model, run_dir / "samples" / "final.png", recorder.sample_caption(last))
+                task.save_samples(recorder.released, run_dir / "samples" / "final.png", recorder.sample_caption(last))
             stop_reason = (
                 f"FAILED: {failure}"
                 if failure
@@ -221,7 +227,7 @@ def _run_federation(
             )
             mia: dict[str, float] = {}
             for cb in callbacks:
-                mia.update(cb.run_metrics(recorder.model, recorder.ledger, failure))
+                mia.update(cb.run_metrics(recorder.released, recorder.ledger, failure))
             progress.detail("final checks: ε cross-check, plots, summary.md")
             summary = write_summary(
                 run_dir,

@@ -79,6 +79,9 @@ class RunRecorder:
         self.test_source = eval_source(cfg, task)
         self.model = task.build_model()
         self.keys = task.shared_keys(self.model)
+        # federation.ema-decay: the average the server serves (samples, final model), beside
+        # the global model the sites train from; both are checkpointed.
+        self.served_model = task.build_model() if cfg.federation.ema_decay > 0 else None
 
     def record_gap(self, missing: dict[int, bool], resumed_from: int) -> None:
         """metrics.jsonl lines for rounds a stopped server left without one.
@@ -119,10 +122,18 @@ class RunRecorder:
             self.console.print(f"[yellow]round {rnd:>3}: {note}[/]")
 
     # ------------------------------------------------------------------ rounds
-    def load_global(self, arrays: list[np.ndarray]) -> torch.nn.Module:
-        """The model that checkpoints and samples are written from, set to the global arrays."""
+    def load_global(self, arrays: list[np.ndarray], served: list[np.ndarray] | None = None) -> torch.nn.Module:
+        """Set the checkpointed global model to ``arrays`` and, under federation.ema-decay, the
+        served model to ``served``; returns the served model (samples, final checks)."""
         set_state(self.model, self.keys, arrays)
-        return self.model
+        if self.served_model is not None:
+            set_state(self.served_model, self.keys, served if served is not None else arrays)
+        return self.released
+
+    @property
+    def released(self) -> torch.nn.Module:
+        """The model the server serves: the average of the global models, or the global model."""
+        return self.served_model if self.served_model is not None else self.model
 
     def write_round(self, rnd: int, rec: RoundRecord, seconds: float, extra: dict[str, Any], ok: bool = True) -> None:
         """Write round ``rnd``: checkpoint, metrics line, samples, progress line.
@@ -186,7 +197,8 @@ class RunRecorder:
         self._append(line)
         every = self.cfg.federation.sample_every
         if every and rnd % every == 0:
-            self.task.save_samples(self.model, self.dir / "samples" / f"round-{rnd:03d}.png", self.sample_caption(rnd))
+            path = self.dir / "samples" / f"round-{rnd:03d}.png"
+            self.task.save_samples(self.released, path, self.sample_caption(rnd))
         self.console.print(self._progress_line(rnd, line))
 
     def sign_head(self, rnd: int) -> None:
@@ -235,6 +247,8 @@ class RunRecorder:
             "ledger_rows": self.ledger.count(),
             "ledger_head": self.ledger.head(),
         }
+        if self.served_model is not None:
+            payload["served"] = {k: v.detach().cpu() for k, v in self.served_model.state_dict().items()}
         write_atomically(self.dir / "checkpoint.pt", lambda fh: torch.save(payload, fh))
 
     def _progress_line(self, rnd: int, line: dict[str, Any]) -> str:

@@ -51,10 +51,13 @@ def eval_source(cfg: RunConfig, task: Task) -> str:
     pooled numbers are noisy, and the label says so.
     """
     held = task.server_test_data() is not None
+    # federation.ema-decay: the numbers are the averaged model's (server.averaging).
+    decay = cfg.federation.ema_decay
+    of = f"; model: average of the global models, ema-decay {decay:g}" if decay else ""
     if cfg.federation.central_eval and held:
-        return task.test_description
+        return task.test_description + of
     source = POOLED_VALIDATION if held else task.test_description
-    return f"{source}, noisy: metrics.dp" if cfg.metrics.dp else f"{source}, exact"
+    return (f"{source}, noisy: metrics.dp" if cfg.metrics.dp else f"{source}, exact") + of
 
 
 def eval_kind(source: str) -> str:

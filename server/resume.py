@@ -41,6 +41,8 @@ class ResumePoint:
     checkpoint_round: int  # 0: no round completed; the model restarts from the seeded init
     next_round: int
     state: dict[str, torch.Tensor] | None  # the checkpointed model state
+    # federation.ema-decay: the checkpointed average of the global models (None: none kept).
+    served: dict[str, torch.Tensor] | None = None
     # Rounds after the last metrics line that need one: round -> True if its update was lost.
     missing_lines: dict[int, bool] = field(default_factory=dict)
 
@@ -80,12 +82,14 @@ def resume_point(
     """Where the run continues. ``server_key`` (the coordinator's key, or its public key as
     hex): also check every signed ledger head against it (:func:`check_ledger`)."""
     ckpt_round, state = 0, None
+    served: dict[str, torch.Tensor] | None = None
     path = run_dir / "checkpoint.pt"
     stored_head: tuple[int, str] | None = None
     if path.is_file():
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             ckpt_round, state = int(payload["round"]), dict(payload["state"])
+            served = dict(payload["served"]) if "served" in payload else None
             task = payload["task"]
             if "ledger_head" in payload:
                 stored_head = (int(payload["ledger_rows"]), str(payload["ledger_head"]))
@@ -99,7 +103,7 @@ def resume_point(
     last_line = max((int(m.get("round", 0)) for m in metrics), default=0)
     reached = max(ckpt_round, last_line, ledger.last_round(), ledger.round_started())
     missing = {r: r > ckpt_round for r in range(last_line + 1, reached + 1)}
-    return ResumePoint(ckpt_round, reached + 1, state, missing)
+    return ResumePoint(ckpt_round, reached + 1, state, missing_lines=missing, served=served)
 
 
 def check_ledger(

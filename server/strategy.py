@@ -37,12 +37,13 @@ from common.config import MIN_SECURE_SITES, RunConfig
 from common.deploy.receipts import RECEIPT
 from common.deploy.registry import Registry
 from common.deploy.signing import Ed25519PrivateKey
-from common.errors import PrivfedError
+from common.errors import ConfigError, PrivfedError
 from common.metrics.error_bars import propagate
 from common.pipeline import Aggregate, Pipeline, ServerContext, build_pipeline
 from common.privacy.accounting import NO_DP
 from common.protocol import Status
 from server.aggregation import RoundInputs, Staged, Usable, get_aggregation
+from server.averaging import ServedModel
 from server.client_level_dp import CentralRelease
 from server.ledger import Ledger
 from server.replies import ReplyLedger, Reports, RoundRecord, describe_failure, settle
@@ -60,6 +61,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         pipeline: Pipeline,
         *,
         initial_arrays: list[np.ndarray],
+        served_arrays: list[np.ndarray] | None = None,
         central_eval: Callable[[int, list[np.ndarray]], dict[str, float]] | None = None,
         run_id: str = "",
         registry: Registry,
@@ -67,6 +69,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
     ) -> None:
         """``task`` may be None (tests): then the primary metric is "loss" and sites' metrics are not combined.
 
+        ``served_arrays``: a resumed run's average of the global models (federation.ema-decay).
         ``central_eval``: (round, arrays) -> metrics on a server-held test split, or None.
         ``run_id`` names the sites' durable state (client.state), so a resumed run finds it;
         it is part of every claim a site signs.
@@ -103,6 +106,8 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
             )
         self.pipeline = pipeline
         self.global_arrays = [a.copy() for a in initial_arrays]
+        # What the server evaluates, samples and reports: the global model or its average.
+        self.served = ServedModel(fed.ema_decay, served_arrays)
         self.ledger = ledger  # type: ignore[assignment]  # may be attached later, before the first round
         self.num_sites = fed.num_sites
         self.min_fit_sites = fed.min_fit_sites
@@ -118,6 +123,14 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
         self.secure = cfg.secagg.enabled  # replies carry a SecAgg+ sum, not individual updates
         self.central = CentralRelease.from_config(cfg) if cfg.central_dp.enabled else None
         self.central_exhausted = False
+        if self.served.averaging and central_eval is None and self.secure_sums:
+            # Under SecAgg+ the sites' evaluation sums ride on fit and measure the model they
+            # train from: the averaged model would be reported without ever being evaluated.
+            raise ConfigError(
+                "ema-decay",
+                "needs evaluation of the averaged model, but under secure aggregation the sites "
+                "evaluate the model they train from; use 0 (off) or a task with a server-held test split",
+            )
         # Set: Poisson site sampling (central DP).
         self.poisson_rng: RngSource | None = (lambda rnd: sampling_rng(cfg, rnd)) if self.central is not None else None
         self.on_sample: Callable[[int], None] | None = None  # told each round's sample size
@@ -291,6 +304,7 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
             rec.failures.append("aggregate overflowed (not finite); model unchanged")
             return None
         self.global_arrays = new_global
+        self.served.update(new_global)
         rec.aggregated = staged is not None
         return self.global_arrays
 
@@ -298,13 +312,17 @@ class DeltaFedAvg(ReplyLedger, FedAvg):
     def evaluate(self, server_round: int, parameters: Parameters):
         if self.central_eval is None:
             return None
-        metrics = self.central_eval(server_round, parameters_to_ndarrays(parameters))
+        # Flower hands over the global model; the server evaluates the one it serves.
+        arrays = self.served.arrays(parameters_to_ndarrays(parameters))
+        metrics = self.central_eval(server_round, arrays)
         self.record(server_round).test = metrics
         return float(metrics[self.primary_metric]), metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         if self.should_stop():
             return []
+        if self.served.averaging:  # the sites evaluate the served model, not the one they train from
+            parameters = ndarrays_to_parameters(self.served.arrays(self.global_arrays))
         if server_round == self.last_round and self.fraction_evaluate < 1.0:
             # The final model's site-level fairness should cover every site, once.
             config = self.on_evaluate_config_fn(server_round) if self.on_evaluate_config_fn else {}

@@ -84,6 +84,7 @@ _STRATEGY_KEYS = {
     "fraction_fit": "fraction-fit",
     "fraction_evaluate": "fraction-evaluate",
     "last_round": "rounds",
+    "ema_decay": "ema-decay",
 }
 
 

@@ -45,6 +45,12 @@ class FederationConfig:
     run_dir: str = ""
     # Write a sample grid every this many rounds (and always at the end); 0 = only at the end.
     sample_every: int = 5
+    # The server serves (evaluates, samples, reports as final) an exponential moving average
+    # of the global models with this decay: served = d * served + (1 - d) * global after
+    # each round that changed the model. 0: the global model itself. Post-processing of the
+    # rounds' releases (no privacy cost); the sites train from the global model
+    # (server/averaging.py).
+    ema_decay: float = 0.0
     # Server-side evaluation on the held-out test split (simulation only).
     central_eval: bool = True
     # How long the server waits for all num-sites sites to connect before it gives up.
@@ -104,6 +110,7 @@ class FederationConfig:
             "aggregation",
             f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}",
         )
+        _require(0 <= self.ema_decay < 1, "ema-decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         _require(0 <= self.trim_fraction < 0.5, "trim-fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
         _require(self.byzantine_sites >= 0, "byzantine-sites", f"must be >= 0, got {self.byzantine_sites}")
         _require(self.qffl_q >= 0, "qffl-q", f"must be >= 0 (0: a FedAvg step), got {self.qffl_q}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from common.errors import TrainingFailure
 from server.ledger import Ledger
@@ -34,6 +35,12 @@ def test_two_round_gan_run(tmp_path):
     for name in ("eval-classifier.pt", "checkpoint.pt", "quality.png", "samples/round-001.png", "samples/final.png"):
         assert (run_dir / name).is_file(), name
     assert "tstr" in (run_dir / "summary.md").read_text()
+    # gan-digits serves the average of the global models (ema-decay 0.8): the checkpoint keeps
+    # both, they differ after round 2, and the metrics say whose they are.
+    payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    weights = [k for k in payload["state"] if k.startswith("generator.") and k.endswith("weight")]
+    assert weights and not torch.equal(payload["state"][weights[0]], payload["served"][weights[0]])
+    assert all("average of the global models, ema-decay 0.8" in m["test_source"] for m in lines)
     assert simulation_processes() == []
 
 
