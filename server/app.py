@@ -142,7 +142,7 @@ def _run_federation(
 
     def outcome(rnd: int) -> RoundOutcome:
         assert recorder is not None  # rounds begin after start()
-        model = recorder.load_global(strategy.global_arrays, strategy.served.arrays(strategy.global_arrays))
+        model = recorder.load_global(strategy.global_arrays, strategy.served.started())
         return RoundOutcome(rnd, strategy.record(rnd), model, recorder.ledger)
 
     def record(out: RoundOutcome, seconds: float, extra: dict[str, Any], ok: bool) -> None:
@@ -227,7 +227,7 @@ def _run_federation(
             )
             mia: dict[str, float] = {}
             for cb in callbacks:
-                mia.update(cb.run_metrics(recorder.released, recorder.ledger, failure))
+                mia.update(cb.run_metrics(recorder.model, recorder.ledger, failure))
             progress.detail("final checks: ε cross-check, plots, summary.md")
             summary = write_summary(
                 run_dir,

@@ -43,12 +43,14 @@ class ServedModel:
 
     def update(self, global_arrays: list[np.ndarray]) -> None:
         """Fold in the global model of a round that changed it."""
-        if not self.averaging or self._arrays is None:
-            self._arrays = [a.copy() for a in global_arrays]
+        if not self.averaging:
+            return  # arrays() serves the global arrays themselves: keep no copy
+        if self._arrays is None:
+            self._arrays = [_wide(g) for g in global_arrays]
             return
         d = self.decay
         self._arrays = [
-            (d * s + (1.0 - d) * g).astype(g.dtype, copy=False) if np.issubdtype(g.dtype, np.floating) else g.copy()
+            d * s + (1.0 - d) * _wide(g) if np.issubdtype(g.dtype, np.floating) else g.copy()
             for s, g in zip(self._arrays, global_arrays)
         ]
 
@@ -57,8 +59,20 @@ class ServedModel:
         changed the model (and always without averaging)."""
         if not self.averaging or self._arrays is None:
             return global_arrays
-        return self._arrays
+        return [s.astype(g.dtype, copy=False) for s, g in zip(self._arrays, global_arrays)]
+
+    def started(self) -> list[np.ndarray] | None:
+        """The average, or None before any round changed the model (and without averaging)."""
+        return self._arrays if self.averaging else None
 
     def state(self) -> list[np.ndarray] | None:
         """The average for the checkpoint (None: nothing to keep)."""
         return None if not self.averaging or self._arrays is None else [a.copy() for a in self._arrays]
+
+
+def _wide(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a``; floating arrays narrower than float32 widened to it, so that the
+    average's small steps are not rounded away (float16's ulp at 100 is 0.0625)."""
+    if np.issubdtype(a.dtype, np.floating):
+        return a.astype(np.promote_types(a.dtype, np.float32))  # astype copies
+    return a.copy()

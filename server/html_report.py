@@ -37,6 +37,7 @@ from server.report import (
     fairness_cell,
     not_run_line,
     person_worst_case,
+    served_words,
     worst_case_line,
 )
 from server.run_dir import REGISTRY_FILE
@@ -289,7 +290,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     parts.append("<h2>Samples</h2>")
     if samples:
         for p in [s for s in samples if s.stem == "final"] or samples[-1:]:
-            what = "from the final global model" if p.stem == "final" else f"({p.stem})"
+            what = f"from {served_words(cfg)}" if p.stem == "final" else f"({p.stem})"
             parts.append(f'<p class="note">Generated {html.escape(what)}.</p>')
             parts.append(_img(_b64(p), f"samples: {p.stem}"))
     else:

@@ -82,6 +82,7 @@ class RunRecorder:
         # federation.ema-decay: the average the server serves (samples, final model), beside
         # the global model the sites train from; both are checkpointed.
         self.served_model = task.build_model() if cfg.federation.ema_decay > 0 else None
+        self.served_started = False  # whether served_model holds an average (else: the global model)
 
     def record_gap(self, missing: dict[int, bool], resumed_from: int) -> None:
         """metrics.jsonl lines for rounds a stopped server left without one.
@@ -124,11 +125,13 @@ class RunRecorder:
     # ------------------------------------------------------------------ rounds
     def load_global(self, arrays: list[np.ndarray], served: list[np.ndarray] | None = None) -> torch.nn.Module:
         """Set the checkpointed global model to ``arrays`` and, under federation.ema-decay, the
-        served model to ``served``; returns the served model (samples, final checks)."""
+        served model to ``served`` (None: no average yet, the global model is served); returns
+        the global model, the release the sites hold, which the membership attack targets."""
         set_state(self.model, self.keys, arrays)
         if self.served_model is not None:
             set_state(self.served_model, self.keys, served if served is not None else arrays)
-        return self.released
+            self.served_started = served is not None
+        return self.model
 
     @property
     def released(self) -> torch.nn.Module:
@@ -247,7 +250,8 @@ class RunRecorder:
             "ledger_rows": self.ledger.count(),
             "ledger_head": self.ledger.head(),
         }
-        if self.served_model is not None:
+        if self.served_model is not None and self.served_started:
+            # Not before a round changed the model: resume would average the initial model in.
             payload["served"] = {k: v.detach().cpu() for k, v in self.served_model.state_dict().items()}
         write_atomically(self.dir / "checkpoint.pt", lambda fh: torch.save(payload, fh))
 

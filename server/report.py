@@ -60,6 +60,15 @@ def eval_source(cfg: RunConfig, task: Task) -> str:
     return (f"{source}, noisy: metrics.dp" if cfg.metrics.dp else f"{source}, exact") + of
 
 
+def served_words(config: Any) -> str:
+    """What the final checks (samples, membership inference) ran on: the last global model, or
+    under federation.ema-decay the average of the global models (server.averaging)."""
+    decay = config.get("ema-decay", 0.0) if config is not None else 0.0
+    if isinstance(decay, (int, float)) and decay > 0:
+        return f"the average of the global models (ema-decay {decay:g})"
+    return "the final global model"
+
+
 def eval_kind(source: str) -> str:
     """The word the round line and headline put before the metric: "test", or what it is."""
     return POOLED_VALIDATION if source.startswith(POOLED_VALIDATION) else "test"
@@ -565,7 +574,7 @@ def _markdown(
         out += ["![further test metrics per round, one per axis](quality.png)", ""]
     elif "further test metrics" in skipped:
         out += ["## Further test metrics", "", md_cell(not_run_line(skipped["further test metrics"])), ""]
-    out += ["## Samples from the final global model", ""]
+    out += [f"## Samples from {served_words(config)}", ""]
     if (run_dir / "samples" / "final.png").exists():
         out += ["![samples](samples/final.png)", ""]
     else:

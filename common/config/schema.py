@@ -111,6 +111,12 @@ class FederationConfig:
             f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}",
         )
         _require(0 <= self.ema_decay < 1, "ema-decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
+        _require(
+            not (self.ema_decay > 0 and self.aggregation == "q-fedavg"),
+            "ema-decay",
+            "must be 0 with aggregation = q-fedavg: its site losses must be those of the model the sites train "
+            "from, and under ema-decay the sites evaluate the average",
+        )
         _require(0 <= self.trim_fraction < 0.5, "trim-fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
         _require(self.byzantine_sites >= 0, "byzantine-sites", f"must be >= 0, got {self.byzantine_sites}")
         _require(self.qffl_q >= 0, "qffl-q", f"must be >= 0 (0: a FedAvg step), got {self.qffl_q}")

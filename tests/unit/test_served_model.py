@@ -118,7 +118,7 @@ def test_the_checkpoint_keeps_the_average_and_resume_finds_it(tmp_path):
     glob = [v.detach().numpy().copy() for k, v in recorder.model.state_dict().items() if k in keys]
     served = [a + 1.0 for a in glob]
     released = recorder.load_global(glob, served)
-    assert released is recorder.served_model  # samples and final checks use the average
+    assert released is recorder.model and recorder.released is recorder.served_model  # MIA: global; samples: average
     recorder.save_checkpoint(1)
     recorder.ledger.close()
     payload = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

@@ -1,0 +1,67 @@
+"""Hostile review of i25-ema: kill a gan-digits run (ema-decay 0.8) after a round that changed
+nothing, resume it, and check the served average is the one an uninterrupted run keeps.
+
+Round 1: every site crashes (faults), so the round is recorded and checkpointed without
+changing the model. Round 2 is killed (its update is lost: the model continues from the
+round-1 checkpoint, i.e. the initial model). Round 3 is the first round whose model the run
+keeps, so the average must start there: after round 3, served == global. On i25-ema the
+checkpoint's "served" holds the initial model and the resumed average is 0.8 * init + 0.2 * g3.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.integration.test_resume import _kill_tree, _lines, _privfed
+
+ARGS = [
+    "gan-digits",
+    "rounds=3",
+    "num-sites=3",
+    "gan.features=256",
+    "gan.hidden-dim=32",
+    "gan.eval-samples=200",
+    "dp.target-epsilon=0.0",
+    "dp.noise-multiplier=1.0",
+    "audit.mia=false",
+    "sample-every=0",
+    "faults.crash-rate=1.0",
+    'faults.rounds="1"',
+]
+
+
+@pytest.mark.slow
+def test_resumed_average_does_not_start_from_the_initial_model(tmp_path):
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "first.log").open("w")
+    proc = _privfed("simulate", *ARGS, f"run-dir={run_dir}", stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        while len(_lines(run_dir)) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait()
+    first = _lines(run_dir)
+    assert len(first) == 1 and not first[0]["aggregated"], first
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["round"] == 1
+
+    resumed = _privfed("resume", str(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = resumed.communicate(timeout=500)
+    finally:
+        _kill_tree(resumed.pid)
+    assert resumed.returncode == 0, out[-3000:]
+    lines = _lines(run_dir)
+    assert [m["aggregated"] for m in lines] == [False, False, True], lines
+    payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert payload["round"] == 3
+    # Round 3's model is the first this run kept: the average is that model itself.
+    key = next(k for k in payload["state"] if k.startswith("generator.") and k.endswith("weight"))
+    assert torch.equal(payload["state"][key], payload["served"][key])  # fails: 0.8 * init + 0.2 * g3
