@@ -206,3 +206,18 @@ def test_optimizer_state_reads_per_parameter_state_only():
     state = optimizer_state(opt, model)
     assert set(state) == {f"{n}/{k}" for n in ("weight", "bias") for k in ("step", "exp_avg", "exp_avg_sq")}
     assert state["weight/exp_avg"].shape == (2, 3) and state["bias/step"].item() == 1.0
+
+
+@pytest.mark.gpu
+def test_the_kept_state_moves_between_cpu_and_cuda():
+    task = _task(**KEEP)
+    train = task.site_data(0)[0]
+    plan = plan_round(task.cfg, len(train))
+    model = _model(task)
+    cuda = torch.device("cuda")
+    first = run_local_round(task, model, train, plan, cuda, 1, 1.0, None)
+    assert first.optimizer_state is not None
+    assert all(v.device.type == "cpu" for v in first.optimizer_state.values())  # kept (and saved) on CPU
+    second = run_local_round(task, model, train, plan, cuda, 2, 1.0, first.optimizer_state)
+    assert second.optimizer_state is not None
+    assert second.optimizer_state["item_bias.weight/step"].item() == first.steps_taken + second.steps_taken
