@@ -91,6 +91,9 @@ STATE_KEY = "privfed.accounting"
 METRICS_STATE_KEY = "privfed.metrics-accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
 LOCAL_STATE_KEY = "privfed.local-model"
+# The DP-trained optimiser's per-parameter state (train.keep-optimizer-state), kept between
+# rounds like the site-local model part; post-processing of the noised gradients, never sent.
+OPTIMIZER_STATE_KEY = "privfed.optimizer-state"
 # The newest ledger receipt the site holds (without a state-dir: only in the node state).
 RECEIPT_STATE_KEY = "privfed.receipt"
 # Site-local only (the SuperNode's own log): never in a reply.
@@ -199,6 +202,8 @@ class SiteClient(NumPyClient):
         self._set_metrics_history(saved.metrics)
         if saved.local:
             self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=saved.local)
+        if saved.optimizer:
+            self.ctx.state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(torch_state_dict=saved.optimizer)
 
     def _persist(self, plan: RoundPlan, *, metrics_release: bool = False) -> None:
         """Write the site's state: first the lifetime history (what the budget checks), then
@@ -225,7 +230,9 @@ class SiteClient(NumPyClient):
             return
         rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
         local = rec.to_torch_state_dict() if rec is not None else {}
-        save_state(self.state_file, SiteState(self._entries(), local, self._metrics_entries()))
+        opt = self.ctx.state.array_records.get(OPTIMIZER_STATE_KEY)
+        optimizer = opt.to_torch_state_dict() if opt is not None else {}
+        save_state(self.state_file, SiteState(self._entries(), local, self._metrics_entries(), optimizer))
 
     # ------------------------------------------------------------ site-local model state
     def _model(self, parameters: list[np.ndarray]) -> tuple[Any, list[str]]:
@@ -249,6 +256,13 @@ class SiteClient(NumPyClient):
         local = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in shared}
         if local:
             self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=local)
+
+    def _kept_optimizer_state(self) -> dict[str, torch.Tensor] | None:
+        """The optimiser state the site kept from its last trained round (train.keep-optimizer-state)."""
+        if not self.cfg.train.keep_optimizer_state:
+            return None
+        rec = self.ctx.state.array_records.get(OPTIMIZER_STATE_KEY)
+        return rec.to_torch_state_dict() if rec is not None else None
 
     # ------------------------------------------------------------ accounting state
     def _entries(self) -> list[tuple[int, float, float, int]]:
@@ -481,9 +495,13 @@ class SiteClient(NumPyClient):
             )
         t0 = time.perf_counter()
         lr_scale = lr_factor(self.cfg.train.lr_schedule, server_round, self.cfg.federation.rounds)
-        outcome = run_local_round(self.task, model, self.train_data, plan, self.device, seed, lr_scale)
+        outcome = run_local_round(
+            self.task, model, self.train_data, plan, self.device, seed, lr_scale, self._kept_optimizer_state()
+        )
         self._remember(server_round, plan, outcome.steps_taken)
         self._keep_local(model, keys)
+        if outcome.optimizer_state:  # train.keep-optimizer-state: site-local, never in the reply
+            self.ctx.state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(torch_state_dict=outcome.optimizer_state)
         self._persist(plan)  # before anything leaves the site
         local = get_state(model, keys)
         delta = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]

@@ -1,4 +1,5 @@
-"""A site's own durable state: its accounting history and its site-local model part.
+"""A site's own durable state: its accounting history, its site-local model part and (with
+``train.keep-optimizer-state``) its optimiser's state.
 
 Flower keeps a node's ``context.state`` only as long as the SuperNode's run. A site that
 must survive a restart of the server (``privfed resume``) or of itself keeps a copy on its
@@ -39,6 +40,9 @@ class SiteState:
     # (round, noise multiplier) of each noisy metrics release (metrics.dp), charged to the
     # site's own budget like its training rounds.
     metrics: list[tuple[int, float]] = field(default_factory=list)
+    # The DP-trained optimiser's per-parameter state (train.keep-optimizer-state): Adam's
+    # moments of the noised gradients, post-processing, never sent. Files without it load as {}.
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def state_path(state_dir: str | Path, run_id: str, site_id: str) -> Path:
@@ -64,11 +68,12 @@ def load_state(path: Path) -> SiteState | None:
         history = [(int(r), float(s), float(q), int(k)) for r, s, q, k in raw["history"]]
         local = {str(k): v for k, v in raw["local"].items()}
         metrics = [(int(r), float(z)) for r, z in raw.get("metrics", [])]
+        optimizer = {str(k): v for k, v in raw.get("optimizer", {}).items()}
     except Exception as exc:  # truncated or foreign file: refuse rather than forget spent privacy
         raise PrivfedError(
             f"site state {path} cannot be read ({type(exc).__name__}); move it aside only if you know this site's spend"
         ) from None
-    return SiteState(history, local, metrics)
+    return SiteState(history, local, metrics, optimizer)
 
 
 def save_state(path: Path, state: SiteState) -> None:
@@ -80,6 +85,7 @@ def save_state(path: Path, state: SiteState) -> None:
         "history": [list(h) for h in state.history],
         "local": state.local,
         "metrics": [list(m) for m in state.metrics],
+        "optimizer": state.optimizer,
     }
     write_atomically(path, lambda fh: torch.save(payload, fh))
 

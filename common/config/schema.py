@@ -239,6 +239,11 @@ class TrainConfig:
     # data-independent schedule (under DP the late rounds average the noise instead of
     # taking full steps of it).
     lr_schedule: str = "constant"
+    # Keep the DP-trained optimiser's per-parameter state (Adam's moments and step count)
+    # at the site from one round to the next instead of starting it fresh every round.
+    # Post-processing of the noised gradients, never sent (docs/PRIVACY.md); no privacy cost.
+    # SGD (no momentum) has no state, so the flag changes nothing there.
+    keep_optimizer_state: bool = False
 
     def validate(self) -> None:
         _require(self.local_epochs > 0, "train.local-epochs", f"must be > 0, got {self.local_epochs}")

@@ -339,13 +339,21 @@ def synthetic_ratings(
     pseudo: Pseudonymizer,
     num_buckets: int,
     rating_range: tuple[float, float] = (1.0, 5.0),
+    center: float = 3.5,
+    noise: float = 0.5,
+    skew: float = 0.0,
 ) -> Ratings:
     """Synthetic ratings with latent structure and user groups (documented as synthetic).
 
-    rating = clip(round(3.5 + b_u + b_i + g_group + p_u.q_i + noise)), rank-4 factors,
+    rating = clip(round(center + b_u + b_i + g_group + p_u.q_i + noise)), rank-4 factors,
     item popularity Zipf-like, and group effects by gender and age so that group
     metrics have something to find. Raw ids look like ``user-000042``; they go through the
     same pseudonymisation as real files.
+
+    The noise has mean 0 and standard deviation ``noise``: Gaussian (``skew = 0``, the
+    default, the same draws as before these options existed), else skew-normal with shape
+    ``skew`` (< 0: a long tail toward low ratings, as in public rating histograms where
+    4 is the mode and 1s outnumber what a symmetric spread gives).
     """
     rng = np.random.default_rng(seed)
     genders = rng.choice(["M", "F"], size=num_users, p=[0.65, 0.35])
@@ -365,7 +373,7 @@ def synthetic_ratings(
     k = min(per_user, num_items)
     for u in range(num_users):
         chosen = rng.choice(num_items, size=k, replace=False, p=pop)
-        r = 3.5 + bu[u] + bi[chosen] + q[chosen] @ p[u] + rng.normal(0, 0.5, size=k)
+        r = center + bu[u] + bi[chosen] + q[chosen] @ p[u] + _noise(rng, noise, skew, k)
         values.extend(np.clip(np.round(r), lo, hi).tolist())
         users.extend([f"user-{u:06d}"] * k)
         items.extend(f"item-{i:05d}" for i in chosen)
@@ -374,6 +382,17 @@ def synthetic_ratings(
     }
     catalogue = [f"item-{i:05d}" for i in range(num_items)]
     return pseudonymise(users, items, np.asarray(values), attrs, catalogue, pseudo, num_buckets)
+
+
+def _noise(rng: np.random.Generator, std: float, skew: float, k: int) -> np.ndarray:
+    """``k`` draws of mean 0 and standard deviation ``std``: Gaussian, or skew-normal of shape ``skew``."""
+    if skew == 0:
+        return rng.normal(0, std, size=k)
+    d = skew / math.sqrt(1.0 + skew * skew)
+    u0, u1 = rng.standard_normal(size=(2, k))
+    z = d * np.abs(u0) + math.sqrt(1.0 - d * d) * u1  # skew-normal(skew)
+    mean, sd = d * math.sqrt(2.0 / math.pi), math.sqrt(1.0 - 2.0 * d * d / math.pi)
+    return std * (z - mean) / sd
 
 
 def _region_weights() -> np.ndarray:

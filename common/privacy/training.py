@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,14 @@ from common.data.arrays import ArrayData, to_device
 from common.privacy.accounting import NO_DP, RoundPlan
 from common.privacy.engines import StepEngine, make_engine
 from common.privacy.engines.rules import PersonGroups
+
+# Site-local only (the SuperNode's own log).
+_LOG = logging.getLogger("privfed.site")
+
+# name -> tensor: "<parameter name>/<state key>", e.g. "item_bias.weight/exp_avg".
+OptimizerState = dict[str, torch.Tensor]
+# The per-parameter state keys an optimiser keeps (checked on load; others: whatever was saved).
+_STATE_KEYS: dict[type, set[str]] = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq"}}
 
 
 class PersonSampler:
@@ -164,6 +173,54 @@ class LocalTrainer(Protocol):
 class RoundOutcome:
     metrics: dict[str, float]
     steps_taken: int
+    # The DP-trained optimiser's per-parameter state after the round (train.keep-optimizer-state;
+    # else None). Site-local: never in a reply.
+    optimizer_state: OptimizerState | None = None
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> OptimizerState:
+    """``optimizer``'s per-parameter state (Adam: ``step``, ``exp_avg``, ``exp_avg_sq``) keyed
+    by ``module``'s parameter names, on CPU. Never the param groups (the lr is the round's)."""
+    out: OptimizerState = {}
+    for name, p in module.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"{name}/{key}"] = value.detach().to("cpu", copy=True)
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module, saved: OptimizerState) -> bool:
+    """Put ``saved`` (from :func:`optimizer_state`) into ``optimizer``'s fresh per-parameter state.
+
+    Only if it fits exactly: the same parameter names, each with the same state keys, every
+    per-parameter tensor shaped like its parameter. Anything else (the config changed: another
+    model, dimension or optimiser) is dropped and the round starts fresh; it is an
+    optimisation aid, not data. The param groups (this round's lr) are never touched.
+    """
+    names = {id(p): name for name, p in module.named_parameters()}
+    trained = [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for full, value in saved.items():
+        name, _, key = full.rpartition("/")
+        by_param.setdefault(name, {})[key] = value
+    expected = _STATE_KEYS.get(type(optimizer))
+
+    def fits(name: str, p: nn.Parameter) -> bool:
+        got = by_param.get(name, {})
+        if not got or (expected is not None and set(got) != expected):
+            return False
+        return all(v.shape == (torch.Size([]) if k == "step" else p.shape) for k, v in got.items())
+
+    if set(by_param) != {name for name, _ in trained} or not all(fits(name, p) for name, p in trained):
+        _LOG.debug("saved optimiser state does not fit this model and optimiser; starting it fresh")
+        return False
+    for name, p in trained:
+        optimizer.state[p] = {
+            # Adam keeps its step count on CPU (as torch's own load_state_dict does).
+            k: v.to("cpu", torch.float32).clone() if k == "step" else v.to(p.device, p.dtype).clone()
+            for k, v in by_param[name].items()
+        }
+    return True
 
 
 def make_optimizer(
@@ -184,6 +241,7 @@ def run_local_round(
     device: torch.device,
     seed: int | None,
     lr_scale: float = 1.0,
+    optimizer_state_in: OptimizerState | None = None,
 ) -> RoundOutcome:
     """Train ``model`` in place for one round.
 
@@ -196,6 +254,20 @@ def run_local_round(
 
     ``lr_scale`` multiplies ``train.lr`` this round (the schedule's factor,
     :func:`common.config.schema.lr_factor`; data-independent, so no privacy cost).
+
+    ``train.keep-optimizer-state``: ``optimizer_state_in`` (the previous round's
+    ``RoundOutcome.optimizer_state``, or None) seeds the DP-trained optimiser's
+    per-parameter state (Adam's moments and step count; not the person-local layers'
+    optimiser, and never the lr, which is this round's), and the outcome carries the new
+    state. A site takes only a few noisy steps per round, so an Adam restarted every round
+    spends nearly all of them in its bias-corrected start, where each coordinate moves by
+    about lr in the sign of a mostly-noise gradient. Privacy: the moments are functions of
+    the clipped and noised gradients the DP engine already released to the optimiser, so
+    keeping them is post-processing, and DP-SGD's adaptive composition lets every step
+    depend on all earlier outputs; the accounting and the ledger are unchanged. The state
+    stays at the site (client.state, file 0600) and is never sent. A state that does not
+    fit the model (names, keys or shapes; the config changed) is dropped and the round
+    starts fresh.
     """
     cfg = task.cfg
     model.to(device).train()
@@ -208,6 +280,9 @@ def run_local_round(
     lr = cfg.train.lr * lr_scale
     optimizer = make_optimizer(private, cfg.train.optimizer, lr, but=map(id, local_params))
     local_optimizer = make_optimizer(private, cfg.train.optimizer, lr, only=local_params) if local else None
+    keep = cfg.train.keep_optimizer_state
+    if keep and optimizer_state_in:
+        load_optimizer_state(optimizer, private, optimizer_state_in)
     secure = seed is None
     # Three independent streams (noise, Poisson sampling, the task's own randomness).
     entropy = secrets.randbits(128) if secure else seed
@@ -235,4 +310,5 @@ def run_local_round(
             metrics = task.train(model, session)
     finally:
         engine.close()
-    return RoundOutcome(metrics=metrics, steps_taken=session.steps_taken)
+    kept = optimizer_state(optimizer, private) if keep else None
+    return RoundOutcome(metrics=metrics, steps_taken=session.steps_taken, optimizer_state=kept)

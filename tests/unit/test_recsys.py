@@ -621,3 +621,51 @@ def test_the_schedule_scales_the_rounds_learning_rate():
         run_local_round(task, m, train, plan, torch.device("cpu"), seed=1, lr_scale=scale)
         moved.append((m.item_bias.weight - base.item_bias.weight).abs().max().item())
     assert moved[1] < moved[0] * 0.01
+
+
+# ------------------------------------------------ the synthetic generator's rating scale
+
+
+def _digest(r) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (r.user, r.item, r.rating, r.split_draw):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_synthetic_scale_defaults_keep_the_data_of_before():
+    """recsys.synthetic-center / -noise / -skew at their defaults draw exactly the old data
+    (the digest is the generator's output before these keys existed)."""
+    pseudo = Pseudonymizer(KEY)
+    old = "15d520b330b1e59160e3e9660e554ee386e3f9b3dcdbd69ab4afc93f468dfd89"
+    assert _digest(synthetic_ratings(3, 120, 50, 12, pseudo, 4096)) == old
+    assert _digest(synthetic_ratings(3, 120, 50, 12, pseudo, 4096, (1.0, 5.0), 3.5, 0.5, 0.0)) == old
+    p = recsys_task().params
+    assert (p.synthetic_center, p.synthetic_noise, p.synthetic_skew) == (3.5, 0.5, 0.0)
+
+
+def test_synthetic_noise_and_skew_shape_the_histogram():
+    pseudo = Pseudonymizer(KEY)
+
+    def hist(**kw):
+        v = synthetic_ratings(0, 300, 200, 40, pseudo, 4096, **kw).rating
+        return np.array([(v == k).mean() for k in range(1, 6)]), float(v.mean())
+
+    plain, _ = hist()
+    noisy, _ = hist(noise=0.9)
+    skewed, mean_skewed = hist(noise=0.9, skew=-10.0)
+    assert noisy[0] > 2 * plain[0] and noisy[4] > plain[4]  # more 1s and 5s
+    assert skewed[0] > noisy[0]  # a tail toward 1 ...
+    assert abs(mean_skewed - hist(noise=0.9)[1]) < 0.05  # ... at (about) the same mean: the noise has mean 0
+    assert hist(center=4.0)[1] > hist()[1] + 0.3
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("synthetic-noise", -0.1), ("synthetic-center", 6.0), ("synthetic-skew", float("nan"))],
+)
+def test_synthetic_scale_config_errors_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"recsys.{key}"):
+        recsys_task(**{f"recsys.{key}": value})

@@ -33,6 +33,12 @@ class RecsysConfig:
     synthetic_users: int = 600
     synthetic_items: int = 300
     synthetic_ratings_per_user: int = 40
+    # The synthetic generator's rating scale: centre (before user/item effects) and the per-rating
+    # noise's standard deviation and skew-normal shape (0: Gaussian; < 0: a tail toward low
+    # ratings). The defaults give the same data as before these keys existed.
+    synthetic_center: float = 3.5
+    synthetic_noise: float = 0.5
+    synthetic_skew: float = 0.0
     # Bias correction: none | group-offset (a gender x item offset trained inside DP-SGD).
     correction: str = "none"
     # Decay of the offset table after every local step, b <- b / (1 + lr * lambda): offsets
@@ -69,6 +75,13 @@ class RecsysConfig:
             "synthetic-ratings-per-user",
             f"must be in [2, recsys.synthetic-items], got {self.synthetic_ratings_per_user}",
         )
+        need(
+            self.rating_min <= self.synthetic_center <= self.rating_max,
+            "synthetic-center",
+            f"must be in [recsys.rating-min, recsys.rating-max], got {self.synthetic_center}",
+        )
+        need(self.synthetic_noise >= 0, "synthetic-noise", f"must be >= 0, got {self.synthetic_noise}")
+        need(abs(self.synthetic_skew) <= 100, "synthetic-skew", f"must be in [-100, 100], got {self.synthetic_skew}")
         need(
             self.correction in CORRECTIONS,
             "correction",

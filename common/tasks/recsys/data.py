@@ -48,6 +48,9 @@ def _load(source: str, path: str, users_path: str, params: RecsysConfig, seed: i
             pseudo,
             params.num_buckets,
             rng,
+            params.synthetic_center,
+            params.synthetic_noise,
+            params.synthetic_skew,
         )
     if source == "movielens":
         folder = Path(path) if path else default_movielens_path()
