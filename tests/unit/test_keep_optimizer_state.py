@@ -16,22 +16,11 @@ from common.privacy.training import load_optimizer_state, make_optimizer, optimi
 from common.tasks import get_task
 from common.tasks.base import get_state
 from tests.conftest import declared, make_cfg
+from tests.unit.test_recsys import KEY
+from tests.unit.test_recsys import SMALL as RECSYS_SMALL
 
-KEY = bytes(range(32))
-SMALL = {
-    "task": "recsys",
-    "num-sites": 3,
-    "rounds": 3,
-    "data.source": "synthetic",
-    "data.partition": "region",
-    "recsys.synthetic-users": 150,
-    "recsys.synthetic-items": 60,
-    "recsys.synthetic-ratings-per-user": 20,
-    "recsys.num-buckets": 4096,
-    "recsys.min-group-size": 5,
-    "dp.noise-multiplier": 1.0,
-    "train.batch-size": 64,
-}
+# test_recsys's small synthetic federation, plus a fixed noise multiplier and 3 rounds.
+SMALL = {**RECSYS_SMALL, "rounds": 3, "dp.noise-multiplier": 1.0, "train.batch-size": 64}
 KEEP = {"train.keep-optimizer-state": True}
 CPU = torch.device("cpu")
 

@@ -6,28 +6,16 @@ Each test states what an uninterrupted / correctly labelled run would do; on i25
 
 from __future__ import annotations
 
-from unittest.mock import Mock
-
 import numpy as np
 import pytest
 import torch
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
 
 from common.errors import ConfigError
 from common.tasks.base import get_state
 from server.averaging import ServedModel
 from tests.conftest import make_cfg, make_strategy
-
-
-def _manager(n: int) -> SimpleClientManager:
-    cm = SimpleClientManager()
-    for i in range(n):
-        proxy = Mock(spec=ClientProxy)
-        proxy.cid, proxy.node_id = str(i), i
-        cm.register(proxy)
-    return cm
+from tests.unit.test_served_model import _manager
 
 
 # --------------------------------------------------------------------------- 1. resume
