@@ -502,6 +502,10 @@ class SiteClient(NumPyClient):
         self._keep_local(model, keys)
         if outcome.optimizer_state:  # train.keep-optimizer-state: site-local, never in the reply
             self.ctx.state.array_records[OPTIMIZER_STATE_KEY] = ArrayRecord(torch_state_dict=outcome.optimizer_state)
+        elif OPTIMIZER_STATE_KEY in self.ctx.state.array_records:
+            # Flag off, SGD (no state) or a non-finite state: keep none, so that no stale or
+            # broken state is loaded in a later round (and the file holds none either).
+            del self.ctx.state.array_records[OPTIMIZER_STATE_KEY]
         self._persist(plan)  # before anything leaves the site
         local = get_state(model, keys)
         delta = [(a - b).astype(b.dtype, copy=False) for a, b in zip(local, parameters)]

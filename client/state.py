@@ -69,6 +69,8 @@ def load_state(path: Path) -> SiteState | None:
         local = {str(k): v for k, v in raw["local"].items()}
         metrics = [(int(r), float(z)) for r, z in raw.get("metrics", [])]
         optimizer = {str(k): v for k, v in raw.get("optimizer", {}).items()}
+        if not all(isinstance(v, torch.Tensor) for v in (*local.values(), *optimizer.values())):
+            raise TypeError("a model or optimiser entry is not a tensor")
     except Exception as exc:  # truncated or foreign file: refuse rather than forget spent privacy
         raise PrivfedError(
             f"site state {path} cannot be read ({type(exc).__name__}); move it aside only if you know this site's spend"

@@ -26,7 +26,8 @@ _LOG = logging.getLogger("privfed.site")
 # name -> tensor: "<parameter name>/<state key>", e.g. "item_bias.weight/exp_avg".
 OptimizerState = dict[str, torch.Tensor]
 # The per-parameter state keys an optimiser keeps (checked on load; others: whatever was saved).
-_STATE_KEYS: dict[type, set[str]] = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq"}}
+# SGD without momentum keeps none, so nothing saved under another optimiser is loaded into it.
+_STATE_KEYS: dict[type, set[str]] = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq"}, torch.optim.SGD: set()}
 
 
 class PersonSampler:
@@ -189,13 +190,22 @@ def optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> Opti
     return out
 
 
+def _sane(key: str, value: torch.Tensor) -> bool:
+    """A state value Adam could have produced: finite, and no negative step count or second moment.
+    Anything else (a divergent round, a damaged file) would make every later step NaN."""
+    if not bool(torch.isfinite(value).all()):
+        return False
+    return key not in ("step", "exp_avg_sq", "max_exp_avg_sq") or bool((value >= 0).all())
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module, saved: OptimizerState) -> bool:
     """Put ``saved`` (from :func:`optimizer_state`) into ``optimizer``'s fresh per-parameter state.
 
     Only if it fits exactly: the same parameter names, each with the same state keys, every
-    per-parameter tensor shaped like its parameter. Anything else (the config changed: another
-    model, dimension or optimiser) is dropped and the round starts fresh; it is an
-    optimisation aid, not data. The param groups (this round's lr) are never touched.
+    per-parameter tensor shaped like its parameter, every value finite (and no negative step
+    count or second moment). Anything else (the config changed: another model, dimension or
+    optimiser; a divergent round; a damaged file) is dropped and the round starts fresh; it is
+    an optimisation aid, not data. The param groups (this round's lr) are never touched.
     """
     names = {id(p): name for name, p in module.named_parameters()}
     trained = [(names[id(p)], p) for group in optimizer.param_groups for p in group["params"]]
@@ -209,7 +219,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module, sa
         got = by_param.get(name, {})
         if not got or (expected is not None and set(got) != expected):
             return False
-        return all(v.shape == (torch.Size([]) if k == "step" else p.shape) for k, v in got.items())
+        return all(v.shape == (torch.Size([]) if k == "step" else p.shape) and _sane(k, v) for k, v in got.items())
 
     if set(by_param) != {name for name, _ in trained} or not all(fits(name, p) for name, p in trained):
         _LOG.debug("saved optimiser state does not fit this model and optimiser; starting it fresh")
@@ -311,4 +321,8 @@ def run_local_round(
     finally:
         engine.close()
     kept = optimizer_state(optimizer, private) if keep else None
+    if kept and not all(_sane(name.rpartition("/")[2], v) for name, v in kept.items()):
+        # A divergent round: keep nothing, or every later round of the run would step on NaN.
+        _LOG.debug("the optimiser state is not finite after this round; not keeping it")
+        kept = {}
     return RoundOutcome(metrics=metrics, steps_taken=session.steps_taken, optimizer_state=kept)
