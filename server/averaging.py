@@ -65,10 +65,6 @@ class ServedModel:
         """The average, or None before any round changed the model (and without averaging)."""
         return self._arrays if self.averaging else None
 
-    def state(self) -> list[np.ndarray] | None:
-        """The average for the checkpoint (None: nothing to keep)."""
-        return None if not self.averaging or self._arrays is None else [a.copy() for a in self._arrays]
-
 
 def _wide(a: np.ndarray) -> np.ndarray:
     """A copy of ``a``; floating arrays narrower than float32 widened to it, so that the

@@ -30,7 +30,7 @@ def test_without_decay_the_served_model_is_the_global_model():
     served = ServedModel(0.0)
     g = _arrays(3.0)
     served.update(g)
-    assert served.arrays(g) is g and served.state() is None
+    assert served.arrays(g) is g and served.started() is None
 
 
 def test_the_average_starts_at_the_first_changed_model_and_weighs_older_ones_by_the_decay():
@@ -43,7 +43,7 @@ def test_the_average_starts_at_the_first_changed_model_and_weighs_older_ones_by_
     avg = served.arrays(init)
     assert avg[0].tolist() == [5.0, 5.0] and avg[0].dtype == np.float32  # 0.75 * 4 + 0.25 * 8
     assert avg[1].tolist() == [8]  # integer state (counters) is taken as it is, not averaged
-    state = served.state()
+    state = served.started()
     assert state is not None and state[0].tolist() == [5.0, 5.0]
     # A resumed run continues the average from its checkpoint.
     again = ServedModel(0.75, state)
