@@ -244,12 +244,24 @@ class TrainConfig:
     # Post-processing of the noised gradients, never sent (docs/PRIVACY.md); no privacy cost.
     # SGD (no momentum) has no state, so the flag changes nothing there.
     keep_optimizer_state: bool = False
+    # Decoupled weight decay (AdamW; for SGD the same map): after every step each decayed
+    # weight is multiplied by 1 - lr x weight-decay (the round's lr). A fixed map of the
+    # weights DP-SGD just released, so post-processing (docs/PRIVACY.md); it shrinks the
+    # coordinates whose noised gradient carries no signal (rare items) instead of letting
+    # them random-walk. Tasks exempt what must not shrink (Task.no_decay_parameters).
+    weight_decay: float = 0.0
 
     def validate(self) -> None:
         _require(self.local_epochs > 0, "train.local-epochs", f"must be > 0, got {self.local_epochs}")
         _require(self.batch_size >= 1, "train.batch-size", f"must be >= 1, got {self.batch_size}")
         _require(self.optimizer in ("adam", "sgd"), "train.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        # Below 1 / lr, so that a step's factor 1 - lr x weight-decay stays positive (NaN fails too).
+        _require(
+            0 <= self.weight_decay < 1 / self.lr,
+            "train.weight-decay",
+            f"must be >= 0 and below 1 / train.lr = {1 / self.lr:g}, got {self.weight_decay}",
+        )
         _require(
             self.lr_schedule in LR_SCHEDULES,
             "train.lr-schedule",

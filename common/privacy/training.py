@@ -27,7 +27,12 @@ _LOG = logging.getLogger("privfed.site")
 OptimizerState = dict[str, torch.Tensor]
 # The per-parameter state keys an optimiser keeps (checked on load; others: whatever was saved).
 # SGD without momentum keeps none, so nothing saved under another optimiser is loaded into it.
-_STATE_KEYS: dict[type, set[str]] = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq"}, torch.optim.SGD: set()}
+_ADAM_KEYS = {"step", "exp_avg", "exp_avg_sq"}
+_STATE_KEYS: dict[type, set[str]] = {
+    torch.optim.Adam: _ADAM_KEYS,
+    torch.optim.AdamW: _ADAM_KEYS,  # train.weight-decay > 0: the same moments
+    torch.optim.SGD: set(),
+}
 
 
 class PersonSampler:
@@ -167,6 +172,8 @@ class LocalTrainer(Protocol):
 
     def person_local_modules(self, model: nn.Module) -> list[nn.Module]: ...
 
+    def no_decay_parameters(self, model: nn.Module) -> list[torch.Tensor]: ...
+
     def train(self, model: nn.Module, session: LocalSession) -> dict[str, float]: ...
 
 
@@ -234,13 +241,34 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module, sa
 
 
 def make_optimizer(
-    model: nn.Module, name: str, lr: float, only: Sequence[nn.Parameter] | None = None, but: Iterable[int] = ()
+    model: nn.Module,
+    name: str,
+    lr: float,
+    only: Sequence[nn.Parameter] | None = None,
+    but: Iterable[int] = (),
+    weight_decay: float = 0.0,
+    no_decay: Iterable[int] = (),
 ) -> torch.optim.Optimizer:
     """The run's optimiser over ``model``'s trainable parameters (or ``only`` these), except
-    those whose ``id`` is in ``but``."""
+    those whose ``id`` is in ``but``.
+
+    ``weight_decay`` (``train.weight-decay``) > 0: decoupled decay on every parameter whose
+    ``id`` is not in ``no_decay``; each step multiplies it by ``1 - lr * weight_decay``
+    (AdamW; for plain SGD the coupled and decoupled forms are the same map). It runs inside
+    the optimiser's step, after the DP engine clipped and noised the gradient, and reads
+    only the weights, so it changes neither the clipping nor the noise.
+    """
     skip = set(but)
     params = [p for p in (model.parameters() if only is None else only) if p.requires_grad and id(p) not in skip]
-    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+    if weight_decay == 0:
+        return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+    keep = set(no_decay)
+    groups = [
+        {"params": [p for p in params if id(p) not in keep], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in keep], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr) if name == "adam" else torch.optim.SGD(groups, lr=lr)
 
 
 def run_local_round(
@@ -288,8 +316,15 @@ def run_local_round(
     local = task.person_local_modules(private) if user_level else []
     local_params = [p for m in local for p in m.parameters() if p.requires_grad]
     lr = cfg.train.lr * lr_scale
-    optimizer = make_optimizer(private, cfg.train.optimizer, lr, but=map(id, local_params))
-    local_optimizer = make_optimizer(private, cfg.train.optimizer, lr, only=local_params) if local else None
+    wd, no_decay = cfg.train.weight_decay, [id(p) for p in task.no_decay_parameters(private)]
+    optimizer = make_optimizer(
+        private, cfg.train.optimizer, lr, but=map(id, local_params), weight_decay=wd, no_decay=no_decay
+    )
+    local_optimizer = (
+        make_optimizer(private, cfg.train.optimizer, lr, only=local_params, weight_decay=wd, no_decay=no_decay)
+        if local
+        else None
+    )
     keep = cfg.train.keep_optimizer_state
     if keep and optimizer_state_in:
         load_optimizer_state(optimizer, private, optimizer_state_in)

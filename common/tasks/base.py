@@ -128,6 +128,12 @@ class Task(ABC):
         records, and none may be in :meth:`shared_keys`. Default: none."""
         return []
 
+    def no_decay_parameters(self, model: nn.Module) -> list[torch.Tensor]:
+        """Parameters of ``model`` that ``train.weight-decay`` must not shrink toward zero (a
+        location such as the recommender's global mean rating, or a table with its own decay).
+        Default: none, every trained parameter decays."""
+        return []
+
     def frozen_entries(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Positions (in :meth:`shared_keys` order, the wire format) and keys of the federated
         parameters that never train (``requires_grad = False``: random features, adapter bases).

@@ -88,6 +88,12 @@ class RecsysTask(Task):
         m = cast(BiasedMF, model)
         return [t for t in (getattr(m, "user_emb", None), m.user_bias) if t is not None]
 
+    def no_decay_parameters(self, model: nn.Module) -> list[torch.Tensor]:
+        """The global mean (decay would pull every prediction toward a rating of 0, not toward any
+        prior) and the correction table (it has its own decay, recsys.correction-lambda)."""
+        m = cast(BiasedMF, model)
+        return [m.global_bias.weight] + ([m.group_item_bias.weight] if m.group_item_bias is not None else [])
+
     def shared_keys(self, model: nn.Module) -> list[str]:
         return [k for k in model.state_dict() if not k.startswith(LOCAL_PREFIXES)]
 
