@@ -29,7 +29,7 @@ import torch
 from common.data.arrays import ArrayData
 from common.privacy.accounting import RoundPlan
 from common.privacy.engines import FastDPStep, NonPrivateStep, OpacusDPStep, StepEngine
-from common.privacy.training import make_optimizer
+from common.privacy.training import task_optimizer
 from common.tasks import get_task
 from simulations.launcher import resolve
 
@@ -73,7 +73,7 @@ def bench_task(
         per_sample_bytes = 4 * batch_size * sum(p.numel() for p in private.parameters() if p.requires_grad)
         if cls is OpacusDPStep and per_sample_bytes > OPACUS_MEMORY_CAP:
             continue  # hooks materialise a (batch x parameters) gradient: tens of GB for big tables
-        opt = make_optimizer(private, cfg.train.optimizer, cfg.train.lr)
+        opt = task_optimizer(task, private, cfg.train.lr)
         engine = cls(private, opt) if cls is NonPrivateStep else cls(private, opt, plan)
         runners[name] = (model, engine)
     steppers = {name: _plain_step(task, model, engine, batch) for name, (model, engine) in runners.items()}
@@ -132,15 +132,15 @@ def bench_user_level(scenario: str, users: int, reps: int, steps: int) -> dict[s
         torch.manual_seed(0)
         model = task.build_model(0).train()
         if name == "non-private":
-            plain = NonPrivateStep(model, make_optimizer(model, cfg.train.optimizer, cfg.train.lr))
+            plain = NonPrivateStep(model, task_optimizer(task, model, cfg.train.lr))
             steppers[name] = _plain_step(task, model, plain, batch)
             engines.append(plain)
             continue
         # As a round does (LocalSession.step): the engine for the shared layers, a plain
         # optimiser step for the person-local user table on the same backward.
         local = [p for m in task.person_local_modules(model) for p in m.parameters()]
-        opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, but=map(id, local))
-        local_opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, only=local)
+        opt = task_optimizer(task, model, cfg.train.lr, but=map(id, local))
+        local_opt = task_optimizer(task, model, cfg.train.lr, only=local)
         dp = FastDPStep(model, opt, plan, person_local=task.person_local_modules(model))
         engines.append(dp)
 

@@ -52,7 +52,7 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.data.arrays import ArrayData
-from common.privacy.training import make_optimizer
+from common.privacy.training import task_optimizer
 from common.runtime import cached_task, config_from
 from common.tasks.base import Task, get_state, set_state
 from simulations.bench_util import RoundStamps, median, round_seconds
@@ -97,7 +97,7 @@ class BareClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         model, keys = self._model(parameters)
         cfg = self.task.cfg
-        opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr)
+        opt = task_optimizer(self.task, model, cfg.train.lr)
         n, b = len(self.train_data), cfg.train.batch_size
         # privfed's plan: steps = ceil(local_epochs / q) with q = min(1, b / n).
         steps = max(1, math.ceil(cfg.train.local_epochs / min(1.0, b / n)))

@@ -244,11 +244,12 @@ class TrainConfig:
     # Post-processing of the noised gradients, never sent (docs/PRIVACY.md); no privacy cost.
     # SGD (no momentum) has no state, so the flag changes nothing there.
     keep_optimizer_state: bool = False
-    # Decoupled weight decay (AdamW; for SGD the same map): after every step each decayed
-    # weight is multiplied by 1 - lr x weight-decay (the round's lr). A fixed map of the
-    # weights DP-SGD just released, so post-processing (docs/PRIVACY.md); it shrinks the
-    # coordinates whose noised gradient carries no signal (rare items) instead of letting
-    # them random-walk. Tasks exempt what must not shrink (Task.no_decay_parameters).
+    # Decoupled weight decay (AdamW; for SGD the same map): each step of the DP-trained
+    # optimiser is p <- (1 - lr x weight-decay) p - lr u (the round's lr, u the usual update
+    # from the noised gradient). The decay term is a fixed map of weights DP-SGD already
+    # released, so post-processing (docs/PRIVACY.md); it shrinks the coordinates whose noised
+    # gradient carries no signal (rare items) instead of letting them random-walk. Tasks
+    # exempt what must not shrink (Task.no_decay_parameters).
     weight_decay: float = 0.0
 
     def validate(self) -> None:

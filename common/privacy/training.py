@@ -6,7 +6,7 @@ import logging
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -253,22 +253,38 @@ def make_optimizer(
     those whose ``id`` is in ``but``.
 
     ``weight_decay`` (``train.weight-decay``) > 0: decoupled decay on every parameter whose
-    ``id`` is not in ``no_decay``; each step multiplies it by ``1 - lr * weight_decay``
-    (AdamW; for plain SGD the coupled and decoupled forms are the same map). It runs inside
-    the optimiser's step, after the DP engine clipped and noised the gradient, and reads
-    only the weights, so it changes neither the clipping nor the noise.
+    ``id`` is not in ``no_decay``; each step is ``p <- (1 - lr * weight_decay) * p - lr * u``
+    with ``u`` the optimiser's usual update from the noised gradient (AdamW; for plain SGD
+    the coupled and decoupled forms are the same map). It runs inside the optimiser's step,
+    after the DP engine clipped and noised the gradient, and reads only the weights, so it
+    changes neither the clipping nor the noise.
     """
     skip = set(but)
     params = [p for p in (model.parameters() if only is None else only) if p.requires_grad and id(p) not in skip]
     if weight_decay == 0:
         return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
     keep = set(no_decay)
-    groups = [
-        {"params": [p for p in params if id(p) not in keep], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) in keep], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    # One group per run of neighbouring parameters with the same decay, so that the groups
+    # list the parameters in the model's order: the DP engines draw the noise parameter by
+    # parameter in that order, and a seeded run must not move noise between tables when
+    # the decay is turned on.
+    groups: list[dict[str, Any]] = []
+    for p in params:
+        wd = 0.0 if id(p) in keep else weight_decay
+        if not groups or groups[-1]["weight_decay"] != wd:
+            groups.append({"params": [], "weight_decay": wd})
+        groups[-1]["params"].append(p)
     return torch.optim.AdamW(groups, lr=lr) if name == "adam" else torch.optim.SGD(groups, lr=lr)
+
+
+def task_optimizer(
+    task: LocalTrainer, model: nn.Module, lr: float, only: Sequence[nn.Parameter] | None = None, but: Iterable[int] = ()
+) -> torch.optim.Optimizer:
+    """:func:`make_optimizer` as a site's round builds it: ``train.optimizer`` and
+    ``train.weight-decay``, with the task's exemptions (:meth:`Task.no_decay_parameters`)."""
+    t = task.cfg.train
+    exempt = [id(p) for p in task.no_decay_parameters(model)]
+    return make_optimizer(model, t.optimizer, lr, only, but, t.weight_decay, exempt)
 
 
 def run_local_round(
@@ -316,15 +332,8 @@ def run_local_round(
     local = task.person_local_modules(private) if user_level else []
     local_params = [p for m in local for p in m.parameters() if p.requires_grad]
     lr = cfg.train.lr * lr_scale
-    wd, no_decay = cfg.train.weight_decay, [id(p) for p in task.no_decay_parameters(private)]
-    optimizer = make_optimizer(
-        private, cfg.train.optimizer, lr, but=map(id, local_params), weight_decay=wd, no_decay=no_decay
-    )
-    local_optimizer = (
-        make_optimizer(private, cfg.train.optimizer, lr, only=local_params, weight_decay=wd, no_decay=no_decay)
-        if local
-        else None
-    )
+    optimizer = task_optimizer(task, private, lr, but=map(id, local_params))
+    local_optimizer = task_optimizer(task, private, lr, only=local_params) if local else None
     keep = cfg.train.keep_optimizer_state
     if keep and optimizer_state_in:
         load_optimizer_state(optimizer, private, optimizer_state_in)

@@ -131,7 +131,9 @@ class Task(ABC):
     def no_decay_parameters(self, model: nn.Module) -> list[torch.Tensor]:
         """Parameters of ``model`` that ``train.weight-decay`` must not shrink toward zero (a
         location such as the recommender's global mean rating, or a table with its own decay).
-        Default: none, every trained parameter decays."""
+        The decay acts only in the site's DP-step optimiser (and, under user-level DP, the
+        person-local tables' optimiser), never in a task's own optimisers such as the GAN's
+        generator. Default: none, every parameter those optimisers train decays."""
         return []
 
     def frozen_entries(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
