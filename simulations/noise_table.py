@@ -1,4 +1,4 @@
-"""Signal per unit of noise against the batch size, at a fixed ε and fixed epochs (issue 26).
+"""Signal per unit of noise against the batch size, at a fixed ε and fixed epochs (issue 24).
 
 ``python -m simulations.noise_table`` prints, for one site of ``--n`` records training
 ``--epochs`` epochs at ``--epsilon`` (δ = min(10⁻⁵, 1/(10 n)), as the sites use), the noise
