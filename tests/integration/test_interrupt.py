@@ -21,7 +21,7 @@ from client.verify import verify_site
 from server.ledger import Ledger
 from tests.conftest import simulation_processes
 from tests.integration.test_resume import ARGS as RESUME_ARGS
-from tests.integration.test_resume import _kill_tree, _lines, _privfed
+from tests.integration.test_resume import _kill_tree, _lines, _privfed, _resume
 
 # SIGINT lands 0.3 s after round 1's line, in round 2 or, on a fast machine, round 3. The
 # resume abandons that round and runs the rest; with 3 rounds a SIGINT in the last one left
@@ -92,12 +92,7 @@ def test_sigint_stops_the_run_cleanly_and_resume_completes_it(tmp_path):
         time.sleep(0.5)
     assert not set(simulation_processes()) - before
 
-    resumed = _privfed("resume", str(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = resumed.communicate(timeout=300)
-    finally:
-        _kill_tree(resumed.pid)
-    assert resumed.returncode == 0, out[-3000:]
+    _resume(run_dir)
     lines = _lines(run_dir)
     assert [m["round"] for m in lines] == list(range(1, ROUNDS + 1))
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"] == ROUNDS

@@ -64,6 +64,18 @@ def _privfed(*args: str, **kw) -> subprocess.Popen:
     )
 
 
+def _resume(run_dir: Path, timeout: float = 300) -> str:
+    """``privfed resume RUN_DIR`` to its end (its process tree killed whatever happens); its output.
+    A non-zero exit fails the test with the output's tail."""
+    resumed = _privfed("resume", str(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = resumed.communicate(timeout=timeout)
+    finally:
+        _kill_tree(resumed.pid)
+    assert resumed.returncode == 0, out[-3000:]
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [2])  # 1 and 3 pass too; one keeps the suite's time down
 def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tmp_path, kill_after):
@@ -84,12 +96,7 @@ def test_sigkill_mid_run_then_resume_loses_and_doubles_nothing(tmp_path, kill_af
     killed_at = len(_lines(run_dir))
     assert killed_at < ROUNDS
 
-    resumed = _privfed("resume", str(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = resumed.communicate(timeout=300)
-    finally:
-        _kill_tree(resumed.pid)
-    assert resumed.returncode == 0, out[-3000:]
+    out = _resume(run_dir)
     assert "resuming" in out
 
     lines = _lines(run_dir)

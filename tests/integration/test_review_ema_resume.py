@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from tests.integration.test_resume import _kill_tree, _lines, _privfed
+from tests.integration.test_resume import _kill_tree, _lines, _privfed, _resume
 
 ARGS = [
     "gan-digits",
@@ -52,12 +52,7 @@ def test_resumed_average_does_not_start_from_the_initial_model(tmp_path):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 1
 
-    resumed = _privfed("resume", str(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = resumed.communicate(timeout=500)
-    finally:
-        _kill_tree(resumed.pid)
-    assert resumed.returncode == 0, out[-3000:]
+    _resume(run_dir, timeout=500)
     lines = _lines(run_dir)
     assert [m["aggregated"] for m in lines] == [False, False, True], lines
     payload = torch.load(run_dir / "checkpoint.pt", weights_only=True)
