@@ -77,7 +77,7 @@ from common.errors import ConfigError, PrivfedError
 from common.faults import drops, event
 from common.identifiers import CENTRAL_SITE_ID, run_id_problem, site_id_problem
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
-from common.privacy.accounting import LIFETIME_ACCOUNTANT, RoundPlan, epsilon
+from common.privacy.accounting import RoundPlan, epsilon, lifetime_epsilon
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import NoiseKey, check_real_size, plan_round, remember_noise
 from common.privacy.training import run_local_round
@@ -338,7 +338,7 @@ class SiteClient(NumPyClient):
         """Whether one more metrics release stays within the budget (metrics.dp)."""
         more = [metrics_mechanism(self.cfg.metrics.noise_multiplier)]
         run = epsilon(self._spend() + more, plan.delta, plan.accountant)
-        lifetime = epsilon(self._lifetime() + more, plan.delta, LIFETIME_ACCOUNTANT)
+        lifetime = lifetime_epsilon(self._lifetime() + more, plan.delta, plan.accountant)
         return max(run, lifetime) <= self.cfg.dp.epsilon_budget
 
     def _history_json(self) -> str:
@@ -460,7 +460,7 @@ class SiteClient(NumPyClient):
             projected = epsilon(self._spend() + [plan.mechanism], plan.delta, plan.accountant)
             # The budget bounds the dataset's whole life, not one run: the run id is the
             # coordinator's, so a per-run budget would reset with every new one.
-            lifetime = epsilon(self._lifetime() + [plan.mechanism], plan.delta, LIFETIME_ACCOUNTANT)
+            lifetime = lifetime_epsilon(self._lifetime() + [plan.mechanism], plan.delta, plan.accountant)
             if max(projected, lifetime) > budget:
                 # Say so, send a zero update with zero weight: nothing of the data leaves.
                 zeros = [np.zeros_like(p) for p in parameters]
