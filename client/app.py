@@ -40,6 +40,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 
 from client.mods import InjectedDropout, failure_mod, make_fault_mod, secure_mod
 from client.state import Lifetime, LifetimeEntry, SiteState, load_state, save_state, state_path
+from common.averaging import MovingAverage
 from common.config import RunConfig
 from common.config.schema import lr_factor
 from common.deploy.fileio import make_private_dir, write_atomically
@@ -91,6 +92,9 @@ STATE_KEY = "privfed.accounting"
 METRICS_STATE_KEY = "privfed.metrics-accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
 LOCAL_STATE_KEY = "privfed.local-model"
+# The moving average of the site-local part (federation.ema-decay), kept beside it in the same
+# record under this prefix, so that a resumed run continues it; only ever used to evaluate.
+LOCAL_AVERAGE_PREFIX = "average."
 # The DP-trained optimiser's per-parameter state (train.keep-optimizer-state), kept between
 # rounds like the site-local model part; post-processing of the noised gradients, never sent.
 OPTIMIZER_STATE_KEY = "privfed.optimizer-state"
@@ -228,8 +232,7 @@ class SiteClient(NumPyClient):
             self.lifetime.record(entry)
         if self.state_file is None:
             return
-        rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
-        local = rec.to_torch_state_dict() if rec is not None else {}
+        local = self._kept_local()
         opt = self.ctx.state.array_records.get(OPTIMIZER_STATE_KEY)
         optimizer = opt.to_torch_state_dict() if opt is not None else {}
         save_state(self.state_file, SiteState(self._entries(), local, self._metrics_entries(), optimizer))
@@ -245,17 +248,54 @@ class SiteClient(NumPyClient):
                 torch.manual_seed(seed)
             model = self.task.build_model(self.site_index)
         keys = self.task.shared_keys(model)
-        rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
-        if rec is not None:
-            model.load_state_dict(rec.to_torch_state_dict(), strict=False)
+        last = {k: v for k, v in self._kept_local().items() if not k.startswith(LOCAL_AVERAGE_PREFIX)}
+        if last:
+            model.load_state_dict(last, strict=False)
         set_state(model, keys, parameters)
         return model, keys
 
+    def _kept_local(self) -> dict[str, torch.Tensor]:
+        rec = self.ctx.state.array_records.get(LOCAL_STATE_KEY)
+        return rec.to_torch_state_dict() if rec is not None else {}
+
     def _keep_local(self, model: Any, keys: list[str]) -> None:
+        """Keep the site-local part of the model just trained and, under ``federation.ema-decay``,
+        fold it into its moving average (:class:`common.averaging.MovingAverage`, the server's
+        arithmetic for the served model)."""
         shared = set(keys)
         local = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in shared}
-        if local:
-            self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=local)
+        if not local:
+            return
+        kept = dict(local)
+        names = sorted(local)
+        before = self._kept_local()
+        old = [before[LOCAL_AVERAGE_PREFIX + n] for n in names if LOCAL_AVERAGE_PREFIX + n in before]
+        average = MovingAverage(
+            self.cfg.federation.ema_decay, [t.numpy() for t in old] if len(old) == len(names) else None
+        )
+        average.update([local[n].numpy() for n in names])
+        started = average.started()
+        if started is not None:
+            kept.update({LOCAL_AVERAGE_PREFIX + n: torch.from_numpy(a.copy()) for n, a in zip(names, started)})
+        self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=kept)
+
+    def _evaluated_model(self, parameters: list[np.ndarray]) -> Any:
+        """The model a site evaluates. Under ``federation.ema-decay`` the server sends its served
+        average of the global models; the site completes it with the same average of its own
+        site-local tables (the recommender's user tables), not their last round's values.
+
+        Why: nothing else averages the site-local tables, and under DP-SGD their last values
+        carry the last rounds' noise (recsys-movielens, docs/TASKS.md). Privacy: the local
+        tables are trained by DP-SGD like the rest (or, under dp.unit = user, are the joint-DP
+        person-local part), and their average is a fixed function of them: post-processing,
+        computed and kept at the site, never sent."""
+        model, _ = self._model(parameters)
+        if self.cfg.federation.ema_decay > 0:
+            p = LOCAL_AVERAGE_PREFIX
+            average = {k[len(p) :]: v for k, v in self._kept_local().items() if k.startswith(p)}
+            if average:
+                model.load_state_dict(average, strict=False)
+        return model
 
     def _kept_optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """The optimiser state the site kept from its last trained round (train.keep-optimizer-state)."""
@@ -577,7 +617,7 @@ class SiteClient(NumPyClient):
 
     def _evaluate(self, parameters: list[np.ndarray], config: Mapping[str, Any]):
         self._begin(config)
-        model, _ = self._model(parameters)
+        model = self._evaluated_model(parameters)
         if self.cfg.metrics.dp:
             return self._private_evaluate(model, int(config.get("server-round", 0)))
         metrics = self.task.evaluate(model.to(self.device), self.val_data)
