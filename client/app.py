@@ -78,7 +78,7 @@ from common.errors import ConfigError, PrivfedError
 from common.faults import drops, event
 from common.identifiers import CENTRAL_SITE_ID, run_id_problem, site_id_problem
 from common.pipeline import SiteContext, SiteUpdate, build_pipeline
-from common.privacy.accounting import RoundPlan, epsilon, lifetime_epsilon
+from common.privacy.accounting import LIFETIME_ACCOUNTANT, RoundPlan, epsilon
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import NoiseKey, check_real_size, plan_round, remember_noise
 from common.privacy.training import run_local_round
@@ -93,8 +93,9 @@ METRICS_STATE_KEY = "privfed.metrics-accounting"
 # Model state that never leaves the site (e.g. user embeddings), kept between rounds.
 LOCAL_STATE_KEY = "privfed.local-model"
 # The moving average of the site-local part (federation.ema-decay), kept beside it in the same
-# record under this prefix, so that a resumed run continues it; only ever used to evaluate.
-LOCAL_AVERAGE_PREFIX = "average."
+# record under this prefix, so that a resumed run continues it; only ever used to evaluate. A
+# colon cannot occur in a module's state-dict key, so no real parameter can carry the prefix.
+LOCAL_AVERAGE_PREFIX = "average:"
 # The DP-trained optimiser's per-parameter state (train.keep-optimizer-state), kept between
 # rounds like the site-local model part; post-processing of the noised gradients, never sent.
 OPTIMIZER_STATE_KEY = "privfed.optimizer-state"
@@ -268,10 +269,9 @@ class SiteClient(NumPyClient):
             return
         kept = dict(local)
         names = sorted(local)
-        before = self._kept_local()
-        old = [before[LOCAL_AVERAGE_PREFIX + n] for n in names if LOCAL_AVERAGE_PREFIX + n in before]
+        before = self._local_average(local) if self.cfg.federation.ema_decay > 0 else {}
         average = MovingAverage(
-            self.cfg.federation.ema_decay, [t.numpy() for t in old] if len(old) == len(names) else None
+            self.cfg.federation.ema_decay, [before[n].numpy() for n in names] if set(before) == set(names) else None
         )
         average.update([local[n].numpy() for n in names])
         started = average.started()
@@ -289,13 +289,34 @@ class SiteClient(NumPyClient):
         tables are trained by DP-SGD like the rest (or, under dp.unit = user, are the joint-DP
         person-local part), and their average is a fixed function of them: post-processing,
         computed and kept at the site, never sent."""
-        model, _ = self._model(parameters)
+        model, keys = self._model(parameters)
         if self.cfg.federation.ema_decay > 0:
-            p = LOCAL_AVERAGE_PREFIX
-            average = {k[len(p) :]: v for k, v in self._kept_local().items() if k.startswith(p)}
+            shared = set(keys)
+            average = self._local_average({k: v for k, v in model.state_dict().items() if k not in shared})
             if average:
                 model.load_state_dict(average, strict=False)
         return model
+
+    def _local_average(self, local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The kept average of the site-local tables ``local`` (by their names), only where it
+        fits them: the same name, shape and dtype, and finite. A damaged or foreign state file's
+        other entries are dropped with one log line (the average then starts again), never
+        loaded over a table, shared or local, and never a crash."""
+        p = LOCAL_AVERAGE_PREFIX
+        found = {k[len(p) :]: v for k, v in self._kept_local().items() if k.startswith(p)}
+        fits = {
+            n: v
+            for n, v in found.items()
+            if n in local and v.shape == local[n].shape and v.dtype == local[n].dtype and bool(torch.isfinite(v).all())
+        }
+        if len(fits) != len(found):
+            _LOG.warning(
+                "site-local average: %d kept table(s) do not fit the model (name, shape, dtype or non-finite "
+                "values) and are dropped; the average starts again",
+                len(found) - len(fits),
+            )
+            return {}
+        return fits
 
     def _kept_optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """The optimiser state the site kept from its last trained round (train.keep-optimizer-state)."""
@@ -378,7 +399,7 @@ class SiteClient(NumPyClient):
         """Whether one more metrics release stays within the budget (metrics.dp)."""
         more = [metrics_mechanism(self.cfg.metrics.noise_multiplier)]
         run = epsilon(self._spend() + more, plan.delta, plan.accountant)
-        lifetime = lifetime_epsilon(self._lifetime() + more, plan.delta, plan.accountant)
+        lifetime = epsilon(self._lifetime() + more, plan.delta, LIFETIME_ACCOUNTANT)
         return max(run, lifetime) <= self.cfg.dp.epsilon_budget
 
     def _history_json(self) -> str:
@@ -500,7 +521,7 @@ class SiteClient(NumPyClient):
             projected = epsilon(self._spend() + [plan.mechanism], plan.delta, plan.accountant)
             # The budget bounds the dataset's whole life, not one run: the run id is the
             # coordinator's, so a per-run budget would reset with every new one.
-            lifetime = lifetime_epsilon(self._lifetime() + [plan.mechanism], plan.delta, plan.accountant)
+            lifetime = epsilon(self._lifetime() + [plan.mechanism], plan.delta, LIFETIME_ACCOUNTANT)
             if max(projected, lifetime) > budget:
                 # Say so, send a zero update with zero weight: nothing of the data leaves.
                 zeros = [np.zeros_like(p) for p in parameters]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.config import MAX_STEPS, RunConfig
 from common.errors import ConfigError
-from common.privacy.accounting import Mechanism, RoundPlan, epsilon, lifetime_epsilon, round_up
+from common.privacy.accounting import LIFETIME_ACCOUNTANT, Mechanism, RoundPlan, epsilon, round_up
 from common.privacy.metrics_dp import metrics_mechanism
 from common.privacy.plan import plan_round
 from common.privacy.secagg_stats import secure_statistics
@@ -60,11 +60,10 @@ def preflight(cfg: RunConfig, key: bytes | None = None, stages: Stages = SILENT)
 
 def _spend(history: list[Mechanism], plan: RoundPlan) -> float:
     """What a site's per-round check computes (client/app.py): the larger of the run's
-    accountant and the lifetime one (:func:`~common.privacy.accounting.lifetime_epsilon`, which
-    composes every run of its dataset: RDP, or the smaller of RDP and PRV under PRV). For a new
-    dataset the lifetime is never the larger; the check keeps the site's formula all the same."""
+    accountant and the lifetime accountant (RDP, which composes every run of its dataset)."""
     run = epsilon(history, plan.delta, plan.accountant)
-    return max(run, lifetime_epsilon(history, plan.delta, plan.accountant))
+    lifetime = run if plan.accountant == LIFETIME_ACCOUNTANT else epsilon(history, plan.delta, LIFETIME_ACCOUNTANT)
+    return max(run, lifetime)
 
 
 def check_plan_fits_budget(cfg: RunConfig, plan: RoundPlan) -> None:
@@ -75,7 +74,9 @@ def check_plan_fits_budget(cfg: RunConfig, plan: RoundPlan) -> None:
 
     Checked when the run promises its rounds: with ``dp.target-epsilon`` (each site spends the
     target over all of them) or ``metrics.dp`` (whose releases must not eat the budget). A fixed
-    noise multiplier without either may run out of budget by design (the budget is a cap)."""
+    noise multiplier without either may run out of budget by design (the budget is a cap).
+    PRV's tighter ε lets a target equal to the budget fail the RDP check (a run stopped after
+    27 of 30 rounds), hence both accountants."""
     rounds = cfg.federation.rounds
     budget = cfg.dp.epsilon_budget
     sgd = _spend([plan.mechanism] * rounds, plan)
@@ -83,8 +84,9 @@ def check_plan_fits_budget(cfg: RunConfig, plan: RoundPlan) -> None:
         raise ConfigError(
             "dp.epsilon-budget",
             f"is {budget:g}, but {rounds} rounds at dp.target-epsilon {cfg.dp.target_epsilon:g} ({plan.accountant}) "
-            f"spend eps={sgd:.4g}: sites would stop before the last round; raise dp.epsilon-budget to "
-            f"{round_up(sgd, 4):g} or more",
+            f"spend eps={sgd:.4g} under the {LIFETIME_ACCOUNTANT} accountant that bounds each site's lifetime "
+            f"budget: sites would stop before the last round; raise dp.epsilon-budget to {round_up(sgd, 4):g} or more, "
+            f"or use dp.accountant={LIFETIME_ACCOUNTANT}",
         )
     if cfg.metrics.dp:
         release = metrics_mechanism(cfg.metrics.noise_multiplier)
@@ -94,6 +96,6 @@ def check_plan_fits_budget(cfg: RunConfig, plan: RoundPlan) -> None:
                 "metrics.noise-multiplier",
                 f"is {cfg.metrics.noise_multiplier:g}: {rounds} rounds of DP-SGD (eps={sgd:.3g}) and "
                 f"{rounds} noisy metrics releases compose to eps={total:.4g} > dp.epsilon-budget "
-                f"{budget:g} ({plan.accountant}, as each site composes its budget); raise it, raise "
+                f"{budget:g} (the larger of {plan.accountant} and the lifetime {LIFETIME_ACCOUNTANT}); raise it, raise "
                 f"dp.epsilon-budget to {round_up(total, 4):g}, lower dp.target-epsilon, or set metrics.dp = false",
             )

@@ -25,7 +25,11 @@ from common.config.limits import auto_delta as auto_delta
 NO_DP = "none"
 # The accountant of a site's lifetime budget (client.state.Lifetime): RDP composes the rounds
 # of any runs (its curve does not depend on delta), converted to epsilon at the round's delta.
-# Under a tighter run accountant the lifetime takes the smaller bound (lifetime_epsilon).
+# It stays RDP whatever a run's accountant: the coordinator picks each run's (sigma, q, steps)
+# after seeing the earlier runs' outputs, and the site stops on the composed value, which is a
+# privacy *filter* over adaptively chosen mechanisms. RDP has one (Feldman & Zrnic, 2021);
+# PRV / PLD composition is proven for a sequence fixed in advance (within one run, which its
+# config plans before it starts), not as such a filter.
 LIFETIME_ACCOUNTANT = "rdp"
 # Opacus (and torch with it, about 2.5 s) is imported inside the functions that compute: the
 # ledger, `privfed audit` and the config read this module's names without computing anything.
@@ -99,28 +103,6 @@ def _opacus_epsilon(merged: tuple[Mechanism, ...], delta: float, accountant: str
     acc = create_accountant(mechanism=accountant)
     acc.history = list(merged)
     return float(acc.get_epsilon(delta=delta))
-
-
-def lifetime_epsilon(history: Iterable[Mechanism], delta: float, accountant: str) -> float:
-    """Epsilon at ``delta`` of a dataset's lifetime ``history`` (every run it trained in).
-
-    RDP always; when the run's ``accountant`` is another one (PRV), the smaller of the two.
-    Each is an upper bound on the epsilon of the *same* composition at ``delta`` (RDP through
-    its conversion, Opacus's PRV through its ``eps_upper``), so their minimum is one too.
-    With RDP alone, a run calibrated by PRV to spend exactly its budget stopped rounds early
-    (26 of 30: RDP over-states PRV's epsilon by about 8 %), so the tighter accountant could
-    not be used where it matters, at a small epsilon. If PRV cannot compute (its numerics
-    fail for some input), RDP's bound stands alone.
-    """
-    hist = list(history)
-    rdp = epsilon(hist, delta, LIFETIME_ACCOUNTANT)
-    if accountant in (LIFETIME_ACCOUNTANT, NO_DP):
-        return rdp
-    try:
-        tighter = epsilon(hist, delta, accountant)
-    except (ArithmeticError, ValueError, MemoryError):
-        return rdp
-    return min(rdp, tighter)
 
 
 def _merge(hist: Sequence[Mechanism]) -> list[Mechanism]:

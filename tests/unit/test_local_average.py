@@ -70,3 +70,39 @@ def test_a_resumed_site_continues_its_average():
     for k in LOCAL:
         expected = 0.5 * saved[LOCAL_AVERAGE_PREFIX + k] + 0.5 * now[k]
         assert torch.allclose(now[LOCAL_AVERAGE_PREFIX + k], expected, atol=1e-7)
+
+
+def test_a_damaged_average_is_dropped_not_loaded_and_the_average_starts_again(caplog):
+    """Hostile review: a state file's average entries of the wrong shape, NaN, or named after a
+    shared table crashed evaluation (size mismatch), poisoned it for ever (NaN), or would have
+    replaced the served table. Now they are dropped with one log line."""
+    from flwr.app import ArrayRecord
+
+    site = _recsys_site(**{"ema-decay": 0.5})
+    params = _params(site)
+    site.fit(params, {"server-round": 1})
+    good = _kept(site)
+    rows, dim = good["user_emb.weight"].shape
+    damaged = [
+        {LOCAL_AVERAGE_PREFIX + "user_emb.weight": torch.zeros(rows + 1, dim)},  # wrong shape
+        {LOCAL_AVERAGE_PREFIX + "user_bias.weight": torch.full_like(good["user_bias.weight"], float("nan"))},
+        {LOCAL_AVERAGE_PREFIX + "item_bias.weight": torch.zeros(site.task.params.num_buckets, 1)},  # a shared table
+    ]
+    for r, bad in enumerate(damaged, start=2):
+        site.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict={**good, **bad})
+        with caplog.at_level("WARNING", logger="privfed.site"):
+            model = site._evaluated_model(params)
+        assert "do not fit the model" in caplog.text
+        caplog.clear()
+        assert torch.equal(model.user_emb.weight, good["user_emb.weight"])  # the last values, not the bad average
+        assert torch.equal(
+            model.item_bias.weight, torch.as_tensor(params[site.task.shared_keys(model).index("item_bias.weight")])
+        )
+        loss, _, _ = site.evaluate(params, {"server-round": r - 1})
+        assert loss == loss  # finite evaluation, no crash
+        site.fit(params, {"server-round": r})
+        now = _kept(site)
+        for k in LOCAL:  # started again from this round's tables
+            assert torch.equal(now[LOCAL_AVERAGE_PREFIX + k], now[k])
+        assert set(now) == set(LOCAL) | {LOCAL_AVERAGE_PREFIX + k for k in LOCAL}
+        good = now
