@@ -263,8 +263,7 @@ class SiteClient(NumPyClient):
         """Keep the site-local part of the model just trained and, under ``federation.ema-decay``,
         fold it into its moving average (:class:`common.averaging.MovingAverage`, the server's
         arithmetic for the served model)."""
-        shared = set(keys)
-        local = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in shared}
+        local = _local_part(model, keys)
         if not local:
             return
         kept = dict(local)
@@ -276,7 +275,7 @@ class SiteClient(NumPyClient):
         average.update([local[n].numpy() for n in names])
         started = average.started()
         if started is not None:
-            kept.update({LOCAL_AVERAGE_PREFIX + n: torch.from_numpy(a.copy()) for n, a in zip(names, started)})
+            kept.update({LOCAL_AVERAGE_PREFIX + n: torch.from_numpy(a) for n, a in zip(names, started)})
         self.ctx.state.array_records[LOCAL_STATE_KEY] = ArrayRecord(torch_state_dict=kept)
 
     def _evaluated_model(self, parameters: list[np.ndarray]) -> Any:
@@ -291,8 +290,7 @@ class SiteClient(NumPyClient):
         computed and kept at the site, never sent."""
         model, keys = self._model(parameters)
         if self.cfg.federation.ema_decay > 0:
-            shared = set(keys)
-            average = self._local_average({k: v for k, v in model.state_dict().items() if k not in shared})
+            average = self._local_average(_local_part(model, keys))
             if average:
                 model.load_state_dict(average, strict=False)
         return model
@@ -654,6 +652,12 @@ class SiteClient(NumPyClient):
         # The weight of this site's metrics in the server's mean: n-hat, not the real validation
         # size (every site splits off the same fraction, so the weights are in proportion).
         return loss, self.declared, {"site_id": self.site_id, **metrics, "history": history}
+
+
+def _local_part(model: Any, shared_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The model's site-local state (every entry but the shared ones), detached, on the CPU."""
+    shared = set(shared_keys)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in shared}
 
 
 def _metrics_run(run_id: str) -> str:

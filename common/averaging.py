@@ -31,7 +31,7 @@ class MovingAverage:
     def update(self, latest: list[np.ndarray]) -> None:
         """Fold in the arrays of a round that changed them."""
         if not self.averaging:
-            return  # arrays() serves the global arrays themselves: keep no copy
+            return  # arrays() serves the latest arrays themselves: keep no copy
         if self._arrays is None:
             self._arrays = [_wide(g) for g in latest]
             return

@@ -96,8 +96,8 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str) -> floa
 @lru_cache(maxsize=1024)
 def _opacus_epsilon(merged: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     """An Opacus accountant's epsilon for a merged history, once per input per process: PRV
-    takes 0.1 - 0.5 s a call, and a round asks it for the same history several times (the
-    site's run and lifetime checks, the ledger's row and total for every site of one size)."""
+    takes 0.1 - 1 s a call, and the same history comes back (a site's projected spend is its
+    next round's spent one; the ledger's totals for every site of one size)."""
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
