@@ -13,8 +13,18 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from common.config import RunConfig  # noqa: E402
 
+INTEGRATION = os.path.join(os.path.dirname(__file__), "integration") + os.sep
+
 
 def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (`-n 2 --dist loadgroup`, the Makefile's test target) every
+    # integration test is in one group, so they run one after another on one worker: several
+    # assert that no Flower or Ray process of this checkout is left (simulation_processes),
+    # which another integration test's run would break. The unit tests share the other worker.
+    group = pytest.mark.xdist_group("integration")
+    for item in items:
+        if str(item.path).startswith(INTEGRATION):
+            item.add_marker(group)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
