@@ -26,11 +26,8 @@ demo: $(STAMP)
 	$(VENV)/bin/privfed simulate gan-digits-demo $(ARGS)
 
 # Lint and types first (seconds), then the suite; CI fails on any of them.
-# Two xdist workers: tests/integration runs on one, one test after another (tests/conftest.py),
-# the unit tests on the other. PYTEST_ARGS="-n 0" runs everything in this process.
-PYTEST_XDIST ?= -n 2 --dist loadgroup
 test: lint
-	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
