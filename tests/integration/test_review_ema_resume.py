@@ -29,10 +29,6 @@ ARGS = [
     "dp.noise-multiplier=1.0",
     "audit.mia=false",
     "sample-every=0",
-    # What is checked is in the checkpoint (its global and served models): no evaluation
-    # classifier, FID or TSTR at the server, in the first run or the resume. The served
-    # average is kept whoever evaluates it (the sites do, here).
-    "central-eval=false",
     "faults.crash-rate=1.0",
     'faults.rounds="1"',
 ]
