@@ -15,9 +15,10 @@ from common.config import RunConfig  # noqa: E402
 
 
 class IntegrationOnOneWorker:
-    """Under pytest-xdist with ``--dist loadgroup`` (the Makefile's test target: ``-n 2``),
-    every test in tests/integration is one unit of work, so they run one after another on
-    one worker: several assert that no Flower or Ray process of this checkout is left
+    """Under pytest-xdist with ``--dist loadgroup`` (opt-in: ``make test PYTEST_ARGS="-n 2
+    --dist loadgroup"``; measured no faster than one process on 2 cores), every test in
+    tests/integration is one unit of work, so they run one after another on one worker:
+    several assert that no Flower or Ray process of this checkout is left
     (simulation_processes), which another integration test's run would break, and two
     deployment fixtures would fight over the machine. Each unit test is a unit of its own,
     shared out to both workers.
