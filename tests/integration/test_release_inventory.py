@@ -8,7 +8,7 @@ error reply (Flower builds it from the exception outside the ClientApp) nor the
 metadata the link adds; the server's view is the closest to the wire a simulation has.
 
 The runs use Flower's own simulation engine, ServerApp and ClientApp, with one part
-replaced: the Ray backend, by :class:`InProcessBackend`, which runs each ClientApp call
+replaced: the Ray backend, by :class:`tests.in_process.InProcessBackend`, which runs each ClientApp call
 through the same actor code in this process and round-trips every reply through Flower's
 wire format (``message_to_proto``). Starting Ray and its workers costs more than the runs
 themselves; what Ray adds to a message (its traceback in an error reason) is checked on
@@ -22,18 +22,16 @@ share-keys, masked-vector and unmask replies, evaluate replies).
 
 from __future__ import annotations
 
-import copy
 import traceback
 
 import pytest
 import ray
-from flwr.server.superlink.fleet.vce.backend import Backend, raybackend
-from flwr.simulation.ray_transport.ray_actor import VirtualClientEngineActor
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from common.deploy.keys import write_key
 from common.privacy.release import Kind, classify, message_fields, unlisted
 from simulations.launcher import resolve, simulate
+from tests.in_process import sites_in_process
 from tests.site_keys import site_keys
 
 pytestmark = pytest.mark.slow
@@ -57,47 +55,10 @@ PRIVATE = ["num-sites=2", "rounds=1", "dp.target-epsilon=0.0", "dp.noise-multipl
 DROPOUT_MESSAGE = "leaves round 1 before training"
 
 
-class InProcessBackend(Backend):
-    """Flower's simulation backend without Ray: each message runs the ClientApp through the
-    actor code Ray would run (``VirtualClientEngineActor.run``), here, one at a time. The
-    node's context goes in as a copy, so a failing call leaves it unchanged, as under Ray,
-    and the reply goes through Flower's serialisation, as over the wire."""
-
-    def __init__(self, backend_config) -> None:
-        self.app_fn = None
-
-    def build(self, app_fn) -> None:
-        self.app_fn = app_fn
-
-    @property
-    def num_workers(self) -> int:
-        return 1
-
-    def is_worker_idle(self) -> bool:
-        return True
-
-    def terminate(self) -> None:
-        pass
-
-    def process_message(self, message, context):
-        ins = _over_the_wire(message)  # a copy: the ClientApp's mods edit the message they get
-        _, reply, updated = VirtualClientEngineActor().run(self.app_fn, ins, "0", copy.deepcopy(context))
-        return _over_the_wire(reply), updated
-
-
-def _over_the_wire(msg):
-    """The message as Flower serialises it (``message_to_proto`` leaves the id to the link)."""
-    from flwr.common.serde import message_from_proto, message_to_proto
-
-    wire = message_from_proto(message_to_proto(msg))
-    wire.metadata.__dict__["_message_id"] = msg.metadata.message_id
-    return wire
-
-
 def _capture(monkeypatch) -> tuple[set[str], list[str]]:
     """The field names of every message the ServerApp pulls, and every error reason, read as
     they are pulled: Flower's legacy conversion empties a reply's arrays once it reads them."""
-    monkeypatch.setattr(raybackend, "RayBackend", InProcessBackend)
+    sites_in_process(monkeypatch)
     fields: set[str] = set()
     reasons: list[str] = []
     original = InMemoryGrid.pull_messages

@@ -156,6 +156,7 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
     from common.deploy.keys import load_key, write_key
     from server.strategy import DeltaFedAvg
     from simulations.launcher import resolve, simulate
+    from tests.in_process import sites_in_process
 
     sent: dict[int, list] = {}
     replies: dict[int, list[tuple[int, dict]]] = {}
@@ -171,6 +172,9 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
 
     monkeypatch.setattr(DeltaFedAvg, "configure_fit", configure_fit)  # the server runs in-process
     monkeypatch.setattr(DeltaFedAvg, "aggregate_evaluate", aggregate_evaluate)
+    # The sites run in this process (tests/in_process.py): the checks are on what the server
+    # receives and records, and Ray's start-up was most of the run's time.
+    sites_in_process(monkeypatch)
     key_file = str(write_key(tmp_path / "fed.key"))
     overrides = [
         "num-sites=4",
