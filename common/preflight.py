@@ -61,9 +61,7 @@ def preflight(cfg: RunConfig, key: bytes | None = None, stages: Stages = SILENT)
 def _spend(history: list[Mechanism], plan: RoundPlan) -> float:
     """What a site's per-round check computes (client/app.py): the larger of the run's
     accountant and the lifetime accountant (RDP, which composes every run of its dataset)."""
-    run = epsilon(history, plan.delta, plan.accountant)
-    lifetime = run if plan.accountant == LIFETIME_ACCOUNTANT else epsilon(history, plan.delta, LIFETIME_ACCOUNTANT)
-    return max(run, lifetime)
+    return max(epsilon(history, plan.delta, plan.accountant), epsilon(history, plan.delta, LIFETIME_ACCOUNTANT))
 
 
 def check_plan_fits_budget(cfg: RunConfig, plan: RoundPlan) -> None:
