@@ -8,7 +8,7 @@ from server.workflow import RoundLoop
 
 
 class _Sites:
-    """A client manager whose sites connect one per question; ``wait_for`` must not be used:
+    """A client manager whose 3 sites are all there after ``connect_after`` questions; ``wait_for`` must not be used:
     it wakes only when Flower's refresh thread registers a node, every 5 s (the bug: every
     run lost 5 s before round 1 with all its sites long connected)."""
 
