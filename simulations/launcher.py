@@ -8,6 +8,7 @@ Command-line overrides (``rounds=3 dp.noise-multiplier=1.5``) win over the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -210,8 +211,11 @@ def _run(
     # run_simulation, and the first round's line is the first sign it is up.
     # Flower starts one worker (Ray actor) per client-cpus share of the cores, whatever num-sites.
     workers = max(1, cores // cfg.federation.client_cpus)
+    in_process = cfg.federation.backend == "in-process"
     status.stage(
-        f"starting Ray and {workers} site worker{'s' if workers > 1 else ''} "
+        "the sites run in this process, one message at a time (backend = in-process, no Ray)"
+        if in_process
+        else f"starting Ray and {workers} site worker{'s' if workers > 1 else ''} "
         f"(usually {RAY_START_SECONDS}, part of round 1)"
     )
     _quiet_flower(verbose)
@@ -224,6 +228,7 @@ def _run(
     from server.app import build_server_app
     from server.run_dir import PREPARED
     from server.workflow import StopRequest
+    from simulations.in_process import sites_in_process
     from simulations.interrupt import ctrl_c_stops, interrupted_text
 
     # Every party's Ed25519 key and the registry (common/deploy/simulation_ids.py): the server
@@ -241,7 +246,10 @@ def _run(
 
     stop = StopRequest()
     try:
-        with ctrl_c_stops(stop, console, status, run_dir, forget_unstarted):
+        with (
+            ctrl_c_stops(stop, console, status, run_dir, forget_unstarted),
+            sites_in_process() if in_process else contextlib.nullcontext(),
+        ):
             run_simulation(
                 server_app=build_server_app(flat, console, progress=status, stop=stop),
                 # The virtual sites' durable state (client.state) lives beside the run.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from common.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+BACKENDS = ("ray", "in-process")  # where privfed simulate runs the virtual sites (federation.backend)
 # Accountant inputs privfed accepts, from a config or from a site: outside these the
 # Opacus/dp-accounting numerics fail (overflow, non-convergence) or epsilon is meaningless.
 SIGMA_RANGE = (0.1, 1000.0)

@@ -1,4 +1,5 @@
-"""Whole runs through Flower's run_simulation (Ray), as a user launches them."""
+"""Whole runs through Flower's run_simulation (Ray), as a user launches them; two that check what
+the run computes run their sites in this process instead (backend=in-process)."""
 
 from __future__ import annotations
 
@@ -103,7 +104,10 @@ def test_three_sites_two_rounds(two_rounds):
 
 
 def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
-    """Budget between every site's 1-round and 3-round spend: each site trains, then says no."""
+    """Budget between every site's 1-round and 3-round spend: each site trains, then says no.
+
+    The sites run in this process (backend=in-process): what is checked is the budget stop,
+    which the sites' replies and the server decide; the runs around it check Ray's."""
     base = resolve("vae-digits", SMALL)
     task = get_task("vae")(base)
     plans = [plan_round(base, n) for n in task.site_sizes()]
@@ -116,7 +120,9 @@ def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
     # No samples or membership-inference audit: this test reads the budget stop only.
     simulate(
         "vae-digits",
-        SMALL + ["sample-every=0", "audit.mia=false", "rounds=8", f"dp.epsilon-budget={budget}", f"run-dir={run_dir}"],
+        SMALL
+        + ["sample-every=0", "audit.mia=false", "rounds=8", f"dp.epsilon-budget={budget}", f"run-dir={run_dir}"]
+        + ["backend=in-process"],
     )
 
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -132,14 +138,20 @@ def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
 
 def test_a_run_in_which_no_round_aggregated_anything_fails(tmp_path):
     """Every site crashes every round: before, the run exited 0 and reported the untrained
-    model's metrics as its result. Now it fails in one line, and its rounds stay on disk."""
+    model's metrics as its result. Now it fails in one line, and its rounds stay on disk.
+
+    The sites run in this process (backend=in-process): a site's crash reaches the server as
+    the same error reply as under Ray; test_gan_end_to_end's failing run checks that a run
+    that fails under Ray leaves none of its processes."""
     from common.errors import TrainingFailure
 
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingFailure, match="no round aggregated an update") as e:
         simulate(
             "vae-digits",
-            SMALL + ["rounds=2", "sample-every=0", "audit.mia=false", "faults.crash-rate=1.0", f"run-dir={run_dir}"],
+            SMALL
+            + ["rounds=2", "sample-every=0", "audit.mia=false", "faults.crash-rate=1.0", f"run-dir={run_dir}"]
+            + ["backend=in-process"],
         )
     assert "\n" not in str(e.value)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -176,10 +188,13 @@ def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
 
 
 def test_seeded_runs_repeat_exactly(tmp_path, two_rounds):
-    """The README's numbers are reproducible: same seed, same metrics, same ledger epsilons."""
+    """The README's numbers are reproducible: same seed, same metrics, same ledger epsilons.
+
+    The repeat runs its sites in this process (backend=in-process), the shared run under
+    Ray: the numbers must not depend on which backend ran a site's rounds either."""
     first, _ = two_rounds
     again = tmp_path / "b"
-    simulate("vae-digits", SMALL + ["rounds=2", f"run-dir={again}"])  # the shared run's overrides
+    simulate("vae-digits", SMALL + ["rounds=2", f"run-dir={again}", "backend=in-process"])  # the shared run's
     outs = []
     for run_dir in (first, again):
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""Whole GAN runs through run_simulation: a normal 2-round run, and a run that fails."""
+"""Whole GAN runs through run_simulation: a normal 2-round run (sites in this process), and a
+run that fails (under Ray)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ SMALL += ["dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]
 
 
 def test_two_round_gan_run(tmp_path):
+    # The sites run in this process (backend=in-process): what is checked is what the run
+    # computes and writes. The failing run below starts Ray, and checks it is gone after.
     run_dir = tmp_path / "run"
-    simulate("gan-digits", SMALL + ["rounds=2", f"run-dir={run_dir}"])
+    simulate("gan-digits", SMALL + ["rounds=2", f"run-dir={run_dir}", "backend=in-process"])
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [1, 2]
     for m in lines:

@@ -200,6 +200,8 @@ def test_config_defaults_and_l_from_the_learning_rate():
 def test_a_short_q_fedavg_run_trains_through_flower(tmp_path):
     from simulations.launcher import simulate
 
+    # The sites run in this process (backend=in-process): the strategy is the server's, and
+    # what is checked is what it computes through Flower's messages.
     run_dir = tmp_path / "run"
     before = set(simulation_processes())  # another run in this checkout is not this test's
     simulate(
@@ -212,6 +214,7 @@ def test_a_short_q_fedavg_run_trains_through_flower(tmp_path):
             "audit.mia=false",
             "aggregation=q-fedavg",
             "qffl-q=5.0",
+            "backend=in-process",
             f"run-dir={run_dir}",
         ],
     )

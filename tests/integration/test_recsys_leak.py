@@ -63,6 +63,9 @@ def test_no_raw_identifier_or_key_reaches_the_server(tmp_path, monkeypatch, caps
             "train.batch-size=64",
             "recsys.min-group-size=2",
             f"run-dir={run_dir}",
+            # The sites run in this process, so what is scanned below holds their console and
+            # logs too: stricter than under Ray, whose workers' output the server never sees.
+            "backend=in-process",
         ],
         key_file=str(key_file),
     )

@@ -1,4 +1,5 @@
-"""One small tabular run through run_simulation, on records generated here (no Adult file needed)."""
+"""One small tabular run through run_simulation, on records generated here (no Adult file needed),
+with the sites in the test's process (backend=in-process)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ pytest.importorskip("common.metrics.tabular")
 
 
 def test_two_round_dp_run_on_generated_records(tmp_path):
-    # Other runs on this machine (another worker's tests) may hold Ray processes: this run must add none.
+    # The sites run in this process (backend=in-process): the checks are on what the run
+    # computes and writes; tests/integration/test_end_to_end.py checks the runs Ray starts.
     before = set(simulation_processes())
     rows = generated_rows(1500, seed=11)
     data, schema = write_table(tmp_path, rows)
@@ -38,6 +40,7 @@ def test_two_round_dp_run_on_generated_records(tmp_path):
             "dp.target-epsilon=0.0",
             "dp.noise-multiplier=1.0",
             f"run-dir={run_dir}",
+            "backend=in-process",
         ],
     )
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
