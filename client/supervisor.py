@@ -22,23 +22,46 @@ each narrowing what Flower would do:
   (``client.app:app``), which ``privfed site approve`` checked builds to that very FAB. No
   code that arrived over the network is ever written to disk or imported at the site.
 
+One more change is for speed, not safety: a **warm spare**. Flower starts a fresh
+ClientApp process for every message (train, evaluate), and each spends about 4 s of a
+core importing torch and Opacus before it reads its task: most of a small deployed round.
+The supervisor keeps one ``privfed-clientapp --warm`` process started ahead of time; it
+imports the code (nothing of the site's data, no task, no token) and waits on its stdin.
+When a task comes, the supervisor writes the task's arguments to that stdin, exactly the
+arguments Flower would have put on the command line (so the token is not in the process
+list either); the next spare starts once no task runs, so that its import never competes
+with training. Each task still runs in a process of its own that ends with it, through the
+same guard. A spare imports ahead only a checkout that builds to an approved app, and
+refuses its task if the checkout changed since (:func:`await_task`).
+``PRIVFED_WARM_CLIENTAPP=0`` turns the spare off (it holds about 400 MB of memory while it
+waits). A spare that dies within 30 s three times in a row (one that serves a task clears
+the count) is given up: tasks then start cold, as Flower starts them, until the site restarts.
+
 Both changes go through Flower's module attributes (``TASK_TYPE_TO_COMMAND``,
-``AutoExecPlugin.supported_task_types``, ``run_clientapp.install_from_fab``). If a Flower
-release renames them, this module refuses to start rather than run unguarded.
+``AutoExecPlugin.supported_task_types``, ``run_clientapp.install_from_fab``,
+``run_superexec.get_executor``). If a Flower release renames them, this module refuses to
+start rather than run unguarded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from common.deploy.app_approval import fab_hash_of, parse_approved
 
 APPROVED_ENV = "PRIVFED_APPROVED_APPS"  # how the supervisor hands the pins to the runner it starts
 CLIENTAPP_SCRIPT = "privfed-clientapp"
+WARM_FLAG = "--warm"  # privfed-clientapp's one own flag: import, then wait for a task on stdin
+WARM_ENV = "PRIVFED_WARM_CLIENTAPP"  # "0": no warm spare, every task starts cold
+_imported_hash: str | None = None  # a warm spare: the installed app's hash when it imported it
+CHANGED_WHILE_IMPORTING = "the checkout changed while a warm spare imported it"  # matches no FAB hash
 INSTALLED_ROOT = Path(__file__).resolve().parents[1]  # the site's own privfed checkout
 
 
@@ -110,6 +133,11 @@ def guard_runner(approved: frozenset[str]) -> None:
         if installed != fab_hash:
             print(f"privfed: refused app {fab_hash}: the installed privfed builds to {installed}", file=sys.stderr)
             raise InstalledAppDiffers(fab_hash)
+        # A warm spare imported the code before this check: it runs only if that code was
+        # this FAB too (the checkout did not change while it waited).
+        if _imported_hash is not None and _imported_hash != fab_hash:
+            print(f"privfed: refused app {fab_hash}: this process imported privfed before it changed", file=sys.stderr)
+            raise InstalledAppDiffers(fab_hash)
 
     def installed_app(*args: Any, **kwargs: Any) -> Any:
         def load(fab_id: str, fab_version: str, fab_hash: str) -> Any:
@@ -126,16 +154,165 @@ def guard_runner(approved: frozenset[str]) -> None:
 
 
 def clientapp_main() -> None:
-    """``privfed-clientapp``: Flower's ``flwr-clientapp`` with the approved-app check (same flags)."""
+    """``privfed-clientapp``: Flower's ``flwr-clientapp`` with the approved-app check (same
+    flags); with ``--warm`` alone, a spare that imports first and reads those flags from stdin."""
     approved = frozenset(parse_approved(os.environ.get(APPROVED_ENV, "")))
     guard_runner(approved)
+    if sys.argv[1:] == [WARM_FLAG]:
+        args = await_task(sys.stdin, approved)
+        if args is None:
+            return  # the supervisor stopped before it had a task for this spare
+        sys.argv = [sys.argv[0], *args]
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     flwr_clientapp()
 
 
+def await_task(stdin: IO[str], approved: frozenset[str]) -> list[str] | None:
+    """A warm spare's wait: import what every task imports, then read the task's arguments
+    (one JSON list of strings) from ``stdin``; None when it closes without one.
+
+    It imports only a checkout that builds to an approved app (a checkout the site has not
+    approved yet runs no code here before a task's check), and only if the checkout is the
+    same after the import as before it. Otherwise, or if the import fails, it imports
+    nothing ahead: the task then loads the code as a cold start does, inside Flower's
+    runner, so a failure becomes Flower's error reply to the coordinator, not a lost task.
+    """
+    global _imported_hash
+    before = installed_app_hash()
+    if before in approved:
+        try:
+            import client.app  # noqa: F401  (torch, Opacus, Flower: the seconds this process is for)
+        except Exception:  # the task's own load reports it
+            pass
+        else:
+            # Changed while importing: what was imported is not known to be any approved app.
+            _imported_hash = before if installed_app_hash() == before else CHANGED_WHILE_IMPORTING
+
+    line = stdin.readline()
+    if not line:
+        return None
+    try:
+        args = json.loads(line)
+    except ValueError:
+        args = None
+    if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        raise SystemExit("privfed-clientapp --warm: stdin did not hold a JSON list of arguments")
+    return args
+
+
+def clientapp_args(spec: Any) -> list[str]:
+    """The arguments Flower's ``SubprocessExecutor`` gives a ClientApp process for ``spec``
+    (an ``ExecutionSpec``), after the command: the same flags, in the same order."""
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG
+
+    args = [TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        args.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        args += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        args += ["--parent-pid", str(spec.parent_pid)]
+    if spec.runtime_dependency_install:
+        args.append("--allow-runtime-dependency-installation")
+    return args
+
+
+class WarmSpareExecutor:
+    """Flower's subprocess executor, with one ClientApp process started before its task (the
+    module's docstring says why). Capacity, output and reaping are as Flower's: tasks are
+    never refused for capacity, and their output goes where the supervisor's goes."""
+
+    # A spare that dies within QUICK_SECONDS this often in a row is given up until one serves a task.
+    MAX_QUICK_DEATHS = 3
+    QUICK_SECONDS = 30.0
+
+    def __init__(self, command: list[str]) -> None:
+        from flwr.supercore.superexec.executor import SubprocessExecutor
+
+        self._flower = SubprocessExecutor()  # capacity answers: Flower's own
+        self.command = command
+        self.spare: subprocess.Popen | None = None
+        self.tasks: list[subprocess.Popen] = []  # started, not yet seen to end
+        self._warm_pids: set[int] = set()  # those of them that were spares
+        self._spare_started = 0.0
+        self.quick_deaths = 0
+        self._start_spare()
+
+    def _start_spare(self) -> None:
+        if self.quick_deaths >= self.MAX_QUICK_DEATHS:
+            self.spare = None
+            return
+        self.spare = subprocess.Popen([*self.command, WARM_FLAG], stdin=subprocess.PIPE, text=True)
+        self._spare_started = time.monotonic()
+
+    def get_eligible_capacity(self, supported_task_types: Any, **kwargs: Any) -> Any:
+        return self._flower.get_eligible_capacity(supported_task_types, **kwargs)
+
+    def wait_for_capacity(self, task_type: Any = None, **kwargs: Any) -> None:
+        self._flower.wait_for_capacity(task_type, **kwargs)
+
+    def launch(self, spec: Any) -> Any:
+        from flwr.supercore.superexec.executor import LaunchResult
+
+        args = clientapp_args(spec)
+        spare, self.spare = self.spare, None
+        if spare is not None and self._hand_over(spare, args):
+            self.tasks.append(spare)
+            self._warm_pids.add(spare.pid)
+        else:
+            self.tasks.append(subprocess.Popen([*self.command, *args]))  # cold, exactly as Flower starts it
+        return LaunchResult.accepted()
+
+    def _hand_over(self, spare: subprocess.Popen, args: list[str]) -> bool:
+        if spare.poll() is not None:
+            self._note_death()
+            return False
+        assert spare.stdin is not None
+        try:
+            spare.stdin.write(json.dumps(args) + "\n")
+            spare.stdin.close()
+        except OSError:  # it died between the poll and the write
+            self._note_death()
+            return False
+        return True
+
+    def _note_death(self) -> None:
+        if time.monotonic() - self._spare_started < self.QUICK_SECONDS:
+            self.quick_deaths += 1
+
+    def reconcile(self) -> None:
+        """Between task polls (every second): once no task runs, a spare is started, so that
+        its import never competes with a task's training for the site's cores; it runs in
+        the gap before the next message (the SuperNode's 3 s poll, the server's aggregation).
+        A spare that died while waiting (killed, out of memory) is replaced."""
+        if self.spare is not None and self.spare.poll() is not None:
+            self._note_death()
+            self.spare = None
+        for task in self.tasks:
+            if task.poll() == 0 and task.pid in self._warm_pids:
+                self.quick_deaths = 0  # a spare served a task: the checkout imports (again)
+        self.tasks = [t for t in self.tasks if t.poll() is None]
+        self._warm_pids &= {t.pid for t in self.tasks}
+        if self.spare is None and not self.tasks:
+            self._start_spare()
+
+    def close(self) -> None:
+        """At the supervisor's exit: the spare reads end-of-input and exits without a task."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        try:
+            assert spare.stdin is not None
+            spare.stdin.close()
+            spare.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            spare.kill()
+
+
 def supervise(runtime_api_address: str, parent_pid: int | None, approved: tuple[str, ...]) -> None:
     """Run Flower's SuperExec loop, narrowed to ClientApp tasks that start through the guard."""
+    import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore import constant
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
@@ -143,11 +320,14 @@ def supervise(runtime_api_address: str, parent_pid: int | None, approved: tuple[
 
     commands = _require(constant, "TASK_TYPE_TO_COMMAND")
     _require(AutoExecPlugin, "supported_task_types")
+    _require(superexec, "get_executor")
     script = clientapp_script()
     os.environ[APPROVED_ENV] = ",".join(approved)
     for task_type in list(commands):  # whatever a task asks for, the guarded runner is what starts
         commands[task_type] = script
     AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
+    if os.environ.get(WARM_ENV, "1") != "0":
+        setattr(superexec, "get_executor", lambda *args, **kwargs: WarmSpareExecutor([script]))  # noqa: B010
     run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=True,  # the SuperNode's runtime API listens on loopback, as Flower's own SuperExec dials it

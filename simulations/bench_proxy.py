@@ -1,6 +1,7 @@
-"""What the sites' proxy (server/proxy.py, Debian's nginx) adds to a round, measured side by side.
+"""What the sites' proxy (server/proxy.py, Debian's nginx) adds to a round, and what the site's
+warm ClientApp spare (client/supervisor.py) takes off it, each measured side by side.
 
-Two measurements in one run, against one SuperLink on loopback:
+Three measurements in one run, against one SuperLink on loopback:
 
 1. **Per request.** The same TLS request (``GET /health``, which the SuperLink answers
    itself) sent alternately straight to the SuperLink and through the proxy, over one
@@ -11,8 +12,12 @@ Two measurements in one run, against one SuperLink on loopback:
    proxy's access log gives every request of that round with its total time at the proxy
    (``rt``) and the part spent waiting for the SuperLink (``urt``): their difference, summed
    over the round, is what the proxy added to it, next to the round's own wall time.
+3. **Warm spare.** More one-round runs of the same site, alternately with the spare off
+   (``PRIVFED_WARM_CLIENTAPP=0``: each message's ClientApp process starts cold and imports
+   torch and Opacus first, as Flower starts it) and on (the default), the site restarted
+   between them; the median round time of each, and their ratio.
 
-Usage: ``make bench-proxy`` (needs nginx: ``apt-get install nginx-light``). About 90 s.
+Usage: ``make bench-proxy`` (needs nginx: ``apt-get install nginx-light``). About 3 min.
 """
 
 from __future__ import annotations
@@ -94,10 +99,10 @@ class _Procs:
         self.root, self.env = root, env
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, cmd: list[str], **env: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the child)
         p = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **env}, cwd=self.root, start_new_session=True
         )
         self.procs.append(p)
         return p
@@ -105,8 +110,8 @@ class _Procs:
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(args, env=self.env, cwd=self.root, capture_output=True, text=True, check=True)
 
-    def stop(self) -> None:
-        for p in self.procs:
+    def stop(self, only: subprocess.Popen[bytes] | None = None) -> None:
+        for p in [only] if only is not None else self.procs:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(p.pid, sig)
@@ -135,7 +140,7 @@ def _wait_healthy(port: int, ca: Path) -> None:
     raise TimeoutError(f"nothing healthy on port {port}")
 
 
-def measure(rounds: int = 1) -> dict[str, Any]:
+def measure(rounds: int = 1, warm_repeats: int = 2) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="privfed-bench-proxy-"))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "FLWR_HOME": str(root / "flwr-home")}
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
@@ -178,21 +183,27 @@ def measure(rounds: int = 1) -> dict[str, Any]:
         entry = init.stdout[init.stdout.index("[[site]]") :]
         (root / "registry.toml").write_text(f'[server]\npublic-key = "{server_pub}"\n\n{entry}')
         procs.run(privfed, "site", "approve", "site-a.toml", "--signature", signature, "--app", str(REPO))
-        procs.spawn("site-a", [privfed, "site", "join", "site-a.toml", "--", "--host", "127.0.0.1"])
+        join = [privfed, "site", "join", "site-a.toml", "--", "--host", "127.0.0.1"]
+        site = procs.spawn("site-a", join)
         time.sleep(8)
         log = root / "proxy" / "access.log"
         log.write_text("")  # the idle polls before the run are not the round's (nginx appends: O_APPEND)
-        run_dir = root / "run"
-        t = time.monotonic()
-        procs.run(
-            str(BIN / "flwr"), "run", str(REPO), "privfed", "--stream", "--run-config",
-            f'num-sites=1 rounds={rounds} run-dir="{run_dir}" vae.hidden-dim=16 vae.latent-dim=2 '
-            "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 audit.mia=false central-eval=false "
-            f'registry="{root / "registry.toml"}" server-key="{root / "coordinator.key"}"',
-        )  # fmt: skip
-        wall = time.monotonic() - t
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        round_s = sum(m["seconds"] for m in lines) / max(1, len(lines))
+
+        def one_run(name: str) -> tuple[float, float]:
+            """The mean round seconds of one run, and the run's wall seconds."""
+            run_dir = root / name
+            t = time.monotonic()
+            procs.run(
+                str(BIN / "flwr"), "run", str(REPO), "privfed", "--stream", "--run-config",
+                f'num-sites=1 rounds={rounds} run-dir="{run_dir}" vae.hidden-dim=16 vae.latent-dim=2 '
+                "dp.target-epsilon=0.0 dp.noise-multiplier=1.0 audit.mia=false central-eval=false "
+                f'registry="{root / "registry.toml"}" server-key="{root / "coordinator.key"}"',
+            )  # fmt: skip
+            wall = time.monotonic() - t
+            lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            return sum(m["seconds"] for m in lines) / max(1, len(lines)), wall
+
+        round_s, wall = one_run("run")
         rows = _round_requests(log)
         added = sum(max(0.0, r["rt"] - r["urt"]) for r in rows) / max(1, rounds)
         per_round = {
@@ -204,7 +215,24 @@ def measure(rounds: int = 1) -> dict[str, Any]:
             "proxy_share_of_round": round(added / round_s, 4) if round_s else None,
             "by_hop_estimate_seconds": round(request["added_ms"] * len(rows) / max(1, rounds) / 1000, 3),
         }
-        return {"per_request": request, "per_round": per_round}
+        # The warm spare, side by side: cold and warm alternately, the site restarted each time
+        # (a restart is how an operator changes the setting). The run above was warm too.
+        times: dict[str, list[float]] = {"cold": [], "warm": [round_s]}
+        for k in range(warm_repeats):
+            for mode in ("cold", "warm"):
+                procs.stop(site)
+                site = procs.spawn(f"site-a-{mode}-{k}", join, PRIVFED_WARM_CLIENTAPP="0" if mode == "cold" else "1")
+                time.sleep(8)
+                times[mode].append(one_run(f"run-{mode}-{k}")[0])
+        cold, warm = statistics.median(times["cold"]), statistics.median(times["warm"])
+        spare = {
+            "cold_round_seconds": [round(x, 2) for x in times["cold"]],
+            "warm_round_seconds": [round(x, 2) for x in times["warm"]],
+            "cold_median": round(cold, 2),
+            "warm_median": round(warm, 2),
+            "ratio": round(warm / cold, 3),
+        }
+        return {"per_request": request, "per_round": per_round, "warm_spare": spare}
     finally:
         procs.stop()
 
@@ -213,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from simulations.bench_util import machine_info
 
     result = measure()
-    r, p = result["per_request"], result["per_round"]
+    r, p, w = result["per_request"], result["per_round"], result["warm_spare"]
     print("the sites' proxy (nginx) against the SuperLink without it, side by side:")
     print(
         f"  per request (GET /health, kept-alive TLS, median of {r['requests']}): direct {r['direct_ms']} ms, "
@@ -224,6 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{p['proxy_added_seconds_per_round']} s (nginx log rt-urt; by the per-request hop: "
         f"{p['by_hop_estimate_seconds']} s) of a {p['round_seconds']} s round "
         f"= {100 * (p['proxy_share_of_round'] or 0):.2f}%"
+    )
+    print(
+        f"  the site's warm ClientApp spare (1 site, small VAE, 1-round runs, medians): cold starts "
+        f"{w['cold_median']} s a round {w['cold_round_seconds']}, warm spare {w['warm_median']} s "
+        f"{w['warm_round_seconds']}: {w['ratio']}x"
     )
     out = Path("bench-results")
     out.mkdir(exist_ok=True)
