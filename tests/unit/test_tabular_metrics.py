@@ -3,6 +3,7 @@ the site-sums path against the pooled computation, and a correction that shrinks
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -380,9 +381,15 @@ def test_sum_schema_is_public_and_suppression_hides_small_groups():
 # ------------------------------------------------------------------ plots and the report section
 
 
+@functools.cache
+def _evaluation() -> dict[str, float]:
+    """One seeded evaluation (the fairness corrections fit models: seconds), shared read-only."""
+    return evaluate_all(adult_like(1500, 0), adult_like(1500, 2, balanced=True), adult_like(1000, 1), SPEC, 0)
+
+
 def _rounds(n: int = 3) -> list[dict[str, Any]]:
     """metrics.jsonl lines of a short run: the same evaluation, its gaps shrinking by round."""
-    base = evaluate_all(adult_like(1500, 0), adult_like(1500, 2, balanced=True), adult_like(1000, 1), SPEC, 0)
+    base = _evaluation()
     tests = [{k: (v / r if k.endswith("dp_diff") else v) for k, v in base.items()} for r in range(1, n + 1)]
     tests[0].update({"trtr.lr.accuracy": 0.85, "trtr.lr.auc": 0.9})  # the anchor, reported once
     return [{"round": r, "test": test, "site_val": {}} for r, test in enumerate(tests, start=1)]
