@@ -289,11 +289,15 @@ class WarmSpareExecutor:
         if self.spare is not None and self.spare.poll() is not None:
             self._note_death()
             self.spare = None
+        running: list[subprocess.Popen] = []
         for task in self.tasks:
-            if task.poll() == 0 and task.pid in self._warm_pids:
+            code = task.poll()
+            if code is None:
+                running.append(task)
+            elif code == 0 and task.pid in self._warm_pids:
                 self.quick_deaths = 0  # a spare served a task: the checkout imports (again)
-        self.tasks = [t for t in self.tasks if t.poll() is None]
-        self._warm_pids &= {t.pid for t in self.tasks}
+        self.tasks = running
+        self._warm_pids &= {t.pid for t in running}
         if self.spare is None and not self.tasks:
             self._start_spare()
 

@@ -13,6 +13,13 @@ a copy, so a failing call leaves it unchanged, as under Ray. Sites do not run in
 Flower 1.41 builds its backend by name inside the engine (``raybackend.RayBackend``), with
 no registry to add one to, so :func:`sites_in_process` swaps that class for the run and
 puts it back after. A Flower without it is refused rather than silently run under Ray.
+
+The test suite runs this way every run whose checks are about what the ServerApp and the
+ClientApp compute (aggregates, ledger rows, metrics, message fields). What only Ray does
+(processes started and stopped, SIGINT or SIGKILL mid-round, Ray's traceback in an error
+reason) stays with the tests that start Ray: test_end_to_end's shared and missing-sites
+runs, test_gan_end_to_end's failing run, test_interrupt, test_resume, test_flwr_native and
+test_release_inventory's exception test.
 """
 
 from __future__ import annotations

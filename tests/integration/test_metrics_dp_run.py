@@ -15,12 +15,11 @@ import pytest
 from common.privacy.metrics_dp import MECHANISM
 from server.ledger import Ledger
 from simulations.launcher import simulate
-from tests.in_process import sites_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_secure_recsys_run_with_private_metrics(tmp_path, monkeypatch):
+def test_secure_recsys_run_with_private_metrics(tmp_path):
     run_dir = tmp_path / "run"
     # A small catalogue (as in test_secagg): SecAgg+ masks every coordinate, and the default
     # 131072 item buckets are most of the run's time; nothing checked here depends on the size.
@@ -29,14 +28,13 @@ def test_secure_recsys_run_with_private_metrics(tmp_path, monkeypatch):
     # per site, and the metrics releases on top still fit the budget of 9). The preflight's
     # metrics-budget check with a target epsilon is tests/unit/test_metrics_dp.py's.
     small += ["dp.target-epsilon=0.0", "dp.noise-multiplier=1.0"]
-    # The sites run in this process (tests/in_process.py): the checks are on the ledger, the
+    # The sites run in this process (backend=in-process): the checks are on the ledger, the
     # metrics and the summary, and Ray's start-up was most of the run's time.
-    sites_in_process(monkeypatch)
     simulate(
         "recsys-synthetic",
         small
         + ["rounds=2", "metrics.dp=true", "dp.epsilon-budget=9", "secagg.enabled=true", f"run-dir={run_dir}"]
-        + ["dp.unit=user", "train.batch-size=16", "max-sites-per-person=2"],
+        + ["dp.unit=user", "train.batch-size=16", "max-sites-per-person=2", "backend=in-process"],
     )
     with Ledger(run_dir / "ledger.sqlite") as ledger:
         rows = ledger.rows()

@@ -8,9 +8,9 @@ error reply (Flower builds it from the exception outside the ClientApp) nor the
 metadata the link adds; the server's view is the closest to the wire a simulation has.
 
 The runs use Flower's own simulation engine, ServerApp and ClientApp, with one part
-replaced: the Ray backend, by :class:`tests.in_process.InProcessBackend`, which runs each ClientApp call
-through the same actor code in this process and round-trips every reply through Flower's
-wire format (``message_to_proto``). Starting Ray and its workers costs more than the runs
+replaced: the Ray backend, by ``backend=in-process`` (simulations/in_process.py), which runs each
+ClientApp call through the same actor code in this process and round-trips every reply through
+Flower's wire format (``message_to_proto``). Starting Ray and its workers costs more than the runs
 themselves; what Ray adds to a message (its traceback in an error reason) is checked on
 its own in test_a_data_value_in_an_exception_does_not_leave_the_site.
 
@@ -31,7 +31,6 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from common.deploy.keys import write_key
 from common.privacy.release import Kind, classify, message_fields, unlisted
 from simulations.launcher import resolve, simulate
-from tests.in_process import sites_in_process
 from tests.site_keys import site_keys
 
 pytestmark = pytest.mark.slow
@@ -58,7 +57,6 @@ DROPOUT_MESSAGE = "leaves round 1 before training"
 def _capture(monkeypatch) -> tuple[set[str], list[str]]:
     """The field names of every message the ServerApp pulls, and every error reason, read as
     they are pulled: Flower's legacy conversion empties a reply's arrays once it reads them."""
-    sites_in_process(monkeypatch)
     fields: set[str] = set()
     reasons: list[str] = []
     original = InMemoryGrid.pull_messages
@@ -84,7 +82,7 @@ def test_every_field_a_site_sends_is_in_the_inventory(tmp_path, monkeypatch, tas
     secure = mode == "secagg"
     key_file = str(write_key(tmp_path / "fed.key")) if task in ("recsys", "tabular") else None
     chosen = {"plain": PLAIN, "secagg": SECURE, "private": PRIVATE}[mode]
-    overrides = extra + QUIET + chosen + [f"run-dir={tmp_path / 'run'}"]
+    overrides = extra + QUIET + chosen + [f"run-dir={tmp_path / 'run'}", "backend=in-process"]
     if task == "tabular":
         from tests.unit.test_tabular_data import generated_rows, write_table
 

@@ -15,7 +15,6 @@ from common.faults import drops
 from common.privacy.secagg_params import shares_and_threshold
 from server.ledger import Ledger
 from simulations.launcher import simulate
-from tests.in_process import in_process
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +57,9 @@ EQUALITY_SITES = 3
 
 def _run(tmp_path, name: str, scenario: str, overrides: list[str], key_file=None) -> tuple[dict, list[dict]]:
     run_dir = tmp_path / name
-    # The sites run in this process (tests/in_process.py): what is checked here is what
+    # The sites run in this process (backend=in-process): what is checked here is what
     # SecAgg+ computes, and Ray's start-up was most of each run's time.
-    with in_process():
-        simulate(scenario, overrides + [f"run-dir={run_dir}", "sample-every=0"], key_file=key_file)
+    simulate(scenario, overrides + [f"run-dir={run_dir}", "sample-every=0", "backend=in-process"], key_file=key_file)
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return state, lines
@@ -140,21 +138,21 @@ def test_a_site_offline_at_setup_leaves_a_round_of_the_others(tmp_path, plain_wi
 
 def test_below_threshold_round_fails_cleanly_and_ledgers_the_spend(tmp_path):
     run_dir = tmp_path / "run"
-    with in_process():
-        simulate(
-            "vae-digits",
-            VAE
-            + [
-                "num-sites=5",
-                "rounds=2",
-                "secagg.enabled=true",
-                "faults.dropout-stage=unmask",
-                'faults.dropout-sites="0,1,2"',
-                'faults.rounds="1"',
-                f"run-dir={run_dir}",
-                "sample-every=0",
-            ],
-        )
+    simulate(
+        "vae-digits",
+        VAE
+        + [
+            "num-sites=5",
+            "rounds=2",
+            "secagg.enabled=true",
+            "faults.dropout-stage=unmask",
+            'faults.dropout-sites="0,1,2"',
+            'faults.rounds="1"',
+            f"run-dir={run_dir}",
+            "sample-every=0",
+            "backend=in-process",
+        ],
+    )
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not lines[0]["aggregated"] and lines[0]["sites_used"] == []
     assert any("secure aggregation failed" in f for f in lines[0]["failures"])

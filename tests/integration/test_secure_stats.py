@@ -156,7 +156,6 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
     from common.deploy.keys import load_key, write_key
     from server.strategy import DeltaFedAvg
     from simulations.launcher import resolve, simulate
-    from tests.in_process import sites_in_process
 
     sent: dict[int, list] = {}
     replies: dict[int, list[tuple[int, dict]]] = {}
@@ -172,9 +171,8 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
 
     monkeypatch.setattr(DeltaFedAvg, "configure_fit", configure_fit)  # the server runs in-process
     monkeypatch.setattr(DeltaFedAvg, "aggregate_evaluate", aggregate_evaluate)
-    # The sites run in this process (tests/in_process.py): the checks are on what the server
+    # The sites run in this process (backend=in-process): the checks are on what the server
     # receives and records, and Ray's start-up was most of the run's time.
-    sites_in_process(monkeypatch)
     key_file = str(write_key(tmp_path / "fed.key"))
     overrides = [
         "num-sites=4",
@@ -189,6 +187,7 @@ def test_secure_run_records_group_metrics_from_the_masked_sum_only(tmp_path, mon
         "audit.mia=false",
         "sample-every=0",
         f"run-dir={tmp_path / 'run'}",
+        "backend=in-process",
     ]
     simulate("recsys-synthetic", overrides, key_file=key_file)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
