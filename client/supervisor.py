@@ -22,20 +22,35 @@ each narrowing what Flower would do:
   (``client.app:app``), which ``privfed site approve`` checked builds to that very FAB. No
   code that arrived over the network is ever written to disk or imported at the site.
 
-One more change is for speed, not safety: a **warm spare**. Flower starts a fresh
-ClientApp process for every message (train, evaluate), and each spends about 4 s of a
-core importing torch and Opacus before it reads its task: most of a small deployed round.
-The supervisor keeps one ``privfed-clientapp --warm`` process started ahead of time; it
-imports the code (nothing of the site's data, no task, no token) and waits on its stdin.
-When a task comes, the supervisor writes the task's arguments to that stdin, exactly the
-arguments Flower would have put on the command line (so the token is not in the process
-list either); the next spare starts once no task runs, so that its import never competes
-with training. Each task still runs in a process of its own that ends with it, through the
-same guard. A spare imports ahead only a checkout that builds to an approved app, and
-refuses its task if the checkout changed since (:func:`await_task`).
-``PRIVFED_WARM_CLIENTAPP=0`` turns the spare off (it holds about 400 MB of memory while it
-waits). A spare that dies within 30 s three times in a row (one that serves a task clears
-the count) is given up: tasks then start cold, as Flower starts them, until the site restarts.
+One more change is for speed, not safety: a **fork server**. Flower starts a fresh
+ClientApp process for every message (train, evaluate), and each spends about 3-4 s of a
+core importing torch and Opacus before it reads its task: most of a small deployed round,
+and on a small site machine a core taken from training. The supervisor keeps one
+``privfed-clientapp --fork-server`` process that imports the code once (nothing of the
+site's data, no task, no token) and then, for each task, forks a child that runs exactly
+what Flower would have run, with the arguments Flower would have put on its command line
+(written to the server's stdin, so the token is not in the process list either). Each task
+still runs in a process of its own that ends with it, through the same guard, and starts
+from the server's memory: imported code, and the argument lines of earlier tasks (each
+token good for its own, already claimed, task only), never data. The child reseeds what a
+fresh interpreter seeds from the OS (NumPy's global generator, torch's default one, Python's
+``random``), and privfed's own DP noise and sampling draw 128 fresh bits of OS entropy per
+round (common/privacy/training.py) whatever process they run in.
+A server imports only a checkout that builds to an approved app, and forks a task only while
+the checkout still builds to what it imported and no library directory changed (an upgrade:
+:func:`environment_fingerprint`); otherwise the task starts cold and a new server imports the
+new code once no task runs. Whenever the server cannot take a task, the task starts cold and
+the site's log says why. ``PRIVFED_WARM_CLIENTAPP=0`` turns it off (it holds about 400 MB of
+memory while it waits; its children share those pages until they write to them). A server
+that dies within 30 s three times in a row (a task it forked that ends cleanly clears the
+count) is given up for 10 minutes: tasks start cold meanwhile, as Flower starts them.
+
+Forking after importing torch is safe only while the importing process has not run a
+parallel (OpenMP) region: a child of a process that did can hang in its first one. The
+server therefore only imports; ``tests/unit/test_fork_server.py`` forks from a process that
+imported ``client.app`` and trains in the child, so an import that starts computing fails
+a test rather than a site's round. A GPU site is unaffected: importing torch does not
+initialise CUDA, and each child initialises its own.
 
 Both changes go through Flower's module attributes (``TASK_TYPE_TO_COMMAND``,
 ``AutoExecPlugin.supported_task_types``, ``run_clientapp.install_from_fab``,
@@ -48,20 +63,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import select
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, NoReturn
 
 from common.deploy.app_approval import fab_hash_of, parse_approved
 
 APPROVED_ENV = "PRIVFED_APPROVED_APPS"  # how the supervisor hands the pins to the runner it starts
 CLIENTAPP_SCRIPT = "privfed-clientapp"
-WARM_FLAG = "--warm"  # privfed-clientapp's one own flag: import, then wait for a task on stdin
-WARM_ENV = "PRIVFED_WARM_CLIENTAPP"  # "0": no warm spare, every task starts cold
-_imported_hash: str | None = None  # a warm spare: the installed app's hash when it imported it
-CHANGED_WHILE_IMPORTING = "the checkout changed while a warm spare imported it"  # matches no FAB hash
+FORK_FLAG = "--fork-server"  # privfed-clientapp's one own flag, with the fd it reports on
+WARM_ENV = "PRIVFED_WARM_CLIENTAPP"  # "0": no fork server, every task starts cold
+_imported_hash: str | None = None  # a fork server (and its children): the app's hash when it imported it
+CHANGED_WHILE_IMPORTING = "the checkout changed while the fork server imported it"  # matches no FAB hash
+NOTHING_IMPORTED = 3  # a fork server's exit code when it imported nothing (unapproved checkout, failed import)
 INSTALLED_ROOT = Path(__file__).resolve().parents[1]  # the site's own privfed checkout
 
 
@@ -133,7 +153,7 @@ def guard_runner(approved: frozenset[str]) -> None:
         if installed != fab_hash:
             print(f"privfed: refused app {fab_hash}: the installed privfed builds to {installed}", file=sys.stderr)
             raise InstalledAppDiffers(fab_hash)
-        # A warm spare imported the code before this check: it runs only if that code was
+        # A fork server imported the code before this check: it runs only if that code was
         # this FAB too (the checkout did not change while it waited).
         if _imported_hash is not None and _imported_hash != fab_hash:
             print(f"privfed: refused app {fab_hash}: this process imported privfed before it changed", file=sys.stderr)
@@ -155,50 +175,161 @@ def guard_runner(approved: frozenset[str]) -> None:
 
 def clientapp_main() -> None:
     """``privfed-clientapp``: Flower's ``flwr-clientapp`` with the approved-app check (same
-    flags); with ``--warm`` alone, a spare that imports first and reads those flags from stdin."""
+    flags); with ``--fork-server FD`` alone, a server that imports first and forks one such
+    ClientApp per task it reads on stdin (:func:`serve_forks`)."""
     approved = frozenset(parse_approved(os.environ.get(APPROVED_ENV, "")))
     guard_runner(approved)
-    if sys.argv[1:] == [WARM_FLAG]:
-        args = await_task(sys.stdin, approved)
-        if args is None:
-            return  # the supervisor stopped before it had a task for this spare
-        sys.argv = [sys.argv[0], *args]
+    if len(sys.argv) == 3 and sys.argv[1] == FORK_FLAG and sys.argv[2].isdigit():
+        raise SystemExit(serve_forks(sys.stdin.fileno(), int(sys.argv[2]), approved))
+    run_clientapp(sys.argv[1:])
+
+
+def run_clientapp(args: list[str]) -> None:
+    """Flower's ClientApp runner with ``args`` as its command line (the guard already installed)."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+    sys.argv = [sys.argv[0], *args]
     flwr_clientapp()
 
 
-def await_task(stdin: IO[str], approved: frozenset[str]) -> list[str] | None:
-    """A warm spare's wait: import what every task imports, then read the task's arguments
-    (one JSON list of strings) from ``stdin``; None when it closes without one.
-
-    It imports only a checkout that builds to an approved app (a checkout the site has not
-    approved yet runs no code here before a task's check), and only if the checkout is the
-    same after the import as before it. Otherwise, or if the import fails, it imports
-    nothing ahead: the task then loads the code as a cold start does, inside Flower's
-    runner, so a failure becomes Flower's error reply to the coordinator, not a lost task.
-    """
-    global _imported_hash
+def import_ahead(approved: frozenset[str]) -> str | None:
+    """What a fork server does before its first task: import what every task imports, if the
+    checkout builds to an approved app and is the same after the import as before it. The
+    hash it imported (or :data:`CHANGED_WHILE_IMPORTING`), or None when it imported nothing: a
+    checkout the site has not approved runs no code here before a task's check, and an import
+    that fails is left for a cold start, whose failure becomes Flower's error reply."""
     before = installed_app_hash()
-    if before in approved:
-        try:
-            import client.app  # noqa: F401  (torch, Opacus, Flower: the seconds this process is for)
-        except Exception:  # the task's own load reports it
-            pass
-        else:
-            # Changed while importing: what was imported is not known to be any approved app.
-            _imported_hash = before if installed_app_hash() == before else CHANGED_WHILE_IMPORTING
-
-    line = stdin.readline()
-    if not line:
+    if before not in approved:
         return None
+    try:
+        import client.app  # noqa: F401  (torch, Opacus, Flower: the seconds this process is for)
+    except Exception:
+        return None
+    return before if installed_app_hash() == before else CHANGED_WHILE_IMPORTING
+
+
+class _Lines:
+    """Whole lines from a pipe's fd, read without blocking past what ``select`` saw."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buffer, self.closed = fd, b"", False
+
+    def ready(self, timeout: float) -> list[str]:
+        if not self.closed and select.select([self.fd], [], [], timeout)[0]:
+            chunk = os.read(self.fd, 65536)
+            self.closed = not chunk
+            self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [line.decode("utf-8", "replace") for line in lines]
+
+
+def environment_fingerprint() -> tuple[tuple[str, int], ...]:
+    """When each directory on ``sys.path`` outside the checkout last had an entry added or
+    removed: a ``pip install`` (an upgraded torch, Opacus, cryptography) changes it. The
+    checkout itself is covered by its app hash; this is what the hash does not see."""
+    root = str(INSTALLED_ROOT)
+    seen = []
+    for entry in sys.path:
+        path = os.path.abspath(entry or ".")
+        if path == root or path.startswith(root + os.sep):
+            continue
+        try:
+            seen.append((path, os.stat(path).st_mtime_ns))
+        except OSError:
+            seen.append((path, -1))
+    return tuple(seen)
+
+
+def _task_args(line: str) -> list[str]:
     try:
         args = json.loads(line)
     except ValueError:
         args = None
     if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
-        raise SystemExit("privfed-clientapp --warm: stdin did not hold a JSON list of arguments")
+        raise SystemExit("privfed-clientapp --fork-server: stdin did not hold a JSON list of arguments")
     return args
+
+
+def serve_forks(
+    commands: int,
+    status: int,
+    approved: frozenset[str],
+    *,
+    prepare: Callable[[frozenset[str]], str | None] = import_ahead,
+    run: Callable[[list[str]], None] = run_clientapp,
+) -> int:
+    """A fork server's life: ``prepare`` (import ahead), then one forked ``run(args)`` per line
+    of ``commands`` (one JSON list of Flower's arguments), until it closes.
+
+    On ``status`` it writes one line per event: ``ready`` once imported, ``started PID`` after
+    each fork, ``exited PID CODE`` when a child ends, and ``stale`` before it exits when the
+    checkout no longer builds to what it imported or a library directory changed (an upgrade:
+    :func:`environment_fingerprint`); that task is then the supervisor's to start cold. It
+    exits at once, with :data:`NOTHING_IMPORTED`, if it imported nothing (an unapproved
+    checkout, a failed import): it would only fork cold starts. Children that still run when
+    it exits are left to end by themselves, as Flower leaves its own ClientApp processes
+    (each watches its ``--parent-pid``).
+    """
+    global _imported_hash
+    _imported_hash = prepare(approved)
+    if _imported_hash is None or _imported_hash == CHANGED_WHILE_IMPORTING:
+        return NOTHING_IMPORTED
+    libraries = environment_fingerprint()
+    os.write(status, b"ready\n")
+    print(f"privfed: ClientApp fork server ready (app {_imported_hash[:16]})", file=sys.stderr, flush=True)
+    reader = _Lines(commands)
+    while True:
+        while True:  # reap: the children are this process's, not the supervisor's
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            os.write(status, f"exited {pid} {os.waitstatus_to_exitcode(wait_status)}\n".encode())
+        for line in reader.ready(0.2):
+            args = _task_args(line)
+            if installed_app_hash() != _imported_hash or environment_fingerprint() != libraries:
+                os.write(status, b"stale\n")
+                return 0
+            pid = os.fork()
+            if pid == 0:
+                _forked_task(args, (commands, status), run)
+            os.write(status, f"started {pid}\n".encode())
+        if reader.closed:
+            return 0
+
+
+def _forked_task(args: list[str], server_fds: tuple[int, ...], run: Callable[[list[str]], None]) -> NoReturn:
+    """The child: one task, then ``os._exit`` (never the server's loop, atexit or buffers)."""
+    code = 1
+    try:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)  # the server's command pipe is not the task's to read
+        for fd in {devnull, *server_fds} - {0, 1, 2}:
+            os.close(fd)  # nor its status pipe: the supervisor sees the server's end, not ours
+        # What a fresh interpreter seeds from the OS, reseeded from the OS, not the server's
+        # state: NumPy's global generator, torch's default one, Python's random (CPython does
+        # that at fork too). Python's hash seed stays the server's: it is fixed at start-up.
+        import numpy as np
+
+        np.random.seed()
+        random.seed()
+        if "torch" in sys.modules:
+            sys.modules["torch"].seed()
+        run(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
 
 
 def clientapp_args(spec: Any) -> list[str]:
@@ -218,33 +349,59 @@ def clientapp_args(spec: Any) -> list[str]:
     return args
 
 
-class WarmSpareExecutor:
-    """Flower's subprocess executor, with one ClientApp process started before its task (the
-    module's docstring says why). Capacity, output and reaping are as Flower's: tasks are
-    never refused for capacity, and their output goes where the supervisor's goes."""
+class ForkServerExecutor:
+    """Flower's subprocess executor, with each ClientApp process forked from one that imported
+    the code ahead (the module's docstring says why). Capacity and output are as Flower's:
+    tasks are never refused for capacity, and their output goes where the supervisor's goes.
+    Whenever the server cannot take a task, the task starts cold, exactly as Flower starts it,
+    and the site's own log says why (one line, never sent anywhere)."""
 
-    # A spare that dies within QUICK_SECONDS this often in a row is given up until one serves a task.
+    # A server that dies within QUICK_SECONDS this often in a row is given up for RETRY_SECONDS
+    # (one of its tasks ending cleanly clears the count).
     MAX_QUICK_DEATHS = 3
     QUICK_SECONDS = 30.0
+    RETRY_SECONDS = 600.0
+    # How long a launch waits for the server to say it forked: it forks at once once ready, and
+    # a server still importing is worth waiting for (a cold start would import too). Both stay
+    # well under the 30 s Flower gives a claimed task to start, so a cold fallback is in time.
+    READY_REPLY_SECONDS = 5.0
+    IMPORTING_REPLY_SECONDS = 15.0
 
     def __init__(self, command: list[str]) -> None:
         from flwr.supercore.superexec.executor import SubprocessExecutor
 
         self._flower = SubprocessExecutor()  # capacity answers: Flower's own
         self.command = command
-        self.spare: subprocess.Popen | None = None
-        self.tasks: list[subprocess.Popen] = []  # started, not yet seen to end
-        self._warm_pids: set[int] = set()  # those of them that were spares
-        self._spare_started = 0.0
+        self.server: subprocess.Popen | None = None
+        self._status: _Lines | None = None
+        self._ready = False
+        self.cold: list[subprocess.Popen] = []  # tasks started cold, not yet seen to end
+        self.forked: set[int] = set()  # tasks the server forked, not yet reported ended
+        self._server_started = 0.0
+        self._given_up_at: float | None = None
         self.quick_deaths = 0
-        self._start_spare()
+        self._start_server()
 
-    def _start_spare(self) -> None:
+    def _start_server(self) -> None:
         if self.quick_deaths >= self.MAX_QUICK_DEATHS:
-            self.spare = None
-            return
-        self.spare = subprocess.Popen([*self.command, WARM_FLAG], stdin=subprocess.PIPE, text=True)
-        self._spare_started = time.monotonic()
+            if self._given_up_at is None:
+                self._given_up_at = time.monotonic()
+                _site_log(
+                    f"the ClientApp fork server died {self.quick_deaths} times within {self.QUICK_SECONDS:.0f} s; "
+                    f"tasks start cold, and it is tried again in {self.RETRY_SECONDS / 60:.0f} min"
+                )
+            if time.monotonic() - self._given_up_at < self.RETRY_SECONDS:
+                return
+            self._given_up_at, self.quick_deaths = None, self.MAX_QUICK_DEATHS - 1  # one more try
+        read, write = os.pipe()
+        try:
+            self.server = subprocess.Popen(
+                [*self.command, FORK_FLAG, str(write)], stdin=subprocess.PIPE, pass_fds=(write,), text=True
+            )
+        finally:
+            os.close(write)
+        self._status, self._ready = _Lines(read), False
+        self._server_started = time.monotonic()
 
     def get_eligible_capacity(self, supported_task_types: Any, **kwargs: Any) -> Any:
         return self._flower.get_eligible_capacity(supported_task_types, **kwargs)
@@ -256,62 +413,120 @@ class WarmSpareExecutor:
         from flwr.supercore.superexec.executor import LaunchResult
 
         args = clientapp_args(spec)
-        spare, self.spare = self.spare, None
-        if spare is not None and self._hand_over(spare, args):
-            self.tasks.append(spare)
-            self._warm_pids.add(spare.pid)
-        else:
-            self.tasks.append(subprocess.Popen([*self.command, *args]))  # cold, exactly as Flower starts it
+        why = self._fork(args)
+        if why:
+            if self._given_up_at is None:  # given up: said once, not per task
+                _site_log(f"a ClientApp task started cold: {why}")
+            self.cold.append(subprocess.Popen([*self.command, *args]))  # cold, exactly as Flower starts it
         return LaunchResult.accepted()
 
-    def _hand_over(self, spare: subprocess.Popen, args: list[str]) -> bool:
-        if spare.poll() is not None:
-            self._note_death()
-            return False
-        assert spare.stdin is not None
+    def _fork(self, args: list[str]) -> str:
+        """Hand ``args`` to the server: "" once it says it forked them, else why not."""
+        server = self.server
+        if server is None:
+            return "the fork server is not running"
+        assert server.stdin is not None
         try:
-            spare.stdin.write(json.dumps(args) + "\n")
-            spare.stdin.close()
-        except OSError:  # it died between the poll and the write
-            self._note_death()
-            return False
-        return True
+            server.stdin.write(json.dumps(args) + "\n")
+            server.stdin.flush()
+        except OSError:  # it died before or during the write
+            self._server_gone(died=True)
+            return "the fork server had died"
+        wait = self.READY_REPLY_SECONDS if self._ready else self.IMPORTING_REPLY_SECONDS
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for event in self._events(0.1):
+                if event.startswith("started "):
+                    self.forked.add(int(event.split()[1]))
+                    return ""
+                if event == "stale":  # a new server imports the new code once no task runs
+                    self._server_gone(died=False)
+                    return "the checkout or its libraries changed since the fork server imported them"
+            if self._status is None or self._status.closed:
+                break
+        # It died or hangs. Killed, it says no more: if its last words were a fork, the task
+        # runs there, and a cold start would only race it for the same token.
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        forked, drained = False, time.monotonic() + 5.0
+        while self._status is not None and not self._status.closed and time.monotonic() < drained:
+            for event in self._events(0.5):
+                if event.startswith("started "):
+                    self.forked.add(int(event.split()[1]))
+                    forked = True
+        self._server_gone(died=True)
+        return "" if forked else f"the fork server did not fork it within {wait:.0f} s"
 
-    def _note_death(self) -> None:
-        if time.monotonic() - self._spare_started < self.QUICK_SECONDS:
-            self.quick_deaths += 1
+    def _events(self, timeout: float) -> list[str]:
+        """The server's status lines so far; readiness and each task end are taken here."""
+        if self._status is None:
+            return []
+        events = []
+        for line in self._status.ready(timeout):
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "exited" and parts[1].isdigit():
+                self.forked.discard(int(parts[1]))
+                if parts[2] == "0":
+                    self.quick_deaths = 0  # one of its tasks ended cleanly: the checkout imports (again)
+            elif line == "ready":
+                self._ready = True
+            else:
+                events.append(line)
+        return events
+
+    def _server_gone(self, died: bool) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            if died and time.monotonic() - self._server_started < self.QUICK_SECONDS:
+                self.quick_deaths += 1
+            try:
+                server.wait(timeout=0 if died else 5)  # one that said "stale" is on its way out
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            if server.stdin is not None:
+                try:
+                    server.stdin.close()
+                except OSError:
+                    pass
+        if self._status is not None:
+            os.close(self._status.fd)
+            self._status = None
+        # Tasks it forked run on by themselves, no longer reported: a new server's import may
+        # overlap their last seconds, which is all that is lost by forgetting them.
+        self.forked.clear()
 
     def reconcile(self) -> None:
-        """Between task polls (every second): once no task runs, a spare is started, so that
-        its import never competes with a task's training for the site's cores; it runs in
-        the gap before the next message (the SuperNode's 3 s poll, the server's aggregation).
-        A spare that died while waiting (killed, out of memory) is replaced."""
-        if self.spare is not None and self.spare.poll() is not None:
-            self._note_death()
-            self.spare = None
-        running: list[subprocess.Popen] = []
-        for task in self.tasks:
-            code = task.poll()
-            if code is None:
-                running.append(task)
-            elif code == 0 and task.pid in self._warm_pids:
-                self.quick_deaths = 0  # a spare served a task: the checkout imports (again)
-        self.tasks = running
-        self._warm_pids &= {t.pid for t in running}
-        if self.spare is None and not self.tasks:
-            self._start_spare()
+        """Between task polls (every second): take the server's reports; once no task runs,
+        start a server if there is none (its import would compete with a task's training
+        for the site's cores). A server that died while waiting is replaced the same way."""
+        self._events(0)
+        if self.server is not None and self.server.poll() is not None:
+            self._events(0)  # what it said before it died
+            self._server_gone(died=True)
+        self.cold = [task for task in self.cold if task.poll() is None]
+        if self.server is None and not self.cold and not self.forked:
+            self._start_server()
 
     def close(self) -> None:
-        """At the supervisor's exit: the spare reads end-of-input and exits without a task."""
-        spare, self.spare = self.spare, None
-        if spare is None:
+        """At the supervisor's exit: the server reads end-of-input and exits; its running
+        tasks end by themselves, as Flower's cold ClientApp processes do."""
+        server = self.server
+        if server is None:
             return
         try:
-            assert spare.stdin is not None
-            spare.stdin.close()
-            spare.wait(timeout=10)
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
-            spare.kill()
+            server.kill()
+        self._server_gone(died=False)
+
+
+def _site_log(line: str) -> None:
+    """One line in the site's own log (the SuperNode's output): never in a reply."""
+    print(f"privfed: {line}", file=sys.stderr, flush=True)
 
 
 def supervise(runtime_api_address: str, parent_pid: int | None, approved: tuple[str, ...]) -> None:
@@ -331,7 +546,7 @@ def supervise(runtime_api_address: str, parent_pid: int | None, approved: tuple[
         commands[task_type] = script
     AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
     if os.environ.get(WARM_ENV, "1") != "0":
-        setattr(superexec, "get_executor", lambda *args, **kwargs: WarmSpareExecutor([script]))  # noqa: B010
+        setattr(superexec, "get_executor", lambda *args, **kwargs: ForkServerExecutor([script]))  # noqa: B010
     run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=True,  # the SuperNode's runtime API listens on loopback, as Flower's own SuperExec dials it

@@ -1,5 +1,5 @@
 """What the sites' proxy (server/proxy.py, Debian's nginx) adds to a round, and what the site's
-warm ClientApp spare (client/supervisor.py) takes off it, each measured side by side.
+ClientApp fork server (client/supervisor.py) takes off it, each measured side by side.
 
 Three measurements in one run, against one SuperLink on loopback:
 
@@ -12,7 +12,7 @@ Three measurements in one run, against one SuperLink on loopback:
    proxy's access log gives every request of that round with its total time at the proxy
    (``rt``) and the part spent waiting for the SuperLink (``urt``): their difference, summed
    over the round, is what the proxy added to it, next to the round's own wall time.
-3. **Warm spare.** More one-round runs of the same site, alternately with the spare off
+3. **Fork server.** More one-round runs of the same site, alternately with it off
    (``PRIVFED_WARM_CLIENTAPP=0``: each message's ClientApp process starts cold and imports
    torch and Opacus first, as Flower starts it) and on (the default), the site restarted
    between them; the median round time of each, and their ratio.
@@ -140,7 +140,7 @@ def _wait_healthy(port: int, ca: Path) -> None:
     raise TimeoutError(f"nothing healthy on port {port}")
 
 
-def measure(rounds: int = 1, warm_repeats: int = 2) -> dict[str, Any]:
+def measure(rounds: int = 1, fork_repeats: int = 2) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="privfed-bench-proxy-"))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "FLWR_HOME": str(root / "flwr-home")}
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
@@ -215,24 +215,24 @@ def measure(rounds: int = 1, warm_repeats: int = 2) -> dict[str, Any]:
             "proxy_share_of_round": round(added / round_s, 4) if round_s else None,
             "by_hop_estimate_seconds": round(request["added_ms"] * len(rows) / max(1, rounds) / 1000, 3),
         }
-        # The warm spare, side by side: cold and warm alternately, the site restarted each time
-        # (a restart is how an operator changes the setting). The run above was warm too.
-        times: dict[str, list[float]] = {"cold": [], "warm": [round_s]}
-        for k in range(warm_repeats):
-            for mode in ("cold", "warm"):
+        # The fork server, side by side: cold starts and forks alternately, the site restarted
+        # each time (a restart is how an operator changes the setting). The run above forked too.
+        times: dict[str, list[float]] = {"cold": [], "forked": [round_s]}
+        for k in range(fork_repeats):
+            for mode in ("cold", "forked"):
                 procs.stop(site)
                 site = procs.spawn(f"site-a-{mode}-{k}", join, PRIVFED_WARM_CLIENTAPP="0" if mode == "cold" else "1")
                 time.sleep(8)
                 times[mode].append(one_run(f"run-{mode}-{k}")[0])
-        cold, warm = statistics.median(times["cold"]), statistics.median(times["warm"])
-        spare = {
+        cold, forked = statistics.median(times["cold"]), statistics.median(times["forked"])
+        server = {
             "cold_round_seconds": [round(x, 2) for x in times["cold"]],
-            "warm_round_seconds": [round(x, 2) for x in times["warm"]],
+            "forked_round_seconds": [round(x, 2) for x in times["forked"]],
             "cold_median": round(cold, 2),
-            "warm_median": round(warm, 2),
-            "ratio": round(warm / cold, 3),
+            "forked_median": round(forked, 2),
+            "ratio": round(forked / cold, 3),
         }
-        return {"per_request": request, "per_round": per_round, "warm_spare": spare}
+        return {"per_request": request, "per_round": per_round, "fork_server": server}
     finally:
         procs.stop()
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from simulations.bench_util import machine_info
 
     result = measure()
-    r, p, w = result["per_request"], result["per_round"], result["warm_spare"]
+    r, p, w = result["per_request"], result["per_round"], result["fork_server"]
     print("the sites' proxy (nginx) against the SuperLink without it, side by side:")
     print(
         f"  per request (GET /health, kept-alive TLS, median of {r['requests']}): direct {r['direct_ms']} ms, "
@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"= {100 * (p['proxy_share_of_round'] or 0):.2f}%"
     )
     print(
-        f"  the site's warm ClientApp spare (1 site, small VAE, 1-round runs, medians): cold starts "
-        f"{w['cold_median']} s a round {w['cold_round_seconds']}, warm spare {w['warm_median']} s "
-        f"{w['warm_round_seconds']}: {w['ratio']}x"
+        f"  the site's ClientApp fork server (1 site, small VAE, 1-round runs, medians): cold starts "
+        f"{w['cold_median']} s a round {w['cold_round_seconds']}, forked {w['forked_median']} s "
+        f"{w['forked_round_seconds']}: {w['ratio']}x"
     )
     out = Path("bench-results")
     out.mkdir(exist_ok=True)

@@ -450,6 +450,16 @@ def test_an_app_the_sites_did_not_approve_never_runs(federation, runs):
         assert "refused app" in (federation.logs / f"clinic-{i}.log").read_text()
 
 
+def test_every_task_ran_in_a_child_of_the_sites_fork_server(federation, runs):
+    """client/supervisor.py: each site's tasks, the refused altered app's included, were forked
+    from its fork server; none fell back to a cold start (which would only be slower, so no
+    other test here would notice)."""
+    for i in range(SITES):
+        log = (federation.logs / f"clinic-{i}.log").read_text()
+        assert "ClientApp fork server ready" in log
+        assert "started cold" not in log and "fork server died" not in log, log[-3000:]
+
+
 def _refused(federation, name: str, cmd: list[str]) -> tuple[int, str]:
     p = federation.spawn(name, cmd)
     rc = p.wait(timeout=90)

@@ -126,10 +126,10 @@ def test_the_supervisor_takes_clientapp_tasks_only_and_starts_them_through_the_g
     monkeypatch.setattr(loop, "run_superexec", lambda **kw: seen.update(kw))
     flowers = loop.get_executor
     monkeypatch.setattr(loop, "get_executor", flowers)
-    monkeypatch.setenv(supervisor.WARM_ENV, "0")  # no warm spare: Flower's own executor
+    monkeypatch.setenv(supervisor.WARM_ENV, "0")  # no fork server: Flower's own executor
     supervisor.supervise("127.0.0.1:9094", 123, ("a" * 64,))
     assert loop.get_executor is flowers
-    monkeypatch.delenv(supervisor.WARM_ENV)  # the default: the warm spare's (tests/unit/test_warm_spare.py)
+    monkeypatch.delenv(supervisor.WARM_ENV)  # the default: the fork server's (tests/unit/test_fork_server.py)
     supervisor.supervise("127.0.0.1:9094", 123, ("a" * 64,))
     assert loop.get_executor is not flowers
     assert AutoExecPlugin.supported_task_types == frozenset({TaskType.CLIENT_APP})
