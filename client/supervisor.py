@@ -37,10 +37,11 @@ fresh interpreter seeds from the OS (NumPy's global generator, torch's default o
 ``random``), and privfed's own DP noise and sampling draw 128 fresh bits of OS entropy per
 round (common/privacy/training.py) whatever process they run in.
 A server imports only a checkout that builds to an approved app, and forks a task only while
-the checkout still builds to what it imported and no library directory changed (an upgrade:
+the checkout still builds to what it imported and no library changed (an upgrade:
 :func:`environment_fingerprint`); otherwise the task starts cold and a new server imports the
-new code once no task runs. Whenever the server cannot take a task, the task starts cold and
-the site's log says why. ``PRIVFED_WARM_CLIENTAPP=0`` turns it off (it holds about 400 MB of
+new code. Whenever the server cannot take a task in time (still importing, dead, hung,
+stale), the task starts cold, well within the 30 s Flower gives it, and the site's log says
+why in one line. ``PRIVFED_WARM_CLIENTAPP=0`` turns it off (it holds about 400 MB of
 memory while it waits; its children share those pages until they write to them). A server
 that dies within 30 s three times in a row (a task it forked that ends cleanly clears the
 count) is given up for 10 minutes: tasks start cold meanwhile, as Flower starts them.
@@ -61,12 +62,14 @@ start rather than run unguarded.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import random
 import select
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 from collections.abc import Callable
@@ -198,14 +201,15 @@ def import_ahead(approved: frozenset[str]) -> str | None:
     hash it imported (or :data:`CHANGED_WHILE_IMPORTING`), or None when it imported nothing: a
     checkout the site has not approved runs no code here before a task's check, and an import
     that fails is left for a cold start, whose failure becomes Flower's error reply."""
-    before = installed_app_hash()
-    if before not in approved:
-        return None
-    try:
+    try:  # a checkout mid-`git pull` can lack a file between listing and reading it
+        before = installed_app_hash()
+        if before not in approved:
+            return None
         import client.app  # noqa: F401  (torch, Opacus, Flower: the seconds this process is for)
+
+        return before if installed_app_hash() == before else CHANGED_WHILE_IMPORTING
     except Exception:
         return None
-    return before if installed_app_hash() == before else CHANGED_WHILE_IMPORTING
 
 
 class _Lines:
@@ -223,31 +227,46 @@ class _Lines:
         return [line.decode("utf-8", "replace") for line in lines]
 
 
-def environment_fingerprint() -> tuple[tuple[str, int], ...]:
-    """When each directory on ``sys.path`` outside the checkout last had an entry added or
-    removed: a ``pip install`` (an upgraded torch, Opacus, cryptography) changes it. The
-    checkout itself is covered by its app hash; this is what the hash does not see."""
+def environment_fingerprint() -> tuple[object, ...]:
+    """What the app hash does not cover: the installed distributions (name and version) and
+    when each library directory last had an entry added or removed (the interpreter's
+    ``site-packages``, wherever it lies, and every ``sys.path`` directory outside the
+    checkout). A ``pip install`` of another torch, Opacus or cryptography changes it. About
+    60 ms, once per task."""
     root = str(INSTALLED_ROOT)
-    seen = []
+    paths = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
     for entry in sys.path:
         path = os.path.abspath(entry or ".")
-        if path == root or path.startswith(root + os.sep):
-            continue
+        if path != root and not path.startswith(root + os.sep):
+            paths.add(path)
+    stamps = []
+    for path in sorted(paths):
         try:
-            seen.append((path, os.stat(path).st_mtime_ns))
+            stamps.append((path, os.stat(path).st_mtime_ns))
         except OSError:
-            seen.append((path, -1))
-    return tuple(seen)
+            stamps.append((path, -1))
+    installed = sorted({(str(d.metadata["Name"]), d.version) for d in importlib.metadata.distributions()})
+    return (tuple(stamps), tuple(installed))
 
 
-def _task_args(line: str) -> list[str]:
+def _task(line: str) -> tuple[list[str], float]:
+    """One task line: Flower's arguments, and the supervisor's deadline to fork them by."""
     try:
-        args = json.loads(line)
-    except ValueError:
+        task = json.loads(line)
+        args, deadline = task["args"], float(task["deadline"])
+    except (ValueError, TypeError, KeyError):
         args = None
     if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
-        raise SystemExit("privfed-clientapp --fork-server: stdin did not hold a JSON list of arguments")
-    return args
+        raise SystemExit("privfed-clientapp --fork-server: stdin did not hold a task (JSON: args, deadline)")
+    return args, deadline
+
+
+def _current(imported: str, libraries: tuple[object, ...]) -> bool:
+    """The checkout still builds to what was imported, and no library changed."""
+    try:
+        return installed_app_hash() == imported and environment_fingerprint() == libraries
+    except Exception:  # mid-`git pull` or mid-`pip install`: not known to be current
+        return False
 
 
 def serve_forks(
@@ -262,9 +281,11 @@ def serve_forks(
     of ``commands`` (one JSON list of Flower's arguments), until it closes.
 
     On ``status`` it writes one line per event: ``ready`` once imported, ``started PID`` after
-    each fork, ``exited PID CODE`` when a child ends, and ``stale`` before it exits when the
-    checkout no longer builds to what it imported or a library directory changed (an upgrade:
-    :func:`environment_fingerprint`); that task is then the supervisor's to start cold. It
+    each fork, ``exited PID CODE`` when a child ends, ``late`` for a task whose deadline (the
+    supervisor's, on the system-wide monotonic clock) passed before it could fork it, and
+    ``stale`` before it exits when the checkout no longer builds to what it imported or a
+    library changed (an upgrade: :func:`environment_fingerprint`). A late or stale task is
+    the supervisor's to start cold: past its deadline the supervisor may already have. It
     exits at once, with :data:`NOTHING_IMPORTED`, if it imported nothing (an unapproved
     checkout, a failed import): it would only fork cold starts. Children that still run when
     it exits are left to end by themselves, as Flower leaves its own ClientApp processes
@@ -288,10 +309,13 @@ def serve_forks(
                 break
             os.write(status, f"exited {pid} {os.waitstatus_to_exitcode(wait_status)}\n".encode())
         for line in reader.ready(0.2):
-            args = _task_args(line)
-            if installed_app_hash() != _imported_hash or environment_fingerprint() != libraries:
+            args, deadline = _task(line)
+            if not _current(_imported_hash, libraries):
                 os.write(status, b"stale\n")
                 return 0
+            if time.monotonic() >= deadline:
+                os.write(status, b"late\n")
+                continue
             pid = os.fork()
             if pid == 0:
                 _forked_task(args, (commands, status), run)
@@ -361,11 +385,13 @@ class ForkServerExecutor:
     MAX_QUICK_DEATHS = 3
     QUICK_SECONDS = 30.0
     RETRY_SECONDS = 600.0
-    # How long a launch waits for the server to say it forked: it forks at once once ready, and
-    # a server still importing is worth waiting for (a cold start would import too). Both stay
+    # A task goes to the server only once it is ready (imported): a launch waits up to
+    # READY_WAIT_SECONDS for that (a cold start would import too), then up to
+    # FORK_WAIT_SECONDS for the fork, the server refusing to fork past that deadline. Both stay
     # well under the 30 s Flower gives a claimed task to start, so a cold fallback is in time.
-    READY_REPLY_SECONDS = 5.0
-    IMPORTING_REPLY_SECONDS = 15.0
+    READY_WAIT_SECONDS = 15.0
+    FORK_WAIT_SECONDS = 5.0
+    MARGIN_SECONDS = 1.0  # past the deadline, before the supervisor stops waiting for the server
 
     def __init__(self, command: list[str]) -> None:
         from flwr.supercore.superexec.executor import SubprocessExecutor
@@ -422,41 +448,54 @@ class ForkServerExecutor:
 
     def _fork(self, args: list[str]) -> str:
         """Hand ``args`` to the server: "" once it says it forked them, else why not."""
-        server = self.server
-        if server is None:
+        if self.server is None:
             return "the fork server is not running"
-        assert server.stdin is not None
+        if not self._ready:  # the task is not sent until the import is done: nothing to take back
+            until = time.monotonic() + self.READY_WAIT_SECONDS
+            while not self._ready and self._status is not None and not self._status.closed:
+                if time.monotonic() >= until:
+                    return "the fork server was still importing (it is left to finish)"
+                self._events(0.1)
+            if not self._ready:
+                return self._lost("before it was ready")
+        server = self.server
+        assert server is not None and server.stdin is not None
+        deadline = time.monotonic() + self.FORK_WAIT_SECONDS
         try:
-            server.stdin.write(json.dumps(args) + "\n")
+            server.stdin.write(json.dumps({"args": args, "deadline": deadline}) + "\n")
             server.stdin.flush()
         except OSError:  # it died before or during the write
-            self._server_gone(died=True)
-            return "the fork server had died"
-        wait = self.READY_REPLY_SECONDS if self._ready else self.IMPORTING_REPLY_SECONDS
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+            return self._lost("before it took the task")
+        while time.monotonic() < deadline + self.MARGIN_SECONDS:
             for event in self._events(0.1):
                 if event.startswith("started "):
                     self.forked.add(int(event.split()[1]))
                     return ""
-                if event == "stale":  # a new server imports the new code once no task runs
+                if event == "late":  # alive but slow: it forked nothing, and keeps serving
+                    return f"the fork server could not fork it within {self.FORK_WAIT_SECONDS:.0f} s"
+                if event == "stale":  # a new server imports the new code
                     self._server_gone(died=False)
                     return "the checkout or its libraries changed since the fork server imported them"
             if self._status is None or self._status.closed:
-                break
-        # It died or hangs. Killed, it says no more: if its last words were a fork, the task
-        # runs there, and a cold start would only race it for the same token.
-        if server.poll() is None:
-            server.kill()
-        server.wait()
-        forked, drained = False, time.monotonic() + 5.0
+                return self._lost("while it took the task")
+        # No answer: it hangs. Past its deadline it forks nothing more; stopped, it says no
+        # more, and if its last words were a fork the task runs there (a cold start would only
+        # race it for the same token).
+        server.kill()
+        drained = time.monotonic() + 2.0
         while self._status is not None and not self._status.closed and time.monotonic() < drained:
-            for event in self._events(0.5):
+            for event in self._events(0.2):
                 if event.startswith("started "):
                     self.forked.add(int(event.split()[1]))
-                    forked = True
+                    self._server_gone(died=True)
+                    return ""
         self._server_gone(died=True)
-        return "" if forked else f"the fork server did not fork it within {wait:.0f} s"
+        return f"the fork server did not answer within {self.FORK_WAIT_SECONDS + self.MARGIN_SECONDS:.0f} s"
+
+    def _lost(self, when: str) -> str:
+        """The server's status pipe closed: it exited. Why, for the site's log."""
+        code = self._server_gone(died=True)
+        return f"the fork server exited {when} ({_exit_reason(code)})"
 
     def _events(self, timeout: float) -> list[str]:
         """The server's status lines so far; readiness and each task end are taken here."""
@@ -475,16 +514,21 @@ class ForkServerExecutor:
                 events.append(line)
         return events
 
-    def _server_gone(self, died: bool) -> None:
+    def _server_gone(self, died: bool) -> int | None:
+        """Forget the server (stopping it if it still runs); its exit code when known."""
         server, self.server = self.server, None
+        code = None
         if server is not None:
             if died and time.monotonic() - self._server_started < self.QUICK_SECONDS:
                 self.quick_deaths += 1
             try:
-                server.wait(timeout=0 if died else 5)  # one that said "stale" is on its way out
+                code = server.wait(timeout=0.5 if died else 5)  # one that said "stale" is on its way out
             except subprocess.TimeoutExpired:
                 server.kill()
-                server.wait()
+                try:
+                    code = server.wait(timeout=5)
+                except subprocess.TimeoutExpired:  # unkillable for now (stuck in the kernel): not waited for
+                    pass
             if server.stdin is not None:
                 try:
                     server.stdin.close()
@@ -496,17 +540,19 @@ class ForkServerExecutor:
         # Tasks it forked run on by themselves, no longer reported: a new server's import may
         # overlap their last seconds, which is all that is lost by forgetting them.
         self.forked.clear()
+        return code
 
     def reconcile(self) -> None:
-        """Between task polls (every second): take the server's reports; once no task runs,
-        start a server if there is none (its import would compete with a task's training
-        for the site's cores). A server that died while waiting is replaced the same way."""
+        """Between task polls (every second): take the server's reports, reap cold tasks, and
+        start a server if there is none. A new server imports while tasks may run (once,
+        about 3-4 s of a core): cheaper than starting every later task cold."""
         self._events(0)
         if self.server is not None and self.server.poll() is not None:
             self._events(0)  # what it said before it died
-            self._server_gone(died=True)
+            code = self._server_gone(died=True)
+            _site_log(f"the ClientApp fork server exited ({_exit_reason(code)})")
         self.cold = [task for task in self.cold if task.poll() is None]
-        if self.server is None and not self.cold and not self.forked:
+        if self.server is None:
             self._start_server()
 
     def close(self) -> None:
@@ -522,6 +568,12 @@ class ForkServerExecutor:
         except (OSError, subprocess.TimeoutExpired):
             server.kill()
         self._server_gone(died=False)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code == NOTHING_IMPORTED:
+        return "it imported nothing: the checkout does not build to an approved app, or its import failed"
+    return f"exit code {code}" if code is not None else "still stopping"
 
 
 def _site_log(line: str) -> None:
