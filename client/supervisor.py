@@ -278,7 +278,7 @@ def serve_forks(
     run: Callable[[list[str]], None] = run_clientapp,
 ) -> int:
     """A fork server's life: ``prepare`` (import ahead), then one forked ``run(args)`` per line
-    of ``commands`` (one JSON list of Flower's arguments), until it closes.
+    of ``commands`` (JSON: ``args``, Flower's arguments, and ``deadline``), until it closes.
 
     On ``status`` it writes one line per event: ``ready`` once imported, ``started PID`` after
     each fork, ``exited PID CODE`` when a child ends, ``late`` for a task whose deadline (the
