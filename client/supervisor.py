@@ -468,8 +468,7 @@ class ForkServerExecutor:
             return self._lost("before it took the task")
         while time.monotonic() < deadline + self.MARGIN_SECONDS:
             for event in self._events(0.1):
-                if event.startswith("started "):
-                    self.forked.add(int(event.split()[1]))
+                if event == "started":
                     return ""
                 if event == "late":  # alive but slow: it forked nothing, and keeps serving
                     return f"the fork server could not fork it within {self.FORK_WAIT_SECONDS:.0f} s"
@@ -484,11 +483,9 @@ class ForkServerExecutor:
         server.kill()
         drained = time.monotonic() + 2.0
         while self._status is not None and not self._status.closed and time.monotonic() < drained:
-            for event in self._events(0.2):
-                if event.startswith("started "):
-                    self.forked.add(int(event.split()[1]))
-                    self._server_gone(died=True)
-                    return ""
+            if "started" in self._events(0.2):
+                self._server_gone(died=True)
+                return ""
         self._server_gone(died=True)
         return f"the fork server did not answer within {self.FORK_WAIT_SECONDS + self.MARGIN_SECONDS:.0f} s"
 
@@ -498,7 +495,8 @@ class ForkServerExecutor:
         return f"the fork server exited {when} ({_exit_reason(code)})"
 
     def _events(self, timeout: float) -> list[str]:
-        """The server's status lines so far; readiness and each task end are taken here."""
+        """The server's status lines so far, "started PID" as "started"; forks, task ends and
+        readiness are recorded here."""
         if self._status is None:
             return []
         events = []
@@ -508,6 +506,9 @@ class ForkServerExecutor:
                 self.forked.discard(int(parts[1]))
                 if parts[2] == "0":
                     self.quick_deaths = 0  # one of its tasks ended cleanly: the checkout imports (again)
+            elif len(parts) == 2 and parts[0] == "started" and parts[1].isdigit():
+                self.forked.add(int(parts[1]))
+                events.append("started")
             elif line == "ready":
                 self._ready = True
             else:
