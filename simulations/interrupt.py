@@ -113,8 +113,10 @@ def ctrl_c_stops(
 
 
 # After the ServerApp stopped on Ctrl-C: how long Flower's engine and Ray get to shut down
-# (about 2 s: Flower's workers poll every second, then ray.shutdown) before the process exits anyway.
-STOP_GRACE_SECONDS = 3.0
+# (about 2 s: Flower's workers poll every second, then ray.shutdown, which waits up to 1 s per
+# process type) before the process exits anyway. 3 s was too tight on a loaded 2-core machine
+# (a CI run's stop would end on this deadline); a user who will not wait presses Ctrl-C again.
+STOP_GRACE_SECONDS = 10.0
 
 
 def cancel_site_tasks() -> None:

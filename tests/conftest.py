@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -85,6 +87,17 @@ def simulation_processes() -> list[str]:
     # Only this checkout's (its venv is in the command line): another checkout's run on the
     # same machine is not this suite's leftover.
     return [line for line in out.splitlines() if any(p in line for p in pattern) and sys.prefix in line]
+
+
+def assert_no_new_simulation_processes(before: Iterable[str] = (), seconds: float = 20.0) -> None:
+    """No Ray/Flower process of this checkout beyond ``before`` is left, waiting up to ``seconds``:
+    ``ray.shutdown()`` does not wait for the processes it signals (its dashboard agent exits
+    a little after its raylet), so a check straight after a run races them."""
+    old = set(before)
+    deadline = time.monotonic() + seconds
+    while set(simulation_processes()) - old and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not set(simulation_processes()) - old, sorted(set(simulation_processes()) - old)
 
 
 def tamper(ledger_path, *statements: str) -> None:

@@ -17,7 +17,7 @@ from common.privacy.plan import plan_round
 from common.tasks import get_task
 from server.ledger import Ledger
 from simulations.launcher import resolve, simulate
-from tests.conftest import simulation_processes
+from tests.conftest import assert_no_new_simulation_processes
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_three_sites_two_rounds(two_rounds):
     assert 0 <= mia["mia_auc"] <= 1 and mia["mia_eps"] == max(r.eps_total for r in rows if r.round == 2)
     assert mia["mia_advantage"] <= mia["mia_advantage_bound"]
     assert [c["site_id"] for c in audit["cross_check"]] == sites and all(c["ok"] for c in audit["cross_check"])
-    assert simulation_processes() == []
+    assert_no_new_simulation_processes()
 
 
 def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
@@ -133,7 +133,7 @@ def test_run_ends_cleanly_when_no_site_can_train(tmp_path):
     exhausted = [r for r in rows if r.status == "budget_exhausted"]
     assert exhausted and all(r.steps == 0 and r.eps_round == 0 and not r.used for r in exhausted)
     assert "budgets exhausted" in (run_dir / "summary.md").read_text()
-    assert simulation_processes() == []
+    assert_no_new_simulation_processes()
 
 
 def test_a_run_in_which_no_round_aggregated_anything_fails(tmp_path):
@@ -157,7 +157,7 @@ def test_a_run_in_which_no_round_aggregated_anything_fails(tmp_path):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(not line["sites_trained"] and line["failures"] for line in lines)
     assert "FAILED: no round aggregated" in (run_dir / "summary.md").read_text()
-    assert simulation_processes() == []
+    assert_no_new_simulation_processes()
 
 
 def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
@@ -184,7 +184,7 @@ def test_missing_sites_fail_clearly_and_leave_no_run_dir(tmp_path):
     assert isinstance(info.value, PrivfedError)
     assert "only 2 of num-sites=3 sites connected" in str(info.value)
     assert not run_dir.exists()
-    assert simulation_processes() == []
+    assert_no_new_simulation_processes()
 
 
 def test_seeded_runs_repeat_exactly(tmp_path, two_rounds):

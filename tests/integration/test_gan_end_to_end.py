@@ -11,7 +11,7 @@ import torch
 from common.errors import TrainingFailure
 from server.ledger import Ledger
 from simulations.launcher import simulate
-from tests.conftest import simulation_processes
+from tests.conftest import assert_no_new_simulation_processes
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_two_round_gan_run(tmp_path):
     weights = [k for k in payload["state"] if k.startswith("generator.") and k.endswith("weight")]
     assert weights and not torch.equal(payload["state"][weights[0]], payload["served"][weights[0]])
     assert all("average of the global models, ema-decay 0.8" in m["test_source"] for m in lines)
-    assert simulation_processes() == []
+    assert_no_new_simulation_processes()
 
 
 def test_mode_collapse_ends_the_run_as_a_failure_without_a_checkpoint(tmp_path):
@@ -58,4 +58,4 @@ def test_mode_collapse_ends_the_run_as_a_failure_without_a_checkpoint(tmp_path):
     assert not (run_dir / "checkpoint.pt").exists()  # no round completed: nothing to resume from
     summary = (run_dir / "summary.md").read_text()
     assert "FAILED: total mode collapse" in summary
-    assert simulation_processes() == []
+    assert_no_new_simulation_processes()

@@ -19,7 +19,7 @@ import torch
 
 from client.verify import verify_site
 from server.ledger import Ledger
-from tests.conftest import simulation_processes
+from tests.conftest import assert_no_new_simulation_processes, simulation_processes
 from tests.integration.test_resume import ARGS as RESUME_ARGS
 from tests.integration.test_resume import _kill_tree, _lines, _privfed, _resume
 
@@ -87,10 +87,7 @@ def test_sigint_stops_the_run_cleanly_and_resume_completes_it(tmp_path):
         assert all(late.match(f) for f in findings), (site, findings)
 
     # The run stopped its Ray processes (another run of this checkout may be running: only new ones count).
-    deadline = time.monotonic() + 20
-    while set(simulation_processes()) - before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not set(simulation_processes()) - before
+    assert_no_new_simulation_processes(before)
 
     _resume(run_dir)
     lines = _lines(run_dir)

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -153,6 +154,26 @@ def assert_whole_rounds(path: Path, sites: int = SITES) -> int:
     return len(rounds)
 
 
+def _is_ledger(path: Path) -> bool:
+    """The file exists and its creation committed (schema and run id): a writer killed between
+    creating the file and that first commit leaves a file that is not a ledger yet."""
+    try:
+        Ledger(path).close()
+    except (FileNotFoundError, ValueError, sqlite3.Error):
+        return False
+    return True
+
+
+def _committed_rounds(path: Path) -> int:
+    """Rounds committed so far (0 before the ledger exists), read while a writer may run."""
+    if not _is_ledger(path):
+        return 0
+    try:
+        return len(rounds_by_site(path))
+    except sqlite3.Error:  # busy: the writer holds the lock this instant
+        return 0
+
+
 def _files(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.parent.glob(path.name + "*"))}
 
@@ -167,7 +188,8 @@ def test_sigkilled_writer_leaves_whole_rounds_and_a_valid_chain(tmp_path, writer
         time.sleep(rng.uniform(0.05, 0.4))  # the writer spends nearly all its time inside record_round
         os.kill(pid, signal.SIGKILL)
         assert proc.reaped() == {"reaped": pid, "signal": signal.SIGKILL}
-        if not path.exists():  # killed before it created the file
+        if not _is_ledger(path):  # killed before its creation committed
+            assert committed[-1] == 0, "a ledger with committed rounds stopped being one"
             continue
         rounds = assert_whole_rounds(path)
         assert rounds >= committed[-1], "a committed round was lost"
@@ -192,7 +214,12 @@ def test_kill_after_pages_reached_the_database_file(tmp_path, writers):
     path = tmp_path / "ledger.sqlite"
     proc = writers
     pid = proc.start(path, sites=3)
-    time.sleep(0.3)
+    # Killed once a round is committed (a fixed sleep raced a slow disk's fsyncs), then a
+    # little later, in whatever the writer is doing next.
+    deadline = time.monotonic() + 30
+    while _committed_rounds(path) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     proc.reaped()
     before = assert_whole_rounds(path, sites=3)

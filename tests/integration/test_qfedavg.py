@@ -11,7 +11,7 @@ from flwr.common import Code, EvaluateRes, Status
 
 from common.errors import ConfigError
 from server.aggregation.qfedavg import qffl_step, site_losses
-from tests.conftest import make_cfg, make_strategy, signed, simulation_processes
+from tests.conftest import assert_no_new_simulation_processes, make_cfg, make_strategy, signed, simulation_processes
 from tests.unit.test_server_client import _reply, _round
 
 
@@ -223,4 +223,4 @@ def test_a_short_q_fedavg_run_trains_through_flower(tmp_path):
     assert all(np.isfinite(m["test"]["neg_elbo"]) for m in lines)
     assert lines[-1]["test"]["neg_elbo"] < lines[0]["test"]["neg_elbo"]  # it still learns
     assert all(len(m["site_val"]) == 3 for m in lines)
-    assert set(simulation_processes()) <= before
+    assert_no_new_simulation_processes(before)

@@ -14,7 +14,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from common.deploy.keys import load_key, write_key
 from server.ledger import Ledger
 from simulations.launcher import simulate
-from tests.conftest import simulation_processes
+from tests.conftest import assert_no_new_simulation_processes
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_no_raw_identifier_or_key_reaches_the_server(tmp_path, monkeypatch, caps
             assert needle not in blob, f"{needle[:24]!r} reached the server"
     # and the scan is real: the planted ids are in the site's input
     assert f"LEAKU-{tag}-000".encode() in (tmp_path / "ratings.csv").read_bytes()
-    assert simulation_processes() == []
+    assert_no_new_simulation_processes()
 
 
 # ----------------------------------------------------------- corrupt files (issue 20, finding 3)

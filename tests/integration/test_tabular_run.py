@@ -9,7 +9,7 @@ import pytest
 
 from server.ledger import Ledger
 from simulations.launcher import simulate
-from tests.conftest import simulation_processes
+from tests.conftest import assert_no_new_simulation_processes, simulation_processes
 from tests.unit.test_tabular_data import generated_rows, write_table
 
 pytestmark = pytest.mark.slow
@@ -70,4 +70,4 @@ def test_two_round_dp_run_on_generated_records(tmp_path):
         if path.is_file() and path.suffix in (".jsonl", ".csv", ".md", ".json", ".toml"):
             text = path.read_text(errors="replace")
             assert not any(i in text for i in ids), path.name
-    assert set(simulation_processes()) <= before
+    assert_no_new_simulation_processes(before)

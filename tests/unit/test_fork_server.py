@@ -126,6 +126,9 @@ def test_the_arguments_are_flowers(monkeypatch):
 def test_each_task_is_a_child_of_one_server_with_flowers_arguments_and_its_own_randomness(stand_in, monkeypatch):
     command, out = stand_in
     monkeypatch.setenv("STAND_IN_TORCH", "1")
+    # Long enough that both tasks still run when the second is started (the 0.5 s default let a
+    # slow server reap the first before forking the second, and ``forked`` held only one).
+    monkeypatch.setenv("STAND_IN_TASK_SECONDS", "2")
     executor = ForkServerExecutor(command)
     seen: set[Path] = set()
     try:

@@ -138,15 +138,15 @@ def test_the_launcher_makes_every_partys_key_once_and_a_resumed_run_loads_the_sa
 def test_every_metric_a_site_sends_fits_the_servers_reply_limits():
     """The server refuses oddly named or too many metrics before it verifies anything; an
     honest site's evaluation must pass (the recommender's group keys hold '+': 'age.56+')."""
-    import secrets
-
     from common.protocol import history_limit, metrics_shape_problem
     from common.runtime import cached_task
     from tests.conftest import make_cfg
 
     flat = {"task": "recsys", "data.source": "synthetic", "data.partition": "iid", "num-sites": 2}
     cfg = make_cfg(**flat, **{"recsys.synthetic-users": 100, "recsys.synthetic-items": 50})
-    task = cached_task(cfg, secrets.token_bytes(32))
+    # A fixed key: the keyed synthetic users of a random one had no one under 18 in about 1 run
+    # in 100 (seen in a suite run), and the check below needs both kinds of group key.
+    task = cached_task(cfg, bytes(range(32)))
     _, val = task.site_data(0)
     model = task.build_model(0)
     exact, private = task.evaluate(model, val), task.dp_evaluate(model, val)
