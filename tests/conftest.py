@@ -13,7 +13,16 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
+from hypothesis import settings  # noqa: E402
+
 from common.config import RunConfig  # noqa: E402
+
+# CI (``.ci/run`` sets CI) gates what lands on main, so there the property tests draw the same
+# examples every run: a bug they find must not block an unrelated change at random. Local runs
+# keep Hypothesis's random search (and its example database), which is where new bugs turn up.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 class IntegrationOnOneWorker:
