@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from common.config import RunConfig
 from common.errors import ConfigError
@@ -25,6 +27,23 @@ def resolve_device(name: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise ConfigError("device", f"is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return torch.device(name)
+
+
+def single_threaded_blas() -> None:
+    """One thread for every OpenBLAS in this process, loaded now (threadpoolctl) or later (the
+    environment variable, read when a library loads; child processes inherit it).
+
+    Why: Ray starts its processes with ``subprocess.Popen(preexec_fn=...)``, a plain ``fork()``
+    that runs OpenBLAS's ``pthread_atfork`` handler, ``blas_thread_shutdown_``. If another
+    thread of the process is inside a multi-threaded OpenBLAS call at that moment (the
+    ServerApp's evaluation fitting its classifier while Flower starts Ray), the fork and that
+    call deadlock: a ``make demo`` hung for good this way, and tests/unit/test_runtime_blas.py
+    reproduces it. With one thread, OpenBLAS has no worker to shut down mid-call. The
+    server-side BLAS work (classifiers on a few thousand rows) loses little; torch's own
+    thread pool is a different library and is not touched.
+    """
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def config_from(defaults: Mapping[str, Any], run_config: Mapping[str, Any]) -> RunConfig:

@@ -29,7 +29,7 @@ from common.pipeline import build_pipeline
 from common.preflight import preflight
 from common.privacy.client_level import all_or_nothing_probability
 from common.progress import SILENT, Stages
-from common.runtime import config_from, resolve_device
+from common.runtime import config_from, resolve_device, single_threaded_blas
 from common.tasks import get_task
 from common.tasks.base import get_state, set_state
 from common.textsafe import console_text
@@ -361,6 +361,9 @@ def build_server_app(
             return _main(grid, context)
 
     def _main(grid: Grid, context: Context) -> None:
+        # Before any evaluation: in a simulation Flower starts Ray (fork) in another thread of
+        # this process while this one runs, and a fork amid a multi-threaded OpenBLAS call hangs.
+        single_threaded_blas()
         cfg = config_from(base, context.run_config)
         if is_simulation(grid):
             cfg = with_simulation_identities(cfg)  # a local `flwr run`: $PRIVFED_SIMULATION_IDS

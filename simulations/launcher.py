@@ -225,6 +225,7 @@ def _run(
     from client.app import build_client_app
     from common.deploy.simulation_ids import simulation_identities
     from common.privacy.plan import known_noise
+    from common.runtime import single_threaded_blas
     from server.app import build_server_app
     from server.run_dir import PREPARED
     from server.workflow import StopRequest
@@ -244,6 +245,9 @@ def _run(
         if not cfg.federation.resume and run_dir.is_dir() and all(p.name in PREPARED for p in run_dir.iterdir()):
             shutil.rmtree(run_dir)
 
+    # Before Flower's threads start: Ray forks its processes from this one while the ServerApp
+    # thread evaluates, and a fork amid a multi-threaded OpenBLAS call hangs (common/runtime.py).
+    single_threaded_blas()
     stop = StopRequest()
     try:
         with (
