@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -29,9 +29,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def single_threaded_blas() -> None:
-    """One thread for every OpenBLAS in this process, loaded now (threadpoolctl) or later (the
-    environment variable, read when a library loads; child processes inherit it).
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """OpenBLAS on one thread while the block runs (NumPy's and SciPy's copies), as before after it.
 
     Why: Ray starts its processes with ``subprocess.Popen(preexec_fn=...)``, a plain ``fork()``
     that runs OpenBLAS's ``pthread_atfork`` handler, ``blas_thread_shutdown_``. If another
@@ -39,11 +39,17 @@ def single_threaded_blas() -> None:
     ServerApp's evaluation fitting its classifier while Flower starts Ray), the fork and that
     call deadlock: a ``make demo`` hung for good this way, and tests/unit/test_runtime_blas.py
     reproduces it. With one thread, OpenBLAS has no worker to shut down mid-call. The
-    server-side BLAS work (classifiers on a few thousand rows) loses little; torch's own
+    server-side BLAS work (classifiers on a few thousand rows) loses little, and on 2 cores it
+    gains: two BLAS threads beside the sites' torch threads oversubscribed them. torch's own
     thread pool is a different library and is not touched.
+
+    SciPy's OpenBLAS is loaded first, so that the limit reaches it too; the environment is not
+    changed (the ServerApp runs in a thread, and ``setenv`` beside other threads is unsafe).
     """
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    threadpool_limits(limits=1, user_api="blas")
+    import scipy.linalg  # noqa: F401  (loads SciPy's own OpenBLAS; the classifiers use it later)
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def config_from(defaults: Mapping[str, Any], run_config: Mapping[str, Any]) -> RunConfig:

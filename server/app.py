@@ -361,9 +361,14 @@ def build_server_app(
             return _main(grid, context)
 
     def _main(grid: Grid, context: Context) -> None:
-        # Before any evaluation: in a simulation Flower starts Ray (fork) in another thread of
-        # this process while this one runs, and a fork amid a multi-threaded OpenBLAS call hangs.
-        single_threaded_blas()
+        if not is_simulation(grid):
+            return _run_main(grid, context)
+        # In a simulation Flower starts Ray (fork) in another thread of this process while this
+        # one evaluates, and a fork amid a multi-threaded OpenBLAS call hangs (common/runtime.py).
+        with single_threaded_blas():
+            return _run_main(grid, context)
+
+    def _run_main(grid: Grid, context: Context) -> None:
         cfg = config_from(base, context.run_config)
         if is_simulation(grid):
             cfg = with_simulation_identities(cfg)  # a local `flwr run`: $PRIVFED_SIMULATION_IDS

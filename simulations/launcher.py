@@ -245,12 +245,13 @@ def _run(
         if not cfg.federation.resume and run_dir.is_dir() and all(p.name in PREPARED for p in run_dir.iterdir()):
             shutil.rmtree(run_dir)
 
-    # Before Flower's threads start: Ray forks its processes from this one while the ServerApp
-    # thread evaluates, and a fork amid a multi-threaded OpenBLAS call hangs (common/runtime.py).
-    single_threaded_blas()
     stop = StopRequest()
     try:
         with (
+            # Before Flower's threads start: Ray forks its processes from this one while the
+            # ServerApp thread evaluates, and a fork amid a multi-threaded OpenBLAS call hangs
+            # (common/runtime.py). Undone after the run (a test's process goes on).
+            single_threaded_blas(),
             ctrl_c_stops(stop, console, status, run_dir, forget_unstarted),
             sites_in_process() if in_process else contextlib.nullcontext(),
         ):
