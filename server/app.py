@@ -363,8 +363,9 @@ def build_server_app(
     def _main(grid: Grid, context: Context) -> None:
         if not is_simulation(grid):
             return _run_main(grid, context)
-        # In a simulation Flower starts Ray (fork) in another thread of this process while this
-        # one evaluates, and a fork amid a multi-threaded OpenBLAS call hangs (common/runtime.py).
+        # In a simulation (privfed simulate, flwr run) Flower starts Ray (fork) in another thread
+        # of this process while this one evaluates, and a fork amid a multi-threaded OpenBLAS
+        # call hangs (common/runtime.py). The one place that limits it: undone after the run.
         with single_threaded_blas():
             return _run_main(grid, context)
 

@@ -225,7 +225,6 @@ def _run(
     from client.app import build_client_app
     from common.deploy.simulation_ids import simulation_identities
     from common.privacy.plan import known_noise
-    from common.runtime import single_threaded_blas
     from server.app import build_server_app
     from server.run_dir import PREPARED
     from server.workflow import StopRequest
@@ -248,10 +247,6 @@ def _run(
     stop = StopRequest()
     try:
         with (
-            # Before Flower's threads start: Ray forks its processes from this one while the
-            # ServerApp thread evaluates, and a fork amid a multi-threaded OpenBLAS call hangs
-            # (common/runtime.py). Undone after the run (a test's process goes on).
-            single_threaded_blas(),
             ctrl_c_stops(stop, console, status, run_dir, forget_unstarted),
             sites_in_process() if in_process else contextlib.nullcontext(),
         ):
